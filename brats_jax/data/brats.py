@@ -1,0 +1,311 @@
+"""BraTS NIfTI releases: case discovery (both namings), label conventions, loading, z-scoring.
+
+Two namings are recognised inside a case folder `<ID>/`:
+
+- "2018" (BraTS 2018-2021): `<ID>_{t1,t1ce,t2,flair,seg}.nii[.gz]`, labels {0,1,2,4};
+  the raw BraTS 2020 case 355 names its label file `W39_1998.09.19_Segm.nii`, which is
+  accepted as that case's label file (so is any single `*_Segm.nii[.gz]` when `<ID>_seg` is absent).
+- "2023" (BraTS 2023 GLI): `<ID>-{t1n,t1c,t2w,t2f,seg}.nii.gz`, labels {0,1,2,3}.
+
+Arrays keep NIfTI voxel order (no reorientation): slice `s` of a case is `volume[:, :, s]`,
+the same slicing as the Kaggle sliced release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+import zlib
+
+import numpy as np
+
+from brats_jax import MODALITIES
+from brats_jax.data.common import DataError
+
+
+# Modality -> file stem suffix, per naming. Channel order is MODALITIES (flair, t1, t1ce, t2).
+_SUFFIXES = {
+    "2018": {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"},
+    "2023": {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"},
+}
+_RELEASE_LABELS = {"2018": (0, 1, 2, 4), "2023": (0, 1, 2, 3)}
+_EXTS = (".nii.gz", ".nii")
+_SEGM_QUIRK = re.compile(r".*_Segm\.nii(\.gz)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One case folder: `paths` maps each of MODALITIES to a file; `seg` may be None."""
+
+    case_id: str
+    directory: pathlib.Path
+    naming: str  # "2018" | "2023"
+    paths: dict
+    seg: pathlib.Path | None
+
+
+@dataclasses.dataclass
+class CaseData:
+    """A loaded case.
+
+    image: float32 (H, W, D, 4) in MODALITIES order, each modality z-scored with the mean and
+      std of its brain (non-zero) voxels; the affine map is applied to every voxel, so
+      background becomes the constant -mean/std of that modality (see `zscore_brain`).
+    label: int32 (H, W, D) in {0..3} (ET = 3), or None when the case has no label file.
+    brain: bool (H, W, D), voxels where any raw modality is non-zero.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    brain: np.ndarray
+    affine: np.ndarray
+    header: object
+    naming: str
+
+
+def _find_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
+    for ext in _EXTS:
+        p = directory / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _case_from_dir(directory: pathlib.Path) -> Case | None:
+    """Returns the Case in `directory`, None if it is not a case folder; DataError if partial."""
+    case_id = directory.name
+    names = os.listdir(directory)
+    for naming, suffixes in _SUFFIXES.items():
+        stems = {m: f"{case_id}{suffixes[m]}" for m in MODALITIES}
+        found = {m: _find_file(directory, s) for m, s in stems.items()}
+        if not any(found.values()):
+            continue
+        missing = [m for m, p in found.items() if p is None]
+        if missing:
+            expected = ", ".join(f"{stems[m]}.nii[.gz]" for m in missing)
+            raise DataError(
+                f"case {case_id} ({directory}): missing modality file(s) {missing}; "
+                f"expected {expected} (BraTS {naming} naming)"
+            )
+        seg = _find_file(directory, f"{case_id}{suffixes['seg']}")
+        if seg is None:
+            quirks = sorted(n for n in names if _SEGM_QUIRK.match(n))
+            if len(quirks) == 1:
+                seg = directory / quirks[0]
+        return Case(case_id, directory, naming, found, seg)
+    return None
+
+
+def find_cases(root: str | os.PathLike) -> list[Case]:
+    """Finds BraTS case folders under `root` (recursively), both namings, .nii and .nii.gz.
+
+    `root` may itself be a case folder. Returns cases sorted by case id. Raises DataError when
+    `root` is missing, when a case folder lacks a modality file, or when nothing is found.
+    """
+    root = pathlib.Path(root)
+    if not root.exists():
+        raise DataError(f"NIfTI root {root} does not exist; expected a folder of BraTS case folders")
+    if not root.is_dir():
+        raise DataError(f"NIfTI root {root} is not a folder")
+    cases = []
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames.sort()
+        case = _case_from_dir(pathlib.Path(dirpath))
+        if case is not None:
+            cases.append(case)
+            dirnames[:] = []
+    if not cases:
+        raise DataError(
+            f"no BraTS case folders under {root}; expected <ID>/<ID>_{{t1,t1ce,t2,flair,seg}}"
+            ".nii[.gz] or <ID>/<ID>-{t1n,t1c,t2w,t2f,seg}.nii.gz"
+        )
+    ids = [c.case_id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataError(f"duplicate case ids under {root}: {dup[:5]}")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def read_nifti(path: str | os.PathLike):
+    """Reads a NIfTI file -> (array in stored dtype with scaling applied, affine (4,4), header).
+
+    Raises DataError naming the file when it is truncated or corrupt.
+    """
+    import nibabel as nib
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"NIfTI file {path} does not exist")
+    try:
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as e:
+        raise DataError(
+            f"cannot read NIfTI file {path} (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
+    return np.asarray(arr), np.asarray(img.affine, np.float64), img.header
+
+
+def zscore_brain(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """(x - mean) / std with mean, std over `brain` voxels, applied to all voxels -> float32.
+
+    volume: (H, W, D) any real dtype; brain: bool (H, W, D). An empty brain or zero std gives
+    (x - mean) with std taken as 1 (all zeros when the volume is constant).
+    """
+    x = volume.astype(np.float64)
+    vals = x[brain]
+    if vals.size == 0:
+        return np.zeros(x.shape, np.float32)
+    mean = vals.mean()
+    std = vals.std()
+    if not std > 0:
+        std = 1.0
+    return ((x - mean) / std).astype(np.float32)
+
+
+def to_train_labels(label: np.ndarray, naming: str, *, where: str = "label") -> np.ndarray:
+    """Release labels -> training classes int32 {0..3}: 2018-2021 {0,1,2,4}->{0,1,2,3}; 2023 same.
+
+    Raises DataError naming `where` when a value is outside the release's set.
+    """
+    allowed = _RELEASE_LABELS[naming]
+    lab = np.asarray(label)
+    if lab.dtype.kind == "f":
+        if not np.all(np.isfinite(lab)):
+            raise DataError(f"{where}: non-finite label values; expected {allowed}")
+        if np.any(lab != np.round(lab)):
+            raise DataError(f"{where}: non-integer label values; expected {allowed}")
+    values = np.unique(lab)
+    bad = [v.item() for v in values if v not in allowed]
+    if bad:
+        raise DataError(
+            f"{where}: label values {bad[:10]} outside the BraTS {naming} label set {allowed}"
+        )
+    lab = lab.astype(np.int32)
+    if naming == "2018":
+        lab = np.where(lab == 4, 3, lab).astype(np.int32)
+    return lab
+
+
+def to_release_labels(label_0123: np.ndarray, naming: str = "2018") -> np.ndarray:
+    """Training classes {0..3} -> the release convention (ET=4 for "2018" naming, 3 for "2023").
+
+    Returns uint8 with the input's shape.
+    """
+    lab = np.asarray(label_0123)
+    if naming not in _RELEASE_LABELS:
+        raise DataError(f"unknown naming {naming!r}; expected '2018' or '2023'")
+    if lab.size and (lab.min() < 0 or lab.max() > 3):
+        raise DataError(f"training labels must be in 0..3, got range {lab.min()}..{lab.max()}")
+    out = lab.astype(np.uint8)
+    if naming == "2018":
+        out = np.where(out == 3, 4, out).astype(np.uint8)
+    return out
+
+
+def load_case(case: Case | str | os.PathLike, *, require_label: bool = False) -> CaseData:
+    """Loads a case folder (or Case): all four modalities + label, validated.
+
+    Returns CaseData (image float32 (H,W,D,4) brain-z-scored, label int32 (H,W,D) {0..3} or
+    None). Raises DataError on missing files, mismatched shapes/affines between files,
+    non-finite voxels, label values outside the release's set, or corrupt files.
+    """
+    if not isinstance(case, Case):
+        d = pathlib.Path(case)
+        if not d.is_dir():
+            raise DataError(f"case folder {d} does not exist")
+        c = _case_from_dir(d)
+        if c is None:
+            raise DataError(
+                f"{d} is not a BraTS case folder; expected {d.name}_flair.nii[.gz] etc. "
+                f"or {d.name}-t2f.nii.gz etc."
+            )
+        case = c
+    if require_label and case.seg is None:
+        expected = f"{case.case_id}{_SUFFIXES[case.naming]['seg']}.nii[.gz]"
+        raise DataError(f"case {case.case_id} ({case.directory}): missing label file {expected}")
+    raws, affine0, header0, shape0 = [], None, None, None
+    for m in MODALITIES:
+        p = case.paths[m]
+        arr, aff, hdr = read_nifti(p)
+        if arr.ndim == 4 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 3:
+            raise DataError(f"{p}: expected a 3-D volume, got shape {arr.shape}")
+        if shape0 is None:
+            shape0, affine0, header0, first = arr.shape, aff, hdr, p
+        else:
+            if arr.shape != shape0:
+                raise DataError(
+                    f"case {case.case_id}: {p.name} has shape {arr.shape} but {first.name} has "
+                    f"{shape0}; all modalities must have the same shape"
+                )
+            if not np.allclose(aff, affine0, atol=1e-3):
+                raise DataError(
+                    f"case {case.case_id}: {p.name} affine differs from {first.name}'s; "
+                    "modalities must be co-registered on the same grid"
+                )
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            n = int(np.size(arr) - np.isfinite(arr).sum())
+            raise DataError(f"{p}: {n} non-finite voxel(s) (NaN/inf); expected finite intensities")
+        raws.append(arr)
+    brain = np.zeros(shape0, bool)
+    for r in raws:
+        brain |= r != 0
+    image = np.stack([zscore_brain(r, brain) for r in raws], axis=-1)
+    label = None
+    if case.seg is not None:
+        lab, aff, _ = read_nifti(case.seg)
+        if lab.ndim == 4 and lab.shape[-1] == 1:
+            lab = lab[..., 0]
+        if lab.shape != shape0:
+            raise DataError(
+                f"case {case.case_id}: label {case.seg.name} has shape {lab.shape}, expected "
+                f"{shape0} like the modalities"
+            )
+        if not np.allclose(aff, affine0, atol=1e-3):
+            raise DataError(f"case {case.case_id}: label {case.seg.name} affine differs")
+        label = to_train_labels(lab, case.naming, where=f"case {case.case_id} ({case.seg})")
+    return CaseData(case.case_id, image, label, brain, affine0, header0, case.naming)
+
+
+class NiftiDecodedSource:
+    """Baseline slice source that decodes the four NIfTI volumes (+ label) on EVERY read.
+
+    Far too slow for training (kept as the benchmark baseline). Same record dict as the other
+    sources. No table: the index is built from file headers only (no decoding).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        import nibabel as nib
+
+        self.root = str(root)
+        self._cases = find_cases(root)
+        self._offsets = [0]
+        for c in self._cases:
+            depth = nib.load(str(c.paths["flair"])).shape[2]
+            self._offsets.append(self._offsets[-1] + depth)
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __repr__(self) -> str:
+        return f"NiftiDecodedSource(root={self.root!r}, cases={len(self._cases)}, slices={len(self)})"
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range [0, {len(self)})")
+        k = int(np.searchsorted(self._offsets, i, side="right") - 1)
+        s = i - self._offsets[k]
+        data = load_case(self._cases[k])
+        label = data.label[:, :, s] if data.label is not None else np.zeros(data.image.shape[:2])
+        return dict(
+            image=np.ascontiguousarray(data.image[:, :, s, :]),
+            label=label.astype(np.int32),
+            case_id=self._cases[k].case_id,
+            slice_index=s,
+        )

@@ -1,0 +1,239 @@
+"""NIfTI release -> slice-addressable cache, and the source that reads it.
+
+Decoding four gzip'd volumes per slice read is far too slow for training, so a release is
+converted once (`python -m brats_jax.data.prepare --src=DIR --out=CACHE`). Layout:
+
+    CACHE/cache.json                     {"format", "version", "src", "dtype", "cases": [...]}
+    CACHE/cases/<ID>/image.npy           (D, H, W, 4) float32 (or float16), slice-major, z-scored
+    CACHE/cases/<ID>/label.npy           (D, H, W) uint8 training classes {0..3}
+    CACHE/cases/<ID>/stats.npz           class_counts (D, 4) int64 pixels, brain_fraction (D,) f32
+    CACHE/cases/<ID>/meta.json           case id, naming, shape (H, W, D), affine, source files
+    CACHE/cases/<ID>/COMPLETE            written last
+
+Arrays are memory-mapped at read time, so a slice read touches only that slice's bytes. Each
+case is written into `cases/.<ID>.tmp-<pid>/`, the COMPLETE marker written last, then the
+folder is renamed into place: a half-written case is never taken as valid, and a rerun skips
+cases whose folder has the marker (resumable). Delete the cache to rebuild after the source
+files change.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+from absl import logging
+
+from brats_jax.data.brats import Case, find_cases, load_case
+from brats_jax.data.common import DataError, SliceTable
+
+FORMAT = "brats_jax.slice_cache"
+VERSION = 1
+_MARKER = "COMPLETE"
+
+
+def _case_dir(out: pathlib.Path, case_id: str) -> pathlib.Path:
+    return out / "cases" / case_id
+
+
+def is_case_complete(out: str | os.PathLike, case_id: str) -> bool:
+    """True when the cache holds a finished entry for `case_id`."""
+    return (_case_dir(pathlib.Path(out), case_id) / _MARKER).is_file()
+
+
+def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
+    """Converts one case into its cache folder atomically. Returns the case id."""
+    final = _case_dir(out, case.case_id)
+    tmp = final.parent / f".{case.case_id}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        data = load_case(case, require_label=True)
+        image = np.ascontiguousarray(np.moveaxis(data.image, 2, 0).astype(dtype))  # (D,H,W,4)
+        label = np.ascontiguousarray(np.moveaxis(data.label, 2, 0).astype(np.uint8))  # (D,H,W)
+        brain = np.moveaxis(data.brain, 2, 0)
+        d = label.shape[0]
+        counts = np.stack([np.bincount(label[s].ravel(), minlength=4)[:4] for s in range(d)])
+        brain_fraction = brain.reshape(d, -1).mean(1).astype(np.float32)
+        np.save(tmp / "image.npy", image)
+        np.save(tmp / "label.npy", label)
+        np.savez(tmp / "stats.npz", class_counts=counts.astype(np.int64),
+                 brain_fraction=brain_fraction)
+        meta = dict(
+            case_id=case.case_id,
+            naming=data.naming,
+            shape=list(data.label.shape),
+            affine=np.asarray(data.affine).tolist(),
+            files={m: str(p) for m, p in case.paths.items()} | {"seg": str(case.seg)},
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / _MARKER).write_text("ok\n")
+        if final.exists():  # an invalid leftover (no marker): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return case.case_id
+
+
+def prepare(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    workers: int = 1,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Converts the NIfTI release under `src` into a slice cache at `out` (resumable).
+
+    Cases already complete in `out` are skipped. `workers` > 1 converts cases in parallel
+    processes. Writes `out/cache.json` last. Returns `out` as a Path. Raises DataError for bad
+    cases (naming the file and what was expected); OSError when `out` is not writable.
+    """
+    from tqdm.auto import tqdm
+
+    if dtype not in ("float32", "float16"):
+        raise DataError(f"cache dtype must be 'float32' or 'float16', got {dtype!r}")
+    src_p = pathlib.Path(src).resolve() if pathlib.Path(src).exists() else pathlib.Path(src)
+    out = pathlib.Path(out)
+    cases = find_cases(src_p)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    meta_path = out / "cache.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if old.get("dtype", dtype) != dtype:
+            raise DataError(
+                f"cache {out} was built with dtype {old.get('dtype')}, asked for {dtype}; "
+                "use another --out or delete it"
+            )
+    for stale in (out / "cases").glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    todo = [c for c in cases if not is_case_complete(out, c.case_id)]
+    logging.info("prepare %s -> %s: %d cases, %d to convert", src_p, out, len(cases), len(todo))
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="case",
+               desc=f"preparing {out}", disable=not progress)
+    if workers > 1 and len(todo) > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
+            for f in concurrent.futures.as_completed(futs):
+                f.result()
+                bar.update(1)
+    else:
+        for c in todo:
+            _write_case(c, out, dtype)
+            bar.update(1)
+    bar.close()
+    info = dict(format=FORMAT, version=VERSION, src=str(src_p), dtype=dtype,
+                cases=[c.case_id for c in cases])
+    tmp = out / f".cache.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, meta_path)
+    return out
+
+
+_MMAPS: dict = {}  # per-process cache of read-only memmaps (module state, never pickled)
+
+
+def _mmap(path: str) -> np.ndarray:
+    arr = _MMAPS.get(path)
+    if arr is None:
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read cache file {path} (corrupt? rerun prepare): {e}") from e
+        if len(_MMAPS) > 512:
+            _MMAPS.clear()
+        _MMAPS[path] = arr
+    return arr
+
+
+class NiftiCacheSource:
+    """Grain random-access source over a prepared slice cache (see module docstring).
+
+    cache_dir: a folder written by `prepare`. Records are all slices of all cases, cases in
+    cache.json order (sorted ids), slices in order. Pickles as paths + table (memmaps are opened
+    lazily per process).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.cache_dir = str(cache_dir)
+        meta_path = pathlib.Path(cache_dir) / "cache.json"
+        if not meta_path.is_file():
+            raise DataError(
+                f"{meta_path} not found; build the cache first with "
+                f"`python -m brats_jax.data.prepare --src=NIFTI_DIR --out={cache_dir}`"
+            )
+        info = json.loads(meta_path.read_text())
+        if info.get("format") != FORMAT or info.get("version") != VERSION:
+            raise DataError(f"{meta_path}: not a brats_jax slice cache v{VERSION}")
+        self.src = info.get("src", "")
+        self.case_ids = list(info["cases"])
+        ids, sl, cc, bf, offsets = [], [], [], [], [0]
+        for cid in self.case_ids:
+            d = _case_dir(pathlib.Path(cache_dir), cid)
+            if not (d / _MARKER).is_file():
+                raise DataError(f"cache entry {d} is incomplete; rerun prepare to finish it")
+            z = np.load(d / "stats.npz")
+            n = len(z["brain_fraction"])
+            ids.append(np.full(n, cid))
+            sl.append(np.arange(n, dtype=np.int32))
+            cc.append(z["class_counts"])
+            bf.append(z["brain_fraction"])
+            offsets.append(offsets[-1] + n)
+        self._offsets = np.asarray(offsets, np.int64)
+        self.table = SliceTable(
+            case_id=np.concatenate(ids) if ids else np.zeros(0, str),
+            slice_index=np.concatenate(sl) if sl else np.zeros(0, np.int32),
+            class_counts=np.concatenate(cc) if cc else np.zeros((0, 4), np.int64),
+            brain_fraction=np.concatenate(bf) if bf else np.zeros(0, np.float32),
+        )
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __repr__(self) -> str:
+        return (f"NiftiCacheSource(cache_dir={self.cache_dir!r}, cases={len(self.case_ids)}, "
+                f"slices={len(self)})")
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self._offsets, i, side="right") - 1)
+        return k, i - int(self._offsets[k])
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range [0, {len(self)})")
+        k, s = self._locate(i)
+        d = os.path.join(self.cache_dir, "cases", self.case_ids[k])
+        image = np.array(_mmap(os.path.join(d, "image.npy"))[s], dtype=np.float32)
+        label = np.array(_mmap(os.path.join(d, "label.npy"))[s], dtype=np.int32)
+        return dict(image=image, label=label, case_id=self.case_ids[k], slice_index=s)
+
+    def load_volume(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Whole case -> (image float32 (H,W,D,4), label int32 (H,W,D)) at native size."""
+        if case_id not in self.case_ids:
+            raise DataError(f"case {case_id!r} not in cache {self.cache_dir}; "
+                            f"known e.g. {self.case_ids[:5]}")
+        d = os.path.join(self.cache_dir, "cases", case_id)
+        image = np.moveaxis(np.load(os.path.join(d, "image.npy")), 0, 2).astype(np.float32)
+        label = np.moveaxis(np.load(os.path.join(d, "label.npy")), 0, 2).astype(np.int32)
+        return image, label
+
+    def case_meta(self, case_id: str) -> dict:
+        """meta.json of a case: naming, shape (H,W,D), affine (4x4 list), source files."""
+        d = _case_dir(pathlib.Path(self.cache_dir), case_id)
+        return json.loads((d / "meta.json").read_text())
+
+
+def default_cache_dir(root: str | os.PathLike) -> pathlib.Path:
+    """~/.cache/brats_jax/<sha1 of the absolute root>[:12] (where make_source puts a cache)."""
+    import hashlib
+
+    h = hashlib.sha1(os.path.abspath(str(root)).encode()).hexdigest()[:12]
+    return pathlib.Path(os.path.expanduser("~/.cache/brats_jax")) / h

@@ -1,0 +1,67 @@
+"""Whole-volume inference: predict every axial slice of a 3D case in fixed-size batches.
+
+One compiled function serves every volume: slices are fed in batches of a fixed size (the
+last batch is padded), so a new case never triggers recompilation.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SliceFn = Callable[[jax.Array], jax.Array]
+
+
+def make_slice_predictor(model, variables, *, image_size: int) -> SliceFn:
+    """Jitted `f(images (B,H,W,4) float32) -> probabilities (B,H,W,C) float32`.
+
+    Slices of any native size H,W are resized to `image_size` (0 = native) before the model
+    and the class probabilities are resized back to H,W (bilinear on probabilities), so the
+    output is at the input's resolution.
+    """
+
+    @jax.jit
+    def predict(images: jax.Array) -> jax.Array:
+        height, width = images.shape[1:3]
+        x = images
+        if image_size and (height, width) != (image_size, image_size):
+            x = jax.image.resize(
+                x, (x.shape[0], image_size, image_size, x.shape[-1]), method="linear"
+            )
+        logits = model.apply(variables, x, train=False)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        if probs.shape[1:3] != (height, width):
+            probs = jax.image.resize(
+                probs, (probs.shape[0], height, width, probs.shape[-1]), method="linear"
+            )
+        return probs
+
+    return predict
+
+
+def predict_volume(predict: SliceFn, volume: np.ndarray, *, batch_size: int) -> np.ndarray:
+    """Class probabilities for every axial slice of a volume.
+
+    Args:
+      predict: a function from `make_slice_predictor`.
+      volume: float32 (H, W, D, 4) normalised modalities, D = number of axial slices.
+      batch_size: slices per call; the last batch is zero-padded to this size.
+
+    Returns:
+      float32 (H, W, D, C) probabilities.
+    """
+    if volume.ndim != 4:
+        raise ValueError(f"expected a volume of shape (H, W, D, 4), got {volume.shape}")
+    depth = volume.shape[2]
+    slices = np.moveaxis(volume, 2, 0).astype(np.float32)  # (D, H, W, 4)
+    out = []
+    for start in range(0, depth, batch_size):
+        chunk = slices[start : start + batch_size]
+        n = chunk.shape[0]
+        if n < batch_size:
+            pad = np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)
+            chunk = np.concatenate([chunk, pad])
+        out.append(np.asarray(predict(jnp.asarray(chunk)))[:n])
+    return np.moveaxis(np.concatenate(out), 0, 2)
+

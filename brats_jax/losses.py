@@ -1,0 +1,573 @@
+"""Segmentation losses: cross-entropy, class-balanced weights, focal, soft Dice, Dice+CE.
+
+Conventions shared by every loss here:
+
+* ``logits``: (B, H, W, C) in any float dtype; everything is computed in float32.
+* ``labels``: integer (B, H, W) with values in {0..C-1}. Inside ``jit`` values cannot be
+  checked: an out-of-range label has an all-zero one-hot row, so it contributes nothing
+  to CE/focal (and counts as "no class" for Dice). Use ``mask`` to ignore pixels instead.
+* ``mask``: optional (B, H, W) (bool or float) of pixels to count; broadcastable shapes such as
+  (B, 1, 1) work too (e.g. to drop padded samples of an eval batch). ``None`` = all pixels.
+* Every loss returns a float32 scalar, is a pure function of arrays, and is safe under
+  ``jax.jit``, ``jax.grad`` and ``jax.vmap``. Values and gradients stay finite for
+  all-background batches, classes absent from the batch, fully-masked batches (loss 0) and
+  extreme logits (log-softmax is used throughout; no ``log(softmax)``).
+
+Registry (:func:`get_loss`) names: ``ce``, ``cb_ce``, ``focal``, ``cb_focal``, ``dice``,
+``dice_ce``. For sweeps that vmap over runs with *different* losses in one compiled program,
+:func:`combined_loss` takes every hyperparameter as an array (:class:`LossParams`);
+:func:`loss_params` maps a registry name onto it (see its docstring for the mapping).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from brats_jax import NUM_CLASSES
+
+__all__ = [
+    "LOSS_NAMES",
+    "LossParams",
+    "class_balanced_weights",
+    "combined_loss",
+    "cross_entropy",
+    "dice_ce_loss",
+    "dice_loss",
+    "focal_loss",
+    "get_loss",
+    "loss_params",
+    "slice_counts",
+    "stack_loss_params",
+]
+
+LossFn = Callable[..., jax.Array]
+
+# Smallest value (1 - p_t) may take inside the focal modulating factor. Keeps the gradient
+# of (1 - p_t) ** gamma finite for 0 <= gamma < 1 when p_t rounds to 1 (the factor is then
+# 1e-30 ** gamma instead of 0, multiplied by -log p_t = 0: the value is unchanged).
+_FOCAL_EPS = 1e-30
+
+NORMALIZATIONS = ("pixels", "weights")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(logits, labels, mask):
+    """float32 log-probs (B,H,W,C), one-hot (B,H,W,C) float32, mask (B,H,W) float32."""
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    if logits.ndim < 2:
+        raise ValueError(f"logits must be (B, H, W, C); got shape {logits.shape}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {labels.shape} must equal logits shape without the class axis "
+            f"{logits.shape[:-1]}"
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
+    num_classes = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if mask is None:
+        m = jnp.ones(labels.shape, jnp.float32)
+    else:
+        m = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), labels.shape)
+    return logp, onehot, m
+
+
+def _safe_divide(num, den):
+    """num / den, 0 where den == 0, with finite gradients everywhere."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def _class_weight_vector(class_weights, num_classes):
+    if class_weights is None:
+        return jnp.ones((num_classes,), jnp.float32)
+    w = jnp.asarray(class_weights, jnp.float32)
+    if w.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights must have shape ({num_classes},) to match the logits' class axis; "
+            f"got {w.shape}"
+        )
+    return w
+
+
+def _check_normalize(normalize):
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}; got {normalize!r}")
+    return normalize == "weights"
+
+
+def _weighted_mean(per_pixel, onehot, m, w, by_weights):
+    """Sum of ``w_y * m * per_pixel`` divided by sum(m) or by sum(w_y * m). Traced flag ok."""
+    wy = jnp.sum(onehot * w, axis=-1)  # (B,H,W); 0 for out-of-range labels
+    num = jnp.sum(wy * m * per_pixel)
+    den = jnp.where(by_weights, jnp.sum(wy * m), jnp.sum(m))
+    return _safe_divide(num, den)
+
+
+# --------------------------------------------------------------------------------------------
+# Class-balanced weights (host, float64)
+# --------------------------------------------------------------------------------------------
+
+
+def class_balanced_weights(counts: Sequence[float] | np.ndarray, beta: float) -> np.ndarray:
+    """Cui et al. (2019) effective-number class weights, normalised to mean 1.
+
+    ``w_c = (1 - beta) / (1 - beta ** n_c)``, then scaled so that ``sum(w) = C`` (mean 1).
+    Computed on the host in float64 with ``1 - beta**n = -expm1(n * log1p(-(1 - beta)))``,
+    stable for counts up to 1e10 and beta up to 1 - 1e-9 (float32 cannot even represent
+    such betas; a float32 computation silently returns equal weights).
+
+    Args:
+      counts: (C,) non-negative numbers of *samples* per class. The unit is the caller's
+        choice and it matters: the library passes **pixel** counts of the training split
+        (``brats_jax.data.class_pixel_counts``), because the losses are averaged over pixels,
+        i.e. a pixel is the sample the loss sees. Pitfall (FACTS §3): ``beta**n ~ exp(-n(1-beta))``
+        so with pixel counts in the millions every beta <= 0.9999 (the study's grid 0.5, 0.75,
+        0.99 included) gives weights equal to ~1e-12: class balancing is then a no-op. To get
+        a visible effect either take beta much closer to 1 (e.g. ``1 - 1/n_min``) or count
+        **slices** (number of slices containing the class; see :func:`slice_counts`), which
+        is plausibly what the study's n_i meant ("number of samples of a given class").
+      beta: in [0, 1). beta = 0 gives equal weights; beta -> 1 gives inverse-frequency weights.
+
+    Returns:
+      (C,) float64 weights with mean 1 over the classes present. A class with count 0 (absent
+      from the training data) gets weight **0**: its un-normalised weight would be infinite,
+      but since no pixel carries that label, the weight never multiplies a loss term in CE or
+      focal loss, so 0 is the harmless finite choice. The present classes are then normalised
+      to sum to the number of present classes (= C when every class is present, the usual
+      case), so equal counts always give weights 1.
+
+    Raises:
+      ValueError: counts not 1-D, negative, non-finite or all zero; beta outside [0, 1).
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    if n.ndim != 1 or n.size == 0:
+        raise ValueError(f"counts must be a non-empty 1-D array (C,); got shape {n.shape}")
+    if not np.all(np.isfinite(n)) or np.any(n < 0):
+        raise ValueError(f"counts must be finite and >= 0; got {n.tolist()}")
+    beta = float(beta)
+    if not (0.0 <= beta < 1.0) or math.isnan(beta):
+        raise ValueError(f"beta must be in [0, 1); got {beta!r}")
+    present = n > 0
+    if not present.any():
+        raise ValueError(f"counts are all zero ({n.tolist()}): cannot compute class weights")
+    one_minus_beta = 1.0 - beta
+    if beta == 0.0:
+        raw = np.where(present, 1.0, 0.0)  # (1 - 0) / (1 - 0**n) = 1 for n > 0
+    else:
+        log_beta = math.log1p(-one_minus_beta) if beta > 0.5 else math.log(beta)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            denom = -np.expm1(np.where(present, n, 1.0) * log_beta)  # 1 - beta**n > 0
+            raw = np.where(present, one_minus_beta / denom, 0.0)
+    return raw * (present.sum() / raw.sum())
+
+
+def slice_counts(per_slice_class_counts: np.ndarray, min_pixels: int = 1) -> np.ndarray:
+    """Number of slices containing each class: the "slice" unit for class-balanced weights.
+
+    Args:
+      per_slice_class_counts: (N, C) integer pixel counts per slice and class (e.g.
+        ``source.table.class_counts[indices]`` of the training split).
+      min_pixels: a slice counts for a class when it has at least this many of its pixels.
+
+    Returns:
+      (C,) int64: for each class, the number of the N slices containing it. Pass it as
+      ``class_counts`` to ``get_loss("cb_ce", beta=..., class_counts=...)``.
+    """
+    c = np.asarray(per_slice_class_counts)
+    if c.ndim != 2:
+        raise ValueError(f"per_slice_class_counts must be (N, C); got shape {c.shape}")
+    return (c >= min_pixels).sum(axis=0).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    class_weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    normalize: str = "pixels",
+) -> jax.Array:
+    """Pixel-wise softmax cross-entropy, optionally class-weighted. Returns a float32 scalar.
+
+    ``loss = sum_i m_i w_{y_i} (-log p_{i,y_i}) / Z``.
+
+    Args:
+      logits: (B, H, W, C) float (any dtype; computed in float32).
+      labels: (B, H, W) int in {0..C-1}.
+      class_weights: optional (C,) weights w (e.g. :func:`class_balanced_weights`).
+      mask: optional (B, H, W) pixels to count.
+      normalize: ``"pixels"`` (default): Z = number of counted pixels, as in Cui et al.'s
+        official code (weights change the loss scale, mean weight 1 keeps it comparable);
+        ``"weights"``: Z = sum_i m_i w_{y_i}, as ``torch.nn.CrossEntropyLoss(weight=...)``.
+        Both coincide without weights.
+    """
+    by_weights = _check_normalize(normalize)
+    logp, onehot, m = _prepare(logits, labels, mask)
+    w = _class_weight_vector(class_weights, logits.shape[-1])
+    nll = -jnp.sum(onehot * logp, axis=-1)
+    return _weighted_mean(nll, onehot, m, w, by_weights)
+
+
+def _focal_terms(logp, onehot, gamma):
+    """Per-pixel focal term -(1 - p_t)**gamma * log p_t (float32, finite gradients)."""
+    logp_t = jnp.sum(onehot * logp, axis=-1)
+    one_minus_pt = -jnp.expm1(logp_t)  # accurate even when p_t ~ 1
+    factor = jnp.power(jnp.maximum(one_minus_pt, _FOCAL_EPS), gamma)
+    return -factor * logp_t
+
+
+def focal_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    gamma: float = 1.0,
+    class_weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    normalize: str = "pixels",
+) -> jax.Array:
+    """Softmax focal loss (Lin et al. 2017): ``-alpha_t (1 - p_t)**gamma log p_t``, float32 scalar.
+
+    ``alpha_t`` = ``class_weights[y]`` (1 without weights). ``gamma = 0`` equals
+    :func:`cross_entropy` exactly (same arguments). Normalisation as in :func:`cross_entropy`.
+    ``gamma`` may be a traced scalar (>= 0).
+
+    Args:
+      logits: (B, H, W, C) float; labels: (B, H, W) int; mask: optional (B, H, W).
+    """
+    by_weights = _check_normalize(normalize)
+    logp, onehot, m = _prepare(logits, labels, mask)
+    w = _class_weight_vector(class_weights, logits.shape[-1])
+    per_pixel = _focal_terms(logp, onehot, jnp.asarray(gamma, jnp.float32))
+    return _weighted_mean(per_pixel, onehot, m, w, by_weights)
+
+
+def _dice_per_class(probs, onehot, m, squared, batch, smooth_nr, smooth_dr):
+    """Soft Dice (B, C), or (C,) when ``batch``, from probabilities (B, H, W, C)."""
+    p = probs * m[..., None]
+    g = onehot * m[..., None]
+    axes = tuple(range(0 if batch else 1, p.ndim - 1))
+    inter = jnp.sum(p * g, axis=axes)
+    lin = jnp.sum(p, axis=axes) + jnp.sum(g, axis=axes)
+    den = jnp.sum(p * p, axis=axes) + jnp.sum(g * g, axis=axes) if squared else lin
+    return (2.0 * inter + smooth_nr) / (den + smooth_dr)
+
+
+def dice_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    include_background: bool = True,
+    squared: bool = False,
+    batch: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Soft multi-class Dice loss on softmax probabilities (Milletari et al.), float32 scalar.
+
+    Per class c: ``D_c = (2 sum p_c g_c + smooth_nr) / (sum p_c + sum g_c + smooth_dr)``
+    (``squared``: ``sum p_c**2 + sum g_c**2`` in the denominator), sums over H, W of each
+    sample (``batch=True``: over B, H, W, one Dice per class for the batch);
+    ``loss = mean over (samples,) classes of (1 - D_c)``. A class absent from both a sample's
+    labels and (nearly) its prediction scores D ~ 1 thanks to the smoothing terms; with a tiny
+    ``smooth_nr`` an absent class still pushes its probabilities towards 0. Same defaults as
+    MONAI's ``DiceLoss(softmax=True)``.
+
+    Args:
+      logits: (B, H, W, C) float; labels: (B, H, W) int; mask: optional (B, H, W) pixels
+        to count (masked pixels contribute to neither p nor g).
+      include_background: False drops class 0 from the mean.
+    """
+    logp, onehot, m = _prepare(logits, labels, mask)
+    d = _dice_per_class(jnp.exp(logp), onehot, m, bool(squared), bool(batch), smooth_nr, smooth_dr)
+    if not include_background:
+        if d.shape[-1] < 2:
+            raise ValueError("include_background=False needs at least 2 classes")
+        d = d[..., 1:]
+    return jnp.mean(1.0 - d)
+
+
+def dice_ce_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    ce_weight: float = 0.5,
+    dice_weight: float = 0.5,
+    class_weights: jax.Array | None = None,
+    include_background: bool = True,
+    squared: bool = True,
+    batch: bool = True,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """TransUNet's loss: ``ce_weight * CE + dice_weight * Dice`` (default 0.5 + 0.5), float32.
+
+    Defaults reproduce TransUNet's ``DiceLoss`` (official code: softmax, background included,
+    squared denominators, sums over the whole batch, smooth 1e-5) and unweighted CE; pass
+    ``class_weights`` for a weighted CE term (pixel normalisation).
+    """
+    ce = cross_entropy(logits, labels, class_weights=class_weights, mask=mask)
+    dl = dice_loss(
+        logits,
+        labels,
+        include_background=include_background,
+        squared=squared,
+        batch=batch,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        mask=mask,
+    )
+    return ce_weight * ce + dice_weight * dl
+
+
+# --------------------------------------------------------------------------------------------
+# Array-parameterised loss for vmapped sweeps
+# --------------------------------------------------------------------------------------------
+
+
+class LossParams(NamedTuple):
+    """Every loss hyperparameter as an array, so that runs with different losses vmap.
+
+    All fields are float32 arrays: scalars () except ``class_weights`` (C,) and
+    ``dice_class_mask`` (C,). Stack several with :func:`stack_loss_params` (leading run axis).
+
+    Fields:
+      ce_weight: weight of the focal/CE term.        gamma: focal exponent (0 = CE).
+      class_weights: (C,) alpha_t / CE weights.       ce_by_weights: 1 = divide by sum of weights.
+      dice_weight: weight of the soft Dice term.      dice_squared: 1 = squared denominators.
+      dice_batch: 1 = one Dice per class over the batch, 0 = per sample.
+      dice_class_mask: (C,) 1 for classes in the Dice mean (0 for background when excluded).
+      smooth_nr, smooth_dr: Dice smoothing terms.
+    """
+
+    ce_weight: jax.Array
+    gamma: jax.Array
+    class_weights: jax.Array
+    ce_by_weights: jax.Array
+    dice_weight: jax.Array
+    dice_squared: jax.Array
+    dice_batch: jax.Array
+    dice_class_mask: jax.Array
+    smooth_nr: jax.Array
+    smooth_dr: jax.Array
+
+
+def combined_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    params: LossParams,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """``ce_weight * focal(gamma, class_weights) + dice_weight * soft_dice``, float32 scalar.
+
+    Every hyperparameter is an array in ``params``, so one compiled program serves all
+    registry losses and ``jax.vmap(combined_loss, in_axes=(0, 0, 0))`` trains several runs
+    with different losses at once. Both terms are always computed (a zero weight multiplies a
+    finite value), which costs one extra reduction over the batch. Build ``params`` with
+    :func:`loss_params`; it equals ``get_loss(name, **kw)`` for every registry name.
+
+    Args:
+      logits: (B, H, W, C) float; labels: (B, H, W) int; mask: optional (B, H, W).
+      params: :class:`LossParams` with ``class_weights.shape == (C,)``.
+    """
+    logp, onehot, m = _prepare(logits, labels, mask)
+    p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    focal = _weighted_mean(
+        _focal_terms(logp, onehot, p.gamma), onehot, m, p.class_weights, p.ce_by_weights > 0
+    )
+    probs = jnp.exp(logp) * m[..., None]
+    g = onehot * m[..., None]
+    spatial = tuple(range(1, probs.ndim - 1))
+    inter = jnp.sum(probs * g, axis=spatial)  # (B, C)
+    lin = jnp.sum(probs, axis=spatial) + jnp.sum(g, axis=spatial)
+    sq = jnp.sum(probs * probs, axis=spatial) + jnp.sum(g * g, axis=spatial)
+    den = jnp.where(p.dice_squared > 0, sq, lin)
+    dice_sample = (2.0 * inter + p.smooth_nr) / (den + p.smooth_dr)  # (B, C)
+    dice_batch = (2.0 * inter.sum(0) + p.smooth_nr) / (den.sum(0) + p.smooth_dr)  # (C,)
+    cm = p.dice_class_mask
+    loss_sample = jnp.sum(jnp.mean(1.0 - dice_sample, axis=0) * cm) / jnp.sum(cm)
+    loss_batch = jnp.sum((1.0 - dice_batch) * cm) / jnp.sum(cm)
+    dice = jnp.where(p.dice_batch > 0, loss_batch, loss_sample)
+    return p.ce_weight * focal + p.dice_weight * dice
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+_DICE_DEFAULTS = dict(
+    include_background=True, squared=False, batch=False, smooth_nr=1e-5, smooth_dr=1e-5
+)
+_DICE_CE_DEFAULTS = dict(
+    ce_weight=0.5,
+    dice_weight=0.5,
+    include_background=True,
+    squared=True,
+    batch=True,
+    smooth_nr=1e-5,
+    smooth_dr=1e-5,
+)
+# name -> {parameter: default}. cb_* need (beta and class_counts) or class_weights.
+_REGISTRY: dict[str, dict[str, Any]] = {
+    "ce": dict(normalize="pixels"),
+    "cb_ce": dict(beta=None, class_counts=None, class_weights=None, normalize="pixels"),
+    "focal": dict(gamma=1.0, normalize="pixels"),
+    "cb_focal": dict(
+        gamma=1.0, beta=None, class_counts=None, class_weights=None, normalize="pixels"
+    ),
+    "dice": dict(_DICE_DEFAULTS),
+    "dice_ce": dict(_DICE_CE_DEFAULTS),
+}
+LOSS_NAMES = tuple(_REGISTRY)
+
+
+def _resolve(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
+    valid = _REGISTRY[name]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {unknown} for loss {name!r}; valid: {sorted(valid) or 'none'}"
+        )
+    kw = dict(valid)
+    kw.update({k: v for k, v in params.items() if v is not None})
+    if "normalize" in kw:
+        _check_normalize(kw["normalize"])
+    if name.startswith("cb_"):
+        has_w = kw["class_weights"] is not None
+        has_counts = kw["class_counts"] is not None or kw["beta"] is not None
+        if has_w and has_counts:
+            raise ValueError(
+                f"loss {name!r}: give either class_weights or (beta and class_counts), not both"
+            )
+        if not has_w:
+            if kw["beta"] is None or kw["class_counts"] is None:
+                raise ValueError(
+                    f"loss {name!r} needs beta and class_counts (C,) (or class_weights); "
+                    f"got beta={kw['beta']!r}, class_counts={kw['class_counts']!r}"
+                )
+            kw["class_weights"] = class_balanced_weights(kw["class_counts"], kw["beta"])
+        kw["class_weights"] = np.asarray(kw["class_weights"], np.float32)
+        if kw["class_weights"].ndim != 1:
+            raise ValueError(
+                f"loss {name!r}: class_weights must be 1-D (C,); got {kw['class_weights'].shape}"
+            )
+        kw.pop("beta")
+        kw.pop("class_counts")
+    if "gamma" in kw and float(kw["gamma"]) < 0:
+        raise ValueError(f"loss {name!r}: gamma must be >= 0; got {kw['gamma']}")
+    return kw
+
+
+def get_loss(name: str, **params: Any) -> LossFn:
+    """Loss registry used by configs: returns ``loss_fn(logits, labels, mask=None) -> scalar``.
+
+    Names and parameters (defaults):
+
+    * ``ce``: unweighted cross-entropy; ``normalize="pixels"``.
+    * ``cb_ce``: class-balanced CE; ``beta`` and ``class_counts`` (C,) (weights from
+      :func:`class_balanced_weights`, computed once here on the host in float64) or
+      ``class_weights`` (C,); ``normalize="pixels"`` (or ``"weights"``, PyTorch's).
+    * ``focal``: ``gamma=1.0`` (the study's value), ``normalize``.
+    * ``cb_focal``: ``gamma=1.0``, ``beta``/``class_counts`` or ``class_weights``, ``normalize``.
+    * ``dice``: ``include_background=True, squared=False, batch=False, smooth_nr=1e-5,
+      smooth_dr=1e-5`` (:func:`dice_loss`).
+    * ``dice_ce``: ``ce_weight=0.5, dice_weight=0.5`` and TransUNet's Dice settings
+      ``include_background=True, squared=True, batch=True, smooth_nr=smooth_dr=1e-5``.
+
+    Parameters passed as ``None`` count as not given. An unknown name or parameter raises
+    ``ValueError`` listing the valid ones.
+    """
+    kw = _resolve(name, params)
+    if name == "ce":
+        return lambda logits, labels, mask=None: cross_entropy(
+            logits, labels, mask=mask, normalize=kw["normalize"]
+        )
+    if name == "cb_ce":
+        return lambda logits, labels, mask=None: cross_entropy(
+            logits, labels, kw["class_weights"], mask=mask, normalize=kw["normalize"]
+        )
+    if name in ("focal", "cb_focal"):
+        return lambda logits, labels, mask=None: focal_loss(
+            logits,
+            labels,
+            gamma=kw["gamma"],
+            class_weights=kw.get("class_weights"),
+            mask=mask,
+            normalize=kw["normalize"],
+        )
+    if name == "dice":
+        return lambda logits, labels, mask=None: dice_loss(logits, labels, mask=mask, **kw)
+    return lambda logits, labels, mask=None: dice_ce_loss(logits, labels, mask=mask, **kw)
+
+
+def loss_params(name: str, num_classes: int = NUM_CLASSES, **params: Any) -> LossParams:
+    """Map a registry loss onto :class:`LossParams` for :func:`combined_loss`.
+
+    Same names and parameters as :func:`get_loss`; ``combined_loss(x, y, loss_params(name,
+    **kw))`` equals ``get_loss(name, **kw)(x, y)``. Mapping:
+
+    ======== ========= ===== ============== ========== ======================================
+    name     ce_weight gamma class_weights  dice_wt    dice settings
+    ======== ========= ===== ============== ========== ======================================
+    ce       1         0     ones           0          (unused)
+    cb_ce    1         0     CB weights     0          (unused)
+    focal    1         gamma ones           0          (unused)
+    cb_focal 1         gamma CB weights     0          (unused)
+    dice     0         0     ones           1          as given (per-sample, linear default)
+    dice_ce  ce_weight 0     ones           dice_wt    as given (TransUNet: batch, squared)
+    ======== ========= ===== ============== ========== ======================================
+
+    ``ce_by_weights`` is 1 for ``normalize="weights"``; ``dice_class_mask`` is all ones, or
+    zero at class 0 for ``include_background=False``.
+    """
+    kw = _resolve(name, params)
+    f = lambda v: jnp.asarray(v, jnp.float32)
+    weights = kw.get("class_weights")
+    if weights is None:
+        weights = np.ones((num_classes,), np.float32)
+    elif len(weights) != num_classes:
+        raise ValueError(
+            f"loss {name!r}: class_weights has {len(weights)} entries, expected {num_classes}"
+        )
+    is_dice = name in ("dice", "dice_ce")
+    cmask = np.ones((num_classes,), np.float32)
+    if is_dice and not kw["include_background"]:
+        cmask[0] = 0.0
+    ce_w = {"dice": 0.0, "dice_ce": kw.get("ce_weight", 0.0)}.get(name, 1.0)
+    dice_w = {"dice": 1.0, "dice_ce": kw.get("dice_weight", 0.0)}.get(name, 0.0)
+    return LossParams(
+        ce_weight=f(ce_w),
+        gamma=f(kw.get("gamma", 0.0)),
+        class_weights=f(weights),
+        ce_by_weights=f(kw.get("normalize", "pixels") == "weights"),
+        dice_weight=f(dice_w),
+        dice_squared=f(bool(kw["squared"]) if is_dice else False),
+        dice_batch=f(bool(kw["batch"]) if is_dice else False),
+        dice_class_mask=f(cmask),
+        smooth_nr=f(kw["smooth_nr"] if is_dice else 1e-5),
+        smooth_dr=f(kw["smooth_dr"] if is_dice else 1e-5),
+    )
+
+
+def stack_loss_params(params: Sequence[LossParams]) -> LossParams:
+    """Stack several :class:`LossParams` along a new leading run axis (for ``jax.vmap``)."""
+    if not params:
+        raise ValueError("stack_loss_params needs at least one LossParams")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params)

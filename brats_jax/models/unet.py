@@ -1,0 +1,116 @@
+"""U-Net (Ronneberger et al. 2015) with reflection padding so the output has the input's size.
+
+Defaults are the study's network: features 64-128-256-512-1024 (``features=64, depth=4``),
+two 3x3 convs + ReLU per level, 2x2 max-pool, 2x2 transposed-conv up-sampling (halving the
+channels), skip concatenated as ``[skip, upsampled]``, 1x1 head, no normalisation, biases on:
+31,032,516 parameters for 4 input channels and 4 classes (31,044,292 with ``norm="batch"``;
+convolution biases are kept when a normalisation is used so these counts hold).
+
+Parameter tree: ``down_{i}/{conv1,conv2}`` (i = 0..depth-1, finest first), ``bottleneck``,
+``upconv_{i}`` and ``up_{i}`` (i = depth-1..0), ``head``; with a normalisation also
+``{norm1,norm2}`` inside each block. Convolutions are built only by ``ConvBlock.conv`` /
+``UNet.head`` through :class:`~brats_jax.models.layers.Conv2D`, whose implementation is
+selected by ``conv_impl`` (see ``layers.CONV_IMPLS``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from brats_jax.models.layers import Conv2D, UpConv2x2
+
+NORMS = ("none", "batch", "group")
+PADDINGS = ("reflect", "zero")
+
+
+def _norm_layer(norm: str, features: int, train: bool, dtype, name: str):
+    if norm == "batch":
+        # Flax momentum 0.9 == PyTorch BatchNorm2d momentum 0.1; eps 1e-5 as in PyTorch.
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            dtype=dtype, name=name)
+    if norm == "group":
+        return nn.GroupNorm(num_groups=math.gcd(32, features), epsilon=1e-5, dtype=dtype, name=name)
+    return None
+
+
+class ConvBlock(nn.Module):
+    """Two [3x3 conv (+ norm) + ReLU]: (B,H,W,Cin) -> (B,H,W,features)."""
+
+    features: int
+    padding: str = "reflect"
+    norm: str = "none"
+    dtype: Any = None
+    conv_impl: str = "xla"
+
+    def conv(self, features: int, kernel_size: int, name: str) -> Conv2D:
+        """The single place convolutions of the U-Net are created (swap via ``conv_impl``)."""
+        return Conv2D(features, kernel_size, padding=self.padding, impl=self.conv_impl,
+                      dtype=self.dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for i in (1, 2):
+            x = self.conv(self.features, 3, name=f"conv{i}")(x)
+            norm = _norm_layer(self.norm, self.features, train, self.dtype, f"norm{i}")
+            if norm is not None:
+                x = norm(x)
+            x = nn.relu(x)
+        return x
+
+
+class UNet(nn.Module):
+    """The study's U-Net. ``__call__(x (B,H,W,Cin) float32, train) -> logits (B,H,W,num_classes) float32``.
+
+    Fields: ``num_classes`` (4), ``features`` (64: channels of the first level, doubled per
+    level), ``depth`` (4 poolings: 64-128-256-512-1024), ``padding`` ("reflect" | "zero"),
+    ``norm`` ("none" | "batch" | "group"), ``dtype`` (compute dtype, e.g. jnp.bfloat16;
+    parameters stay float32), ``conv_impl`` (key of ``layers.CONV_IMPLS``, default "xla").
+    H and W must be multiples of ``2**depth`` (16 by default). The input channel count is
+    taken from x at init (4 for BraTS).
+    """
+
+    num_classes: int = 4
+    features: int = 64
+    depth: int = 4
+    padding: str = "reflect"
+    norm: str = "none"
+    dtype: Any = None
+    conv_impl: str = "xla"
+
+    def _block(self, features: int, name: str) -> ConvBlock:
+        return ConvBlock(features, padding=self.padding, norm=self.norm, dtype=self.dtype,
+                         conv_impl=self.conv_impl, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.padding not in PADDINGS:
+            raise ValueError(f"UNet.padding={self.padding!r}; expected one of {PADDINGS}")
+        if self.norm not in NORMS:
+            raise ValueError(f"UNet.norm={self.norm!r}; expected one of {NORMS}")
+        if x.ndim != 4:
+            raise ValueError(f"UNet input must be (B,H,W,C); got shape {x.shape}")
+        m = 2**self.depth
+        if x.shape[1] % m or x.shape[2] % m:
+            raise ValueError(
+                f"UNet input size {x.shape[1]}x{x.shape[2]} must be a multiple of 2**depth = {m}"
+            )
+        h = x.astype(self.dtype) if self.dtype is not None else x
+        skips = []
+        for i in range(self.depth):
+            h = self._block(self.features * 2**i, f"down_{i}")(h, train)
+            skips.append(h)
+            h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        h = self._block(self.features * 2**self.depth, "bottleneck")(h, train)
+        for i in reversed(range(self.depth)):
+            h = UpConv2x2(self.features * 2**i, dtype=self.dtype, name=f"upconv_{i}")(h)
+            h = jnp.concatenate([skips[i], h], axis=-1)
+            h = self._block(self.features * 2**i, f"up_{i}")(h, train)
+        logits = Conv2D(self.num_classes, 1, padding="valid", impl=self.conv_impl,
+                        kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
+                        name="head")(h)
+        return logits.astype(jnp.float32)

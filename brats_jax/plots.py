@@ -1,0 +1,102 @@
+"""Figures: learning curves from `metrics.jsonl` and test-slice overlays like the study's."""
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from brats_jax import fileio  # noqa: E402
+
+# Background transparent; NCR/NET red, ED green, ET yellow (the usual BraTS colours).
+LABEL_CMAP = ListedColormap([(0, 0, 0, 0), (1, 0, 0, 0.6), (0, 0.8, 0, 0.5), (1, 1, 0, 0.7)])
+
+
+def read_metrics(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`{name: (steps, values)}` from a `metrics.jsonl`; a step logged twice keeps its last value."""
+    rows: dict[str, dict[int, float]] = {}
+    path = pathlib.Path(path)
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        step = row.pop("step")
+        for k, v in row.items():
+            rows.setdefault(k, {})[step] = np.nan if v is None else v
+    return {
+        k: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)], float))
+        for k, d in rows.items()
+    }
+
+
+def _save(fig, out: pathlib.Path) -> None:
+    with fileio.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def learning_curves(metrics_path: str | pathlib.Path, out: str | pathlib.Path) -> None:
+    """Plot train/val loss and val Dice against epoch into a PNG at `out`."""
+    m = read_metrics(metrics_path)
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.8))
+    epoch_of = _epoch_map(m)
+    for name, label in (("train_loss", "train"), ("val_loss", "validation")):
+        if name in m:
+            steps, vals = m[name]
+            ax_loss.plot(epoch_of(steps), vals, label=label)
+    for name, label in (
+        ("val_paper_dice", "paper Dice (4 classes)"),
+        ("val_dice_WT", "WT"),
+        ("val_dice_TC", "TC"),
+        ("val_dice_ET", "ET"),
+    ):
+        if name in m:
+            steps, vals = m[name]
+            ax_dice.plot(epoch_of(steps), vals, label=label, marker=".")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_dice.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    _save(fig, pathlib.Path(out))
+
+
+def _epoch_map(m):
+    """Step -> epoch using the logged `epoch` scalar (steps/epoch is constant in a run)."""
+    if "epoch" in m and len(m["epoch"][0]) and m["epoch"][0][-1] > 0:
+        steps, epochs = m["epoch"]
+        per_step = epochs[-1] / steps[-1]
+        return lambda s: np.asarray(s) * per_step
+    return lambda s: np.asarray(s)
+
+
+def overlay_grid(slices: list[tuple], out: str | pathlib.Path) -> None:
+    """Rows of (FLAIR, ground truth overlay, prediction overlay), like the study's Figs 1-3.
+
+    Args:
+      slices: `(case_id, z, flair (H,W) float, label (H,W) {0..3}, pred (H,W) {0..3})` tuples.
+      out: PNG path.
+    """
+    n = max(1, len(slices))
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    for row, (case_id, z, flair, label, pred) in zip(axes, slices, strict=False):
+        # NIfTI voxel order: rotate so the slice looks like a radiological axial view.
+        show = lambda a: np.rot90(a)  # noqa: E731
+        for ax, title, overlay in (
+            (row[0], f"{case_id} z={z} FLAIR", None),
+            (row[1], "ground truth", label),
+            (row[2], "prediction", pred),
+        ):
+            ax.imshow(show(flair), cmap="gray")
+            if overlay is not None:
+                ax.imshow(show(overlay), cmap=LABEL_CMAP, vmin=0, vmax=3, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    _save(fig, pathlib.Path(out))
