@@ -1,1 +1,1 @@
-"""Benchmarks: PyTorch twin of the default U-Net and side-by-side timing scripts (torch optional)."""
+"""Benchmarks: PyTorch twin of the default U-Net and side-by-side timing scripts (torch extra)."""

@@ -69,7 +69,9 @@ class RunCheckpoints:
     def restore(self, step: int, template):
         """Restore `(state, data_state)` of `step`; `template` gives structure and shardings."""
         abstract = jax.tree.map(
-            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x),
+            lambda x: (
+                x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)
+            ),
             template,
         )
         restored = self.manager.restore(

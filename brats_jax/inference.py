@@ -10,19 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SliceFn = Callable[[jax.Array], jax.Array]
+SliceFn = Callable[[dict, jax.Array], jax.Array]
 
 
-def make_slice_predictor(model, variables, *, image_size: int) -> SliceFn:
-    """Jitted `f(images (B,H,W,4) float32) -> probabilities (B,H,W,C) float32`.
+def make_slice_predictor(model, *, image_size: int):
+    """Jitted `f(variables, images (B,H,W,4) float32) -> probabilities (B,H,W,C) float32`.
 
     Slices of any native size H,W are resized to `image_size` (0 = native) before the model
     and the class probabilities are resized back to H,W (bilinear on probabilities), so the
-    output is at the input's resolution.
+    output is at the input's resolution. `variables` is an argument, not a constant, so
+    one compilation serves every checkpoint of the same architecture.
     """
 
     @jax.jit
-    def predict(images: jax.Array) -> jax.Array:
+    def predict(variables, images: jax.Array) -> jax.Array:
         height, width = images.shape[1:3]
         x = images
         if image_size and (height, width) != (image_size, image_size):
@@ -40,11 +41,14 @@ def make_slice_predictor(model, variables, *, image_size: int) -> SliceFn:
     return predict
 
 
-def predict_volume(predict: SliceFn, volume: np.ndarray, *, batch_size: int) -> np.ndarray:
+def predict_volume(
+    predict: SliceFn, variables, volume: np.ndarray, *, batch_size: int
+) -> np.ndarray:
     """Class probabilities for every axial slice of a volume.
 
     Args:
       predict: a function from `make_slice_predictor`.
+      variables: the model's variables ({"params": ..., maybe "batch_stats": ...}).
       volume: float32 (H, W, D, 4) normalised modalities, D = number of axial slices.
       batch_size: slices per call; the last batch is zero-padded to this size.
 
@@ -62,6 +66,5 @@ def predict_volume(predict: SliceFn, volume: np.ndarray, *, batch_size: int) -> 
         if n < batch_size:
             pad = np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)
             chunk = np.concatenate([chunk, pad])
-        out.append(np.asarray(predict(jnp.asarray(chunk)))[:n])
+        out.append(np.asarray(predict(variables, jnp.asarray(chunk)))[:n])
     return np.moveaxis(np.concatenate(out), 0, 2)
-

@@ -17,7 +17,7 @@ LABEL_CMAP = ListedColormap([(0, 0, 0, 0), (1, 0, 0, 0.6), (0, 0.8, 0, 0.5), (1,
 
 
 def read_metrics(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """`{name: (steps, values)}` from a `metrics.jsonl`; a step logged twice keeps its last value."""
+    """`{name: (steps, values)}` from `metrics.jsonl`; a step logged twice keeps its last value."""
     rows: dict[str, dict[int, float]] = {}
     path = pathlib.Path(path)
     if not path.exists():

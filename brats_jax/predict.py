@@ -39,11 +39,9 @@ def predict_case(workdir, case_dir, output, *, probabilities=None, step=None, ba
 
     case = brats.load_case(case_dir, require_label=False)
     config, model, variables = train.load_trained(workdir, step=step)
-    predict = inference.make_slice_predictor(
-        model, variables, image_size=config.data.image_size
-    )
+    predict = inference.make_slice_predictor(model, image_size=config.data.image_size)
     probs = inference.predict_volume(
-        predict, case.image, batch_size=batch_size or config.eval.batch_size
+        predict, variables, case.image, batch_size=batch_size or config.eval.batch_size
     )
     labels = brats.to_release_labels(np.argmax(probs, axis=-1), case.naming).astype(np.int16)
     header = case.header.copy()
@@ -86,8 +84,10 @@ def main(argv) -> None:
         batch_size=FLAGS.batch_size,
     )
     values, counts = np.unique(labels, return_counts=True)
-    print(f"wrote {FLAGS.output}: shape {labels.shape}, voxels per label "
-          + ", ".join(f"{v}: {c}" for v, c in zip(values, counts, strict=True)))
+    print(
+        f"wrote {FLAGS.output}: shape {labels.shape}, voxels per label "
+        + ", ".join(f"{v}: {c}" for v, c in zip(values, counts, strict=True))
+    )
 
 
 def run() -> None:

@@ -1,16 +1,22 @@
-"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+"""Training and evaluation: `train_and_evaluate(config, workdir)` and `train_runs(...)`.
 
 The train and eval steps are `jax.jit`-compiled with the state donated, data-parallel over
-every device through a one-axis `Mesh` ("data"): batches are sharded along their first axis,
+every device through a one-axis `Mesh` ("data"): batches are sharded along their batch axis,
 parameters and optimizer state are replicated. Multi-host runs call
 `jax.distributed.initialize()` first (see `main.py`); each host then reads its own part of
 every global batch.
+
+`train_runs` trains K runs of one architecture in one compiled program (for sweeps): their
+states are stacked along a leading run axis and the step is mapped over runs with
+`jax.vmap` (GPU/TPU) or `jax.lax.map` (CPU, where vmapped weights become slow grouped
+convolutions). Each run keeps its own learning rate, loss and class weights (as arrays:
+`losses.combined_loss`), seed and data order, and writes its own checkpoints, metrics and
+results exactly as if trained alone.
 """
 
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import time
 from typing import Any
@@ -48,20 +54,20 @@ def create_model(model_config: ml_collections.ConfigDict):
     """The Flax module named by `model_config.name` with its config fields as arguments."""
     m = model_config
     if m.name == "unet":
-        kwargs = dict(
-            base_features=m.base_features, depth=m.depth, norm=m.norm, padding=m.padding
-        )
+        kwargs = dict(features=m.base_features, depth=m.depth, norm=m.norm, padding=m.padding)
     elif m.name == "transunet":
         kwargs = dict(preset=m.preset, n_skip=m.n_skip)
     else:
         raise ValueError(f"unknown model.name {m.name!r}; expected 'unet' or 'transunet'")
-    return models.create_model(
-        m.name, num_classes=NUM_CLASSES, dtype=jnp.dtype(m.dtype), **kwargs
-    )
+    return models.create_model(m.name, num_classes=NUM_CLASSES, dtype=jnp.dtype(m.dtype), **kwargs)
 
 
-def create_loss(train_config: ml_collections.ConfigDict, class_counts: np.ndarray):
-    """The registry loss named by `train_config.loss` with its parameters from the config."""
+def create_loss_params(train_config: ml_collections.ConfigDict, class_counts: np.ndarray):
+    """`losses.LossParams` of the registry loss `train_config.loss` with the config's values.
+
+    Class-balanced weights (cb_*) are computed once, on the host in float64, from the
+    training split's pixel counts per class.
+    """
     t = train_config
     params = {
         "ce": {},
@@ -69,54 +75,78 @@ def create_loss(train_config: ml_collections.ConfigDict, class_counts: np.ndarra
         "focal": {"gamma": t.gamma},
         "cb_focal": {"gamma": t.gamma, "beta": t.beta, "class_counts": class_counts},
         "dice": {},
-        "dice_ce": {"dice_weight": t.dice_weight},
+        "dice_ce": {"dice_weight": t.dice_weight, "ce_weight": 1.0 - t.dice_weight},
     }
     if t.loss not in params:
         raise ValueError(f"unknown train.loss {t.loss!r}; expected one of {sorted(params)}")
-    return losses.get_loss(t.loss, **params[t.loss])
+    return losses.loss_params(t.loss, NUM_CLASSES, **params[t.loss])
+
+
+def _schedule_shape(train_config, total_steps: int):
+    """The learning-rate multiplier schedule (peak 1), or None for a constant rate."""
+    t = train_config
+    if t.schedule == "constant":
+        return None
+    if t.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, 1.0, t.warmup_steps, max(total_steps, t.warmup_steps + 1)
+        )
+    raise ValueError(f"unknown train.schedule {t.schedule!r}; expected constant|warmup_cosine")
 
 
 def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
-    """optax Adam/AdamW with an optional warmup + cosine schedule and gradient clipping."""
+    """Adam or AdamW (optional clipping, weight decay, warmup + cosine) with an injectable rate.
+
+    Same arithmetic as `optax.adam`/`optax.adamw`; the peak learning rate lives in the
+    optimizer state (`set_learning_rate`), so stacked runs can each have their own.
+    """
     t = train_config
-    if t.schedule == "constant":
-        lr = t.learning_rate
-    elif t.schedule == "warmup_cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, t.learning_rate, t.warmup_steps, max(total_steps, t.warmup_steps + 1)
-        )
-    else:
-        raise ValueError(f"unknown train.schedule {t.schedule!r}; expected constant|warmup_cosine")
+    parts = []
+    if t.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(t.grad_clip_norm))
     if t.optimizer == "adam":
-        opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
         if t.weight_decay:
-            opt = optax.chain(optax.add_decayed_weights(t.weight_decay), opt)
+            parts.append(optax.add_decayed_weights(t.weight_decay))  # L2, as torch's Adam
+        parts.append(optax.scale_by_adam())
     elif t.optimizer == "adamw":
-        opt = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=t.weight_decay)
+        parts += [optax.scale_by_adam(), optax.add_decayed_weights(t.weight_decay)]
     else:
         raise ValueError(f"unknown train.optimizer {t.optimizer!r}; expected adam|adamw")
-    if t.grad_clip_norm:
-        opt = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), opt)
-    return opt
+    shape = _schedule_shape(t, total_steps)
+    if shape is not None:
+        parts.append(optax.scale_by_schedule(shape))
+    parts.append(optax.inject_hyperparams(optax.scale)(step_size=-float(t.learning_rate)))
+    return optax.chain(*parts)
 
 
-def current_learning_rate(opt_state) -> float:
-    """The learning rate stored by `optax.inject_hyperparams` somewhere in `opt_state`."""
-    for leaf in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState)
-    ):
+def set_learning_rate(opt_state, learning_rate):
+    """`opt_state` with its injected peak learning rate replaced (scalar or per-run array)."""
+
+    def replace(leaf):
         if isinstance(leaf, optax.InjectHyperparamsState):
-            return float(leaf.hyperparams["learning_rate"])
-    return float("nan")
+            hp = dict(leaf.hyperparams)
+            hp["step_size"] = -jnp.asarray(learning_rate, jnp.float32)
+            return leaf._replace(hyperparams=hp)
+        return leaf
+
+    return jax.tree.map(
+        replace, opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState)
+    )
 
 
-def init_state(model, tx, *, seed: int, image_size: int) -> TrainState:
-    """Initial `TrainState` for `(1, image_size, image_size, 4)` inputs."""
+def learning_rate_at(train_config, total_steps: int, step: int) -> float:
+    """The learning rate applied at optimizer step `step` (for logging)."""
+    shape = _schedule_shape(train_config, total_steps)
+    scale = 1.0 if shape is None else float(shape(step))
+    return float(train_config.learning_rate) * scale
+
+
+def init_state(model, tx, seed, *, image_size: int) -> TrainState:
+    """Initial `TrainState` for `(1, image_size, image_size, 4)` inputs; `seed` may be traced."""
     rng = jax.random.PRNGKey(seed)
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     x = jnp.zeros((1, image_size, image_size, 4), jnp.float32)
-    variables = model.init({"params": init_rng, "dropout": dropout_rng}, x, train=False)
-    variables = dict(variables)
+    variables = dict(model.init({"params": init_rng, "dropout": dropout_rng}, x, train=False))
     params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -127,10 +157,10 @@ def init_state(model, tx, *, seed: int, image_size: int) -> TrainState:
     )
 
 
-def make_train_step(model, tx, loss_fn):
-    """`step(state, batch) -> (state, {"loss", "grad_norm"})`, pure; jit it with shardings."""
+def make_train_step(model, tx):
+    """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm"})`; pure, jit it."""
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, loss_params) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_of(params):
@@ -141,7 +171,7 @@ def make_train_step(model, tx, loss_fn):
                 rngs={"dropout": dropout_rng},
                 mutable=list(state.model_state.keys()),
             )
-            return loss_fn(logits, batch["label"]), updates
+            return losses.combined_loss(logits, batch["label"], loss_params), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -156,171 +186,184 @@ def make_train_step(model, tx, loss_fn):
     return step
 
 
-def make_eval_step(model, loss_fn):
-    """`step(state, batch) -> {"loss_sum", "slices", "confusion"}` over valid slices only."""
+def map_over_runs(step, mapping: str):
+    """Lift `step(*args)` to stacked runs: "vmap", "map" (`lax.map`, sequential) or "none"."""
+    if mapping == "none":
+        return step
+    if mapping == "vmap":
+        return jax.vmap(step)
+    if mapping == "map":
+        return lambda *args: jax.lax.map(lambda a: step(*a), args)
+    raise ValueError(f"unknown mapping {mapping!r}; expected none|vmap|map")
 
-    def step(state: TrainState, batch: dict) -> dict:
+
+def make_eval_step(model):
+    """`step(state, batch, loss_params) -> {"loss_sum", "slices", "confusion"}` (valid slices)."""
+
+    def step(state: TrainState, batch: dict, loss_params) -> dict:
         logits = model.apply(
             {"params": state.params, **state.model_state}, batch["image"], train=False
         )
         valid = batch["valid"]
-        pixel_mask = jnp.broadcast_to(valid[:, None, None], batch["label"].shape)
-        per_slice = jax.vmap(lambda lg, lb: loss_fn(lg[None], lb[None]))(logits, batch["label"])
+        per_slice = jax.vmap(lambda lg, lb: losses.combined_loss(lg[None], lb[None], loss_params))(
+            logits, batch["label"]
+        )
         pred = jnp.argmax(logits, axis=-1)
         return {
             "loss_sum": jnp.sum(jnp.where(valid, per_slice, 0.0)),
             "slices": jnp.sum(valid),
             "confusion": metrics.confusion_matrix(
-                pred, batch["label"], NUM_CLASSES, mask=pixel_mask
+                pred, batch["label"], NUM_CLASSES, mask=valid[:, None, None]
             ),
         }
 
     return step
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- one run's data
 
 
 @dataclasses.dataclass
 class Run:
-    """What `train_and_evaluate` builds once and the loop uses."""
+    """One run's config, workdir, data and loss; several may train together."""
 
     config: ml_collections.ConfigDict
     workdir: pathlib.Path
-    mesh: Mesh
     source: Any
     splits: Any
-    model: Any
-    loss_fn: Any
-    tx: Any
+    loss_params: Any
     steps_per_epoch: int
     total_steps: int
 
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P("data"))
 
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
-
-    def device_batch(self, batch: dict) -> dict:
-        """Global jax.Arrays, sharded over "data", from this host's part of a batch."""
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]))
-            for k in ("image", "label", "valid")
-            if k in batch
-        }
+def _check_devices(config) -> None:
+    n = jax.device_count()
+    for field in ("train.batch_size", "eval.batch_size"):
+        section, name = field.split(".")
+        value = config[section][name]
+        if value % n:
+            raise ValueError(
+                f"{field}={value} does not divide by the {n} devices; "
+                "use a multiple of the device count"
+            )
 
 
-def _total_steps(config, steps_per_epoch: int) -> int:
-    if config.train.num_steps > 0:
-        return int(config.train.num_steps)
-    return int(config.train.num_epochs) * steps_per_epoch
-
-
-def build_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
-    """Data, model, loss and optimizer for `config`; validates batch size against devices."""
-    devices = jax.devices()
-    batch_size = config.train.batch_size
-    if batch_size % len(devices):
-        raise ValueError(
-            f"train.batch_size={batch_size} does not divide by the {len(devices)} devices; "
-            "use a multiple of the device count"
-        )
-    if config.eval.batch_size % len(devices):
-        raise ValueError(
-            f"eval.batch_size={config.eval.batch_size} does not divide by the "
-            f"{len(devices)} devices"
-        )
-    mesh = Mesh(np.asarray(devices), ("data",))
-    source = data.make_source(config.data)
+def build_run(config: ml_collections.ConfigDict, workdir, *, source=None) -> Run:
+    """Data splits, loss parameters and step counts of one run (`source` may be shared)."""
+    _check_devices(config)
+    source = data.make_source(config.data) if source is None else source
     splits = data.build_splits(source, config.data)
-    steps_per_epoch = max(1, len(splits.train) // batch_size)
-    total_steps = _total_steps(config, steps_per_epoch)
+    steps_per_epoch = max(1, len(splits.train) // config.train.batch_size)
+    if config.train.num_steps > 0:
+        total_steps = int(config.train.num_steps)
+    else:
+        total_steps = int(config.train.num_epochs) * steps_per_epoch
     if total_steps <= 0:
         raise ValueError("nothing to train: set train.num_epochs or train.num_steps > 0")
     counts = data.class_pixel_counts(source, splits.train)
-    loss_fn = create_loss(config.train, counts)
-    model = create_model(config.model)
-    tx = create_optimizer(config.train, total_steps)
+    loss_params = create_loss_params(config.train, counts)
     return Run(
-        config, pathlib.Path(workdir), mesh, source, splits, model, loss_fn, tx,
-        steps_per_epoch, total_steps,
-    )  # fmt: skip
+        config, pathlib.Path(workdir), source, splits, loss_params, steps_per_epoch, total_steps
+    )
 
 
-def _image_size(run: Run) -> int:
-    size = run.config.data.image_size
-    if size:
-        return size
-    return int(run.source[0]["image"].shape[0])
+def _native_size(run: Run) -> int:
+    return int(run.config.data.image_size or run.source[0]["image"].shape[0])
 
 
-def evaluate_slices(run: Run, eval_step, state: TrainState, indices: np.ndarray) -> dict:
+# Fields that runs trained together must share (they may differ in everything else:
+# learning rate, loss and its parameters, seed, data split and order).
+SHARED_FIELDS = (
+    "model",
+    "data.image_size",
+    "train.batch_size",
+    "train.optimizer",
+    "train.schedule",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip_norm",
+    "train.log_every_steps",
+    "train.eval_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "eval",
+)
+
+
+def _field(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def group_key(config: ml_collections.ConfigDict) -> str:
+    """Runs with equal keys can be trained together by `train_runs`."""
+    return json.dumps([_field(config, f) for f in SHARED_FIELDS], sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_slices(run: Run, eval_step, state: TrainState, indices) -> dict:
     """Loss, the study's Dice and region Dice pooled over the slices `indices`."""
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     loss_sum, count = 0.0, 0
+    mesh = _mesh()
     batches = data.eval_batches(
         run.source,
         indices,
         batch_size=run.config.eval.batch_size // jax.process_count(),
         image_size=run.config.data.image_size,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
     )
     for i, batch in enumerate(batches):
         if run.config.eval.max_val_batches and i >= run.config.eval.max_val_batches:
             break
-        out = jax.device_get(eval_step(state, run.device_batch(batch)))
+        out = jax.device_get(eval_step(state, _device_batch(mesh, batch), run.loss_params))
         confusion += np.asarray(out["confusion"], np.int64)
         loss_sum += float(out["loss_sum"])
         count += int(out["slices"])
-    region = metrics.region_dice_from_confusion(confusion)
     class_dice = metrics.dice_from_confusion(confusion)
     return {
         "loss": loss_sum / max(count, 1),
-        "paper_dice": float(metrics.paper_dice_from_confusion(confusion)),
+        "paper_dice": float(np.mean(class_dice)),
         "tumour_dice": float(np.mean(class_dice[1:])),
-        **{f"dice_{k}": float(v) for k, v in region.items()},
+        **{f"dice_{k}": float(v) for k, v in metrics.region_dice_from_confusion(confusion).items()},
     }
 
 
-def evaluate_test_volumes(run: Run, state: TrainState) -> dict:
+def evaluate_test_volumes(run: Run, predict, variables) -> tuple[dict, list]:
     """Per-3D-volume BraTS metrics on the test cases, plus the study's slice metric.
 
     Every slice of each test case (pruned or not) is predicted and the slices are stacked
     back into the volume. The study's metric (`paper_dice`) is the mean over the test
     split's (pruned) slices of the per-slice 4-class Dice, as the study computed it.
+    Returns `(results, figure_slices)`.
     """
-    variables = {"params": state.params, **state.model_state}
-    predict = inference.make_slice_predictor(
-        run.model, variables, image_size=run.config.data.image_size
-    )
     spacing = getattr(run.source, "spacing", (1.0, 1.0, 1.0))
     kept = set(np.asarray(run.splits.test).tolist())
     per_case, slice_scores, figure_slices = [], [], []
     for case_id in run.splits.cases["test"]:
         image, label = data.load_volume(run.source, case_id)
-        probs = inference.predict_volume(predict, image, batch_size=run.config.eval.batch_size)
+        probs = inference.predict_volume(
+            predict, variables, image, batch_size=run.config.eval.batch_size
+        )
         pred = np.argmax(probs, axis=-1).astype(np.int32)
-        row = {"case_id": case_id, **metrics.evaluate_volume(pred, label, spacing=spacing,
-                                                             hd95_mode=run.config.eval.hd95_mode)}
-        per_case.append(row)
+        scores = metrics.evaluate_volume(
+            pred, label, spacing=spacing, hd95_mode=run.config.eval.hd95_mode
+        )
+        per_case.append({"case_id": case_id, **scores})
         for z, idx in enumerate(data.case_indices(run.source, case_id)):
             if int(idx) in kept:
                 slice_scores.append(
-                    float(metrics.paper_dice(pred[:, :, z], label[:, :, z], NUM_CLASSES))
+                    float(metrics.paper_dice(pred[None, :, :, z], label[None, :, :, z])[0])
                 )
         z = int(np.argmax((label > 0).sum(axis=(0, 1))))
         figure_slices.append((case_id, z, image[:, :, z, 0], label[:, :, z], pred[:, :, z]))
-    regions = ("WT", "TC", "ET")
-    summary = {
-        "paper_dice": float(np.mean(slice_scores)) if slice_scores else float("nan"),
-        "class_dice": [
-            float(np.nanmean([r[f"class_dice_{c}"] for r in per_case])) if per_case else None
-            for c in range(NUM_CLASSES)
-        ],
+    regions = tuple(metrics.REGIONS)
+    results = {
+        "paper_dice": float(np.mean(slice_scores)) if slice_scores else None,
+        "class_dice": [_mean(per_case, f"class_dice_{c}") for c in range(NUM_CLASSES)],
         "dice": {r: _mean(per_case, f"dice_{r}") for r in regions},
         "hd95": {r: _mean(per_case, f"hd95_{r}") for r in regions},
         "sensitivity": {r: _mean(per_case, f"sensitivity_{r}") for r in regions},
@@ -329,149 +372,289 @@ def evaluate_test_volumes(run: Run, state: TrainState) -> dict:
         "num_test_slices": len(slice_scores),
         "per_case": per_case,
     }
-    return summary, figure_slices
+    return results, figure_slices
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
-    vals = [r[key] for r in rows if r.get(key) is not None]
+    vals = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]
     return float(np.mean(vals)) if vals else None
 
 
 def _write_per_case_csv(path: pathlib.Path, rows: list[dict]) -> None:
-    if not rows:
-        fileio.write_text(path, "case_id\n")
-        return
-    keys = list(rows[0])
+    keys = list(rows[0]) if rows else ["case_id"]
     lines = [",".join(keys)]
     for r in rows:
-        lines.append(",".join(_fmt(r[k]) for k in keys))
+        lines.append(
+            ",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+        )
     fileio.write_text(path, "\n".join(lines) + "\n")
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+def _write_outputs(run: Run, results: dict, figure_slices: list) -> None:
+    workdir = run.workdir
+    fileio.write_json(workdir / "results.json", results)
+    _write_per_case_csv(workdir / "per_case.csv", results["per_case"])
+    plots.learning_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
+    if figure_slices:
+        n = run.config.eval.num_figure_slices
+        plots.overlay_grid(figure_slices[:n], workdir / "test_slices.png")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+# ----------------------------------------------------------------------------- the loop
+
+
+def _mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _device_batch(mesh: Mesh, batch: dict, *, stacked: bool = False) -> dict:
+    """Global jax.Arrays from this host's part of a batch, sharded along the batch axis."""
+    spec = P(None, "data") if stacked else P("data")
+    sharding = NamedSharding(mesh, spec)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+        for k in ("image", "label", "valid")
+        if k in batch
+    }
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree, i: int):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def _resume_step(ckpts: list[RunCheckpoints]) -> int | None:
+    """The newest step every run has a checkpoint of (None: start from scratch)."""
+    steps = [set(c.manager.all_steps()) for c in ckpts]
+    if not any(steps):
+        return None
+    common = set.intersection(*steps)
+    if not common:
+        raise ValueError(
+            "the runs' checkpoints share no step, so they cannot resume together: "
+            + ", ".join(f"{c.directory}: {sorted(s)}" for c, s in zip(ckpts, steps, strict=True))
+            + "; resume them one by one (without --vmap)"
+        )
+    return max(common)
+
+
+def default_mapping() -> str:
+    """ "map" on CPU (grouped convolutions are slow there), "vmap" on GPU/TPU."""
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     """Train `config` in `workdir` (resuming if it holds checkpoints), then test.
 
     Writes `config.json`, `metrics.jsonl`, TensorBoard events, `checkpoints/`,
     `results.json`, `per_case.csv` and figures into `workdir`. Returns the results dict.
     """
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    run = build_run(config, workdir)
+    return train_runs([config], [workdir], mapping="none")[0]
+
+
+def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
+    """Train several runs of one architecture in lockstep in one compiled program.
+
+    Args:
+      configs: run configs; they must agree on `SHARED_FIELDS` (`group_key`).
+      workdirs: one output folder per run (resumed when it holds checkpoints).
+      mapping: "vmap", "map" (`lax.map`), "auto" (`default_mapping()`), or "none" for a
+        single unstacked run.
+
+    Returns:
+      Each run's results dict, as `train_and_evaluate` returns it.
+    """
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError("train_runs needs one workdir per config, and at least one config")
+    keys = {group_key(c) for c in configs}
+    if len(keys) > 1:
+        raise ValueError(f"runs trained together must share {', '.join(SHARED_FIELDS)}")
+    mapping = default_mapping() if mapping == "auto" else mapping
+    if mapping == "none" and len(configs) != 1:
+        raise ValueError('mapping="none" trains exactly one run')
+    stacked = mapping != "none"
+
+    sources: dict[str, Any] = {}
+    runs = []
+    for config, workdir in zip(configs, workdirs, strict=True):
+        key = config.data.to_json_best_effort(sort_keys=True)
+        if key not in sources:
+            sources[key] = data.make_source(config.data)
+        runs.append(build_run(config, workdir, source=sources[key]))
+    total_steps = {r.total_steps for r in runs}
+    spe = {r.steps_per_epoch for r in runs}
+    if len(total_steps) > 1 or len(spe) > 1:
+        raise ValueError("runs trained together must have the same number of steps and epochs")
+    total_steps, steps_per_epoch = total_steps.pop(), spe.pop()
+    cfg = runs[0].config
     is_main = jax.process_index() == 0
-    if is_main:
-        fileio.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+    for run in runs:
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            fileio.write_text(run.workdir / "config.json", run.config.to_json_best_effort(indent=2))
         logging.info(
-            "data: %d train / %d val / %d test slices; %d cases test; %d steps (%d per epoch)",
-            len(run.splits.train), len(run.splits.val), len(run.splits.test),
-            len(run.splits.cases["test"]), run.total_steps, run.steps_per_epoch,
-        )  # fmt: skip
+            "%s: %d train / %d val / %d test slices, %d test cases; %d steps (%d per epoch)",
+            run.workdir,
+            len(run.splits.train),
+            len(run.splits.val),
+            len(run.splits.test),
+            len(run.splits.cases["test"]),
+            total_steps,
+            steps_per_epoch,
+        )
 
-    image_size = _image_size(run)
-    state = init_state(run.model, run.tx, seed=config.train.seed, image_size=image_size)
-    state = jax.device_put(state, run.replicated)
-    train_iter = data.make_train_iterator(
-        run.source,
-        run.splits.train,
-        config.data,
-        batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    ckpts = RunCheckpoints(workdir, keep=config.train.keep_checkpoints)
-    start = ckpts.latest_step()
+    mesh = _mesh()
+    replicated = NamedSharding(mesh, P())
+    model = create_model(cfg.model)
+    tx = create_optimizer(cfg.train, total_steps)
+    init = jax.jit(functools.partial(init_state, model, tx, image_size=_native_size(runs[0])))
+    states = [
+        state.replace(opt_state=set_learning_rate(state.opt_state, r.config.train.learning_rate))
+        for r, state in ((r, init(r.config.train.seed)) for r in runs)
+    ]
+    iterators = [
+        data.make_train_iterator(
+            r.source,
+            r.splits.train,
+            r.config.data,
+            batch_size=r.config.train.batch_size,
+            seed=r.config.train.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+        for r in runs
+    ]
+    ckpts = [RunCheckpoints(r.workdir, keep=cfg.train.keep_checkpoints) for r in runs]
+    start = _resume_step(ckpts)
     if start is not None:
-        state, data_state = ckpts.restore(start, state)
-        train_iter.set_state(data_state)
-        logging.info("resumed from step %d in %s", start, ckpts.directory)
+        for i, c in enumerate(ckpts):
+            states[i], data_state = c.restore(start, states[i])
+            iterators[i].set_state(data_state)
+        logging.info("resumed %d run(s) from step %d", len(runs), start)
+    state = _stack(states) if stacked else states[0]
+    loss_params = (
+        losses.stack_loss_params([r.loss_params for r in runs])
+        if stacked
+        else (runs[0].loss_params)
+    )
+    state = jax.device_put(state, replicated)
+    loss_params = jax.device_put(loss_params, replicated)
+    del states
 
-    state_shardings = jax.tree.map(lambda _: run.replicated, state)
-    batch_shardings = {"image": run.batch_sharding, "label": run.batch_sharding}
+    state_sharding = jax.tree.map(lambda _: replicated, state)
+    batch_sharding = NamedSharding(mesh, P(None, "data") if stacked else P("data"))
     train_step = jax.jit(
-        make_train_step(run.model, run.tx, run.loss_fn),
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, run.replicated),
+        map_over_runs(make_train_step(model, tx), mapping),
+        in_shardings=(
+            state_sharding,
+            {"image": batch_sharding, "label": batch_sharding},
+            jax.tree.map(lambda _: replicated, loss_params),
+        ),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
-    eval_step = jax.jit(make_eval_step(run.model, run.loss_fn))
-    writer = MetricWriter(workdir, enabled=is_main)
+    eval_step = jax.jit(make_eval_step(model))
+    writers = [MetricWriter(r.workdir, enabled=is_main) for r in runs]
+    run_state = (lambda s, i: _unstack(s, i)) if stacked else (lambda s, i: s)
 
-    step = int(state.step)
-    eval_every = config.train.eval_every_steps or run.steps_per_epoch
-    pending = []  # (step, loss) not yet checked for finiteness
+    step = start or 0
+    eval_every = cfg.train.eval_every_steps or steps_per_epoch
+    pending: list = []  # (step, losses) not yet checked for finiteness
     last_saved = start
     t_log, n_log = time.perf_counter(), 0
-    bar = tqdm(total=run.total_steps, initial=step, disable=not is_main, unit="step",
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True
+    )
 
     def check_pending():
         for s, loss in pending:
-            value = float(loss)
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"non-finite training loss ({value}) at step {s}; stopping. The last good "
-                    f"checkpoint (step {last_saved}) is kept in {ckpts.directory}"
-                )
+            values = np.atleast_1d(np.asarray(loss, np.float64))
+            for i, value in enumerate(values):
+                if not np.isfinite(value):
+                    raise FloatingPointError(
+                        f"non-finite training loss ({value}) at step {s} of run "
+                        f"{runs[i].workdir}; stopping. The last good checkpoint "
+                        f"(step {last_saved}) is kept in {ckpts[i].directory}"
+                    )
         pending.clear()
 
     try:
-        while step < run.total_steps:
-            batch = next(train_iter)
-            state, out = train_step(state, run.device_batch(batch))
+        while step < total_steps:
+            batches = [next(it) for it in iterators]
+            batch = _stack_batches(batches) if stacked else batches[0]
+            state, out = train_step(state, _device_batch(mesh, batch, stacked=stacked), loss_params)
             step += 1
             n_log += 1
-            if len(pending) >= 1:
+            if pending:
                 check_pending()
             pending.append((step, out["loss"]))
             bar.update(1)
-            if step % config.train.log_every_steps == 0 or step == run.total_steps:
+            if step % cfg.train.log_every_steps == 0 or step == total_steps:
                 check_pending()
-                elapsed = time.perf_counter() - t_log
-                scalars = {
-                    "train_loss": float(out["loss"]),
-                    "grad_norm": float(out["grad_norm"]),
-                    "learning_rate": current_learning_rate(state.opt_state),
-                    "slices_per_s": n_log * config.train.batch_size / max(elapsed, 1e-9),
-                    "epoch": step / run.steps_per_epoch,
-                }
-                writer.write(step, scalars)
-                bar.set_postfix(loss=f"{scalars['train_loss']:.4f}")
+                out = jax.device_get(out)
+                elapsed = max(time.perf_counter() - t_log, 1e-9)
+                for i, (run, writer) in enumerate(zip(runs, writers, strict=True)):
+                    writer.write(
+                        step,
+                        {
+                            "train_loss": float(np.atleast_1d(out["loss"])[i]),
+                            "grad_norm": float(np.atleast_1d(out["grad_norm"])[i]),
+                            "learning_rate": learning_rate_at(
+                                run.config.train, total_steps, step - 1
+                            ),
+                            "slices_per_s": n_log * cfg.train.batch_size * len(runs) / elapsed,
+                            "epoch": step / steps_per_epoch,
+                        },
+                    )
+                bar.set_postfix(loss=f"{float(np.mean(out['loss'])):.4f}")
                 t_log, n_log = time.perf_counter(), 0
-            val = None
-            if (step % eval_every == 0 or step == run.total_steps) and len(run.splits.val):
-                val = evaluate_slices(run, eval_step, state, run.splits.val)
-                writer.write(step, {f"val_{k}": v for k, v in val.items()})
-            if step % config.train.checkpoint_every_steps == 0 or step == run.total_steps or (
-                step % run.steps_per_epoch == 0
+            val = [None] * len(runs)
+            if step % eval_every == 0 or step == total_steps:
+                for i, run in enumerate(runs):
+                    if len(run.splits.val):
+                        val[i] = evaluate_slices(
+                            run, eval_step, run_state(state, i), run.splits.val
+                        )
+                        writers[i].write(step, {f"val_{k}": v for k, v in val[i].items()})
+            if (
+                step % cfg.train.checkpoint_every_steps == 0
+                or step == total_steps
+                or step % steps_per_epoch == 0
             ):
                 check_pending()
-                ckpt_metrics = {VAL_METRIC: val["paper_dice"]} if val else None
-                ckpts.save(step, state, train_iter.get_state(), ckpt_metrics)
+                for i, (it, c) in enumerate(zip(iterators, ckpts, strict=True)):
+                    m = {VAL_METRIC: val[i]["paper_dice"]} if val[i] else None
+                    c.save(step, run_state(state, i), it.get_state(), m)
                 last_saved = step
         check_pending()
     finally:
         bar.close()
-        ckpts.close()
+        for c in ckpts:
+            c.close()
+        for w in writers:
+            w.close()
 
-    results, figure_slices = evaluate_test_volumes(run, state) if run.splits.cases["test"] else (
-        {"paper_dice": None, "per_case": []}, [])  # fmt: skip
-    results["steps"] = step
-    if is_main:
-        fileio.write_json(workdir / "results.json", results)
-        _write_per_case_csv(workdir / "per_case.csv", results["per_case"])
-        plots.learning_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
-        if figure_slices:
-            plots.overlay_grid(
-                figure_slices[: config.eval.num_figure_slices], workdir / "test_slices.png"
-            )
-    writer.close()
-    return results
+    predict = inference.make_slice_predictor(model, image_size=cfg.data.image_size)
+    all_results = []
+    for i, run in enumerate(runs):
+        s = run_state(state, i)
+        variables = {"params": s.params, **s.model_state}
+        if run.splits.cases["test"]:
+            results, figure_slices = evaluate_test_volumes(run, predict, variables)
+        else:
+            results, figure_slices = {"paper_dice": None, "per_case": []}, []
+        results["steps"] = step
+        if is_main:
+            _write_outputs(run, results, figure_slices)
+        all_results.append(results)
+    return all_results
+
+
+def _stack_batches(batches: list[dict]) -> dict:
+    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("image", "label")}
 
 
 def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
@@ -490,9 +673,7 @@ def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
         config.data.synthetic_image_size if config.data.source == "synthetic" else 240
     )
     tx = create_optimizer(config.train, max(1, config.train.num_steps))
-    template = jax.eval_shape(
-        functools.partial(init_state, model, tx, seed=0, image_size=size)
-    )
+    template = jax.eval_shape(functools.partial(init_state, model, tx, 0, image_size=size))
     template = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_single_device()), template
     )

@@ -24,7 +24,6 @@ import numpy as np
 from brats_jax import MODALITIES
 from brats_jax.data.common import DataError
 
-
 # Modality -> file stem suffix, per naming. Channel order is MODALITIES (flair, t1, t1ce, t2).
 _SUFFIXES = {
     "2018": {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"},
@@ -107,11 +106,13 @@ def find_cases(root: str | os.PathLike) -> list[Case]:
     """
     root = pathlib.Path(root)
     if not root.exists():
-        raise DataError(f"NIfTI root {root} does not exist; expected a folder of BraTS case folders")
+        raise DataError(
+            f"NIfTI root {root} does not exist; expected a folder of BraTS case folders"
+        )
     if not root.is_dir():
         raise DataError(f"NIfTI root {root} is not a folder")
     cases = []
-    for dirpath, dirnames, _ in os.walk(root):
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
         dirnames.sort()
         case = _case_from_dir(pathlib.Path(dirpath))
         if case is not None:
@@ -293,7 +294,9 @@ class NiftiDecodedSource:
         return self._offsets[-1]
 
     def __repr__(self) -> str:
-        return f"NiftiDecodedSource(root={self.root!r}, cases={len(self._cases)}, slices={len(self)})"
+        return (
+            f"NiftiDecodedSource(root={self.root!r}, cases={len(self._cases)}, slices={len(self)})"
+        )
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)

@@ -62,8 +62,9 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
         brain_fraction = brain.reshape(d, -1).mean(1).astype(np.float32)
         np.save(tmp / "image.npy", image)
         np.save(tmp / "label.npy", label)
-        np.savez(tmp / "stats.npz", class_counts=counts.astype(np.int64),
-                 brain_fraction=brain_fraction)
+        np.savez(
+            tmp / "stats.npz", class_counts=counts.astype(np.int64), brain_fraction=brain_fraction
+        )
         meta = dict(
             case_id=case.case_id,
             naming=data.naming,
@@ -116,8 +117,13 @@ def prepare(
         shutil.rmtree(stale, ignore_errors=True)
     todo = [c for c in cases if not is_case_complete(out, c.case_id)]
     logging.info("prepare %s -> %s: %d cases, %d to convert", src_p, out, len(cases), len(todo))
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="case",
-               desc=f"preparing {out}", disable=not progress)
+    bar = tqdm(
+        total=len(cases),
+        initial=len(cases) - len(todo),
+        unit="case",
+        desc=f"preparing {out}",
+        disable=not progress,
+    )
     if workers > 1 and len(todo) > 1:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
             futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
@@ -129,8 +135,13 @@ def prepare(
             _write_case(c, out, dtype)
             bar.update(1)
     bar.close()
-    info = dict(format=FORMAT, version=VERSION, src=str(src_p), dtype=dtype,
-                cases=[c.case_id for c in cases])
+    info = dict(
+        format=FORMAT,
+        version=VERSION,
+        src=str(src_p),
+        dtype=dtype,
+        cases=[c.case_id for c in cases],
+    )
     tmp = out / f".cache.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, meta_path)
@@ -198,8 +209,10 @@ class NiftiCacheSource:
         return int(self._offsets[-1])
 
     def __repr__(self) -> str:
-        return (f"NiftiCacheSource(cache_dir={self.cache_dir!r}, cases={len(self.case_ids)}, "
-                f"slices={len(self)})")
+        return (
+            f"NiftiCacheSource(cache_dir={self.cache_dir!r}, cases={len(self.case_ids)}, "
+            f"slices={len(self)})"
+        )
 
     def _locate(self, i: int) -> tuple[int, int]:
         k = int(np.searchsorted(self._offsets, i, side="right") - 1)
@@ -218,8 +231,9 @@ class NiftiCacheSource:
     def load_volume(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Whole case -> (image float32 (H,W,D,4), label int32 (H,W,D)) at native size."""
         if case_id not in self.case_ids:
-            raise DataError(f"case {case_id!r} not in cache {self.cache_dir}; "
-                            f"known e.g. {self.case_ids[:5]}")
+            raise DataError(
+                f"case {case_id!r} not in cache {self.cache_dir}; known e.g. {self.case_ids[:5]}"
+            )
         d = os.path.join(self.cache_dir, "cases", case_id)
         image = np.moveaxis(np.load(os.path.join(d, "image.npy")), 0, 2).astype(np.float32)
         label = np.moveaxis(np.load(os.path.join(d, "label.npy")), 0, 2).astype(np.int32)

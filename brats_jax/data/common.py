@@ -68,7 +68,7 @@ def resize_image(x: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def resize_label(y: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize (half-pixel centres) of int labels (..., H, W) -> (..., S_h, S_w)."""
+    """Nearest-neighbour resize (half-pixel centres): int labels (..., H, W) -> (..., S_h, S_w)."""
     y = np.asarray(y)
     sh, sw = (size, size) if np.isscalar(size) else tuple(size)
     h, w = y.shape[-2], y.shape[-1]

@@ -56,7 +56,7 @@ def _default_stats_dir(root: str) -> pathlib.Path:
 
 
 def read_slice_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one Kaggle .h5 -> (image float32 (H,W,4), label int32 (H,W) {0..3}); DataError if bad."""
+    """One Kaggle .h5 -> (image float32 (H,W,4), label int32 (H,W) {0..3}); DataError if bad."""
     import h5py
 
     path = str(path)
@@ -75,8 +75,7 @@ def read_slice_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as e:  # h5py raises OSError/KeyError/RuntimeError on corrupt files
         raise DataError(
-            f"cannot read Kaggle slice file {path} (truncated or corrupt?): "
-            f"{type(e).__name__}: {e}"
+            f"cannot read Kaggle slice file {path} (truncated or corrupt?): {type(e).__name__}: {e}"
         ) from e
     if image.ndim != 3 or image.shape[-1] != 4:
         raise DataError(f"{path}: 'image' has shape {image.shape}, expected (H, W, 4)")
@@ -117,7 +116,10 @@ class KaggleH5Source:
             if missing:
                 logging.warning(
                     "%s lists %d file(s) absent from %s (e.g. %s); they are skipped",
-                    csv_path, len(missing), data_dir, missing[0][0],
+                    csv_path,
+                    len(missing),
+                    data_dir,
+                    missing[0][0],
                 )
             rows = [r for r in rows if r[0] in present]
             if not rows:
@@ -162,7 +164,14 @@ class KaggleH5Source:
 
     @staticmethod
     def _read_csv(path: pathlib.Path) -> list:
-        need = ["slice_path", "volume", "slice", "label0_pxl_cnt", "label1_pxl_cnt", "label2_pxl_cnt"]
+        need = [
+            "slice_path",
+            "volume",
+            "slice",
+            "label0_pxl_cnt",
+            "label1_pxl_cnt",
+            "label2_pxl_cnt",
+        ]
         rows = []
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
@@ -172,10 +181,14 @@ class KaggleH5Source:
             for lineno, r in enumerate(reader, start=2):
                 try:
                     name = os.path.basename(r["slice_path"].replace("\\", "/"))
-                    rows.append((
-                        name, int(r["volume"]), int(r["slice"]),
-                        [int(float(r[f"label{k}_pxl_cnt"])) for k in range(3)],
-                    ))
+                    rows.append(
+                        (
+                            name,
+                            int(r["volume"]),
+                            int(r["slice"]),
+                            [int(float(r[f"label{k}_pxl_cnt"])) for k in range(3)],
+                        )
+                    )
                 except (TypeError, ValueError) as e:
                     raise DataError(f"{path}:{lineno}: malformed row {r}: {e}") from e
         return rows
@@ -224,7 +237,7 @@ class KaggleH5Source:
         return self._table
 
     def fill_brain_fraction(self, indices=None) -> None:
-        """Measures brain_fraction for `indices` (default all) where it is still NaN (reads files)."""
+        """Measures brain_fraction of `indices` (default all) where still NaN (reads files)."""
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64)
         todo = idx[np.isnan(self._table.brain_fraction[idx])]
         if len(todo):
@@ -234,8 +247,12 @@ class KaggleH5Source:
         from tqdm.auto import tqdm
 
         t = self._table
-        for i in tqdm(indices, desc=f"reading Kaggle slice stats in {self.root}", unit="slice",
-                      disable=len(indices) < 200):
+        for i in tqdm(
+            indices,
+            desc=f"reading Kaggle slice stats in {self.root}",
+            unit="slice",
+            disable=len(indices) < 200,
+        ):
             image, label = read_slice_file(self.path(i))
             t.brain_fraction[i] = kaggle_brain_mask(image).mean()
             t.class_counts[i] = np.bincount(label.ravel(), minlength=4)[:4]
@@ -251,7 +268,9 @@ class KaggleH5Source:
         try:
             z = np.load(p)
             pos = {n: k for k, n in enumerate(self._files)}
-            for name, bf, cc in zip(z["names"], z["brain_fraction"], z["class_counts"], strict=True):
+            for name, bf, cc in zip(
+                z["names"], z["brain_fraction"], z["class_counts"], strict=True
+            ):
                 k = pos.get(str(name))
                 if k is None:
                     continue
@@ -267,8 +286,12 @@ class KaggleH5Source:
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(f".stats.{os.getpid()}.tmp.npz")
-            np.savez(tmp, names=np.array(self._files), brain_fraction=self._table.brain_fraction,
-                     class_counts=self._table.class_counts)
+            np.savez(
+                tmp,
+                names=np.array(self._files),
+                brain_fraction=self._table.brain_fraction,
+                class_counts=self._table.class_counts,
+            )
             os.replace(tmp, p)
         except OSError as e:
             logging.warning("could not write Kaggle stats cache %s: %s", p, e)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brats_jax.ops import conv as _fast_conv
+
 Array = jax.Array
 Dtype = Any
 
@@ -36,10 +38,15 @@ def _xla_conv(x: Array, kernel: Array, strides: Sequence[int], padding) -> Array
     )
 
 
-CONV_IMPLS: dict[str, Callable[..., Array]] = {"xla": _xla_conv}
+CONV_IMPLS: dict[str, Callable[..., Array]] = {
+    "xla": _xla_conv,
+    "cpu_fast": _fast_conv.conv2d_fast,  # fast weight gradient on XLA:CPU (brats_jax.ops)
+    "auto": _fast_conv.conv2d_auto,  # cpu_fast on the CPU backend, xla elsewhere
+}
 """Convolution implementations by name, selected by ``Conv2D.impl`` (and ``UNet.conv_impl``).
 
-Each entry is ``fn(x (B,H,W,Cin), kernel (kh,kw,Cin,Cout), strides (sh,sw), padding) -> (B,H',W',Cout)``
+Each entry is
+``fn(x (B,H,W,Cin), kernel (kh,kw,Cin,Cout), strides (sh,sw), padding) -> (B,H',W',Cout)``
 with ``padding`` either ``"VALID"`` or a pair of ``(lo, hi)`` zero paddings, exactly as
 ``jax.lax.conv_general_dilated`` takes it. Register a faster implementation here; the parameter
 tree does not depend on the implementation, so checkpoints stay interchangeable.
@@ -71,10 +78,14 @@ class Conv2D(nn.Module):
         if self.impl not in CONV_IMPLS:
             raise ValueError(f"Conv2D impl={self.impl!r}; known: {sorted(CONV_IMPLS)}")
         k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
+        kernel = self.param(
+            "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         lo, hi = (k - 1) // 2, k // 2
         if self.padding == "reflect" and k > 1:
@@ -95,7 +106,8 @@ class UpConv2x2(nn.Module):
 
     x: (B,H,W,Cin) -> (B,2H,2W,features) with
     ``y[b, 2h+i, 2w+j, :] = x[b, h, w, :] @ kernel[i, j] + bias`` (= PyTorch
-    ``ConvTranspose2d(Cin, features, 2, stride=2)`` with ``weight[c, d, i, j] = kernel[i, j, c, d]``).
+    ``ConvTranspose2d(Cin, features, 2, stride=2)`` with
+    ``weight[c, d, i, j] = kernel[i, j, c, d]``).
     """
 
     features: int
@@ -107,10 +119,14 @@ class UpConv2x2(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, h, w, _ = x.shape
-        kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-                if self.use_bias else None)
+        kernel = self.param(
+            "kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = jnp.einsum("bhwc,ijcd->bhiwjd", x, kernel).reshape(b, 2 * h, 2 * w, self.features)
         if bias is not None:
@@ -134,7 +150,8 @@ def standardize_weight(kernel: Array, eps: float = 1e-5) -> Array:
 class StdConv(nn.Module):
     """Weight-standardised convolution (BiT / ResNet v2), no bias, explicit symmetric padding.
 
-    x: (B,H,W,Cin) -> (B,floor((H+2p-k)/s)+1, ..., features). Parameter ``kernel`` (k,k,Cin,features).
+    x: (B,H,W,Cin) -> (B,floor((H+2p-k)/s)+1, ..., features).
+    Parameter ``kernel`` (k,k,Cin,features).
     """
 
     features: int
@@ -148,8 +165,12 @@ class StdConv(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (k, k, x.shape[-1], self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (k, k, x.shape[-1], self.features),
+            self.param_dtype,
+        )
         kernel = standardize_weight(kernel, self.eps)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         p = self.pad
@@ -169,7 +190,7 @@ def align_corners_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray
         src = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
     lo = np.clip(np.floor(src).astype(np.int32), 0, n_in - 1)
     hi = np.minimum(lo + 1, n_in - 1).astype(np.int32)
-    frac = (src - lo).astype(np.float32)
+    frac = src - lo
     return lo, hi, frac
 
 

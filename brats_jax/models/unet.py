@@ -31,8 +31,9 @@ PADDINGS = ("reflect", "zero")
 def _norm_layer(norm: str, features: int, train: bool, dtype, name: str):
     if norm == "batch":
         # Flax momentum 0.9 == PyTorch BatchNorm2d momentum 0.1; eps 1e-5 as in PyTorch.
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            dtype=dtype, name=name)
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+        )
     if norm == "group":
         return nn.GroupNorm(num_groups=math.gcd(32, features), epsilon=1e-5, dtype=dtype, name=name)
     return None
@@ -49,8 +50,14 @@ class ConvBlock(nn.Module):
 
     def conv(self, features: int, kernel_size: int, name: str) -> Conv2D:
         """The single place convolutions of the U-Net are created (swap via ``conv_impl``)."""
-        return Conv2D(features, kernel_size, padding=self.padding, impl=self.conv_impl,
-                      dtype=self.dtype, name=name)
+        return Conv2D(
+            features,
+            kernel_size,
+            padding=self.padding,
+            impl=self.conv_impl,
+            dtype=self.dtype,
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -64,7 +71,9 @@ class ConvBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The study's U-Net. ``__call__(x (B,H,W,Cin) float32, train) -> logits (B,H,W,num_classes) float32``.
+    """The study's U-Net.
+
+    ``__call__(x (B,H,W,Cin) float32, train) -> logits (B,H,W,num_classes) float32``.
 
     Fields: ``num_classes`` (4), ``features`` (64: channels of the first level, doubled per
     level), ``depth`` (4 poolings: 64-128-256-512-1024), ``padding`` ("reflect" | "zero"),
@@ -83,8 +92,14 @@ class UNet(nn.Module):
     conv_impl: str = "xla"
 
     def _block(self, features: int, name: str) -> ConvBlock:
-        return ConvBlock(features, padding=self.padding, norm=self.norm, dtype=self.dtype,
-                         conv_impl=self.conv_impl, name=name)
+        return ConvBlock(
+            features,
+            padding=self.padding,
+            norm=self.norm,
+            dtype=self.dtype,
+            conv_impl=self.conv_impl,
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -110,7 +125,13 @@ class UNet(nn.Module):
             h = UpConv2x2(self.features * 2**i, dtype=self.dtype, name=f"upconv_{i}")(h)
             h = jnp.concatenate([skips[i], h], axis=-1)
             h = self._block(self.features * 2**i, f"up_{i}")(h, train)
-        logits = Conv2D(self.num_classes, 1, padding="valid", impl=self.conv_impl,
-                        kernel_init=nn.initializers.lecun_normal(), dtype=self.dtype,
-                        name="head")(h)
+        logits = Conv2D(
+            self.num_classes,
+            1,
+            padding="valid",
+            impl=self.conv_impl,
+            kernel_init=nn.initializers.lecun_normal(),
+            dtype=self.dtype,
+            name="head",
+        )(h)
         return logits.astype(jnp.float32)

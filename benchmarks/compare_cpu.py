@@ -1,0 +1,132 @@
+"""Times the U-Net Adam + cross-entropy train step of brats_jax and of its PyTorch twin in one
+run, on the same machine and shapes, and prints the ratio as one JSON line.
+
+usage: python benchmarks/compare_cpu.py [--image-size=128] [--batch-size=4] [--steps=6]
+           [--base-features=64] [--impls=xla,cpu_fast] [--threads=0] [--xla-flags=fast|none]
+
+Steps of the PyTorch twin and of every JAX variant are interleaved (round-robin, one step of
+each per round) so that background load hits all of them alike; the ratio uses medians
+(``ratio_median`` = JAX step / PyTorch step; < 1 means JAX is faster) and mins. torch is an
+optional extra (``pip install -e .[torch]``). Both sides use every core the process may use
+(torch.set_num_threads) unless ``--threads`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> dict:
+    """Run the comparison; returns (and prints) the result dict."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--base-features", type=int, default=64)
+    p.add_argument("--impls", default="xla,cpu_fast")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--xla-flags",
+        default="fast",
+        choices=["fast", "none"],
+        help="fast: add brats_jax.ops.flags.CPU_XLA_FLAGS; none: XLA defaults",
+    )
+    a = p.parse_args(argv)
+    if a.xla_flags == "fast":
+        from brats_jax.ops.flags import set_cpu_xla_flags
+
+        set_cpu_xla_flags()
+
+    import jax
+    import numpy as np
+    import optax
+    import torch
+
+    from benchmarks.torch_unet import UNET_PARAMS, TorchUNet, make_train_step, num_params
+    from brats_jax import bench
+
+    threads = a.threads or bench._cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tmodel = TorchUNet(base_features=a.base_features)
+    if a.base_features == 64:
+        assert num_params(tmodel) == UNET_PARAMS, num_params(tmodel)
+    tstep = make_train_step(tmodel)
+    image, label = bench.random_batch(a.batch_size, a.image_size)
+    timage = torch.from_numpy(np.array(image))
+    tlabel = torch.from_numpy(np.array(label).astype(np.int64))
+
+    tx = optax.adam(1e-4)
+    runners = {"torch": lambda: float(tstep(timage, tlabel))}
+    info = {}
+    for impl in a.impls.split(","):
+        net = bench.build_model("unet", base_features=a.base_features, conv_impl=impl)
+        state = bench.init_train_state(net, a.image_size, tx)
+        if a.base_features == 64:
+            assert bench.num_params(state["params"]) == UNET_PARAMS
+        t0 = time.perf_counter()
+        compiled = (
+            jax.jit(bench.make_train_step(net, tx), donate_argnums=0)
+            .lower(state, image, label)
+            .compile()
+        )
+        info[impl] = {
+            "compile_s": round(time.perf_counter() - t0, 2),
+            "flops_per_step": bench.cost_flops(compiled),
+        }
+        box = {"state": state}
+
+        def run(compiled=compiled, box=box):
+            box["state"], loss = compiled(box["state"], image, label)
+            return float(jax.block_until_ready(loss))
+
+        runners[impl] = run
+
+    times = {k: [] for k in runners}
+    for f in runners.values():  # warm-up
+        f()
+    for _ in range(a.steps):
+        for k, f in runners.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    tm, tmin = statistics.median(times["torch"]), min(times["torch"])
+    res = {
+        "bench": "compare_cpu",
+        "image_size": a.image_size,
+        "batch_size": a.batch_size,
+        "base_features": a.base_features,
+        "steps": a.steps,
+        "threads": threads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "torch": torch.__version__,
+        "torch_step_s_median": round(tm, 4),
+        "torch_step_s_min": round(tmin, 4),
+    }
+    for k in runners:
+        if k == "torch":
+            continue
+        m = statistics.median(times[k])
+        res[k] = {
+            "step_s_median": round(m, 4),
+            "step_s_min": round(min(times[k]), 4),
+            "ratio_median": round(m / tm, 3),
+            "ratio_min": round(min(times[k]) / tmin, 3),
+            **info[k],
+        }
+    res.update(
+        {kk: v for kk, v in bench.machine_info().items() if kk != "jax"}, jax=jax.__version__
+    )
+    print(json.dumps(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# GPU benchmark: bench train for U-Net and TransUNet at 240x240, bfloat16, batch 1 and 16,
+# achieved TFLOP/s and MFU against the card's dense bf16 peak, plus the PyTorch U-Net twin
+# (skipped when torch with CUDA cannot be imported). Writes JSON lines to $OUT/gpu_bench.jsonl.
+#
+# Needs (install-free; the lead ships wheels): jax[cuda12]==0.10.2 (jax, jaxlib,
+# jax-cuda12-plugin, jax-cuda12-pjrt + nvidia-* CUDA 12 wheels), flax==0.12.8, optax==0.2.8,
+# ml_collections, absl-py, numpy, scipy, nibabel, h5py, grain, orbax-checkpoint, clu,
+# tensorboardX, matplotlib, tqdm (the brats_jax deps; only the models/bench are used);
+# optional: torch (CUDA build) for the twin.
+# Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (<= ~6 min)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_bench}
+mkdir -p "$OUT"
+PY=${PY:-python}
+JSONL="$OUT/gpu_bench.jsonl"
+: > "$JSONL"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+echo "GPU: ${GPU:-unknown}"
+nvidia-smi 2>/dev/null | head -15 > "$OUT/nvidia_smi.txt"
+# dense bf16 peak TFLOP/s (no sparsity): H100/H200 SXM 989, H100 PCIe 756, A100 312.
+case "$GPU" in
+  *H200*) PEAK=989 ;;
+  *H100*PCIe*) PEAK=756 ;;
+  *H100*) PEAK=989 ;;
+  *A100*) PEAK=312 ;;
+  *) PEAK=989 ;;
+esac
+add_mfu() {  # stdin: JSON lines from bench; adds gpu, peak and mfu
+  $PY -c "
+import json,sys
+for line in sys.stdin:
+    line=line.strip()
+    if not line.startswith('{'): print(line, file=sys.stderr); continue
+    r=json.loads(line); r['gpu']='''$GPU'''; r['peak_bf16_tflops']=$PEAK
+    if r.get('tflops') is not None: r['mfu']=round(r['tflops']/$PEAK,4)
+    print(json.dumps(r)); sys.stdout.flush()
+"
+}
+for model in unet transunet; do
+  for bs in 1 16; do
+    timeout 75 $PY -m brats_jax.bench train --model=$model --image-size=240 --batch-size=$bs \
+      --steps=20 --dtype=bfloat16 2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
+  done
+done
+# PyTorch twin of the U-Net (bf16 autocast, channels_last), same shapes; optional.
+timeout 70 $PY - "$GPU" "$PEAK" <<'PYEOF' 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
+import json, statistics, sys, time
+try:
+    import torch
+    assert torch.cuda.is_available()
+except Exception as e:  # torch missing or CPU-only build
+    print(json.dumps({"bench": "torch_train", "skipped": f"torch unavailable: {e!r}"})); sys.exit(0)
+from benchmarks.torch_unet import TorchUNet
+gpu, peak = sys.argv[1], float(sys.argv[2])
+torch.backends.cudnn.benchmark = True
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+for bs in (1, 16):
+    m = TorchUNet().cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+    x = torch.randn(bs, 4, 240, 240, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (bs, 240, 240), device="cuda")
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+        loss.backward(); opt.step()
+    for _ in range(5): step()
+    torch.cuda.synchronize(); ts = []
+    for _ in range(20):
+        t = time.perf_counter(); step(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
+    med = statistics.median(ts)
+    # FLOPs: 3x forward conv FLOPs (fwd + input grad + weight grad), counted analytically.
+    flops = 0
+    h = 240
+    f = [64, 128, 256, 512, 1024]
+    cin = 4
+    for i, c in enumerate(f):
+        s = (h >> i) ** 2
+        flops += 2 * s * 9 * (cin * c + c * c); cin = c
+    for i in (3, 2, 1, 0):
+        s = (h >> i) ** 2; c = f[i]
+        flops += 2 * (s // 4) * 4 * (2 * c) * c + 2 * s * 9 * (2 * c * c + c * c)
+    flops += 2 * h * h * 64 * 4
+    flops = 3 * flops * bs
+    tf = flops / med / 1e12
+    print(json.dumps({"bench": "torch_train", "model": "unet_torch", "image_size": 240,
+                      "batch_size": bs, "dtype": "bfloat16-autocast", "step_s_median": round(med, 5),
+                      "slices_per_s": round(bs / med, 2), "flops_per_step": flops,
+                      "tflops": round(tf, 2), "gpu": gpu, "peak_bf16_tflops": peak,
+                      "mfu": round(tf / peak, 4), "torch": torch.__version__}))
+    sys.stdout.flush()
+    del m, opt
+PYEOF
+echo "wrote $JSONL"

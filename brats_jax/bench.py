@@ -1,0 +1,372 @@
+"""Benchmarks of the train step, whole-volume evaluation and the input pipeline.
+
+usage:
+  python -m brats_jax.bench train --model=unet|transunet --image-size=N --batch-size=B --steps=S
+      [--base-features=F] [--preset=r50_vit_b16|small|tiny] [--dtype=float32|bfloat16]
+      [--conv-impl=auto|cpu_fast|xla]
+  python -m brats_jax.bench eval  --model=unet --batch-size=B [--volumes=2] [--depth=155]
+  python -m brats_jax.bench data  [flags of brats_jax.bench_data]
+  (any subcommand: --no-cpu-flags keeps XLA_FLAGS as they are; by default the fast XLA:CPU
+  convolution flags of ``brats_jax.ops.flags.CPU_XLA_FLAGS`` are added, see BENCHMARKS.md)
+
+Each subcommand prints one JSON line per measurement (``data`` prints one per source/workers).
+``train`` times a jitted Adam (lr 1e-4) + mean softmax cross-entropy step with the train state
+donated, on random inputs (B,N,N,4) float32 and labels (B,N,N) int32 in {0..3}. FLOPs per
+step come from XLA's cost analysis of the compiled step (a multiply-add counts 2); achieved
+TFLOP/s = FLOPs per step / median step seconds. ``eval`` predicts whole 240x240xD volumes
+(D = 155 by default) in fixed-size slice batches with one compiled function and reports
+whether a second volume triggered a recompilation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from brats_jax import NUM_CLASSES
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(
+    model: str,
+    *,
+    dtype: str = "float32",
+    base_features: int | None = None,
+    depth: int | None = None,
+    preset: str | None = None,
+    conv_impl: str = "auto",
+):
+    """The benchmarked flax module: ``create_model(model, ...)`` with 4 classes.
+
+    ``base_features``/``depth``/``conv_impl`` apply to the U-Net, ``preset`` to TransUNet;
+    ``dtype`` is the compute dtype name ("float32" | "bfloat16"; parameters stay float32).
+    """
+    from brats_jax.models import create_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
+    kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES, "dtype": DTYPES[dtype]}
+    if model == "unet":
+        if base_features is not None:
+            kwargs["features"] = base_features
+        if depth is not None:
+            kwargs["depth"] = depth
+        kwargs["conv_impl"] = conv_impl
+    elif model == "transunet":
+        if base_features is not None or depth is not None:
+            raise ValueError("--base-features/--depth apply to --model=unet only")
+        if preset is not None:
+            kwargs["preset"] = preset
+    else:
+        raise ValueError(f"model={model!r}; expected 'unet' or 'transunet'")
+    return create_model(model, **kwargs)
+
+
+def init_variables(model, image_size: int, in_channels: int = 4, seed: int = 0) -> dict:
+    """Variables of ``model`` for (1, image_size, image_size, in_channels) inputs (jitted init)."""
+    k = jax.random.PRNGKey(seed)
+    x = jnp.zeros((1, image_size, image_size, in_channels), jnp.float32)
+    return jax.jit(lambda: model.init({"params": k, "dropout": k}, x, train=False))()
+
+
+def make_train_step(model, tx: optax.GradientTransformation):
+    """``step(state, image (B,H,W,4) f32, label (B,H,W) int32) -> (state, loss f32 scalar)``.
+
+    ``state`` is a dict ``{"params", "rest" (non-param collections), "opt_state", "rng"}``;
+    loss is the mean softmax cross-entropy over pixels. Not jitted (callers jit / donate).
+    """
+
+    def step(state, image, label):
+        rng, drop = jax.random.split(state["rng"])
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, **state["rest"]},
+                image,
+                train=True,
+                rngs={"dropout": drop},
+                mutable=["batch_stats"],
+            )
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), label)
+            return jnp.mean(ce), updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        upd, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], upd)
+        rest = {**state["rest"], **updates}
+        return {"params": params, "rest": rest, "opt_state": opt_state, "rng": rng}, loss
+
+    return step
+
+
+def init_train_state(model, image_size: int, tx: optax.GradientTransformation, seed: int = 0):
+    """The ``state`` dict of :func:`make_train_step` for ``model`` at ``image_size``."""
+    variables = init_variables(model, image_size, seed=seed)
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    return {
+        "params": params,
+        "rest": rest,
+        "opt_state": jax.jit(tx.init)(params),
+        "rng": jax.random.PRNGKey(seed + 1),
+    }
+
+
+def random_batch(batch_size: int, image_size: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Random image (B,S,S,4) float32 N(0,1) and label (B,S,S) int32 uniform in {0..3}."""
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((batch_size, image_size, image_size, 4), dtype=np.float32)
+    label = rng.integers(0, NUM_CLASSES, (batch_size, image_size, image_size), dtype=np.int32)
+    return jnp.asarray(image), jnp.asarray(label)
+
+
+def cost_flops(compiled) -> float:
+    """FLOPs of a compiled XLA executable from its cost analysis (float; nan if unavailable)."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, list | tuple):
+        ca = ca[0] if ca else {}
+    return float((ca or {}).get("flops", float("nan")))
+
+
+def num_params(params) -> int:
+    """Total number of scalars in a parameter pytree."""
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def machine_info() -> dict:
+    """Backend, device kind/count, host CPU name and count, jax version, UTC date, XLA_FLAGS."""
+    devs = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "devices": len(devs),
+        "device_kind": devs[0].device_kind,
+        "host": platform.processor() or platform.machine(),
+        "cpu_count": _cpu_count(),
+        "jax": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 0
+
+
+def bench_train(
+    model: str = "unet",
+    image_size: int = 128,
+    batch_size: int = 4,
+    steps: int = 5,
+    base_features: int | None = None,
+    depth: int | None = None,
+    preset: str | None = None,
+    dtype: str = "float32",
+    conv_impl: str = "auto",
+) -> dict:
+    """Times ``steps`` train steps (after one warm-up step) and returns the result dict
+    (keys: model, image_size, batch_size, dtype, conv_impl, devices, params, flops_per_step,
+    compile_s, step_s_median, step_s_min, slices_per_s, tflops, plus :func:`machine_info`)."""
+    if steps < 1 or batch_size < 1 or image_size < 1:
+        raise ValueError(
+            f"steps={steps}, batch_size={batch_size}, image_size={image_size} must all be >= 1"
+        )
+    net = build_model(
+        model,
+        dtype=dtype,
+        base_features=base_features,
+        depth=depth,
+        preset=preset,
+        conv_impl=conv_impl,
+    )
+    tx = optax.adam(1e-4)
+    state = init_train_state(net, image_size, tx)
+    image, label = random_batch(batch_size, image_size)
+    t0 = time.perf_counter()
+    compiled = (
+        jax.jit(make_train_step(net, tx), donate_argnums=0).lower(state, image, label).compile()
+    )
+    compile_s = time.perf_counter() - t0
+    flops = cost_flops(compiled)
+    state, loss = compiled(state, image, label)  # warm-up
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, loss = compiled(state, image, label)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return {
+        "bench": "train",
+        "model": model,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "conv_impl": conv_impl if model == "unet" else "xla",
+        "params": num_params(state["params"]),
+        "flops_per_step": flops,
+        "compile_s": round(compile_s, 3),
+        "step_s_median": round(med, 5),
+        "step_s_min": round(min(times), 5),
+        "steps": steps,
+        "slices_per_s": round(batch_size / med, 3),
+        "tflops": round(flops / med / 1e12, 5),
+        "loss": float(loss),
+        **machine_info(),
+    }
+
+
+def bench_eval(
+    model: str = "unet",
+    batch_size: int = 16,
+    volumes: int = 2,
+    depth_slices: int = 155,
+    volume_size: int = 240,
+    image_size: int = 240,
+    base_features: int | None = None,
+    depth: int | None = None,
+    preset: str | None = None,
+    dtype: str = "float32",
+    conv_impl: str = "auto",
+) -> dict:
+    """Predicts ``volumes`` random (volume_size, volume_size, depth_slices, 4) volumes with
+    ``inference.predict_volume`` (one compiled function, fixed slice batches). Returns a dict
+    with compile_s (first call of one batch minus a second call), volume_s (median seconds per
+    volume, all volumes after compilation), slices_per_s, compilations (jit cache entries after
+    all volumes; 1 = no recompilation) and recompiled (bool: a volume added a cache entry)."""
+    from brats_jax import inference
+
+    if volumes < 2:
+        raise ValueError(f"volumes={volumes}; need >= 2 to check for recompilation")
+    net = build_model(
+        model,
+        dtype=dtype,
+        base_features=base_features,
+        depth=depth,
+        preset=preset,
+        conv_impl=conv_impl,
+    )
+    variables = init_variables(net, image_size)
+    predict = inference.make_slice_predictor(net, image_size=image_size)
+    batch = jnp.zeros((batch_size, volume_size, volume_size, 4), jnp.float32)
+    t = time.perf_counter()
+    jax.block_until_ready(predict(variables, batch))  # compile + one batch
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    jax.block_until_ready(predict(variables, batch))
+    compile_s = first - (time.perf_counter() - t)
+    sizes = [predict._cache_size()]
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(volumes):
+        vol = rng.standard_normal((volume_size, volume_size, depth_slices, 4), dtype=np.float32)
+        t = time.perf_counter()
+        probs = inference.predict_volume(predict, variables, vol, batch_size=batch_size)
+        times.append(time.perf_counter() - t)
+        sizes.append(predict._cache_size())
+    if probs.shape != (volume_size, volume_size, depth_slices, NUM_CLASSES):
+        raise RuntimeError(f"predict_volume returned shape {probs.shape}")
+    vol_s = statistics.median(times)
+    return {
+        "bench": "eval",
+        "model": model,
+        "volume": [volume_size, volume_size, depth_slices],
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "volumes": volumes,
+        "params": num_params(variables["params"]),
+        "compile_s": round(compile_s, 3),
+        "volume_s": round(vol_s, 3),
+        "volume_s_all": [round(x, 3) for x in times],
+        "slices_per_s": round(depth_slices / vol_s, 3),
+        "compilations": sizes[-1],
+        "recompiled": sizes[-1] != sizes[0],
+        **machine_info(),
+    }
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="unet", choices=["unet", "transunet"])
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--base-features", type=int, default=None, help="U-Net first-level width")
+    p.add_argument("--depth", type=int, default=None, help="U-Net poolings")
+    p.add_argument("--preset", default=None, help="TransUNet preset")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--conv-impl",
+        default="auto",
+        choices=["auto", "cpu_fast", "xla"],
+        help="U-Net convolution implementation (auto: cpu_fast on CPU)",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--no-cpu-flags" in argv:
+        argv.remove("--no-cpu-flags")
+    else:
+        from brats_jax.ops.flags import set_cpu_xla_flags
+
+        set_cpu_xla_flags()  # before the first JAX computation; no effect on GPU/TPU
+    if argv and argv[0] == "data":
+        from brats_jax.bench_data import run_data_bench  # lazy: data developer's module
+
+        run_data_bench(argv[1:])
+        return
+    parser = argparse.ArgumentParser(prog="python -m brats_jax.bench")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    pt = sub.add_parser("train", help="time the train step")
+    _add_model_flags(pt)
+    pt.add_argument("--steps", type=int, default=5)
+    pe = sub.add_parser("eval", help="time whole-volume prediction")
+    _add_model_flags(pe)
+    pe.add_argument("--volumes", type=int, default=2)
+    pe.add_argument("--slices", type=int, default=155, help="axial slices per volume")
+    pe.add_argument("--volume-size", type=int, default=240)
+    sub.add_parser("data", help="input-pipeline benchmark (brats_jax.bench_data flags)")
+    a = parser.parse_args(argv)
+    common = dict(
+        model=a.model,
+        base_features=a.base_features,
+        depth=a.depth,
+        preset=a.preset,
+        dtype=a.dtype,
+        conv_impl=a.conv_impl,
+    )
+    if a.cmd == "train":
+        res = bench_train(
+            image_size=a.image_size or 128, batch_size=a.batch_size or 4, steps=a.steps, **common
+        )
+    else:
+        res = bench_eval(
+            batch_size=a.batch_size or 16,
+            volumes=a.volumes,
+            depth_slices=a.slices,
+            volume_size=a.volume_size,
+            image_size=a.image_size or 240,
+            **common,
+        )
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

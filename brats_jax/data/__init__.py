@@ -1,0 +1,58 @@
+"""brats_jax.data: slice sources (synthetic, Kaggle HDF5, NIfTI cache), splits, grain pipelines."""
+
+from brats_jax.data.brats import (
+    Case,
+    CaseData,
+    NiftiDecodedSource,
+    find_cases,
+    load_case,
+    to_release_labels,
+    to_train_labels,
+)
+from brats_jax.data.cache import NiftiCacheSource, default_cache_dir, prepare
+from brats_jax.data.common import DataError, SliceTable, resize_image, resize_label
+from brats_jax.data.kaggle import KaggleH5Source
+from brats_jax.data.pipeline import (
+    Splits,
+    TrainIterator,
+    build_splits,
+    case_indices,
+    class_pixel_counts,
+    eval_batches,
+    load_volume,
+    make_source,
+    make_train_iterator,
+    prune_keep,
+    resolve_cache_dir,
+)
+from brats_jax.data.synthetic import SyntheticSource
+
+__all__ = [
+    "Case",
+    "CaseData",
+    "DataError",
+    "KaggleH5Source",
+    "NiftiCacheSource",
+    "NiftiDecodedSource",
+    "SliceTable",
+    "Splits",
+    "SyntheticSource",
+    "TrainIterator",
+    "build_splits",
+    "case_indices",
+    "class_pixel_counts",
+    "default_cache_dir",
+    "eval_batches",
+    "find_cases",
+    "load_case",
+    "load_volume",
+    "make_source",
+    "make_train_iterator",
+    "prepare",
+    "prune_keep",
+    "resize_image",
+    "resize_label",
+    "resolve_cache_dir",
+    "to_release_labels",
+    "to_train_labels",
+]

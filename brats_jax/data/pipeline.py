@@ -1,0 +1,418 @@
+"""Source selection, pruning, patient-level splits, and the grain train / eval pipelines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+from absl import logging
+
+from brats_jax.data.common import DataError, resize_image, resize_label
+
+
+# --------------------------------------------------------------------------------------------
+# sources
+def _cfg(cfg, name, default):
+    try:
+        v = cfg[name] if isinstance(cfg, dict) else getattr(cfg, name)
+    except (KeyError, AttributeError):
+        return default
+    return default if v is None else v
+
+
+def resolve_cache_dir(data_config) -> pathlib.Path:
+    """data.cache_dir, or ~/.cache/brats_jax/<hash of data.root> when empty."""
+    from brats_jax.data.cache import default_cache_dir
+
+    cache_dir = _cfg(data_config, "cache_dir", "")
+    return (
+        pathlib.Path(cache_dir) if cache_dir else default_cache_dir(_cfg(data_config, "root", ""))
+    )
+
+
+def make_source(data_config):
+    """Builds the slice source named by data_config.source ("synthetic", "kaggle_h5", "nifti").
+
+    "nifti": data.root is a NIfTI release (converted on first use into data.cache_dir, default
+    ~/.cache/brats_jax/<hash of root>; resumable) or an already prepared cache (has cache.json).
+    "kaggle_h5": data.root is the folder of volume_<v>_slice_<s>.h5 files.
+    "synthetic": data.synthetic_{num_cases,slices_per_case,image_size} (+ synthetic_seed, 0).
+    """
+    kind = _cfg(data_config, "source", "synthetic")
+    root = _cfg(data_config, "root", "")
+    if kind == "synthetic":
+        from brats_jax.data.synthetic import SyntheticSource
+
+        return SyntheticSource(
+            num_cases=_cfg(data_config, "synthetic_num_cases", 24),
+            slices_per_case=_cfg(data_config, "synthetic_slices_per_case", 24),
+            image_size=_cfg(data_config, "synthetic_image_size", 240),
+            seed=_cfg(data_config, "synthetic_seed", 0),
+        )
+    if kind not in ("kaggle_h5", "nifti"):
+        raise DataError(f"data.source={kind!r} is not one of 'synthetic', 'kaggle_h5', 'nifti'")
+    if not root:
+        raise DataError(f"data.source={kind!r} needs data.root (the dataset folder); it is empty")
+    if not os.path.exists(root):
+        raise DataError(f"data.root {root} does not exist")
+    if kind == "kaggle_h5":
+        from brats_jax.data.kaggle import KaggleH5Source
+
+        return KaggleH5Source(root)
+    from brats_jax.data.cache import NiftiCacheSource, prepare
+
+    if (pathlib.Path(root) / "cache.json").is_file():
+        return NiftiCacheSource(root)
+    cache_dir = resolve_cache_dir(data_config)
+    prepare(root, cache_dir)
+    return NiftiCacheSource(cache_dir)
+
+
+def load_volume(source, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """All slices of a case at native size -> (image float32 (H,W,D,4), label int32 (H,W,D)).
+
+    D is the number of the case's records (for the Kaggle sample, only the slices present).
+    """
+    if hasattr(source, "load_volume"):
+        return source.load_volume(case_id)
+    idx = case_indices(source, case_id)
+    recs = [source[int(i)] for i in idx]
+    image = np.stack([r["image"] for r in recs], axis=2).astype(np.float32)
+    label = np.stack([r["label"] for r in recs], axis=2).astype(np.int32)
+    return image, label
+
+
+def case_indices(source, case_id: str) -> np.ndarray:
+    """Record indices (int64, sorted by slice index) of all slices of `case_id` (unpruned)."""
+    t = source.table
+    idx = np.nonzero(t.case_id == case_id)[0]
+    if not len(idx):
+        known = list(dict.fromkeys(t.case_id.tolist()))[:5]
+        raise DataError(f"case {case_id!r} not in {source!r}; known cases include {known}")
+    return idx[np.argsort(t.slice_index[idx], kind="stable")].astype(np.int64)
+
+
+def class_pixel_counts(source, indices) -> np.ndarray:
+    """Total pixels per class (4,) int64 over the records `indices`, from the table (no reads)."""
+    idx = np.asarray(indices, np.int64)
+    return source.table.class_counts[idx].sum(0).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# pruning and splits
+def prune_keep(source, indices, min_brain_fraction: float = 0.2) -> np.ndarray:
+    """Bool mask over `indices`: False for slices the study's pruning removes.
+
+    Reading of paper.md §3 ("we pruned our dataset to remove images with full background mask
+    training images that took up less than 20% of the total image area"): a slice is dropped
+    when its label is all background AND its brain (pixels where any modality is non-zero)
+    covers less than `min_brain_fraction` of the image. Slices with any tumour pixel are always
+    kept. Needs brain_fraction only for label-empty slices (the Kaggle source measures those
+    on demand).
+    """
+    idx = np.asarray(indices, np.int64)
+    t = source.table
+    empty = t.class_counts[idx, 1:].sum(1) == 0
+    bf = t.brain_fraction[idx]
+    if np.isnan(bf[empty]).any() and hasattr(source, "fill_brain_fraction"):
+        source.fill_brain_fraction(idx[empty])
+        bf = source.table.brain_fraction[idx]
+    return ~(empty & (bf < min_brain_fraction))
+
+
+@dataclasses.dataclass
+class Splits:
+    """Record indices per split (int64, after pruning) and the sorted case ids of each split."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    cases: dict
+
+
+def _parse_ids(value, field: str, known: list) -> list:
+    if isinstance(value, list | tuple):
+        ids = [str(v).strip() for v in value]
+    else:
+        ids = [v.strip() for v in str(value or "").split(",")]
+    ids = [v for v in ids if v]
+    known_set = set(known)
+    bad = [v for v in ids if v not in known_set]
+    if bad:
+        raise DataError(
+            f"data.{field}: unknown case id(s) {bad[:5]}; valid ids include {known[:5]} "
+            f"({len(known)} cases)"
+        )
+    return sorted(set(ids))
+
+
+def _n_for(frac: float, n_cases: int, field: str) -> int:
+    if not 0.0 <= frac < 1.0:
+        raise DataError(f"data.{field}={frac} must be in [0, 1)")
+    n = int(round(frac * n_cases))
+    if frac > 0 and n_cases >= 3:
+        n = max(n, 1)
+    return n
+
+
+def build_splits(source, data_config) -> Splits:
+    """Patient-level train/val/test split + pruning (see `prune_keep`).
+
+    A split given by ids (data.val_cases / data.test_cases, comma-separated) ignores its
+    fraction; the other is drawn with data.split_seed from the remaining cases with
+    round(fraction * number of all cases) cases (at least one when the fraction is > 0 and there
+    are >= 3 cases); the rest train. Pruning (data.prune, data.min_brain_fraction) applies to all
+    splits; slice counts before and after are logged per split. Raises DataError on unknown
+    ids, overlapping id lists, or an empty train split.
+    """
+    t = source.table
+    cases = sorted(set(t.case_id.tolist()))
+    n = len(cases)
+    val_ids = _parse_ids(_cfg(data_config, "val_cases", ""), "val_cases", cases)
+    test_ids = _parse_ids(_cfg(data_config, "test_cases", ""), "test_cases", cases)
+    both = sorted(set(val_ids) & set(test_ids))
+    if both:
+        raise DataError(f"case id(s) {both[:5]} are in both data.val_cases and data.test_cases")
+    pool = [c for c in cases if c not in set(val_ids) | set(test_ids)]
+    rng = np.random.default_rng(int(_cfg(data_config, "split_seed", 0)))
+    pool = [pool[i] for i in rng.permutation(len(pool))]
+    if not val_ids:
+        k = _n_for(float(_cfg(data_config, "val_fraction", 0.1)), n, "val_fraction")
+        val_ids, pool = sorted(pool[:k]), pool[k:]
+    if not test_ids:
+        k = _n_for(float(_cfg(data_config, "test_fraction", 0.1)), n, "test_fraction")
+        test_ids, pool = sorted(pool[:k]), pool[k:]
+    train_ids = sorted(pool)
+    split_cases = {"train": train_ids, "val": val_ids, "test": test_ids}
+    seen: dict = {}
+    for name, ids in split_cases.items():
+        for c in ids:
+            assert c not in seen, f"case {c} in both {seen.get(c)} and {name}"
+            seen[c] = name
+    if not train_ids:
+        raise DataError(
+            f"no cases left for training ({n} cases: {len(val_ids)} val, {len(test_ids)} test); "
+            "lower data.val_fraction/test_fraction or list fewer ids"
+        )
+    prune = bool(_cfg(data_config, "prune", True))
+    min_bf = float(_cfg(data_config, "min_brain_fraction", 0.2))
+    out = {}
+    for name, ids in split_cases.items():
+        idx = np.nonzero(np.isin(t.case_id, ids))[0].astype(np.int64)
+        before = len(idx)
+        if prune and before:
+            idx = idx[prune_keep(source, idx, min_bf)]
+        out[name] = idx
+        logging.info(
+            "split %s: %d cases, %d slices before pruning, %d after (prune=%s, "
+            "min_brain_fraction=%.3g)",
+            name,
+            len(ids),
+            before,
+            len(idx),
+            prune,
+            min_bf,
+        )
+    if not len(out["train"]):
+        raise DataError(
+            f"the train split ({len(train_ids)} cases, e.g. {train_ids[:3]}) is empty after "
+            f"pruning (min_brain_fraction={min_bf}); set data.prune=False or lower the threshold"
+        )
+    return Splits(out["train"], out["val"], out["test"], split_cases)
+
+
+# --------------------------------------------------------------------------------------------
+# grain pipelines
+class _Records:
+    """Random-access view of `source` restricted to `indices` (picklable)."""
+
+    def __init__(self, source, indices):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[int(i)])]
+
+    def __repr__(self) -> str:
+        import hashlib
+
+        h = hashlib.sha1(self.indices.tobytes()).hexdigest()[:12]
+        return f"_Records({self.source!r}, n={len(self)}, indices_sha1={h})"
+
+
+def _prepare_record(rec: dict, image_size: int, flip: bool) -> dict:
+    image, label = rec["image"], rec["label"]
+    if image_size:
+        image = resize_image(image, image_size)
+        label = resize_label(label, image_size)
+    if flip:  # left-right: NIfTI voxel axis 0 (x) is the first array axis of a slice
+        image, label = image[::-1], label[::-1]
+    return dict(
+        image=np.ascontiguousarray(image, np.float32),
+        label=np.ascontiguousarray(label, np.int32),
+        case_id=np.str_(rec["case_id"]),
+        slice_index=np.int32(rec["slice_index"]),
+    )
+
+
+class _Augment:
+    """grain random map: optional resize and random left-right flip (p = 0.5)."""
+
+    def __init__(self, image_size: int, random_flip: bool):
+        self.image_size = int(image_size)
+        self.random_flip = bool(random_flip)
+
+    def __call__(self, rec: dict, rng: np.random.Generator) -> dict:
+        flip = self.random_flip and bool(rng.integers(2))
+        return _prepare_record(rec, self.image_size, flip)
+
+
+class TrainIterator:
+    """Endless iterator of per-host batches with checkpointable state.
+
+    next() -> dict(image float32 (b,S,S,4), label int32 (b,S,S), case_id (b,) str,
+    slice_index (b,) int32), b = batch_size // shard_count. `get_state()` returns a
+    JSON-serialisable dict; `set_state(state)` resumes exactly. `steps_per_epoch` =
+    len(indices) // batch_size (global).
+    """
+
+    def __init__(
+        self,
+        source,
+        indices,
+        data_config,
+        *,
+        batch_size: int,
+        seed: int,
+        shard_index: int = 0,
+        shard_count: int = 1,
+    ):
+        import grain
+
+        indices = np.asarray(indices, np.int64)
+        if batch_size <= 0 or batch_size % shard_count:
+            raise DataError(
+                f"batch_size={batch_size} must be positive and divisible by shard_count="
+                f"{shard_count}"
+            )
+        if not 0 <= shard_index < shard_count:
+            raise DataError(f"shard_index={shard_index} not in [0, {shard_count})")
+        self.per_host_batch = batch_size // shard_count
+        shard = indices[shard_index::shard_count]
+        if len(shard) < self.per_host_batch:
+            raise DataError(
+                f"shard {shard_index}/{shard_count} has {len(shard)} slices, fewer than the "
+                f"per-host batch {self.per_host_batch}; use a smaller batch or more data"
+            )
+        self.steps_per_epoch = max(1, len(indices) // batch_size)
+        image_size = int(_cfg(data_config, "image_size", 0))
+        flip = bool(_cfg(data_config, "random_flip", False))
+        workers = int(_cfg(data_config, "num_workers", 0))
+        ds = grain.MapDataset.source(_Records(source, shard)).seed(int(seed)).shuffle().repeat()
+        ds = ds.random_map(_Augment(image_size, flip))
+        read = grain.ReadOptions(
+            num_threads=2 if workers == 0 else 1,
+            prefetch_buffer_size=max(4, 2 * self.per_host_batch),
+        )
+        ids = ds.to_iter_dataset(read)
+        if workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (e.g. in pytest)
+                flags.FLAGS.mark_as_parsed()
+            ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        ids = ids.batch(self.per_host_batch, drop_remainder=True)
+        self._ds = ids
+        self._it = iter(ids)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        """JSON-serialisable iterator state (save it with the checkpoint)."""
+        return json.loads(json.dumps(self._it.get_state(), default=_json_default))
+
+    def set_state(self, state: dict) -> None:
+        """Restores a state from get_state(); the next batch is the one that followed it."""
+        self._it.set_state(state)
+
+    def close(self) -> None:
+        """Stops worker processes (if any)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, bytes):
+        return o.decode()
+    raise TypeError(f"iterator state value {o!r} is not JSON-serialisable")
+
+
+def make_train_iterator(
+    source,
+    indices,
+    data_config,
+    *,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> TrainIterator:
+    """grain training iterator over `indices` of `source` (see TrainIterator).
+
+    Seeded per-epoch shuffle, drop-remainder batching, optional random left-right flips
+    (data.random_flip), resize to data.image_size (0 = native), data.num_workers processes,
+    static per-host sharding (indices[shard_index::shard_count]).
+    """
+    return TrainIterator(
+        source,
+        indices,
+        data_config,
+        batch_size=batch_size,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+
+
+def eval_batches(source, indices, *, batch_size: int, image_size: int = 0):
+    """Yields fixed-size batches over `indices` in order (no shuffle, no flips).
+
+    Each batch: image float32 (B,S,S,4), label int32 (B,S,S), case_id (B,) str, slice_index
+    (B,) int32, valid (B,) bool; the last batch is padded by repeating its last record with
+    valid=False. S = image_size (0 = native).
+    """
+    idx = np.asarray(indices, np.int64)
+    if batch_size <= 0:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+    for start in range(0, len(idx), batch_size):
+        recs = [
+            _prepare_record(source[int(i)], image_size, False)
+            for i in idx[start : start + batch_size]
+        ]
+        valid = np.zeros(batch_size, bool)
+        valid[: len(recs)] = True
+        recs += [recs[-1]] * (batch_size - len(recs))
+        yield dict(
+            image=np.stack([r["image"] for r in recs]),
+            label=np.stack([r["label"] for r in recs]),
+            case_id=np.array([str(r["case_id"]) for r in recs]),
+            slice_index=np.array([r["slice_index"] for r in recs], np.int32),
+            valid=valid,
+        )

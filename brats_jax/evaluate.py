@@ -1,0 +1,284 @@
+r"""BraTS metrics for a folder of predicted segmentations against ground truth.
+
+Usage::
+
+  python -m brats_jax.evaluate --pred=DIR --gt=DIR --out=FILE.csv [--hd95_mode=max|pooled]
+
+* Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
+  ``--pred``.
+* Ground truth ``--gt``: a folder of case folders (``<ID>/<ID>_seg.nii.gz``, BraTS 2018-2021;
+  ``<ID>/<ID>-seg.nii.gz``, BraTS 2023; a case folder with no such file but exactly one other
+  ``*seg*.nii[.gz]`` file - e.g. BraTS20_Training_355's ``W39_1998.09.19_Segm.nii`` - uses
+  that), or flat files named like the predictions.
+* Labels are in the release convention: ``brats2018`` = {0,1,2,4} (ET = 4, BraTS 2018-2021),
+  ``brats2023`` = {0,1,2,3} (ET = 3, also the training classes). ``--labels=auto`` (default)
+  takes ``brats2023`` for GT files named ``*-seg.nii*``, ``brats2018`` for ``*_seg.nii*`` and
+  otherwise decides from the GT values (a 4 means 2018; else 2023); predictions use their
+  case's GT convention unless ``--pred_labels`` says otherwise. Maps are converted to the
+  training classes {0,1,2,3} before :func:`brats_jax.metrics.evaluate_volume`.
+* Voxel spacing comes from the GT header zooms.
+
+Cases are matched by ID; unmatched ones are reported and skipped. Writes one CSV row per case
+(atomically) and prints mean / std / median per region for Dice and HD95. Errors end with a
+one-line message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from brats_jax import metrics
+
+CONVENTIONS = ("brats2018", "brats2023")
+_NIFTI = re.compile(r"^(?P<stem>.+?)(?P<sep>[_-]seg)?\.nii(\.gz)?$", re.IGNORECASE)
+# release label -> training class; other values are errors
+_TO_TRAIN = {"brats2018": {0: 0, 1: 1, 2: 2, 4: 3}, "brats2023": {0: 0, 1: 1, 2: 2, 3: 3}}
+
+REGION_NAMES = tuple(metrics.REGIONS)
+COLUMNS = (
+    ["case_id"]
+    + [f"{m}_{r}" for m in ("dice", "hd95", "sensitivity", "specificity") for r in REGION_NAMES]
+    + ["paper_dice"]
+    + [f"class_dice_{c}" for c in range(4)]
+)
+
+
+class EvaluationError(ValueError):
+    """Bad input for the evaluation (message names the case/file and what was expected)."""
+
+
+def _case_id(path: pathlib.Path) -> tuple[str, str | None] | None:
+    """(ID, naming) of a segmentation file name, naming in {'brats2018','brats2023',None}."""
+    m = _NIFTI.match(path.name)
+    if not m:
+        return None
+    sep = (m.group("sep") or "").lower()
+    naming = {"_seg": "brats2018", "-seg": "brats2023"}.get(sep)
+    return m.group("stem"), naming
+
+
+def find_predictions(pred_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Map case ID -> prediction file for ``<ID>[_seg|-seg].nii[.gz]`` files in ``pred_dir``."""
+    out: dict[str, pathlib.Path] = {}
+    for p in sorted(pred_dir.iterdir()):
+        parsed = _case_id(p) if p.is_file() else None
+        if parsed is None:
+            continue
+        cid = parsed[0]
+        if cid in out:
+            raise EvaluationError(f"two prediction files for case {cid}: {out[cid]} and {p}")
+        out[cid] = p
+    return out
+
+
+def find_ground_truth(gt_dir: pathlib.Path) -> dict[str, tuple[pathlib.Path, str | None]]:
+    """Map case ID -> (GT seg file, naming-from-file-name or None) for case folders/flat files."""
+    out: dict[str, tuple[pathlib.Path, str | None]] = {}
+    for p in sorted(gt_dir.iterdir()):
+        if p.is_dir():
+            cid = p.name
+            found = None
+            for sep, naming in (("_seg", "brats2018"), ("-seg", "brats2023")):
+                for ext in (".nii.gz", ".nii"):
+                    f = p / f"{cid}{sep}{ext}"
+                    if f.is_file():
+                        found = (f, naming)
+                        break
+                if found:
+                    break
+            if found is None:
+                others = [
+                    f
+                    for f in sorted(p.iterdir())
+                    if f.is_file() and "seg" in f.name.lower() and _NIFTI.match(f.name)
+                ]
+                if len(others) == 1:
+                    found = (others[0], None)
+            if found is not None:
+                out[cid] = found
+        elif p.is_file():
+            parsed = _case_id(p)
+            if parsed is None:
+                continue
+            cid, naming = parsed
+            if cid in out:
+                raise EvaluationError(f"two ground-truth files for case {cid}: {out[cid][0]}, {p}")
+            out[cid] = (p, naming)
+    return out
+
+
+def to_training_classes(label: np.ndarray, convention: str, what: str) -> np.ndarray:
+    """Release labels -> training classes {0..3} (uint8); unknown values raise naming ``what``."""
+    if convention not in _TO_TRAIN:
+        raise EvaluationError(f"unknown label convention {convention!r}; expected {CONVENTIONS}")
+    label = np.asarray(label)
+    if not np.issubdtype(label.dtype, np.integer):
+        if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
+            raise EvaluationError(f"{what}: labels are not integers (dtype {label.dtype})")
+        label = label.astype(np.int64)
+    mapping = _TO_TRAIN[convention]
+    values = np.unique(label)
+    bad = [int(v) for v in values if int(v) not in mapping]
+    if bad:
+        raise EvaluationError(
+            f"{what}: unknown label values {bad} for the {convention} convention "
+            f"(expected a subset of {sorted(mapping)}); set --labels/--pred_labels if the "
+            f"convention is different"
+        )
+    lut = np.zeros(max(mapping) + 1, np.uint8)
+    for k, v in mapping.items():
+        lut[k] = v
+    return lut[label]
+
+
+def _load(path: pathlib.Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        return np.asanyarray(img.dataobj), img.header.get_zooms()[:3]
+    except Exception as e:  # nibabel raises many types
+        raise EvaluationError(f"cannot read NIfTI {path}: {e}") from e
+
+
+def evaluate_folder(
+    pred_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    *,
+    labels: str = "auto",
+    pred_labels: str = "same",
+    hd95_mode: str = "max",
+    log=print,
+) -> list[dict[str, float | str]]:
+    """Evaluate every prediction with a matching GT case; returns one row dict per case.
+
+    Args:
+      pred_dir, gt_dir: folders as described in the module docstring.
+      labels: GT convention, ``auto`` | ``brats2018`` | ``brats2023``.
+      pred_labels: prediction convention, ``same`` (as the case's GT) | ``brats2018`` |
+        ``brats2023``.
+      hd95_mode: ``max`` (MONAI) or ``pooled`` (medpy), see :func:`brats_jax.metrics.hd95`.
+      log: called with progress/warning lines.
+
+    Raises:
+      EvaluationError: missing folders, no matching cases, shape mismatch, unknown labels.
+    """
+    pred_dir, gt_dir = pathlib.Path(pred_dir), pathlib.Path(gt_dir)
+    for name, d in (("--pred", pred_dir), ("--gt", gt_dir)):
+        if not d.is_dir():
+            raise EvaluationError(f"{name} folder {d} does not exist")
+    if labels not in ("auto", *CONVENTIONS):
+        raise EvaluationError(f"--labels={labels!r}; expected auto, {', '.join(CONVENTIONS)}")
+    if pred_labels not in ("same", *CONVENTIONS):
+        raise EvaluationError(
+            f"--pred_labels={pred_labels!r}; expected same, {', '.join(CONVENTIONS)}"
+        )
+    if hd95_mode not in metrics.HD95_MODES:
+        raise EvaluationError(f"--hd95_mode={hd95_mode!r}; expected one of {metrics.HD95_MODES}")
+    preds = find_predictions(pred_dir)
+    gts = find_ground_truth(gt_dir)
+    ids = sorted(set(preds) & set(gts))
+    if not ids:
+        raise EvaluationError(
+            f"no matching cases: {len(preds)} prediction file(s) in {pred_dir}, "
+            f"{len(gts)} ground-truth case(s) in {gt_dir}"
+        )
+    if missing := sorted(set(gts) - set(preds)):
+        log(f"warning: {len(missing)} GT case(s) without prediction skipped: {missing[:5]}")
+    if extra := sorted(set(preds) - set(gts)):
+        log(f"warning: {len(extra)} prediction(s) without GT skipped: {extra[:5]}")
+    rows = []
+    for i, cid in enumerate(ids):
+        gt_path, naming = gts[cid]
+        gt_raw, zooms = _load(gt_path)
+        pred_raw, _ = _load(preds[cid])
+        if gt_raw.shape != pred_raw.shape:
+            raise EvaluationError(
+                f"case {cid}: prediction shape {pred_raw.shape} ({preds[cid].name}) != "
+                f"ground-truth shape {gt_raw.shape} ({gt_path.name})"
+            )
+        conv = labels
+        if conv == "auto":
+            conv = naming or ("brats2018" if np.any(gt_raw == 4) else "brats2023")
+        gt = to_training_classes(gt_raw, conv, f"case {cid} ground truth {gt_path}")
+        pconv = conv if pred_labels == "same" else pred_labels
+        pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {preds[cid]}")
+        spacing = tuple(float(z) for z in zooms)
+        res = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
+        rows.append({"case_id": cid, **res})
+        log(
+            f"[{i + 1}/{len(ids)}] {cid}: "
+            + " ".join(f"{r}={res[f'dice_{r}']:.4f}" for r in REGION_NAMES)
+        )
+    return rows
+
+
+def write_csv(rows: Sequence[dict], out: str | os.PathLike) -> None:
+    """Write per-case rows to ``out`` atomically (temporary file in the same folder + replace)."""
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def summarize(rows: Sequence[dict]) -> str:
+    """Mean, std and median per region for Dice and HD95 (plus the study's Dice), as text."""
+    lines = [f"{len(rows)} case(s)", f"{'metric':<12}{'mean':>10}{'std':>10}{'median':>10}"]
+    keys = [f"dice_{r}" for r in REGION_NAMES] + [f"hd95_{r}" for r in REGION_NAMES]
+    for k in [*keys, "paper_dice"]:
+        v = np.array([r[k] for r in rows], np.float64)
+        lines.append(f"{k:<12}{v.mean():>10.4f}{v.std():>10.4f}{np.median(v):>10.4f}")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("pred", None, "Folder of predicted segmentation NIfTIs.")
+flags.DEFINE_string("gt", None, "Ground-truth folder (case folders or flat seg files).")
+flags.DEFINE_string("out", None, "Per-case CSV to write.")
+flags.DEFINE_enum("labels", "auto", ["auto", *CONVENTIONS], "Ground-truth label convention.")
+flags.DEFINE_enum("pred_labels", "same", ["same", *CONVENTIONS], "Prediction convention.")
+flags.DEFINE_enum("hd95_mode", "max", list(metrics.HD95_MODES), "HD95 definition.")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for name in ("pred", "gt", "out"):
+        if not getattr(FLAGS, name):
+            raise app.UsageError(f"--{name} is required")
+    try:
+        rows = evaluate_folder(
+            FLAGS.pred,
+            FLAGS.gt,
+            labels=FLAGS.labels,
+            pred_labels=FLAGS.pred_labels,
+            hd95_mode=FLAGS.hd95_mode,
+        )
+        write_csv(rows, FLAGS.out)
+    except EvaluationError as e:
+        raise SystemExit(f"brats_jax.evaluate: error: {e}") from None
+    print(summarize(rows))
+    print(f"wrote {FLAGS.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)

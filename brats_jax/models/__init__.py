@@ -1,0 +1,46 @@
+"""Segmentation networks: the study's U-Net and TransUNet (R50-ViT-B/16), plus the loader of
+Google's ImageNet-21k R50+ViT-B_16 checkpoint.
+
+``create_model("unet" | "transunet", **kwargs)`` builds a flax.linen module; call it as
+``variables = model.init({"params": k, "dropout": k2}, x, train=False)`` and
+``model.apply(variables, x, train=True, rngs={"dropout": k}, mutable=["batch_stats"])`` with
+x (B,H,W,C) float32; logits are (B,H,W,num_classes) float32.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from brats_jax.models.pretrained import LoadReport, load_pretrained
+from brats_jax.models.transunet import PRESETS, TransUNet, TransUNetConfig
+from brats_jax.models.unet import UNet
+
+MODELS = {"unet": UNet, "transunet": TransUNet}
+
+__all__ = [
+    "MODELS",
+    "PRESETS",
+    "LoadReport",
+    "TransUNet",
+    "TransUNetConfig",
+    "UNet",
+    "create_model",
+    "load_pretrained",
+]
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a model by name ("unet" | "transunet"); kwargs are the module's fields.
+
+    ``create_model("unet")`` and ``create_model("transunet")`` are the study's networks for 4
+    input channels and 4 classes; TransUNet takes ``preset`` ("r50_vit_b16", "small", "tiny")
+    plus per-field overrides. Sequence-valued fields given as lists are converted to tuples.
+    """
+    key = name.lower()
+    if key not in MODELS:
+        raise ValueError(f"create_model: unknown model {name!r}; expected one of {sorted(MODELS)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    try:
+        return MODELS[key](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"create_model({name!r}): bad arguments {sorted(kwargs)}: {e}") from e

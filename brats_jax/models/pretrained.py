@@ -1,0 +1,248 @@
+"""Load Google's ImageNet-21k ``R50+ViT-B_16.npz`` into TransUNet parameters.
+
+TransUNet's module names are the checkpoint's key names, so most arrays are placed under the
+same path (``block1/unit1/conv1/kernel`` -> ``params['block1']['unit1']['conv1']['kernel']``).
+The exceptions, all recorded in the returned :class:`LoadReport`:
+
+* ``gn*/scale|bias`` stored as (1,1,1,C) are reshaped to (C,).
+* ``Transformer/posembed_input/pos_embedding`` (1, 1+14*14, 768): the class-token slot is
+  dropped and the 14x14 grid is resized bilinearly with align-corners semantics (identical to
+  ``scipy.ndimage.zoom(order=1)``, which the official TransUNet loader uses) to the model's grid
+  (15x15 at 240 input).
+* ``conv_root/kernel`` (7,7,3,64) for a model with C != 3 input channels (4 MRI modalities):
+  ``root_conv="mean"`` (default) averages the RGB filters, replicates the mean to the C channels
+  and multiplies by 3/C, so an input whose C channels all equal one grey image gives the same
+  response as the RGB network on that grey image (for a plain convolution: the activation scale
+  is kept). TransUNet's root is weight-standardised, which removes a global factor anyway, so
+  there the spatial filter pattern is what carries over. ``"repeat"`` cycles R,G,B,R,... (times
+  3/C); ``"init"`` keeps the model's random root kernel (the key is then reported as dropped).
+* ``cls``, ``head/*`` and ``pre_logits/*`` (class token, ImageNet classifier and
+  representation layer) have no counterpart and are reported as intentionally dropped.
+
+Anything else that does not fit (missing path, wrong shape, e.g. a model with fewer layers or
+another hidden size) is reported as *unplaced*; with ``strict=True`` (default) that raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import FrozenDict, unfreeze
+
+from brats_jax.models.layers import align_corners_weights
+
+log = logging.getLogger(__name__)
+
+POS_KEY = "Transformer/posembed_input/pos_embedding"
+ROOT_KEY = "conv_root/kernel"
+DROPPED_PREFIXES = {
+    "cls": "class token: the segmentation model has no class token",
+    "head/": "ImageNet-21k classification head: not used for segmentation",
+    "pre_logits/": "ViT pre-logits (representation) layer: not used for segmentation",
+}
+ROOT_METHODS = ("mean", "repeat", "init")
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What ``load_pretrained`` did with every checkpoint key and every model parameter.
+
+    loaded: checkpoint key -> how it was placed ("copied", "reshaped ...", ...);
+    dropped: checkpoint key -> why it is intentionally not used;
+    unplaced: checkpoint key -> why it could not be placed (error with ``strict=True``);
+    not_in_checkpoint: model parameter paths left at their initial values (the decoder, head).
+    """
+
+    loaded: dict[str, str] = dataclasses.field(default_factory=dict)
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+    unplaced: dict[str, str] = dataclasses.field(default_factory=dict)
+    not_in_checkpoint: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        """Multi-line human-readable summary (counts plus every non-trivial entry)."""
+        lines = [
+            f"loaded {len(self.loaded)} arrays, dropped {len(self.dropped)}, "
+            f"unplaced {len(self.unplaced)}, {len(self.not_in_checkpoint)} model parameters "
+            f"not in the checkpoint (kept at init)"
+        ]
+        lines += [f"  loaded  {k}: {v}" for k, v in self.loaded.items() if v != "copied"]
+        lines += [f"  dropped {k}: {v}" for k, v in self.dropped.items()]
+        lines += [f"  UNPLACED {k}: {v}" for k, v in self.unplaced.items()]
+        return "\n".join(lines)
+
+
+def resize_grid_align_corners(grid: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear, align-corners resize of a (h, w, D) array to (new_h, new_w, D), float64 math.
+
+    Same values as ``scipy.ndimage.zoom(grid, (new_h/h, new_w/w, 1), order=1)``.
+    """
+    out = np.asarray(grid, np.float64)
+    for axis, n_out in ((0, new_hw[0]), (1, new_hw[1])):
+        n_in = out.shape[axis]
+        if n_in == n_out:
+            continue
+        lo, hi, frac = align_corners_weights(n_in, n_out)
+        shape = [1, 1, 1]
+        shape[axis] = n_out
+        f = frac.reshape(shape)
+        out = np.take(out, lo, axis=axis) * (1 - f) + np.take(out, hi, axis=axis) * f
+    return out
+
+
+def resize_pos_embed(posemb: np.ndarray, new_grid: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """Checkpoint position embedding (1, N, D) -> (1, gh*gw, D) for the model's grid.
+
+    A leading class-token slot (N = 1 + s*s) is dropped; a square s x s grid is resized with
+    :func:`resize_grid_align_corners`. Returns (array float32, description).
+    """
+    pe = np.asarray(posemb)
+    if pe.ndim != 3 or pe.shape[0] != 1:
+        raise ValueError(f"{POS_KEY}: expected shape (1, N, D), got {pe.shape}")
+    n, d = pe.shape[1], pe.shape[2]
+    notes = []
+    s = math.isqrt(n)
+    if s * s != n:
+        s = math.isqrt(n - 1)
+        if s * s != n - 1:
+            raise ValueError(f"{POS_KEY}: {n} tokens is neither s*s nor 1+s*s")
+        pe = pe[:, 1:]
+        notes.append("class-token slot dropped")
+    grid = pe[0].reshape(s, s, d)
+    if (s, s) != tuple(new_grid):
+        grid = resize_grid_align_corners(grid, new_grid)
+        notes.append(f"grid {s}x{s} -> {new_grid[0]}x{new_grid[1]} (bilinear, align corners)")
+    out = grid.reshape(1, new_grid[0] * new_grid[1], d).astype(np.float32)
+    return out, ", ".join(notes) or "copied"
+
+
+def adapt_root_kernel(kernel: np.ndarray, in_channels: int, method: str = "mean") -> np.ndarray:
+    """Adapt an RGB root kernel (kh, kw, 3, F) to ``in_channels`` inputs (kh, kw, C, F).
+
+    "mean": mean over RGB replicated to C channels, times 3/C; "repeat": channels R,G,B,R,...
+    times 3/C. With C == 3 the kernel is returned unchanged.
+    """
+    k = np.asarray(kernel, np.float32)
+    if k.ndim != 4:
+        raise ValueError(f"{ROOT_KEY}: expected (kh, kw, Cin, F), got {k.shape}")
+    if k.shape[2] == in_channels:
+        return k
+    scale = k.shape[2] / in_channels
+    if method == "mean":
+        return np.repeat(k.mean(axis=2, keepdims=True), in_channels, axis=2) * scale
+    if method == "repeat":
+        idx = np.arange(in_channels) % k.shape[2]
+        return k[:, :, idx, :] * scale
+    raise ValueError(f"root_conv={method!r}; expected one of {ROOT_METHODS}")
+
+
+def load_pretrained(
+    params,
+    npz_path: str | os.PathLike,
+    *,
+    root_conv: str = "mean",
+    grid: tuple[int, int] | None = None,
+    strict: bool = True,
+):
+    """Place the arrays of Google's ``R50+ViT-B_16.npz`` into TransUNet parameters.
+
+    params: the ``'params'`` collection of an initialised TransUNet (a dict or FrozenDict; a full
+    ``variables`` dict with a ``'params'`` entry is accepted too and returned with the same
+    structure). npz_path: the checkpoint. root_conv: "mean" | "repeat" | "init" (see module
+    docstring). grid: the model's token grid (H/16, W/16); inferred from the position embedding
+    when it is square. strict: raise ValueError when any checkpoint key cannot be placed.
+
+    Returns ``(new_params, LoadReport)``; arrays are cast to the dtype of the parameter they
+    replace (float32). Inputs are not modified.
+    """
+    if root_conv not in ROOT_METHODS:
+        raise ValueError(f"root_conv={root_conv!r}; expected one of {ROOT_METHODS}")
+    tree = unfreeze(params) if isinstance(params, FrozenDict) else dict(params)
+    wrapped = "params" in tree and "conv_root" not in tree
+    flat = traverse_util.flatten_dict(tree["params"] if wrapped else tree, sep="/")
+    if "conv_root/kernel" not in flat or POS_KEY not in flat:
+        raise ValueError(
+            "load_pretrained: params do not look like TransUNet parameters "
+            "(no conv_root/kernel or position embedding)"
+        )
+    new = dict(flat)
+    report = LoadReport()
+    placed_paths = set()
+    with np.load(npz_path) as ckpt:
+        keys = sorted(ckpt.files)
+        for key in keys:
+            reason = next(
+                (
+                    r
+                    for p, r in DROPPED_PREFIXES.items()
+                    if key == p or (p.endswith("/") and key.startswith(p))
+                ),
+                None,
+            )
+            if reason is not None:
+                report.dropped[key] = reason
+                continue
+            if key not in flat:
+                report.unplaced[key] = "no parameter with this path in the model"
+                continue
+            target = flat[key]
+            value = np.asarray(ckpt[key])
+            try:
+                if key == POS_KEY:
+                    n = target.shape[1]
+                    g = grid or (math.isqrt(n), math.isqrt(n))
+                    if g[0] * g[1] != n:
+                        raise ValueError(f"model has {n} tokens; pass grid=(H/16, W/16)")
+                    value, how = resize_pos_embed(value, g)
+                elif key == ROOT_KEY and value.shape != tuple(target.shape):
+                    if root_conv == "init":
+                        report.dropped[key] = (
+                            f"RGB root kernel {value.shape} not used "
+                            f"(root_conv='init'): kept at random init"
+                        )
+                        continue
+                    if value.shape[:2] + value.shape[3:] != target.shape[:2] + target.shape[3:]:
+                        raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
+                    value = adapt_root_kernel(value, target.shape[2], root_conv)
+                    how = (
+                        f"RGB -> {target.shape[2]} channels ({root_conv} over RGB, "
+                        f"x {3 / target.shape[2]:.4g})"
+                    )
+                elif value.shape == tuple(target.shape):
+                    how = "copied"
+                elif value.size == math.prod(target.shape) and value.squeeze().shape == tuple(
+                    d for d in target.shape if d != 1
+                ):
+                    how = f"reshaped {value.shape} -> {tuple(target.shape)}"
+                    value = value.reshape(target.shape)
+                else:
+                    raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
+                if value.shape != tuple(target.shape):
+                    raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
+            except ValueError as e:
+                report.unplaced[key] = str(e)
+                continue
+            new[key] = jnp.asarray(value, dtype=target.dtype)
+            report.loaded[key] = how
+            placed_paths.add(key)
+    report.not_in_checkpoint = sorted(set(flat) - placed_paths)
+    if report.unplaced:
+        msg = (
+            f"load_pretrained({os.fspath(npz_path)}): {len(report.unplaced)} checkpoint "
+            f"keys could not be placed:\n"
+            + "\n".join(f"  {k}: {v}" for k, v in report.unplaced.items())
+        )
+        if strict:
+            raise ValueError(msg)
+        log.warning(msg)
+    log.info("load_pretrained(%s): %s", os.fspath(npz_path), report.summary())
+    out = traverse_util.unflatten_dict(new, sep="/")
+    if wrapped:
+        tree["params"] = out
+        out = tree
+    return out, report

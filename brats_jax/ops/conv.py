@@ -1,0 +1,265 @@
+"""2D convolution with a fast weight gradient on XLA:CPU (a ``jax.custom_vjp``).
+
+XLA:CPU runs forward and input-gradient convolutions about as fast as PyTorch's oneDNN, but
+lowers the weight gradient ``dW[i,j,c,o] = sum_{b,h,w} x[b,h+i,w+j,c] * dy[b,h,w,o]`` to a
+slow generic convolution (3-10x slower than PyTorch on the U-Net's layers). Here the forward
+pass and the input gradient stay the plain XLA convolution (bit-identical), and the weight
+gradient is rewritten as one or a few large matrix products (``lax.dot_general``), which
+XLA:CPU runs with its optimised GEMM. The result equals the plain gradient up to float32
+summation order (relative differences ~1e-6).
+
+Strategies for the weight gradient (``WGRAD_STRATEGIES``), all exact rewrites of the sum:
+
+* ``"xla"``: XLA's own transpose of the convolution (the reference).
+* ``"im2col"``: concatenate the kh*kw shifted views of x along channels -> (N, kh*kw*Cin),
+  one GEMM with dy (N, Cout). Best when that patch matrix is small (deep, low-resolution layers).
+* ``"shift"``: kw column-shifted copies of x (N', kw*Cin) and kh row-shifted, zero-padded
+  copies of dy (N', kh*Cout) over the padded grid, one GEMM -> all (i, j) blocks at once.
+  Moves ~3x (not 9x) the activations; best at high resolution.
+* ``"dots"``: kh*kw GEMMs of sliced views, summed into the kernel.
+* ``"auto"``: picked per layer shape by :func:`pick_wgrad_strategy` (measured on a 2-core
+  Xeon VM, see BENCHMARKS.md): "xla" when YNN fusions are off (see :mod:`brats_jax.ops.flags`,
+  the bigger win), else im2col / shift.
+
+Layout: NHWC activations, HWIO kernels (flax / ``brats_jax.models.layers`` convention).
+Only stride 1 uses the custom gradient; strided or dilated convolutions fall back to XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from brats_jax.ops.flags import ynn_disabled
+
+Array = jax.Array
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+WGRAD_STRATEGIES = ("auto", "xla", "im2col", "shift", "dots")
+
+_IM2COL_MAX_BYTES = 24 * 2**20
+"""'auto' uses im2col while the (N, kh*kw*Cin) patch matrix stays below this size."""
+
+
+def conv2d_xla(x: Array, kernel: Array, strides: Sequence[int] = (1, 1), padding="VALID") -> Array:
+    """Plain XLA convolution: x (B,H,W,Cin), kernel (kh,kw,Cin,Cout) -> (B,H',W',Cout).
+
+    ``padding`` is ``"VALID"``, ``"SAME"`` or ``((lo,hi),(lo,hi))`` zero paddings, as for
+    ``lax.conv_general_dilated``; output dtype follows the inputs.
+    """
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=tuple(strides),
+        padding=padding,
+        dimension_numbers=DIMENSION_NUMBERS,
+    )
+
+
+def pick_wgrad_strategy(
+    x_shape: Sequence[int], kernel_shape: Sequence[int], itemsize: int = 4
+) -> str:
+    """Weight-gradient strategy for a stride-1 VALID conv of x (B,Hp,Wp,Cin) with kernel
+    (kh,kw,Cin,Cout): "xla" when XLA_FLAGS disable YNN fusions (:func:`flags.ynn_disabled`;
+    XLA's own weight gradient is then the fastest), else "im2col" when the patch matrix is
+    below ``_IM2COL_MAX_BYTES`` and "shift" above (1x1 kernels: "im2col", a single GEMM)."""
+    b, hp, wp, cin = x_shape
+    kh, kw = kernel_shape[:2]
+    if ynn_disabled():
+        return "xla"  # without YNN fusions XLA's own weight-gradient convolution is fastest
+    if kh == 1 and kw == 1:
+        return "im2col"
+    n = b * (hp - kh + 1) * (wp - kw + 1)
+    if n * kh * kw * cin * itemsize <= _IM2COL_MAX_BYTES:
+        return "im2col"
+    return "shift"
+
+
+def _gemm_tn(a: Array, b: Array) -> Array:
+    """a (N, M), b (N, K) -> a^T b (M, K), accumulated in float32."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def weight_grad(x: Array, dy: Array, kernel_shape: Sequence[int], strategy: str = "auto") -> Array:
+    """Gradient of ``sum(conv2d_xla(x, w, VALID) * dy)`` w.r.t. w, without XLA's conv transpose.
+
+    x: (B,Hp,Wp,Cin) (already padded), dy: (B,H,W,Cout) with H = Hp-kh+1, W = Wp-kw+1.
+    Returns float32 (kh,kw,Cin,Cout). ``strategy`` is one of ``WGRAD_STRATEGIES``.
+    """
+    kh, kw, cin, cout = kernel_shape
+    b, hp, wp, _ = x.shape
+    h, w = hp - kh + 1, wp - kw + 1
+    if dy.shape != (b, h, w, cout):
+        raise ValueError(
+            f"weight_grad: dy shape {dy.shape} does not match x {x.shape} and "
+            f"kernel {tuple(kernel_shape)} (expected {(b, h, w, cout)})"
+        )
+    if strategy == "auto":
+        strategy = pick_wgrad_strategy(x.shape, kernel_shape, x.dtype.itemsize)
+    if strategy == "xla":
+        _, vjp = jax.vjp(lambda k: conv2d_xla(x, k), jnp.zeros(kernel_shape, x.dtype))
+        return vjp(dy.astype(x.dtype))[0].astype(jnp.float32)
+    d = dy.reshape(b * h * w, cout)
+    if strategy == "im2col":
+        if kh == 1 and kw == 1:
+            cols = x.reshape(b * h * w, cin)
+        else:
+            cols = jnp.concatenate(
+                [x[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
+            ).reshape(b * h * w, kh * kw * cin)
+        return _gemm_tn(cols, d).reshape(kh, kw, cin, cout)
+    if strategy == "dots":
+        g = [
+            _gemm_tn(x[:, i : i + h, j : j + w, :].reshape(-1, cin), d)
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        return jnp.stack(g).reshape(kh, kw, cin, cout)
+    if strategy == "shift":
+        # sum over the padded rows h' of x[b,h',w+j,c] * dy_i[b,h',w,o], dy_i = dy moved down by i.
+        xs = jnp.concatenate([x[:, :, j : j + w, :] for j in range(kw)], axis=-1)
+        ds = jnp.concatenate(
+            [jnp.pad(dy, ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0))) for i in range(kh)], axis=-1
+        )
+        g = _gemm_tn(xs.reshape(b * hp * w, kw * cin), ds.reshape(b * hp * w, kh * cout))
+        return g.reshape(kw, cin, kh, cout).transpose(2, 0, 1, 3)
+    raise ValueError(f"weight_grad: strategy={strategy!r}; expected one of {WGRAD_STRATEGIES}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_valid(x: Array, kernel: Array, strategy: str) -> Array:
+    return conv2d_xla(x, kernel)
+
+
+def _conv_valid_fwd(x, kernel, strategy):
+    return conv2d_xla(x, kernel), (x, kernel)
+
+
+def input_grad(dy: Array, kernel: Array) -> Array:
+    """Gradient of ``sum(conv2d_xla(x, kernel, VALID) * dy)`` w.r.t. x (B,H+kh-1,W+kw-1,Cin).
+
+    The same convolution XLA's transpose rule emits (dy zero-padded by k-1, kernel spatially
+    reversed with in/out swapped), but the kernel is transposed first and reversed in a separate
+    copy (XLA:CPU fuses reverse+transpose into one slow loop: 63 ms for a 3x3x1024x1024 kernel
+    on 2 cores, 18 ms for the transpose alone). Same products and sums: bit-identical.
+    """
+    kh, kw = kernel.shape[:2]
+    wt = lax.optimization_barrier(jnp.swapaxes(kernel, 2, 3))
+    wt = wt[::-1, ::-1]
+    return lax.conv_general_dilated(
+        dy,
+        wt,
+        window_strides=(1, 1),
+        padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
+        dimension_numbers=DIMENSION_NUMBERS,
+    )
+
+
+def _conv_valid_bwd(strategy, res, dy):
+    x, kernel = res
+    dx = input_grad(dy, kernel).astype(x.dtype)
+    dk = weight_grad(x, dy, kernel.shape, strategy).astype(kernel.dtype)
+    return dx, dk
+
+
+_conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
+
+
+def conv2d_fast(
+    x: Array,
+    kernel: Array,
+    strides: Sequence[int] = (1, 1),
+    padding="VALID",
+    strategy: str = "auto",
+) -> Array:
+    """Same forward as :func:`conv2d_xla` (bit-identical), with the fast weight gradient.
+
+    x: (B,H,W,Cin), kernel: (kh,kw,Cin,Cout); ``padding`` "VALID" or ((lo,hi),(lo,hi)) zero
+    paddings (applied with ``jnp.pad`` before the VALID conv). Strides other than 1 and string
+    paddings other than "VALID" fall back to the plain XLA convolution and gradient.
+    """
+    if strategy not in WGRAD_STRATEGIES:
+        raise ValueError(f"conv2d_fast: strategy={strategy!r}; expected one of {WGRAD_STRATEGIES}")
+    if tuple(strides) != (1, 1) or (isinstance(padding, str) and padding != "VALID"):
+        return conv2d_xla(x, kernel, strides, padding)
+    if not isinstance(padding, str):
+        (t, bo), (le, r) = padding
+        if t or bo or le or r:
+            x = jnp.pad(x, ((0, 0), (t, bo), (le, r), (0, 0)))
+    return _conv_valid(x, kernel, strategy)
+
+
+def conv2d_auto(x: Array, kernel: Array, strides: Sequence[int] = (1, 1), padding="VALID") -> Array:
+    """:func:`conv2d_fast` when JAX's default backend is the CPU, else :func:`conv2d_xla`
+    (GPU/TPU convolution gradients are already fast). Decided at trace time."""
+    if jax.default_backend() == "cpu":
+        return conv2d_fast(x, kernel, strides, padding)
+    return conv2d_xla(x, kernel, strides, padding)
+
+
+IMPLS: dict[str, Callable[..., Array]] = {
+    "xla": conv2d_xla,
+    "cpu_fast": conv2d_fast,
+    "auto": conv2d_auto,
+}
+"""Convolution functions by name: ``fn(x, kernel, strides, padding) -> y``."""
+
+
+class FastConv(nn.Module):
+    """Drop-in for ``flax.linen.Conv`` (2D, NHWC) with a selectable weight-gradient path.
+
+    Parameters ``kernel`` (kh,kw,Cin,features) and ``bias`` (features,) as in ``nn.Conv``, so
+    checkpoints are interchangeable. x: (B,H,W,Cin) -> (B,H',W',features).
+    ``padding``: "SAME" | "VALID" | "REFLECT" (reflection, output size = input size for odd
+    kernels) | ((lo,hi),(lo,hi)). ``impl``: "auto" (fast path on CPU only) | "cpu_fast" | "xla".
+    """
+
+    features: int
+    kernel_size: int | Sequence[int] = (3, 3)
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    use_bias: bool = True
+    impl: str = "auto"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.impl not in IMPLS:
+            raise ValueError(f"FastConv impl={self.impl!r}; expected one of {sorted(IMPLS)}")
+        ks = (
+            (self.kernel_size,) * 2
+            if isinstance(self.kernel_size, int)
+            else tuple(self.kernel_size)
+        )
+        st = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+        kernel = self.param(
+            "kernel", self.kernel_init, (*ks, x.shape[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        pads = [((k - 1) // 2, k // 2) for k in ks]
+        padding = self.padding
+        if isinstance(padding, str) and padding.upper() == "REFLECT":
+            x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode="reflect")
+            padding = "VALID"
+        elif isinstance(padding, str) and padding.upper() == "SAME" and st == (1, 1):
+            padding = tuple(pads)
+        elif isinstance(padding, str):
+            padding = padding.upper()
+        y = IMPLS[self.impl](x, kernel, st, padding)
+        if bias is not None:
+            y = y + bias
+        return y
+

@@ -1,0 +1,437 @@
+"""Run a sweep: `python -m experiments.run NAME --out=DIR [--scale=smoke|paper] [--dry-run]
+[--config.a.b=value ...]`.
+
+Every run of sweep NAME (see `experiments/sweeps.py`; several names may be given) trains
+in-process into `DIR/<run name>/`. A run whose `results.json` exists is skipped; an
+interrupted one resumes from its checkpoints (`train_and_evaluate` does that); a run that
+raises has its traceback written to `DIR/<run>/error.txt` and the sweep goes on; the exit
+code is 1 if any run failed. `DIR/sweep.log` records what each invocation did.
+
+`--only=PATTERNS` restricts the sweep to matching run names (e.g. `--only='unet-ce-*'`).
+`--config.a.b=value` (or `--config.a.b value`) sets a config field in every run, converted
+to the field's type (bool: true/false/1/0/yes/no). Fields a sweep varies (its learning
+rates, losses, ...) cannot be overridden.
+
+The code is split into `plan_runs` (what to run) and `execute` (running it), so that runs
+sharing a shape can later be grouped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fnmatch
+import gc
+import json
+import os
+import pathlib
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from brats_jax import fileio
+from experiments import sweeps
+
+RESULTS = "results.json"
+RUN_INFO = "run.json"
+ERROR = "error.txt"
+SWEEP_LOG = "sweep.log"
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One planned run.
+
+    Attributes:
+      name: run name (= folder name under the output folder).
+      config: the run's full `ml_collections.ConfigDict`.
+      workdir: `out/<name>`.
+      placements: sweep name -> {"row", "col", "study"}: where the run sits in each table.
+      scale: "smoke" | "paper".
+      overrides: the command-line overrides applied (dotted field -> value).
+    """
+
+    name: str
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    placements: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    scale: str = "smoke"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What `execute` did with one run: status in {"done", "skipped", "failed"}."""
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    message: str = ""
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def convert_value(field: str, text: str, current: Any) -> Any:
+    """`text` converted to the type of the field's current value; a ValueError names both."""
+    try:
+        if isinstance(current, bool):
+            low = text.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            f = float(text)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str) or current is None:
+            return text
+    except ValueError:
+        pass
+    else:
+        raise ValueError(
+            f"--config.{field}: cannot set a field of type {type(current).__name__} "
+            "from the command line"
+        )
+    raise ValueError(
+        f"--config.{field}={text!r}: expected a {type(current).__name__} "
+        f"(the field's current value is {current!r})"
+    )
+
+
+def parse_overrides(args: Sequence[str], template: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`{"a.b": typed value}` from `--config.a.b=value` / `--config.a.b value` arguments.
+
+    Args:
+      args: command-line tokens left after the known options.
+      template: a config holding every field (its values give the types).
+
+    Raises:
+      ValueError: on a token that is not a config override, a missing value, an unknown
+        field (listing the group's fields) or a value of the wrong type.
+    """
+    out: dict[str, Any] = {}
+    tokens = list(args)
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--config."):
+            raise ValueError(
+                f"unexpected argument {tok!r}; "
+                "config overrides look like --config.train.num_steps=5"
+            )
+        body = tok[len("--config.") :]
+        if "=" in body:
+            field, value = body.split("=", 1)
+        else:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ValueError(f"{tok}: missing value (write {tok}=VALUE)")
+            field, value = body, tokens[i + 1]
+            i += 1
+        i += 1
+        out[field] = convert_value(field, value, _lookup(template, field))
+    return out
+
+
+def _lookup(config: ml_collections.ConfigDict, field: str) -> Any:
+    node: Any = config
+    parts = field.split(".")
+    for depth, p in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+            where = ".".join(parts[:depth]) or "the config"
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ValueError(
+                f"unknown config field --config.{field}: {where} has no field {p!r}"
+                + (f"; known: {', '.join(known)}" if known else "")
+            )
+        node = node[p]
+    if isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"--config.{field} is a group, not a field; set one of its fields")
+    return node
+
+
+def infer_data_source(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Add `data.source` when only `data.root` was given: kaggle_h5 for a folder with .h5
+    slices or meta_data.csv, else nifti (a note is printed). Returns a new dict."""
+    out = dict(overrides)
+    root = out.get("data.root")
+    if root and out.get("data.source", "synthetic") == "synthetic" and "data.source" not in out:
+        p = pathlib.Path(root)
+        if not p.is_dir():
+            raise ValueError(f"--config.data.root={root!r}: no such folder")
+        kaggle = (p / "meta_data.csv").exists() or next(p.glob("*.h5"), None) is not None
+        out["data.source"] = "kaggle_h5" if kaggle else "nifti"
+        print(f"note: --config.data.root given without data.source; using {out['data.source']}")
+    return out
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_runs(
+    names: str | Sequence[str],
+    scale: str = "smoke",
+    overrides: dict[str, Any] | None = None,
+    *,
+    out: str | os.PathLike = "experiments_out",
+) -> list[RunSpec]:
+    """The runs of sweep(s) `names` at `scale` with `overrides`, in table order.
+
+    A run shared by several sweeps (same name, hence same config) is planned once, with one
+    placement per sweep. Raises ValueError for an unknown sweep or scale, and for an
+    override of a field a sweep varies.
+    """
+    if isinstance(names, str):
+        names = [names]
+    overrides = dict(overrides or {})
+    out = pathlib.Path(out)
+    specs: dict[str, RunSpec] = {}
+    for name in names:
+        sweep = sweeps.get_sweep(name)
+        clash = sorted(set(overrides) & sweeps.refused_overrides(sweep))
+        if clash:
+            raise ValueError(
+                f"sweep {name!r} varies {', '.join(clash)}; overriding "
+                f"{'it' if len(clash) == 1 else 'them'} would make its runs the same"
+            )
+        for cell, config in sweeps.expand(name, scale, overrides):
+            placement = {"row": cell.row, "col": cell.col, "study": cell.study}
+            spec = specs.get(config.name)
+            if spec is None:
+                spec = RunSpec(config.name, config, out / config.name, {}, scale, overrides)
+                specs[config.name] = spec
+            spec.placements[name] = placement
+    return list(specs.values())
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    diff = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diff += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            diff.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return diff
+
+
+def _log(out: pathlib.Path, line: str) -> None:
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / SWEEP_LOG, "a") as f:
+        f.write(f"{stamp} {line}\n")
+    print(line, flush=True)
+
+
+def _write_run_info(spec: RunSpec, **extra) -> None:
+    path = spec.workdir / RUN_INFO
+    info = {}
+    if path.exists():
+        try:
+            info = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            info = {}
+    placements = {**info.get("placements", {}), **spec.placements}
+    info.update(
+        name=spec.name,
+        model=spec.config.model.name,
+        scale=spec.scale,
+        overrides=spec.overrides,
+        placements=placements,
+        **extra,
+    )
+    fileio.write_json(path, info)
+
+
+def _default_train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    from brats_jax import train
+
+    return train.train_and_evaluate(config, workdir)
+
+
+def execute(
+    runs: Sequence[RunSpec],
+    *,
+    train_fn: Callable[[ml_collections.ConfigDict, pathlib.Path], dict] | None = None,
+) -> list[Outcome]:
+    """Run each spec into its workdir, in order; never raises for a failing run.
+
+    Skips a run whose `results.json` exists; refuses (status "failed") to resume a workdir
+    whose `config.json` differs from the planned config. A raising run gets its traceback
+    in `<workdir>/error.txt`. Progress goes to stdout and `<out>/sweep.log`.
+    `train_fn(config, workdir)` defaults to `brats_jax.train.train_and_evaluate`.
+    """
+    train_fn = train_fn or _default_train
+    outcomes = []
+    for i, spec in enumerate(runs):
+        out = spec.workdir.parent
+        tag = f"[{i + 1}/{len(runs)}] {spec.name}"
+        planned = _config_json(spec.config)
+        saved_path = spec.workdir / "config.json"
+        diff = []
+        if saved_path.exists():
+            try:
+                diff = _config_diff(json.loads(saved_path.read_text()), planned)
+            except json.JSONDecodeError:
+                diff = []
+        if (spec.workdir / RESULTS).exists():
+            note = f" (its config differs: {'; '.join(diff)})" if diff else ""
+            _log(out, f"{tag}: skipped, finished{note}")
+            _write_run_info(spec)
+            outcomes.append(Outcome(spec.name, "skipped", message=note.strip(" ()")))
+            continue
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        if diff:
+            msg = (
+                f"{spec.workdir} holds an unfinished run with a different config "
+                f"({'; '.join(diff)}); delete the folder or use another --out"
+            )
+            fileio.write_text(spec.workdir / ERROR, msg + "\n")
+            _log(out, f"{tag}: FAILED: {msg}")
+            outcomes.append(Outcome(spec.name, "failed", message=msg))
+            continue
+        resume = (spec.workdir / "checkpoints").exists()
+        _log(out, f"{tag}: {'resuming' if resume else 'starting'}")
+        _write_run_info(spec, status="running")
+        t0 = time.perf_counter()
+        try:
+            train_fn(spec.config, spec.workdir)
+        except Exception as e:  # noqa: BLE001 - one failing run must not stop the sweep
+            seconds = time.perf_counter() - t0
+            fileio.write_text(spec.workdir / ERROR, traceback.format_exc())
+            _write_run_info(spec, status="failed", seconds=seconds)
+            msg = f"{type(e).__name__}: {e}".splitlines()[0]
+            _log(out, f"{tag}: FAILED after {seconds:.1f}s: {msg} (see {spec.workdir / ERROR})")
+            outcomes.append(Outcome(spec.name, "failed", seconds, msg))
+        else:
+            seconds = time.perf_counter() - t0
+            (spec.workdir / ERROR).unlink(missing_ok=True)
+            _write_run_info(spec, status="done", seconds=seconds)
+            _log(out, f"{tag}: done in {seconds:.1f}s")
+            outcomes.append(Outcome(spec.name, "done", seconds))
+        finally:
+            _release_memory()
+    return outcomes
+
+
+def enable_compile_cache(directory: str | os.PathLike) -> None:
+    """Turn on JAX's persistent compilation cache in `directory`.
+
+    The runs of a sweep compile the same train/eval/predict functions over and over (a
+    learning rate lives in the optimizer state, so cells that differ only in it compile to
+    the same program); on 2 CPU cores this cuts a tiny U-Net's compile from ~8 s to ~1 s
+    and a tiny TransUNet's from ~22 s to ~3 s per function.
+    """
+    import jax
+
+    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _release_memory() -> None:
+    """Drop compiled executables of the finished run (each run jits fresh functions)."""
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        description="Run the study's sweeps. Any --config.a.b=value applies to every run.",
+        epilog=f"sweeps: {', '.join(sweeps.SWEEPS)}",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="sweep name(s)")
+    p.add_argument("--out", required=True, help="output folder; runs go to OUT/<run name>/")
+    p.add_argument("--scale", choices=sweeps.SCALES, default="smoke")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument(
+        "--only",
+        default="",
+        metavar="PATTERNS",
+        help="comma-separated run-name patterns (fnmatch, e.g. 'unet-ce-*'): run only those",
+    )
+    p.add_argument(
+        "--compile-cache",
+        default=str(pathlib.Path.home() / ".cache" / "brats_jax" / "jax_compile"),
+        help="JAX persistent compilation cache folder shared by the runs ('off' = none)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry; returns the exit code (0 ok, 1 a run failed, 2 bad arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        template = sweeps.base_config("unet", args.scale)
+        overrides = infer_data_source(parse_overrides(rest, template))
+        runs = plan_runs(args.names, args.scale, overrides, out=args.out)
+        if args.only:
+            patterns = [x.strip() for x in args.only.split(",") if x.strip()]
+            runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, x) for x in patterns)]
+            if not runs:
+                raise ValueError(f"--only={args.only!r} matches none of the sweep's runs")
+    except (ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for spec in runs:
+            done = (spec.workdir / RESULTS).exists()
+            c = spec.config
+            steps = f"{c.train.num_steps} steps" if c.train.num_steps else (
+                f"{c.train.num_epochs} epochs")  # fmt: skip
+            print(
+                f"{spec.name:<34} {'finished' if done else 'to run':<8} "
+                f"{c.model.name} loss={c.train.loss} lr={sweeps.fmt_lr(c.train.learning_rate)} "
+                f"bs={c.train.batch_size} {steps} {c.data.image_size}px data={c.data.source}"
+            )
+        print(f"{len(runs)} runs into {args.out} (scale {args.scale})")
+        return 0
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.compile_cache != "off":
+        enable_compile_cache(args.compile_cache)
+    out = pathlib.Path(args.out)
+    _log(out, f"sweep {' '.join(args.names)} scale={args.scale} runs={len(runs)} "
+              f"overrides={json.dumps(overrides)}")  # fmt: skip
+    t0 = time.perf_counter()
+    outcomes = execute(runs)
+    failed = [o for o in outcomes if o.status == "failed"]
+    n = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    _log(out, f"sweep finished in {time.perf_counter() - t0:.1f}s: {n['done']} done, "
+              f"{n['skipped']} skipped, {n['failed']} failed")  # fmt: skip
+    for o in failed:
+        print(f"  FAILED {o.name}: {o.message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""NIfTI case discovery, loading, label conventions and error messages (tiny files)."""
+
+import gzip
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_jax.data import DataError, find_cases, load_case, to_release_labels, to_train_labels
+
+SHAPE = (16, 16, 8)
+NAMES_2018 = {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"}
+NAMES_2023 = {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"}
+
+
+def _raw(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, 1000, SHAPE).astype(np.int16)
+    x[:4] = 0  # background
+    return x
+
+
+def _label(naming):
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[6:8, 6:8, 2] = 1
+    lab[8:10, 6:8, 2] = 2
+    lab[10:12, 6:8, 3] = 4 if naming == "2018" else 3
+    return lab
+
+
+def write_case(root, case_id, naming="2018", ext=".nii.gz", seg_name=None, affine=None, **over):
+    """Writes a tiny case; returns (case dir, raw arrays by modality, label)."""
+    d = pathlib.Path(root) / case_id
+    d.mkdir(parents=True, exist_ok=True)
+    names = NAMES_2018 if naming == "2018" else NAMES_2023
+    affine = np.eye(4) if affine is None else affine
+    raws = {}
+    for k, m in enumerate(("flair", "t1", "t1ce", "t2")):
+        arr = over.get(m, _raw(k))
+        raws[m] = arr
+        nib.save(
+            nib.Nifti1Image(arr, over.get(f"{m}_affine", affine)), d / f"{case_id}{names[m]}{ext}"
+        )
+    lab = over.get("seg", _label(naming))
+    if lab is not None:
+        name = seg_name or f"{case_id}{names['seg']}{ext}"
+        nib.save(nib.Nifti1Image(lab, affine), d / name)
+    return d, raws, lab
+
+
+@pytest.mark.parametrize("naming,ext", [("2018", ".nii.gz"), ("2018", ".nii"), ("2023", ".nii.gz")])
+def test_both_namings_load_and_remap(tmp_path, naming, ext):
+    d, raws, lab = write_case(tmp_path, "C1", naming, ext)
+    (cases,) = [find_cases(tmp_path)]
+    assert [c.case_id for c in cases] == ["C1"] and cases[0].naming == naming
+    data = load_case(cases[0])
+    assert data.image.shape == SHAPE + (4,) and data.image.dtype == np.float32
+    assert data.label.dtype == np.int32
+    # remap by hand: 4 -> 3 (2018-2021); 2023 already 3
+    assert set(np.unique(data.label)) == {0, 1, 2, 3}
+    assert (data.label[10:12, 6:8, 3] == 3).all() and (data.label[8:10, 6:8, 2] == 2).all()
+    # channel order flair, t1, t1ce, t2 and z-score over brain voxels (any modality non-zero)
+    brain = np.zeros(SHAPE, bool)
+    for r in raws.values():
+        brain |= r != 0
+    for k, m in enumerate(("flair", "t1", "t1ce", "t2")):
+        x = raws[m].astype(np.float64)
+        expect = (x - x[brain].mean()) / x[brain].std()
+        np.testing.assert_allclose(data.image[..., k], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_release_labels_round_trip():
+    y = np.array([0, 1, 2, 3])
+    np.testing.assert_array_equal(to_release_labels(y, "2018"), [0, 1, 2, 4])
+    np.testing.assert_array_equal(to_release_labels(y, "2023"), [0, 1, 2, 3])
+    np.testing.assert_array_equal(to_train_labels(np.array([0, 1, 2, 4]), "2018"), y)
+
+
+def test_case_355_segm_quirk(tmp_path):
+    write_case(tmp_path, "BraTS20_Training_355", ext=".nii", seg_name="W39_1998.09.19_Segm.nii")
+    (case,) = find_cases(tmp_path)
+    assert case.seg.name == "W39_1998.09.19_Segm.nii"
+    assert load_case(case).label.max() == 3
+
+
+def test_cases_found_nested_and_sorted(tmp_path):
+    write_case(tmp_path / "release", "B", "2018")
+    write_case(tmp_path / "release", "A", "2023")
+    assert [c.case_id for c in find_cases(tmp_path)] == ["A", "B"]
+
+
+def test_missing_root_and_modality(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        find_cases(tmp_path / "nope")
+    d, _, _ = write_case(tmp_path, "C1")
+    (d / "C1_t1ce.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"C1.*t1ce.*C1_t1ce\.nii"):
+        find_cases(tmp_path)
+
+
+def test_shape_and_affine_mismatch(tmp_path):
+    write_case(tmp_path / "a", "C1", t2=np.ones((16, 16, 7), np.int16))
+    with pytest.raises(DataError, match=r"C1_t2\.nii\.gz has shape \(16, 16, 7\)"):
+        load_case(tmp_path / "a" / "C1")
+    aff = np.eye(4)
+    aff[0, 3] = 5.0
+    write_case(tmp_path / "b", "C2", t1_affine=aff)
+    with pytest.raises(DataError, match=r"C2_t1\.nii\.gz affine differs"):
+        load_case(tmp_path / "b" / "C2")
+
+
+def test_non_finite_and_bad_labels(tmp_path):
+    x = np.ones(SHAPE, np.float32)
+    x[1, 1, 1] = np.nan
+    write_case(tmp_path / "a", "C1", flair=x)
+    with pytest.raises(DataError, match=r"C1_flair\.nii\.gz.*non-finite"):
+        load_case(tmp_path / "a" / "C1")
+    lab = _label("2018")
+    lab[0, 0, 0] = 3  # 3 is unused in 2018-2021 releases
+    write_case(tmp_path / "b", "C2", seg=lab)
+    with pytest.raises(DataError, match=r"C2.*\[3\] outside.*\(0, 1, 2, 4\)"):
+        load_case(tmp_path / "b" / "C2")
+    lab = _label("2023")
+    lab[0, 0, 0] = 5
+    write_case(tmp_path / "c", "C3", "2023", seg=lab)
+    with pytest.raises(DataError, match=r"C3.*\[5\] outside"):
+        load_case(tmp_path / "c" / "C3")
+
+
+def test_corrupt_gzip(tmp_path):
+    d, _, _ = write_case(tmp_path, "C1")
+    p = d / "C1_t2.nii.gz"
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(DataError, match=r"C1_t2\.nii\.gz"):
+        load_case(d)
+    p.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
+    with pytest.raises(DataError, match=r"C1_t2\.nii\.gz"):
+        load_case(d)
+
+
+def test_missing_label_required(tmp_path):
+    write_case(tmp_path, "C1", seg=None)
+    (case,) = find_cases(tmp_path)
+    assert case.seg is None and load_case(case).label is None
+    with pytest.raises(DataError, match=r"missing label file C1_seg"):
+        load_case(case, require_label=True)

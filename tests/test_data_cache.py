@@ -1,0 +1,151 @@
+"""NIfTI -> slice cache: values, atomic/resumable writing, and agreement with the Kaggle slices."""
+
+import os
+import pathlib
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_data_brats import SHAPE, write_case
+
+from brats_jax.data import (
+    DataError,
+    KaggleH5Source,
+    NiftiCacheSource,
+    case_indices,
+    load_case,
+    load_volume,
+    prepare,
+)
+from brats_jax.data.cache import is_case_complete
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def release(tmp_path):
+    write_case(tmp_path / "src", "A", "2018", ".nii.gz")
+    write_case(tmp_path / "src", "B", "2023", ".nii.gz")
+    return tmp_path / "src"
+
+
+def test_cache_matches_load_case(release, tmp_path):
+    src = NiftiCacheSource(prepare(release, tmp_path / "c", progress=False))
+    assert len(src) == 2 * SHAPE[2] and src.case_ids == ["A", "B"]
+    data = load_case(release / "B")
+    for s in range(SHAPE[2]):
+        rec = src[SHAPE[2] + s]
+        assert rec["case_id"] == "B" and rec["slice_index"] == s
+        np.testing.assert_array_equal(rec["image"], data.image[:, :, s])
+        np.testing.assert_array_equal(rec["label"], data.label[:, :, s])
+        # table: pixel counts per class and brain fraction (any modality non-zero; rows :4 zero)
+        np.testing.assert_array_equal(
+            src.table.class_counts[SHAPE[2] + s],
+            np.bincount(data.label[:, :, s].ravel(), minlength=4),
+        )
+        assert src.table.brain_fraction[SHAPE[2] + s] == pytest.approx(12 / 16)
+    # hand-written label: slice 2 has 4 NCR and 4 ED pixels, slice 3 has 4 ET pixels
+    assert src.table.class_counts[2].tolist() == [256 - 8, 4, 4, 0]
+    assert src.table.class_counts[3].tolist() == [256 - 4, 0, 0, 4]
+    image, label = load_volume(src, "A")
+    assert image.shape == SHAPE + (4,) and label.shape == SHAPE
+    np.testing.assert_array_equal(case_indices(src, "B"), np.arange(8, 16))
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone[5]["image"], src[5]["image"])
+
+
+def test_resumable_and_atomic(release, tmp_path):
+    out = tmp_path / "c"
+    prepare(release, out, progress=False)
+    stamp = (out / "cases" / "A" / "image.npy").stat().st_mtime_ns
+    # a half-written case from an interrupted run: temp folder, and a folder without marker
+    (out / "cases" / ".B.tmp-999").mkdir()
+    os.remove(out / "cases" / "B" / "COMPLETE")
+    assert not is_case_complete(out, "B")
+    with pytest.raises(DataError, match="incomplete"):
+        NiftiCacheSource(out)
+    prepare(release, out, progress=False)
+    assert (out / "cases" / "A" / "image.npy").stat().st_mtime_ns == stamp  # skipped
+    assert is_case_complete(out, "B") and not (out / "cases" / ".B.tmp-999").exists()
+    assert len(NiftiCacheSource(out)) == 16
+
+
+def test_failed_case_leaves_no_entry(release, tmp_path):
+    (release / "B" / "B-seg.nii.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="B-seg"):
+        prepare(release, tmp_path / "c", progress=False)
+    assert is_case_complete(tmp_path / "c", "A")
+    assert not (tmp_path / "c" / "cases" / "B").exists()
+    assert not list((tmp_path / "c" / "cases").glob(".B.tmp-*"))
+
+
+def test_missing_cache_message(tmp_path):
+    with pytest.raises(DataError, match="brats_jax.data.prepare"):
+        NiftiCacheSource(tmp_path)
+
+
+def test_prepare_cli(release, tmp_path):
+    out = tmp_path / "cli"
+    r = subprocess.run(
+        [sys.executable, "-m", "brats_jax.data.prepare", f"--src={release}", f"--out={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "16 slices" in r.stdout
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brats_jax.data.prepare",
+            f"--src={tmp_path / 'nope'}",
+            f"--out={out}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def _kaggle_zscore(x):
+    m, s = x.mean((0, 1)), x.std((0, 1))
+    return np.where(s > 0, (x - m) / np.where(s > 0, s, 1), 0.0)
+
+
+def test_real_sample_nifti_agrees_with_kaggle(brats_sample, tmp_path):
+    """Kaggle slices are volume[:, :, s] of Brats18_2013_2_1: labels exact, channels close."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    os.symlink(brats_sample / "nifti" / "Brats18_2013_2_1", src_dir / "Brats18_2013_2_1")
+    nif = NiftiCacheSource(prepare(src_dir, tmp_path / "cache", progress=False))
+    kag = KaggleH5Source(brats_sample / "kaggle_h5", stats_dir=tmp_path / "kstats")
+    assert len(kag) == 20 and len(nif) == 155
+    kag.fill_brain_fraction()
+    for i in range(len(kag)):
+        k = kag[i]
+        n = nif[k["slice_index"]]
+        np.testing.assert_array_equal(k["label"], n["label"])
+        np.testing.assert_allclose(
+            _kaggle_zscore(n["image"].astype(np.float64)), k["image"], atol=1e-4
+        )
+        s = k["slice_index"]
+        np.testing.assert_array_equal(kag.table.class_counts[i], nif.table.class_counts[s])
+        assert kag.table.brain_fraction[i] == pytest.approx(nif.table.brain_fraction[s], abs=1e-6)
+    # independent check of the csv: slice 80 has 9 NCR, 412 ED, 153 ET pixels
+    i80 = int(np.nonzero(kag.table.slice_index == 80)[0][0])
+    assert kag.table.class_counts[i80].tolist() == [240 * 240 - 574, 9, 412, 153]
+
+
+@pytest.mark.slow
+def test_real_sample_prepare_all(brats_sample, tmp_path):
+    src = NiftiCacheSource(prepare(brats_sample / "nifti", tmp_path / "cache", workers=2))
+    assert len(src.case_ids) == 18 and len(src) == 18 * 155
+    assert set(np.unique(src.table.class_counts.nonzero()[1])) == {0, 1, 2, 3}
+    shutil.rmtree(tmp_path / "cache")

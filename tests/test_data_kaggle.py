@@ -1,0 +1,109 @@
+"""Kaggle sliced-HDF5 source on tiny files written here."""
+
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+
+from brats_jax.data import DataError, KaggleH5Source
+from brats_jax.data.kaggle import mask_to_label
+
+H = W = 8
+
+
+def write_slice(d, v, s, label=None, brain_rows=4):
+    rng = np.random.default_rng(v * 1000 + s)
+    raw = np.zeros((H, W, 4))
+    raw[:brain_rows] = rng.uniform(1, 10, (brain_rows, W, 4))
+    m, sd = raw.mean((0, 1)), raw.std((0, 1))
+    image = (raw - m) / np.where(sd > 0, sd, 1)
+    mask = np.zeros((H, W, 3), np.uint8)
+    if label is not None:
+        for c in (1, 2, 3):
+            mask[label == c, c - 1] = 1
+    with h5py.File(d / f"volume_{v}_slice_{s}.h5", "w") as f:
+        f["image"] = image
+        f["mask"] = mask
+    return image
+
+
+def test_mask_to_label():
+    m = np.zeros((2, 2, 3), np.uint8)
+    m[0, 1, 0] = 1
+    m[1, 0, 1] = 1
+    m[1, 1, 2] = 1
+    np.testing.assert_array_equal(mask_to_label(m), [[0, 1], [2, 3]])
+
+
+def _label():
+    lab = np.zeros((H, W), np.int32)
+    lab[1, 1], lab[1, 2:4], lab[2, :3] = 1, 2, 3
+    return lab
+
+
+def test_listing_without_csv(tmp_path):
+    lab = _label()
+    img = write_slice(tmp_path, 2, 10, lab)
+    write_slice(tmp_path, 2, 9)
+    write_slice(tmp_path, 1, 3, brain_rows=2)
+    src = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    assert len(src) == 3 and not src.has_csv
+    assert src.table.case_id.tolist() == ["volume_1", "volume_2", "volume_2"]
+    assert src.table.slice_index.tolist() == [3, 9, 10]
+    rec = src[2]
+    np.testing.assert_array_equal(rec["label"], lab)
+    np.testing.assert_allclose(rec["image"], img.astype(np.float32))
+    assert rec["image"].dtype == np.float32 and rec["case_id"] == "volume_2"
+    assert src.table.class_counts[2].tolist() == [64 - 6, 1, 2, 3]
+    np.testing.assert_allclose(src.table.brain_fraction, [2 / 8, 4 / 8, 4 / 8])
+    # measured stats persist: a new source reads them back without touching the files
+    again = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    np.testing.assert_allclose(again._table.brain_fraction, [2 / 8, 4 / 8, 4 / 8])
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone[2]["label"], lab)
+
+
+def test_csv_rerooted_and_counts(tmp_path):
+    lab = _label()
+    write_slice(tmp_path, 1, 0)
+    write_slice(tmp_path, 1, 1, lab)
+    (tmp_path / "meta_data.csv").write_text(
+        "slice_path,target,volume,slice,label0_pxl_cnt,label1_pxl_cnt,label2_pxl_cnt,background_ratio\n"
+        "/content/data/volume_1_slice_1.h5,1,1,1,1,2,3,0.9\n"
+        "/content/data/volume_1_slice_0.h5,0,1,0,0,0,0,1.0\n"
+        "/content/data/volume_1_slice_7.h5,0,1,7,0,0,0,1.0\n"  # absent: skipped
+    )
+    src = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    assert src.has_csv and len(src) == 2
+    assert src.table.class_counts.tolist() == [[64, 0, 0, 0], [58, 1, 2, 3]]
+    assert np.isnan(src.table.brain_fraction).all()  # not in the csv: measured on demand
+    src.fill_brain_fraction([0])
+    assert src.table.brain_fraction[0] == pytest.approx(0.5) and np.isnan(
+        src.table.brain_fraction[1]
+    )
+    np.testing.assert_array_equal(src[1]["label"], lab)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        KaggleH5Source(tmp_path / "nope")
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(DataError, match="no volume_"):
+        KaggleH5Source(tmp_path / "empty")
+    write_slice(tmp_path, 1, 0)
+    write_slice(tmp_path, 1, 1)
+    src = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    p = tmp_path / "volume_1_slice_1.h5"
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(DataError, match=r"volume_1_slice_1\.h5.*truncated or corrupt"):
+        src[1]
+    with h5py.File(p, "w") as f:
+        f["image"] = np.full((H, W, 4), np.nan)
+        f["mask"] = np.zeros((H, W, 3), np.uint8)
+    with pytest.raises(DataError, match=r"volume_1_slice_1\.h5.*non-finite"):
+        src[1]
+    with h5py.File(p, "w") as f:
+        f["image"] = np.zeros((H, W, 4))
+    with pytest.raises(DataError, match=r"expected datasets 'image'"):
+        src[1]

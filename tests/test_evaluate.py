@@ -1,0 +1,139 @@
+"""Tests for the brats_jax.evaluate CLI with tiny NIfTIs of hand-known Dice."""
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_jax import evaluate as E
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _save(path: pathlib.Path, arr, zooms=(1.0, 1.0, 1.0), dtype=np.uint8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(arr, dtype), np.diag([*zooms, 1.0]))
+    img.header.set_zooms(zooms)
+    nib.save(img, str(path))
+
+
+def _volumes(et_label):
+    """GT: WT 4 voxels (2 ED, 1 NCR, 1 ET); prediction hits 2 of them + 0 false positives."""
+    gt = np.zeros((6, 5, 4), np.int16)
+    gt[1, 1, 1] = 2
+    gt[1, 2, 1] = 2
+    gt[2, 1, 1] = 1
+    gt[2, 2, 1] = et_label
+    pred = np.zeros_like(gt)
+    pred[1, 1, 1] = 2
+    pred[2, 2, 1] = et_label
+    # WT 2*2/(4+2) = 2/3 ; TC: target {NCR, ET}, pred {ET} -> 2/3 ; ET 1
+    return gt, pred
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return {r["case_id"]: r for r in csv.DictReader(f)}
+
+
+def test_case_folders_both_namings_and_flat_predictions(tmp_path, capsys):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt, pred = _volumes(4)  # BraTS 2018-2021: ET = 4
+    _save(gt_dir / "Brats18_A" / "Brats18_A_seg.nii.gz", gt)
+    _save(pred_dir / "Brats18_A.nii.gz", pred)
+    gt3, pred3 = _volumes(3)  # BraTS 2023: ET = 3, '-seg'
+    _save(gt_dir / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz", gt3, (2, 3, 1))
+    _save(pred_dir / "BraTS-GLI-00001-000-seg.nii.gz", pred3)
+    _save(gt_dir / "Brats18_B" / "Brats18_B_seg.nii.gz", gt)  # no prediction: skipped
+    _save(pred_dir / "Brats18_C_seg.nii.gz", gt)  # no GT: skipped
+    (pred_dir / "notes.txt").write_text("not a nifti")
+
+    rows = E.evaluate_folder(pred_dir, gt_dir)
+    assert [r["case_id"] for r in rows] == ["BraTS-GLI-00001-000", "Brats18_A"]  # sorted
+    for r in rows:
+        assert r["dice_WT"] == pytest.approx(2 / 3)
+        assert r["dice_TC"] == pytest.approx(2 / 3)
+        assert r["dice_ET"] == pytest.approx(1.0)
+        assert r["hd95_ET"] == 0.0
+        assert r["sensitivity_WT"] == pytest.approx(0.5)
+    # spacing from the GT header: the two missed WT voxels are one voxel from a predicted one
+    # along x or y: 1 mm at (1,1,1) mm; min(2, 3) = 2 mm at (2,3,1) mm. P95 of [0,0,d,d] = d
+    b, a = rows
+    assert a["hd95_WT"] == pytest.approx(1.0)
+    assert b["hd95_WT"] == pytest.approx(2.0)
+    out = tmp_path / "res" / "metrics.csv"
+    E.write_csv(rows, out)
+    got = _rows(out)
+    assert set(got) == {"Brats18_A", "BraTS-GLI-00001-000"}
+    assert float(got["Brats18_A"]["dice_WT"]) == pytest.approx(2 / 3, abs=1e-6)
+    assert list(got["Brats18_A"]) == E.COLUMNS
+    assert not [p for p in out.parent.iterdir() if p.name != "metrics.csv"]  # no temp files
+    summary = E.summarize(rows)
+    assert "dice_WT" in summary and "hd95_ET" in summary and "median" in summary
+
+
+def test_flat_ground_truth_and_value_based_convention(tmp_path):
+    gt, pred = _volumes(4)
+    _save(tmp_path / "gt" / "case1.nii.gz", gt)  # flat, no naming hint: 4 present -> 2018
+    _save(tmp_path / "pred" / "case1-seg.nii.gz", pred)
+    gt3, pred3 = _volumes(3)
+    _save(tmp_path / "gt" / "case2.nii", gt3)  # no 4 -> 2023
+    _save(tmp_path / "pred" / "case2.nii.gz", pred3)
+    rows = E.evaluate_folder(tmp_path / "pred", tmp_path / "gt")
+    assert [r["dice_TC"] for r in rows] == pytest.approx([2 / 3, 2 / 3])
+    # predictions written in the training convention against 2018 GT
+    _save(tmp_path / "pred2" / "case1.nii.gz", np.where(pred == 4, 3, pred))
+    rows = E.evaluate_folder(tmp_path / "pred2", tmp_path / "gt", pred_labels="brats2023")
+    assert rows[0]["dice_ET"] == pytest.approx(1.0)
+
+
+def test_errors_name_the_case(tmp_path):
+    gt, pred = _volumes(4)
+    _save(tmp_path / "gt" / "X1" / "X1_seg.nii.gz", gt)
+    _save(tmp_path / "pred" / "Y1.nii.gz", pred)
+    with pytest.raises(E.EvaluationError, match="no matching cases"):
+        E.evaluate_folder(tmp_path / "pred", tmp_path / "gt")
+    _save(tmp_path / "pred" / "X1.nii.gz", pred[:, :, :3])
+    with pytest.raises(E.EvaluationError, match=r"case X1: prediction shape \(6, 5, 3\)"):
+        E.evaluate_folder(tmp_path / "pred", tmp_path / "gt")
+    bad = pred.copy()
+    bad[0, 0, 0] = 3  # 3 is unused in the 2018 convention
+    _save(tmp_path / "pred" / "X1.nii.gz", bad)
+    with pytest.raises(E.EvaluationError, match=r"case X1 prediction .*unknown label values \[3\]"):
+        E.evaluate_folder(tmp_path / "pred", tmp_path / "gt")
+    with pytest.raises(E.EvaluationError, match="does not exist"):
+        E.evaluate_folder(tmp_path / "nope", tmp_path / "gt")
+
+
+def test_cli_writes_csv_and_fails_with_one_line(tmp_path):
+    gt, pred = _volumes(4)
+    _save(tmp_path / "gt" / "X1" / "X1_seg.nii.gz", gt)
+    _save(tmp_path / "pred" / "X1_seg.nii.gz", pred)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "brats_jax.evaluate", f"--gt={tmp_path / 'gt'}"]
+    ok = subprocess.run(
+        [*cmd, f"--pred={tmp_path / 'pred'}", f"--out={tmp_path / 'm.csv'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert float(_rows(tmp_path / "m.csv")["X1"]["dice_WT"]) == pytest.approx(2 / 3, abs=1e-6)
+    assert "dice_WT" in ok.stdout
+    bad = subprocess.run(
+        [*cmd, f"--pred={tmp_path / 'gt'}", f"--out={tmp_path / 'n.csv'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 1
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("brats_jax.evaluate: error: no matching")
+    assert not (tmp_path / "n.csv").exists()

@@ -1,0 +1,72 @@
+"""Several runs in one compiled program give the same results as the runs trained alone."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from brats_jax import train
+from configs import unet as unet_config
+
+
+def _config(loss: str, lr: float, seed: int, **extra):
+    c = unet_config.get_config("tiny")
+    c.train.loss = loss
+    c.train.learning_rate = lr
+    c.train.seed = seed
+    c.train.num_steps = 4
+    c.train.eval_every_steps = 2
+    for k, v in extra.items():
+        setattr(c.train, k, v)
+    return c
+
+
+RUNS = [
+    _config("ce", 1e-3, 0),
+    _config("cb_focal", 3e-3, 1, beta=0.99, gamma=2.0),
+    _config("dice_ce", 1e-3, 2),
+]
+
+
+def _curves(workdir):
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {k: [r[k] for r in rows if k in r] for k in ("train_loss", "val_loss", "val_paper_dice")}
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    root = tmp_path_factory.mktemp("alone")
+    results = [train.train_and_evaluate(c, root / str(i)) for i, c in enumerate(RUNS)]
+    return root, results
+
+
+@pytest.mark.parametrize("mapping", ["map", "vmap"])
+def test_stacked_runs_match_runs_alone(alone, tmp_path, mapping):
+    root, expected = alone
+    workdirs = [tmp_path / str(i) for i in range(len(RUNS))]
+    got = train.train_runs(RUNS, workdirs, mapping=mapping)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g["steps"] == e["steps"] == 4
+        a, b = _curves(root / str(i)), _curves(workdirs[i])
+        for key in a:
+            assert len(a[key]) == len(b[key]) > 0, key
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-3, atol=2e-4, err_msg=key)
+        assert g["paper_dice"] == pytest.approx(e["paper_dice"], abs=2e-3)
+        for r in ("WT", "TC", "ET"):
+            assert g["dice"][r] == pytest.approx(e["dice"][r], abs=2e-2)
+        # Each run has its own outputs, as if trained alone.
+        for name in ("results.json", "per_case.csv", "config.json", "checkpoints"):
+            assert (workdirs[i] / name).exists()
+    # Params of the stacked run's checkpoint equal the lone run's (same seed, data, loss).
+    _, _, v_alone = train.load_trained(root / "1")
+    _, _, v_group = train.load_trained(workdirs[1])
+    for x, y in zip(jax.tree.leaves(v_alone), jax.tree.leaves(v_group), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
+
+
+def test_runs_with_different_architectures_are_refused(tmp_path):
+    other = _config("ce", 1e-3, 0)
+    other.model.base_features = 8
+    with pytest.raises(ValueError, match="must share"):
+        train.train_runs([RUNS[0], other], [tmp_path / "a", tmp_path / "b"])

@@ -1,0 +1,250 @@
+"""Round trip of Google's R50+ViT-B_16.npz layout into TransUNet parameters.
+
+The real checkpoint cannot be downloaded here; ``write_vit_npz`` writes a random .npz with the
+official key names, following ``make_fake_vit_npz.py`` (the script the official PyTorch
+TransUNet loader accepts) with the sizes as arguments, so small variants fit the tiny preset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+import scipy.special
+
+from brats_jax.models import TransUNet, load_pretrained
+from brats_jax.models.pretrained import resize_grid_align_corners
+from brats_jax.models.transunet import Encoder
+
+FULL = dict(
+    units=(3, 4, 9), width=64, hidden=768, layers=12, heads=12, mlp=3072, grid=14, n_cls=21843
+)
+
+
+def official_shapes(
+    units=(3, 4, 9),
+    width=64,
+    hidden=768,
+    layers=12,
+    heads=12,
+    mlp=3072,
+    grid=14,
+    n_cls=21843,
+    gn4d=False,
+):
+    """Key -> shape of the official checkpoint (transcribed from make_fake_vit_npz.py)."""
+    d = {}
+
+    def g(k, c):
+        d[k + "/scale"] = (1, 1, 1, c) if gn4d else (c,)
+        d[k + "/bias"] = (1, 1, 1, c) if gn4d else (c,)
+
+    d["conv_root/kernel"] = (7, 7, 3, width)
+    g("gn_root", width)
+    cin = width
+    for b, n_units in enumerate(units, 1):
+        mid = width * 2 ** (b - 1)
+        out = mid * 4
+        for u in range(1, n_units + 1):
+            pre = f"block{b}/unit{u}/"
+            d[pre + "conv1/kernel"] = (1, 1, cin, mid)
+            g(pre + "gn1", mid)
+            d[pre + "conv2/kernel"] = (3, 3, mid, mid)
+            g(pre + "gn2", mid)
+            d[pre + "conv3/kernel"] = (1, 1, mid, out)
+            g(pre + "gn3", out)
+            if u == 1:
+                d[pre + "conv_proj/kernel"] = (1, 1, cin, out)
+                g(pre + "gn_proj", out)
+            cin = out
+    d["embedding/kernel"] = (1, 1, cin, hidden)
+    d["embedding/bias"] = (hidden,)
+    d["cls"] = (1, 1, hidden)
+    d["Transformer/posembed_input/pos_embedding"] = (1, 1 + grid * grid, hidden)
+    g("Transformer/encoder_norm", hidden)
+    hd = hidden // heads
+    for i in range(layers):
+        pre = f"Transformer/encoderblock_{i}/"
+        g(pre + "LayerNorm_0", hidden)
+        g(pre + "LayerNorm_2", hidden)
+        for n in ("query", "key", "value"):
+            d[pre + f"MultiHeadDotProductAttention_1/{n}/kernel"] = (hidden, heads, hd)
+            d[pre + f"MultiHeadDotProductAttention_1/{n}/bias"] = (heads, hd)
+        d[pre + "MultiHeadDotProductAttention_1/out/kernel"] = (heads, hd, hidden)
+        d[pre + "MultiHeadDotProductAttention_1/out/bias"] = (hidden,)
+        d[pre + "MlpBlock_3/Dense_0/kernel"] = (hidden, mlp)
+        d[pre + "MlpBlock_3/Dense_0/bias"] = (mlp,)
+        d[pre + "MlpBlock_3/Dense_1/kernel"] = (mlp, hidden)
+        d[pre + "MlpBlock_3/Dense_1/bias"] = (hidden,)
+    d["head/kernel"] = (hidden, n_cls)
+    d["head/bias"] = (n_cls,)
+    return d
+
+
+def write_vit_npz(path, seed=0, **sizes):
+    """Write a random checkpoint with ``official_shapes(**sizes)``; returns the arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for k, s in official_shapes(**sizes).items():
+        base = 1.0 if k.endswith("/scale") else 0.0
+        arrays[k] = (base + rng.standard_normal(s) * 0.1).astype(np.float32)
+    np.savez(path, **arrays)
+    return arrays
+
+
+TINY = dict(units=(1, 1, 1), width=8, hidden=32, layers=2, heads=2, mlp=64, grid=3, n_cls=10)
+
+
+def abstract_params(model, size, cin=4):
+    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, cin))))
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), v)
+
+
+def get(tree, key):
+    for part in key.split("/"):
+        tree = tree[part]
+    return np.asarray(tree)
+
+
+def expected_value(key, arr, grid, cin):
+    """The array the model should hold for checkpoint key ``key``, computed independently."""
+    if key == "Transformer/posembed_input/pos_embedding":
+        s = math.isqrt(arr.shape[1] - 1)
+        g = arr[0, 1:].reshape(s, s, -1).astype(np.float64)
+        z = scipy.ndimage.zoom(g, (grid / s, grid / s, 1), order=1)  # official loader's resize
+        return z.reshape(1, grid * grid, -1)
+    if key == "conv_root/kernel" and cin != 3:
+        return np.repeat(arr.mean(axis=2, keepdims=True), cin, axis=2) * 3 / cin
+    if key.split("/")[-2].startswith("gn") or "norm" in key or "LayerNorm" in key:
+        return arr.reshape(-1)
+    return arr
+
+
+def check_round_trip(variables, arrays, report, grid, cin):
+    params = variables["params"]
+    dropped = {k for k in arrays if k == "cls" or k.startswith("head/")}
+    assert set(report.dropped) == dropped
+    assert not report.unplaced
+    assert set(report.loaded) == set(arrays) - dropped  # every other key was placed
+    for k in report.loaded:
+        np.testing.assert_allclose(
+            get(params, k), expected_value(k, arrays[k], grid, cin), rtol=1e-5, atol=1e-6, err_msg=k
+        )
+    # Only the decoder and the segmentation head are left at init.
+    assert {k.split("/")[0] for k in report.not_in_checkpoint} == {"decoder", "segmentation_head"}
+
+
+@pytest.mark.parametrize("gn4d", [False, True])
+def test_tiny_npz_round_trip(tmp_path, gn4d):
+    arrays = write_vit_npz(tmp_path / "vit.npz", gn4d=gn4d, **TINY)
+    model = TransUNet(preset="tiny")  # tiny preset = the TINY sizes above
+    variables = abstract_params(model, 64)  # 4x4 token grid; checkpoint has 3x3 (+ class token)
+    new, report = load_pretrained(variables, tmp_path / "vit.npz")
+    check_round_trip(new, arrays, report, grid=4, cin=4)
+    # params-only input works too and leaves its argument untouched.
+    new_p, _ = load_pretrained(variables["params"], tmp_path / "vit.npz")
+    np.testing.assert_array_equal(get(new_p, "embedding/kernel"), arrays["embedding/kernel"])
+    assert not np.any(get(variables["params"], "embedding/kernel"))
+    y = jax.jit(model.apply)(new, jnp.ones((1, 64, 64, 4)))
+    assert y.shape == (1, 64, 64, 4) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def _ln(x, s, b):
+    m = x.mean(-1, keepdims=True)
+    v = x.var(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + 1e-6) * s + b
+
+
+def numpy_vit_encoder(tokens, a, layers, heads, pos):
+    """ViT encoder written directly on the checkpoint's arrays (reference semantics)."""
+    x = tokens + pos[0]
+    for i in range(layers):
+        p = f"Transformer/encoderblock_{i}/"
+        at = p + "MultiHeadDotProductAttention_1/"
+        y = _ln(x, a[p + "LayerNorm_0/scale"], a[p + "LayerNorm_0/bias"])
+        q, k, v = (
+            np.einsum("bnd,dhk->bnhk", y, a[at + f"{n}/kernel"]) + a[at + f"{n}/bias"]
+            for n in ("query", "key", "value")
+        )
+        logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+        w = scipy.special.softmax(logits, axis=-1)
+        o = np.einsum("bhqs,bshk->bqhk", w, v)
+        x = x + np.einsum("bqhk,hkd->bqd", o, a[at + "out/kernel"]) + a[at + "out/bias"]
+        y = _ln(x, a[p + "LayerNorm_2/scale"], a[p + "LayerNorm_2/bias"])
+        h = y @ a[p + "MlpBlock_3/Dense_0/kernel"] + a[p + "MlpBlock_3/Dense_0/bias"]
+        h = 0.5 * h * (1 + scipy.special.erf(h / np.sqrt(2)))  # exact GELU
+        x = x + h @ a[p + "MlpBlock_3/Dense_1/kernel"] + a[p + "MlpBlock_3/Dense_1/bias"]
+    return _ln(x, a["Transformer/encoder_norm/scale"], a["Transformer/encoder_norm/bias"])
+
+
+def test_loaded_transformer_computes_the_reference_vit(tmp_path):
+    """Names mean what they say: query/key/value/out, LayerNorm_0/2, Dense_0/1 are used in
+    the checkpoint's roles (a swap would change the output)."""
+    arrays = write_vit_npz(tmp_path / "vit.npz", **TINY)
+    model = TransUNet(preset="tiny")
+    new, _ = load_pretrained(abstract_params(model, 48), tmp_path / "vit.npz")  # 3x3 grid
+    tokens = np.random.default_rng(5).standard_normal((2, 9, 32)).astype(np.float32)
+    enc = Encoder(model.config)
+    y = enc.apply({"params": new["params"]["Transformer"]}, jnp.asarray(tokens), False)
+    pos = arrays["Transformer/posembed_input/pos_embedding"][:, 1:]
+    ref = numpy_vit_encoder(tokens.astype(np.float64), arrays, 2, 2, pos)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_root_conv_methods_and_strict_mode(tmp_path):
+    arrays = write_vit_npz(tmp_path / "vit.npz", **TINY)
+    model = TransUNet(preset="tiny")
+    v = abstract_params(model, 48)
+    rgb = arrays["conv_root/kernel"]
+    new, rep = load_pretrained(v, tmp_path / "vit.npz", root_conv="repeat")
+    np.testing.assert_allclose(
+        get(new["params"], "conv_root/kernel"), rgb[:, :, [0, 1, 2, 0]] * 0.75, rtol=1e-6
+    )
+    new, rep = load_pretrained(v, tmp_path / "vit.npz", root_conv="init")
+    assert "conv_root/kernel" in rep.dropped and "conv_root/kernel" in rep.not_in_checkpoint
+    # 3-channel model: copied unchanged.
+    v3 = abstract_params(model, 48, cin=3)
+    new, rep = load_pretrained(v3, tmp_path / "vit.npz")
+    np.testing.assert_array_equal(get(new["params"], "conv_root/kernel"), rgb)
+    # A model that does not match (one transformer layer, other MLP width) -> every misfit named.
+    other = abstract_params(TransUNet(preset="tiny", num_layers=1, mlp_dim=48), 48)
+    with pytest.raises(ValueError, match="encoderblock_1") as e:
+        load_pretrained(other, tmp_path / "vit.npz")
+    assert "Dense_0/kernel" in str(e.value)
+    _, rep = load_pretrained(other, tmp_path / "vit.npz", strict=False)
+    assert "Transformer/encoderblock_1/LayerNorm_0/scale" in rep.unplaced
+    assert "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" in rep.unplaced
+    assert "Transformer/encoderblock_0/LayerNorm_0/scale" in rep.loaded
+    with pytest.raises(ValueError, match="root_conv"):
+        load_pretrained(v, tmp_path / "vit.npz", root_conv="zeros")
+
+
+def test_grid_resize_matches_scipy_zoom_and_official_layout_size():
+    g = np.random.default_rng(0).standard_normal((14, 14, 5))
+    np.testing.assert_allclose(
+        resize_grid_align_corners(g, (15, 15)),
+        scipy.ndimage.zoom(g, (15 / 14, 15 / 14, 1), order=1),
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        resize_grid_align_corners(g, (7, 20)),
+        scipy.ndimage.zoom(g, (7 / 14, 20 / 14, 1), order=1),
+        atol=1e-12,
+    )
+    shapes = official_shapes(**FULL)
+    assert len(shapes) == 356  # make_fake_vit_npz.py: "356 arrays"
+    assert shapes["block3/unit9/conv3/kernel"] == (1, 1, 256, 1024)
+    assert shapes["Transformer/posembed_input/pos_embedding"] == (1, 197, 768)
+
+
+@pytest.mark.slow
+def test_full_size_npz_round_trip(tmp_path):
+    arrays = write_vit_npz(tmp_path / "vit.npz", gn4d=True, **FULL)
+    variables = abstract_params(TransUNet(), 240)
+    new, report = load_pretrained(variables, tmp_path / "vit.npz")
+    assert len(report.loaded) == 353
+    check_round_trip(new, arrays, report, grid=15, cin=4)

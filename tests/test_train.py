@@ -1,0 +1,242 @@
+"""End-to-end tests of the main job on the `tiny` preset: train, resume, test, predict."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_jax import train
+from configs import unet as unet_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    c = unet_config.get_config("tiny")
+    for dotted, value in overrides.items():
+        node = c
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    results = train.train_and_evaluate(tiny_config(), workdir)
+    return workdir, results
+
+
+def test_outputs_written(tiny_run):
+    workdir, results = tiny_run
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "results.json",
+        "per_case.csv",
+        "learning_curves.png",
+        "test_slices.png",
+    ):
+        assert (workdir / name).exists(), name
+    saved = json.loads((workdir / "results.json").read_text())
+    assert set(saved["dice"]) == {"WT", "TC", "ET"} and set(saved["hd95"]) == {"WT", "TC", "ET"}
+    assert len(saved["class_dice"]) == 4
+    assert 0.0 <= saved["paper_dice"] <= 1.0
+    assert saved["steps"] == 6
+    # One CSV row per test case, each with a case id the split put in test.
+    rows = (workdir / "per_case.csv").read_text().strip().splitlines()
+    assert len(rows) - 1 == len(saved["per_case"]) == saved["num_test_cases"] >= 1
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_paper_dice" in r for r in logged) and any("train_loss" in r for r in logged)
+    assert (workdir / "tensorboard").is_dir()
+
+
+def test_rerun_of_finished_run_resumes_without_training(tiny_run, tmp_path):
+    workdir, results = tiny_run
+    again = train.train_and_evaluate(tiny_config(), workdir)
+    assert again["steps"] == results["steps"]
+    assert again["paper_dice"] == pytest.approx(results["paper_dice"], abs=1e-6)
+
+
+def _final_params(workdir):
+    _, _, variables = train.load_trained(workdir, step=None)
+    return variables
+
+
+def test_killed_run_resumes_to_identical_result(tmp_path):
+    """SIGKILL mid-training, rerun: same final parameters and metrics as one clean run."""
+    overrides = {
+        "train.num_steps": 30,
+        "train.checkpoint_every_steps": 2,
+        "train.eval_every_steps": 1000,
+        "data.val_fraction": 0.0,
+    }
+    clean = tmp_path / "clean"
+    expected = train.train_and_evaluate(tiny_config(**overrides), clean)
+
+    killed = tmp_path / "killed"
+    args = [
+        sys.executable,
+        "-m",
+        "brats_jax.main",
+        "--config=configs/unet.py:tiny",
+        f"--workdir={killed}",
+    ] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "6").exists():
+        assert proc.poll() is None, "training subprocess ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "run finished before the kill"
+
+    resumed = train.train_and_evaluate(tiny_config(**overrides), killed)
+    assert resumed["steps"] == expected["steps"] == 30
+    a, b = _final_params(clean), _final_params(killed)
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert resumed["paper_dice"] == pytest.approx(expected["paper_dice"], abs=1e-5)
+
+
+def test_non_finite_loss_stops_with_step(tmp_path):
+    config = tiny_config(**{"train.learning_rate": 1e30, "train.num_steps": 20})
+    with pytest.raises(FloatingPointError, match=r"at step \d+"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch):
+    import jax
+
+    fake = [jax.devices()[0]] * 3
+    monkeypatch.setattr(jax, "devices", lambda *a: fake)
+    with pytest.raises(ValueError, match="does not divide"):
+        train.build_run(tiny_config(), tmp_path)
+
+
+def test_predict_writes_nifti_in_release_convention(tiny_run, tmp_path):
+    """Predict a tiny 2018-style case: input shape, affine and label set {0,1,2,4} survive."""
+    from brats_jax import predict
+
+    workdir, _ = tiny_run
+    case = tmp_path / "Brats18_X_1_1"
+    case.mkdir()
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-120, -120, 0)
+    shape = (40, 36, 5)  # not the model's size: the prediction is resized back
+    for mod in ("t1", "t1ce", "t2", "flair"):
+        vol = rng.normal(100, 20, shape).astype(np.float32)
+        vol[:4] = 0
+        nib.save(nib.Nifti1Image(vol, affine), str(case / f"Brats18_X_1_1_{mod}.nii.gz"))
+    out = tmp_path / "pred" / "seg.nii.gz"
+    probs_out = tmp_path / "pred" / "probs.nii.gz"
+    labels = predict.predict_case(workdir, case, out, probabilities=probs_out)
+    img = nib.load(str(out))
+    assert img.shape == shape
+    np.testing.assert_allclose(img.affine, affine)
+    values = set(np.unique(np.asarray(img.dataobj)).tolist())
+    assert values <= {0, 1, 2, 4}
+    np.testing.assert_array_equal(np.asarray(img.dataobj), labels)
+    probs = np.asarray(nib.load(str(probs_out)).dataobj)
+    assert probs.shape == (*shape, 4)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+    # The written labels are the argmax of the written probabilities, mapped 3 -> 4.
+    expected = np.argmax(probs, -1)
+    expected[expected == 3] = 4
+    np.testing.assert_array_equal(np.asarray(img.dataobj), expected)
+    assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_predict_missing_checkpoint_is_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        train.load_trained(tmp_path)
+
+
+def test_main_unknown_config_field_is_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brats_jax.main",
+            "--config=configs/unet.py:tiny",
+            f"--workdir={tmp_path}",
+            "--config.train.no_such_field=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode != 0
+    assert "no_such_field" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_main_missing_data_root_is_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brats_jax.main",
+            "--config=configs/unet.py:tiny",
+            f"--workdir={tmp_path}",
+            "--config.data.source=kaggle_h5",
+            f"--config.data.root={tmp_path / 'nope'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error:") and "nope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_devices_match_one_device(tmp_path):
+    """Data parallel over 2 CPU devices gives the same loss curve as 1 device."""
+    script = (
+        "import json,sys; from brats_jax import train; from configs import unet;"
+        "c=unet.get_config('tiny'); c.train.num_steps=8; c.train.log_every_steps=1;"
+        "c.data.test_fraction=0.0; r=train.train_and_evaluate(c, sys.argv[1]);"
+        "import jax; print(jax.device_count())"
+    )
+    curves = {}
+    for n in (1, 2):
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+        }
+        wd = tmp_path / f"dev{n}"
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(wd)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == str(n)
+        rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+        curves[n] = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert len(curves[1]) == 8
+    np.testing.assert_allclose(curves[1], curves[2], rtol=2e-4, atol=1e-5)
