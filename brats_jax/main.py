@@ -35,6 +35,7 @@ def main(argv) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/unet.py:demo")
     import jax
 
+    _quiet_library_logs()
     if FLAGS.distributed:
         jax.distributed.initialize()
     from brats_jax import train
@@ -59,6 +60,16 @@ def main(argv) -> None:
                     results["paper_dice"], *(_f(dice.get(r)) for r in ("WT", "TC", "ET"))
                 )
             )
+
+
+def _quiet_library_logs() -> None:
+    """Keep orbax's per-save INFO lines out of the terminal (warnings still show)."""
+    import logging as pylogging
+
+    handler = logging.get_absl_handler()
+    handler.addFilter(
+        lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname.replace("\\", "/")
+    )
 
 
 def _f(v) -> str:

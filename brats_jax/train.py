@@ -119,19 +119,35 @@ def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
     return optax.chain(*parts)
 
 
+_HYPERPARAM_STATES = tuple(
+    cls
+    for cls in (
+        getattr(optax, "InjectHyperparamsState", None),
+        getattr(optax, "InjectStatefulHyperparamsState", None),
+    )
+    if cls is not None
+)
+
+
 def set_learning_rate(opt_state, learning_rate):
     """`opt_state` with its injected peak learning rate replaced (scalar or per-run array)."""
 
+    def is_hp(x):
+        return isinstance(x, _HYPERPARAM_STATES)
+
     def replace(leaf):
-        if isinstance(leaf, optax.InjectHyperparamsState):
+        if is_hp(leaf):
             hp = dict(leaf.hyperparams)
             hp["step_size"] = -jnp.asarray(learning_rate, jnp.float32)
             return leaf._replace(hyperparams=hp)
         return leaf
 
-    return jax.tree.map(
-        replace, opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState)
-    )
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_hp) if is_hp(x)]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one injected learning rate in the optimizer state, found {len(found)}"
+        )
+    return jax.tree.map(replace, opt_state, is_leaf=is_hp)
 
 
 def learning_rate_at(train_config, total_steps: int, step: int) -> float:

@@ -271,20 +271,55 @@ def _default_train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
     return train.train_and_evaluate(config, workdir)
 
 
+def _default_train_group(configs, workdirs, mapping: str) -> list[dict]:
+    from brats_jax import train
+
+    return train.train_runs(configs, workdirs, mapping=mapping)
+
+
+def _group_key(config: ml_collections.ConfigDict) -> str:
+    from brats_jax import train
+
+    return train.group_key(config)
+
+
+def plan_units(runs: Sequence[RunSpec], vmap: int) -> list[list[RunSpec]]:
+    """Split runs into units trained together: runs sharing architecture, image size and
+    batch size (`brats_jax.train.group_key`), at most `vmap` per unit, in sweep order.
+    `vmap <= 1` gives one run per unit."""
+    if vmap <= 1:
+        return [[r] for r in runs]
+    groups: dict[str, list[RunSpec]] = {}
+    for r in runs:
+        groups.setdefault(_group_key(r.config), []).append(r)
+    units = []
+    for members in groups.values():
+        units += [members[i : i + vmap] for i in range(0, len(members), vmap)]
+    return units
+
+
 def execute(
     runs: Sequence[RunSpec],
     *,
     train_fn: Callable[[ml_collections.ConfigDict, pathlib.Path], dict] | None = None,
+    vmap: int = 0,
+    mapping: str = "auto",
+    train_group_fn: Callable[..., list[dict]] | None = None,
 ) -> list[Outcome]:
-    """Run each spec into its workdir, in order; never raises for a failing run.
+    """Run each spec into its workdir; never raises for a failing run.
 
     Skips a run whose `results.json` exists; refuses (status "failed") to resume a workdir
     whose `config.json` differs from the planned config. A raising run gets its traceback
     in `<workdir>/error.txt`. Progress goes to stdout and `<out>/sweep.log`.
     `train_fn(config, workdir)` defaults to `brats_jax.train.train_and_evaluate`.
+    With `vmap=K > 1`, runs that share architecture, image size and batch size are trained
+    K at a time in one compiled program (`brats_jax.train.train_runs` with `mapping`);
+    each still gets its own outputs.
     """
     train_fn = train_fn or _default_train
+    train_group_fn = train_group_fn or _default_train_group
     outcomes = []
+    todo = []
     for i, spec in enumerate(runs):
         out = spec.workdir.parent
         tag = f"[{i + 1}/{len(runs)}] {spec.name}"
@@ -312,28 +347,47 @@ def execute(
             _log(out, f"{tag}: FAILED: {msg}")
             outcomes.append(Outcome(spec.name, "failed", message=msg))
             continue
-        resume = (spec.workdir / "checkpoints").exists()
-        _log(out, f"{tag}: {'resuming' if resume else 'starting'}")
-        _write_run_info(spec, status="running")
+        todo.append((tag, spec))
+    tags = {id(spec): tag for tag, spec in todo}
+    for unit in plan_units([spec for _, spec in todo], vmap):
+        out = unit[0].workdir.parent
+        for spec in unit:
+            resume = (spec.workdir / "checkpoints").exists()
+            _log(
+                out,
+                f"{tags[id(spec)]}: {'resuming' if resume else 'starting'}"
+                + (f" (trained together with {len(unit) - 1} more)" if len(unit) > 1 else ""),
+            )
+            _write_run_info(spec, status="running")
         t0 = time.perf_counter()
         try:
-            train_fn(spec.config, spec.workdir)
+            if len(unit) == 1:
+                train_fn(unit[0].config, unit[0].workdir)
+            else:
+                train_group_fn([s.config for s in unit], [s.workdir for s in unit], mapping)
         except Exception as e:  # noqa: BLE001 - one failing run must not stop the sweep
             seconds = time.perf_counter() - t0
-            fileio.write_text(spec.workdir / ERROR, traceback.format_exc())
-            _write_run_info(spec, status="failed", seconds=seconds)
             msg = f"{type(e).__name__}: {e}".splitlines()[0]
-            _log(out, f"{tag}: FAILED after {seconds:.1f}s: {msg} (see {spec.workdir / ERROR})")
-            outcomes.append(Outcome(spec.name, "failed", seconds, msg))
+            for spec in unit:
+                fileio.write_text(spec.workdir / ERROR, traceback.format_exc())
+                _write_run_info(spec, status="failed", seconds=seconds)
+                _log(
+                    out,
+                    f"{tags[id(spec)]}: FAILED after {seconds:.1f}s: {msg} "
+                    f"(see {spec.workdir / ERROR})",
+                )
+                outcomes.append(Outcome(spec.name, "failed", seconds, msg))
         else:
             seconds = time.perf_counter() - t0
-            (spec.workdir / ERROR).unlink(missing_ok=True)
-            _write_run_info(spec, status="done", seconds=seconds)
-            _log(out, f"{tag}: done in {seconds:.1f}s")
-            outcomes.append(Outcome(spec.name, "done", seconds))
+            for spec in unit:
+                (spec.workdir / ERROR).unlink(missing_ok=True)
+                _write_run_info(spec, status="done", seconds=seconds, trained_with=len(unit))
+                _log(out, f"{tags[id(spec)]}: done in {seconds:.1f}s")
+                outcomes.append(Outcome(spec.name, "done", seconds))
         finally:
             _release_memory()
-    return outcomes
+    order = {spec.name: i for i, spec in enumerate(runs)}
+    return sorted(outcomes, key=lambda o: order.get(o.name, 0))
 
 
 def enable_compile_cache(directory: str | os.PathLike) -> None:
@@ -377,6 +431,22 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         metavar="PATTERNS",
         help="comma-separated run-name patterns (fnmatch, e.g. 'unet-ce-*'): run only those",
+    )
+    p.add_argument(
+        "--vmap",
+        nargs="?",
+        type=int,
+        const=8,
+        default=0,
+        metavar="K",
+        help="train runs that share architecture, image size and batch size K at a time "
+        "in one compiled program (default K=8 when given without a value)",
+    )
+    p.add_argument(
+        "--mapping",
+        choices=("auto", "vmap", "map"),
+        default="auto",
+        help="with --vmap: jax.vmap over runs, or lax.map (auto: map on CPU, vmap on GPU/TPU)",
     )
     p.add_argument(
         "--compile-cache",
@@ -423,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(out, f"sweep {' '.join(args.names)} scale={args.scale} runs={len(runs)} "
               f"overrides={json.dumps(overrides)}")  # fmt: skip
     t0 = time.perf_counter()
-    outcomes = execute(runs)
+    outcomes = execute(runs, vmap=args.vmap, mapping=args.mapping)
     failed = [o for o in outcomes if o.status == "failed"]
     n = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     _log(out, f"sweep finished in {time.perf_counter() - t0:.1f}s: {n['done']} done, "

@@ -70,3 +70,32 @@ def test_runs_with_different_architectures_are_refused(tmp_path):
     other.model.base_features = 8
     with pytest.raises(ValueError, match="must share"):
         train.train_runs([RUNS[0], other], [tmp_path / "a", tmp_path / "b"])
+
+
+def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
+    """`experiments.run --vmap=K` trains runs that share a group key K at a time."""
+    from experiments import run as exp_run
+
+    specs = []
+    for i, (loss, bs) in enumerate([("ce", 2), ("focal", 2), ("cb_ce", 4), ("dice", 2)]):
+        c = _config(loss, 1e-3, 0)
+        c.train.batch_size = bs
+        specs.append(exp_run.RunSpec(f"r{i}", c, tmp_path / f"r{i}"))
+    units = exp_run.plan_units(specs, vmap=2)
+    assert [[s.name for s in u] for u in units] == [["r0", "r1"], ["r3"], ["r2"]]
+    assert [[s.name for s in u] for u in exp_run.plan_units(specs, vmap=0)] == [
+        ["r0"],
+        ["r1"],
+        ["r2"],
+        ["r3"],
+    ]
+    seen = []
+    outcomes = exp_run.execute(
+        specs,
+        vmap=2,
+        train_fn=lambda c, w: seen.append([w.name]),
+        train_group_fn=lambda cs, ws, mapping: seen.append([w.name for w in ws]),
+    )
+    assert seen == [["r0", "r1"], ["r3"], ["r2"]]
+    assert [o.name for o in outcomes] == ["r0", "r1", "r2", "r3"]
+    assert all(o.status == "done" for o in outcomes)

@@ -176,7 +176,7 @@ def test_unet_gradients_equal_with_fast_conv(monkeypatch):
 
         return f
 
-    l0, g0 = jax.value_and_grad(loss(plain))(params)
+    l0, g0 = jax.jit(jax.value_and_grad(loss(plain)))(params)
     l1, g1 = jax.jit(jax.value_and_grad(loss(fast)))(params)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g0))
