@@ -81,6 +81,16 @@ def run() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         app.run(main)
+    except AttributeError as e:  # ml_collections: an override names no config field
+        if os.environ.get("BRATS_JAX_DEBUG"):
+            raise
+        name = str(e).strip("'\"")
+        flag = next((a for a in sys.argv[1:] if a.startswith("--config.") and name in a), name)
+        print(
+            f"error: unknown config field in {flag} (see the README's config table)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
         if os.environ.get("BRATS_JAX_DEBUG"):
             raise
