@@ -326,15 +326,10 @@ def evaluate_slices(run: Run, eval_step, state: TrainState, indices) -> dict:
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     loss_sum, count = 0.0, 0
     mesh = _mesh()
-    batches = data.eval_batches(
-        run.source,
-        indices,
-        batch_size=run.config.eval.batch_size // jax.process_count(),
-        image_size=run.config.data.image_size,
-    )
-    for i, batch in enumerate(batches):
-        if run.config.eval.max_val_batches and i >= run.config.eval.max_val_batches:
-            break
+    num_batches = -(-len(indices) // run.config.eval.batch_size)
+    if run.config.eval.max_val_batches:
+        num_batches = min(num_batches, run.config.eval.max_val_batches)
+    for batch in _host_eval_batches(run, indices, num_batches):
         out = jax.device_get(eval_step(state, _device_batch(mesh, batch), run.loss_params))
         confusion += np.asarray(out["confusion"], np.int64)
         loss_sum += float(out["loss_sum"])
@@ -346,6 +341,34 @@ def evaluate_slices(run: Run, eval_step, state: TrainState, indices) -> dict:
         "tumour_dice": float(np.mean(class_dice[1:])),
         **{f"dice_{k}": float(v) for k, v in metrics.region_dice_from_confusion(confusion).items()},
     }
+
+
+def _host_eval_batches(run: Run, indices, num_batches: int):
+    """This host's part of `num_batches` global evaluation batches over `indices`.
+
+    Global batch b holds indices[b*G:(b+1)*G] (G = eval.batch_size); host p reads its
+    contiguous part of each. Every host yields exactly `num_batches` batches (padding ones
+    have `valid` False), as the sharded eval step needs.
+    """
+    global_bs, hosts = run.config.eval.batch_size, jax.process_count()
+    local_bs = global_bs // hosts
+    padded = np.full(num_batches * global_bs, -1, np.int64)
+    n = min(len(indices), len(padded))
+    padded[:n] = np.asarray(indices, np.int64)[:n]
+    mine = padded.reshape(num_batches, hosts, local_bs)[:, jax.process_index()].reshape(-1)
+    mine = mine[mine >= 0]
+    size = run.config.data.image_size
+    last = None
+    for last in data.eval_batches(run.source, mine, batch_size=local_bs, image_size=size):
+        yield last
+        num_batches -= 1
+    if num_batches > 0:  # this host ran out of real slices: feed all-invalid batches
+        if last is None:
+            first = data.eval_batches(run.source, np.asarray(indices[:1]), batch_size=local_bs,
+                                      image_size=size)  # fmt: skip
+            last = next(iter(first))
+        for _ in range(num_batches):
+            yield {**last, "valid": np.zeros(local_bs, bool)}
 
 
 def evaluate_test_volumes(run: Run, predict, variables) -> tuple[dict, list]:

@@ -1,6 +1,6 @@
 """The study's U-Net (31,032,516 parameters at the defaults).
 
-Presets: `configs/unet.py:paper` (LR 1e-4, the study's baseline), `:demo`, `:tiny`.
+Presets: `configs/unet.py:paper` (LR 1e-4, the study's baseline), `:demo`, `:tiny`, `:cpu`.
 """
 
 import ml_collections
@@ -18,6 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if preset == "demo":
         c.model.base_features = 16
         c.train.learning_rate = 1e-3
+    elif preset == "cpu":
+        c.model.base_features = 16
     elif preset == "tiny":
         c.model.base_features = 4
         c.model.depth = 2

@@ -241,3 +241,26 @@ def test_two_devices_match_one_device(tmp_path):
         curves[n] = [r["train_loss"] for r in rows if "train_loss" in r]
     assert len(curves[1]) == 8
     np.testing.assert_allclose(curves[1], curves[2], rtol=2e-4, atol=1e-5)
+
+
+def test_eval_batches_split_across_hosts_cover_every_slice_once(tmp_path, monkeypatch):
+    """Each of 2 hosts yields the same number of batches; together they hold each slice once."""
+    import jax
+
+    run = train.build_run(tiny_config(**{"eval.batch_size": 4}), tmp_path)
+    indices = np.arange(11)  # 3 global batches of 4, the last one padded
+    seen, counts = [], []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for host in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+        batches = list(train._host_eval_batches(run, indices, num_batches=3))
+        counts.append(len(batches))
+        for b in batches:
+            assert b["image"].shape[0] == 2
+            for case, z, ok in zip(b["case_id"], b["slice_index"], b["valid"], strict=True):
+                if ok:
+                    seen.append((str(case), int(z)))
+    assert counts == [3, 3]
+    table = run.source.table
+    expected = [(str(table.case_id[i]), int(table.slice_index[i])) for i in indices]
+    assert sorted(seen) == sorted(expected)
