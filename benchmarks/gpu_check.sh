@@ -9,10 +9,17 @@
 # tensorboardX, matplotlib, tqdm (the brats_jax deps; only the models/bench are used);
 # optional: torch (CUDA build) for the twin.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (<= ~6 min)
+# On the lent H100/H200 (jax 0.11 with CUDA 13, flax, optax, orbax, torch preinstalled) only
+# grain, clu, ml_collections, tensorboardX, nibabel, array_record and portpicker are missing:
+# carry them as wheels in .whl/ (see .library device README) and this script installs them.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench}
 mkdir -p "$OUT"
-PY=${PY:-python}
+PY=${PY:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 JSONL="$OUT/gpu_bench.jsonl"
 : > "$JSONL"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -40,10 +47,14 @@ for line in sys.stdin:
 }
 for model in unet transunet; do
   for bs in 1 16; do
-    timeout 75 $PY -m brats_jax.bench train --model=$model --image-size=240 --batch-size=$bs \
-      --steps=20 --dtype=bfloat16 2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
+    # compiling the full TransUNet train step took 86 s on an H200
+    timeout $([ $model = unet ] && echo 70 || echo 130) $PY -m brats_jax.bench train --model=$model --image-size=240 --batch-size=$bs \
+      --steps=10 --dtype=bfloat16 2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
   done
 done
+# Issue 9: the study's setting (U-Net, 240 px, batch 1) as K=8 stacked runs (vmap) vs one run.
+timeout 120 $PY -m brats_jax.bench multirun --model=unet --image-size=240 --batch-size=1 \
+  --runs=8 --steps=5 --mapping=vmap --dtype=bfloat16 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
 # PyTorch twin of the U-Net (bf16 autocast, channels_last), same shapes; optional.
 timeout 70 $PY - "$GPU" "$PEAK" <<'PYEOF' 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
 import json, statistics, sys, time

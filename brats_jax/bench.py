@@ -85,6 +85,10 @@ def init_variables(model, image_size: int, in_channels: int = 4, seed: int = 0) 
 def make_train_step(model, tx: optax.GradientTransformation):
     """``step(state, image (B,H,W,4) f32, label (B,H,W) int32) -> (state, loss f32 scalar)``.
 
+    A plain Adam + mean-CE step, the exact twin of `benchmarks/torch_unet.py`'s, so the
+    framework comparison times the same arithmetic; `bench multirun` times the library's own
+    `brats_jax.train.make_train_step`.
+
     ``state`` is a dict ``{"params", "rest" (non-param collections), "opt_state", "rng"}``;
     loss is the mean softmax cross-entropy over pixels. Not jitted (callers jit / donate).
     """
@@ -134,7 +138,13 @@ def random_batch(batch_size: int, image_size: int, seed: int = 0) -> tuple[jax.A
 
 
 def cost_flops(compiled) -> float:
-    """FLOPs of a compiled XLA executable from its cost analysis (float; nan if unavailable)."""
+    """FLOPs from XLA's cost analysis of a `Lowered` or `Compiled` step (nan if unavailable).
+
+    Pass the `Lowered` (pre-optimisation HLO) form: on GPUs the compiled executable's
+    analysis misses convolutions that became cuDNN custom calls (it reported 9.4 of the
+    U-Net step's ~255 GFLOPs on an H200), while the lowered HLO still has them as
+    convolutions and gives the same count on every backend.
+    """
     ca = compiled.cost_analysis()
     if isinstance(ca, list | tuple):
         ca = ca[0] if ca else {}
@@ -198,11 +208,10 @@ def bench_train(
     state = init_train_state(net, image_size, tx)
     image, label = random_batch(batch_size, image_size)
     t0 = time.perf_counter()
-    compiled = (
-        jax.jit(make_train_step(net, tx), donate_argnums=0).lower(state, image, label).compile()
-    )
+    lowered = jax.jit(make_train_step(net, tx), donate_argnums=0).lower(state, image, label)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    flops = cost_flops(compiled)
+    flops = cost_flops(lowered)
     state, loss = compiled(state, image, label)  # warm-up
     jax.block_until_ready(loss)
     times = []
@@ -228,6 +237,93 @@ def bench_train(
         "slices_per_s": round(batch_size / med, 3),
         "tflops": round(flops / med / 1e12, 5),
         "loss": float(loss),
+        **machine_info(),
+    }
+
+
+def _time_steps(fn, state, args, steps: int) -> tuple[float, float, Any]:
+    """(compile s, median step s, final state) of a donated jitted `fn(state, *args)`."""
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn, donate_argnums=0).lower(state, *args)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    state, out = compiled(state, *args)  # warm-up
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, out = compiled(state, *args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t)
+    return compile_s, statistics.median(times), lowered
+
+
+def bench_multirun(
+    model: str = "unet",
+    image_size: int = 64,
+    batch_size: int = 8,
+    runs: int = 8,
+    steps: int = 5,
+    mapping: str = "auto",
+    base_features: int | None = None,
+    depth: int | None = None,
+    preset: str | None = None,
+    dtype: str = "float32",
+    conv_impl: str = "auto",
+) -> dict:
+    """Times the library's own multi-run train step (`brats_jax.train.train_runs`' program):
+    K = `runs` stacked runs with different learning rates and losses in one compiled step,
+    against one run's step, on identical random batches. Returns a dict with both median
+    step times and `speedup` = K * single / stacked (> 1: stacking pays off)."""
+    from brats_jax import losses, train
+
+    mapping = train.default_mapping() if mapping == "auto" else mapping
+    net = build_model(
+        model, dtype=dtype, base_features=base_features, depth=depth, preset=preset,
+        conv_impl=conv_impl,
+    )  # fmt: skip
+    from configs import default as default_config
+
+    cfg = default_config.base_config().train
+    tx = train.create_optimizer(cfg, 1000)
+    init = jax.jit(lambda seed: train.init_state(net, tx, seed, image_size=image_size))
+    names = ["ce", "focal", "dice_ce", "dice"]
+    lps = [losses.loss_params(names[k % len(names)]) for k in range(runs)]
+    image, label = random_batch(batch_size, image_size)
+    step = train.make_train_step(net, tx)
+    batch = {"image": image, "label": label}
+
+    single = init(0)
+    c1, t1, _ = _time_steps(step, single, (batch, lps[0]), steps)
+    del single
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(k) for k in range(runs)])
+    stacked = stacked.replace(
+        opt_state=train.set_learning_rate(stacked.opt_state, jnp.logspace(-5, -3, runs))
+    )
+    kbatch = jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), batch)
+    ck, tk, lowered = _time_steps(
+        train.map_over_runs(step, mapping), stacked, (kbatch, losses.stack_loss_params(lps)), steps
+    )
+    mem = None
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        mem = stats["peak_bytes_in_use"]
+    return {
+        "bench": "multirun",
+        "model": model,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "runs": runs,
+        "mapping": mapping,
+        "dtype": dtype,
+        "params_per_run": num_params(init(0).params),
+        "compile_s_single": round(c1, 3),
+        "compile_s_stacked": round(ck, 3),
+        "step_s_single": round(t1, 5),
+        "step_s_stacked": round(tk, 5),
+        "speedup": round(runs * t1 / tk, 3),
+        "flops_per_stacked_step": cost_flops(lowered),
+        "peak_device_bytes": mem,
         **machine_info(),
     }
 
@@ -342,6 +438,11 @@ def main(argv: list[str] | None = None) -> None:
     pe.add_argument("--volumes", type=int, default=2)
     pe.add_argument("--slices", type=int, default=155, help="axial slices per volume")
     pe.add_argument("--volume-size", type=int, default=240)
+    pm = sub.add_parser("multirun", help="K stacked runs in one program vs one run")
+    _add_model_flags(pm)
+    pm.add_argument("--runs", type=int, default=8)
+    pm.add_argument("--steps", type=int, default=5)
+    pm.add_argument("--mapping", default="auto", choices=["auto", "vmap", "map"])
     sub.add_parser("data", help="input-pipeline benchmark (brats_jax.bench_data flags)")
     a = parser.parse_args(argv)
     common = dict(
@@ -352,7 +453,12 @@ def main(argv: list[str] | None = None) -> None:
         dtype=a.dtype,
         conv_impl=a.conv_impl,
     )
-    if a.cmd == "train":
+    if a.cmd == "multirun":
+        res = bench_multirun(
+            image_size=a.image_size or 64, batch_size=a.batch_size or 8, runs=a.runs,
+            steps=a.steps, mapping=a.mapping, **common,
+        )  # fmt: skip
+    elif a.cmd == "train":
         res = bench_train(
             image_size=a.image_size or 128, batch_size=a.batch_size or 4, steps=a.steps, **common
         )

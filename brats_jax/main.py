@@ -9,10 +9,11 @@ workdir resumes from its last checkpoint.
 import datetime
 import os
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from brats_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/unet.py:demo.")
@@ -33,6 +34,9 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/unet.py:demo")
+    from brats_jax.ops.flags import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # fast XLA:CPU convolutions (BENCHMARKS.md); no effect on GPU/TPU
     import jax
 
     _quiet_library_logs()
@@ -79,23 +83,7 @@ def _f(v) -> str:
 def run() -> None:
     """Console entry: user mistakes end with a one-line error, not a traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        app.run(main)
-    except AttributeError as e:  # ml_collections: an override names no config field
-        if os.environ.get("BRATS_JAX_DEBUG"):
-            raise
-        name = str(e).strip("'\"")
-        flag = next((a for a in sys.argv[1:] if a.startswith("--config.") and name in a), name)
-        print(
-            f"error: unknown config field in {flag} (see the README's config table)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
-        if os.environ.get("BRATS_JAX_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run_app(main)
 
 
 if __name__ == "__main__":

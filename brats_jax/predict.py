@@ -13,10 +13,11 @@ float32 class probabilities. Outputs are written atomically.
 
 import os
 import pathlib
-import sys
 
 import numpy as np
 from absl import app, flags
+
+from brats_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run folder (holds config.json, checkpoints/).")
@@ -92,13 +93,8 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console entry: user mistakes end with a one-line error, not a traceback."""
-    try:
-        app.run(main)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        if os.environ.get("BRATS_JAX_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    cli.run_app(main)
 
 
 if __name__ == "__main__":

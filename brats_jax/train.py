@@ -54,7 +54,13 @@ def create_model(model_config: ml_collections.ConfigDict):
     """The Flax module named by `model_config.name` with its config fields as arguments."""
     m = model_config
     if m.name == "unet":
-        kwargs = dict(features=m.base_features, depth=m.depth, norm=m.norm, padding=m.padding)
+        kwargs = dict(
+            features=m.base_features,
+            depth=m.depth,
+            norm=m.norm,
+            padding=m.padding,
+            conv_impl=m.get("conv_impl", "auto"),
+        )
     elif m.name == "transunet":
         kwargs = dict(preset=m.preset, n_skip=m.n_skip)
     else:

@@ -262,4 +262,3 @@ class FastConv(nn.Module):
         if bias is not None:
             y = y + bias
         return y
-

@@ -1,0 +1,36 @@
+"""Console entry points: user mistakes end with a one-line error, not a traceback."""
+
+import os
+import sys
+
+from absl import app
+
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
+
+
+def run_app(main) -> None:
+    """`absl.app.run(main)`, printing `error: ...` and exiting 1 on a user mistake.
+
+    Set BRATS_JAX_DEBUG=1 to get the traceback instead. An `AttributeError` raised while
+    parsing flags is ml_collections' answer to `--config.x=...` naming no config field.
+    """
+    try:
+        app.run(main)
+    except AttributeError as e:
+        flag = _config_flag_for(str(e).strip("'\""))
+        if flag is None or os.environ.get("BRATS_JAX_DEBUG"):
+            raise
+        _fail(f"unknown config field in {flag} (see the README's config table)")
+    except USER_ERRORS as e:
+        if os.environ.get("BRATS_JAX_DEBUG"):
+            raise
+        _fail(str(e))
+
+
+def _config_flag_for(name: str) -> str | None:
+    return next((a for a in sys.argv[1:] if a.startswith("--config.") and name in a), None)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
