@@ -6,6 +6,12 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# The XLA:CPU flags `python -m brats_jax.main` sets, so that in-process runs and the CLI runs
+# of the tests compute bit-identical numbers (and convolutions are fast).
+from brats_jax.ops.flags import set_cpu_xla_flags  # noqa: E402
+
+set_cpu_xla_flags()
+
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
