@@ -32,6 +32,8 @@ class RunCheckpoints:
         )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
+            best_fn=lambda m: m[VAL_METRIC],  # without it orbax does not store the metrics
+            keep_checkpoints_without_metrics=True,
             enable_async_checkpointing=False,
             create=not read_only,
             read_only=read_only,
@@ -47,11 +49,11 @@ class RunCheckpoints:
     def best_step(self) -> int | None:
         """The saved step with the highest validation Dice (else the newest), or None."""
         best, best_value = None, None
-        for info in self.manager._checkpoints:  # noqa: SLF001 - orbax keeps metrics here
-            metrics = info.metrics
+        for step in self.manager.all_steps():
+            metrics = self.manager.metrics(step)
             if metrics and VAL_METRIC in metrics:
                 if best_value is None or metrics[VAL_METRIC] > best_value:
-                    best, best_value = info.step, metrics[VAL_METRIC]
+                    best, best_value = step, metrics[VAL_METRIC]
         return best if best is not None else self.latest_step()
 
     def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> None:

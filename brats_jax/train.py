@@ -676,6 +676,7 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
                 step % cfg.train.checkpoint_every_steps == 0
                 or step == total_steps
                 or step % steps_per_epoch == 0
+                or any(v is not None for v in val)  # so the best checkpoint can be kept
             ):
                 check_pending()
                 for i, (it, c) in enumerate(zip(iterators, ckpts, strict=True)):

@@ -59,6 +59,21 @@ def test_outputs_written(tiny_run):
     assert (workdir / "tensorboard").is_dir()
 
 
+def test_best_checkpoint_is_the_best_validation_step(tiny_run):
+    """Validation at steps 3 and 6: the best of them is kept (with its metric) and chosen."""
+    from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints
+
+    workdir, _ = tiny_run
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_paper_dice"] for r in logged if "val_paper_dice" in r}
+    assert sorted(val) == [3, 6]
+    best = max(val, key=val.get)
+    ckpts = RunCheckpoints(workdir, read_only=True)
+    assert best in ckpts.manager.all_steps()
+    assert ckpts.best_step() == best
+    assert ckpts.manager.metrics(best)[VAL_METRIC] == pytest.approx(val[best])
+
+
 def test_rerun_of_finished_run_resumes_without_training(tiny_run, tmp_path):
     workdir, results = tiny_run
     again = train.train_and_evaluate(tiny_config(), workdir)
