@@ -21,6 +21,7 @@ whether a second volume triggered a recompilation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -207,19 +208,11 @@ def bench_train(
     tx = optax.adam(1e-4)
     state = init_train_state(net, image_size, tx)
     image, label = random_batch(batch_size, image_size)
-    t0 = time.perf_counter()
-    lowered = jax.jit(make_train_step(net, tx), donate_argnums=0).lower(state, image, label)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    flops = cost_flops(lowered)
-    state, loss = compiled(state, image, label)  # warm-up
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, loss = compiled(state, image, label)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t)
+    params = num_params(state["params"])
+    timing = _time_steps(make_train_step(net, tx), state, (image, label), steps)
+    med, times, loss = timing.median_s, timing.times, timing.out
+    flops = cost_flops(timing.lowered)
+    compile_s = timing.compile_s
     med = statistics.median(times)
     return {
         "bench": "train",
@@ -228,7 +221,7 @@ def bench_train(
         "batch_size": batch_size,
         "dtype": dtype,
         "conv_impl": conv_impl if model == "unet" else "xla",
-        "params": num_params(state["params"]),
+        "params": params,
         "flops_per_step": flops,
         "compile_s": round(compile_s, 3),
         "step_s_median": round(med, 5),
@@ -241,8 +234,24 @@ def bench_train(
     }
 
 
-def _time_steps(fn, state, args, steps: int) -> tuple[float, float, Any]:
-    """(compile s, median step s, final state) of a donated jitted `fn(state, *args)`."""
+@dataclasses.dataclass
+class StepTiming:
+    """Result of :func:`_time_steps`: times in seconds, the lowered step (for FLOPs) and the
+    last step's second output."""
+
+    compile_s: float
+    times: list[float]
+    lowered: Any
+    out: Any
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times)
+
+
+def _time_steps(fn, state, args, steps: int) -> StepTiming:
+    """Compile `fn(state, *args) -> (state, out)` with the state donated, run one warm-up
+    step, then time `steps` steps (each waited for)."""
     t0 = time.perf_counter()
     lowered = jax.jit(fn, donate_argnums=0).lower(state, *args)
     compiled = lowered.compile()
@@ -255,7 +264,7 @@ def _time_steps(fn, state, args, steps: int) -> tuple[float, float, Any]:
         state, out = compiled(state, *args)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
-    return compile_s, statistics.median(times), lowered
+    return StepTiming(compile_s, times, lowered, out)
 
 
 def bench_multirun(
@@ -294,14 +303,14 @@ def bench_multirun(
     batch = {"image": image, "label": label}
 
     single = init(0)
-    c1, t1, _ = _time_steps(step, single, (batch, lps[0]), steps)
+    one = _time_steps(step, single, (batch, lps[0]), steps)
     del single
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(k) for k in range(runs)])
     stacked = stacked.replace(
         opt_state=train.set_learning_rate(stacked.opt_state, jnp.logspace(-5, -3, runs))
     )
     kbatch = jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), batch)
-    ck, tk, lowered = _time_steps(
+    many = _time_steps(
         train.map_over_runs(step, mapping), stacked, (kbatch, losses.stack_loss_params(lps)), steps
     )
     mem = None
@@ -317,12 +326,12 @@ def bench_multirun(
         "mapping": mapping,
         "dtype": dtype,
         "params_per_run": num_params(init(0).params),
-        "compile_s_single": round(c1, 3),
-        "compile_s_stacked": round(ck, 3),
-        "step_s_single": round(t1, 5),
-        "step_s_stacked": round(tk, 5),
-        "speedup": round(runs * t1 / tk, 3),
-        "flops_per_stacked_step": cost_flops(lowered),
+        "compile_s_single": round(one.compile_s, 3),
+        "compile_s_stacked": round(many.compile_s, 3),
+        "step_s_single": round(one.median_s, 5),
+        "step_s_stacked": round(many.median_s, 5),
+        "speedup": round(runs * one.median_s / many.median_s, 3),
+        "flops_per_stacked_step": cost_flops(many.lowered),
         "peak_device_bytes": mem,
         **machine_info(),
     }

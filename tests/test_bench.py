@@ -74,3 +74,15 @@ def test_bench_rejects_bad_arguments():
         bench.build_model("transunet", base_features=8)
     with pytest.raises(ValueError, match="dtype"):
         bench.build_model("unet", dtype="float16")
+
+
+def test_bench_multirun_reports_both_step_times():
+    from brats_jax import bench
+
+    r = bench.bench_multirun(
+        image_size=32, batch_size=2, runs=2, steps=1, base_features=4, depth=2, mapping="map"
+    )
+    assert r["runs"] == 2 and r["mapping"] == "map" and r["params_per_run"] > 0
+    assert r["step_s_single"] > 0 and r["step_s_stacked"] > 0
+    assert r["speedup"] == pytest.approx(2 * r["step_s_single"] / r["step_s_stacked"], rel=0.01)
+    assert r["flops_per_stacked_step"] > 0
