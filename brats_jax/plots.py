@@ -65,6 +65,9 @@ def learning_curves(metrics_path: str | pathlib.Path, out: str | pathlib.Path) -
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
+    if not ax_dice.lines:
+        ax_dice.text(0.5, 0.5, "no validation split", ha="center", va="center",
+                     transform=ax_dice.transAxes)  # fmt: skip
     _save(fig, pathlib.Path(out))
 
 
