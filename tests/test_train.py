@@ -184,21 +184,20 @@ def test_predict_missing_checkpoint_is_clear_error(tmp_path):
         train.load_trained(tmp_path)
 
 
-def test_main_unknown_config_field_is_one_line_error(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "brats_jax.main",
-            "--config=configs/unet.py:tiny",
-            f"--workdir={tmp_path}",
-            "--config.train.no_such_field=1",
-        ],
+def _run_main(workdir, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m brats_jax.main` on the tiny preset with `--config.` overrides."""
+    return subprocess.run(
+        [sys.executable, "-m", "brats_jax.main", "--config=configs/unet.py:tiny",
+         f"--workdir={workdir}", *overrides],
         cwd=REPO,
         capture_output=True,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    )  # fmt: skip
+
+
+def test_main_unknown_config_field_is_one_line_error(tmp_path):
+    proc = _run_main(tmp_path, "--config.train.no_such_field=1")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config field")
     assert "no_such_field" in proc.stderr
@@ -206,20 +205,8 @@ def test_main_unknown_config_field_is_one_line_error(tmp_path):
 
 
 def test_main_missing_data_root_is_one_line_error(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "brats_jax.main",
-            "--config=configs/unet.py:tiny",
-            f"--workdir={tmp_path}",
-            "--config.data.source=kaggle_h5",
-            f"--config.data.root={tmp_path / 'nope'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    proc = _run_main(
+        tmp_path, "--config.data.source=kaggle_h5", f"--config.data.root={tmp_path / 'nope'}"
     )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
