@@ -1,7 +1,8 @@
-"""brats_jax.ops: the fast-weight-gradient convolution equals the plain XLA convolution.
+"""brats_jax.ops: every "cpu_fast" op equals its plain XLA twin, values and gradients.
 
 References are independent of the code under test: jax.grad through flax's own nn.Conv /
-lax.conv_general_dilated (XLA's transpose rule), and a direct numpy sum for the weight gradient.
+nn.max_pool / jnp.pad / lax.conv_general_dilated (XLA's own transpose rules), and direct numpy
+sums and loops (weight gradient, transposed convolution, pad adjoint, first-maximum routing).
 """
 
 import flax.linen as nn
@@ -10,14 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from brats_jax.models.layers import Conv2D
 from brats_jax.ops import (
-    FastConv,
+    bias_add_fast,
     conv2d_fast,
     conv2d_xla,
+    get_ops,
     input_grad,
+    max_pool_2x2_fast,
+    max_pool_2x2_xla,
     pick_wgrad_strategy,
+    upconv2x2_rows,
+    upconv2x2_xla,
     weight_grad,
 )
+from brats_jax.ops.pad import reflect_pad_fast, reflect_pad_xla
 
 STRATS = ["im2col", "shift", "dots", "xla", "auto"]
 
@@ -93,10 +101,10 @@ def test_strided_falls_back_to_plain():
 
 
 @pytest.mark.parametrize("impl", ["cpu_fast", "auto", "xla"])
-def test_fastconv_is_a_drop_in_for_nn_conv(impl):
+def test_conv2d_layer_is_a_drop_in_for_nn_conv(impl):
     x = _rand((2, 8, 8, 3), 9)
     ref = nn.Conv(4, (3, 3), padding="SAME")
-    mine = FastConv(4, (3, 3), padding="SAME", impl=impl)
+    mine = Conv2D(4, 3, padding="zero", impl=impl)
     params = ref.init(jax.random.PRNGKey(0), x)
     assert jax.tree_util.tree_structure(
         mine.init(jax.random.PRNGKey(0), x)
@@ -116,13 +124,25 @@ def test_fastconv_is_a_drop_in_for_nn_conv(impl):
     )
 
 
-def test_fastconv_reflect_padding_matches_explicit_pad():
-    x = _rand((1, 6, 6, 2), 10)
-    m = FastConv(3, 3, padding="REFLECT", impl="cpu_fast")
-    p = m.init(jax.random.PRNGKey(1), x)
+def test_conv2d_layer_reflect_padding_grads_equal_plain():
+    x = _rand((2, 6, 5, 2), 10)
+    fast, plain = Conv2D(3, 3, padding="reflect", impl="cpu_fast"), Conv2D(3, 3, padding="reflect")
+    p = plain.init(jax.random.PRNGKey(1), x)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     want = conv2d_xla(xp, p["params"]["kernel"]) + p["params"]["bias"]
-    np.testing.assert_allclose(np.asarray(m.apply(p, x)), np.asarray(want), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(fast.apply(p, x)), np.asarray(want))
+    t = _rand(want.shape, 16)
+
+    def loss(m):
+        return lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * t)
+
+    g0 = jax.grad(loss(plain), (0, 1))(p, x)
+    g1 = jax.jit(jax.grad(loss(fast), (0, 1)))(p, x)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5),
+        g0,
+        g1,
+    )
 
 
 def test_pick_strategy(monkeypatch):
@@ -140,6 +160,123 @@ def test_input_grad_bit_identical_to_xla_transpose():
     np.testing.assert_allclose(
         np.asarray(input_grad(dy, w)), np.asarray(want), rtol=1e-6, atol=1e-6
     )
+
+
+def test_input_grad_flips_activations_for_big_kernels():
+    # kernel (3*3*32*32 = 9216 values) > dy + dx (2*3*3*32 + 2*5*5*32): the activation-flip path.
+    x, w, dy = _rand((2, 5, 5, 32), 17), _rand((3, 3, 32, 32), 18), _rand((2, 3, 3, 32), 19)
+    assert w.size > dy.size + x.size
+    (want,) = jax.vjp(lambda a: conv2d_xla(a, w), x)[1](dy)
+    np.testing.assert_allclose(
+        np.asarray(input_grad(dy, w)), np.asarray(want), rtol=1e-5, atol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------- pool
+
+
+def test_max_pool_fast_routes_ties_to_the_first_maximum():
+    # One 2x2 window [[1, 3], [3, 0]]: the max 3 is tied; the gradient goes to (0, 1) only.
+    x = jnp.asarray([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda x: jnp.sum(max_pool_2x2_fast(x) * 5.0))(x)
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], [[0.0, 5.0], [0.0, 0.0]])
+    # all four tied (a window of ReLU zeros): the first position, like select_and_scatter.
+    g = jax.grad(lambda x: jnp.sum(max_pool_2x2_fast(x)))(jnp.zeros((1, 2, 2, 1)))
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
+
+
+def test_max_pool_fast_equals_flax_bit_for_bit():
+    rng = np.random.default_rng(20)
+    # ReLU-like input: many exact zeros and some positive ties, as in the U-Net.
+    x = np.maximum(rng.integers(-3, 4, (2, 8, 6, 5)), 0).astype(np.float32)
+    x = jnp.asarray(x)
+    t = _rand((2, 4, 3, 5), 21)
+    for f in (max_pool_2x2_fast, max_pool_2x2_xla):
+        np.testing.assert_array_equal(
+            np.asarray(f(x)), np.asarray(nn.max_pool(x, (2, 2), strides=(2, 2)))
+        )
+    g0 = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) * t))(x)
+    g1 = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_2x2_fast(x) * t)))(x)
+    np.testing.assert_array_equal(np.asarray(g1), np.asarray(g0))
+
+
+def test_max_pool_odd_size_raises():
+    with pytest.raises(ValueError, match="even H and W"):
+        max_pool_2x2_fast(jnp.zeros((1, 5, 4, 2)))
+
+
+# --------------------------------------------------------------------------- upconv, bias, pad
+
+
+def _np_upconv(x, k):
+    """Scatter definition of a 2x2 stride-2 transposed convolution, float64."""
+    b, h, w, _ = x.shape
+    y = np.zeros((b, 2 * h, 2 * w, k.shape[-1]))
+    for i in range(2):
+        for j in range(2):
+            y[:, i::2, j::2] = np.einsum("bhwc,cd->bhwd", x, k[i, j])
+    return y
+
+
+def test_upconv_rows_matches_definition_and_einsum_grads():
+    x, k = _rand((2, 3, 4, 5), 22), _rand((2, 2, 5, 6), 23)
+    want = _np_upconv(np.asarray(x, np.float64), np.asarray(k, np.float64))
+    for f in (upconv2x2_rows, upconv2x2_xla):
+        np.testing.assert_allclose(np.asarray(f(x, k)), want, rtol=1e-5, atol=1e-5)
+    t = _rand((2, 6, 8, 6), 24)
+    g0 = jax.grad(lambda x, k: jnp.sum(upconv2x2_xla(x, k) * t), (0, 1))(x, k)
+    g1 = jax.jit(jax.grad(lambda x, k: jnp.sum(upconv2x2_rows(x, k) * t), (0, 1)))(x, k)
+    for a, b in zip(g0, g1, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_bias_add_fast_gradient_is_the_channel_sum():
+    y, b, t = _rand((2, 3, 4, 5), 25), _rand((5,), 26), _rand((2, 3, 4, 5), 27)
+    np.testing.assert_array_equal(np.asarray(bias_add_fast(y, b)), np.asarray(y + b))
+    gy, gb = jax.jit(jax.grad(lambda y, b: jnp.sum(bias_add_fast(y, b) * t), (0, 1)))(y, b)
+    np.testing.assert_array_equal(np.asarray(gy), np.asarray(t))
+    np.testing.assert_allclose(
+        np.asarray(gb), np.asarray(t, np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-6
+    )
+
+
+def _np_reflect_pad_adjoint(g, p, q, h, w):
+    """Adds each padded cotangent value onto the input pixel it was copied from (numpy)."""
+
+    def src(i, n, pad):
+        i = i - pad
+        return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
+
+    dx = np.zeros(g.shape[:1] + (h, w) + g.shape[3:])
+    for i in range(g.shape[1]):
+        for j in range(g.shape[2]):
+            dx[:, src(i, h, p), src(j, w, q)] += g[:, i, j]
+    return dx
+
+
+@pytest.mark.parametrize("pad", [(1, 1), (2, 1), (0, 2), (3, 3)])
+def test_reflect_pad_fast_values_and_adjoint(pad):
+    x = _rand((2, 7, 6, 3), 28)
+    p, q = pad
+    want = np.pad(np.asarray(x), ((0, 0), (p, p), (q, q), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(np.asarray(reflect_pad_fast(x, pad)), want)
+    g = _rand(want.shape, 29)
+    (got,) = jax.jit(lambda x, g: jax.vjp(lambda x: reflect_pad_fast(x, pad), x)[1](g))(x, g)
+    np.testing.assert_allclose(
+        np.asarray(got), _np_reflect_pad_adjoint(np.asarray(g, np.float64), p, q, 7, 6), atol=1e-5
+    )
+    (xla,) = jax.vjp(lambda x: reflect_pad_xla(x, pad), x)[1](g)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xla), atol=1e-6)
+
+
+def test_get_ops(monkeypatch):
+    assert get_ops("xla").max_pool is max_pool_2x2_xla
+    assert get_ops("cpu_fast").max_pool is max_pool_2x2_fast
+    assert get_ops("auto") is get_ops("cpu_fast")  # the tests run on the CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert get_ops("auto") is get_ops("xla")
+    with pytest.raises(ValueError, match="'nope'"):
+        get_ops("nope")
 
 
 def test_set_cpu_xla_flags_keeps_user_choice(monkeypatch):

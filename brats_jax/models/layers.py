@@ -8,7 +8,7 @@ Every layer takes NHWC activations and HWIO kernels, keeps its parameters in ``p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brats_jax.ops import conv as _fast_conv
+from brats_jax.ops.conv import conv2d_xla
+from brats_jax.ops.impls import IMPLS, get_ops
 
 Array = jax.Array
 Dtype = Any
@@ -27,34 +28,9 @@ he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 """He (Kaiming) normal initialiser for ReLU networks: variance 2 / fan_in."""
 
 
-def _xla_conv(x: Array, kernel: Array, strides: Sequence[int], padding) -> Array:
-    """Plain XLA convolution. x: (B,H,W,Cin), kernel: (kh,kw,Cin,Cout) -> (B,H',W',Cout)."""
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=tuple(strides),
-        padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-
-
-CONV_IMPLS: dict[str, Callable[..., Array]] = {
-    "xla": _xla_conv,
-    "cpu_fast": _fast_conv.conv2d_fast,  # fast weight gradient on XLA:CPU (brats_jax.ops)
-    "auto": _fast_conv.conv2d_auto,  # cpu_fast on the CPU backend, xla elsewhere
-}
-"""Convolution implementations by name, selected by ``Conv2D.impl`` (and ``UNet.conv_impl``).
-
-Each entry is
-``fn(x (B,H,W,Cin), kernel (kh,kw,Cin,Cout), strides (sh,sw), padding) -> (B,H',W',Cout)``
-with ``padding`` either ``"VALID"`` or a pair of ``(lo, hi)`` zero paddings, exactly as
-``jax.lax.conv_general_dilated`` takes it. Register a faster implementation here; the parameter
-tree does not depend on the implementation, so checkpoints stay interchangeable.
-"""
-
-
 class Conv2D(nn.Module):
-    """k x k convolution (stride 1 or more) with reflect / zero / no padding and optional bias.
+    """k x k convolution (stride 1 or more) with reflect / zero / no padding and optional bias;
+    ``impl`` selects the implementation (see :mod:`brats_jax.ops.impls`).
 
     x: (B,H,W,Cin) -> (B,H',W',features); with padding "reflect" or "zero" and stride 1 the
     output has the input's size (odd k). Parameters: ``kernel`` (k,k,Cin,features), ``bias``.
@@ -75,8 +51,8 @@ class Conv2D(nn.Module):
     def __call__(self, x: Array) -> Array:
         if self.padding not in PADDING_MODES:
             raise ValueError(f"Conv2D padding={self.padding!r}; expected one of {PADDING_MODES}")
-        if self.impl not in CONV_IMPLS:
-            raise ValueError(f"Conv2D impl={self.impl!r}; known: {sorted(CONV_IMPLS)}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"Conv2D impl={self.impl!r}; expected one of {IMPLS}")
         k = self.kernel_size
         kernel = self.param(
             "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype
@@ -88,37 +64,42 @@ class Conv2D(nn.Module):
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         lo, hi = (k - 1) // 2, k // 2
+        ops = get_ops(self.impl)
         if self.padding == "reflect" and k > 1:
-            x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)), mode="reflect")
+            if lo != hi:
+                raise ValueError(f"Conv2D: reflect padding needs an odd kernel size, got {k}")
+            x = ops.reflect_pad(x, (lo, lo))
             padding = "VALID"
         elif self.padding == "zero":
             padding = ((lo, hi), (lo, hi))
         else:
             padding = "VALID"
-        y = CONV_IMPLS[self.impl](x, kernel, (self.strides, self.strides), padding)
+        y = ops.conv(x, kernel, (self.strides, self.strides), padding)
         if bias is not None:
-            y = y + bias
+            y = ops.bias_add(y, bias)
         return y
 
 
 class UpConv2x2(nn.Module):
-    """2x2 transposed convolution with stride 2 (the U-Net up-sampling), as one matmul.
+    """2x2 transposed convolution with stride 2 (the U-Net up-sampling), as matrix products.
 
     x: (B,H,W,Cin) -> (B,2H,2W,features) with
     ``y[b, 2h+i, 2w+j, :] = x[b, h, w, :] @ kernel[i, j] + bias`` (= PyTorch
     ``ConvTranspose2d(Cin, features, 2, stride=2)`` with
-    ``weight[c, d, i, j] = kernel[i, j, c, d]``).
+    ``weight[c, d, i, j] = kernel[i, j, c, d]``). ``impl``: see :mod:`brats_jax.ops.impls`.
     """
 
     features: int
     use_bias: bool = True
+    impl: str = "xla"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        b, h, w, _ = x.shape
+        if self.impl not in IMPLS:
+            raise ValueError(f"UpConv2x2 impl={self.impl!r}; expected one of {IMPLS}")
         kernel = self.param(
             "kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype
         )
@@ -128,9 +109,10 @@ class UpConv2x2(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("bhwc,ijcd->bhiwjd", x, kernel).reshape(b, 2 * h, 2 * w, self.features)
+        ops = get_ops(self.impl)
+        y = ops.upconv(x, kernel)
         if bias is not None:
-            y = y + bias
+            y = ops.bias_add(y, bias)
         return y
 
 
@@ -174,7 +156,7 @@ class StdConv(nn.Module):
         kernel = standardize_weight(kernel, self.eps)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         p = self.pad
-        return _xla_conv(x, kernel, (self.strides, self.strides), ((p, p), (p, p)))
+        return conv2d_xla(x, kernel, (self.strides, self.strides), ((p, p), (p, p)))
 
 
 def align_corners_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

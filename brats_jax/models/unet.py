@@ -9,8 +9,10 @@ convolution biases are kept when a normalisation is used so these counts hold).
 Parameter tree: ``down_{i}/{conv1,conv2}`` (i = 0..depth-1, finest first), ``bottleneck``,
 ``upconv_{i}`` and ``up_{i}`` (i = depth-1..0), ``head``; with a normalisation also
 ``{norm1,norm2}`` inside each block. Convolutions are built only by ``ConvBlock.conv`` /
-``UNet.head`` through :class:`~brats_jax.models.layers.Conv2D`, whose implementation is
-selected by ``conv_impl`` (see ``layers.CONV_IMPLS``).
+``UNet.head`` through :class:`~brats_jax.models.layers.Conv2D`. ``conv_impl`` selects the
+implementation of the convolutions, transposed convolutions, max-pools and bias additions
+together (:mod:`brats_jax.ops.impls`): "xla" (plain), "cpu_fast" (gradients written the way
+XLA:CPU runs fast) or "auto" (cpu_fast on the CPU backend only).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from brats_jax.models.layers import Conv2D, UpConv2x2
+from brats_jax.ops.impls import IMPLS, get_ops
 
 NORMS = ("none", "batch", "group")
 PADDINGS = ("reflect", "zero")
@@ -78,7 +81,8 @@ class UNet(nn.Module):
     Fields: ``num_classes`` (4), ``features`` (64: channels of the first level, doubled per
     level), ``depth`` (4 poolings: 64-128-256-512-1024), ``padding`` ("reflect" | "zero"),
     ``norm`` ("none" | "batch" | "group"), ``dtype`` (compute dtype, e.g. jnp.bfloat16;
-    parameters stay float32), ``conv_impl`` (key of ``layers.CONV_IMPLS``, default "xla").
+    parameters stay float32), ``conv_impl`` (ops implementation, "xla" | "cpu_fast" | "auto",
+    default "xla"; parameters and results do not depend on it beyond float32 rounding).
     H and W must be multiples of ``2**depth`` (16 by default). The input channel count is
     taken from x at init (4 for BraTS).
     """
@@ -107,6 +111,8 @@ class UNet(nn.Module):
             raise ValueError(f"UNet.padding={self.padding!r}; expected one of {PADDINGS}")
         if self.norm not in NORMS:
             raise ValueError(f"UNet.norm={self.norm!r}; expected one of {NORMS}")
+        if self.conv_impl not in IMPLS:
+            raise ValueError(f"UNet.conv_impl={self.conv_impl!r}; expected one of {IMPLS}")
         if x.ndim != 4:
             raise ValueError(f"UNet input must be (B,H,W,C); got shape {x.shape}")
         m = 2**self.depth
@@ -119,10 +125,12 @@ class UNet(nn.Module):
         for i in range(self.depth):
             h = self._block(self.features * 2**i, f"down_{i}")(h, train)
             skips.append(h)
-            h = nn.max_pool(h, (2, 2), strides=(2, 2))
+            h = get_ops(self.conv_impl).max_pool(h)
         h = self._block(self.features * 2**self.depth, "bottleneck")(h, train)
         for i in reversed(range(self.depth)):
-            h = UpConv2x2(self.features * 2**i, dtype=self.dtype, name=f"upconv_{i}")(h)
+            h = UpConv2x2(
+                self.features * 2**i, impl=self.conv_impl, dtype=self.dtype, name=f"upconv_{i}"
+            )(h)
             h = jnp.concatenate([skips[i], h], axis=-1)
             h = self._block(self.features * 2**i, f"up_{i}")(h, train)
         logits = Conv2D(

@@ -1,14 +1,14 @@
-"""Fast convolution ops: a drop-in 2D convolution whose weight gradient is computed as large
-matrix products, several times faster than XLA:CPU's own weight-gradient convolution.
+"""Operations with gradients that XLA:CPU runs fast, and the switch that selects them.
 
-See :mod:`brats_jax.ops.conv`. Nothing here imports the models; ``brats_jax.models.layers``
-registers :func:`conv2d_fast` / :func:`conv2d_auto` as ``Conv2D`` implementations.
+:mod:`brats_jax.ops.impls` maps an implementation name ("xla", "cpu_fast", "auto") to the
+convolution, transposed convolution, max-pool and bias addition the U-Net uses;
+:mod:`brats_jax.ops.flags` sets the XLA:CPU flags that make convolutions fast. Nothing here
+imports the models.
 """
 
+from brats_jax.ops.bias import bias_add_fast, bias_add_xla
 from brats_jax.ops.conv import (
     WGRAD_STRATEGIES,
-    FastConv,
-    conv2d_auto,
     conv2d_fast,
     conv2d_xla,
     input_grad,
@@ -16,17 +16,28 @@ from brats_jax.ops.conv import (
     weight_grad,
 )
 from brats_jax.ops.flags import CPU_XLA_FLAGS, set_cpu_xla_flags, ynn_disabled
+from brats_jax.ops.impls import IMPLS, OPS, Ops, get_ops
+from brats_jax.ops.pool import max_pool_2x2_fast, max_pool_2x2_xla
+from brats_jax.ops.upconv import upconv2x2_rows, upconv2x2_xla
 
 __all__ = [
     "CPU_XLA_FLAGS",
-    "input_grad",
-    "set_cpu_xla_flags",
-    "ynn_disabled",
+    "IMPLS",
+    "OPS",
     "WGRAD_STRATEGIES",
-    "FastConv",
-    "conv2d_auto",
+    "Ops",
+    "bias_add_fast",
+    "bias_add_xla",
     "conv2d_fast",
     "conv2d_xla",
+    "get_ops",
+    "input_grad",
+    "max_pool_2x2_fast",
+    "max_pool_2x2_xla",
     "pick_wgrad_strategy",
+    "set_cpu_xla_flags",
+    "upconv2x2_rows",
+    "upconv2x2_xla",
     "weight_grad",
+    "ynn_disabled",
 ]

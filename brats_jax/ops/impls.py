@@ -1,0 +1,69 @@
+"""The U-Net's operations by implementation name: one switch for convolutions, transposed
+convolutions, max-pools and bias additions.
+
+* ``"xla"``: plain JAX/XLA ops, differentiated by XLA.
+* ``"cpu_fast"``: the same arithmetic with gradients written the way XLA:CPU runs fast
+  (:mod:`brats_jax.ops.conv`, ``.upconv``, ``.pool``, ``.bias``); identical forward values
+  except the transposed convolution, identical or float32-rounding-close gradients.
+* ``"auto"``: ``"cpu_fast"`` when JAX's default backend is the CPU, else ``"xla"`` (GPU and
+  TPU gradients are already fast), decided when the model is traced.
+
+Parameters do not depend on the implementation, so checkpoints are interchangeable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+
+from brats_jax.ops import bias, conv, pad, pool, upconv
+
+IMPLS = ("xla", "cpu_fast", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """One implementation of each operation (NHWC activations, HWIO kernels).
+
+    ``conv(x (B,H,W,Cin), kernel (kh,kw,Cin,Cout), strides (sh,sw), padding) -> (B,H',W',Cout)``
+    with ``padding`` "VALID" or ((lo,hi),(lo,hi)) zero paddings, as ``lax.conv_general_dilated``;
+    ``upconv(x (B,H,W,Cin), kernel (2,2,Cin,Cout)) -> (B,2H,2W,Cout)`` (2x2 stride-2 transposed
+    conv); ``max_pool(x (B,H,W,C)) -> (B,H/2,W/2,C)`` (2x2 stride 2);
+    ``bias_add(y (B,H,W,C), bias (C,)) -> (B,H,W,C)``;
+    ``reflect_pad(x (B,H,W,C), (p, q)) -> (B,H+2p,W+2q,C)`` (numpy "reflect").
+    """
+
+    conv: Callable
+    upconv: Callable
+    max_pool: Callable
+    bias_add: Callable
+    reflect_pad: Callable
+
+
+OPS = {
+    "xla": Ops(
+        conv.conv2d_xla,
+        upconv.upconv2x2_xla,
+        pool.max_pool_2x2_xla,
+        bias.bias_add_xla,
+        pad.reflect_pad_xla,
+    ),
+    "cpu_fast": Ops(
+        conv.conv2d_fast,
+        upconv.upconv2x2_rows,
+        pool.max_pool_2x2_fast,
+        bias.bias_add_fast,
+        pad.reflect_pad_fast,
+    ),
+}
+
+
+def get_ops(impl: str) -> Ops:
+    """The :class:`Ops` for ``impl`` (one of ``IMPLS``); "auto" looks at the default backend."""
+    if impl == "auto":
+        impl = "cpu_fast" if jax.default_backend() == "cpu" else "xla"
+    if impl not in OPS:
+        raise ValueError(f"unknown ops implementation {impl!r}; expected one of {IMPLS}")
+    return OPS[impl]
