@@ -148,6 +148,7 @@ def test_conv2d_layer_reflect_padding_grads_equal_plain():
 def test_pick_strategy(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     assert pick_wgrad_strategy((4, 130, 130, 64), (3, 3, 64, 64)) == "xla"
+    assert pick_wgrad_strategy((4, 128, 128, 64), (1, 1, 64, 4)) == "im2col"
     monkeypatch.setenv("XLA_FLAGS", "")
     assert pick_wgrad_strategy((4, 10, 10, 1024), (1, 1, 1024, 4)) == "im2col"
     assert pick_wgrad_strategy((4, 10, 10, 64), (3, 3, 64, 64)) == "im2col"

@@ -1,12 +1,15 @@
-"""2D convolution with a fast weight gradient on XLA:CPU (a ``jax.custom_vjp``).
+"""2D convolution with gradients written the way XLA:CPU runs them fast (a ``jax.custom_vjp``).
 
-XLA:CPU runs forward and input-gradient convolutions about as fast as PyTorch's oneDNN, but
-lowers the weight gradient ``dW[i,j,c,o] = sum_{b,h,w} x[b,h+i,w+j,c] * dy[b,h,w,o]`` to a
-slow generic convolution (3-10x slower than PyTorch on the U-Net's layers). Here the forward
-pass and the input gradient stay the plain XLA convolution (bit-identical), and the weight
-gradient is rewritten as one or a few large matrix products (``lax.dot_general``), which
-XLA:CPU runs with its optimised GEMM. The result equals the plain gradient up to float32
-summation order (relative differences ~1e-6).
+The forward pass is the plain XLA convolution (bit-identical). The backward pass computes:
+
+* the input gradient as the convolution XLA's own transpose rule emits, but with the spatial
+  reversal done on the smaller of kernel and activations (:func:`input_grad`);
+* the weight gradient ``dW[i,j,c,o] = sum_{b,h,w} x[b,h+i,w+j,c] * dy[b,h,w,o]`` by a
+  per-shape strategy (:func:`weight_grad`). With YNN fusions on (jaxlib 0.10's default),
+  XLA:CPU's weight-gradient convolutions are 3-10x slower than PyTorch's and large matrix
+  products (``lax.dot_general``) win; with them off (:mod:`brats_jax.ops.flags`) XLA's own
+  is fastest except for 1x1 kernels. Results equal the plain gradient up to float32
+  summation order (relative differences ~1e-6).
 
 Strategies for the weight gradient (``WGRAD_STRATEGIES``), all exact rewrites of the sum:
 
@@ -63,15 +66,16 @@ def pick_wgrad_strategy(
     x_shape: Sequence[int], kernel_shape: Sequence[int], itemsize: int = 4
 ) -> str:
     """Weight-gradient strategy for a stride-1 VALID conv of x (B,Hp,Wp,Cin) with kernel
-    (kh,kw,Cin,Cout): "xla" when XLA_FLAGS disable YNN fusions (:func:`flags.ynn_disabled`;
+    (kh,kw,Cin,Cout): "im2col" (a single GEMM) for 1x1 kernels (2x faster than XLA's for the
+    U-Net head); otherwise "xla" when XLA_FLAGS disable YNN fusions (:func:`flags.ynn_disabled`;
     XLA's own weight gradient is then the fastest), else "im2col" when the patch matrix is
-    below ``_IM2COL_MAX_BYTES`` and "shift" above (1x1 kernels: "im2col", a single GEMM)."""
+    below ``_IM2COL_MAX_BYTES`` and "shift" above."""
     b, hp, wp, cin = x_shape
     kh, kw = kernel_shape[:2]
+    if kh == 1 and kw == 1:
+        return "im2col"  # one GEMM, no patch copies, no layout transposes
     if ynn_disabled():
         return "xla"  # without YNN fusions XLA's own weight-gradient convolution is fastest
-    if kh == 1 and kw == 1:
-        return "im2col"
     n = b * (hp - kh + 1) * (wp - kw + 1)
     if n * kh * kw * cin * itemsize <= _IM2COL_MAX_BYTES:
         return "im2col"
