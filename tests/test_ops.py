@@ -149,6 +149,8 @@ def test_pick_strategy(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     assert pick_wgrad_strategy((4, 130, 130, 64), (3, 3, 64, 64)) == "xla"
     assert pick_wgrad_strategy((4, 128, 128, 64), (1, 1, 64, 4)) == "im2col"
+    assert pick_wgrad_strategy((4, 10, 10, 1024), (3, 3, 1024, 1024)) == "im2col"  # 9 MiB
+    assert pick_wgrad_strategy((4, 18, 18, 512), (3, 3, 512, 512)) == "xla"  # 18 MiB
     monkeypatch.setenv("XLA_FLAGS", "")
     assert pick_wgrad_strategy((4, 10, 10, 1024), (1, 1, 1024, 4)) == "im2col"
     assert pick_wgrad_strategy((4, 10, 10, 64), (3, 3, 64, 64)) == "im2col"

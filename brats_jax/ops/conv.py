@@ -21,8 +21,8 @@ Strategies for the weight gradient (``WGRAD_STRATEGIES``), all exact rewrites of
   Moves ~3x (not 9x) the activations; best at high resolution.
 * ``"dots"``: kh*kw GEMMs of sliced views, summed into the kernel.
 * ``"auto"``: picked per layer shape by :func:`pick_wgrad_strategy` (measured on a 2-core
-  Xeon VM, see BENCHMARKS.md): "xla" when YNN fusions are off (see :mod:`brats_jax.ops.flags`,
-  the bigger win), else im2col / shift.
+  Xeon VM, see BENCHMARKS.md): mostly "xla" when YNN fusions are off (see
+  :mod:`brats_jax.ops.flags`, the bigger win), else im2col / shift.
 
 Layout: NHWC activations, HWIO kernels (flax / ``brats_jax.models.layers`` convention).
 Only stride 1 uses the custom gradient; strided or dilated convolutions fall back to XLA.
@@ -46,6 +46,10 @@ WGRAD_STRATEGIES = ("auto", "xla", "im2col", "shift", "dots")
 _IM2COL_MAX_BYTES = 24 * 2**20
 """'auto' uses im2col while the (N, kh*kw*Cin) patch matrix stays below this size."""
 
+_IM2COL_SMALL_BYTES = 10 * 2**20
+"""With YNN fusions off, 'auto' uses im2col up to this patch size (else XLA's own): e.g.
+8x8x1024 -> 1024 at batch 4 (9 MiB), 26 ms vs 34 ms; from ~16x16x512 on XLA's is faster."""
+
 
 def conv2d_xla(x: Array, kernel: Array, strides: Sequence[int] = (1, 1), padding="VALID") -> Array:
     """Plain XLA convolution: x (B,H,W,Cin), kernel (kh,kw,Cin,Cout) -> (B,H',W',Cout).
@@ -67,19 +71,18 @@ def pick_wgrad_strategy(
 ) -> str:
     """Weight-gradient strategy for a stride-1 VALID conv of x (B,Hp,Wp,Cin) with kernel
     (kh,kw,Cin,Cout): "im2col" (a single GEMM) for 1x1 kernels (2x faster than XLA's for the
-    U-Net head); otherwise "xla" when XLA_FLAGS disable YNN fusions (:func:`flags.ynn_disabled`;
-    XLA's own weight gradient is then the fastest), else "im2col" when the patch matrix is
-    below ``_IM2COL_MAX_BYTES`` and "shift" above."""
+    U-Net head). When XLA_FLAGS disable YNN fusions (:func:`flags.ynn_disabled`), "im2col"
+    while the (N, kh*kw*Cin) patch matrix is at most ``_IM2COL_SMALL_BYTES`` and XLA's own
+    ("xla") above; with YNN on, "im2col" up to ``_IM2COL_MAX_BYTES`` and "shift" above."""
     b, hp, wp, cin = x_shape
     kh, kw = kernel_shape[:2]
     if kh == 1 and kw == 1:
         return "im2col"  # one GEMM, no patch copies, no layout transposes
+    patch_bytes = b * (hp - kh + 1) * (wp - kw + 1) * kh * kw * cin * itemsize
     if ynn_disabled():
-        return "xla"  # without YNN fusions XLA's own weight-gradient convolution is fastest
-    n = b * (hp - kh + 1) * (wp - kw + 1)
-    if n * kh * kw * cin * itemsize <= _IM2COL_MAX_BYTES:
-        return "im2col"
-    return "shift"
+        # XLA's own weight gradient is fastest, except for small patch matrices (deep layers).
+        return "im2col" if patch_bytes <= _IM2COL_SMALL_BYTES else "xla"
+    return "im2col" if patch_bytes <= _IM2COL_MAX_BYTES else "shift"
 
 
 def _gemm_tn(a: Array, b: Array) -> Array:
