@@ -3,12 +3,16 @@ run, on the same machine and shapes, and prints the ratio as one JSON line.
 
 usage: python benchmarks/compare_cpu.py [--image-size=128] [--batch-size=4] [--steps=6]
            [--base-features=64] [--impls=xla,cpu_fast] [--threads=0] [--xla-flags=fast|none]
+           [--processes=0]
 
-Steps of the PyTorch twin and of every JAX variant are interleaved (round-robin, one step of
-each per round) so that background load hits all of them alike; the ratio uses medians
-(``ratio_median`` = JAX step / PyTorch step; < 1 means JAX is faster) and mins. torch is an
-optional extra (``pip install -e .[torch]``). Both sides use every core the process may use
-(torch.set_num_threads) unless ``--threads`` says otherwise.
+By default all variants run in one process and their steps are interleaved (round-robin, one
+step of each per round) so that background load hits all of them alike. With
+``--processes=N`` each framework instead runs alone in a fresh process, alternating
+(PyTorch, JAX, PyTorch, JAX, ... N rounds), so neither sees the other's memory traffic or
+allocator state; each process reports the median of its steps and the result is the median
+over rounds. The ratio uses medians (``ratio_median`` = JAX step / PyTorch step; < 1 means
+JAX is faster) and mins. torch is an optional extra (``pip install -e .[torch]``). Both sides
+use every core the process may use (torch.set_num_threads) unless ``--threads`` says otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -38,7 +43,16 @@ def main(argv=None) -> dict:
         choices=["fast", "none"],
         help="fast: add brats_jax.ops.flags.CPU_XLA_FLAGS; none: XLA defaults",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="N > 0: run each framework alone in N fresh processes, alternating",
+    )
+    p.add_argument("--only", default="", help=argparse.SUPPRESS)  # torch | jax (one process)
     a = p.parse_args(argv)
+    if a.processes > 0:
+        return _separate_processes(a, argv if argv is not None else sys.argv[1:])
     if a.xla_flags == "fast":
         from brats_jax.ops.flags import set_cpu_xla_flags
 
@@ -54,19 +68,21 @@ def main(argv=None) -> dict:
 
     threads = a.threads or bench._cpu_count()
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    tmodel = TorchUNet(base_features=a.base_features)
-    if a.base_features == 64:
-        assert num_params(tmodel) == UNET_PARAMS, num_params(tmodel)
-    tstep = make_train_step(tmodel)
     image, label = bench.random_batch(a.batch_size, a.image_size)
-    timage = torch.from_numpy(np.array(image))
-    tlabel = torch.from_numpy(np.array(label).astype(np.int64))
+    runners = {}
+    if a.only != "jax":
+        torch.manual_seed(0)
+        tmodel = TorchUNet(base_features=a.base_features)
+        if a.base_features == 64:
+            assert num_params(tmodel) == UNET_PARAMS, num_params(tmodel)
+        tstep = make_train_step(tmodel)
+        timage = torch.from_numpy(np.array(image))
+        tlabel = torch.from_numpy(np.array(label).astype(np.int64))
+        runners["torch"] = lambda: float(tstep(timage, tlabel))
 
     tx = optax.adam(1e-4)
-    runners = {"torch": lambda: float(tstep(timage, tlabel))}
     info = {}
-    for impl in a.impls.split(","):
+    for impl in [] if a.only == "torch" else a.impls.split(","):
         net = bench.build_model("unet", base_features=a.base_features, conv_impl=impl)
         state = bench.init_train_state(net, a.image_size, tx)
         if a.base_features == 64:
@@ -97,6 +113,11 @@ def main(argv=None) -> dict:
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
+    if a.only:
+        res = {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
+        flags = os.environ.get("XLA_FLAGS", "")
+        print(json.dumps({"only": a.only, "times": res, "info": info, "xla_flags": flags}))
+        return res
     tm, tmin = statistics.median(times["torch"]), min(times["torch"])
     res = {
         "bench": "compare_cpu",
@@ -124,6 +145,64 @@ def main(argv=None) -> dict:
     res.update(
         {kk: v for kk, v in bench.machine_info().items() if kk != "jax"}, jax=jax.__version__
     )
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def _separate_processes(a, argv: list[str]) -> dict:
+    """--processes=N: alternate fresh single-framework processes; same output keys."""
+    import jax
+
+    from brats_jax import bench
+
+    base = [x for x in argv if not x.startswith("--processes")]
+    per = {"torch": [], **{k: [] for k in a.impls.split(",")}}
+    mins = {k: [] for k in per}
+    info, flags = {}, ""
+    for _ in range(a.processes):
+        for only in ("torch", "jax"):
+            out = (
+                subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), *base, f"--only={only}"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            r = json.loads(out)
+            info.update(r["info"])
+            flags = r["xla_flags"] if only == "jax" else flags
+            for k, v in r["times"].items():
+                per[k].append(v["median"])
+                mins[k].append(v["min"])
+    tm, tmin = statistics.median(per["torch"]), min(mins["torch"])
+    res = {
+        "bench": "compare_cpu",
+        "mode": f"separate processes x{a.processes}",
+        "image_size": a.image_size,
+        "batch_size": a.batch_size,
+        "base_features": a.base_features,
+        "steps": a.steps,
+        "torch_step_s_median": round(tm, 4),
+        "torch_step_s_min": round(tmin, 4),
+        "torch_round_medians": [round(t, 4) for t in per["torch"]],
+    }
+    for k in a.impls.split(","):
+        m = statistics.median(per[k])
+        res[k] = {
+            "step_s_median": round(m, 4),
+            "step_s_min": round(min(mins[k]), 4),
+            "round_medians": [round(t, 4) for t in per[k]],
+            "ratio_median": round(m / tm, 3),
+            "ratio_min": round(min(mins[k]) / tmin, 3),
+            **info[k],
+        }
+    res.update(
+        {kk: v for kk, v in bench.machine_info().items() if kk != "jax"}, jax=jax.__version__
+    )
+    res["xla_flags"] = flags  # of the JAX processes
     print(json.dumps(res), flush=True)
     return res
 

@@ -419,7 +419,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--conv-impl",
         default="auto",
         choices=["auto", "cpu_fast", "xla"],
-        help="U-Net convolution implementation (auto: cpu_fast on CPU)",
+        help="U-Net ops implementation, brats_jax.ops.impls (auto: cpu_fast on CPU)",
     )
 
 

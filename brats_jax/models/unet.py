@@ -10,8 +10,8 @@ Parameter tree: ``down_{i}/{conv1,conv2}`` (i = 0..depth-1, finest first), ``bot
 ``upconv_{i}`` and ``up_{i}`` (i = depth-1..0), ``head``; with a normalisation also
 ``{norm1,norm2}`` inside each block. Convolutions are built only by ``ConvBlock.conv`` /
 ``UNet.head`` through :class:`~brats_jax.models.layers.Conv2D`. ``conv_impl`` selects the
-implementation of the convolutions, transposed convolutions, max-pools and bias additions
-together (:mod:`brats_jax.ops.impls`): "xla" (plain), "cpu_fast" (gradients written the way
+implementation of the convolutions, transposed convolutions, max-pools, bias additions and
+reflection paddings together (:mod:`brats_jax.ops.impls`): "xla" (plain), "cpu_fast" (gradients written the way
 XLA:CPU runs fast) or "auto" (cpu_fast on the CPU backend only).
 """
 

@@ -1,7 +1,8 @@
 """Operations with gradients that XLA:CPU runs fast, and the switch that selects them.
 
 :mod:`brats_jax.ops.impls` maps an implementation name ("xla", "cpu_fast", "auto") to the
-convolution, transposed convolution, max-pool and bias addition the U-Net uses;
+convolution, transposed convolution, max-pool, bias addition and reflection padding the
+U-Net uses;
 :mod:`brats_jax.ops.flags` sets the XLA:CPU flags that make convolutions fast. Nothing here
 imports the models.
 """

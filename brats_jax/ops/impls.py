@@ -1,10 +1,11 @@
 """The U-Net's operations by implementation name: one switch for convolutions, transposed
-convolutions, max-pools and bias additions.
+convolutions, max-pools, bias additions and reflection padding.
 
 * ``"xla"``: plain JAX/XLA ops, differentiated by XLA.
 * ``"cpu_fast"``: the same arithmetic with gradients written the way XLA:CPU runs fast
-  (:mod:`brats_jax.ops.conv`, ``.upconv``, ``.pool``, ``.bias``); identical forward values
-  except the transposed convolution, identical or float32-rounding-close gradients.
+  (:mod:`brats_jax.ops.conv`, ``.upconv``, ``.pool``, ``.bias``, ``.pad``); identical
+  forward values except the transposed convolution, gradients identical or equal up to
+  float32 summation order.
 * ``"auto"``: ``"cpu_fast"`` when JAX's default backend is the CPU, else ``"xla"`` (GPU and
   TPU gradients are already fast), decided when the model is traced.
 
