@@ -66,14 +66,21 @@ def main(argv) -> None:
             )
 
 
-def _quiet_library_logs() -> None:
-    """Keep orbax's per-save INFO lines out of the terminal (warnings still show)."""
+def _keep_log_record(r) -> bool:
+    """False for orbax's per-save INFO lines and for its warning about checkpoints saved
+    without metrics (the epoch-end checkpoints have no validation Dice, by design)."""
     import logging as pylogging
 
-    handler = logging.get_absl_handler()
-    handler.addFilter(
-        lambda r: r.levelno >= pylogging.WARNING or "orbax" not in r.pathname.replace("\\", "/")
-    )
+    if "orbax" not in r.pathname.replace("\\", "/"):
+        return True
+    if r.levelno < pylogging.WARNING:
+        return False
+    return "did not provide metrics" not in r.getMessage()
+
+
+def _quiet_library_logs() -> None:
+    """Keep orbax's routine lines out of the terminal (other warnings still show)."""
+    logging.get_absl_handler().addFilter(_keep_log_record)
 
 
 def _f(v) -> str:

@@ -11,8 +11,8 @@ Parameter tree: ``down_{i}/{conv1,conv2}`` (i = 0..depth-1, finest first), ``bot
 ``{norm1,norm2}`` inside each block. Convolutions are built only by ``ConvBlock.conv`` /
 ``UNet.head`` through :class:`~brats_jax.models.layers.Conv2D`. ``conv_impl`` selects the
 implementation of the convolutions, transposed convolutions, max-pools, bias additions and
-reflection paddings together (:mod:`brats_jax.ops.impls`): "xla" (plain), "cpu_fast" (gradients written the way
-XLA:CPU runs fast) or "auto" (cpu_fast on the CPU backend only).
+reflection paddings together (:mod:`brats_jax.ops.impls`): "xla" (plain), "cpu_fast"
+(gradients written the way XLA:CPU runs fast) or "auto" (cpu_fast on the CPU backend only).
 """
 
 from __future__ import annotations
