@@ -1,9 +1,11 @@
-"""Console entry points: user mistakes end with a one-line error, not a traceback."""
+"""Console entry points: user mistakes end with a one-line error, not a traceback, and
+library log lines that are routine stay out of the terminal."""
 
+import logging as pylogging
 import os
 import sys
 
-from absl import app
+from absl import app, logging
 
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
 
@@ -34,3 +36,18 @@ def _config_flag_for(name: str) -> str | None:
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def keep_log_record(r: pylogging.LogRecord) -> bool:
+    """False for orbax's per-save INFO lines and for its warning about checkpoints saved
+    without metrics (the epoch-end checkpoints have no validation Dice, by design)."""
+    if "orbax" not in r.pathname.replace("\\", "/"):
+        return True
+    if r.levelno < pylogging.WARNING:
+        return False
+    return "did not provide metrics" not in r.getMessage()
+
+
+def quiet_library_logs() -> None:
+    """Filters absl's log handler with :func:`keep_log_record` (other warnings still show)."""
+    logging.get_absl_handler().addFilter(keep_log_record)

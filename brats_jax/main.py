@@ -39,7 +39,7 @@ def main(argv) -> None:
     set_cpu_xla_flags()  # fast XLA:CPU convolutions (BENCHMARKS.md); no effect on GPU/TPU
     import jax
 
-    _quiet_library_logs()
+    cli.quiet_library_logs()
     if FLAGS.distributed:
         jax.distributed.initialize()
     from brats_jax import train
@@ -64,23 +64,6 @@ def main(argv) -> None:
                     results["paper_dice"], *(_f(dice.get(r)) for r in ("WT", "TC", "ET"))
                 )
             )
-
-
-def _keep_log_record(r) -> bool:
-    """False for orbax's per-save INFO lines and for its warning about checkpoints saved
-    without metrics (the epoch-end checkpoints have no validation Dice, by design)."""
-    import logging as pylogging
-
-    if "orbax" not in r.pathname.replace("\\", "/"):
-        return True
-    if r.levelno < pylogging.WARNING:
-        return False
-    return "did not provide metrics" not in r.getMessage()
-
-
-def _quiet_library_logs() -> None:
-    """Keep orbax's routine lines out of the terminal (other warnings still show)."""
-    logging.get_absl_handler().addFilter(_keep_log_record)
 
 
 def _f(v) -> str:

@@ -96,5 +96,7 @@ def test_compare_cpu_runs_in_both_modes(processes):
     assert res["torch_step_s_median"] > 0
     r = res["cpu_fast"]
     assert r["step_s_median"] > 0
-    assert r["ratio_median"] == pytest.approx(r["step_s_median"] / res["torch_step_s_median"], 1e-2)
+    # step times are printed with 4 decimals (~1e-3 s here): compare within that rounding.
+    want = r["step_s_median"] / res["torch_step_s_median"]
+    assert r["ratio_median"] == pytest.approx(want, rel=0.1)
     assert r["flops_per_step"] > 0

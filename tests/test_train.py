@@ -271,15 +271,15 @@ def test_eval_batches_split_across_hosts_cover_every_slice_once(tmp_path, monkey
 def test_main_log_filter_drops_only_routine_orbax_lines():
     import logging
 
-    from brats_jax.main import _keep_log_record
+    from brats_jax.cli import keep_log_record
 
     def rec(path, level, msg):
         return logging.LogRecord("x", level, path, 1, msg, None, None)
 
     orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
-    assert not _keep_log_record(rec(orbax, logging.INFO, "Saving checkpoint at step 5"))
-    assert not _keep_log_record(
+    assert not keep_log_record(rec(orbax, logging.INFO, "Saving checkpoint at step 5"))
+    assert not keep_log_record(
         rec(orbax, logging.WARNING, "Requested `tracked_metric`; did not provide metrics.")
     )
-    assert _keep_log_record(rec(orbax, logging.WARNING, "Checkpoint directory is not writable"))
-    assert _keep_log_record(rec("/work/brats_jax/train.py", logging.INFO, "step 5"))
+    assert keep_log_record(rec(orbax, logging.WARNING, "Checkpoint directory is not writable"))
+    assert keep_log_record(rec("/work/brats_jax/train.py", logging.INFO, "step 5"))
