@@ -118,43 +118,55 @@ def main(argv=None) -> dict:
         flags = os.environ.get("XLA_FLAGS", "")
         print(json.dumps({"only": a.only, "times": res, "info": info, "xla_flags": flags}))
         return res
-    tm, tmin = statistics.median(times["torch"]), min(times["torch"])
+    res = _summary(
+        a,
+        {k: statistics.median(v) for k, v in times.items()},
+        {k: min(v) for k, v in times.items()},
+        info,
+        os.environ.get("XLA_FLAGS", ""),
+        threads=threads,
+        torch=torch.__version__,
+    )
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def _summary(a, median_s: dict, min_s: dict, info: dict, xla_flags: str, **fields) -> dict:
+    """The printed result: the settings and ``fields``, PyTorch's step (s), every JAX variant's
+    step (s) and its ratio to PyTorch's, compile info and the machine. ``median_s`` / ``min_s``
+    map "torch" and each of ``a.impls`` to seconds."""
+    import jax
+
+    from brats_jax import bench
+
+    tm, tmin = median_s["torch"], min_s["torch"]
     res = {
         "bench": "compare_cpu",
         "image_size": a.image_size,
         "batch_size": a.batch_size,
         "base_features": a.base_features,
         "steps": a.steps,
-        "threads": threads,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "torch": torch.__version__,
+        **fields,
         "torch_step_s_median": round(tm, 4),
         "torch_step_s_min": round(tmin, 4),
     }
-    for k in runners:
-        if k == "torch":
-            continue
-        m = statistics.median(times[k])
+    for k in a.impls.split(","):
         res[k] = {
-            "step_s_median": round(m, 4),
-            "step_s_min": round(min(times[k]), 4),
-            "ratio_median": round(m / tm, 3),
-            "ratio_min": round(min(times[k]) / tmin, 3),
+            "step_s_median": round(median_s[k], 4),
+            "step_s_min": round(min_s[k], 4),
+            "ratio_median": round(median_s[k] / tm, 3),
+            "ratio_min": round(min_s[k] / tmin, 3),
             **info[k],
         }
     res.update(
         {kk: v for kk, v in bench.machine_info().items() if kk != "jax"}, jax=jax.__version__
     )
-    print(json.dumps(res), flush=True)
+    res["xla_flags"] = xla_flags  # of the process(es) that ran JAX
     return res
 
 
 def _separate_processes(a, argv: list[str]) -> dict:
     """--processes=N: alternate fresh single-framework processes; same output keys."""
-    import jax
-
-    from brats_jax import bench
-
     base = [x for x in argv if not x.startswith("--processes")]
     per = {"torch": [], **{k: [] for k in a.impls.split(",")}}
     mins = {k: [] for k in per}
@@ -177,32 +189,17 @@ def _separate_processes(a, argv: list[str]) -> dict:
             for k, v in r["times"].items():
                 per[k].append(v["median"])
                 mins[k].append(v["min"])
-    tm, tmin = statistics.median(per["torch"]), min(mins["torch"])
-    res = {
-        "bench": "compare_cpu",
-        "mode": f"separate processes x{a.processes}",
-        "image_size": a.image_size,
-        "batch_size": a.batch_size,
-        "base_features": a.base_features,
-        "steps": a.steps,
-        "torch_step_s_median": round(tm, 4),
-        "torch_step_s_min": round(tmin, 4),
-        "torch_round_medians": [round(t, 4) for t in per["torch"]],
-    }
-    for k in a.impls.split(","):
-        m = statistics.median(per[k])
-        res[k] = {
-            "step_s_median": round(m, 4),
-            "step_s_min": round(min(mins[k]), 4),
-            "round_medians": [round(t, 4) for t in per[k]],
-            "ratio_median": round(m / tm, 3),
-            "ratio_min": round(min(mins[k]) / tmin, 3),
-            **info[k],
-        }
-    res.update(
-        {kk: v for kk, v in bench.machine_info().items() if kk != "jax"}, jax=jax.__version__
+    res = _summary(
+        a,
+        {k: statistics.median(v) for k, v in per.items()},
+        {k: min(v) for k, v in mins.items()},
+        info,
+        flags,
+        mode=f"separate processes x{a.processes}",
+        torch_round_medians=[round(t, 4) for t in per["torch"]],
     )
-    res["xla_flags"] = flags  # of the JAX processes
+    for k in a.impls.split(","):
+        res[k]["round_medians"] = [round(t, 4) for t in per[k]]
     print(json.dumps(res), flush=True)
     return res
 
