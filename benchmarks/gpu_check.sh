@@ -3,12 +3,12 @@
 # achieved TFLOP/s and MFU against the card's dense bf16 peak, plus the PyTorch U-Net twin
 # (skipped when torch with CUDA cannot be imported). Writes JSON lines to $OUT/gpu_bench.jsonl.
 #
-# Needs (install-free; the lead ships wheels): jax[cuda12]==0.10.2 (jax, jaxlib,
-# jax-cuda12-plugin, jax-cuda12-pjrt + nvidia-* CUDA 12 wheels), flax==0.12.8, optax==0.2.8,
-# ml_collections, absl-py, numpy, scipy, nibabel, h5py, grain, orbax-checkpoint, clu,
-# tensorboardX, matplotlib, tqdm (the brats_jax deps; only the models/bench are used);
-# optional: torch (CUDA build) for the twin.
+# Needs a CUDA build of jax plus the brats_jax dependencies (only the models and bench are
+# used); optional: a CUDA build of torch for the twin.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (<= ~8 min)
+# STAGES picks parts (default "unet transunet extra multirun torch"); "explore" runs
+# benchmarks/gpu_explore.py (op variants + profiler trace of the U-Net step, <= ~5 min);
+# TRANSUNET_BATCHES (default "1 16") sets the TransUNet batch sizes.
 # On the lent H100/H200 (jax 0.11 with CUDA 13, flax, optax, orbax, torch preinstalled) only
 # grain, clu, ml_collections, tensorboardX, nibabel, array_record and portpicker are missing:
 # carry them as wheels in .whl/ (see .library device README) and this script installs them.
@@ -42,27 +42,37 @@ for line in sys.stdin:
     if not line.startswith('{'): print(line, file=sys.stderr); continue
     r=json.loads(line); r['gpu']='''$GPU'''; r['peak_bf16_tflops']=$PEAK
     if r.get('tflops') is not None: r['mfu']=round(r['tflops']/$PEAK,4)
+    if r.get('tflops_pipelined') is not None: r['mfu_pipelined']=round(r['tflops_pipelined']/$PEAK,4)
     print(json.dumps(r)); sys.stdout.flush()
 "
 }
-for model in unet transunet; do
-  for bs in 1 16; do
-    # compiling the full TransUNet train step took 86 s on an H200
-    timeout $([ $model = unet ] && echo 70 || echo 130) $PY -m brats_jax.bench train --model=$model --image-size=240 --batch-size=$bs \
-      --steps=10 --dtype=bfloat16 2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
-  done
-done
-# Toward 40 % MFU: a larger batch, and the CPU-rewritten ops (brats_jax.ops, cpu_fast) on
-# the GPU (their max-pool/bias/pad gradients are cheaper element-wise work there too?).
-for extra in "--batch-size=32" "--batch-size=16 --conv-impl=cpu_fast"; do
-  timeout 70 $PY -m brats_jax.bench train --model=unet --image-size=240 $extra \
-    --steps=10 --dtype=bfloat16 2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
-done
-# Issue 9: the study's setting (U-Net, 240 px, batch 1) as K=8 stacked runs (vmap) vs one run.
-timeout 120 $PY -m brats_jax.bench multirun --model=unet --image-size=240 --batch-size=1 \
-  --runs=8 --steps=5 --mapping=vmap --dtype=bfloat16 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
+STAGES=${STAGES:-unet transunet extra multirun torch}
+has() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+bench_train() {  # $1: timeout seconds, rest: bench train flags
+  local t=$1; shift
+  timeout "$t" $PY -m brats_jax.bench train --image-size=240 --steps=10 --dtype=bfloat16 "$@" \
+    2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
+}
+if has explore; then
+  timeout 330 $PY -m benchmarks.gpu_explore --out="$OUT" --peak="$PEAK" --budget-s=190 \
+    --profile 2>>"$OUT/stderr.txt"
+fi
+if has unet; then
+  for bs in 1 16; do bench_train 70 --model=unet --batch-size=$bs; done
+fi
+if has transunet; then  # compiling the full TransUNet train step took 86 s on an H200
+  for bs in ${TRANSUNET_BATCHES:-1 16}; do bench_train 180 --model=transunet --batch-size=$bs; done
+fi
+if has extra; then  # U-Net at a larger batch
+  bench_train 70 --model=unet --batch-size=32
+fi
+if has multirun; then
+  # Issue 9: the study's setting (U-Net, 240 px, batch 1) as K=8 stacked runs (vmap) vs one.
+  timeout 120 $PY -m brats_jax.bench multirun --model=unet --image-size=240 --batch-size=1 \
+    --runs=8 --steps=5 --mapping=vmap --dtype=bfloat16 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
+fi
 # PyTorch twin of the U-Net (bf16 autocast, channels_last), same shapes; optional.
-timeout 70 $PY - "$GPU" "$PEAK" <<'PYEOF' 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
+has torch && timeout 70 $PY - "$GPU" "$PEAK" <<'PYEOF' 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
 import json, statistics, sys, time
 try:
     import torch

@@ -3,7 +3,7 @@
 usage:
   python -m brats_jax.bench train --model=unet|transunet --image-size=N --batch-size=B --steps=S
       [--base-features=F] [--preset=r50_vit_b16|small|tiny] [--dtype=float32|bfloat16]
-      [--conv-impl=auto|cpu_fast|xla]
+      [--conv-impl=auto|cpu_fast|gpu_fast|xla]
   python -m brats_jax.bench eval  --model=unet --batch-size=B [--volumes=2] [--depth=155]
   python -m brats_jax.bench data  [flags of brats_jax.bench_data]
   (any subcommand: --no-cpu-flags keeps XLA_FLAGS as they are; by default the fast XLA:CPU
@@ -12,10 +12,11 @@ usage:
 Each subcommand prints one JSON line per measurement (``data`` prints one per source/workers).
 ``train`` times a jitted Adam (lr 1e-4) + mean softmax cross-entropy step with the train state
 donated, on random inputs (B,N,N,4) float32 and labels (B,N,N) int32 in {0..3}. FLOPs per
-step come from XLA's cost analysis of the compiled step (a multiply-add counts 2); achieved
-TFLOP/s = FLOPs per step / median step seconds. ``eval`` predicts whole 240x240xD volumes
-(D = 155 by default) in fixed-size slice batches with one compiled function and reports
-whether a second volume triggered a recompilation.
+step come from XLA's cost analysis of the lowered step (a multiply-add counts 2); achieved
+TFLOP/s = FLOPs per step / median step seconds (each step waited for), and
+``tflops_pipelined`` the same for steps queued back to back (``step_s_pipelined``).
+``eval`` predicts whole 240x240xD volumes (D = 155 by default) in fixed-size slice batches
+with one compiled function and reports whether a second volume triggered a recompilation.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 import optax
 
 from brats_jax import NUM_CLASSES
+from brats_jax.ops.impls import IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -152,6 +154,16 @@ def cost_flops(compiled) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
+def step_flops(fn, lowered, *args) -> float:
+    """FLOPs of one call of ``fn(*args)``: XLA's cost analysis of ``lowered`` (its
+    pre-optimisation HLO), or, where the backend gives none (XLA:GPU in jax 0.11), of the same
+    function lowered for the CPU (the count does not depend on the backend)."""
+    flops = cost_flops(lowered)
+    if flops != flops:  # nan
+        flops = cost_flops(jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",)))
+    return flops
+
+
 def num_params(params) -> int:
     """Total number of scalars in a parameter pytree."""
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
@@ -192,7 +204,8 @@ def bench_train(
 ) -> dict:
     """Times ``steps`` train steps (after one warm-up step) and returns the result dict
     (keys: model, image_size, batch_size, dtype, conv_impl, devices, params, flops_per_step,
-    compile_s, step_s_median, step_s_min, slices_per_s, tflops, plus :func:`machine_info`)."""
+    compile_s, step_s_median, step_s_min, step_s_pipelined, slices_per_s, tflops,
+    tflops_pipelined, plus :func:`machine_info`)."""
     if steps < 1 or batch_size < 1 or image_size < 1:
         raise ValueError(
             f"steps={steps}, batch_size={batch_size}, image_size={image_size} must all be >= 1"
@@ -210,10 +223,9 @@ def bench_train(
     image, label = random_batch(batch_size, image_size)
     params = num_params(state["params"])
     timing = _time_steps(make_train_step(net, tx), state, (image, label), steps)
-    med, times, loss = timing.median_s, timing.times, timing.out
-    flops = cost_flops(timing.lowered)
+    med, times, loss, flops = timing.median_s, timing.times, timing.out, timing.flops
     compile_s = timing.compile_s
-    med = statistics.median(times)
+    piped = timing.pipelined_s
     return {
         "bench": "train",
         "model": model,
@@ -226,9 +238,11 @@ def bench_train(
         "compile_s": round(compile_s, 3),
         "step_s_median": round(med, 5),
         "step_s_min": round(min(times), 5),
+        "step_s_pipelined": round(piped, 5),
         "steps": steps,
         "slices_per_s": round(batch_size / med, 3),
         "tflops": round(flops / med / 1e12, 5),
+        "tflops_pipelined": round(flops / piped / 1e12, 5),
         "loss": float(loss),
         **machine_info(),
     }
@@ -236,12 +250,14 @@ def bench_train(
 
 @dataclasses.dataclass
 class StepTiming:
-    """Result of :func:`_time_steps`: times in seconds, the lowered step (for FLOPs) and the
-    last step's second output."""
+    """Result of :func:`_time_steps`: compile seconds, each waited-for step's seconds, seconds
+    per step when ``steps`` steps are queued back to back, FLOPs per step (:func:`step_flops`)
+    and the last step's second output."""
 
     compile_s: float
     times: list[float]
-    lowered: Any
+    pipelined_s: float
+    flops: float
     out: Any
 
     @property
@@ -251,11 +267,14 @@ class StepTiming:
 
 def _time_steps(fn, state, args, steps: int) -> StepTiming:
     """Compile `fn(state, *args) -> (state, out)` with the state donated, run one warm-up
-    step, then time `steps` steps (each waited for)."""
+    step, time `steps` steps each waited for (host dispatch included, as a loop that reads
+    every loss sees it), then `steps` steps queued back to back (as a training loop that
+    does not wait sees them: on a GPU the device stays busy)."""
     t0 = time.perf_counter()
     lowered = jax.jit(fn, donate_argnums=0).lower(state, *args)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    flops = step_flops(fn, lowered, state, *args)
     state, out = compiled(state, *args)  # warm-up
     jax.block_until_ready(out)
     times = []
@@ -264,7 +283,12 @@ def _time_steps(fn, state, args, steps: int) -> StepTiming:
         state, out = compiled(state, *args)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
-    return StepTiming(compile_s, times, lowered, out)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, out = compiled(state, *args)
+    jax.block_until_ready(out)
+    pipelined = (time.perf_counter() - t) / steps
+    return StepTiming(compile_s, times, pipelined, flops, out)
 
 
 def bench_multirun(
@@ -331,7 +355,7 @@ def bench_multirun(
         "step_s_single": round(one.median_s, 5),
         "step_s_stacked": round(many.median_s, 5),
         "speedup": round(runs * one.median_s / many.median_s, 3),
-        "flops_per_stacked_step": cost_flops(many.lowered),
+        "flops_per_stacked_step": many.flops,
         "peak_device_bytes": mem,
         **machine_info(),
     }
@@ -418,8 +442,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--conv-impl",
         default="auto",
-        choices=["auto", "cpu_fast", "xla"],
-        help="U-Net ops implementation, brats_jax.ops.impls (auto: cpu_fast on CPU)",
+        choices=IMPLS,
+        help="U-Net ops implementation, brats_jax.ops.impls (auto: cpu_fast on CPU, "
+        "gpu_fast on GPU)",
     )
 
 

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.depth = 4  # U-Net: number of poolings
     m.norm = "none"  # U-Net: none | batch | group
     m.padding = "reflect"  # U-Net: reflect | zero
-    m.conv_impl = "auto"  # U-Net ops: auto (fast CPU gradients, brats_jax.ops) | cpu_fast | xla
+    m.conv_impl = "auto"  # U-Net ops (brats_jax.ops): auto | cpu_fast | gpu_fast | xla
     m.preset = "r50_vit_b16"  # TransUNet: r50_vit_b16 | small | tiny
     m.n_skip = 3  # TransUNet: skip connections used by the decoder
     m.pretrained_path = ""  # TransUNet: Google's R50+ViT-B_16.npz ("" = random init)

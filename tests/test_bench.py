@@ -16,8 +16,10 @@ TRAIN_FIELDS = {
     "flops_per_step",
     "compile_s",
     "step_s_median",
+    "step_s_pipelined",
     "slices_per_s",
     "tflops",
+    "tflops_pipelined",
 }
 
 
@@ -49,6 +51,32 @@ def test_bench_train_cli_prints_json(capsys):
     # tflops is printed with 5 decimals: compare within that rounding.
     want = r["flops_per_step"] / r["step_s_median"] / 1e12
     assert r["tflops"] == pytest.approx(want, rel=1e-2, abs=1e-5)
+    want = r["flops_per_step"] / r["step_s_pipelined"] / 1e12
+    assert r["tflops_pipelined"] == pytest.approx(want, rel=1e-2, abs=1e-5)
+
+
+def test_step_flops_falls_back_to_the_cpu_lowering(monkeypatch):
+    """Where the backend's lowered step has no cost analysis (XLA:GPU), the FLOPs come from
+    the same function lowered for the CPU: here a (8,16) @ (16,4) product = 2*8*16*4 FLOPs."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(a, b):
+        return a @ b
+
+    a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+    lowered = jax.jit(f).lower(a, b)
+    assert bench.step_flops(f, lowered, a, b) == 2 * 8 * 16 * 4
+    real = bench.cost_flops
+    calls = []
+
+    def nan_first(x):
+        calls.append(x)
+        return float("nan") if len(calls) == 1 else real(x)
+
+    monkeypatch.setattr(bench, "cost_flops", nan_first)
+    assert bench.step_flops(f, lowered, a, b) == 2 * 8 * 16 * 4
+    assert len(calls) == 2 and calls[1] is not lowered
 
 
 def test_bench_eval_no_recompilation(capsys):
@@ -88,3 +116,37 @@ def test_bench_multirun_reports_both_step_times():
     assert r["step_s_single"] > 0 and r["step_s_stacked"] > 0
     assert r["speedup"] == pytest.approx(2 * r["step_s_single"] / r["step_s_stacked"], rel=0.01)
     assert r["flops_per_stacked_step"] > 0
+
+
+def test_gpu_explore_times_each_variant_and_the_pads(tmp_path, capsys):
+    """benchmarks/gpu_explore.py on the CPU at a tiny size: one JSON line per variant with
+    MFU = FLOPs / best time / peak, all scored on the baseline's FLOPs; the pad micro-benchmark
+    times every pad version."""
+    from benchmarks import gpu_explore
+
+    rows = gpu_explore.pad_micro(shapes=((1, 6, 5, 2),), steps=1)
+    assert [r["pad"] for r in rows] == ["jnp.pad", "cpu_fast", "dus", "zero_pad (bound)"]
+    assert all(r["fwd_bwd_ms"] > 0 for r in rows)
+    argv = ["gpu_explore", f"--out={tmp_path}", "--batch-size=1", "--image-size=32",
+            "--steps=1", "--swaps=reflect_pad", "--impls=gpu_fast", "--other-batches=",
+            "--peak=1e-3"]  # fmt: skip
+    import sys
+
+    old = sys.argv
+    sys.argv = argv
+    try:
+        gpu_explore.main()
+    finally:
+        sys.argv = old
+    lines = (tmp_path / "gpu_explore.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert [(r["variant"], r["impl"], r["swaps"]) for r in rows] == [
+        ("xla", "xla", []),
+        ("reflect_pad", "xla", ["reflect_pad"]),
+        ("gpu_fast", "gpu_fast", []),
+    ]
+    flops = rows[0]["flops_per_step"]
+    assert flops > 0 and all(r["flops_per_step"] == flops for r in rows)
+    for r in rows:
+        best_s = min(r["step_ms_sync"], r["step_ms_pipelined"]) / 1e3
+        assert r["mfu"] == pytest.approx(flops / best_s / 1e12 / 1e-3, rel=2e-2)

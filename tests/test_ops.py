@@ -1,4 +1,5 @@
-"""brats_jax.ops: every "cpu_fast" op equals its plain XLA twin, values and gradients.
+"""brats_jax.ops: every "cpu_fast" / "gpu_fast" op equals its plain XLA twin, values and
+gradients.
 
 References are independent of the code under test: jax.grad through flax's own nn.Conv /
 nn.max_pool / jnp.pad / lax.conv_general_dilated (XLA's own transpose rules), and direct numpy
@@ -25,7 +26,7 @@ from brats_jax.ops import (
     upconv2x2_xla,
     weight_grad,
 )
-from brats_jax.ops.pad import reflect_pad_fast, reflect_pad_xla
+from brats_jax.ops.pad import reflect_pad_dus, reflect_pad_fast, reflect_pad_xla
 
 STRATS = ["im2col", "shift", "dots", "xla", "auto"]
 
@@ -100,7 +101,7 @@ def test_strided_falls_back_to_plain():
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["cpu_fast", "auto", "xla"])
+@pytest.mark.parametrize("impl", ["cpu_fast", "gpu_fast", "auto", "xla"])
 def test_conv2d_layer_is_a_drop_in_for_nn_conv(impl):
     x = _rand((2, 8, 8, 3), 9)
     ref = nn.Conv(4, (3, 3), padding="SAME")
@@ -257,14 +258,16 @@ def _np_reflect_pad_adjoint(g, p, q, h, w):
     return dx
 
 
-@pytest.mark.parametrize("pad", [(1, 1), (2, 1), (0, 2), (3, 3)])
-def test_reflect_pad_fast_values_and_adjoint(pad):
+@pytest.mark.parametrize("pad_fn", [reflect_pad_fast, reflect_pad_dus])
+@pytest.mark.parametrize("pad", [(1, 1), (2, 1), (0, 2), (3, 3), (6, 5)])
+def test_reflect_pad_values_and_adjoint(pad_fn, pad):
     x = _rand((2, 7, 6, 3), 28)
     p, q = pad
     want = np.pad(np.asarray(x), ((0, 0), (p, p), (q, q), (0, 0)), mode="reflect")
-    np.testing.assert_array_equal(np.asarray(reflect_pad_fast(x, pad)), want)
+    got_x = jax.jit(pad_fn, static_argnums=1)(x, pad)
+    np.testing.assert_array_equal(np.asarray(got_x), want)
     g = _rand(want.shape, 29)
-    (got,) = jax.jit(lambda x, g: jax.vjp(lambda x: reflect_pad_fast(x, pad), x)[1](g))(x, g)
+    (got,) = jax.jit(lambda x, g: jax.vjp(lambda x: pad_fn(x, pad), x)[1](g))(x, g)
     np.testing.assert_allclose(
         np.asarray(got), _np_reflect_pad_adjoint(np.asarray(g, np.float64), p, q, 7, 6), atol=1e-5
     )
@@ -272,11 +275,19 @@ def test_reflect_pad_fast_values_and_adjoint(pad):
     np.testing.assert_allclose(np.asarray(got), np.asarray(xla), atol=1e-6)
 
 
+def test_reflect_pad_dus_rejects_too_wide_pads():
+    with pytest.raises(ValueError, match=r"pad \(7, 1\).*\(2, 7, 6, 3\)"):
+        reflect_pad_dus(jnp.zeros((2, 7, 6, 3)), (7, 1))
+
+
 def test_get_ops(monkeypatch):
     assert get_ops("xla").max_pool is max_pool_2x2_xla
     assert get_ops("cpu_fast").max_pool is max_pool_2x2_fast
+    assert get_ops("gpu_fast").reflect_pad is reflect_pad_dus
     assert get_ops("auto") is get_ops("cpu_fast")  # the tests run on the CPU backend
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert get_ops("auto") is get_ops("gpu_fast")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert get_ops("auto") is get_ops("xla")
     with pytest.raises(ValueError, match="'nope'"):
         get_ops("nope")
@@ -298,15 +309,17 @@ def test_set_cpu_xla_flags_keeps_user_choice(monkeypatch):
     assert fl.ynn_disabled()
 
 
-def test_unet_gradients_equal_with_fast_conv(monkeypatch):
-    """Whole tiny U-Net: cpu_fast gradients equal the plain XLA ones (float32 tolerance)."""
+@pytest.mark.parametrize("impl", ["cpu_fast", "gpu_fast"])
+def test_unet_gradients_equal_with_fast_ops(monkeypatch, impl):
+    """Whole tiny U-Net: cpu_fast / gpu_fast gradients equal the plain XLA ones (float32
+    tolerance)."""
     monkeypatch.setenv("XLA_FLAGS", "")
     from brats_jax.models import create_model
 
     x = _rand((2, 16, 16, 4), 11)
     y = jnp.asarray(np.random.default_rng(12).integers(0, 4, (2, 16, 16)), jnp.int32)
     plain = create_model("unet", features=4, depth=2, conv_impl="xla")
-    fast = create_model("unet", features=4, depth=2, conv_impl="cpu_fast")
+    fast = create_model("unet", features=4, depth=2, conv_impl=impl)
     params = plain.init(jax.random.PRNGKey(0), x)["params"]
 
     def loss(m):

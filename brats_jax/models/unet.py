@@ -12,7 +12,8 @@ Parameter tree: ``down_{i}/{conv1,conv2}`` (i = 0..depth-1, finest first), ``bot
 ``UNet.head`` through :class:`~brats_jax.models.layers.Conv2D`. ``conv_impl`` selects the
 implementation of the convolutions, transposed convolutions, max-pools, bias additions and
 reflection paddings together (:mod:`brats_jax.ops.impls`): "xla" (plain), "cpu_fast"
-(gradients written the way XLA:CPU runs fast) or "auto" (cpu_fast on the CPU backend only).
+(gradients written the way XLA:CPU runs fast), "gpu_fast" (reflection pad and max-pool
+gradient written the way XLA:GPU runs fast) or "auto" (cpu_fast on CPUs, gpu_fast on GPUs).
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class UNet(nn.Module):
     Fields: ``num_classes`` (4), ``features`` (64: channels of the first level, doubled per
     level), ``depth`` (4 poolings: 64-128-256-512-1024), ``padding`` ("reflect" | "zero"),
     ``norm`` ("none" | "batch" | "group"), ``dtype`` (compute dtype, e.g. jnp.bfloat16;
-    parameters stay float32), ``conv_impl`` (ops implementation, "xla" | "cpu_fast" | "auto",
-    default "xla"; parameters and results do not depend on it beyond float32 rounding).
+    parameters stay float32), ``conv_impl`` (ops implementation, "xla" | "cpu_fast" |
+    "gpu_fast" | "auto", default "xla"; parameters and results do not depend on it beyond
+    float32 rounding).
     H and W must be multiples of ``2**depth`` (16 by default). The input channel count is
     taken from x at init (4 for BraTS).
     """

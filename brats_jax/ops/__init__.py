@@ -1,8 +1,8 @@
-"""Operations with gradients that XLA:CPU runs fast, and the switch that selects them.
+"""Operations written the way XLA:CPU or XLA:GPU runs them fast, and the switch for them.
 
-:mod:`brats_jax.ops.impls` maps an implementation name ("xla", "cpu_fast", "auto") to the
-convolution, transposed convolution, max-pool, bias addition and reflection padding the
-U-Net uses;
+:mod:`brats_jax.ops.impls` maps an implementation name ("xla", "cpu_fast", "gpu_fast",
+"auto") to the convolution, transposed convolution, max-pool, bias addition and reflection
+padding the U-Net uses;
 :mod:`brats_jax.ops.flags` sets the XLA:CPU flags that make convolutions fast. Nothing here
 imports the models.
 """
@@ -18,6 +18,7 @@ from brats_jax.ops.conv import (
 )
 from brats_jax.ops.flags import CPU_XLA_FLAGS, set_cpu_xla_flags, ynn_disabled
 from brats_jax.ops.impls import IMPLS, OPS, Ops, get_ops
+from brats_jax.ops.pad import reflect_pad_dus, reflect_pad_fast, reflect_pad_xla
 from brats_jax.ops.pool import max_pool_2x2_fast, max_pool_2x2_xla
 from brats_jax.ops.upconv import upconv2x2_rows, upconv2x2_xla
 
@@ -36,6 +37,9 @@ __all__ = [
     "max_pool_2x2_fast",
     "max_pool_2x2_xla",
     "pick_wgrad_strategy",
+    "reflect_pad_dus",
+    "reflect_pad_fast",
+    "reflect_pad_xla",
     "set_cpu_xla_flags",
     "upconv2x2_rows",
     "upconv2x2_xla",
