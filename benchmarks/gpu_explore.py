@@ -28,7 +28,6 @@ import gzip
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 
@@ -71,48 +70,29 @@ def run_variant(
     flops_per_slice=None,
 ):
     """Compile and time one variant; returns its result dict (see the module docstring).
-    ``flops_per_slice``: the FLOPs used for TFLOP/s and MFU (default: this variant's lowered
-    HLO), so variants that compute the same model are scored on the same count."""
+    ``flops_per_slice``: the FLOPs used for TFLOP/s and MFU (default: this variant's own,
+    :func:`brats_jax.bench.step_flops`), so variants that compute the same model are scored
+    on the same count. Timing: :func:`brats_jax.bench.time_steps`."""
     fields = {k: SWAPS[k] for k in swaps}
-    with plain_ops_replaced(**fields):
+    with plain_ops_replaced(**fields):  # the step is traced inside time_steps
         net = create_model(
             "unet", num_classes=4, dtype=bench.DTYPES["bfloat16"], conv_impl=impl, padding=padding
         )
         tx = optax.adam(1e-4)
         state = bench.init_train_state(net, size, tx)
         image, label = bench.random_batch(batch, size)
-        t0 = time.perf_counter()
-        lowered = jax.jit(bench.make_train_step(net, tx), donate_argnums=0).lower(
-            state, image, label
-        )
-        compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    flops = bench.cost_flops(lowered)
-    if flops_per_slice is not None:
-        flops = flops_per_slice * batch
+        timing = bench.time_steps(bench.make_train_step(net, tx), state, (image, label), steps)
+    flops = timing.flops if flops_per_slice is None else flops_per_slice * batch
     if hlo_path:
         with gzip.open(hlo_path, "wt") as f:
-            f.write(compiled.as_text())
-    for _ in range(3):
-        state, loss = compiled(state, image, label)
-    jax.block_until_ready(loss)
-    sync = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, loss = compiled(state, image, label)
-        jax.block_until_ready(loss)
-        sync.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, loss = compiled(state, image, label)
-    jax.block_until_ready(loss)
-    piped = (time.perf_counter() - t) / steps
+            f.write(timing.compiled.as_text())
     if trace_dir:
+        state, loss = timing.state, timing.out
         with jax.profiler.trace(trace_dir):
             for _ in range(5):
-                state, loss = compiled(state, image, label)
+                state, loss = timing.compiled(state, image, label)
             jax.block_until_ready(loss)
-    med = statistics.median(sync)
+    med, piped = timing.median_s, timing.pipelined_s
     best = min(med, piped)
     return {
         "bench": "gpu_explore",
@@ -122,14 +102,14 @@ def run_variant(
         "padding": padding,
         "batch_size": batch,
         "image_size": size,
-        "compile_s": round(compile_s, 1),
+        "compile_s": round(timing.compile_s, 1),
         "step_ms_sync": round(med * 1e3, 3),
-        "step_ms_sync_min": round(min(sync) * 1e3, 3),
+        "step_ms_sync_min": round(min(timing.times) * 1e3, 3),
         "step_ms_pipelined": round(piped * 1e3, 3),
         "flops_per_step": flops,
         "tflops": round(flops / best / 1e12, 1),
         "mfu": round(flops / best / 1e12 / peak, 4),
-        "loss": float(loss),
+        "loss": float(timing.out),
         "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,
     }
@@ -201,13 +181,6 @@ def main() -> None:
     p.add_argument("--other-batches", default="32,1", help="comma list, for the best variant")
     p.add_argument("--impls", default="gpu_fast", help="whole ops implementations to time")
     p.add_argument("--pad-micro", action="store_true", help="time the reflection pads alone")
-    p.add_argument(
-        "--flops-per-slice",
-        type=float,
-        default=254.8e9,
-        help="train-step FLOPs per slice when the backend has no cost analysis "
-        "(the U-Net's, BENCHMARKS.md 'Model FLOPs')",
-    )
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t_start = time.perf_counter()
@@ -236,10 +209,7 @@ def main() -> None:
         hlo_path=os.path.join(a.out, "hlo_xla.txt.gz") if prof_base else None,
     )
     emit(base)
-    if base["flops_per_step"] != base["flops_per_step"]:  # nan: no cost analysis here
-        common["flops_per_slice"] = a.flops_per_slice
-    else:
-        common["flops_per_slice"] = base["flops_per_step"] / a.batch_size
+    common["flops_per_slice"] = base["flops_per_step"] / a.batch_size
     if prof_base:
         _save_trace(os.path.join(tmp, "t_base"), os.path.join(a.out, "prof_xla"))
     results = {"xla": base}

@@ -222,7 +222,7 @@ def bench_train(
     state = init_train_state(net, image_size, tx)
     image, label = random_batch(batch_size, image_size)
     params = num_params(state["params"])
-    timing = _time_steps(make_train_step(net, tx), state, (image, label), steps)
+    timing = time_steps(make_train_step(net, tx), state, (image, label), steps)
     med, times, loss, flops = timing.median_s, timing.times, timing.out, timing.flops
     compile_s = timing.compile_s
     piped = timing.pipelined_s
@@ -250,22 +250,25 @@ def bench_train(
 
 @dataclasses.dataclass
 class StepTiming:
-    """Result of :func:`_time_steps`: compile seconds, each waited-for step's seconds, seconds
-    per step when ``steps`` steps are queued back to back, FLOPs per step (:func:`step_flops`)
-    and the last step's second output."""
+    """Result of :func:`time_steps`: compile seconds, each waited-for step's seconds, seconds
+    per step when ``steps`` steps are queued back to back, FLOPs per step (:func:`step_flops`),
+    the last step's second output, and the compiled step with the state after the last step
+    (to run it further, e.g. under a profiler)."""
 
     compile_s: float
     times: list[float]
     pipelined_s: float
     flops: float
     out: Any
+    compiled: Any
+    state: Any
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.times)
 
 
-def _time_steps(fn, state, args, steps: int) -> StepTiming:
+def time_steps(fn, state, args, steps: int) -> StepTiming:
     """Compile `fn(state, *args) -> (state, out)` with the state donated, run one warm-up
     step, time `steps` steps each waited for (host dispatch included, as a loop that reads
     every loss sees it), then `steps` steps queued back to back (as a training loop that
@@ -288,7 +291,7 @@ def _time_steps(fn, state, args, steps: int) -> StepTiming:
         state, out = compiled(state, *args)
     jax.block_until_ready(out)
     pipelined = (time.perf_counter() - t) / steps
-    return StepTiming(compile_s, times, pipelined, flops, out)
+    return StepTiming(compile_s, times, pipelined, flops, out, compiled, state)
 
 
 def bench_multirun(
@@ -327,14 +330,14 @@ def bench_multirun(
     batch = {"image": image, "label": label}
 
     single = init(0)
-    one = _time_steps(step, single, (batch, lps[0]), steps)
+    one = time_steps(step, single, (batch, lps[0]), steps)
     del single
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(k) for k in range(runs)])
     stacked = stacked.replace(
         opt_state=train.set_learning_rate(stacked.opt_state, jnp.logspace(-5, -3, runs))
     )
     kbatch = jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), batch)
-    many = _time_steps(
+    many = time_steps(
         train.map_over_runs(step, mapping), stacked, (kbatch, losses.stack_loss_params(lps)), steps
     )
     mem = None
