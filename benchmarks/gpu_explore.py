@@ -167,7 +167,8 @@ def _save_trace(trace_dir, dest):
         shutil.copy(found[-1], dest + ".xplane.pb")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point (flags: the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_explore")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=16)
@@ -181,7 +182,7 @@ def main() -> None:
     p.add_argument("--other-batches", default="32,1", help="comma list, for the best variant")
     p.add_argument("--impls", default="gpu_fast", help="whole ops implementations to time")
     p.add_argument("--pad-micro", action="store_true", help="time the reflection pads alone")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.perf_counter()
     log = open(os.path.join(a.out, "gpu_explore.jsonl"), "a")

@@ -118,7 +118,7 @@ def test_bench_multirun_reports_both_step_times():
     assert r["flops_per_stacked_step"] > 0
 
 
-def test_gpu_explore_times_each_variant_and_the_pads(tmp_path, capsys):
+def test_gpu_explore_times_each_variant_and_the_pads(tmp_path):
     """benchmarks/gpu_explore.py on the CPU at a tiny size: one JSON line per variant with
     MFU = FLOPs / best time / peak, all scored on the baseline's FLOPs; the pad micro-benchmark
     times every pad version."""
@@ -127,17 +127,10 @@ def test_gpu_explore_times_each_variant_and_the_pads(tmp_path, capsys):
     rows = gpu_explore.pad_micro(shapes=((1, 6, 5, 2),), steps=1)
     assert [r["pad"] for r in rows] == ["jnp.pad", "cpu_fast", "dus", "zero_pad (bound)"]
     assert all(r["fwd_bwd_ms"] > 0 for r in rows)
-    argv = ["gpu_explore", f"--out={tmp_path}", "--batch-size=1", "--image-size=32",
-            "--steps=1", "--swaps=reflect_pad", "--impls=gpu_fast", "--other-batches=",
-            "--peak=1e-3"]  # fmt: skip
-    import sys
-
-    old = sys.argv
-    sys.argv = argv
-    try:
-        gpu_explore.main()
-    finally:
-        sys.argv = old
+    gpu_explore.main(
+        [f"--out={tmp_path}", "--batch-size=1", "--image-size=32", "--steps=1",
+         "--swaps=reflect_pad", "--impls=gpu_fast", "--other-batches=", "--peak=1e-3"]
+    )  # fmt: skip
     lines = (tmp_path / "gpu_explore.jsonl").read_text().splitlines()
     rows = [json.loads(x) for x in lines]
     assert [(r["variant"], r["impl"], r["swaps"]) for r in rows] == [
