@@ -143,3 +143,35 @@ def test_gpu_explore_times_each_variant_and_the_pads(tmp_path):
     for r in rows:
         best_s = min(r["step_ms_sync"], r["step_ms_pipelined"]) / 1e3
         assert r["mfu"] == pytest.approx(flops / best_s / 1e12 / 1e-3, rel=2e-2)
+
+
+def test_input_grad_cpu_covers_every_3x3_layer_of_the_unet():
+    """benchmarks/input_grad_cpu.py: its layer list is the U-Net's own 3x3 kernels (names and
+    Cin/Cout read from an initialised model), one timed row per layer with the 'auto' pick."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import input_grad_cpu
+    from brats_jax.models import create_model
+    from brats_jax.ops import pick_input_grad_method
+
+    model = create_model("unet", num_classes=4, features=2, depth=2)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 4)))["params"]
+    want = sorted(
+        (f"{block}/{conv}", k["kernel"].shape[2], k["kernel"].shape[3])
+        for block, convs in params.items()
+        for conv, k in convs.items()
+        if isinstance(k, dict) and k["kernel"].shape[:2] == (3, 3)
+    )
+    layers = input_grad_cpu.unet_conv3x3_layers(16, base_features=2, depth=2)
+    assert sorted((n, cin, cout) for n, _, cin, cout in layers) == want
+    assert {n: side for n, side, _, _ in layers}["bottleneck/conv1"] == 4
+
+    rows = input_grad_cpu.main(
+        ["--image-size=16", "--base-features=2", "--depth=2", "--repeats=1", "--batch-size=1"]
+    )
+    assert [r["layer"] for r in rows] == [n for n, *_ in layers]
+    for r in rows:
+        assert all(r[f"{m}_ms"] > 0 for m in ("conv", "flip", "gemm"))
+        dy, k = (1, r["side"], r["side"], r["cout"]), (3, 3, r["cin"], r["cout"])
+        assert r["auto"] == pick_input_grad_method(dy, k)

@@ -21,6 +21,7 @@ from brats_jax.ops import (
     input_grad,
     max_pool_2x2_fast,
     max_pool_2x2_xla,
+    pick_input_grad_method,
     pick_wgrad_strategy,
     upconv2x2_rows,
     upconv2x2_xla,
@@ -158,22 +159,58 @@ def test_pick_strategy(monkeypatch):
     assert pick_wgrad_strategy((4, 130, 130, 64), (3, 3, 64, 64)) == "shift"
 
 
-def test_input_grad_bit_identical_to_xla_transpose():
-    x, w, dy = _rand((2, 7, 6, 3), 13), _rand((3, 3, 3, 5), 14), _rand((2, 5, 4, 5), 15)
+def test_input_grad_conv_is_bit_identical_to_xla_transpose():
+    x, w, dy = _rand((2, 11, 10, 3), 13), _rand((3, 3, 3, 5), 14), _rand((2, 9, 8, 5), 15)
     (want,) = jax.vjp(lambda a: conv2d_xla(a, w), x)[1](dy)
     np.testing.assert_allclose(
-        np.asarray(input_grad(dy, w)), np.asarray(want), rtol=1e-6, atol=1e-6
+        np.asarray(input_grad(dy, w, "conv")), np.asarray(want), rtol=1e-6, atol=1e-6
     )
 
 
-def test_input_grad_flips_activations_for_big_kernels():
-    # kernel (3*3*32*32 = 9216 values) > dy + dx (2*3*3*32 + 2*5*5*32): the activation-flip path.
-    x, w, dy = _rand((2, 5, 5, 32), 17), _rand((3, 3, 32, 32), 18), _rand((2, 3, 3, 32), 19)
-    assert w.size > dy.size + x.size
-    (want,) = jax.vjp(lambda a: conv2d_xla(a, w), x)[1](dy)
-    np.testing.assert_allclose(
-        np.asarray(input_grad(dy, w)), np.asarray(want), rtol=1e-5, atol=1e-5
-    )
+def _numpy_input_grad(dy, w):
+    """dx[b,h+i,w+j,c] += sum_o dy[b,h,w,o] K[i,j,c,o] in float64 (the adjoint, as loops)."""
+    dy, w = np.asarray(dy, np.float64), np.asarray(w, np.float64)
+    kh, kw, cin, _ = w.shape
+    b, h, wd, _ = dy.shape
+    dx = np.zeros((b, h + kh - 1, wd + kw - 1, cin))
+    for i in range(kh):
+        for j in range(kw):
+            dx[:, i : i + h, j : j + wd] += np.einsum("bhwo,co->bhwc", dy, w[i, j])
+    return dx
+
+
+@pytest.mark.parametrize("method", ["conv", "flip", "gemm", "auto"])
+@pytest.mark.parametrize(
+    "dy_shape,k_shape",
+    [((2, 3, 3, 32), (3, 3, 32, 32)), ((2, 9, 8, 5), (3, 3, 3, 5)), ((2, 4, 5, 6), (1, 1, 7, 6))],
+)
+def test_input_grad_methods_match_the_direct_sum(method, dy_shape, k_shape):
+    dy, w = _rand(dy_shape, 16), _rand(k_shape, 17)
+    got = input_grad(dy, w, method)
+    np.testing.assert_allclose(np.asarray(got), _numpy_input_grad(dy, w), rtol=1e-5, atol=1e-5)
+    assert got.dtype == dy.dtype
+
+
+def test_input_grad_gemm_keeps_bfloat16():
+    dy = _rand((2, 3, 3, 8), 18).astype(jnp.bfloat16)
+    w = _rand((3, 3, 4, 8), 19).astype(jnp.bfloat16)
+    got = input_grad(dy, w, "gemm")
+    assert got.dtype == jnp.bfloat16
+    ref = _numpy_input_grad(np.asarray(dy, np.float32), np.asarray(w, np.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_pick_input_grad_method():
+    # 8x8 / 15x15 bottleneck and 16x16 up to batch 4: one GEMM; 16x16 at batch 16
+    # (B*H*W = 4096) and full size: conv; 32x32 at batch 1 (kernel > dy + dx): flip.
+    assert pick_input_grad_method((4, 8, 8, 1024), (3, 3, 1024, 1024)) == "gemm"
+    assert pick_input_grad_method((4, 15, 15, 1024), (3, 3, 1024, 1024)) == "gemm"
+    assert pick_input_grad_method((4, 16, 16, 512), (3, 3, 512, 512)) == "gemm"
+    assert pick_input_grad_method((16, 16, 16, 512), (3, 3, 512, 512)) == "conv"
+    assert pick_input_grad_method((1, 32, 32, 256), (3, 3, 256, 256)) == "flip"
+    assert pick_input_grad_method((4, 128, 128, 64), (3, 3, 64, 64)) == "conv"
+    with pytest.raises(ValueError, match="method='bogus'"):
+        input_grad(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 1, 1, 1)), "bogus")
 
 
 # --------------------------------------------------------------------------- pool

@@ -9,10 +9,12 @@ imports the models.
 
 from brats_jax.ops.bias import bias_add_fast, bias_add_xla
 from brats_jax.ops.conv import (
+    INPUT_GRAD_METHODS,
     WGRAD_STRATEGIES,
     conv2d_fast,
     conv2d_xla,
     input_grad,
+    pick_input_grad_method,
     pick_wgrad_strategy,
     weight_grad,
 )
@@ -25,6 +27,7 @@ from brats_jax.ops.upconv import upconv2x2_rows, upconv2x2_xla
 __all__ = [
     "CPU_XLA_FLAGS",
     "IMPLS",
+    "INPUT_GRAD_METHODS",
     "OPS",
     "WGRAD_STRATEGIES",
     "Ops",
@@ -36,6 +39,7 @@ __all__ = [
     "input_grad",
     "max_pool_2x2_fast",
     "max_pool_2x2_xla",
+    "pick_input_grad_method",
     "pick_wgrad_strategy",
     "reflect_pad_dus",
     "reflect_pad_fast",

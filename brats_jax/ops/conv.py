@@ -3,7 +3,8 @@
 The forward pass is the plain XLA convolution (bit-identical). The backward pass computes:
 
 * the input gradient as the convolution XLA's own transpose rule emits, but with the spatial
-  reversal done on the smaller of kernel and activations (:func:`input_grad`);
+  reversal done on the smaller of kernel and activations, or, for small images and batches,
+  as one GEMM plus a col2im sum (:func:`input_grad`);
 * the weight gradient ``dW[i,j,c,o] = sum_{b,h,w} x[b,h+i,w+j,c] * dy[b,h,w,o]`` by a
   per-shape strategy (:func:`weight_grad`). With YNN fusions on (jaxlib 0.10's default),
   XLA:CPU's weight-gradient convolutions are 3-10x slower than PyTorch's and large matrix
@@ -145,32 +146,83 @@ def _conv_valid_fwd(x, kernel, strategy):
     return conv2d_xla(x, kernel), (x, kernel)
 
 
-def input_grad(dy: Array, kernel: Array) -> Array:
+INPUT_GRAD_METHODS = ("auto", "conv", "flip", "gemm")
+
+_GEMM_INPUT_GRAD_MAX_PIXELS = 256
+_GEMM_INPUT_GRAD_MAX_ROWS = 1024
+"""'auto' computes the input gradient as one GEMM (:func:`input_grad`, "gemm") when dy has at
+most ``_GEMM_INPUT_GRAD_MAX_PIXELS`` pixels per image (16x16) and at most
+``_GEMM_INPUT_GRAD_MAX_ROWS`` in the batch (B*H*W, the GEMM's row count). There the transposed
+convolution spends 27 % (16x16) to 56 % (8x8) extra FLOPs on the zero border, while the
+col2im that the GEMM needs grows with B*H*W. Measured with ``benchmarks/input_grad_cpu.py`` on
+a 2-core Xeon VM: 3x3x1024x1024 at 8x8, batch 4: 16 ms instead of 46 ms; at 15x15, batch 4:
+59 vs 82 ms; at 16x16, batch 16 (B*H*W = 4096) the GEMM is 1.5x slower (BENCHMARKS.md)."""
+
+
+def pick_input_grad_method(dy_shape: Sequence[int], kernel_shape: Sequence[int]) -> str:
+    """The :func:`input_grad` method "auto" uses for dy (B,H,W,Cout) and kernel
+    (kh,kw,Cin,Cout): "gemm" for small images and batches (``H*W <=
+    _GEMM_INPUT_GRAD_MAX_PIXELS`` and ``B*H*W <= _GEMM_INPUT_GRAD_MAX_ROWS``), else "flip" when
+    the kernel holds more values than dy and dx together, else "conv"."""
+    b, h, w, cout = dy_shape
+    kh, kw, cin, _ = kernel_shape
+    if h * w <= _GEMM_INPUT_GRAD_MAX_PIXELS and b * h * w <= _GEMM_INPUT_GRAD_MAX_ROWS:
+        return "gemm"
+    dx_size = b * (h + kh - 1) * (w + kw - 1) * cin
+    return "flip" if kh * kw * cin * cout > b * h * w * cout + dx_size else "conv"
+
+
+def input_grad(dy: Array, kernel: Array, method: str = "auto") -> Array:
     """Gradient of ``sum(conv2d_xla(x, kernel, VALID) * dy)`` w.r.t. x (B,H+kh-1,W+kw-1,Cin).
 
-    The convolution XLA's transpose rule emits: dy zero-padded by k-1, correlated with the
-    kernel spatially reversed and with in/out swapped. The reversal is done on whichever is
-    smaller (XLA:CPU copies a reversed array at ~1 GB/s: ~40 ms for a 3x3x1024x1024 kernel):
+    dy: (B,H,W,Cout), kernel: (kh,kw,Cin,Cout). ``method`` (one of ``INPUT_GRAD_METHODS``):
 
-    * the kernel (high-resolution layers), transposed first and reversed in a separate copy
-      (XLA:CPU fuses reverse+transpose into one slow loop); bit-identical to XLA's gradient;
-    * the activations, when the kernel holds more values than dy and dx together (the deep,
-      low-resolution layers): ``flip(correlate(flip(pad(dy)), K^T))`` is the same sum of the
-      same products, summed in another order (float32 rounding).
+    * "conv": the convolution XLA's transpose rule emits (dy zero-padded by k-1, correlated
+      with the kernel spatially reversed and with in/out swapped), the kernel transposed first
+      and reversed in a separate copy (XLA:CPU fuses reverse+transpose into one slow loop);
+      bit-identical to XLA's gradient.
+    * "flip": the same convolution with the reversal done on the activations,
+      ``flip(correlate(flip(pad(dy)), K^T))``: the same sum of the same products in another
+      order (XLA:CPU copies a reversed array at ~1 GB/s: ~40 ms for 3x3x1024x1024).
+    * "gemm": no convolution: ``P = K (kh*kw*Cin, Cout) . dy^T`` (one GEMM over the kernel as
+      stored, no kernel transpose) gives every tap's contribution, and dx is the sum of the
+      kh*kw taps shifted into place (col2im). Skips the products with the zero border.
+    * "auto": :func:`pick_input_grad_method` ("gemm" for small images and batches, "flip"
+      for the other deep, low-resolution layers, "conv" for the rest).
+
+    All equal XLA's gradient up to float32 summation order.
     """
-    kh, kw = kernel.shape[:2]
+    kh, kw, cin, cout = kernel.shape
     b, h, w, _ = dy.shape
+    if method == "auto":
+        method = pick_input_grad_method(dy.shape, kernel.shape)
     pad = ((kh - 1, kh - 1), (kw - 1, kw - 1))
-    dx_size = b * (h + kh - 1) * (w + kw - 1) * kernel.shape[2]
-    if kernel.size > dy.size + dx_size:
+    if method == "gemm":
+        taps = lax.dot_general(
+            kernel.reshape(kh * kw * cin, cout),
+            dy.reshape(b * h * w, cout),
+            (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        ).reshape(kh, kw, cin, b, h, w)
+        # col2im: tap (i, j) adds into rows i.., columns j.. (in-place slice updates of a
+        # (Cin,B,H',W') buffer, then one transpose; a sum of padded taps fused with the
+        # transpose runs 3-4x slower on XLA:CPU).
+        dx = jnp.zeros((cin, b, h + kh - 1, w + kw - 1), jnp.float32)
+        for i in range(kh):
+            for j in range(kw):
+                dx = dx.at[:, :, i : i + h, j : j + w].add(taps[i, j])
+        return dx.transpose(1, 2, 3, 0).astype(dy.dtype)
+    if method == "flip":
         wt = jnp.swapaxes(kernel, 2, 3)
         dx = lax.conv_general_dilated(
             dy[:, ::-1, ::-1], wt, (1, 1), pad, dimension_numbers=DIMENSION_NUMBERS
         )
         return dx[:, ::-1, ::-1]
-    wt = lax.optimization_barrier(jnp.swapaxes(kernel, 2, 3))
-    wt = wt[::-1, ::-1]
-    return lax.conv_general_dilated(dy, wt, (1, 1), pad, dimension_numbers=DIMENSION_NUMBERS)
+    if method == "conv":
+        wt = lax.optimization_barrier(jnp.swapaxes(kernel, 2, 3))
+        wt = wt[::-1, ::-1]
+        return lax.conv_general_dilated(dy, wt, (1, 1), pad, dimension_numbers=DIMENSION_NUMBERS)
+    raise ValueError(f"input_grad: method={method!r}; expected one of {INPUT_GRAD_METHODS}")
 
 
 def _conv_valid_bwd(strategy, res, dy):
