@@ -3,14 +3,16 @@
 One process (so XLA's in-memory autotuning cache is shared by every variant): builds the
 default U-Net (bfloat16 compute, 240x240, batch B) with the plain XLA ops, then with one
 operation at a time swapped for its ``gpu_fast`` version (:mod:`brats_jax.ops.impls`),
-then the swaps that helped together and whole implementations (``--impls``), times each train
-step, and writes per-variant JSON lines, plus a profiler trace (Chrome trace.json.gz) and the
-optimised HLO of the fastest variant with ``--profile``; ``--pad-micro`` first times the
-reflection pads alone (forward + gradient):
+then the swaps that helped together and whole implementations (``--impls``), then the best
+so far with the train state in XLA-chosen layouts (``bench.time_steps(state_layouts="auto")``,
+``--no-auto-layouts`` to skip). It times each train step and writes per-variant JSON lines,
+plus a profiler trace (Chrome trace.json.gz) and the optimised HLO of the fastest variant
+with ``--profile``; ``--pad-micro`` first times the reflection pads alone (forward +
+gradient):
 
   python -m benchmarks.gpu_explore --out=DIR [--batch-size=16] [--image-size=240] [--steps=20]
       [--swaps=conv,upconv,max_pool,bias_add,reflect_pad] [--impls=gpu_fast]
-      [--other-batches=32,1] [--profile] [--pad-micro] [--budget-s=300]
+      [--other-batches=32,1] [--profile] [--pad-micro] [--budget-s=300] [--no-auto-layouts]
 
 Each line: variant, swaps, batch, step_ms_sync (median of steps each waited for, as ``bench``),
 step_ms_pipelined (``steps`` steps queued back to back, total / steps), TFLOP/s and MFU
@@ -65,6 +67,7 @@ def run_variant(
     peak,
     padding="reflect",
     impl="xla",
+    state_layouts="default",
     trace_dir=None,
     hlo_path=None,
     flops_per_slice=None,
@@ -81,7 +84,9 @@ def run_variant(
         tx = optax.adam(1e-4)
         state = bench.init_train_state(net, size, tx)
         image, label = bench.random_batch(batch, size)
-        timing = bench.time_steps(bench.make_train_step(net, tx), state, (image, label), steps)
+        timing = bench.time_steps(
+            bench.make_train_step(net, tx), state, (image, label), steps, state_layouts
+        )
     flops = timing.flops if flops_per_slice is None else flops_per_slice * batch
     if hlo_path:
         with gzip.open(hlo_path, "wt") as f:
@@ -99,6 +104,7 @@ def run_variant(
         "variant": name,
         "swaps": sorted(swaps),
         "impl": impl,
+        "state_layouts": state_layouts,
         "padding": padding,
         "batch_size": batch,
         "image_size": size,
@@ -182,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--other-batches", default="32,1", help="comma list, for the best variant")
     p.add_argument("--impls", default="gpu_fast", help="whole ops implementations to time")
     p.add_argument("--pad-micro", action="store_true", help="time the reflection pads alone")
+    p.add_argument(
+        "--auto-layouts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the best variant so far with XLA-chosen state layouts",
+    )
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.perf_counter()
@@ -232,8 +244,16 @@ def main(argv: list[str] | None = None) -> None:
         if time_left() > 30:
             results[impl] = run_variant(impl, [], impl=impl, **common)
             emit(results[impl])
+    if a.auto_layouts and time_left() > 30:
+        so_far = min(results, key=lambda n: results[n]["step_ms_pipelined"])
+        name = so_far + "+auto_layouts"
+        r = results[so_far]
+        results[name] = run_variant(
+            name, r["swaps"], impl=r["impl"], state_layouts="auto", **common
+        )
+        emit(results[name])
     best_name = min(results, key=lambda n: results[n]["step_ms_pipelined"])
-    best = dict(swaps=results[best_name]["swaps"], impl=results[best_name]["impl"])
+    best = {k: results[best_name][k] for k in ("swaps", "impl", "state_layouts")}
     if prof and best_name != "xla" and time_left() > 20:
         r = run_variant(
             best_name,

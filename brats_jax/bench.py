@@ -268,13 +268,38 @@ class StepTiming:
         return statistics.median(self.times)
 
 
-def time_steps(fn, state, args, steps: int) -> StepTiming:
+STATE_LAYOUTS = ("default", "auto")
+
+
+def time_steps(fn, state, args, steps: int, state_layouts: str = "default") -> StepTiming:
     """Compile `fn(state, *args) -> (state, out)` with the state donated, run one warm-up
     step, time `steps` steps each waited for (host dispatch included, as a loop that reads
     every loss sees it), then `steps` steps queued back to back (as a training loop that
-    does not wait sees them: on a GPU the device stays busy)."""
+    does not wait sees them: on a GPU the device stays busy).
+
+    ``state_layouts="auto"`` lets XLA choose the device layout of every state array
+    (``Layout.AUTO``: e.g. conv kernels stored as the convolutions read them, so that no
+    transpose runs between them and the optimizer), then compiles the step with the state read
+    and written in those layouts and moves the state into them; compile_s covers both compiles.
+    """
+    if state_layouts not in STATE_LAYOUTS:
+        raise ValueError(f"state_layouts={state_layouts!r}; expected one of {STATE_LAYOUTS}")
     t0 = time.perf_counter()
-    lowered = jax.jit(fn, donate_argnums=0).lower(state, *args)
+    jit_kw: dict[str, Any] = {}
+    if state_layouts == "auto":
+        from jax.experimental.layout import Format, Layout
+
+        auto = jax.tree.map(lambda _: Format(Layout.AUTO), state)
+        free = (None,) * len(args)
+        chosen = (
+            jax.jit(fn, in_shardings=(auto, *free), out_shardings=(auto, None), donate_argnums=0)
+            .lower(state, *args)
+            .compile()
+            .input_formats[0][0]
+        )
+        jit_kw = {"in_shardings": (chosen, *free), "out_shardings": (chosen, None)}
+        state = jax.device_put(state, chosen)
+    lowered = jax.jit(fn, donate_argnums=0, **jit_kw).lower(state, *args)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     flops = step_flops(fn, lowered, state, *args)

@@ -118,6 +118,31 @@ def test_bench_multirun_reports_both_step_times():
     assert r["flops_per_stacked_step"] > 0
 
 
+def test_time_steps_with_auto_state_layouts_computes_the_same_steps():
+    """state_layouts="auto" (XLA-chosen layouts for the donated state) changes where arrays
+    live, not what the step computes: same loss and parameters after the same steps."""
+    import jax
+    import numpy as np
+    import optax
+
+    net = bench.build_model("unet", base_features=2, depth=1, conv_impl="xla")
+    tx = optax.adam(1e-3)
+    image, label = bench.random_batch(2, 16)
+    step = bench.make_train_step(net, tx)
+    runs = {
+        lay: bench.time_steps(step, bench.init_train_state(net, 16, tx), (image, label), 2, lay)
+        for lay in bench.STATE_LAYOUTS
+    }
+    assert float(runs["auto"].out) == pytest.approx(float(runs["default"].out), rel=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6),
+        runs["auto"].state["params"],
+        runs["default"].state["params"],
+    )
+    with pytest.raises(ValueError, match="state_layouts='tiled'"):
+        bench.time_steps(step, bench.init_train_state(net, 16, tx), (image, label), 1, "tiled")
+
+
 def test_gpu_explore_times_each_variant_and_the_pads(tmp_path):
     """benchmarks/gpu_explore.py on the CPU at a tiny size: one JSON line per variant with
     MFU = FLOPs / best time / peak, all scored on the baseline's FLOPs; the pad micro-benchmark
@@ -133,11 +158,16 @@ def test_gpu_explore_times_each_variant_and_the_pads(tmp_path):
     )  # fmt: skip
     lines = (tmp_path / "gpu_explore.jsonl").read_text().splitlines()
     rows = [json.loads(x) for x in lines]
-    assert [(r["variant"], r["impl"], r["swaps"]) for r in rows] == [
-        ("xla", "xla", []),
-        ("reflect_pad", "xla", ["reflect_pad"]),
-        ("gpu_fast", "gpu_fast", []),
+    assert [(r["variant"], r["impl"], r["swaps"], r["state_layouts"]) for r in rows[:3]] == [
+        ("xla", "xla", [], "default"),
+        ("reflect_pad", "xla", ["reflect_pad"], "default"),
+        ("gpu_fast", "gpu_fast", [], "default"),
     ]
+    # then the fastest of those again with XLA-chosen state layouts: same numbers.
+    assert len(rows) == 4 and rows[3]["state_layouts"] == "auto"
+    (twin,) = [r for r in rows[:3] if rows[3]["variant"] == r["variant"] + "+auto_layouts"]
+    assert (rows[3]["impl"], rows[3]["swaps"]) == (twin["impl"], twin["swaps"])
+    assert rows[3]["loss"] == pytest.approx(twin["loss"], rel=1e-5)
     flops = rows[0]["flops_per_step"]
     assert flops > 0 and all(r["flops_per_step"] == flops for r in rows)
     for r in rows:
