@@ -85,7 +85,12 @@ def run_variant(
         state = bench.init_train_state(net, size, tx)
         image, label = bench.random_batch(batch, size)
         timing = bench.time_steps(
-            bench.make_train_step(net, tx), state, (image, label), steps, state_layouts
+            bench.make_train_step(net, tx),
+            state,
+            (image, label),
+            steps,
+            state_layouts,
+            count_flops=flops_per_slice is None,
         )
     flops = timing.flops if flops_per_slice is None else flops_per_slice * batch
     if hlo_path:

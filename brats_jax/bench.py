@@ -271,7 +271,9 @@ class StepTiming:
 STATE_LAYOUTS = ("default", "auto")
 
 
-def time_steps(fn, state, args, steps: int, state_layouts: str = "default") -> StepTiming:
+def time_steps(
+    fn, state, args, steps: int, state_layouts: str = "default", count_flops: bool = True
+) -> StepTiming:
     """Compile `fn(state, *args) -> (state, out)` with the state donated, run one warm-up
     step, time `steps` steps each waited for (host dispatch included, as a loop that reads
     every loss sees it), then `steps` steps queued back to back (as a training loop that
@@ -281,6 +283,8 @@ def time_steps(fn, state, args, steps: int, state_layouts: str = "default") -> S
     (``Layout.AUTO``: e.g. conv kernels stored as the convolutions read them, so that no
     transpose runs between them and the optimizer), then compiles the step with the state read
     and written in those layouts and moves the state into them; compile_s covers both compiles.
+    ``count_flops=False`` skips :func:`step_flops` (``flops`` is then nan): for callers that
+    score every variant on one count, where the CPU lowering it may need takes seconds.
     """
     if state_layouts not in STATE_LAYOUTS:
         raise ValueError(f"state_layouts={state_layouts!r}; expected one of {STATE_LAYOUTS}")
@@ -302,7 +306,7 @@ def time_steps(fn, state, args, steps: int, state_layouts: str = "default") -> S
     lowered = jax.jit(fn, donate_argnums=0, **jit_kw).lower(state, *args)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    flops = step_flops(fn, lowered, state, *args)
+    flops = step_flops(fn, lowered, state, *args) if count_flops else float("nan")
     state, out = compiled(state, *args)  # warm-up
     jax.block_until_ready(out)
     times = []

@@ -141,6 +141,11 @@ def test_time_steps_with_auto_state_layouts_computes_the_same_steps():
     )
     with pytest.raises(ValueError, match="state_layouts='tiled'"):
         bench.time_steps(step, bench.init_train_state(net, 16, tx), (image, label), 1, "tiled")
+    assert runs["default"].flops > 0
+    unscored = bench.time_steps(
+        step, bench.init_train_state(net, 16, tx), (image, label), 1, count_flops=False
+    )
+    assert unscored.flops != unscored.flops  # nan: not counted
 
 
 def test_gpu_explore_times_each_variant_and_the_pads(tmp_path):
