@@ -34,6 +34,11 @@ def reflect_pad_xla(x: Array, pad: tuple[int, int]) -> Array:
     return jnp.pad(x, ((0, 0), (p, p), (q, q), (0, 0)), mode="reflect")
 
 
+def _row(a: Array, i: int, axis: int) -> Array:
+    """Index i of ``a`` along ``axis``, keeping the axis (size 1)."""
+    return jax.lax.slice_in_dim(a, i, i + 1, axis=axis)
+
+
 def _fold(g: Array, p: int, axis: int, *, in_place: bool = False) -> Array:
     """Adjoint of reflect-padding by p along ``axis``: (.., n+2p, ..) -> (.., n, ..): the
     interior of g plus each border row added onto the row it reflects, by ``.at[].add`` (a
@@ -43,15 +48,13 @@ def _fold(g: Array, p: int, axis: int, *, in_place: bool = False) -> Array:
         return g
     n = g.shape[axis] - 2 * p
 
-    def row(a, i):
-        return jax.lax.slice_in_dim(a, i, i + 1, axis=axis)
-
     def add_row(dx, i, src):  # dx[i] += g[src] along axis
         if in_place:
-            return jax.lax.dynamic_update_slice_in_dim(dx, row(dx, i) + row(g, src), i, axis=axis)
+            new = _row(dx, i, axis) + _row(g, src, axis)
+            return jax.lax.dynamic_update_slice_in_dim(dx, new, i, axis=axis)
         idx = [slice(None)] * g.ndim
         idx[axis] = slice(i, i + 1)
-        return dx.at[tuple(idx)].add(row(g, src))
+        return dx.at[tuple(idx)].add(_row(g, src, axis))
 
     dx = jax.lax.slice_in_dim(g, p, p + n, axis=axis)
     for m in range(1, p + 1):
@@ -86,8 +89,7 @@ def _set_border(out: Array, p: int, axis: int) -> Array:
     n = out.shape[axis] - 2 * p
 
     def copy(out, src, dst):
-        row = jax.lax.slice_in_dim(out, src, src + 1, axis=axis)
-        return jax.lax.dynamic_update_slice_in_dim(out, row, dst, axis=axis)
+        return jax.lax.dynamic_update_slice_in_dim(out, _row(out, src, axis), dst, axis=axis)
 
     for m in range(1, p + 1):  # padded index p-m holds x[m]; p+n-1+m holds x[n-1-m]
         out = copy(out, p + m, p - m)
