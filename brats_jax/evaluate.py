@@ -30,13 +30,12 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags
 
-from brats_jax import metrics
+from brats_jax import fileio, metrics
 
 CONVENTIONS = ("brats2018", "brats2023")
 _NIFTI = re.compile(r"^(?P<stem>.+?)(?P<sep>[_-]seg)?\.nii(\.gz)?$", re.IGNORECASE)
@@ -224,20 +223,11 @@ def evaluate_folder(
 
 def write_csv(rows: Sequence[dict], out: str | os.PathLike) -> None:
     """Write per-case rows to ``out`` atomically (temporary file in the same folder + replace)."""
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with fileio.atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def summarize(rows: Sequence[dict]) -> str:

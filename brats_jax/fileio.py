@@ -4,8 +4,24 @@ import contextlib
 import json
 import os
 import pathlib
-import tempfile
+import secrets
 from collections.abc import Iterator
+
+
+def _create_temp_beside(path: pathlib.Path) -> pathlib.Path:
+    """Create an empty, uniquely named file beside `path`, keeping its suffixes.
+
+    Created with mode 0o666 less the process umask, as `open` would create `path` itself
+    (`tempfile.mkstemp` would make it 0o600, unreadable to the rest of a lab group).
+    """
+    suffix = "".join(path.suffixes)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -13,14 +29,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`.
 
     The temporary file keeps `path`'s suffixes (so writers that infer the format from
-    the name, such as nibabel's `.nii.gz`, behave), and is removed if the block raises.
+    the name, such as nibabel's `.nii.gz`, behave), gets the permissions a plain `open`
+    would give (0o666 less the umask), and is removed if the block raises.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp)
+    tmp = _create_temp_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -1,0 +1,50 @@
+"""Atomic writes: all-or-nothing replacement, suffixes kept, and the permissions `open` gives."""
+
+import os
+import stat
+
+import pytest
+
+from brats_jax import evaluate, fileio
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it afterwards."""
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_permissions_follow_umask(tmp_path, umask, mask):
+    umask(mask)
+    plain = tmp_path / "plain.txt"
+    with open(plain, "w") as f:  # what a non-atomic writer would have produced
+        f.write("x")
+    fileio.write_text(tmp_path / "a.txt", "x")
+    evaluate.write_csv([], tmp_path / "scores.csv")
+    expected = 0o666 & ~mask
+    assert stat.S_IMODE(plain.stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "scores.csv").stat().st_mode) == expected
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    out.write_text("old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with fileio.atomic_path(out) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz")  # format from suffix
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.nii.gz"]
+
+
+def test_success_replaces_and_creates_parents(tmp_path):
+    out = tmp_path / "new" / "dir" / "r.json"
+    fileio.write_json(out, {"dice": 0.5})
+    fileio.write_json(out, {"dice": 0.75})
+    assert out.read_text() == '{\n  "dice": 0.75\n}\n'
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]
