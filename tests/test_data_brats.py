@@ -7,7 +7,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax.data import DataError, find_cases, load_case, to_release_labels, to_train_labels
+from brats_jax.data import (
+    DataError,
+    case_from_files,
+    find_cases,
+    load_case,
+    to_release_labels,
+    to_train_labels,
+)
 
 SHAPE = (16, 16, 8)
 NAMES_2018 = {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"}
@@ -146,3 +153,35 @@ def test_missing_label_required(tmp_path):
     assert case.seg is None and load_case(case).label is None
     with pytest.raises(DataError, match=r"missing label file C1_seg"):
         load_case(case, require_label=True)
+
+
+def test_case_from_files_any_names_loads_like_the_folder(tmp_path):
+    """A new patient's files with their own names load exactly as the BraTS folder does."""
+    d, _, _ = write_case(tmp_path, "C1")
+    other = tmp_path / "patient 7"
+    other.mkdir()
+    files = {}
+    for m, name in {"flair": "FLAIR", "t1": "T1_pre", "t1ce": "T1_gd", "t2": "T2"}.items():
+        files[m] = other / f"{name}.nii.gz"
+        (d / f"C1_{m}.nii.gz").rename(files[m])
+    case = case_from_files(files)
+    assert case.case_id == "FLAIR" and case.naming == "2018" and case.seg is None
+    data = load_case(case)
+    assert data.label is None and data.image.shape == SHAPE + (4,)
+    assert case_from_files(files, naming="2023", case_id="P7").case_id == "P7"
+    for m, p in files.items():  # move back; the folder's load must give the same image
+        p.rename(d / f"C1_{m}.nii.gz")
+    np.testing.assert_array_equal(data.image, load_case(d).image)
+
+
+def test_case_from_files_errors_name_the_problem(tmp_path):
+    d, _, _ = write_case(tmp_path, "C1")
+    files = {m: d / f"C1_{m}.nii.gz" for m in ("flair", "t1", "t1ce", "t2")}
+    with pytest.raises(DataError, match=r"missing \['t2'\]"):
+        case_from_files({k: v for k, v in files.items() if k != "t2"})
+    with pytest.raises(DataError, match=r"unknown \['dwi'\]"):
+        case_from_files({**files, "dwi": files["t1"]})
+    with pytest.raises(DataError, match=r"t1ce file .*nope\.nii\.gz does not exist"):
+        case_from_files({**files, "t1ce": tmp_path / "nope.nii.gz"})
+    with pytest.raises(DataError, match=r"naming '2020'"):
+        case_from_files(files, naming="2020")

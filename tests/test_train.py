@@ -145,21 +145,29 @@ def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch):
         train.build_run(tiny_config(), tmp_path)
 
 
+AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+AFFINE[:3, 3] = (-120, -120, 0)
+
+
+def _write_case_2018(root):
+    """A random 2018-named case `Brats18_X_1_1` of shape (40, 36, 5) -> (folder, affine, shape)."""
+    case = root / "Brats18_X_1_1"
+    case.mkdir()
+    rng = np.random.default_rng(0)
+    shape = (40, 36, 5)  # not the model's size: the prediction is resized back
+    for mod in ("t1", "t1ce", "t2", "flair"):
+        vol = rng.normal(100, 20, shape).astype(np.float32)
+        vol[:4] = 0
+        nib.save(nib.Nifti1Image(vol, AFFINE), str(case / f"Brats18_X_1_1_{mod}.nii.gz"))
+    return case, AFFINE, shape
+
+
 def test_predict_writes_nifti_in_release_convention(tiny_run, tmp_path):
     """Predict a tiny 2018-style case: input shape, affine and label set {0,1,2,4} survive."""
     from brats_jax import predict
 
     workdir, _ = tiny_run
-    case = tmp_path / "Brats18_X_1_1"
-    case.mkdir()
-    rng = np.random.default_rng(0)
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    affine[:3, 3] = (-120, -120, 0)
-    shape = (40, 36, 5)  # not the model's size: the prediction is resized back
-    for mod in ("t1", "t1ce", "t2", "flair"):
-        vol = rng.normal(100, 20, shape).astype(np.float32)
-        vol[:4] = 0
-        nib.save(nib.Nifti1Image(vol, affine), str(case / f"Brats18_X_1_1_{mod}.nii.gz"))
+    case, affine, shape = _write_case_2018(tmp_path)
     out = tmp_path / "pred" / "seg.nii.gz"
     probs_out = tmp_path / "pred" / "probs.nii.gz"
     labels = predict.predict_case(workdir, case, out, probabilities=probs_out)
@@ -177,6 +185,61 @@ def test_predict_writes_nifti_in_release_convention(tiny_run, tmp_path):
     expected[expected == 3] = 4
     np.testing.assert_array_equal(np.asarray(img.dataobj), expected)
     assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_predict_cli_takes_modality_files_of_any_name(tiny_run, tmp_path):
+    """`--flair/--t1/--t1ce/--t2` files named freely predict as the folder does."""
+    from brats_jax import predict
+
+    workdir, _ = tiny_run
+    case, _, _ = _write_case_2018(tmp_path)
+    from_folder = predict.predict_case(workdir, case, tmp_path / "folder.nii.gz")
+    files = []
+    for mod in ("flair", "t1", "t1ce", "t2"):
+        renamed = tmp_path / f"scan_{mod.upper()}.nii.gz"
+        (case / f"Brats18_X_1_1_{mod}.nii.gz").rename(renamed)
+        files.append(f"--{mod}={renamed}")
+    out = tmp_path / "out" / "seg.nii.gz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "brats_jax.predict", f"--workdir={workdir}", *files,
+         f"--output={out}"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), from_folder)
+    both = subprocess.run(
+        [sys.executable, "-m", "brats_jax.predict", f"--workdir={workdir}", f"--input={case}",
+         files[0], f"--output={out}"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert both.returncode != 0 and "either --input or the modality files" in both.stderr
+
+
+def test_predict_cli_label_convention_follows_naming(tiny_run, tmp_path, monkeypatch):
+    """The written labels are the release's: a folder named the 2018 way gets ET = 4, files
+    given with --naming=2023 get ET = 3 (model output replaced by known probabilities)."""
+    from brats_jax import inference, predict
+
+    workdir, _ = tiny_run
+    case, _, shape = _write_case_2018(tmp_path)
+    classes = np.arange(np.prod(shape)).reshape(shape) % 4  # every class present
+    probs = np.eye(4, dtype=np.float32)[classes] * 0.7 + 0.075
+    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    files = [f"--{m}={case}/Brats18_X_1_1_{m}.nii.gz" for m in ("flair", "t1", "t1ce", "t2")]
+    runs = {
+        "folder": ([f"--input={case}"], np.array([0, 1, 2, 4])[classes]),
+        "files_2023": ([*files, "--naming=2023"], classes),
+        "files_default": (files, np.array([0, 1, 2, 4])[classes]),
+    }
+    for name, (args, expected) in runs.items():
+        out = tmp_path / f"{name}.nii.gz"
+        predict.FLAGS.unparse_flags()
+        predict.FLAGS(["predict", f"--workdir={workdir}", f"--output={out}", *args])
+        try:
+            predict.main(["predict"])
+        finally:
+            predict.FLAGS.unparse_flags()
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), expected, name)
 
 
 def test_predict_missing_checkpoint_is_clear_error(tmp_path):

@@ -98,6 +98,34 @@ def _case_from_dir(directory: pathlib.Path) -> Case | None:
     return None
 
 
+def case_from_files(
+    files: dict[str, str | os.PathLike], *, naming: str = "2018", case_id: str | None = None
+) -> Case:
+    """A Case from four modality files with any names (a new patient's own NIfTI files).
+
+    `files` maps each of MODALITIES (flair, t1, t1ce, t2) to a .nii/.nii.gz path; `naming`
+    ("2018": ET = 4, "2023": ET = 3) is the label convention written for it; `case_id`
+    defaults to the FLAIR file's name without extension. The case has no label file.
+    Raises DataError naming a missing modality or file, or an unknown naming.
+    """
+    if naming not in _SUFFIXES:
+        raise DataError(f"naming {naming!r}: expected one of {sorted(_SUFFIXES)}")
+    unknown = sorted(set(files) - set(MODALITIES))
+    missing = [m for m in MODALITIES if not files.get(m)]
+    if unknown or missing:
+        raise DataError(
+            f"modality files: missing {missing}, unknown {unknown}; expected exactly {MODALITIES}"
+        )
+    paths = {m: pathlib.Path(files[m]) for m in MODALITIES}
+    for m, path in paths.items():
+        if not path.is_file():
+            raise DataError(f"{m} file {path} does not exist")
+    if case_id is None:
+        name = paths["flair"].name
+        case_id = next((name[: -len(e)] for e in _EXTS if name.endswith(e)), name)
+    return Case(case_id, paths["flair"].parent, naming, paths, None)
+
+
 def find_cases(root: str | os.PathLike) -> list[Case]:
     """Finds BraTS case folders under `root` (recursively), both namings, .nii and .nii.gz.
 
