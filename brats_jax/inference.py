@@ -16,8 +16,9 @@ SliceFn = Callable[[dict, jax.Array], jax.Array]
 def make_slice_predictor(model, *, image_size: int):
     """Jitted `f(variables, images (B,H,W,4) float32) -> probabilities (B,H,W,C) float32`.
 
-    Slices of any native size H,W are resized to `image_size` (0 = native) before the model
-    and the class probabilities are resized back to H,W (bilinear on probabilities), so the
+    Slices of any native size H,W are resized to `image_size` (0 = native) before the model,
+    bilinearly without antialiasing as training resizes them (`data.resize_image`), and the
+    class probabilities are resized back to H,W (bilinear on probabilities), so the
     output is at the input's resolution. `variables` is an argument, not a constant, so
     one compilation serves every checkpoint of the same architecture.
     """
@@ -27,14 +28,20 @@ def make_slice_predictor(model, *, image_size: int):
         height, width = images.shape[1:3]
         x = images
         if image_size and (height, width) != (image_size, image_size):
-            x = jax.image.resize(
-                x, (x.shape[0], image_size, image_size, x.shape[-1]), method="linear"
+            x = jax.image.resize(  # as training resized (common.resize_image): no antialias
+                x,
+                (x.shape[0], image_size, image_size, x.shape[-1]),
+                method="linear",
+                antialias=False,
             )
         logits = model.apply(variables, x, train=False)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         if probs.shape[1:3] != (height, width):
             probs = jax.image.resize(
-                probs, (probs.shape[0], height, width, probs.shape[-1]), method="linear"
+                probs,
+                (probs.shape[0], height, width, probs.shape[-1]),
+                method="linear",
+                antialias=False,
             )
         return probs
 
@@ -57,6 +64,8 @@ def predict_volume(
     """
     if volume.ndim != 4:
         raise ValueError(f"expected a volume of shape (H, W, D, 4), got {volume.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: expected at least 1 slice per call")
     depth = volume.shape[2]
     slices = np.moveaxis(volume, 2, 0).astype(np.float32)  # (D, H, W, 4)
     out = []

@@ -9,7 +9,9 @@ header in the input's own label convention: ET = 4 for BraTS 2018-2021 naming
 (`<ID>_flair.nii.gz`), ET = 3 for BraTS 2023 naming (`<ID>-t2f.nii.gz`). Files with
 other names are given one by one (`--flair` ... `--t2`) and written with ET = 4 unless
 `--naming=2023`. The model expects what it was trained on: BraTS-preprocessed
-volumes (the four modalities co-registered on one grid, skull-stripped). Slices are
+volumes (the four modalities co-registered on one grid, skull-stripped), normalised as
+in its training data (per volume over the brain for NIfTI-trained runs, per slice over
+all pixels, the Kaggle release's way, for Kaggle-trained runs). Slices are
 resized to the run's `data.image_size` for the model and the class probabilities are
 resized back to full size. `--probabilities=FILE.nii.gz` also writes the (H, W, D, 4)
 float32 class probabilities. Outputs are written atomically.
@@ -37,6 +39,17 @@ flags.DEFINE_integer("step", None, "Checkpoint step to use instead of the best o
 flags.DEFINE_integer("batch_size", 0, "Slices per model call (0: the run's eval.batch_size).")
 
 
+def input_normalization(source: str) -> str:
+    """`brats.load_case` normalization matching what a run trained on `source` saw.
+
+    Kaggle slices come z-scored per slice over all pixels ("slice"); NIfTI cases are
+    z-scored over the brain of the whole volume ("brain"), the closest match too for the
+    synthetic phantoms (z-scored per slice over the brain; demo models are not meant for
+    real scans).
+    """
+    return "slice" if source == "kaggle_h5" else "brain"
+
+
 def predict_case(workdir, case, output, *, probabilities=None, step=None, batch_size=0):
     """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
 
@@ -49,8 +62,10 @@ def predict_case(workdir, case, output, *, probabilities=None, step=None, batch_
     from brats_jax import fileio, inference, train
     from brats_jax.data import brats
 
-    case = brats.load_case(case, require_label=False)
     config, model, variables = train.load_trained(workdir, step=step)
+    case = brats.load_case(
+        case, require_label=False, normalization=input_normalization(config.data.source)
+    )
     predict = inference.make_slice_predictor(model, image_size=config.data.image_size)
     probs = inference.predict_volume(
         predict, variables, case.image, batch_size=batch_size or config.eval.batch_size

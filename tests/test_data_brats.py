@@ -185,3 +185,25 @@ def test_case_from_files_errors_name_the_problem(tmp_path):
         case_from_files({**files, "t1ce": tmp_path / "nope.nii.gz"})
     with pytest.raises(DataError, match=r"naming '2020'"):
         case_from_files(files, naming="2020")
+
+
+def test_slice_normalization_closed_form(tmp_path):
+    """normalization="slice": each axial slice of each modality z-scored over all its pixels
+    (population std), a constant slice -> 0; the brain z-score stays the default."""
+    flair = np.zeros(SHAPE, np.int16)
+    flair[..., 1] = 5  # constant slice -> 0
+    flair[0, 0, 2], flair[1, 0, 2] = 3, 1  # slice 2: two non-zero pixels among 256
+    d, raws, _ = write_case(tmp_path, "C1", flair=flair)
+    img = load_case(d, normalization="slice").image
+    np.testing.assert_array_equal(img[..., 0, 0], 0.0)
+    np.testing.assert_array_equal(img[..., 1, 0], 0.0)
+    n = SHAPE[0] * SHAPE[1]
+    mean = 4 / n
+    std = np.sqrt((9 + 1) / n - mean**2)
+    assert img[0, 0, 2, 0] == pytest.approx((3 - mean) / std, rel=1e-6)
+    assert img[5, 5, 2, 0] == pytest.approx(-mean / std, rel=1e-6)
+    t1 = raws["t1"].astype(np.float64)[..., 3]
+    np.testing.assert_allclose(img[..., 3, 1], (t1 - t1.mean()) / t1.std(), rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(load_case(d).image, img)
+    with pytest.raises(ValueError, match="normalization 'volume'"):
+        load_case(d, normalization="volume")

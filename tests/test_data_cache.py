@@ -143,6 +143,22 @@ def test_real_sample_nifti_agrees_with_kaggle(brats_sample, tmp_path):
     assert kag.table.class_counts[i80].tolist() == [240 * 240 - 574, 9, 412, 153]
 
 
+def test_real_sample_slice_normalization_is_the_kaggle_release(brats_sample):
+    """load_case(normalization="slice") of Brats18_2013_2_1 gives the Kaggle slices' values,
+    so a Kaggle-trained model sees at prediction what it saw in training."""
+    from brats_jax.data import load_case
+    from brats_jax.data.kaggle import read_slice_file
+
+    case = load_case(brats_sample / "nifti" / "Brats18_2013_2_1", normalization="slice")
+    files = sorted((brats_sample / "kaggle_h5").glob("volume_1_slice_*.h5"))
+    assert len(files) == 20
+    for f in files:
+        s = int(f.stem.rsplit("_", 1)[1])
+        image, label = read_slice_file(f)
+        np.testing.assert_allclose(case.image[:, :, s], image, atol=1e-6, err_msg=f.name)
+        np.testing.assert_array_equal(case.label[:, :, s], label)
+
+
 @pytest.mark.slow
 def test_real_sample_prepare_all(brats_sample, tmp_path):
     src = NiftiCacheSource(prepare(brats_sample / "nifti", tmp_path / "cache", workers=2))

@@ -242,6 +242,39 @@ def test_predict_cli_label_convention_follows_naming(tiny_run, tmp_path, monkeyp
         np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), expected, name)
 
 
+def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, monkeypatch):
+    """A run trained on Kaggle slices gets per-slice z-scored input (the release's own), a
+    NIfTI- or synthetic-trained run the volume's brain z-score."""
+    import shutil
+
+    from brats_jax import inference, predict
+
+    workdir, _ = tiny_run
+    case, _, _ = _write_case_2018(tmp_path)
+    seen = []
+
+    def fake_predict_volume(predict_fn, variables, volume, *, batch_size):
+        seen.append(volume)
+        return np.full(volume.shape[:3] + (4,), 0.25, np.float32)
+
+    monkeypatch.setattr(inference, "predict_volume", fake_predict_volume)
+    kaggle_run = tmp_path / "kaggle_run"
+    shutil.copytree(workdir, kaggle_run)
+    config = json.loads((kaggle_run / "config.json").read_text())
+    config["data"]["source"] = "kaggle_h5"
+    (kaggle_run / "config.json").write_text(json.dumps(config))
+    predict.predict_case(workdir, case, tmp_path / "a.nii.gz")
+    predict.predict_case(kaggle_run, case, tmp_path / "b.nii.gz")
+    raw = np.asarray(nib.load(str(case / "Brats18_X_1_1_t1ce.nii.gz")).dataobj, np.float64)
+    brain = np.zeros(raw.shape, bool)
+    for mod in ("flair", "t1", "t1ce", "t2"):
+        brain |= np.asarray(nib.load(str(case / f"Brats18_X_1_1_{mod}.nii.gz")).dataobj) != 0
+    by_slice = (raw - raw.mean((0, 1))) / raw.std((0, 1))
+    by_brain = (raw - raw[brain].mean()) / raw[brain].std()
+    np.testing.assert_allclose(seen[0][..., 2], by_brain, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(seen[1][..., 2], by_slice, rtol=1e-5, atol=1e-5)
+
+
 def test_predict_missing_checkpoint_is_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         train.load_trained(tmp_path)

@@ -52,6 +52,7 @@ class CaseData:
     image: float32 (H, W, D, 4) in MODALITIES order, each modality z-scored with the mean and
       std of its brain (non-zero) voxels; the affine map is applied to every voxel, so
       background becomes the constant -mean/std of that modality (see `zscore_brain`).
+      With `load_case(..., normalization="slice")`: z-scored per axial slice instead.
     label: int32 (H, W, D) in {0..3} (ET = 3), or None when the case has no label file.
     brain: bool (H, W, D), voxels where any raw modality is non-zero.
     """
@@ -195,6 +196,21 @@ def zscore_brain(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
+def zscore_slices(volume: np.ndarray) -> np.ndarray:
+    """Z-scores each axial slice of a (H, W, D) volume over all its pixels -> float32.
+
+    The Kaggle sliced release's normalisation (background included; a constant slice
+    becomes 0), for models trained on it. Computed in float64.
+    """
+    x = volume.astype(np.float64)
+    mean = x.mean(axis=(0, 1), keepdims=True)
+    std = x.std(axis=(0, 1), keepdims=True)
+    return np.where(std > 0, (x - mean) / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
+
+
+NORMALIZATIONS = ("brain", "slice")
+
+
 def to_train_labels(label: np.ndarray, naming: str, *, where: str = "label") -> np.ndarray:
     """Release labels -> training classes int32 {0..3}: 2018-2021 {0,1,2,4}->{0,1,2,3}; 2023 same.
 
@@ -235,13 +251,20 @@ def to_release_labels(label_0123: np.ndarray, naming: str = "2018") -> np.ndarra
     return out
 
 
-def load_case(case: Case | str | os.PathLike, *, require_label: bool = False) -> CaseData:
+def load_case(
+    case: Case | str | os.PathLike, *, require_label: bool = False, normalization: str = "brain"
+) -> CaseData:
     """Loads a case folder (or Case): all four modalities + label, validated.
 
-    Returns CaseData (image float32 (H,W,D,4) brain-z-scored, label int32 (H,W,D) {0..3} or
-    None). Raises DataError on missing files, mismatched shapes/affines between files,
-    non-finite voxels, label values outside the release's set, or corrupt files.
+    Returns CaseData (image float32 (H,W,D,4), label int32 (H,W,D) {0..3} or None). The image
+    is z-scored per modality over the volume's brain voxels (`normalization="brain"`, see
+    `zscore_brain`) or per axial slice over all pixels as in the Kaggle release ("slice",
+    see `zscore_slices`). Raises DataError on missing files, mismatched shapes/affines
+    between files, non-finite voxels, label values outside the release's set, or corrupt
+    files; ValueError on an unknown `normalization`.
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization {normalization!r}: expected one of {NORMALIZATIONS}")
     if not isinstance(case, Case):
         d = pathlib.Path(case)
         if not d.is_dir():
@@ -284,7 +307,10 @@ def load_case(case: Case | str | os.PathLike, *, require_label: bool = False) ->
     brain = np.zeros(shape0, bool)
     for r in raws:
         brain |= r != 0
-    image = np.stack([zscore_brain(r, brain) for r in raws], axis=-1)
+    if normalization == "slice":
+        image = np.stack([zscore_slices(r) for r in raws], axis=-1)
+    else:
+        image = np.stack([zscore_brain(r, brain) for r in raws], axis=-1)
     label = None
     if case.seg is not None:
         lab, aff, _ = read_nifti(case.seg)
