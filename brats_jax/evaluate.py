@@ -6,15 +6,17 @@ Usage::
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
   ``--pred``.
-* Ground truth ``--gt``: a folder of case folders (``<ID>/<ID>_seg.nii.gz``, BraTS 2018-2021;
+* Ground truth ``--gt``: a folder of case folders at any depth (``<ID>/<ID>_seg.nii.gz``,
+  BraTS 2018-2021;
   ``<ID>/<ID>-seg.nii.gz``, BraTS 2023; a case folder with no such file but exactly one other
   ``*seg*.nii[.gz]`` file - e.g. BraTS20_Training_355's ``W39_1998.09.19_Segm.nii`` - uses
   that), or flat files named like the predictions.
 * Labels are in the release convention: ``brats2018`` = {0,1,2,4} (ET = 4, BraTS 2018-2021),
   ``brats2023`` = {0,1,2,3} (ET = 3, also the training classes). ``--labels=auto`` (default)
   takes ``brats2023`` for GT files named ``*-seg.nii*``, ``brats2018`` for ``*_seg.nii*`` and
-  otherwise decides from the GT values (a 4 means 2018; else 2023); predictions use their
-  case's GT convention unless ``--pred_labels`` says otherwise. Maps are converted to the
+  otherwise decides from the GT values (a 4 means 2018, a 3 means 2023; a GT with neither
+  takes 2018 if the prediction has a 4, else 2023); predictions use their case's GT
+  convention unless ``--pred_labels`` says otherwise. Maps are converted to the
   training classes {0,1,2,3} before :func:`brats_jax.metrics.evaluate_volume`.
 * Voxel spacing comes from the GT header zooms.
 
@@ -79,40 +81,58 @@ def find_predictions(pred_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     return out
 
 
+def _case_folder_seg(folder: pathlib.Path) -> tuple[pathlib.Path, str | None] | None:
+    """(seg file, naming) of a case folder ``<ID>/<ID>[_-]seg.nii[.gz]`` (or its single other
+    ``*seg*`` NIfTI, the case-355 quirk); None when ``folder`` is not a case folder."""
+    cid = folder.name
+    for sep, naming in (("_seg", "brats2018"), ("-seg", "brats2023")):
+        for ext in (".nii.gz", ".nii"):
+            f = folder / f"{cid}{sep}{ext}"
+            if f.is_file():
+                return f, naming
+    others = [
+        f
+        for f in sorted(folder.iterdir())
+        if f.is_file() and "seg" in f.name.lower() and _NIFTI.match(f.name)
+    ]
+    return (others[0], None) if len(others) == 1 else None
+
+
 def find_ground_truth(gt_dir: pathlib.Path) -> dict[str, tuple[pathlib.Path, str | None]]:
-    """Map case ID -> (GT seg file, naming-from-file-name or None) for case folders/flat files."""
+    """Map case ID -> (GT seg file, naming-from-file-name or None).
+
+    Case folders are found at any depth (e.g. the 2018-2019 releases' ``HGG/<ID>/``,
+    ``LGG/<ID>/``); files named like predictions count at the top level of ``gt_dir``.
+    """
     out: dict[str, tuple[pathlib.Path, str | None]] = {}
-    for p in sorted(gt_dir.iterdir()):
-        if p.is_dir():
-            cid = p.name
-            found = None
-            for sep, naming in (("_seg", "brats2018"), ("-seg", "brats2023")):
-                for ext in (".nii.gz", ".nii"):
-                    f = p / f"{cid}{sep}{ext}"
-                    if f.is_file():
-                        found = (f, naming)
-                        break
-                if found:
-                    break
-            if found is None:
-                others = [
-                    f
-                    for f in sorted(p.iterdir())
-                    if f.is_file() and "seg" in f.name.lower() and _NIFTI.match(f.name)
-                ]
-                if len(others) == 1:
-                    found = (others[0], None)
-            if found is not None:
-                out[cid] = found
-        elif p.is_file():
-            parsed = _case_id(p)
-            if parsed is None:
-                continue
-            cid, naming = parsed
-            if cid in out:
-                raise EvaluationError(f"two ground-truth files for case {cid}: {out[cid][0]}, {p}")
-            out[cid] = (p, naming)
+
+    def add(cid: str, found: tuple[pathlib.Path, str | None]) -> None:
+        if cid in out:
+            raise EvaluationError(
+                f"two ground-truth files for case {cid}: {out[cid][0]}, {found[0]}"
+            )
+        out[cid] = found
+
+    for name in sorted(os.listdir(gt_dir)):  # flat files: top level only
+        if (gt_dir / name).is_file() and (parsed := _case_id(gt_dir / name)) is not None:
+            add(parsed[0], (gt_dir / name, parsed[1]))
+    for dirpath, dirnames, _ in os.walk(gt_dir, followlinks=True):
+        folder = pathlib.Path(dirpath)
+        dirnames.sort()
+        if folder != gt_dir and (found := _case_folder_seg(folder)) is not None:
+            add(folder.name, found)
+            dirnames[:] = []
     return out
+
+
+def _convention_from_values(gt: np.ndarray, pred: np.ndarray | None) -> str:
+    """A 4 in the GT means brats2018, a 3 brats2023; a GT with neither (no enhancing tumour)
+    says nothing, so the prediction decides when it shares the GT's convention."""
+    if np.any(gt == 4):
+        return "brats2018"
+    if np.any(gt == 3):
+        return "brats2023"
+    return "brats2018" if pred is not None and np.any(pred == 4) else "brats2023"
 
 
 def to_training_classes(label: np.ndarray, convention: str, what: str) -> np.ndarray:
@@ -207,7 +227,9 @@ def evaluate_folder(
             )
         conv = labels
         if conv == "auto":
-            conv = naming or ("brats2018" if np.any(gt_raw == 4) else "brats2023")
+            conv = naming or _convention_from_values(
+                gt_raw, pred_raw if pred_labels == "same" else None
+            )
         gt = to_training_classes(gt_raw, conv, f"case {cid} ground truth {gt_path}")
         pconv = conv if pred_labels == "same" else pred_labels
         pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {preds[cid]}")

@@ -16,11 +16,12 @@ from brats_jax.data import (
     KaggleH5Source,
     NiftiCacheSource,
     case_indices,
+    find_cases,
     load_case,
     load_volume,
     prepare,
 )
-from brats_jax.data.cache import is_case_complete
+from brats_jax.data.cache import _temp_suffix, _write_case, is_case_complete
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,15 +63,34 @@ def test_resumable_and_atomic(release, tmp_path):
     prepare(release, out, progress=False)
     stamp = (out / "cases" / "A" / "image.npy").stat().st_mtime_ns
     # a half-written case from an interrupted run: temp folder, and a folder without marker
-    (out / "cases" / ".B.tmp-999").mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    dead_tmp = out / "cases" / f".B.tmp{_temp_suffix(int(dead))}"
+    legacy_tmp = out / "cases" / f".B.tmp-{dead}"  # earlier versions' name
+    live_tmp = out / "cases" / f".B.tmp{_temp_suffix(os.getppid())}"  # a running process's
+    for t in (dead_tmp, legacy_tmp, live_tmp):
+        t.mkdir()
     os.remove(out / "cases" / "B" / "COMPLETE")
     assert not is_case_complete(out, "B")
     with pytest.raises(DataError, match="incomplete"):
         NiftiCacheSource(out)
     prepare(release, out, progress=False)
     assert (out / "cases" / "A" / "image.npy").stat().st_mtime_ns == stamp  # skipped
-    assert is_case_complete(out, "B") and not (out / "cases" / ".B.tmp-999").exists()
+    assert is_case_complete(out, "B")
+    assert not dead_tmp.exists() and not legacy_tmp.exists() and live_tmp.is_dir()
     assert len(NiftiCacheSource(out)) == 16
+
+
+def test_case_completed_by_another_process_is_kept(release, tmp_path):
+    """Two processes converting one case: whoever finishes second keeps the first's folder."""
+    out = tmp_path / "c"
+    prepare(release, out, progress=False)
+    (case,) = [c for c in find_cases(release) if c.case_id == "A"]
+    marker = out / "cases" / "A" / "COMPLETE"
+    stamp = marker.stat().st_mtime_ns
+    assert _write_case(case, out, "float32") == "A"  # as if it had raced the first prepare
+    assert marker.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (out / "cases").iterdir()) == ["A", "B"]  # no temporaries
 
 
 def test_failed_case_leaves_no_entry(release, tmp_path):

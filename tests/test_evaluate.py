@@ -92,6 +92,40 @@ def test_flat_ground_truth_and_value_based_convention(tmp_path):
     assert rows[0]["dice_ET"] == pytest.approx(1.0)
 
 
+def test_nested_case_folders_hgg_lgg(tmp_path):
+    """2018-2019 layout: GT case folders under HGG/ and LGG/; a non-case folder's files are
+    not GT, and a case folder's modality files are not flat GT files."""
+    gt, pred = _volumes(4)
+    for grade, cid in (("HGG", "Brats18_H"), ("LGG", "Brats18_L")):
+        _save(tmp_path / "gt" / grade / cid / f"{cid}_seg.nii.gz", gt)
+        _save(tmp_path / "gt" / grade / cid / f"{cid}_flair.nii.gz", gt)
+        _save(tmp_path / "pred" / f"{cid}.nii.gz", pred)
+    _save(tmp_path / "gt" / "other" / "Brats18_L.nii.gz", gt)  # not top level: ignored
+    assert sorted(E.find_ground_truth(tmp_path / "gt")) == ["Brats18_H", "Brats18_L"]
+    rows = E.evaluate_folder(tmp_path / "pred", tmp_path / "gt")
+    assert [r["dice_WT"] for r in rows] == pytest.approx([2 / 3, 2 / 3])
+    _save(tmp_path / "gt" / "Brats18_H" / "Brats18_H_seg.nii.gz", gt)  # same id twice
+    with pytest.raises(E.EvaluationError, match="two ground-truth files for case Brats18_H"):
+        E.find_ground_truth(tmp_path / "gt")
+
+
+def test_value_based_convention_without_enhancing_tumour(tmp_path):
+    """A GT with no ET (common in LGG) has neither 3 nor 4: a 2018-convention prediction with
+    a false-positive ET voxel (4) is scored, not rejected; its ET Dice is 0 (GT ET empty)."""
+    gt, pred = _volumes(4)
+    gt[gt == 4] = 1  # no enhancing tumour: labels {0, 1, 2}
+    _save(tmp_path / "gt" / "lgg.nii.gz", gt)
+    _save(tmp_path / "pred" / "lgg.nii.gz", pred)  # has a 4
+    (row,) = E.evaluate_folder(tmp_path / "pred", tmp_path / "gt")
+    assert row["dice_ET"] == 0.0 and row["hd95_ET"] == pytest.approx(373.13)
+    # TC: GT {NCR x2}, prediction {ET voxel (2,2,1), which is GT NCR} -> 2*1/(2+1)
+    assert row["dice_TC"] == pytest.approx(2 / 3)
+    pred3 = np.where(pred == 4, 3, pred)  # the same prediction in the 2023 convention
+    _save(tmp_path / "pred" / "lgg.nii.gz", pred3)
+    (row3,) = E.evaluate_folder(tmp_path / "pred", tmp_path / "gt")
+    assert row3["dice_TC"] == pytest.approx(2 / 3) and row3["dice_ET"] == 0.0
+
+
 def test_errors_name_the_case(tmp_path):
     gt, pred = _volumes(4)
     _save(tmp_path / "gt" / "X1" / "X1_seg.nii.gz", gt)

@@ -11,10 +11,12 @@ converted once (`python -m brats_jax.data.prepare --src=DIR --out=CACHE`). Layou
     CACHE/cases/<ID>/COMPLETE            written last
 
 Arrays are memory-mapped at read time, so a slice read touches only that slice's bytes. Each
-case is written into `cases/.<ID>.tmp-<pid>/`, the COMPLETE marker written last, then the
-folder is renamed into place: a half-written case is never taken as valid, and a rerun skips
-cases whose folder has the marker (resumable). Delete the cache to rebuild after the source
-files change.
+case is written into `cases/.<ID>.tmp-<host>-<pid>/`, the COMPLETE marker written last, then
+the folder is renamed into place: a half-written case is never taken as valid, and a rerun
+skips cases whose folder has the marker (resumable). Several processes may prepare the same
+cache at once (two trainings on one release, or every host of a multi-host run): a process
+removes only the temporary folders of dead processes of its own host, and a case another
+process completed first is kept. Delete the cache to rebuild after the source files change.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 
 import numpy as np
 from absl import logging
@@ -45,10 +48,40 @@ def is_case_complete(out: str | os.PathLike, case_id: str) -> bool:
     return (_case_dir(pathlib.Path(out), case_id) / _MARKER).is_file()
 
 
+def _temp_suffix(pid: int | None = None) -> str:
+    """`-<host>-<pid>` naming this process's temporary folders (host without '-')."""
+    host = socket.gethostname().replace("-", "_")
+    return f"-{host}-{os.getpid() if pid is None else pid}"
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_dead_temporaries(cases_dir: pathlib.Path) -> None:
+    """Removes `.<ID>.tmp-<host>-<pid>` folders left by dead processes of this host."""
+    host = socket.gethostname().replace("-", "_")
+    for tmp in cases_dir.glob(".*.tmp-*"):
+        owner_host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
+        # "" is the host-less `.tmp-<pid>` naming of earlier versions
+        if owner_host in (host, "") and pid.isdigit() and not _is_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
-    """Converts one case into its cache folder atomically. Returns the case id."""
+    """Converts one case into its cache folder atomically. Returns the case id.
+
+    When another process completes the same case first, its folder is kept and this
+    process's copy discarded.
+    """
     final = _case_dir(out, case.case_id)
-    tmp = final.parent / f".{case.case_id}.tmp-{os.getpid()}"
+    tmp = final.parent / f".{case.case_id}.tmp{_temp_suffix()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -74,12 +107,16 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / _MARKER).write_text("ok\n")
-        if final.exists():  # an invalid leftover (no marker): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
+        if not is_case_complete(out, case.case_id):
+            if final.exists():  # an invalid leftover (no marker): replace it
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process renamed its finished copy in meanwhile
+                if not is_case_complete(out, case.case_id):
+                    raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return case.case_id
 
 
@@ -113,8 +150,15 @@ def prepare(
                 f"cache {out} was built with dtype {old.get('dtype')}, asked for {dtype}; "
                 "use another --out or delete it"
             )
-    for stale in (out / "cases").glob(".*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if old.get("src") not in (None, str(src_p)):
+            logging.warning(
+                "cache %s was built from %s, now asked for %s: its complete cases are reused; "
+                "delete it if those source files differ",
+                out,
+                old.get("src"),
+                src_p,
+            )
+    _remove_dead_temporaries(out / "cases")
     todo = [c for c in cases if not is_case_complete(out, c.case_id)]
     logging.info("prepare %s -> %s: %d cases, %d to convert", src_p, out, len(cases), len(todo))
     bar = tqdm(
@@ -142,7 +186,7 @@ def prepare(
         dtype=dtype,
         cases=[c.case_id for c in cases],
     )
-    tmp = out / f".cache.json.tmp-{os.getpid()}"
+    tmp = out / f".cache.json.tmp{_temp_suffix()}"
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, meta_path)
     return out
