@@ -164,7 +164,7 @@ def _load(path: pathlib.Path):
 
     try:
         img = nib.load(str(path))
-        return np.asanyarray(img.dataobj), img.header.get_zooms()[:3]
+        return np.asanyarray(img.dataobj), img.header.get_zooms()[:3], img.affine
     except Exception as e:  # nibabel raises many types
         raise EvaluationError(f"cannot read NIfTI {path}: {e}") from e
 
@@ -218,12 +218,17 @@ def evaluate_folder(
     rows = []
     for i, cid in enumerate(ids):
         gt_path, naming = gts[cid]
-        gt_raw, zooms = _load(gt_path)
-        pred_raw, _ = _load(preds[cid])
+        gt_raw, zooms, gt_affine = _load(gt_path)
+        pred_raw, _, pred_affine = _load(preds[cid])
         if gt_raw.shape != pred_raw.shape:
             raise EvaluationError(
                 f"case {cid}: prediction shape {pred_raw.shape} ({preds[cid].name}) != "
                 f"ground-truth shape {gt_raw.shape} ({gt_path.name})"
+            )
+        if not np.allclose(pred_affine, gt_affine, atol=1e-3):
+            log(
+                f"warning: case {cid}: the prediction's affine differs from the ground truth's; "
+                "scored voxel by voxel, as if both were on the ground truth's grid"
             )
         conv = labels
         if conv == "auto":

@@ -102,8 +102,16 @@ def test_nested_case_folders_hgg_lgg(tmp_path):
         _save(tmp_path / "pred" / f"{cid}.nii.gz", pred)
     _save(tmp_path / "gt" / "other" / "Brats18_L.nii.gz", gt)  # not top level: ignored
     assert sorted(E.find_ground_truth(tmp_path / "gt")) == ["Brats18_H", "Brats18_L"]
-    rows = E.evaluate_folder(tmp_path / "pred", tmp_path / "gt")
+    logged = []
+    rows = E.evaluate_folder(tmp_path / "pred", tmp_path / "gt", log=logged.append)
     assert [r["dice_WT"] for r in rows] == pytest.approx([2 / 3, 2 / 3])
+    assert not [m for m in logged if "affine" in m]
+    _save(tmp_path / "pred" / "Brats18_L.nii.gz", pred, zooms=(1.0, 1.0, 2.0))  # another grid
+    E.evaluate_folder(tmp_path / "pred", tmp_path / "gt", log=logged.append)
+    assert [m for m in logged if "affine" in m] == [
+        "warning: case Brats18_L: the prediction's affine differs from the ground truth's; "
+        "scored voxel by voxel, as if both were on the ground truth's grid"
+    ]
     _save(tmp_path / "gt" / "Brats18_H" / "Brats18_H_seg.nii.gz", gt)  # same id twice
     with pytest.raises(E.EvaluationError, match="two ground-truth files for case Brats18_H"):
         E.find_ground_truth(tmp_path / "gt")
