@@ -56,6 +56,14 @@ class RunCheckpoints:
                     best, best_value = step, metrics[VAL_METRIC]
         return best if best is not None else self.latest_step()
 
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints newer than `step` (a run resumed with others from an
+        older step recomputes them); returns the deleted steps."""
+        newer = sorted(s for s in self.manager.all_steps() if s > step)
+        for s in newer:
+            self.manager.delete(s)
+        return newer
+
     def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> None:
         """Save `state` (a pytree of arrays) and `data_state` (JSON) as `step`."""
         self.manager.save(

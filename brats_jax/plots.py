@@ -17,18 +17,22 @@ LABEL_CMAP = ListedColormap([(0, 0, 0, 0), (1, 0, 0, 0.6), (0, 0.8, 0, 0.5), (1,
 
 
 def read_metrics(path: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """`{name: (steps, values)}` from `metrics.jsonl`; a step logged twice keeps its last value."""
+    """`{name: (steps, values)}` from `metrics.jsonl`; a step logged twice keeps its last value.
+
+    Lines that do not parse (cut by a killed run) or carry no step are skipped.
+    """
     rows: dict[str, dict[int, float]] = {}
     path = pathlib.Path(path)
     if not path.exists():
         return {}
     for line in path.read_text().splitlines():
-        if not line.strip():
+        try:
+            row = json.loads(line)
+            step = int(row.pop("step"))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             continue
-        row = json.loads(line)
-        step = row.pop("step")
         for k, v in row.items():
-            rows.setdefault(k, {})[step] = np.nan if v is None else v
+            rows.setdefault(k, {})[step] = np.nan if v is None else float(v)
     return {
         k: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)], float))
         for k, d in rows.items()

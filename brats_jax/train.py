@@ -180,6 +180,30 @@ def init_state(model, tx, seed, *, image_size: int) -> TrainState:
     )
 
 
+def with_pretrained(state: TrainState, tx, config, image_size: int) -> TrainState:
+    """`state` with its TransUNet parameters from `config.model.pretrained_path` (Google's
+    R50+ViT-B_16.npz, see `models.load_pretrained`) and a fresh optimizer state for them.
+
+    `image_size`: the model's input size in pixels (token grid = image_size / 16).
+    """
+    path = pathlib.Path(config.model.pretrained_path)
+    if config.model.name != "transunet":
+        raise ValueError(
+            f"model.pretrained_path is for TransUNet (Google's R50+ViT-B_16.npz); "
+            f"model.name is {config.model.name!r}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.pretrained_path {path} does not exist; expected Google's R50+ViT-B_16.npz"
+        )
+    grid = (image_size // 16, image_size // 16)
+    params, report = models.load_pretrained(jax.device_get(state.params), path, grid=grid)
+    logging.info("pretrained weights from %s: %s", path, report.summary())
+    params = jax.tree.map(jnp.asarray, params)
+    opt_state = set_learning_rate(tx.init(params), config.train.learning_rate)
+    return state.replace(params=params, opt_state=opt_state)
+
+
 def make_train_step(model, tx):
     """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm"})`; pure, jit it."""
 
@@ -300,6 +324,8 @@ SHARED_FIELDS = (
     "model",
     "data.image_size",
     "train.batch_size",
+    "train.num_steps",
+    "train.num_epochs",
     "train.optimizer",
     "train.schedule",
     "train.warmup_steps",
@@ -438,12 +464,12 @@ def _write_per_case_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 def _write_outputs(run: Run, results: dict, figure_slices: list) -> None:
     workdir = run.workdir
-    fileio.write_json(workdir / "results.json", results)
     _write_per_case_csv(workdir / "per_case.csv", results["per_case"])
     plots.learning_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
     if figure_slices:
         n = run.config.eval.num_figure_slices
         plots.overlay_grid(figure_slices[:n], workdir / "test_slices.png")
+    fileio.write_json(workdir / "results.json", results)  # last: it marks the run finished
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -583,10 +609,21 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
     ckpts = [RunCheckpoints(r.workdir, keep=cfg.train.keep_checkpoints) for r in runs]
     start = _resume_step(ckpts)
     if start is not None:
-        for i, c in enumerate(ckpts):
+        for i, (r, c) in enumerate(zip(runs, ckpts, strict=True)):
+            if discarded := c.discard_after(start):
+                logging.info("%s: steps %s are redone from step %d", r.workdir, discarded, start)
             states[i], data_state = c.restore(start, states[i])
+            # the configured learning rate, not the checkpoint's (config.json says this one)
+            states[i] = states[i].replace(
+                opt_state=set_learning_rate(states[i].opt_state, r.config.train.learning_rate)
+            )
             iterators[i].set_state(data_state)
         logging.info("resumed %d run(s) from step %d", len(runs), start)
+    elif cfg.model.pretrained_path:
+        states = [
+            with_pretrained(s, tx, r.config, _native_size(r))
+            for r, s in zip(runs, states, strict=True)
+        ]
     state = _stack(states) if stacked else states[0]
     loss_params = (
         losses.stack_loss_params([r.loss_params for r in runs])

@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brats_jax import fileio  # noqa: E402
+from brats_jax import fileio, plots  # noqa: E402
 from experiments import sweeps  # noqa: E402
 from experiments.run import ERROR, RESULTS, RUN_INFO  # noqa: E402
 
@@ -322,32 +322,16 @@ def runs_csv(runs: Sequence[RunRecord]) -> str:
 def read_curves(path: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`{scalar: (epochs, values)}` from a metrics.jsonl; x = epoch when the run logged
     `epoch` (steps/epoch is constant within a run), else step."""
-    rows: dict[str, dict[int, float]] = {}
-    if not path.exists():
-        return {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by an interrupted run
-        step = row.pop("step", None)
-        if step is None:
-            continue
-        for k, v in row.items():
-            rows.setdefault(k, {})[int(step)] = np.nan if v is None else float(v)
+    curves = plots.read_metrics(path)
     per_step = None
-    if "epoch" in rows:
-        last = max(rows["epoch"])
-        if last > 0 and rows["epoch"][last] > 0:
-            per_step = rows["epoch"][last] / last
-    out = {}
-    for k, d in rows.items():
-        steps = np.array(sorted(d), float)
-        x = steps * per_step if per_step else steps
-        out[k] = (x, np.array([d[int(s)] for s in steps], float))
-    return out
+    if "epoch" in curves:
+        steps, epochs = curves["epoch"]
+        if steps[-1] > 0 and epochs[-1] > 0:
+            per_step = epochs[-1] / steps[-1]
+    return {
+        k: (steps * per_step if per_step else steps.astype(float), values)
+        for k, (steps, values) in curves.items()
+    }
 
 
 def _save(fig, path: pathlib.Path) -> None:

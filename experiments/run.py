@@ -284,8 +284,8 @@ def _group_key(config: ml_collections.ConfigDict) -> str:
 
 
 def plan_units(runs: Sequence[RunSpec], vmap: int) -> list[list[RunSpec]]:
-    """Split runs into units trained together: runs sharing architecture, image size and
-    batch size (`brats_jax.train.group_key`), at most `vmap` per unit, in sweep order.
+    """Split runs into units trained together: runs sharing architecture, image size, batch
+    size and step budget (`brats_jax.train.group_key`), at most `vmap` per unit, in sweep order.
     `vmap <= 1` gives one run per unit."""
     if vmap <= 1:
         return [[r] for r in runs]

@@ -81,6 +81,9 @@ def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
         c = _config(loss, 1e-3, 0)
         c.train.batch_size = bs
         specs.append(exp_run.RunSpec(f"r{i}", c, tmp_path / f"r{i}"))
+    longer = _config("ce", 1e-3, 0, batch_size=2, num_steps=12)  # another step budget
+    units = exp_run.plan_units([*specs, exp_run.RunSpec("r4", longer, tmp_path / "r4")], vmap=3)
+    assert [[s.name for s in u] for u in units] == [["r0", "r1", "r3"], ["r2"], ["r4"]]
     units = exp_run.plan_units(specs, vmap=2)
     assert [[s.name for s in u] for u in units] == [["r0", "r1"], ["r3"], ["r2"]]
     assert [[s.name for s in u] for u in exp_run.plan_units(specs, vmap=0)] == [
@@ -99,6 +102,35 @@ def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
     assert seen == [["r0", "r1"], ["r3"], ["r2"]]
     assert [o.name for o in outcomes] == ["r0", "r1", "r2", "r3"]
     assert all(o.status == "done" for o in outcomes)
+
+
+def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monkeypatch):
+    """Stopped after run 0 saved step 4 but before run 1 did: the rerun redoes step 4 for both
+    (run 0's step-4 checkpoint is replaced) and ends as the uninterrupted runs do."""
+    from brats_jax.checkpoints import RunCheckpoints
+
+    root, expected = alone
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    save = RunCheckpoints.save
+
+    def save_or_stop(self, step, *args, **kwargs):
+        if step == 4 and "1" == self.directory.parent.name:
+            raise KeyboardInterrupt
+        save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(RunCheckpoints, "save", save_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_runs(RUNS[:2], workdirs, mapping="map")
+    monkeypatch.setattr(RunCheckpoints, "save", save)
+    steps = [sorted(int(p.name) for p in (w / "checkpoints").iterdir()) for w in workdirs]
+    assert steps[0][-1] == 4 and steps[1][-1] == 2
+    got = train.train_runs(RUNS[:2], workdirs, mapping="map")
+    for i in range(2):
+        assert got[i]["paper_dice"] == pytest.approx(expected[i]["paper_dice"], abs=2e-3)
+        _, _, v_alone = train.load_trained(root / str(i), step=4)
+        _, _, v_group = train.load_trained(workdirs[i], step=4)
+        for x, y in zip(jax.tree.leaves(v_alone), jax.tree.leaves(v_group), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
 
 def test_set_learning_rate_is_the_rate_adam_applies():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -273,6 +274,73 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
     by_brain = (raw - raw[brain].mean()) / raw[brain].std()
     np.testing.assert_allclose(seen[0][..., 2], by_brain, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(seen[1][..., 2], by_slice, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_uses_the_configured_learning_rate(tmp_path):
+    """Resumed with train.learning_rate=0 (as config.json then says), the parameters stay
+    those of the checkpoint: the rate restored with the optimizer state is replaced."""
+    keep = {"train.keep_checkpoints": 10}
+    train.train_and_evaluate(tiny_config(**{"train.num_steps": 4}, **keep), tmp_path)
+    train.train_and_evaluate(
+        tiny_config(**{"train.num_steps": 8, "train.learning_rate": 0.0}, **keep), tmp_path
+    )
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 0.0
+    _, _, at4 = train.load_trained(tmp_path, step=4)
+    _, _, at8 = train.load_trained(tmp_path, step=8)
+    for x, y in zip(jax.tree.leaves(at4), jax.tree.leaves(at8), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_transunet_starts_from_pretrained_path(tmp_path):
+    """model.pretrained_path loads the R50+ViT npz (position embedding resized to the 2x2
+    grid of 32 px inputs); with learning rate 0 the saved parameters are the loaded ones."""
+    from test_pretrained import TINY, expected_value, get, write_vit_npz
+
+    from configs import transunet as transunet_config
+
+    arrays = write_vit_npz(tmp_path / "vit.npz", seed=3, **TINY)
+    c = transunet_config.get_config("tiny")
+    c.train.num_steps = 1
+    c.train.learning_rate = 0.0
+    c.model.pretrained_path = str(tmp_path / "vit.npz")
+    train.train_and_evaluate(c, tmp_path / "run")
+    _, _, variables = train.load_trained(tmp_path / "run")
+    for key in (
+        "conv_root/kernel",
+        "Transformer/posembed_input/pos_embedding",
+        "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel",
+        "block2/unit1/gn2/scale",
+    ):
+        np.testing.assert_allclose(
+            get(variables["params"], key), expected_value(key, arrays[key], 2, 4),
+            rtol=1e-5, atol=1e-6, err_msg=key,
+        )  # fmt: skip
+    c.model.pretrained_path = str(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match=r"model.pretrained_path .*missing\.npz"):
+        train.train_and_evaluate(c, tmp_path / "run2")
+    u = tiny_config(**{"model.pretrained_path": str(tmp_path / "vit.npz")})
+    with pytest.raises(ValueError, match="is for TransUNet"):
+        train.train_and_evaluate(u, tmp_path / "run3")
+
+
+def test_cut_metrics_line_is_skipped_and_results_come_last(tmp_path, monkeypatch):
+    """A line cut by a killed run does not break the curves; results.json (the sweep's
+    "finished" mark) is written only after the other outputs."""
+    from brats_jax import plots
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 1, "train_loss": 0.5}\n{"step": 2, "train_lo'
+        '{"step": 3, "train_loss": 0.25, "val_paper_dice": null}\n'
+    )
+    curves = plots.read_metrics(path)
+    np.testing.assert_array_equal(curves["train_loss"][0], [1])
+    np.testing.assert_array_equal(curves["train_loss"][1], [0.5])
+    monkeypatch.setattr(plots, "overlay_grid", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(OSError, match="disk"):
+        train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), tmp_path / "run")
+    assert (tmp_path / "run" / "per_case.csv").exists()
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_predict_missing_checkpoint_is_clear_error(tmp_path):
