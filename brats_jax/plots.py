@@ -55,7 +55,7 @@ def learning_curves(metrics_path: str | pathlib.Path, out: str | pathlib.Path) -
             steps, vals = m[name]
             ax_loss.plot(epoch_of(steps), vals, label=label)
     for name, label in (
-        ("val_paper_dice", "paper Dice (4 classes)"),
+        ("val_paper_dice", "study's Dice (4 classes, mean over slices)"),
         ("val_dice_WT", "WT"),
         ("val_dice_TC", "TC"),
         ("val_dice_ET", "ET"),

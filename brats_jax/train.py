@@ -245,7 +245,8 @@ def map_over_runs(step, mapping: str):
 
 
 def make_eval_step(model):
-    """`step(state, batch, loss_params) -> {"loss_sum", "slices", "confusion"}` (valid slices)."""
+    """`step(state, batch, loss_params) -> {"loss_sum", "paper_dice_sum", "slices",
+    "confusion"}` over the batch's valid slices (sums; the confusion matrix is pooled)."""
 
     def step(state: TrainState, batch: dict, loss_params) -> dict:
         logits = model.apply(
@@ -258,6 +259,9 @@ def make_eval_step(model):
         pred = jnp.argmax(logits, axis=-1)
         return {
             "loss_sum": jnp.sum(jnp.where(valid, per_slice, 0.0)),
+            "paper_dice_sum": jnp.sum(
+                jnp.where(valid, metrics.paper_dice(pred, batch["label"], NUM_CLASSES), 0.0)
+            ),
             "slices": jnp.sum(valid),
             "confusion": metrics.confusion_matrix(
                 pred, batch["label"], NUM_CLASSES, mask=valid[:, None, None]
@@ -355,9 +359,12 @@ def group_key(config: ml_collections.ConfigDict) -> str:
 
 
 def evaluate_slices(run: Run, eval_step, state: TrainState, indices) -> dict:
-    """Loss, the study's Dice and region Dice pooled over the slices `indices`."""
+    """Metrics over the slices `indices`: mean loss, the study's Dice (`paper_dice`: mean over
+    slices of the per-slice 4-class Dice, as the study and the test's `paper_dice` compute
+    it; it picks the best checkpoint), and Dice pooled over all slices (`pooled_dice`,
+    `tumour_dice` without background, region `dice_WT/TC/ET`)."""
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    loss_sum, count = 0.0, 0
+    loss_sum, dice_sum, count = 0.0, 0.0, 0
     mesh = _mesh()
     num_batches = -(-len(indices) // run.config.eval.batch_size)
     if run.config.eval.max_val_batches:
@@ -366,11 +373,13 @@ def evaluate_slices(run: Run, eval_step, state: TrainState, indices) -> dict:
         out = jax.device_get(eval_step(state, _device_batch(mesh, batch), run.loss_params))
         confusion += np.asarray(out["confusion"], np.int64)
         loss_sum += float(out["loss_sum"])
+        dice_sum += float(out["paper_dice_sum"])
         count += int(out["slices"])
     class_dice = metrics.dice_from_confusion(confusion)
     return {
         "loss": loss_sum / max(count, 1),
-        "paper_dice": float(np.mean(class_dice)),
+        "paper_dice": dice_sum / max(count, 1),
+        "pooled_dice": float(np.mean(class_dice)),
         "tumour_dice": float(np.mean(class_dice[1:])),
         **{f"dice_{k}": float(v) for k, v in metrics.region_dice_from_confusion(confusion).items()},
     }

@@ -343,6 +343,39 @@ def test_cut_metrics_line_is_skipped_and_results_come_last(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+def test_validation_paper_dice_is_the_mean_over_slices(tiny_run, tmp_path):
+    """val paper_dice (which picks the best checkpoint) is the study's metric: the mean over
+    slices of the per-slice 4-class Dice (absent in both -> 1), as the test's paper_dice;
+    pooled_dice pools one confusion matrix. Reference computed here in numpy."""
+    from brats_jax import data
+
+    workdir, _ = tiny_run
+    config, model, variables = train.load_trained(workdir)
+    run = train.build_run(config, tmp_path)
+    state = train.TrainState(
+        step=0, params=variables["params"], model_state={}, opt_state=None, rng=None
+    )
+    got = train.evaluate_slices(run, jax.jit(train.make_eval_step(model)), state, run.splits.val)
+    per_slice, confusion = [], np.zeros((4, 4), np.int64)
+    for batch in data.eval_batches(
+        run.source, run.splits.val, batch_size=4, image_size=config.data.image_size
+    ):
+        pred = np.argmax(np.asarray(model.apply(variables, batch["image"], train=False)), -1)
+        for p, t in zip(pred[batch["valid"]], batch["label"][batch["valid"]], strict=True):
+            dice = [
+                1.0 if (p == c).sum() + (t == c).sum() == 0
+                else 2 * ((p == c) & (t == c)).sum() / ((p == c).sum() + (t == c).sum())
+                for c in range(4)
+            ]  # fmt: skip
+            per_slice.append(np.mean(dice))
+            np.add.at(confusion, (t.ravel(), p.ravel()), 1)
+    assert len(per_slice) == len(run.splits.val) > 1
+    assert got["paper_dice"] == pytest.approx(np.mean(per_slice), abs=1e-5)
+    tp = np.diag(confusion)
+    pooled = 2 * tp / (confusion.sum(0) + confusion.sum(1))
+    assert got["pooled_dice"] == pytest.approx(np.mean(np.where(np.isnan(pooled), 1, pooled)))
+
+
 def test_predict_missing_checkpoint_is_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         train.load_trained(tmp_path)
