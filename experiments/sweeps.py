@@ -386,7 +386,8 @@ def cell_config(
     which must not be overridden). A cell with `epochs` E != 10 (the `long` sweep) then
     stretches the run's budget by E/10: `num_steps` when it is > 0 (smoke scale or a
     command-line override), else `num_epochs`. The run name is computed from the final
-    config, so an override of a named field (e.g. `train.batch_size=8`) shows in it.
+    config, so an override of a named field (e.g. `train.batch_size=8`, or
+    `train.num_epochs=30` at paper scale) shows in it.
     """
     c = base_config(cell.model, scale)
     for k, v in cell.settings.items():
@@ -401,9 +402,12 @@ def cell_config(
     t = c.train
     beta = t.beta if t.loss in ("cb_ce", "cb_focal") else None
     gamma = t.gamma if t.loss in ("focal", "cb_focal") else 1.0
+    # a budget in epochs is named as it is (overrides included); a step budget (smoke scale,
+    # or a num_steps override) keeps the cell's relative epochs
+    epochs = t.num_epochs if t.num_steps <= 0 else cell.epochs
     c.name = run_name(
         c.model.name, t.loss, t.learning_rate, beta=beta, gamma=gamma,
-        batch_size=t.batch_size, epochs=cell.epochs, seed=t.seed,
+        batch_size=t.batch_size, epochs=epochs, seed=t.seed,
     )  # fmt: skip
     return c
 

@@ -143,6 +143,12 @@ def test_overrides_apply_to_every_run_and_swept_fields_are_refused(tmp_path):
     # A named field that the sweep keeps fixed may be overridden; the name says so.
     specs = run.plan_runs("table1", "smoke", {"train.batch_size": 8}, out=tmp_path)
     assert specs[0].name == "unet-ce-lr1e-4-bs8"
+    # An epoch budget is named as run: 30 epochs, and the `long` sweep's 3x that, 90.
+    specs = run.plan_runs(["table1", "long"], "paper", {"train.num_epochs": 30}, out=tmp_path)
+    budgets = {s.name: s.config.train.num_epochs for s in specs if "unet-ce-lr1e-4" in s.name}
+    assert budgets == {"unet-ce-lr1e-4-ep30": 30, "unet-ce-lr1e-4-ep90": 90}
+    paper = run.plan_runs(["table1", "long"], "paper", {}, out=tmp_path)
+    assert {s.name for s in paper} >= {"unet-ce-lr1e-4", "unet-ce-lr1e-4-ep30"}
     # Shared runs are planned once, placed in both tables.
     both = run.plan_runs(["table2", "figure6"], "smoke", {}, out=tmp_path)
     assert len(both) == 16 + 2
