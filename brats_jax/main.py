@@ -41,6 +41,8 @@ def main(argv) -> None:
 
     cli.quiet_library_logs()
     if FLAGS.distributed:
+        if not FLAGS.workdir:  # each host would stamp its own default folder
+            raise app.UsageError("--distributed needs --workdir (one folder shared by all hosts)")
         jax.distributed.initialize()
     from brats_jax import train
 

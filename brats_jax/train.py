@@ -287,7 +287,37 @@ class Run:
     total_steps: int
 
 
-def _check_devices(config) -> None:
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def _warn_config_changes(path: pathlib.Path, new: dict) -> list[str]:
+    """Logs (and returns) the fields in which `new` differs from an existing run's config."""
+    if not path.exists():
+        return []
+    try:
+        old = _flatten(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return []
+    new = _flatten(new)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        logging.warning(
+            "%s: resuming with a changed config: %s",
+            path.parent,
+            ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed),
+        )
+    return changed
+
+
+def _check_config(config) -> None:
+    for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
+        section, name = field.split(".")
+        if config[section][name] < 1:
+            raise ValueError(f"{field}={config[section][name]}; expected at least 1")
     n = jax.device_count()
     for field in ("train.batch_size", "eval.batch_size"):
         section, name = field.split(".")
@@ -301,7 +331,7 @@ def _check_devices(config) -> None:
 
 def build_run(config: ml_collections.ConfigDict, workdir, *, source=None) -> Run:
     """Data splits, loss parameters and step counts of one run (`source` may be shared)."""
-    _check_devices(config)
+    _check_config(config)
     source = data.make_source(config.data) if source is None else source
     splits = data.build_splits(source, config.data)
     steps_per_epoch = max(1, len(splits.train) // config.train.batch_size)
@@ -582,7 +612,9 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
     for run in runs:
         run.workdir.mkdir(parents=True, exist_ok=True)
         if is_main:
-            fileio.write_text(run.workdir / "config.json", run.config.to_json_best_effort(indent=2))
+            new_json = run.config.to_json_best_effort(indent=2)
+            _warn_config_changes(run.workdir / "config.json", json.loads(new_json))
+            fileio.write_text(run.workdir / "config.json", new_json)
         logging.info(
             "%s: %d train / %d val / %d test slices, %d test cases; %d steps (%d per epoch)",
             run.workdir,

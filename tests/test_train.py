@@ -138,6 +138,29 @@ def test_non_finite_loss_stops_with_step(tmp_path):
         train.train_and_evaluate(config, tmp_path)
 
 
+def test_bad_intervals_and_distributed_without_workdir_are_errors(tmp_path):
+    for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
+        with pytest.raises(ValueError, match=rf"{field}=0; expected at least 1"):
+            train.build_run(tiny_config(**{field: 0}), tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "brats_jax.main", "--config=configs/unet.py:tiny", "--distributed"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--distributed needs --workdir" in proc.stderr
+
+
+def test_resuming_with_a_changed_config_names_the_changes(tmp_path):
+    old = tiny_config()
+    (tmp_path / "config.json").write_text(old.to_json_best_effort())
+    new = json.loads(tiny_config(**{"train.learning_rate": 0.5}).to_json_best_effort())
+    new["data"]["extra"] = 1
+    assert train._warn_config_changes(tmp_path / "config.json", new) == [
+        "data.extra",
+        "train.learning_rate",
+    ]
+    assert train._warn_config_changes(tmp_path / "none.json", new) == []
+
+
 def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch):
     import jax
 
