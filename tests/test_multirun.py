@@ -104,6 +104,7 @@ def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
     assert all(o.status == "done" for o in outcomes)
 
 
+@pytest.mark.slow
 def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monkeypatch):
     """Stopped after run 0 saved step 4 but before run 1 did: the rerun redoes step 4 for both
     (run 0's step-4 checkpoint is replaced) and ends as the uninterrupted runs do."""

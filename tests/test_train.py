@@ -302,7 +302,7 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
 def test_resume_uses_the_configured_learning_rate(tmp_path):
     """Resumed with train.learning_rate=0 (as config.json then says), the parameters stay
     those of the checkpoint: the rate restored with the optimizer state is replaced."""
-    keep = {"train.keep_checkpoints": 10}
+    keep = {"train.keep_checkpoints": 10, "data.val_fraction": 0.0, "data.test_fraction": 0.0}
     train.train_and_evaluate(tiny_config(**{"train.num_steps": 4}, **keep), tmp_path)
     train.train_and_evaluate(
         tiny_config(**{"train.num_steps": 8, "train.learning_rate": 0.0}, **keep), tmp_path
@@ -314,20 +314,20 @@ def test_resume_uses_the_configured_learning_rate(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_transunet_starts_from_pretrained_path(tmp_path):
-    """model.pretrained_path loads the R50+ViT npz (position embedding resized to the 2x2
-    grid of 32 px inputs); with learning rate 0 the saved parameters are the loaded ones."""
+def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch):
+    """model.pretrained_path loads the R50+ViT npz into the initial state (position embedding
+    resized to the 2x2 grid of 32 px inputs), with a fresh optimizer state; train_runs uses
+    it on a fresh start."""
     from test_pretrained import TINY, expected_value, get, write_vit_npz
 
     from configs import transunet as transunet_config
 
     arrays = write_vit_npz(tmp_path / "vit.npz", seed=3, **TINY)
     c = transunet_config.get_config("tiny")
-    c.train.num_steps = 1
-    c.train.learning_rate = 0.0
     c.model.pretrained_path = str(tmp_path / "vit.npz")
-    train.train_and_evaluate(c, tmp_path / "run")
-    _, _, variables = train.load_trained(tmp_path / "run")
+    model, tx = train.create_model(c.model), train.create_optimizer(c.train, 10)
+    state = jax.jit(lambda seed: train.init_state(model, tx, seed, image_size=32))(0)
+    loaded = train.with_pretrained(state, tx, c, 32)
     for key in (
         "conv_root/kernel",
         "Transformer/posembed_input/pos_embedding",
@@ -335,15 +335,30 @@ def test_transunet_starts_from_pretrained_path(tmp_path):
         "block2/unit1/gn2/scale",
     ):
         np.testing.assert_allclose(
-            get(variables["params"], key), expected_value(key, arrays[key], 2, 4),
+            get(loaded.params, key), expected_value(key, arrays[key], 2, 4),
             rtol=1e-5, atol=1e-6, err_msg=key,
         )  # fmt: skip
+    # a fresh optimizer state: Adam's moments are zeros of the parameters' shapes
+    moments = [x for x in jax.tree.leaves(loaded.opt_state) if np.ndim(x) > 0]
+    assert len(moments) == 2 * len(jax.tree.leaves(loaded.params))
+    assert not any(np.asarray(x).any() for x in moments)
     c.model.pretrained_path = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match=r"model.pretrained_path .*missing\.npz"):
-        train.train_and_evaluate(c, tmp_path / "run2")
+        train.with_pretrained(state, tx, c, 32)
     u = tiny_config(**{"model.pretrained_path": str(tmp_path / "vit.npz")})
     with pytest.raises(ValueError, match="is for TransUNet"):
-        train.train_and_evaluate(u, tmp_path / "run3")
+        train.with_pretrained(state, tx, u, 32)
+
+    class Loaded(Exception):
+        pass
+
+    def fake(state, tx, config, image_size):
+        raise Loaded(config.model.pretrained_path, image_size)
+
+    monkeypatch.setattr(train, "with_pretrained", fake)
+    with pytest.raises(Loaded) as e:
+        train.train_and_evaluate(u, tmp_path / "run")
+    assert e.value.args == (str(tmp_path / "vit.npz"), 32)
 
 
 def test_cut_metrics_line_is_skipped_and_results_come_last(tmp_path, monkeypatch):
