@@ -6,11 +6,11 @@ Usage::
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
   ``--pred``.
-* Ground truth ``--gt``: a folder of case folders at any depth (``<ID>/<ID>_seg.nii.gz``,
-  BraTS 2018-2021;
-  ``<ID>/<ID>-seg.nii.gz``, BraTS 2023; a case folder with no such file but exactly one other
-  ``*seg*.nii[.gz]`` file - e.g. BraTS20_Training_355's ``W39_1998.09.19_Segm.nii`` - uses
-  that), or flat files named like the predictions.
+* Ground truth ``--gt``: case folders at any depth (``<ID>/<ID>_seg.nii.gz``, BraTS
+  2018-2021, also under ``HGG/`` and ``LGG/``; ``<ID>/<ID>-seg.nii.gz``, BraTS 2023; a case
+  folder with no such file but exactly one other ``*seg*.nii[.gz]`` file - e.g.
+  BraTS20_Training_355's ``W39_1998.09.19_Segm.nii`` - uses that), or flat files named like
+  the predictions at its top level.
 * Labels are in the release convention: ``brats2018`` = {0,1,2,4} (ET = 4, BraTS 2018-2021),
   ``brats2023`` = {0,1,2,3} (ET = 3, also the training classes). ``--labels=auto`` (default)
   takes ``brats2023`` for GT files named ``*-seg.nii*``, ``brats2018`` for ``*_seg.nii*`` and
