@@ -148,6 +148,7 @@ def test_time_steps_with_auto_state_layouts_computes_the_same_steps():
     assert unscored.flops != unscored.flops  # nan: not counted
 
 
+@pytest.mark.slow  # ~80 s: compiles the full-width U-Net step once per variant
 def test_gpu_explore_times_each_variant_and_the_pads(tmp_path):
     """benchmarks/gpu_explore.py on the CPU at a tiny size: one JSON line per variant with
     MFU = FLOPs / best time / peak, all scored on the baseline's FLOPs; the pad micro-benchmark
