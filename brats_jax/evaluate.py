@@ -113,13 +113,15 @@ def find_ground_truth(gt_dir: pathlib.Path) -> dict[str, tuple[pathlib.Path, str
             )
         out[cid] = found
 
-    for name in sorted(os.listdir(gt_dir)):  # flat files: top level only
-        if (gt_dir / name).is_file() and (parsed := _case_id(gt_dir / name)) is not None:
-            add(parsed[0], (gt_dir / name, parsed[1]))
-    for dirpath, dirnames, _ in os.walk(gt_dir, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(gt_dir, followlinks=True):
         folder = pathlib.Path(dirpath)
         dirnames.sort()
-        if folder != gt_dir and (found := _case_folder_seg(folder)) is not None:
+        if folder == gt_dir:  # flat files: top level only
+            for name in sorted(filenames):
+                path = folder / name
+                if path.is_file() and (parsed := _case_id(path)) is not None:
+                    add(parsed[0], (path, parsed[1]))
+        elif (found := _case_folder_seg(folder)) is not None:
             add(folder.name, found)
             dirnames[:] = []
     return out

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
+from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -287,22 +287,15 @@ class Run:
     total_steps: int
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
 def _warn_config_changes(path: pathlib.Path, new: dict) -> list[str]:
     """Logs (and returns) the fields in which `new` differs from an existing run's config."""
     if not path.exists():
         return []
     try:
-        old = _flatten(json.loads(path.read_text()))
+        old = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
     except (OSError, ValueError):
         return []
-    new = _flatten(new)
+    new = traverse_util.flatten_dict(new, sep=".")
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         logging.warning(

@@ -48,10 +48,14 @@ def is_case_complete(out: str | os.PathLike, case_id: str) -> bool:
     return (_case_dir(pathlib.Path(out), case_id) / _MARKER).is_file()
 
 
+def _host() -> str:
+    """This machine's name without '-' (the separator of temporary folder names)."""
+    return socket.gethostname().replace("-", "_")
+
+
 def _temp_suffix(pid: int | None = None) -> str:
-    """`-<host>-<pid>` naming this process's temporary folders (host without '-')."""
-    host = socket.gethostname().replace("-", "_")
-    return f"-{host}-{os.getpid() if pid is None else pid}"
+    """`-<host>-<pid>` naming this process's temporary folders."""
+    return f"-{_host()}-{os.getpid() if pid is None else pid}"
 
 
 def _is_alive(pid: int) -> bool:
@@ -66,11 +70,10 @@ def _is_alive(pid: int) -> bool:
 
 def _remove_dead_temporaries(cases_dir: pathlib.Path) -> None:
     """Removes `.<ID>.tmp-<host>-<pid>` folders left by dead processes of this host."""
-    host = socket.gethostname().replace("-", "_")
     for tmp in cases_dir.glob(".*.tmp-*"):
         owner_host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
         # "" is the host-less `.tmp-<pid>` naming of earlier versions
-        if owner_host in (host, "") and pid.isdigit() and not _is_alive(int(pid)):
+        if owner_host in (_host(), "") and pid.isdigit() and not _is_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
