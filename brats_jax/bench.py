@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from brats_jax import NUM_CLASSES
+from brats_jax import NUM_CLASSES, runtime
 from brats_jax.ops.impls import IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -483,12 +483,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--no-cpu-flags" in argv:
-        argv.remove("--no-cpu-flags")
-    else:
-        from brats_jax.ops.flags import set_cpu_xla_flags
-
-        set_cpu_xla_flags()  # before the first JAX computation; no effect on GPU/TPU
+    cpu_flags = "--no-cpu-flags" not in argv
+    argv = [a for a in argv if a != "--no-cpu-flags"]
+    runtime.setup(cpu_flags=cpu_flags)  # before the first JAX computation
     if argv and argv[0] == "data":
         from brats_jax.bench_data import run_data_bench  # lazy: data developer's module
 

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from brats_jax import fileio, metrics
+from brats_jax import fileio, metrics, runtime
 
 CONVENTIONS = ("brats2018", "brats2023")
 _NIFTI = re.compile(r"^(?P<stem>.+?)(?P<sep>[_-]seg)?\.nii(\.gz)?$", re.IGNORECASE)
@@ -279,6 +279,7 @@ flags.DEFINE_enum("hd95_mode", "max", list(metrics.HD95_MODES), "HD95 definition
 
 
 def main(argv: Sequence[str]) -> None:
+    runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     for name in ("pred", "gt", "out"):

@@ -7,13 +7,12 @@ workdir resumes from its last checkpoint.
 """
 
 import datetime
-import os
 import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from brats_jax import cli
+from brats_jax import cli, runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/unet.py:demo.")
@@ -34,16 +33,11 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/unet.py:demo")
-    from brats_jax.ops.flags import set_cpu_xla_flags
-
-    set_cpu_xla_flags()  # fast XLA:CPU convolutions (BENCHMARKS.md); no effect on GPU/TPU
+    if FLAGS.distributed and not FLAGS.workdir:  # each host would stamp its own folder
+        raise app.UsageError("--distributed needs --workdir (one folder shared by all hosts)")
+    runtime.setup(distributed=FLAGS.distributed)  # before JAX computes anything
     import jax
 
-    cli.quiet_library_logs()
-    if FLAGS.distributed:
-        if not FLAGS.workdir:  # each host would stamp its own default folder
-            raise app.UsageError("--distributed needs --workdir (one folder shared by all hosts)")
-        jax.distributed.initialize()
     from brats_jax import train
 
     config = FLAGS.config
@@ -74,7 +68,6 @@ def _f(v) -> str:
 
 def run() -> None:
     """Console entry: user mistakes end with a one-line error, not a traceback."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cli.run_app(main)
 
 

@@ -23,7 +23,7 @@ import pathlib
 import numpy as np
 from absl import app, flags
 
-from brats_jax import MODALITIES, cli
+from brats_jax import MODALITIES, cli, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run folder (holds config.json, checkpoints/).")
@@ -95,6 +95,7 @@ def _save_nifti(img, path, fileio) -> None:
 
 
 def main(argv) -> None:
+    runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     for name in ("workdir", "output"):

@@ -6,11 +6,11 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# The XLA:CPU flags `python -m brats_jax.main` sets, so that in-process runs and the CLI runs
-# of the tests compute bit-identical numbers (and convolutions are fast).
-from brats_jax.ops.flags import set_cpu_xla_flags  # noqa: E402
+# The set-up every CLI runs first (`brats_jax.runtime.setup`: the fast XLA:CPU flags), so that
+# in-process runs and the CLI runs of the tests compute bit-identical numbers.
+from brats_jax import runtime  # noqa: E402
 
-set_cpu_xla_flags()
+runtime.setup(quiet_logs=False)
 
 import pytest  # noqa: E402
 

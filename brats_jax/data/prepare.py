@@ -11,6 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
+from brats_jax import runtime
 from brats_jax.data.cache import NiftiCacheSource, prepare
 from brats_jax.data.common import DataError
 
@@ -22,6 +23,7 @@ _WORKERS = flags.DEFINE_integer("workers", 1, "Processes converting cases in par
 
 def main(argv):
     del argv
+    runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     if not _SRC.value or not _OUT.value:
         raise app.UsageError("both --src and --out are required")
     try:

@@ -74,11 +74,17 @@ OPS = {
 }
 
 
-def get_ops(impl: str) -> Ops:
-    """The :class:`Ops` for ``impl`` (one of ``IMPLS``); "auto" looks at the default backend
-    (``jax.default_backend()``: "cpu", "gpu" or another)."""
+def resolve_impl(impl: str) -> str:
+    """``impl`` with "auto" replaced by the default backend's choice ("cpu_fast" on "cpu",
+    "gpu_fast" on "gpu", else "xla"); a ValueError names an unknown implementation."""
     if impl == "auto":
         impl = {"cpu": "cpu_fast", "gpu": "gpu_fast"}.get(jax.default_backend(), "xla")
     if impl not in OPS:
         raise ValueError(f"unknown ops implementation {impl!r}; expected one of {IMPLS}")
-    return OPS[impl]
+    return impl
+
+
+def get_ops(impl: str) -> Ops:
+    """The :class:`Ops` for ``impl`` (one of ``IMPLS``); "auto" looks at the default backend
+    (``jax.default_backend()``: "cpu", "gpu" or another)."""
+    return OPS[resolve_impl(impl)]

@@ -1,0 +1,89 @@
+"""`brats_jax.runtime`: every command line calls `setup` before JAX starts a backend."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from brats_jax import runtime
+from brats_jax.ops.flags import CPU_XLA_FLAGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Replaces runtime.setup, then runs MODULE as `python -m MODULE ARGS`: the fake setup prints
+# how many JAX backends exist when it is called and ends the process (so nothing else runs).
+_PROBE = textwrap.dedent(
+    """
+    import os, runpy, sys
+    from brats_jax import runtime
+
+    def fake_setup(**kwargs):
+        xb = sys.modules.get("jax._src.xla_bridge")
+        started = len(getattr(xb, "_backends", {}) or {}) if xb else 0
+        print(f"SETUP backends={started}", flush=True)
+        os._exit(0)
+
+    runtime.setup = fake_setup
+    module, *args = sys.argv[1:]
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    print("RETURNED WITHOUT SETUP", flush=True)
+    """
+)
+
+CLIS = {
+    "brats_jax.main": ["--config=configs/unet.py:tiny", "--workdir=WORK"],
+    "brats_jax.predict": ["--workdir=WORK", "--input=WORK", "--output=WORK/seg.nii.gz"],
+    "brats_jax.evaluate": ["--pred=WORK", "--gt=WORK", "--out=WORK/x.csv"],
+    "brats_jax.bench": ["train", "--steps=1"],
+    "brats_jax.data.prepare": ["--src=WORK", "--out=WORK/cache"],
+    "experiments.run": ["table1", "--out=WORK", "--dry-run"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(CLIS))
+def test_cli_calls_runtime_setup_before_jax_starts(module, tmp_path):
+    args = [a.replace("WORK", str(tmp_path)) for a in CLIS[module]]
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "SETUP backends=0" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+
+
+def test_setup_sets_fast_cpu_flags_and_keeps_users_choice():
+    # A fresh process: the flags are read when the backend starts, and must be in XLA_FLAGS.
+    code = textwrap.dedent(
+        """
+        import os
+        from brats_jax import runtime
+        runtime.setup(quiet_logs=False)
+        print(os.environ["XLA_FLAGS"])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_cpu_use_onednn=false"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+    ).stdout.split()
+    # the user's own onednn choice stays, the YNN flag is added once
+    assert out == ["--xla_cpu_use_onednn=false", CPU_XLA_FLAGS[0]]
+
+
+def test_resolve_ops_reads_new_and_old_config_fields():
+    import ml_collections
+
+    new = ml_collections.ConfigDict({"runtime": {"ops": "xla"}, "model": {}})
+    old = ml_collections.ConfigDict({"model": {"conv_impl": "gpu_fast"}})
+    neither = ml_collections.ConfigDict({"model": {}})
+    assert runtime.resolve_ops(new) == "xla"
+    assert runtime.resolve_ops(old) == "gpu_fast"
+    assert runtime.resolve_ops(neither) == "cpu_fast"  # "auto" on the tests' CPU backend
+    with pytest.raises(ValueError, match="nope"):
+        runtime.resolve_ops(ml_collections.ConfigDict({"runtime": {"ops": "nope"}, "model": {}}))
