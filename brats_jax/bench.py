@@ -52,30 +52,25 @@ def build_model(
     preset: str | None = None,
     conv_impl: str = "auto",
 ):
-    """The benchmarked flax module: ``create_model(model, ...)`` with 4 classes.
+    """The benchmarked flax module: ``models.from_config`` of the default model config with
+    these fields (None: the config's default), 4 classes.
 
     ``base_features``/``depth``/``conv_impl`` apply to the U-Net, ``preset`` to TransUNet;
     ``dtype`` is the compute dtype name ("float32" | "bfloat16"; parameters stay float32).
     """
-    from brats_jax.models import create_model
+    from brats_jax import models
+    from configs import default as default_config
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
-    kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES, "dtype": DTYPES[dtype]}
-    if model == "unet":
-        if base_features is not None:
-            kwargs["features"] = base_features
-        if depth is not None:
-            kwargs["depth"] = depth
-        kwargs["conv_impl"] = conv_impl
-    elif model == "transunet":
-        if base_features is not None or depth is not None:
-            raise ValueError("--base-features/--depth apply to --model=unet only")
-        if preset is not None:
-            kwargs["preset"] = preset
-    else:
+    if model == "transunet" and (base_features is not None or depth is not None):
+        raise ValueError("--base-features/--depth apply to --model=unet only")
+    if model not in ("unet", "transunet"):
         raise ValueError(f"model={model!r}; expected 'unet' or 'transunet'")
-    return create_model(model, **kwargs)
+    m = default_config.base_config().model
+    fields = dict(name=model, dtype=dtype, base_features=base_features, depth=depth, preset=preset)
+    m.update({k: v for k, v in fields.items() if v is not None})
+    return models.from_config(m, ops=conv_impl)
 
 
 def init_variables(model, image_size: int, in_channels: int = 4, seed: int = 0) -> dict:
@@ -90,7 +85,7 @@ def make_train_step(model, tx: optax.GradientTransformation):
 
     A plain Adam + mean-CE step, the exact twin of `benchmarks/torch_unet.py`'s, so the
     framework comparison times the same arithmetic; `bench multirun` times the library's own
-    `brats_jax.train.make_train_step`.
+    `brats_jax.steps.make_train_step`.
 
     ``state`` is a dict ``{"params", "rest" (non-param collections), "opt_state", "rng"}``;
     loss is the mean softmax cross-entropy over pixels. Not jitted (callers jit / donate).
@@ -340,9 +335,9 @@ def bench_multirun(
     K = `runs` stacked runs with different learning rates and losses in one compiled step,
     against one run's step, on identical random batches. Returns a dict with both median
     step times and `speedup` = K * single / stacked (> 1: stacking pays off)."""
-    from brats_jax import losses, train
+    from brats_jax import losses, steps, train_state
 
-    mapping = train.default_mapping() if mapping == "auto" else mapping
+    mapping = steps.default_mapping() if mapping == "auto" else mapping
     net = build_model(
         model, dtype=dtype, base_features=base_features, depth=depth, preset=preset,
         conv_impl=conv_impl,
@@ -350,12 +345,12 @@ def bench_multirun(
     from configs import default as default_config
 
     cfg = default_config.base_config().train
-    tx = train.create_optimizer(cfg, 1000)
-    init = jax.jit(lambda seed: train.init_state(net, tx, seed, image_size=image_size))
+    tx = train_state.create_optimizer(cfg, 1000)
+    init = jax.jit(lambda seed: train_state.init_state(net, tx, seed, image_size=image_size))
     names = ["ce", "focal", "dice_ce", "dice"]
     lps = [losses.loss_params(names[k % len(names)]) for k in range(runs)]
     image, label = random_batch(batch_size, image_size)
-    step = train.make_train_step(net, tx)
+    step = steps.make_train_step(net, tx)
     batch = {"image": image, "label": label}
 
     single = init(0)
@@ -363,11 +358,11 @@ def bench_multirun(
     del single
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(k) for k in range(runs)])
     stacked = stacked.replace(
-        opt_state=train.set_learning_rate(stacked.opt_state, jnp.logspace(-5, -3, runs))
+        opt_state=train_state.set_learning_rate(stacked.opt_state, jnp.logspace(-5, -3, runs))
     )
     kbatch = jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), batch)
     many = time_steps(
-        train.map_over_runs(step, mapping), stacked, (kbatch, losses.stack_loss_params(lps)), steps
+        steps.map_over_runs(step, mapping), stacked, (kbatch, losses.stack_loss_params(lps)), steps
     )
     mem = None
     stats = jax.devices()[0].memory_stats() or {}

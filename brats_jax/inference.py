@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brats_jax.data.pipeline import pad_batch
+
 SliceFn = Callable[[dict, jax.Array], jax.Array]
 
 
@@ -57,7 +59,7 @@ def predict_volume(
       predict: a function from `make_slice_predictor`.
       variables: the model's variables ({"params": ..., maybe "batch_stats": ...}).
       volume: float32 (H, W, D, 4) normalised modalities, D = number of axial slices.
-      batch_size: slices per call; the last batch is zero-padded to this size.
+      batch_size: slices per call; the last batch is padded to this size.
 
     Returns:
       float32 (H, W, D, C) probabilities.
@@ -72,8 +74,6 @@ def predict_volume(
     for start in range(0, depth, batch_size):
         chunk = slices[start : start + batch_size]
         n = chunk.shape[0]
-        if n < batch_size:
-            pad = np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)
-            chunk = np.concatenate([chunk, pad])
+        chunk, _ = pad_batch(chunk, batch_size)  # padding rows' outputs are dropped
         out.append(np.asarray(predict(variables, jnp.asarray(chunk)))[:n])
     return np.moveaxis(np.concatenate(out), 0, 2)

@@ -1,4 +1,9 @@
-"""Scalar logging: TensorBoard event files (tensorboardX, no TensorFlow) and `metrics.jsonl`."""
+"""Scalar logging: TensorBoard event files (tensorboardX, no TensorFlow) and `metrics.jsonl`.
+
+`MetricWriter` has the interface of `clu.metric_writers.MetricWriter` (`write_scalars`,
+`write_hparams`, ..., `flush`, `close`), so clu's writers can replace it; clu's own writers
+need TensorFlow, which this project does not install.
+"""
 
 import json
 import math
@@ -23,8 +28,8 @@ class MetricWriter:
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
             self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
 
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        """Record `scalars` at `step`."""
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Record `scalars` (name -> number) at `step`."""
         if not self.enabled:
             return
         row = {"step": int(step)}
@@ -34,6 +39,21 @@ class MetricWriter:
             row[name] = value if math.isfinite(value) else None
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
+
+    def write_hparams(self, hparams: dict) -> None:
+        """Hyperparameters: the run's `config.json` holds them; nothing more is written."""
+
+    def write_texts(self, step: int, texts: dict[str, str]) -> None:
+        """Text summaries to TensorBoard."""
+        if self.enabled:
+            for name, text in texts.items():
+                self._tb.add_text(name, text, int(step))
+
+    def flush(self) -> None:
+        """Push buffered values to disk."""
+        if self.enabled:
+            self._tb.flush()
+            self._jsonl.flush()
 
     def close(self) -> None:
         """Flush and close the files."""

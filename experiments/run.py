@@ -278,14 +278,14 @@ def _default_train_group(configs, workdirs, mapping: str) -> list[dict]:
 
 
 def _group_key(config: ml_collections.ConfigDict) -> str:
-    from brats_jax import train
+    from brats_jax import run_group
 
-    return train.group_key(config)
+    return run_group.group_key(config)
 
 
 def plan_units(runs: Sequence[RunSpec], vmap: int) -> list[list[RunSpec]]:
     """Split runs into units trained together: runs sharing architecture, image size, batch
-    size and step budget (`brats_jax.train.group_key`), at most `vmap` per unit, in sweep order.
+    size and step budget (`brats_jax.run_group.group_key`), at most `vmap` per unit, in sweep order.
     `vmap <= 1` gives one run per unit."""
     if vmap <= 1:
         return [[r] for r in runs]

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from brats_jax import train
+from brats_jax import train, train_state
 from configs import unet as unet_config
 
 
@@ -140,15 +140,15 @@ def test_set_learning_rate_is_the_rate_adam_applies():
     import optax
 
     c = _config("ce", 1e-3, 0)
-    tx = train.create_optimizer(c.train, total_steps=10)
+    tx = train_state.create_optimizer(c.train, total_steps=10)
     params = {"w": jnp.array([1.0, -2.0])}
-    state = train.set_learning_rate(tx.init(params), 0.5)
+    state = train_state.set_learning_rate(tx.init(params), 0.5)
     grads = {"w": 2 * params["w"]}  # d/dw of sum(w**2)
     updates, _ = tx.update(grads, state, params)
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(np.asarray(new["w"]), [0.5, -1.5], rtol=1e-5)
     # Per-run rates: a stacked state with rates (0.5, 0.25) moves runs by those amounts.
     stacked = jax.tree.map(lambda x: jnp.stack([x, x]), tx.init(params))
-    stacked = train.set_learning_rate(stacked, jnp.array([0.5, 0.25]))
+    stacked = train_state.set_learning_rate(stacked, jnp.array([0.5, 0.25]))
     step = jax.vmap(lambda s: tx.update(grads, s, params)[0]["w"])
     np.testing.assert_allclose(np.asarray(step(stacked)), [[-0.5, 0.5], [-0.25, 0.25]], rtol=1e-5)

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import train
+from brats_jax import evaluation, run_group, steps, train, train_state
 from configs import unet as unet_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +141,7 @@ def test_non_finite_loss_stops_with_step(tmp_path):
 def test_bad_intervals_and_distributed_without_workdir_are_errors(tmp_path):
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
         with pytest.raises(ValueError, match=rf"{field}=0; expected at least 1"):
-            train.build_run(tiny_config(**{field: 0}), tmp_path)
+            run_group.build_run(tiny_config(**{field: 0}), tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "brats_jax.main", "--config=configs/unet.py:tiny", "--distributed"],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
@@ -154,11 +154,11 @@ def test_resuming_with_a_changed_config_names_the_changes(tmp_path):
     (tmp_path / "config.json").write_text(old.to_json_best_effort())
     new = json.loads(tiny_config(**{"train.learning_rate": 0.5}).to_json_best_effort())
     new["data"]["extra"] = 1
-    assert train._warn_config_changes(tmp_path / "config.json", new) == [
+    assert run_group._warn_config_changes(tmp_path / "config.json", new) == [
         "data.extra",
         "train.learning_rate",
     ]
-    assert train._warn_config_changes(tmp_path / "none.json", new) == []
+    assert run_group._warn_config_changes(tmp_path / "none.json", new) == []
 
 
 def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch):
@@ -166,7 +166,7 @@ def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(jax, "device_count", lambda *a: 3)
     with pytest.raises(ValueError, match="does not divide"):
-        train.build_run(tiny_config(), tmp_path)
+        run_group.build_run(tiny_config(), tmp_path)
 
 
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -325,9 +325,9 @@ def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch):
     arrays = write_vit_npz(tmp_path / "vit.npz", seed=3, **TINY)
     c = transunet_config.get_config("tiny")
     c.model.pretrained_path = str(tmp_path / "vit.npz")
-    model, tx = train.create_model(c.model), train.create_optimizer(c.train, 10)
-    state = jax.jit(lambda seed: train.init_state(model, tx, seed, image_size=32))(0)
-    loaded = train.with_pretrained(state, tx, c, 32)
+    model, tx = train_state.create_model(c), train_state.create_optimizer(c.train, 10)
+    state = jax.jit(lambda seed: train_state.init_state(model, tx, seed, image_size=32))(0)
+    loaded = train_state.with_pretrained(state, tx, c, 32)
     for key in (
         "conv_root/kernel",
         "Transformer/posembed_input/pos_embedding",
@@ -344,10 +344,10 @@ def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch):
     assert not any(np.asarray(x).any() for x in moments)
     c.model.pretrained_path = str(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match=r"model.pretrained_path .*missing\.npz"):
-        train.with_pretrained(state, tx, c, 32)
+        train_state.with_pretrained(state, tx, c, 32)
     u = tiny_config(**{"model.pretrained_path": str(tmp_path / "vit.npz")})
     with pytest.raises(ValueError, match="is for TransUNet"):
-        train.with_pretrained(state, tx, u, 32)
+        train_state.with_pretrained(state, tx, u, 32)
 
     class Loaded(Exception):
         pass
@@ -355,7 +355,7 @@ def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch):
     def fake(state, tx, config, image_size):
         raise Loaded(config.model.pretrained_path, image_size)
 
-    monkeypatch.setattr(train, "with_pretrained", fake)
+    monkeypatch.setattr(run_group, "with_pretrained", fake)
     with pytest.raises(Loaded) as e:
         train.train_and_evaluate(u, tmp_path / "run")
     assert e.value.args == (str(tmp_path / "vit.npz"), 32)
@@ -389,11 +389,13 @@ def test_validation_paper_dice_is_the_mean_over_slices(tiny_run, tmp_path):
 
     workdir, _ = tiny_run
     config, model, variables = train.load_trained(workdir)
-    run = train.build_run(config, tmp_path)
-    state = train.TrainState(
+    run = run_group.build_run(config, tmp_path)
+    state = train_state.TrainState(
         step=0, params=variables["params"], model_state={}, opt_state=None, rng=None
     )
-    got = train.evaluate_slices(run, jax.jit(train.make_eval_step(model)), state, run.splits.val)
+    got = evaluation.evaluate_slices(
+        run, jax.jit(steps.make_eval_step(model)), state, run.splits.val
+    )
     per_slice, confusion = [], np.zeros((4, 4), np.int64)
     for batch in data.eval_batches(
         run.source, run.splits.val, batch_size=4, image_size=config.data.image_size
@@ -484,13 +486,13 @@ def test_eval_batches_split_across_hosts_cover_every_slice_once(tmp_path, monkey
     """Each of 2 hosts yields the same number of batches; together they hold each slice once."""
     import jax
 
-    run = train.build_run(tiny_config(**{"eval.batch_size": 4}), tmp_path)
+    run = run_group.build_run(tiny_config(**{"eval.batch_size": 4}), tmp_path)
     indices = np.arange(11)  # 3 global batches of 4, the last one padded
     seen, counts = [], []
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     for host in (0, 1):
         monkeypatch.setattr(jax, "process_index", lambda host=host: host)
-        batches = list(train._host_eval_batches(run, indices, num_batches=3))
+        batches = list(evaluation._host_eval_batches(run, indices, num_batches=3))
         counts.append(len(batches))
         for b in batches:
             assert b["image"].shape[0] == 2

@@ -15,22 +15,12 @@ from brats_jax.data.common import DataError, resize_image, resize_label
 
 # --------------------------------------------------------------------------------------------
 # sources
-def _cfg(cfg, name, default):
-    try:
-        v = cfg[name] if isinstance(cfg, dict) else getattr(cfg, name)
-    except (KeyError, AttributeError):
-        return default
-    return default if v is None else v
-
-
 def resolve_cache_dir(data_config) -> pathlib.Path:
     """data.cache_dir, or ~/.cache/brats_jax/<hash of data.root> when empty."""
     from brats_jax.data.cache import default_cache_dir
 
-    cache_dir = _cfg(data_config, "cache_dir", "")
-    return (
-        pathlib.Path(cache_dir) if cache_dir else default_cache_dir(_cfg(data_config, "root", ""))
-    )
+    cache_dir = data_config.cache_dir
+    return pathlib.Path(cache_dir) if cache_dir else default_cache_dir(data_config.root)
 
 
 def make_source(data_config):
@@ -41,16 +31,16 @@ def make_source(data_config):
     "kaggle_h5": data.root is the folder of volume_<v>_slice_<s>.h5 files.
     "synthetic": data.synthetic_{num_cases,slices_per_case,image_size} (+ synthetic_seed, 0).
     """
-    kind = _cfg(data_config, "source", "synthetic")
-    root = _cfg(data_config, "root", "")
+    kind = data_config.source
+    root = data_config.root
     if kind == "synthetic":
         from brats_jax.data.synthetic import SyntheticSource
 
         return SyntheticSource(
-            num_cases=_cfg(data_config, "synthetic_num_cases", 24),
-            slices_per_case=_cfg(data_config, "synthetic_slices_per_case", 24),
-            image_size=_cfg(data_config, "synthetic_image_size", 240),
-            seed=_cfg(data_config, "synthetic_seed", 0),
+            num_cases=data_config.synthetic_num_cases,
+            slices_per_case=data_config.synthetic_slices_per_case,
+            image_size=data_config.synthetic_image_size,
+            seed=data_config.get("synthetic_seed", 0),
         )
     if kind not in ("kaggle_h5", "nifti"):
         raise DataError(f"data.source={kind!r} is not one of 'synthetic', 'kaggle_h5', 'nifti'")
@@ -171,19 +161,19 @@ def build_splits(source, data_config) -> Splits:
     t = source.table
     cases = sorted(set(t.case_id.tolist()))
     n = len(cases)
-    val_ids = _parse_ids(_cfg(data_config, "val_cases", ""), "val_cases", cases)
-    test_ids = _parse_ids(_cfg(data_config, "test_cases", ""), "test_cases", cases)
+    val_ids = _parse_ids(data_config.val_cases, "val_cases", cases)
+    test_ids = _parse_ids(data_config.test_cases, "test_cases", cases)
     both = sorted(set(val_ids) & set(test_ids))
     if both:
         raise DataError(f"case id(s) {both[:5]} are in both data.val_cases and data.test_cases")
     pool = [c for c in cases if c not in set(val_ids) | set(test_ids)]
-    rng = np.random.default_rng(int(_cfg(data_config, "split_seed", 0)))
+    rng = np.random.default_rng(int(data_config.split_seed))
     pool = [pool[i] for i in rng.permutation(len(pool))]
     if not val_ids:
-        k = _n_for(float(_cfg(data_config, "val_fraction", 0.1)), n, "val_fraction")
+        k = _n_for(float(data_config.val_fraction), n, "val_fraction")
         val_ids, pool = sorted(pool[:k]), pool[k:]
     if not test_ids:
-        k = _n_for(float(_cfg(data_config, "test_fraction", 0.1)), n, "test_fraction")
+        k = _n_for(float(data_config.test_fraction), n, "test_fraction")
         test_ids, pool = sorted(pool[:k]), pool[k:]
     train_ids = sorted(pool)
     split_cases = {"train": train_ids, "val": val_ids, "test": test_ids}
@@ -197,8 +187,8 @@ def build_splits(source, data_config) -> Splits:
             f"no cases left for training ({n} cases: {len(val_ids)} val, {len(test_ids)} test); "
             "lower data.val_fraction/test_fraction or list fewer ids"
         )
-    prune = bool(_cfg(data_config, "prune", True))
-    min_bf = float(_cfg(data_config, "min_brain_fraction", 0.2))
+    prune = bool(data_config.prune)
+    min_bf = float(data_config.min_brain_fraction)
     out = {}
     for name, ids in split_cases.items():
         idx = np.nonzero(np.isin(t.case_id, ids))[0].astype(np.int64)
@@ -286,10 +276,12 @@ class TrainIterator:
         self,
         source,
         indices,
-        data_config,
         *,
         batch_size: int,
         seed: int,
+        image_size: int = 0,
+        random_flip: bool = False,
+        num_workers: int = 0,
         shard_index: int = 0,
         shard_count: int = 1,
     ):
@@ -311,9 +303,7 @@ class TrainIterator:
                 f"per-host batch {self.per_host_batch}; use a smaller batch or more data"
             )
         self.steps_per_epoch = max(1, len(indices) // batch_size)
-        image_size = int(_cfg(data_config, "image_size", 0))
-        flip = bool(_cfg(data_config, "random_flip", False))
-        workers = int(_cfg(data_config, "num_workers", 0))
+        image_size, flip, workers = int(image_size), bool(random_flip), int(num_workers)
         ds = grain.MapDataset.source(_Records(source, shard)).seed(int(seed)).shuffle().repeat()
         ds = ds.random_map(_Augment(image_size, flip))
         read = grain.ReadOptions(
@@ -383,7 +373,9 @@ def make_train_iterator(
     return TrainIterator(
         source,
         indices,
-        data_config,
+        image_size=data_config.image_size,
+        random_flip=data_config.random_flip,
+        num_workers=data_config.num_workers,
         batch_size=batch_size,
         seed=seed,
         shard_index=shard_index,
@@ -406,13 +398,24 @@ def eval_batches(source, indices, *, batch_size: int, image_size: int = 0):
             _prepare_record(source[int(i)], image_size, False)
             for i in idx[start : start + batch_size]
         ]
-        valid = np.zeros(batch_size, bool)
-        valid[: len(recs)] = True
-        recs += [recs[-1]] * (batch_size - len(recs))
-        yield dict(
+        batch = dict(
             image=np.stack([r["image"] for r in recs]),
             label=np.stack([r["label"] for r in recs]),
             case_id=np.array([str(r["case_id"]) for r in recs]),
             slice_index=np.array([r["slice_index"] for r in recs], np.int32),
-            valid=valid,
         )
+        padded = {k: pad_batch(v, batch_size)[0] for k, v in batch.items()}
+        yield {**padded, "valid": pad_batch(batch["image"], batch_size)[1]}
+
+
+def pad_batch(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`x` (n, ...) with n <= batch_size padded to (batch_size, ...) by repeating its last
+    row, and the (batch_size,) bool mask of real rows. The one padding of a last batch:
+    evaluation and whole-volume inference feed fixed-size batches so nothing recompiles."""
+    n = len(x)
+    if not 0 < n <= batch_size:
+        raise ValueError(f"pad_batch: {n} rows for a batch of {batch_size}; expected 1..batch")
+    valid = np.arange(batch_size) < n
+    if n == batch_size:
+        return x, valid
+    return np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)]), valid

@@ -10,7 +10,9 @@ x (B,H,W,C) float32; logits are (B,H,W,num_classes) float32.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from brats_jax import NUM_CLASSES
 from brats_jax.models.pretrained import LoadReport, load_pretrained
 from brats_jax.models.transunet import PRESETS, TransUNet, TransUNetConfig
 from brats_jax.models.unet import UNet
@@ -25,6 +27,7 @@ __all__ = [
     "TransUNetConfig",
     "UNet",
     "create_model",
+    "from_config",
     "load_pretrained",
 ]
 
@@ -44,3 +47,24 @@ def create_model(name: str, **kwargs) -> nn.Module:
         return MODELS[key](**kwargs)
     except TypeError as e:
         raise ValueError(f"create_model({name!r}): bad arguments {sorted(kwargs)}: {e}") from e
+
+
+def from_config(model_config, *, ops: str = "auto") -> nn.Module:
+    """The network of a config's `model` section (`configs/default.py`), for 4 classes.
+
+    ``model_config``: fields name, dtype, base_features, depth, norm, padding (U-Net),
+    preset, n_skip (TransUNet). ``ops``: the U-Net's ops implementation (``runtime.ops``,
+    best resolved once by :func:`brats_jax.runtime.resolve_ops`).
+    """
+    m = model_config
+    fields = {
+        "unet": lambda: dict(
+            features=m.base_features, depth=m.depth, norm=m.norm, padding=m.padding, conv_impl=ops
+        ),
+        "transunet": lambda: dict(preset=m.preset, n_skip=m.n_skip),
+    }
+    if m.name not in fields:
+        raise ValueError(f"unknown model.name {m.name!r}; expected 'unet' or 'transunet'")
+    return create_model(
+        m.name, num_classes=NUM_CLASSES, dtype=jnp.dtype(m.dtype), **fields[m.name]()
+    )

@@ -1,0 +1,57 @@
+"""Dotted config fields: the one walker/setter over `ml_collections.ConfigDict` fields
+("train.learning_rate") and the one config diff, used by training, sweeps and configs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from flax import traverse_util
+
+
+def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The value of `config.<dotted>` (a group comes back as a plain dict).
+
+    Raises KeyError naming the field when a part of `dotted` is not in the config.
+    """
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise KeyError(f"unknown config field {dotted!r}: no {part!r}")
+        node = node[part]
+    return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Set `config.<dotted>` (e.g. "train.beta") in place; a KeyError names an unknown field."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+            raise KeyError(f"unknown config field {dotted!r}: no group {p!r}")
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"unknown config field {dotted!r}")
+    node[leaf] = value
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any]
+) -> ml_collections.ConfigDict:
+    """`config` with each `{dotted field: value}` of `overrides` set (in place; returned)."""
+    for dotted, value in overrides.items():
+        set_field(config, dotted, value)
+    return config
+
+
+def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """`[(dotted field, old value, new value), ...]`, sorted, for fields that differ between
+    two nested dicts (e.g. two `config.json`s); a field missing on one side is None there."""
+    a = traverse_util.flatten_dict(old, sep=".")
+    b = traverse_util.flatten_dict(new, sep=".")
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def format_diff(diff: list[tuple[str, Any, Any]]) -> list[str]:
+    """`["field: old -> new", ...]` (values as repr) of a :func:`config_diff`."""
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in diff]

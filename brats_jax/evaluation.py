@@ -1,0 +1,163 @@
+"""Evaluation of a run during and after training: validation metrics over slices (the jitted
+eval step over sharded batches), whole-volume test metrics, and the run's result files
+(`results.json`, `per_case.csv`, figures). Folder-level evaluation of saved predictions is
+`brats_jax.evaluate`'s job."""
+
+import jax
+import numpy as np
+
+from brats_jax import NUM_CLASSES, data, fileio, inference, metrics, plots
+from brats_jax.steps import data_mesh, device_batch
+
+
+def evaluate_slices(run, eval_step, state, indices) -> dict:
+    """Metrics over the slices `indices` of `run` (a `run_group.Run`): mean loss, the study's
+    Dice (`paper_dice`: mean over slices of the per-slice 4-class Dice, as the study and the
+    test's `paper_dice` compute it; it picks the best checkpoint), and Dice pooled over all
+    slices (`pooled_dice`, `tumour_dice` without background, region `dice_WT/TC/ET`).
+
+    `eval_step(state, batch, loss_params) -> EvalMetrics` (`steps.make_eval_step`, jitted).
+    """
+    if not len(indices):
+        raise ValueError("evaluate_slices: no slices to evaluate")
+    mesh = data_mesh()
+    num_batches = -(-len(indices) // run.config.eval.batch_size)
+    if run.config.eval.max_val_batches:
+        num_batches = min(num_batches, run.config.eval.max_val_batches)
+    total = None
+    for batch in _host_eval_batches(run, indices, num_batches):
+        out = jax.device_get(eval_step(state, device_batch(mesh, batch), run.loss_params))
+        out = jax.tree.map(_widen, out)  # host sums in float64 / int64, as numpy
+        total = out if total is None else total.merge(out)
+    class_dice = metrics.dice_from_confusion(total.confusion.compute())
+    return {
+        "loss": float(total.loss.total) / max(int(total.loss.count), 1),
+        "paper_dice": float(total.paper_dice.total) / max(int(total.paper_dice.count), 1),
+        "pooled_dice": float(np.mean(class_dice)),
+        "tumour_dice": float(np.mean(class_dice[1:])),
+        **{
+            f"dice_{k}": float(v)
+            for k, v in metrics.region_dice_from_confusion(total.confusion.compute()).items()
+        },
+    }
+
+
+def _widen(x):
+    """float64 / int64 numpy copy of a device result, so host sums do not round or overflow."""
+    x = np.asarray(x)
+    return x.astype(np.float64 if np.issubdtype(x.dtype, np.floating) else np.int64)
+
+
+def _host_eval_batches(run, indices, num_batches: int):
+    """This host's part of `num_batches` global evaluation batches over `indices`.
+
+    Global batch b holds indices[b*G:(b+1)*G] (G = eval.batch_size); host p reads its
+    contiguous part of each. Every host yields exactly `num_batches` batches (padding ones
+    have `valid` False), as the sharded eval step needs.
+    """
+    global_bs, hosts = run.config.eval.batch_size, jax.process_count()
+    local_bs = global_bs // hosts
+    padded = np.full(num_batches * global_bs, -1, np.int64)
+    n = min(len(indices), len(padded))
+    padded[:n] = np.asarray(indices, np.int64)[:n]
+    mine = padded.reshape(num_batches, hosts, local_bs)[:, jax.process_index()].reshape(-1)
+    mine = mine[mine >= 0]
+    size = run.config.data.image_size
+    last = None
+    for last in data.eval_batches(run.source, mine, batch_size=local_bs, image_size=size):
+        yield last
+        num_batches -= 1
+    if num_batches > 0:  # this host ran out of real slices: feed all-invalid batches
+        if last is None:
+            first = data.eval_batches(run.source, np.asarray(indices[:1]), batch_size=local_bs,
+                                      image_size=size)  # fmt: skip
+            last = next(iter(first))
+        for _ in range(num_batches):
+            yield {**last, "valid": np.zeros(local_bs, bool)}
+
+
+def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
+    """Per-3D-volume BraTS metrics on the test cases, plus the study's slice metric.
+
+    Every slice of each test case (pruned or not) is predicted and the slices are stacked
+    back into the volume. The study's metric (`paper_dice`) is the mean over the test
+    split's (pruned) slices of the per-slice 4-class Dice, as the study computed it.
+    Returns `(results, figure_slices)`.
+    """
+    spacing = getattr(run.source, "spacing", (1.0, 1.0, 1.0))
+    kept = set(np.asarray(run.splits.test).tolist())
+    per_case, slice_scores, figure_slices = [], [], []
+    for case_id in run.splits.cases["test"]:
+        image, label = data.load_volume(run.source, case_id)
+        probs = inference.predict_volume(
+            predict, variables, image, batch_size=run.config.eval.batch_size
+        )
+        pred = np.argmax(probs, axis=-1).astype(np.int32)
+        scores = metrics.evaluate_volume(
+            pred, label, spacing=spacing, hd95_mode=run.config.eval.hd95_mode
+        )
+        per_case.append({"case_id": case_id, **scores})
+        for z, idx in enumerate(data.case_indices(run.source, case_id)):
+            if int(idx) in kept:
+                slice_scores.append(
+                    float(metrics.paper_dice(pred[None, :, :, z], label[None, :, :, z])[0])
+                )
+        z = int(np.argmax((label > 0).sum(axis=(0, 1))))
+        figure_slices.append((case_id, z, image[:, :, z, 0], label[:, :, z], pred[:, :, z]))
+    return _summarise(per_case, slice_scores), figure_slices
+
+
+def _summarise(per_case: list[dict], slice_scores: list[float]) -> dict:
+    """The results dict: case means of the per-case scores and the slice-mean paper Dice."""
+    regions = tuple(metrics.REGIONS)
+    return {
+        "paper_dice": float(np.mean(slice_scores)) if slice_scores else None,
+        "class_dice": [_mean(per_case, f"class_dice_{c}") for c in range(NUM_CLASSES)],
+        "dice": {r: _mean(per_case, f"dice_{r}") for r in regions},
+        "hd95": {r: _mean(per_case, f"hd95_{r}") for r in regions},
+        "sensitivity": {r: _mean(per_case, f"sensitivity_{r}") for r in regions},
+        "specificity": {r: _mean(per_case, f"specificity_{r}") for r in regions},
+        "num_test_cases": len(per_case),
+        "num_test_slices": len(slice_scores),
+        "per_case": per_case,
+    }
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else None
+
+
+def evaluate_and_write(run, predict, variables, steps: int) -> dict:
+    """The run's test results (`evaluate_test_volumes`, or `paper_dice` None without test
+    cases) with `steps` = optimizer steps taken; writes the result files on host 0."""
+    if run.splits.cases["test"]:
+        results, figure_slices = evaluate_test_volumes(run, predict, variables)
+    else:
+        results, figure_slices = {"paper_dice": None, "per_case": []}, []
+    results["steps"] = steps
+    if jax.process_index() == 0:
+        write_outputs(run.workdir, run.config, results, figure_slices)
+    return results
+
+
+def write_per_case_csv(path, rows: list[dict]) -> None:
+    """`rows` (one dict per case, same keys) as CSV; floats with 6 significant digits."""
+    keys = list(rows[0]) if rows else ["case_id"]
+    lines = [",".join(keys)]
+    for r in rows:
+        lines.append(
+            ",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+        )
+    fileio.write_text(path, "\n".join(lines) + "\n")
+
+
+def write_outputs(workdir, config, results: dict, figure_slices: list) -> None:
+    """`per_case.csv`, `learning_curves.png`, `test_slices.png` and, last (it marks the run
+    finished), `results.json` in `workdir`."""
+    write_per_case_csv(workdir / "per_case.csv", results["per_case"])
+    plots.learning_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
+    if figure_slices:
+        n = config.eval.num_figure_slices
+        plots.overlay_grid(figure_slices[:n], workdir / "test_slices.png")
+    fileio.write_json(workdir / "results.json", results)

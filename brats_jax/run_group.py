@@ -1,0 +1,347 @@
+"""A group of training runs trained in lockstep (K >= 1): each run's config, data and loss
+(`Run`), and the `RunGroup` that owns their state (stacked along a run axis when K runs are
+mapped over), per-run views of it, data iterators, checkpoints and metric writers.
+
+One run is a group of one with mapping "none" (its state is not stacked), so the training
+loop reads the same for one run and for K.
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from brats_jax import config_utils, data, fileio, losses, steps
+from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints
+from brats_jax.metric_writer import MetricWriter
+from brats_jax.train_state import (
+    TrainState,
+    create_loss_params,
+    create_model,
+    create_optimizer,
+    init_state,
+    set_learning_rate,
+    with_pretrained,
+)
+
+# Fields that runs trained together must share (they may differ in everything else:
+# learning rate, loss and its parameters, seed, data split and order).
+SHARED_FIELDS = (
+    "model",
+    "runtime",
+    "data.image_size",
+    "train.batch_size",
+    "train.num_steps",
+    "train.num_epochs",
+    "train.optimizer",
+    "train.schedule",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip_norm",
+    "train.log_every_steps",
+    "train.eval_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "eval",
+)
+
+
+def group_key(config: ml_collections.ConfigDict) -> str:
+    """Runs with equal keys can be trained together (`RunGroup`)."""
+    fields = [f for f in SHARED_FIELDS if f.split(".")[0] in config]
+    values = [config_utils.get_field(config, f) for f in fields]
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run: its config, workdir, data and loss; several may train together."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    source: Any
+    splits: Any
+    loss_params: Any
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def image_size(self) -> int:
+        """The model's input size in pixels (`data.image_size`, else the source's native)."""
+        return int(self.config.data.image_size or self.source[0]["image"].shape[0])
+
+
+def _check_config(config) -> None:
+    for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
+        if config_utils.get_field(config, field) < 1:
+            raise ValueError(f"{field}={config_utils.get_field(config, field)}; expected >= 1")
+    n = jax.device_count()
+    for field in ("train.batch_size", "eval.batch_size"):
+        value = config_utils.get_field(config, field)
+        if value % n:
+            raise ValueError(
+                f"{field}={value} does not divide by the {n} devices; "
+                "use a multiple of the device count"
+            )
+
+
+def build_run(config: ml_collections.ConfigDict, workdir, *, source=None) -> Run:
+    """Data splits, loss parameters and step counts of one run (`source` may be shared)."""
+    _check_config(config)
+    source = data.make_source(config.data) if source is None else source
+    splits = data.build_splits(source, config.data)
+    steps_per_epoch = max(1, len(splits.train) // config.train.batch_size)
+    if config.train.num_steps > 0:
+        total_steps = int(config.train.num_steps)
+    else:
+        total_steps = int(config.train.num_epochs) * steps_per_epoch
+    if total_steps <= 0:
+        raise ValueError("nothing to train: set train.num_epochs or train.num_steps > 0")
+    counts = data.class_pixel_counts(source, splits.train)
+    loss_params = create_loss_params(config.train, counts)
+    return Run(
+        config, pathlib.Path(workdir), source, splits, loss_params, steps_per_epoch, total_steps
+    )
+
+
+def _warn_config_changes(path: pathlib.Path, new: dict) -> list[str]:
+    """Logs (and returns) the fields in which `new` differs from an existing run's config."""
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    diff = config_utils.config_diff(old, new)
+    if diff:
+        logging.warning(
+            "%s: resuming with a changed config: %s",
+            path.parent,
+            ", ".join(config_utils.format_diff(diff)),
+        )
+    return [k for k, _, _ in diff]
+
+
+def _build_runs(configs, workdirs) -> list[Run]:
+    """`build_run` of each config, sharing one data source among equal `data` sections."""
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError("train_runs needs one workdir per config, and at least one config")
+    if len({group_key(c) for c in configs}) > 1:
+        raise ValueError(f"runs trained together must share {', '.join(SHARED_FIELDS)}")
+    sources: dict[str, Any] = {}
+    runs = []
+    for config, workdir in zip(configs, workdirs, strict=True):
+        key = config.data.to_json_best_effort(sort_keys=True)
+        if key not in sources:
+            sources[key] = data.make_source(config.data)
+        runs.append(build_run(config, workdir, source=sources[key]))
+    if len({(r.total_steps, r.steps_per_epoch) for r in runs}) > 1:
+        raise ValueError("runs trained together must have the same number of steps and epochs")
+    return runs
+
+
+def _write_config(run: Run, total_steps: int) -> None:
+    """`config.json` into the run's folder (host 0; a changed config is logged) and a log
+    line with the run's split sizes."""
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        new_json = run.config.to_json_best_effort(indent=2)
+        _warn_config_changes(run.workdir / "config.json", json.loads(new_json))
+        fileio.write_text(run.workdir / "config.json", new_json)
+    s = run.splits
+    logging.info(
+        "%s: %d train / %d val / %d test slices, %d test cases; %d steps (%d per epoch)",
+        run.workdir, len(s.train), len(s.val), len(s.test), len(s.cases["test"]),
+        total_steps, run.steps_per_epoch,
+    )  # fmt: skip
+
+
+def _resume_step(ckpts: list[RunCheckpoints]) -> int | None:
+    """The newest step every run has a checkpoint of (None: start from scratch)."""
+    steps_saved = [set(c.manager.all_steps()) for c in ckpts]
+    if not any(steps_saved):
+        return None
+    common = set.intersection(*steps_saved)
+    if not common:
+        raise ValueError(
+            "the runs' checkpoints share no step, so they cannot resume together: "
+            + ", ".join(
+                f"{c.directory}: {sorted(s)}" for c, s in zip(ckpts, steps_saved, strict=True)
+            )
+            + "; resume them one by one (without --group-size)"
+        )
+    return max(common)
+
+
+@dataclasses.dataclass
+class RunGroup:
+    """K runs of one architecture trained in lockstep by one compiled step.
+
+    `state` and `loss_params` are stacked along a leading run axis unless `mapping` is
+    "none" (a single run). `view(i)` is run i's own `TrainState`; `next_batch()` the device
+    batch of all runs; `write`, `evaluate`, `save` act per run into each run's folder.
+    Build with `RunGroup.create`; `close()` when done.
+    """
+
+    runs: list[Run]
+    mapping: str
+    model: Any
+    tx: Any
+    mesh: Any
+    state: Any
+    loss_params: Any
+    iterators: list
+    checkpoints: list[RunCheckpoints]
+    writers: list[MetricWriter]
+    start_step: int | None
+
+    @classmethod
+    def create(cls, configs, workdirs, *, mapping: str) -> "RunGroup":
+        """Build the runs, write their `config.json`, and restore their newest common
+        checkpoint or initialise them (seeded per run; pretrained weights if configured).
+
+        `mapping`: "none" (one run, unstacked), "map" or "vmap" (`steps.map_over_runs`).
+        """
+        if mapping == "none" and len(configs) != 1:
+            raise ValueError('mapping="none" trains exactly one run')
+        runs = _build_runs(configs, workdirs)
+        for run in runs:
+            _write_config(run, runs[0].total_steps)
+        cfg = runs[0].config
+        model = create_model(cfg)
+        tx = create_optimizer(cfg.train, runs[0].total_steps)
+        iterators = [_train_iterator(r) for r in runs]
+        ckpts = [RunCheckpoints(r.workdir, keep=cfg.train.keep_checkpoints) for r in runs]
+        states, start = _initial_states(runs, model, tx, ckpts, iterators)
+        stacked = mapping != "none"
+        state = steps.stack_trees(states) if stacked else states[0]
+        loss_params = [r.loss_params for r in runs]
+        loss_params = losses.stack_loss_params(loss_params) if stacked else loss_params[0]
+        mesh = steps.data_mesh()
+        replicated = NamedSharding(mesh, P())
+        is_main = jax.process_index() == 0
+        return cls(
+            runs=runs,
+            mapping=mapping,
+            model=model,
+            tx=tx,
+            mesh=mesh,
+            state=jax.device_put(state, replicated),
+            loss_params=jax.device_put(loss_params, replicated),
+            iterators=iterators,
+            checkpoints=ckpts,
+            writers=[MetricWriter(r.workdir, enabled=is_main) for r in runs],
+            start_step=start,
+        )
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        """The first run's config (the fields in `SHARED_FIELDS` are the same in all)."""
+        return self.runs[0].config
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps each run takes."""
+        return self.runs[0].total_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per pass over the training split."""
+        return self.runs[0].steps_per_epoch
+
+    def view(self, i: int) -> TrainState:
+        """Run i's `TrainState` (a row of the stacked state, or the state of a single run)."""
+        return self.state if self.mapping == "none" else steps.tree_row(self.state, i)
+
+    def next_batch(self) -> dict:
+        """The next training batch of every run on the devices ((K, B, ...) when stacked)."""
+        batches = [next(it) for it in self.iterators]
+        if self.mapping == "none":
+            return steps.device_batch(self.mesh, batches[0])
+        stacked = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("image", "label")}
+        return steps.device_batch(self.mesh, stacked, stacked=True)
+
+    def per_run(self, value) -> list[float]:
+        """A step output (scalar, or (K,) when stacked) as one float per run."""
+        return [float(v) for v in np.atleast_1d(np.asarray(value))]
+
+    def write(self, step: int, scalars: list[dict]) -> None:
+        """Write run i's `scalars[i]` at `step` to its metric writer."""
+        for writer, s in zip(self.writers, scalars, strict=True):
+            writer.write_scalars(step, s)
+
+    def evaluate(self, step: int, eval_step) -> list[dict | None]:
+        """Validation metrics of each run (None for a run without a validation split),
+        written as `val_*` scalars at `step`."""
+        from brats_jax.evaluation import evaluate_slices
+
+        out = []
+        for i, run in enumerate(self.runs):
+            val = None
+            if len(run.splits.val):
+                val = evaluate_slices(run, eval_step, self.view(i), run.splits.val)
+                self.writers[i].write_scalars(step, {f"val_{k}": v for k, v in val.items()})
+            out.append(val)
+        return out
+
+    def save(self, step: int, val: list[dict | None]) -> None:
+        """Checkpoint every run at `step` (state, data iterator, validation Dice if any)."""
+        for i, (it, c) in enumerate(zip(self.iterators, self.checkpoints, strict=True)):
+            m = {VAL_METRIC: val[i]["paper_dice"]} if val[i] else None
+            c.save(step, self.view(i), it.get_state(), m)
+
+    def close(self) -> None:
+        """Finish checkpoint writes and close the metric writers."""
+        for c in self.checkpoints:
+            c.close()
+        for w in self.writers:
+            w.close()
+
+
+def _train_iterator(run: Run):
+    return data.make_train_iterator(
+        run.source,
+        run.splits.train,
+        run.config.data,
+        batch_size=run.config.train.batch_size,
+        seed=run.config.train.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+
+
+def _initial_states(runs, model, tx, ckpts, iterators) -> tuple[list, int | None]:
+    """Each run's state: restored from the newest step all runs have (iterators too), else
+    freshly initialised with its seed (and pretrained weights when configured); each with
+    its configured learning rate. Returns `(states, resumed step or None)`."""
+    init = jax.jit(functools.partial(init_state, model, tx, image_size=runs[0].image_size))
+    states = [
+        s.replace(opt_state=set_learning_rate(s.opt_state, r.config.train.learning_rate))
+        for r, s in ((r, init(r.config.train.seed)) for r in runs)
+    ]
+    start = _resume_step(ckpts)
+    if start is not None:
+        for i, (r, c) in enumerate(zip(runs, ckpts, strict=True)):
+            if discarded := c.discard_after(start):
+                logging.info("%s: steps %s are redone from step %d", r.workdir, discarded, start)
+            states[i], data_state = c.restore(start, states[i])
+            # the configured learning rate, not the checkpoint's (config.json says this one)
+            states[i] = states[i].replace(
+                opt_state=set_learning_rate(states[i].opt_state, r.config.train.learning_rate)
+            )
+            iterators[i].set_state(data_state)
+        logging.info("resumed %d run(s) from step %d", len(runs), start)
+    elif runs[0].config.model.pretrained_path:
+        states = [
+            with_pretrained(s, tx, r.config, r.image_size)
+            for r, s in zip(runs, states, strict=True)
+        ]
+    return states, start

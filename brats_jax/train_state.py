@@ -1,0 +1,198 @@
+"""What a run trains: `TrainState`, the optimizer (schedules, injected learning rate), the loss
+parameters, initial and pretrained state, and loading a trained run back for inference."""
+
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from brats_jax import NUM_CLASSES, losses, models, runtime
+from brats_jax.checkpoints import RunCheckpoints
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes during training; checkpointed whole."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    model_state: Any  # non-parameter variables, e.g. {"batch_stats": ...} or {}
+    opt_state: Any
+    rng: jax.Array  # uint32 (2,) raw PRNG key; per-step keys are fold_in(rng, step)
+
+
+def create_model(config: ml_collections.ConfigDict):
+    """The Flax module of a run's `config.model`, with the ops of `runtime.resolve_ops`."""
+    return models.from_config(config.model, ops=runtime.resolve_ops(config))
+
+
+def create_loss_params(train_config: ml_collections.ConfigDict, class_counts: np.ndarray):
+    """`losses.LossParams` of the registry loss `train_config.loss` with the config's values.
+
+    Class-balanced weights (cb_*) are computed once, on the host in float64, from the
+    training split's pixel counts per class.
+    """
+    t = train_config
+    params = {
+        "ce": {},
+        "cb_ce": {"beta": t.beta, "class_counts": class_counts},
+        "focal": {"gamma": t.gamma},
+        "cb_focal": {"gamma": t.gamma, "beta": t.beta, "class_counts": class_counts},
+        "dice": {},
+        "dice_ce": {"dice_weight": t.dice_weight, "ce_weight": 1.0 - t.dice_weight},
+    }
+    if t.loss not in params:
+        raise ValueError(f"unknown train.loss {t.loss!r}; expected one of {sorted(params)}")
+    return losses.loss_params(t.loss, NUM_CLASSES, **params[t.loss])
+
+
+def _schedule_shape(train_config, total_steps: int):
+    """The learning-rate multiplier schedule (peak 1), or None for a constant rate."""
+    t = train_config
+    if t.schedule == "constant":
+        return None
+    if t.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, 1.0, t.warmup_steps, max(total_steps, t.warmup_steps + 1)
+        )
+    raise ValueError(f"unknown train.schedule {t.schedule!r}; expected constant|warmup_cosine")
+
+
+def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
+    """Adam or AdamW (optional clipping, weight decay, warmup + cosine) with an injectable rate.
+
+    Same arithmetic as `optax.adam`/`optax.adamw`; the peak learning rate lives in the
+    optimizer state (`set_learning_rate`), so stacked runs can each have their own.
+    """
+    t = train_config
+    parts = []
+    if t.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(t.grad_clip_norm))
+    if t.optimizer == "adam":
+        if t.weight_decay:
+            parts.append(optax.add_decayed_weights(t.weight_decay))  # L2, as torch's Adam
+        parts.append(optax.scale_by_adam())
+    elif t.optimizer == "adamw":
+        parts += [optax.scale_by_adam(), optax.add_decayed_weights(t.weight_decay)]
+    else:
+        raise ValueError(f"unknown train.optimizer {t.optimizer!r}; expected adam|adamw")
+    shape = _schedule_shape(t, total_steps)
+    if shape is not None:
+        parts.append(optax.scale_by_schedule(shape))
+    parts.append(optax.inject_hyperparams(optax.scale)(step_size=-float(t.learning_rate)))
+    return optax.chain(*parts)
+
+
+_HYPERPARAM_STATES = tuple(
+    cls
+    for cls in (
+        getattr(optax, "InjectHyperparamsState", None),
+        getattr(optax, "InjectStatefulHyperparamsState", None),
+    )
+    if cls is not None
+)
+
+
+def set_learning_rate(opt_state, learning_rate):
+    """`opt_state` with its injected peak learning rate replaced (scalar or per-run array)."""
+
+    def is_hp(x):
+        return isinstance(x, _HYPERPARAM_STATES)
+
+    def replace(leaf):
+        if is_hp(leaf):
+            hp = dict(leaf.hyperparams)
+            hp["step_size"] = -jnp.asarray(learning_rate, jnp.float32)
+            return leaf._replace(hyperparams=hp)
+        return leaf
+
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_hp) if is_hp(x)]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one injected learning rate in the optimizer state, found {len(found)}"
+        )
+    return jax.tree.map(replace, opt_state, is_leaf=is_hp)
+
+
+def learning_rate_at(train_config, total_steps: int, step: int) -> float:
+    """The learning rate applied at optimizer step `step` (for logging)."""
+    shape = _schedule_shape(train_config, total_steps)
+    scale = 1.0 if shape is None else float(shape(step))
+    return float(train_config.learning_rate) * scale
+
+
+def init_state(model, tx, seed, *, image_size: int) -> TrainState:
+    """Initial `TrainState` for `(1, image_size, image_size, 4)` inputs; `seed` may be traced."""
+    rng = jax.random.PRNGKey(seed)
+    init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    x = jnp.zeros((1, image_size, image_size, 4), jnp.float32)
+    variables = dict(model.init({"params": init_rng, "dropout": dropout_rng}, x, train=False))
+    params = variables.pop("params")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=variables,
+        opt_state=tx.init(params),
+        rng=state_rng,
+    )
+
+
+def with_pretrained(state: TrainState, tx, config, image_size: int) -> TrainState:
+    """`state` with its TransUNet parameters from `config.model.pretrained_path` (Google's
+    R50+ViT-B_16.npz, see `models.load_pretrained`) and a fresh optimizer state for them.
+
+    `image_size`: the model's input size in pixels (token grid = image_size / 16).
+    """
+    path = pathlib.Path(config.model.pretrained_path)
+    if config.model.name != "transunet":
+        raise ValueError(
+            f"model.pretrained_path is for TransUNet (Google's R50+ViT-B_16.npz); "
+            f"model.name is {config.model.name!r}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.pretrained_path {path} does not exist; expected Google's R50+ViT-B_16.npz"
+        )
+    grid = (image_size // 16, image_size // 16)
+    params, report = models.load_pretrained(jax.device_get(state.params), path, grid=grid)
+    logging.info("pretrained weights from %s: %s", path, report.summary())
+    params = jax.tree.map(jnp.asarray, params)
+    opt_state = set_learning_rate(tx.init(params), config.train.learning_rate)
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
+    """`(config, model, variables)` from a run's best checkpoint (or `step`) for inference.
+
+    Reads run folders of every version (an old `config.json` with `model.conv_impl` picks
+    its ops from that field, see `runtime.resolve_ops`).
+    """
+    workdir = pathlib.Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"no training run in {workdir}: {config_path.name} is missing")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    ckpts = RunCheckpoints(workdir, read_only=True)
+    step = ckpts.best_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
+    model = create_model(config)
+    size = config.data.image_size or (
+        config.data.synthetic_image_size if config.data.source == "synthetic" else 240
+    )
+    tx = create_optimizer(config.train, max(1, config.train.num_steps))
+    template = jax.eval_shape(functools.partial(init_state, model, tx, 0, image_size=size))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    template = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), template
+    )
+    state, _ = ckpts.restore(step, template)
+    ckpts.close()
+    return config, model, {"params": state.params, **state.model_state}
