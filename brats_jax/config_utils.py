@@ -52,6 +52,17 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+def upgrade_legacy(config_json: dict) -> dict:
+    """A saved `config.json` dict in today's field names (a copy): `model.conv_impl` (run
+    folders written before the rename) becomes `runtime.ops`."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config_json.items()}
+    model = out.get("model", {})
+    if isinstance(model, dict) and "conv_impl" in model:
+        ops = model.pop("conv_impl")
+        out["runtime"] = {"ops": ops, **out.get("runtime", {})}
+    return out
+
+
 def format_diff(diff: list[tuple[str, Any, Any]]) -> list[str]:
     """`["field: old -> new", ...]` (values as repr) of a :func:`config_diff`."""
     return [f"{k}: {a!r} -> {b!r}" for k, a, b in diff]

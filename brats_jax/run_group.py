@@ -117,7 +117,7 @@ def _warn_config_changes(path: pathlib.Path, new: dict) -> list[str]:
     if not path.exists():
         return []
     try:
-        old = json.loads(path.read_text())
+        old = config_utils.upgrade_legacy(json.loads(path.read_text()))
     except (OSError, ValueError):
         return []
     diff = config_utils.config_diff(old, new)

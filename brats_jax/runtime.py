@@ -10,8 +10,8 @@ what every command line should do alike:
 * JAX's persistent compilation cache (optional folder);
 * ``jax.distributed.initialize()`` for multi-host runs (optional).
 
-:func:`resolve_ops` turns the config's ``runtime.ops`` (or an old run's ``model.conv_impl``)
-into the one implementation name the models are built with.
+:func:`resolve_ops` turns the config's ``runtime.ops`` into the one implementation name the
+models are built with.
 """
 
 from __future__ import annotations
@@ -70,14 +70,11 @@ def enable_compile_cache(directory: str | os.PathLike) -> None:
 
 
 def resolve_ops(config) -> str:
-    """The ops implementation a run uses: `config.runtime.ops`, else an old run folder's
-    `config.model.conv_impl` (configs written before the rename), else "auto"; "auto" is
-    resolved here, once, to "cpu_fast" | "gpu_fast" | "xla" for the default backend."""
+    """The ops implementation a run uses: `config.runtime.ops` ("auto" when the config has
+    none), with "auto" resolved here, once, to "cpu_fast" | "gpu_fast" | "xla" for the
+    default backend. (Old run folders' `model.conv_impl` is renamed on reading them:
+    `config_utils.upgrade_legacy`.)"""
     from brats_jax.ops.impls import resolve_impl
 
-    name = None
-    if "runtime" in config and "ops" in config.runtime:
-        name = config.runtime.ops
-    elif "conv_impl" in config.model:
-        name = config.model.conv_impl
-    return resolve_impl(name or "auto")
+    runtime = config.get("runtime") or {}
+    return resolve_impl(runtime.get("ops") or "auto")

@@ -14,7 +14,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from brats_jax import NUM_CLASSES, losses, models, runtime
+from brats_jax import NUM_CLASSES, config_utils, losses, models, runtime
 from brats_jax.checkpoints import RunCheckpoints
 
 
@@ -171,14 +171,15 @@ def with_pretrained(state: TrainState, tx, config, image_size: int) -> TrainStat
 def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
     """`(config, model, variables)` from a run's best checkpoint (or `step`) for inference.
 
-    Reads run folders of every version (an old `config.json` with `model.conv_impl` picks
-    its ops from that field, see `runtime.resolve_ops`).
+    Reads run folders of every version (`config_utils.upgrade_legacy`: an old `config.json`
+    with `model.conv_impl` keeps its ops as `runtime.ops`).
     """
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"no training run in {workdir}: {config_path.name} is missing")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    saved = config_utils.upgrade_legacy(json.loads(config_path.read_text()))
+    config = ml_collections.ConfigDict(saved)
     ckpts = RunCheckpoints(workdir, read_only=True)
     step = ckpts.best_step() if step is None else step
     if step is None:

@@ -1,13 +1,15 @@
 """Default configuration shared by every model config.
 
 `get_config(arg)` takes a preset name after the config path's colon
-(`--config=configs/unet.py:demo`): "" (defaults), "paper", "demo" or "tiny".
+(`--config=configs/unet.py:demo`): "" (defaults), "paper", "demo", "cpu", "tiny" or
+"smoke"; a preset is a dict of field values (`PRESET_FIELDS`) applied to the defaults, and
+the result is locked (a misspelt field is an error, not a new field).
 Every field can be overridden on the command line, e.g. `--config.train.learning_rate=1e-5`.
 """
 
 import ml_collections
 
-PRESETS = ("", "paper", "demo", "tiny", "cpu")
+from brats_jax import config_utils
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,7 +42,6 @@ def base_config() -> ml_collections.ConfigDict:
     m.depth = 4  # U-Net: number of poolings
     m.norm = "none"  # U-Net: none | batch | group
     m.padding = "reflect"  # U-Net: reflect | zero
-    m.conv_impl = "auto"  # U-Net ops (brats_jax.ops): auto | cpu_fast | gpu_fast | xla
     m.preset = "r50_vit_b16"  # TransUNet: r50_vit_b16 | small | tiny
     m.n_skip = 3  # TransUNet: skip connections used by the decoder
     m.pretrained_path = ""  # TransUNet: Google's R50+ViT-B_16.npz ("" = random init)
@@ -65,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every_steps = 1000
     t.keep_checkpoints = 2  # last K checkpoints kept, plus the best by validation Dice
 
+    c.runtime = r = ml_collections.ConfigDict()
+    r.ops = "auto"  # U-Net ops (brats_jax.ops), not part of the model: auto|cpu_fast|gpu_fast|xla
+
     c.eval = e = ml_collections.ConfigDict()
     e.batch_size = 16  # slices per evaluation/prediction step
     e.max_val_batches = 0  # 0 = whole validation split
@@ -73,75 +77,109 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
-    """Apply a preset in place.
+# Presets: dotted field -> value, applied on top of `base_config()` (then the model's own
+# preset fields, see configs/unet.py and configs/transunet.py).
+PRESET_FIELDS: dict[str, dict] = {
+    "": {},
+    # The study: pruned 240x240 slices, batch 1, Adam, 10 epochs, unweighted CE.
+    "paper": {
+        "data.image_size": 240,
+        "data.prune": True,
+        "train.loss": "ce",
+        "train.batch_size": 1,
+        "train.num_epochs": 10,
+        "train.log_every_steps": 500,
+        "train.checkpoint_every_steps": 5000,
+    },
+    # Synthetic data, < 5 min on a CPU.
+    "demo": {
+        "data.synthetic_num_cases": 20,
+        "data.synthetic_slices_per_case": 24,
+        "data.synthetic_image_size": 64,
+        "data.image_size": 64,
+        "data.val_fraction": 0.1,
+        "data.test_fraction": 0.15,
+        "data.random_flip": True,
+        "train.batch_size": 8,
+        "train.num_epochs": 0,
+        "train.num_steps": 400,
+        "train.learning_rate": 1e-3,
+        "train.log_every_steps": 25,
+        "train.eval_every_steps": 100,
+        "train.checkpoint_every_steps": 100,
+        "eval.max_val_batches": 8,
+    },
+    # Real data on a CPU budget (~30 min on 2 cores): 128 px, batch 8, Dice + CE.
+    "cpu": {
+        "data.image_size": 128,
+        "data.random_flip": True,
+        "data.val_fraction": 0.0,
+        "train.loss": "dice_ce",
+        "train.batch_size": 8,
+        "train.num_epochs": 0,
+        "train.num_steps": 2500,
+        "train.learning_rate": 2e-3,
+        "train.schedule": "warmup_cosine",
+        "train.warmup_steps": 100,
+        "train.log_every_steps": 50,
+        "train.eval_every_steps": 500,
+        "train.checkpoint_every_steps": 250,
+        "eval.batch_size": 32,
+    },
+    # Tests: 32 px, 6 synthetic cases of 6 slices, 6 steps.
+    "tiny": {
+        "data.synthetic_num_cases": 6,
+        "data.synthetic_slices_per_case": 6,
+        "data.synthetic_image_size": 32,
+        "data.image_size": 32,
+        "data.val_fraction": 0.2,
+        "data.test_fraction": 0.2,
+        "train.batch_size": 2,
+        "train.num_epochs": 0,
+        "train.num_steps": 6,
+        "train.learning_rate": 1e-3,
+        "train.log_every_steps": 2,
+        "train.eval_every_steps": 3,
+        "train.checkpoint_every_steps": 2,
+        "eval.batch_size": 4,
+        "eval.num_figure_slices": 2,
+    },
+}
+# Sweeps at smoke scale (experiments/sweeps.py): `tiny`'s sizes, 24 steps, evaluation and a
+# checkpoint every 6 steps (each run has a learning curve), 4 validation batches.
+SMOKE_STEPS = 24
+SMOKE_EVAL_EVERY = 6
+PRESET_FIELDS["smoke"] = {
+    **PRESET_FIELDS["tiny"],
+    "train.num_epochs": 0,
+    "train.num_steps": SMOKE_STEPS,
+    "train.log_every_steps": 2,
+    "train.eval_every_steps": SMOKE_EVAL_EVERY,
+    "train.checkpoint_every_steps": SMOKE_EVAL_EVERY,
+    "eval.max_val_batches": 4,
+}
+PRESETS = tuple(PRESET_FIELDS)
 
-    "paper": the study; "demo": synthetic data, <5 min on a CPU; "tiny": tests;
-    "cpu": real data (give data.source and data.root) within ~30 min on 2 CPU cores.
+
+def with_preset(
+    c: ml_collections.ConfigDict, preset: str, model_fields: dict[str, dict] | None = None
+) -> ml_collections.ConfigDict:
+    """`c` with `preset`'s fields, then the model's own fields for it (`model_fields[preset]`),
+    set in place; `c.name` becomes "<model>-<preset>"; the config is locked (no new fields).
+
+    Presets: "paper" (the study), "demo" (synthetic, <5 min on a CPU), "tiny" (tests),
+    "cpu" (real data, ~30 min on 2 CPU cores: give data.source and data.root), "smoke"
+    (the sweeps' smoke scale).
     """
-    if preset not in PRESETS:
+    if preset not in PRESET_FIELDS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS[1:]} or nothing")
+    config_utils.apply_overrides(c, PRESET_FIELDS[preset])
+    config_utils.apply_overrides(c, (model_fields or {}).get(preset, {}))
     c.name = f"{c.model.name}-{preset}" if preset else c.model.name
-    if preset == "paper":
-        # The study: pruned 240x240 slices, batch 1, Adam, 10 epochs, unweighted CE.
-        c.data.image_size = 240
-        c.data.prune = True
-        c.train.loss = "ce"
-        c.train.batch_size = 1
-        c.train.num_epochs = 10
-        c.train.log_every_steps = 500
-        c.train.checkpoint_every_steps = 5000
-    elif preset == "demo":
-        c.data.synthetic_num_cases = 20
-        c.data.synthetic_slices_per_case = 24
-        c.data.synthetic_image_size = 64
-        c.data.image_size = 64
-        c.data.val_fraction = 0.1
-        c.data.test_fraction = 0.15
-        c.data.random_flip = True
-        c.train.batch_size = 8
-        c.train.num_epochs = 0
-        c.train.num_steps = 400
-        c.train.learning_rate = 1e-3
-        c.train.log_every_steps = 25
-        c.train.eval_every_steps = 100
-        c.train.checkpoint_every_steps = 100
-        c.eval.max_val_batches = 8
-    elif preset == "cpu":
-        # Real data on a CPU budget (~30 min on 2 cores): 128 px, batch 8, Dice + CE.
-        c.data.image_size = 128
-        c.data.random_flip = True
-        c.data.val_fraction = 0.0
-        c.train.loss = "dice_ce"
-        c.train.batch_size = 8
-        c.train.num_epochs = 0
-        c.train.num_steps = 2500
-        c.train.learning_rate = 2e-3
-        c.train.schedule = "warmup_cosine"
-        c.train.warmup_steps = 100
-        c.train.log_every_steps = 50
-        c.train.eval_every_steps = 500
-        c.train.checkpoint_every_steps = 250
-        c.eval.batch_size = 32
-    elif preset == "tiny":
-        c.data.synthetic_num_cases = 6
-        c.data.synthetic_slices_per_case = 6
-        c.data.synthetic_image_size = 32
-        c.data.image_size = 32
-        c.data.val_fraction = 0.2
-        c.data.test_fraction = 0.2
-        c.train.batch_size = 2
-        c.train.num_epochs = 0
-        c.train.num_steps = 6
-        c.train.learning_rate = 1e-3
-        c.train.log_every_steps = 2
-        c.train.eval_every_steps = 3
-        c.train.checkpoint_every_steps = 2
-        c.eval.batch_size = 4
-        c.eval.num_figure_slices = 2
+    c.lock()
     return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The default (U-Net) configuration with an optional preset."""
-    return apply_preset(base_config(), arg or "")
+    return with_preset(base_config(), arg or "")

@@ -34,7 +34,7 @@ from typing import Any
 
 import ml_collections
 
-from brats_jax import fileio, runtime
+from brats_jax import config_utils, fileio, runtime
 from experiments import sweeps
 
 RESULTS = "results.json"
@@ -225,18 +225,6 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    diff = []
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diff += _config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            diff.append(f"{prefix}{k}: {va!r} -> {vb!r}")
-    return diff
-
-
 def _log(out: pathlib.Path, line: str) -> None:
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     out.mkdir(parents=True, exist_ok=True)
@@ -283,18 +271,18 @@ def _group_key(config: ml_collections.ConfigDict) -> str:
     return run_group.group_key(config)
 
 
-def plan_units(runs: Sequence[RunSpec], vmap: int) -> list[list[RunSpec]]:
+def plan_units(runs: Sequence[RunSpec], group_size: int) -> list[list[RunSpec]]:
     """Split runs into units trained together: runs sharing architecture, image size, batch
-    size and step budget (`brats_jax.run_group.group_key`), at most `vmap` per unit, in sweep order.
-    `vmap <= 1` gives one run per unit."""
-    if vmap <= 1:
+    size and step budget (`brats_jax.run_group.group_key`), at most `group_size` per unit, in sweep
+    order. `group_size <= 1` gives one run per unit."""
+    if group_size <= 1:
         return [[r] for r in runs]
     groups: dict[str, list[RunSpec]] = {}
     for r in runs:
         groups.setdefault(_group_key(r.config), []).append(r)
     units = []
     for members in groups.values():
-        units += [members[i : i + vmap] for i in range(0, len(members), vmap)]
+        units += [members[i : i + group_size] for i in range(0, len(members), group_size)]
     return units
 
 
@@ -302,7 +290,7 @@ def execute(
     runs: Sequence[RunSpec],
     *,
     train_fn: Callable[[ml_collections.ConfigDict, pathlib.Path], dict] | None = None,
-    vmap: int = 0,
+    group_size: int = 0,
     mapping: str = "auto",
     train_group_fn: Callable[..., list[dict]] | None = None,
 ) -> list[Outcome]:
@@ -312,7 +300,7 @@ def execute(
     whose `config.json` differs from the planned config. A raising run gets its traceback
     in `<workdir>/error.txt`. Progress goes to stdout and `<out>/sweep.log`.
     `train_fn(config, workdir)` defaults to `brats_jax.train.train_and_evaluate`.
-    With `vmap=K > 1`, runs that share architecture, image size and batch size are trained
+    With `group_size=K > 1`, runs that share architecture, image size and batch size are trained
     K at a time in one compiled program (`brats_jax.train.train_runs` with `mapping`);
     each still gets its own outputs.
     """
@@ -328,7 +316,8 @@ def execute(
         diff = []
         if saved_path.exists():
             try:
-                diff = _config_diff(json.loads(saved_path.read_text()), planned)
+                saved = config_utils.upgrade_legacy(json.loads(saved_path.read_text()))
+                diff = config_utils.format_diff(config_utils.config_diff(saved, planned))
             except json.JSONDecodeError:
                 diff = []
         if (spec.workdir / RESULTS).exists():
@@ -349,7 +338,7 @@ def execute(
             continue
         todo.append((tag, spec))
     tags = {id(spec): tag for tag, spec in todo}
-    for unit in plan_units([spec for _, spec in todo], vmap):
+    for unit in plan_units([spec for _, spec in todo], group_size):
         out = unit[0].workdir.parent
         for spec in unit:
             resume = (spec.workdir / "checkpoints").exists()
@@ -417,7 +406,9 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated run-name patterns (fnmatch, e.g. 'unet-ce-*'): run only those",
     )
     p.add_argument(
-        "--vmap",
+        "--group-size",
+        "--vmap",  # the old name, kept as an alias for one release
+        dest="group_size",
         nargs="?",
         type=int,
         const=8,
@@ -430,7 +421,7 @@ def _parser() -> argparse.ArgumentParser:
         "--mapping",
         choices=("auto", "vmap", "map"),
         default="auto",
-        help="with --vmap: lax.map over runs (auto; measured faster) or jax.vmap",
+        help="with --group-size: lax.map over runs (auto; measured faster) or jax.vmap",
     )
     p.add_argument(
         "--compile-cache",
@@ -477,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(out, f"sweep {' '.join(args.names)} scale={args.scale} runs={len(runs)} "
               f"overrides={json.dumps(overrides)}")  # fmt: skip
     t0 = time.perf_counter()
-    outcomes = execute(runs, vmap=args.vmap, mapping=args.mapping)
+    outcomes = execute(runs, group_size=args.group_size, mapping=args.mapping)
     failed = [o for o in outcomes if o.status == "failed"]
     n = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     _log(out, f"sweep finished in {time.perf_counter() - t0:.1f}s: {n['done']} done, "

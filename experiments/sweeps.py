@@ -26,6 +26,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from brats_jax import config_utils
+from configs import default as default_config
 from configs import transunet as transunet_config
 from configs import unet as unet_config
 
@@ -33,9 +35,10 @@ SCALES = ("smoke", "paper")
 MODELS = ("unet", "transunet")
 MODEL_LABELS = {"unet": "U-Net", "transunet": "TransUNet"}
 
-# Smoke scale: steps per run (x LONG_EPOCHS/10 for the `long` sweep), evaluation cadence.
-SMOKE_STEPS = 24
-SMOKE_EVAL_EVERY = 6
+# Smoke scale (the configs' "smoke" preset): steps per run (x LONG_EPOCHS/10 for the `long`
+# sweep), evaluation cadence.
+SMOKE_STEPS = default_config.SMOKE_STEPS
+SMOKE_EVAL_EVERY = default_config.SMOKE_EVAL_EVERY
 LONG_EPOCHS = 30  # the `long` sweep (the study: 10)
 
 
@@ -344,36 +347,13 @@ def get_sweep(name: str) -> Sweep:
 
 
 def base_config(model: str, scale: str) -> ml_collections.ConfigDict:
-    """The model's config at `scale` before the cell's fields ("smoke" or "paper")."""
+    """The model's config at `scale` before the run's fields: its "smoke" or "paper" preset."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
     module = {"unet": unet_config, "transunet": transunet_config}.get(model)
     if module is None:
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
-    if scale == "paper":
-        return module.get_config("paper")
-    c = module.get_config("tiny")  # 32 px, 6 synthetic cases of 6 slices, tiny model
-    c.name = f"{model}-smoke"
-    c.train.num_epochs = 0
-    c.train.num_steps = SMOKE_STEPS
-    c.train.log_every_steps = 2
-    c.train.eval_every_steps = SMOKE_EVAL_EVERY
-    c.train.checkpoint_every_steps = SMOKE_EVAL_EVERY
-    c.eval.max_val_batches = 4
-    return c
-
-
-def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """Set `config.<dotted>` (e.g. "train.beta"); a KeyError names an unknown field."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-        if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-            raise KeyError(f"unknown config field {dotted!r}: no group {p!r}")
-        node = node[p]
-    if leaf not in node:
-        raise KeyError(f"unknown config field {dotted!r}")
-    node[leaf] = value
+    return module.get_config(scale)
 
 
 def cell_config(
@@ -390,10 +370,8 @@ def cell_config(
     `train.num_epochs=30` at paper scale) shows in it.
     """
     c = base_config(cell.model, scale)
-    for k, v in cell.settings.items():
-        set_field(c, k, v)
-    for k, v in (overrides or {}).items():
-        set_field(c, k, v)
+    config_utils.apply_overrides(c, cell.settings)
+    config_utils.apply_overrides(c, overrides or {})
     if cell.epochs != 10:
         if c.train.num_steps > 0:
             c.train.num_steps = int(math.ceil(c.train.num_steps * cell.epochs / 10))

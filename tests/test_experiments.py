@@ -423,3 +423,13 @@ def test_colab_notebook_is_valid_nbformat4():
     assert "--config.data.source=kaggle_h5" in code and "--config.data.root=" in code
     assert "python -m experiments.report {OUT}" in code
     assert "kagglehub" in code and "drive.mount" in code
+
+
+def test_group_size_flag_and_its_vmap_alias():
+    from experiments import run
+
+    parse = run._parser().parse_known_args
+    assert parse(["table1", "--out=x", "--group-size=4"])[0].group_size == 4
+    assert parse(["table1", "--out=x", "--vmap=3"])[0].group_size == 3  # the old name
+    assert parse(["table1", "--out=x", "--group-size"])[0].group_size == 8
+    assert parse(["table1", "--out=x"])[0].group_size == 0

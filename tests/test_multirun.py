@@ -73,7 +73,7 @@ def test_runs_with_different_architectures_are_refused(tmp_path):
 
 
 def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
-    """`experiments.run --vmap=K` trains runs that share a group key K at a time."""
+    """`experiments.run --group-size=K` trains runs that share a group key K at a time."""
     from experiments import run as exp_run
 
     specs = []
@@ -82,11 +82,13 @@ def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
         c.train.batch_size = bs
         specs.append(exp_run.RunSpec(f"r{i}", c, tmp_path / f"r{i}"))
     longer = _config("ce", 1e-3, 0, batch_size=2, num_steps=12)  # another step budget
-    units = exp_run.plan_units([*specs, exp_run.RunSpec("r4", longer, tmp_path / "r4")], vmap=3)
+    units = exp_run.plan_units(
+        [*specs, exp_run.RunSpec("r4", longer, tmp_path / "r4")], group_size=3
+    )
     assert [[s.name for s in u] for u in units] == [["r0", "r1", "r3"], ["r2"], ["r4"]]
-    units = exp_run.plan_units(specs, vmap=2)
+    units = exp_run.plan_units(specs, group_size=2)
     assert [[s.name for s in u] for u in units] == [["r0", "r1"], ["r3"], ["r2"]]
-    assert [[s.name for s in u] for u in exp_run.plan_units(specs, vmap=0)] == [
+    assert [[s.name for s in u] for u in exp_run.plan_units(specs, group_size=0)] == [
         ["r0"],
         ["r1"],
         ["r2"],
@@ -95,7 +97,7 @@ def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
     seen = []
     outcomes = exp_run.execute(
         specs,
-        vmap=2,
+        group_size=2,
         train_fn=lambda c, w: seen.append([w.name]),
         train_group_fn=lambda cs, ws, mapping: seen.append([w.name for w in ws]),
     )

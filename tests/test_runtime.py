@@ -76,14 +76,18 @@ def test_setup_sets_fast_cpu_flags_and_keeps_users_choice():
     assert out == ["--xla_cpu_use_onednn=false", CPU_XLA_FLAGS[0]]
 
 
-def test_resolve_ops_reads_new_and_old_config_fields():
+def test_resolve_ops_and_the_legacy_conv_impl_field():
     import ml_collections
 
+    from brats_jax import config_utils
+
     new = ml_collections.ConfigDict({"runtime": {"ops": "xla"}, "model": {}})
-    old = ml_collections.ConfigDict({"model": {"conv_impl": "gpu_fast"}})
-    neither = ml_collections.ConfigDict({"model": {}})
     assert runtime.resolve_ops(new) == "xla"
-    assert runtime.resolve_ops(old) == "gpu_fast"
-    assert runtime.resolve_ops(neither) == "cpu_fast"  # "auto" on the tests' CPU backend
+    assert runtime.resolve_ops(ml_collections.ConfigDict({"model": {}})) == "cpu_fast"  # auto
     with pytest.raises(ValueError, match="nope"):
-        runtime.resolve_ops(ml_collections.ConfigDict({"runtime": {"ops": "nope"}, "model": {}}))
+        runtime.resolve_ops(ml_collections.ConfigDict({"runtime": {"ops": "nope"}}))
+    old = {"model": {"name": "unet", "conv_impl": "gpu_fast"}, "train": {"seed": 1}}
+    assert config_utils.upgrade_legacy(old) == {
+        "model": {"name": "unet"}, "train": {"seed": 1}, "runtime": {"ops": "gpu_fast"},
+    }  # fmt: skip
+    assert old["model"]["conv_impl"] == "gpu_fast"  # the input is not changed

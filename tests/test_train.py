@@ -520,3 +520,26 @@ def test_main_log_filter_drops_only_routine_orbax_lines():
     )
     assert keep_log_record(rec(orbax, logging.WARNING, "Checkpoint directory is not writable"))
     assert keep_log_record(rec("/work/brats_jax/train.py", logging.INFO, "step 5"))
+
+
+def test_old_run_folder_with_model_conv_impl_resumes_and_predicts(tiny_run, tmp_path):
+    """Run folders written before `model.conv_impl` became `runtime.ops` still load for
+    prediction (same weights) and resume training from their last checkpoint."""
+    import shutil
+
+    workdir, _ = tiny_run
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / "config.json").read_text())
+    saved["model"]["conv_impl"] = saved.pop("runtime")["ops"]
+    (old / "config.json").write_text(json.dumps(saved))
+    config, _, v_old = train.load_trained(old, step=6)
+    assert config.runtime.ops == "auto" and "conv_impl" not in config.model
+    _, _, v_new = train.load_trained(workdir, step=6)
+    for x, y in zip(jax.tree.leaves(v_old), jax.tree.leaves(v_new), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    results = train.train_and_evaluate(tiny_config(**{"train.num_steps": 8}), old)
+    assert results["steps"] == 8
+    logged = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    trained_steps = [r["step"] for r in logged if "train_loss" in r]
+    assert trained_steps == [2, 4, 6, 8]  # resumed at 6: steps 1-6 were not trained again
