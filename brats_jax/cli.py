@@ -10,14 +10,14 @@ from absl import app, logging
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
 
 
-def run_app(main) -> None:
+def run_app(main, **run_kwargs) -> None:
     """`absl.app.run(main)`, printing `error: ...` and exiting 1 on a user mistake.
 
     Set BRATS_JAX_DEBUG=1 to get the traceback instead. An `AttributeError` raised while
     parsing flags is ml_collections' answer to `--config.x=...` naming no config field.
     """
     try:
-        app.run(main)
+        app.run(main, **run_kwargs)
     except AttributeError as e:
         flag = _config_flag_for(str(e).strip("'\""))
         if flag is None or os.environ.get("BRATS_JAX_DEBUG"):

@@ -12,12 +12,17 @@ from flax import traverse_util
 def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
     """The value of `config.<dotted>` (a group comes back as a plain dict).
 
-    Raises KeyError naming the field when a part of `dotted` is not in the config.
+    Raises KeyError naming the field, the missing part and the known fields there.
     """
     node: Any = config
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise KeyError(f"unknown config field {dotted!r}: no {part!r}")
+            where = ".".join(parts[:depth]) or "the config"
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise KeyError(
+                f"{where} has no field {part!r}" + (f"; known: {', '.join(known)}" if known else "")
+            )
         node = node[part]
     return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
 

@@ -1,0 +1,1 @@
+"""The study's sweeps (`sweeps`), running them (`run`) and their report (`report`)."""

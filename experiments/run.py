@@ -19,6 +19,7 @@ sharing a shape can later be grouped.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import fnmatch
@@ -33,8 +34,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
-from brats_jax import config_utils, fileio, runtime
+from brats_jax import cli, config_utils, fileio, runtime
 from experiments import sweeps
 
 RESULTS = "results.json"
@@ -77,44 +80,11 @@ class Outcome:
 # ----------------------------------------------------------------------------- overrides
 
 
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
-
-
-def convert_value(field: str, text: str, current: Any) -> Any:
-    """`text` converted to the type of the field's current value; a ValueError names both."""
-    try:
-        if isinstance(current, bool):
-            low = text.strip().lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
-        if isinstance(current, int):
-            f = float(text)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, str) or current is None:
-            return text
-    except ValueError:
-        pass
-    else:
-        raise ValueError(
-            f"--config.{field}: cannot set a field of type {type(current).__name__} "
-            "from the command line"
-        )
-    raise ValueError(
-        f"--config.{field}={text!r}: expected a {type(current).__name__} "
-        f"(the field's current value is {current!r})"
-    )
-
-
 def parse_overrides(args: Sequence[str], template: ml_collections.ConfigDict) -> dict[str, Any]:
     """`{"a.b": typed value}` from `--config.a.b=value` / `--config.a.b value` arguments.
+
+    Values are converted to the field's type by `ml_collections.config_flags` (the parser
+    `brats_jax.main` uses; bool: true/false/t/f/1/0).
 
     Args:
       args: command-line tokens left after the known options.
@@ -126,42 +96,50 @@ def parse_overrides(args: Sequence[str], template: ml_collections.ConfigDict) ->
     """
     out: dict[str, Any] = {}
     tokens = list(args)
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
+    while tokens:
+        tok = tokens.pop(0)
         if not tok.startswith("--config."):
             raise ValueError(
                 f"unexpected argument {tok!r}; "
                 "config overrides look like --config.train.num_steps=5"
             )
-        body = tok[len("--config.") :]
-        if "=" in body:
-            field, value = body.split("=", 1)
-        else:
-            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+        field, eq, value = tok[len("--config.") :].partition("=")
+        if not eq:
+            if not tokens or tokens[0].startswith("--"):
                 raise ValueError(f"{tok}: missing value (write {tok}=VALUE)")
-            field, value = body, tokens[i + 1]
-            i += 1
-        i += 1
-        out[field] = convert_value(field, value, _lookup(template, field))
+            value = tokens.pop(0)
+        current = _check_field(template, field)
+        out[field] = _parse_value(template, field, value, current)
     return out
 
 
-def _lookup(config: ml_collections.ConfigDict, field: str) -> Any:
-    node: Any = config
-    parts = field.split(".")
-    for depth, p in enumerate(parts):
-        if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-            where = ".".join(parts[:depth]) or "the config"
-            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise ValueError(
-                f"unknown config field --config.{field}: {where} has no field {p!r}"
-                + (f"; known: {', '.join(known)}" if known else "")
-            )
-        node = node[p]
-    if isinstance(node, ml_collections.ConfigDict):
+def _check_field(config: ml_collections.ConfigDict, field: str) -> Any:
+    """The current value of a settable field; a ValueError names an unknown field (with the
+    group's known fields) or a group."""
+    try:
+        value = config_utils.get_field(config, field)
+    except KeyError as e:
+        raise ValueError(f"unknown config field --config.{field}: {e.args[0]}") from None
+    if isinstance(value, dict):
         raise ValueError(f"--config.{field} is a group, not a field; set one of its fields")
-    return node
+    return value
+
+
+def _parse_value(template: ml_collections.ConfigDict, field: str, text: str, current: Any):
+    """`text` parsed as `--config.<field>` by `config_flags` against `template`'s types."""
+    argv = ["experiments.run", f"--config.{field}={text}"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict(
+        "config", copy.deepcopy(template), flag_values=flag_values, sys_argv=argv
+    )
+    try:
+        flag_values(argv)
+    except flags.Error as e:
+        raise ValueError(
+            f"--config.{field}={text!r}: expected a {type(current).__name__} "
+            f"(the field's current value is {current!r}; {e})"
+        ) from None
+    return config_utils.get_field(flag_values.config, field)
 
 
 def infer_data_source(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -300,83 +278,98 @@ def execute(
     whose `config.json` differs from the planned config. A raising run gets its traceback
     in `<workdir>/error.txt`. Progress goes to stdout and `<out>/sweep.log`.
     `train_fn(config, workdir)` defaults to `brats_jax.train.train_and_evaluate`.
-    With `group_size=K > 1`, runs that share architecture, image size and batch size are trained
-    K at a time in one compiled program (`brats_jax.train.train_runs` with `mapping`);
-    each still gets its own outputs.
+    With `group_size=K > 1`, runs that share architecture, image size and batch size are
+    trained K at a time in one compiled program (`brats_jax.train.train_runs` with
+    `mapping`); each still gets its own outputs.
     """
     train_fn = train_fn or _default_train
     train_group_fn = train_group_fn or _default_train_group
-    outcomes = []
-    todo = []
+    outcomes, todo = [], []
     for i, spec in enumerate(runs):
-        out = spec.workdir.parent
         tag = f"[{i + 1}/{len(runs)}] {spec.name}"
-        planned = _config_json(spec.config)
-        saved_path = spec.workdir / "config.json"
-        diff = []
-        if saved_path.exists():
-            try:
-                saved = config_utils.upgrade_legacy(json.loads(saved_path.read_text()))
-                diff = config_utils.format_diff(config_utils.config_diff(saved, planned))
-            except json.JSONDecodeError:
-                diff = []
-        if (spec.workdir / RESULTS).exists():
-            note = f" (its config differs: {'; '.join(diff)})" if diff else ""
-            _log(out, f"{tag}: skipped, finished{note}")
-            _write_run_info(spec)
-            outcomes.append(Outcome(spec.name, "skipped", message=note.strip(" ()")))
-            continue
-        spec.workdir.mkdir(parents=True, exist_ok=True)
-        if diff:
-            msg = (
-                f"{spec.workdir} holds an unfinished run with a different config "
-                f"({'; '.join(diff)}); delete the folder or use another --out"
-            )
-            fileio.write_text(spec.workdir / ERROR, msg + "\n")
-            _log(out, f"{tag}: FAILED: {msg}")
-            outcomes.append(Outcome(spec.name, "failed", message=msg))
-            continue
-        todo.append((tag, spec))
+        outcome = _triage(spec, tag)
+        if outcome is None:
+            todo.append((tag, spec))
+        else:
+            outcomes.append(outcome)
     tags = {id(spec): tag for tag, spec in todo}
     for unit in plan_units([spec for _, spec in todo], group_size):
-        out = unit[0].workdir.parent
-        for spec in unit:
-            resume = (spec.workdir / "checkpoints").exists()
-            _log(
-                out,
-                f"{tags[id(spec)]}: {'resuming' if resume else 'starting'}"
-                + (f" (trained together with {len(unit) - 1} more)" if len(unit) > 1 else ""),
-            )
-            _write_run_info(spec, status="running")
-        t0 = time.perf_counter()
-        try:
-            if len(unit) == 1:
-                train_fn(unit[0].config, unit[0].workdir)
-            else:
-                train_group_fn([s.config for s in unit], [s.workdir for s in unit], mapping)
-        except Exception as e:  # noqa: BLE001 - one failing run must not stop the sweep
-            seconds = time.perf_counter() - t0
-            msg = f"{type(e).__name__}: {e}".splitlines()[0]
-            for spec in unit:
-                fileio.write_text(spec.workdir / ERROR, traceback.format_exc())
-                _write_run_info(spec, status="failed", seconds=seconds)
-                _log(
-                    out,
-                    f"{tags[id(spec)]}: FAILED after {seconds:.1f}s: {msg} "
-                    f"(see {spec.workdir / ERROR})",
-                )
-                outcomes.append(Outcome(spec.name, "failed", seconds, msg))
-        else:
-            seconds = time.perf_counter() - t0
-            for spec in unit:
-                (spec.workdir / ERROR).unlink(missing_ok=True)
-                _write_run_info(spec, status="done", seconds=seconds, trained_with=len(unit))
-                _log(out, f"{tags[id(spec)]}: done in {seconds:.1f}s")
-                outcomes.append(Outcome(spec.name, "done", seconds))
-        finally:
-            _release_memory()
+        outcomes += _train_unit(unit, tags, train_fn, train_group_fn, mapping)
     order = {spec.name: i for i, spec in enumerate(runs)}
     return sorted(outcomes, key=lambda o: order.get(o.name, 0))
+
+
+def _triage(spec: RunSpec, tag: str) -> Outcome | None:
+    """None when `spec` is to be trained; else its outcome: "skipped" (finished) or
+    "failed" (an unfinished run with a different saved config is in its folder)."""
+    out = spec.workdir.parent
+    saved_path = spec.workdir / "config.json"
+    diff = []
+    if saved_path.exists():
+        try:
+            saved = config_utils.upgrade_legacy(json.loads(saved_path.read_text()))
+            diff = config_utils.format_diff(
+                config_utils.config_diff(saved, _config_json(spec.config))
+            )
+        except json.JSONDecodeError:
+            diff = []
+    if (spec.workdir / RESULTS).exists():
+        note = f" (its config differs: {'; '.join(diff)})" if diff else ""
+        _log(out, f"{tag}: skipped, finished{note}")
+        _write_run_info(spec)
+        return Outcome(spec.name, "skipped", message=note.strip(" ()"))
+    spec.workdir.mkdir(parents=True, exist_ok=True)
+    if diff:
+        msg = (
+            f"{spec.workdir} holds an unfinished run with a different config "
+            f"({'; '.join(diff)}); delete the folder or use another --out"
+        )
+        fileio.write_text(spec.workdir / ERROR, msg + "\n")
+        _log(out, f"{tag}: FAILED: {msg}")
+        return Outcome(spec.name, "failed", message=msg)
+    return None
+
+
+def _train_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[Outcome]:
+    """Train the runs of `unit` together (one alone with `train_fn`); their outcomes."""
+    out = unit[0].workdir.parent
+    for spec in unit:
+        resume = (spec.workdir / "checkpoints").exists()
+        _log(
+            out,
+            f"{tags[id(spec)]}: {'resuming' if resume else 'starting'}"
+            + (f" (trained together with {len(unit) - 1} more)" if len(unit) > 1 else ""),
+        )
+        _write_run_info(spec, status="running")
+    t0 = time.perf_counter()
+    outcomes = []
+    try:
+        if len(unit) == 1:
+            train_fn(unit[0].config, unit[0].workdir)
+        else:
+            train_group_fn([s.config for s in unit], [s.workdir for s in unit], mapping)
+    except Exception as e:  # noqa: BLE001 - one failing run must not stop the sweep
+        seconds = time.perf_counter() - t0
+        msg = f"{type(e).__name__}: {e}".splitlines()[0]
+        for spec in unit:
+            fileio.write_text(spec.workdir / ERROR, traceback.format_exc())
+            _write_run_info(spec, status="failed", seconds=seconds)
+            _log(
+                out,
+                f"{tags[id(spec)]}: FAILED after {seconds:.1f}s: {msg} "
+                f"(see {spec.workdir / ERROR})",
+            )
+            outcomes.append(Outcome(spec.name, "failed", seconds, msg))
+    else:
+        seconds = time.perf_counter() - t0
+        for spec in unit:
+            (spec.workdir / ERROR).unlink(missing_ok=True)
+            _write_run_info(spec, status="done", seconds=seconds, trained_with=len(unit))
+            _log(out, f"{tags[id(spec)]}: done in {seconds:.1f}s")
+            outcomes.append(Outcome(spec.name, "done", seconds))
+    finally:
+        _release_memory()
+    return outcomes
 
 
 def _release_memory() -> None:
@@ -478,5 +471,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def run() -> None:
+    """Console entry (`python -m experiments.run`): the arguments are parsed by `main`, and
+    `cli.run_app` turns an unexpected user error into one `error: ...` line, as every CLI."""
+    cli.run_app(lambda argv: sys.exit(main(argv[1:])), flags_parser=_absl_skips_arguments)
+
+
+def _absl_skips_arguments(argv: list[str]) -> list[str]:
+    """absl's flags parse nothing here (no absl flag is defined); `main` parses `argv`."""
+    flags.FLAGS(argv[:1])
+    return argv
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
