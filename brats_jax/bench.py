@@ -73,6 +73,20 @@ def build_model(
     return models.from_config(m, ops=conv_impl)
 
 
+MODEL_CHOICE = dict(
+    model="unet", dtype="float32", base_features=None, depth=None, preset=None, conv_impl="auto"
+)
+"""The benchmarks' model keywords (`**model_fields` of each `bench_*`) and their defaults."""
+
+
+def model_choice(**fields) -> dict:
+    """`MODEL_CHOICE` updated with `fields`: the keywords of :func:`build_model`."""
+    unknown = sorted(set(fields) - set(MODEL_CHOICE))
+    if unknown:
+        raise TypeError(f"unknown model keywords {unknown}; expected some of {list(MODEL_CHOICE)}")
+    return {**MODEL_CHOICE, **fields}
+
+
 def init_variables(model, image_size: int, in_channels: int = 4, seed: int = 0) -> dict:
     """Variables of ``model`` for (1, image_size, image_size, in_channels) inputs (jitted init)."""
     k = jax.random.PRNGKey(seed)
@@ -187,32 +201,21 @@ def _cpu_count() -> int:
 
 
 def bench_train(
-    model: str = "unet",
     image_size: int = 128,
     batch_size: int = 4,
     steps: int = 5,
-    base_features: int | None = None,
-    depth: int | None = None,
-    preset: str | None = None,
-    dtype: str = "float32",
-    conv_impl: str = "auto",
+    **model_fields,
 ) -> dict:
     """Times ``steps`` train steps (after one warm-up step) and returns the result dict
     (keys: model, image_size, batch_size, dtype, conv_impl, devices, params, flops_per_step,
     compile_s, step_s_median, step_s_min, step_s_pipelined, slices_per_s, tflops,
-    tflops_pipelined, plus :func:`machine_info`)."""
+    tflops_pipelined, plus :func:`machine_info`). ``model_fields``: :data:`MODEL_CHOICE`."""
     if steps < 1 or batch_size < 1 or image_size < 1:
         raise ValueError(
             f"steps={steps}, batch_size={batch_size}, image_size={image_size} must all be >= 1"
         )
-    net = build_model(
-        model,
-        dtype=dtype,
-        base_features=base_features,
-        depth=depth,
-        preset=preset,
-        conv_impl=conv_impl,
-    )
+    fields = model_choice(**model_fields)
+    net = build_model(**fields)
     tx = optax.adam(1e-4)
     state = init_train_state(net, image_size, tx)
     image, label = random_batch(batch_size, image_size)
@@ -223,11 +226,11 @@ def bench_train(
     piped = timing.pipelined_s
     return {
         "bench": "train",
-        "model": model,
+        "model": fields["model"],
         "image_size": image_size,
         "batch_size": batch_size,
-        "dtype": dtype,
-        "conv_impl": conv_impl if model == "unet" else "xla",
+        "dtype": fields["dtype"],
+        "conv_impl": fields["conv_impl"] if fields["model"] == "unet" else "xla",
         "params": params,
         "flops_per_step": flops,
         "compile_s": round(compile_s, 3),
@@ -319,17 +322,12 @@ def time_steps(
 
 
 def bench_multirun(
-    model: str = "unet",
     image_size: int = 64,
     batch_size: int = 8,
     runs: int = 8,
     steps: int = 5,
     mapping: str = "auto",
-    base_features: int | None = None,
-    depth: int | None = None,
-    preset: str | None = None,
-    dtype: str = "float32",
-    conv_impl: str = "auto",
+    **model_fields,
 ) -> dict:
     """Times the library's own multi-run train step (`brats_jax.train.train_runs`' program):
     K = `runs` stacked runs with different learning rates and losses in one compiled step,
@@ -338,10 +336,8 @@ def bench_multirun(
     from brats_jax import losses, steps, train_state
 
     mapping = steps.default_mapping() if mapping == "auto" else mapping
-    net = build_model(
-        model, dtype=dtype, base_features=base_features, depth=depth, preset=preset,
-        conv_impl=conv_impl,
-    )  # fmt: skip
+    fields = model_choice(**model_fields)
+    net = build_model(**fields)
     from configs import default as default_config
 
     cfg = default_config.base_config().train
@@ -370,12 +366,12 @@ def bench_multirun(
         mem = stats["peak_bytes_in_use"]
     return {
         "bench": "multirun",
-        "model": model,
+        "model": fields["model"],
         "image_size": image_size,
         "batch_size": batch_size,
         "runs": runs,
         "mapping": mapping,
-        "dtype": dtype,
+        "dtype": fields["dtype"],
         "params_per_run": num_params(init(0).params),
         "compile_s_single": round(one.compile_s, 3),
         "compile_s_stacked": round(many.compile_s, 3),
@@ -389,17 +385,12 @@ def bench_multirun(
 
 
 def bench_eval(
-    model: str = "unet",
     batch_size: int = 16,
     volumes: int = 2,
     depth_slices: int = 155,
     volume_size: int = 240,
     image_size: int = 240,
-    base_features: int | None = None,
-    depth: int | None = None,
-    preset: str | None = None,
-    dtype: str = "float32",
-    conv_impl: str = "auto",
+    **model_fields,
 ) -> dict:
     """Predicts ``volumes`` random (volume_size, volume_size, depth_slices, 4) volumes with
     ``inference.predict_volume`` (one compiled function, fixed slice batches). Returns a dict
@@ -410,14 +401,8 @@ def bench_eval(
 
     if volumes < 2:
         raise ValueError(f"volumes={volumes}; need >= 2 to check for recompilation")
-    net = build_model(
-        model,
-        dtype=dtype,
-        base_features=base_features,
-        depth=depth,
-        preset=preset,
-        conv_impl=conv_impl,
-    )
+    fields = model_choice(**model_fields)
+    net = build_model(**fields)
     variables = init_variables(net, image_size)
     predict = inference.make_slice_predictor(net, image_size=image_size)
     batch = jnp.zeros((batch_size, volume_size, volume_size, 4), jnp.float32)
@@ -441,11 +426,11 @@ def bench_eval(
     vol_s = statistics.median(times)
     return {
         "bench": "eval",
-        "model": model,
+        "model": fields["model"],
         "volume": [volume_size, volume_size, depth_slices],
         "image_size": image_size,
         "batch_size": batch_size,
-        "dtype": dtype,
+        "dtype": fields["dtype"],
         "volumes": volumes,
         "params": num_params(variables["params"]),
         "compile_s": round(compile_s, 3),

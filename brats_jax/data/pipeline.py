@@ -370,17 +370,12 @@ def make_train_iterator(
     (data.random_flip), resize to data.image_size (0 = native), data.num_workers processes,
     static per-host sharding (indices[shard_index::shard_count]).
     """
+    d = data_config
+    options = dict(image_size=d.image_size, random_flip=d.random_flip, num_workers=d.num_workers)
     return TrainIterator(
-        source,
-        indices,
-        image_size=data_config.image_size,
-        random_flip=data_config.random_flip,
-        num_workers=data_config.num_workers,
-        batch_size=batch_size,
-        seed=seed,
-        shard_index=shard_index,
-        shard_count=shard_count,
-    )
+        source, indices, batch_size=batch_size, seed=seed, shard_index=shard_index,
+        shard_count=shard_count, **options,
+    )  # fmt: skip
 
 
 def eval_batches(source, indices, *, batch_size: int, image_size: int = 0):

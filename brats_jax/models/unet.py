@@ -55,13 +55,9 @@ class ConvBlock(nn.Module):
     def conv(self, features: int, kernel_size: int, name: str) -> Conv2D:
         """The single place convolutions of the U-Net are created (swap via ``conv_impl``)."""
         return Conv2D(
-            features,
-            kernel_size,
-            padding=self.padding,
-            impl=self.conv_impl,
-            dtype=self.dtype,
+            features, kernel_size, padding=self.padding, impl=self.conv_impl, dtype=self.dtype,
             name=name,
-        )
+        )  # fmt: skip
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -98,14 +94,8 @@ class UNet(nn.Module):
     conv_impl: str = "xla"
 
     def _block(self, features: int, name: str) -> ConvBlock:
-        return ConvBlock(
-            features,
-            padding=self.padding,
-            norm=self.norm,
-            dtype=self.dtype,
-            conv_impl=self.conv_impl,
-            name=name,
-        )
+        shared = dict(padding=self.padding, norm=self.norm, dtype=self.dtype)
+        return ConvBlock(features, conv_impl=self.conv_impl, name=name, **shared)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
