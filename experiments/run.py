@@ -47,8 +47,9 @@ SWEEP_LOG = "sweep.log"
 
 
 @dataclasses.dataclass
-class RunSpec:
-    """One planned run.
+class PlannedRun:
+    """One training run, planned: its full config and folder (`sweeps.SweepRun` is where it
+    sits in a sweep; `brats_jax.run_group.Run` is the run while it trains).
 
     Attributes:
       name: run name (= folder name under the output folder).
@@ -68,8 +69,8 @@ class RunSpec:
 
 
 @dataclasses.dataclass
-class Outcome:
-    """What `execute` did with one run: status in {"done", "skipped", "failed"}."""
+class RunOutcome:
+    """What `execute` did with one training run: status in {"done", "skipped", "failed"}."""
 
     name: str
     status: str
@@ -166,7 +167,7 @@ def plan_runs(
     overrides: dict[str, Any] | None = None,
     *,
     out: str | os.PathLike = "experiments_out",
-) -> list[RunSpec]:
+) -> list[PlannedRun]:
     """The runs of sweep(s) `names` at `scale` with `overrides`, in table order.
 
     A run shared by several sweeps (same name, hence same config) is planned once, with one
@@ -177,7 +178,7 @@ def plan_runs(
         names = [names]
     overrides = dict(overrides or {})
     out = pathlib.Path(out)
-    specs: dict[str, RunSpec] = {}
+    specs: dict[str, PlannedRun] = {}
     for name in names:
         sweep = sweeps.get_sweep(name)
         clash = sorted(set(overrides) & sweeps.refused_overrides(sweep))
@@ -190,7 +191,7 @@ def plan_runs(
             placement = {"row": cell.row, "col": cell.col, "study": cell.study}
             spec = specs.get(config.name)
             if spec is None:
-                spec = RunSpec(config.name, config, out / config.name, {}, scale, overrides)
+                spec = PlannedRun(config.name, config, out / config.name, {}, scale, overrides)
                 specs[config.name] = spec
             spec.placements[name] = placement
     return list(specs.values())
@@ -211,7 +212,7 @@ def _log(out: pathlib.Path, line: str) -> None:
     print(line, flush=True)
 
 
-def _write_run_info(spec: RunSpec, **extra) -> None:
+def _write_run_info(spec: PlannedRun, **extra) -> None:
     path = spec.workdir / RUN_INFO
     info = {}
     if path.exists():
@@ -249,13 +250,13 @@ def _group_key(config: ml_collections.ConfigDict) -> str:
     return run_group.group_key(config)
 
 
-def plan_units(runs: Sequence[RunSpec], group_size: int) -> list[list[RunSpec]]:
+def plan_units(runs: Sequence[PlannedRun], group_size: int) -> list[list[PlannedRun]]:
     """Split runs into units trained together: runs sharing architecture, image size, batch
     size and step budget (`brats_jax.run_group.group_key`), at most `group_size` per unit, in sweep
     order. `group_size <= 1` gives one run per unit."""
     if group_size <= 1:
         return [[r] for r in runs]
-    groups: dict[str, list[RunSpec]] = {}
+    groups: dict[str, list[PlannedRun]] = {}
     for r in runs:
         groups.setdefault(_group_key(r.config), []).append(r)
     units = []
@@ -265,13 +266,13 @@ def plan_units(runs: Sequence[RunSpec], group_size: int) -> list[list[RunSpec]]:
 
 
 def execute(
-    runs: Sequence[RunSpec],
+    runs: Sequence[PlannedRun],
     *,
     train_fn: Callable[[ml_collections.ConfigDict, pathlib.Path], dict] | None = None,
     group_size: int = 0,
     mapping: str = "auto",
     train_group_fn: Callable[..., list[dict]] | None = None,
-) -> list[Outcome]:
+) -> list[RunOutcome]:
     """Run each spec into its workdir; never raises for a failing run.
 
     Skips a run whose `results.json` exists; refuses (status "failed") to resume a workdir
@@ -299,7 +300,7 @@ def execute(
     return sorted(outcomes, key=lambda o: order.get(o.name, 0))
 
 
-def _triage(spec: RunSpec, tag: str) -> Outcome | None:
+def _triage(spec: PlannedRun, tag: str) -> RunOutcome | None:
     """None when `spec` is to be trained; else its outcome: "skipped" (finished) or
     "failed" (an unfinished run with a different saved config is in its folder)."""
     out = spec.workdir.parent
@@ -317,7 +318,7 @@ def _triage(spec: RunSpec, tag: str) -> Outcome | None:
         note = f" (its config differs: {'; '.join(diff)})" if diff else ""
         _log(out, f"{tag}: skipped, finished{note}")
         _write_run_info(spec)
-        return Outcome(spec.name, "skipped", message=note.strip(" ()"))
+        return RunOutcome(spec.name, "skipped", message=note.strip(" ()"))
     spec.workdir.mkdir(parents=True, exist_ok=True)
     if diff:
         msg = (
@@ -326,11 +327,11 @@ def _triage(spec: RunSpec, tag: str) -> Outcome | None:
         )
         fileio.write_text(spec.workdir / ERROR, msg + "\n")
         _log(out, f"{tag}: FAILED: {msg}")
-        return Outcome(spec.name, "failed", message=msg)
+        return RunOutcome(spec.name, "failed", message=msg)
     return None
 
 
-def _train_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[Outcome]:
+def _train_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[RunOutcome]:
     """Train the runs of `unit` together (one alone with `train_fn`); their outcomes."""
     out = unit[0].workdir.parent
     for spec in unit:
@@ -359,14 +360,14 @@ def _train_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[Outcome]:
                 f"{tags[id(spec)]}: FAILED after {seconds:.1f}s: {msg} "
                 f"(see {spec.workdir / ERROR})",
             )
-            outcomes.append(Outcome(spec.name, "failed", seconds, msg))
+            outcomes.append(RunOutcome(spec.name, "failed", seconds, msg))
     else:
         seconds = time.perf_counter() - t0
         for spec in unit:
             (spec.workdir / ERROR).unlink(missing_ok=True)
             _write_run_info(spec, status="done", seconds=seconds, trained_with=len(unit))
             _log(out, f"{tags[id(spec)]}: done in {seconds:.1f}s")
-            outcomes.append(Outcome(spec.name, "done", seconds))
+            outcomes.append(RunOutcome(spec.name, "done", seconds))
     finally:
         _release_memory()
     return outcomes

@@ -1,8 +1,8 @@
 """The study's results and the follow-ups its conclusion asks for, as sweeps of configs.
 
-A *sweep* is a named list of `Cell`s; a cell is one training run described by the model and
-the config fields it sets on top of the model's base config. `expand(name, scale)` turns a
-sweep into `(cell, config)` pairs at a scale:
+A *sweep* is a named list of `SweepRun`s: each is one training run (one cell of the sweep's
+table), described by the model and the config fields it sets on top of the model's base
+config. `expand(name, scale)` turns a sweep into `(sweep run, config)` pairs at a scale:
 
 - "paper": `configs/<model>.py:paper` (the study: pruned 240x240 slices, batch 1, Adam,
   10 epochs) with the cell's fields; meant for a GPU or TPU.
@@ -88,8 +88,9 @@ STUDY_TABLES = {"unet": STUDY_TABLE1, "transunet": STUDY_TABLE2}
 
 
 @dataclasses.dataclass(frozen=True)
-class Cell:
-    """One run of a sweep.
+class SweepRun:
+    """One training run of a sweep (one cell of its table); `experiments.run.PlannedRun` is
+    the same run with its full config and folder, `brats_jax.run_group.Run` while it trains.
 
     Attributes:
       name: run name = folder name under the sweep's output folder.
@@ -116,7 +117,7 @@ class Sweep:
 
     name: str
     title: str
-    cells: tuple[Cell, ...]
+    cells: tuple[SweepRun, ...]
     row_header: str
 
 
@@ -173,7 +174,7 @@ def make_cell(
     epochs: int = 10,
     seed: int = 0,
     study: float | None = None,
-) -> Cell:
+) -> SweepRun:
     """A cell for `model` trained with `setting`'s loss at `lr` (other fields: the study's)."""
     settings: dict[str, Any] = {
         "train.loss": setting.loss,
@@ -188,14 +189,14 @@ def make_cell(
         model, setting.loss, lr, beta=setting.beta, gamma=gamma, batch_size=batch_size,
         epochs=epochs, seed=seed,
     )  # fmt: skip
-    return Cell(name, model, settings, row, col, study, epochs)
+    return SweepRun(name, model, settings, row, col, study, epochs)
 
 
 _CE = LOSS_SETTINGS[0]
 _FOCAL = LOSS_SETTINGS[4]
 
 
-def _loss_table(model: str) -> tuple[Cell, ...]:
+def _loss_table(model: str) -> tuple[SweepRun, ...]:
     study = STUDY_TABLES[model]
     return tuple(
         make_cell(model, s, lr, row=s.label, col=f"LR {fmt_lr(lr)}", study=study[s.key][j])
@@ -204,7 +205,7 @@ def _loss_table(model: str) -> tuple[Cell, ...]:
     )
 
 
-def _figure6() -> tuple[Cell, ...]:
+def _figure6() -> tuple[SweepRun, ...]:
     # The study gives Figure 6's numbers only as bars; batch 1 equals Table 2's CE row.
     return tuple(
         make_cell(
@@ -221,7 +222,7 @@ def _figure6() -> tuple[Cell, ...]:
     )
 
 
-def _focal_gamma() -> tuple[Cell, ...]:
+def _focal_gamma() -> tuple[SweepRun, ...]:
     cells = []
     for model in MODELS:
         lr = BEST_LR[model]
@@ -242,7 +243,7 @@ def _focal_gamma() -> tuple[Cell, ...]:
     return tuple(cells)
 
 
-def _lr_range() -> tuple[Cell, ...]:
+def _lr_range() -> tuple[SweepRun, ...]:
     cells = []
     for model in MODELS:
         for lr in LR_RANGE:
@@ -255,7 +256,7 @@ def _lr_range() -> tuple[Cell, ...]:
     return tuple(cells)
 
 
-def _best_ce(model: str, *, col: str, **fields) -> Cell:
+def _best_ce(model: str, *, col: str, **fields) -> SweepRun:
     """The study's best cell of `model` (unweighted CE at its best LR, batch 1) with `fields`
     (epochs, seed) changed, in the model's row of a sweep's table."""
     lr = BEST_LR[model]
@@ -263,11 +264,11 @@ def _best_ce(model: str, *, col: str, **fields) -> Cell:
     return make_cell(model, _CE, lr, row=MODEL_LABELS[model], col=col, study=study, **fields)
 
 
-def _long() -> tuple[Cell, ...]:
+def _long() -> tuple[SweepRun, ...]:
     return tuple(_best_ce(m, col=f"{LONG_EPOCHS} epochs", epochs=LONG_EPOCHS) for m in MODELS)
 
 
-def _seeds() -> tuple[Cell, ...]:
+def _seeds() -> tuple[SweepRun, ...]:
     return tuple(_best_ce(m, col=f"seed {s}", seed=s) for m in MODELS for s in SEEDS)
 
 
@@ -335,7 +336,7 @@ def base_config(model: str, scale: str) -> ml_collections.ConfigDict:
 
 
 def cell_config(
-    cell: Cell, scale: str, overrides: dict[str, Any] | None = None
+    cell: SweepRun, scale: str, overrides: dict[str, Any] | None = None
 ) -> ml_collections.ConfigDict:
     """The full config of `cell` at `scale` (a fresh ConfigDict); `config.name` = run name.
 
@@ -381,7 +382,7 @@ def refused_overrides(sweep: Sweep) -> set[str]:
 
 def expand(
     name: str, scale: str = "smoke", overrides: dict[str, Any] | None = None
-) -> list[tuple[Cell, ml_collections.ConfigDict]]:
+) -> list[tuple[SweepRun, ml_collections.ConfigDict]]:
     """`[(cell, config), ...]` of sweep `name` at `scale`, in table order.
 
     `config.name` is the run name (equal to `cell.name` unless an override changed a

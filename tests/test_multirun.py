@@ -80,10 +80,10 @@ def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
     for i, (loss, bs) in enumerate([("ce", 2), ("focal", 2), ("cb_ce", 4), ("dice", 2)]):
         c = _config(loss, 1e-3, 0)
         c.train.batch_size = bs
-        specs.append(exp_run.RunSpec(f"r{i}", c, tmp_path / f"r{i}"))
+        specs.append(exp_run.PlannedRun(f"r{i}", c, tmp_path / f"r{i}"))
     longer = _config("ce", 1e-3, 0, batch_size=2, num_steps=12)  # another step budget
     units = exp_run.plan_units(
-        [*specs, exp_run.RunSpec("r4", longer, tmp_path / "r4")], group_size=3
+        [*specs, exp_run.PlannedRun("r4", longer, tmp_path / "r4")], group_size=3
     )
     assert [[s.name for s in u] for u in units] == [["r0", "r1", "r3"], ["r2"], ["r4"]]
     units = exp_run.plan_units(specs, group_size=2)
