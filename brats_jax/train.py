@@ -131,8 +131,9 @@ def _train_loop(group: RunGroup) -> int:
                 _log_train(group, step, jax.device_get(out), n_log, time.perf_counter() - t_log)
                 bar.set_postfix(loss=f"{float(np.mean(out['loss'])):.4f}")
                 t_log, n_log = time.perf_counter(), 0
-            val = group.evaluate(step, eval_step) if when.eval_now(step) else [None] * len(
-                group.runs)  # fmt: skip
+            val = [None] * len(group.runs)
+            if when.eval_now(step):
+                val = group.evaluate(step, eval_step)
             if when.save_now(step, any(v is not None for v in val)):
                 guard.check()
                 group.save(step, val)

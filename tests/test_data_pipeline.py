@@ -226,3 +226,16 @@ def test_make_source_nifti_builds_cache(tmp_path):
     assert len(src) == 8 and (tmp_path / "cache" / "cache.json").is_file()
     # a prepared cache can be given as data.root directly
     assert len(make_source(cfg(source="nifti", root=str(tmp_path / "cache")))) == 8
+
+
+def test_pad_batch_repeats_the_last_row_and_marks_real_rows():
+    from brats_jax.data.pipeline import pad_batch
+
+    x = np.arange(6).reshape(3, 2)
+    padded, valid = pad_batch(x, 5)
+    np.testing.assert_array_equal(padded, [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])
+    np.testing.assert_array_equal(valid, [True, True, True, False, False])
+    full, valid = pad_batch(x, 3)
+    assert full is x and valid.all()
+    with pytest.raises(ValueError, match="4 rows for a batch of 3"):
+        pad_batch(np.zeros((4, 2)), 3)

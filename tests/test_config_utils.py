@@ -1,0 +1,50 @@
+"""`brats_jax.config_utils` and the configs' presets: dotted fields, diffs, locked presets."""
+
+import ml_collections
+import pytest
+
+from brats_jax import config_utils
+from configs import default, transunet, unet
+
+
+def _config():
+    return ml_collections.ConfigDict({"train": {"lr": 0.1, "seed": 0}, "name": "x"})
+
+
+def test_get_and_set_dotted_fields():
+    c = _config()
+    assert config_utils.get_field(c, "train.lr") == 0.1
+    assert config_utils.get_field(c, "train") == {"lr": 0.1, "seed": 0}  # a group as a dict
+    config_utils.set_field(c, "train.seed", 3)
+    config_utils.apply_overrides(c, {"name": "y", "train.lr": 0.5})
+    assert (c.train.seed, c.name, c.train.lr) == (3, "y", 0.5)
+    with pytest.raises(KeyError, match="train has no field 'lr2'; known: lr, seed"):
+        config_utils.get_field(c, "train.lr2")
+    with pytest.raises(KeyError, match="no group 'trian'"):
+        config_utils.set_field(c, "trian.lr", 1.0)
+    with pytest.raises(KeyError, match="unknown config field 'train.nope'"):
+        config_utils.set_field(c, "train.nope", 1.0)
+
+
+def test_config_diff_lists_changed_added_and_removed_fields():
+    old = {"train": {"lr": 0.1, "seed": 0}, "name": "x"}
+    new = {"train": {"lr": 0.2, "seed": 0}, "eval": {"bs": 4}}
+    diff = config_utils.config_diff(old, new)
+    assert diff == [("eval.bs", None, 4), ("name", "x", None), ("train.lr", 0.1, 0.2)]
+    assert config_utils.format_diff(diff)[2] == "train.lr: 0.1 -> 0.2"
+    assert config_utils.config_diff(old, old) == []
+
+
+def test_presets_are_field_dicts_on_a_locked_config():
+    c = unet.get_config("demo")
+    # the default demo preset, then the U-Net's own fields for it (its learning rate wins)
+    assert c.train.num_steps == 400 and c.model.base_features == 16
+    assert c.train.learning_rate == 1e-3 and c.name == "unet-demo"
+    assert transunet.get_config("demo").train.learning_rate == 3e-4
+    smoke = unet.get_config("smoke")
+    assert smoke.train.num_steps == default.SMOKE_STEPS and smoke.data.image_size == 32
+    assert smoke.model.depth == 2 and smoke.name == "unet-smoke"
+    with pytest.raises(AttributeError):
+        c.train.learning_rat = 1.0  # locked: a misspelt field is an error, not a new field
+    with pytest.raises(ValueError, match="unknown preset 'papr'"):
+        unet.get_config("papr")
