@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from brats_jax import NUM_CLASSES, runtime
-from brats_jax.ops.impls import IMPLS
+from brats_jax.ops.impls import IMPLS, resolve_impl
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -70,7 +70,7 @@ def build_model(
     m = default_config.base_config().model
     fields = dict(name=model, dtype=dtype, base_features=base_features, depth=depth, preset=preset)
     m.update({k: v for k, v in fields.items() if v is not None})
-    return models.from_config(m, ops=conv_impl)
+    return models.from_config(m, ops=resolve_impl(conv_impl))  # "auto" resolved once, here
 
 
 MODEL_CHOICE = dict(

@@ -81,8 +81,9 @@ class Run:
 
 def _check_config(config) -> None:
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
-        if config_utils.get_field(config, field) < 1:
-            raise ValueError(f"{field}={config_utils.get_field(config, field)}; expected >= 1")
+        value = config_utils.get_field(config, field)
+        if value < 1:
+            raise ValueError(f"{field}={value}; expected at least 1")
     n = jax.device_count()
     for field in ("train.batch_size", "eval.batch_size"):
         value = config_utils.get_field(config, field)
