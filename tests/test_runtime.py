@@ -91,3 +91,16 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
         "model": {"name": "unet"}, "train": {"seed": 1}, "runtime": {"ops": "gpu_fast"},
     }  # fmt: skip
     assert old["model"]["conv_impl"] == "gpu_fast"  # the input is not changed
+
+
+def test_setup_again_in_a_running_process_is_quiet():
+    """An in-process call (a test calling a CLI's main) once JAX runs: flags already set, no
+    warning."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    jnp.zeros(1).block_until_ready()  # a backend exists
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.setup(quiet_logs=False)

@@ -30,18 +30,18 @@ def _backend_started() -> bool:
 def set_cpu_xla_flags(flags=CPU_XLA_FLAGS) -> list[str]:
     """Append ``flags`` to ``os.environ["XLA_FLAGS"]`` (flags whose name is already set there
     are left alone, so a user's own choice wins). Returns the flags added. Warns and changes
-    nothing if a JAX backend already exists (flags would be ignored). Harmless on GPU/TPU:
-    the flags only affect the CPU backend."""
-    if _backend_started():
+    nothing if flags are missing but a JAX backend already exists (they would be ignored).
+    Harmless on GPU/TPU: the flags only affect the CPU backend."""
+    current = os.environ.get("XLA_FLAGS", "")
+    names = {f.split("=")[0] for f in current.split()}
+    added = [f for f in flags if f.split("=")[0] not in names]
+    if added and _backend_started():
         warnings.warn(
             "set_cpu_xla_flags: a JAX backend is already initialised; XLA_FLAGS "
             "would be ignored. Call it before the first JAX computation.",
             stacklevel=2,
         )
         return []
-    current = os.environ.get("XLA_FLAGS", "")
-    names = {f.split("=")[0] for f in current.split()}
-    added = [f for f in flags if f.split("=")[0] not in names]
     if added:
         os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
