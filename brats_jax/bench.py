@@ -333,9 +333,10 @@ def bench_multirun(
     K = `runs` stacked runs with different learning rates and losses in one compiled step,
     against one run's step, on identical random batches. Returns a dict with both median
     step times and `speedup` = K * single / stacked (> 1: stacking pays off)."""
-    from brats_jax import losses, steps, train_state
+    from brats_jax import losses, train_state
+    from brats_jax import steps as step_fns  # `steps` is the step count here
 
-    mapping = steps.default_mapping() if mapping == "auto" else mapping
+    mapping = step_fns.default_mapping() if mapping == "auto" else mapping
     fields = model_choice(**model_fields)
     net = build_model(**fields)
     from configs import default as default_config
@@ -346,7 +347,7 @@ def bench_multirun(
     names = ["ce", "focal", "dice_ce", "dice"]
     lps = [losses.loss_params(names[k % len(names)]) for k in range(runs)]
     image, label = random_batch(batch_size, image_size)
-    step = steps.make_train_step(net, tx)
+    step = step_fns.make_train_step(net, tx)
     batch = {"image": image, "label": label}
 
     single = init(0)
@@ -357,9 +358,8 @@ def bench_multirun(
         opt_state=train_state.set_learning_rate(stacked.opt_state, jnp.logspace(-5, -3, runs))
     )
     kbatch = jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), batch)
-    many = time_steps(
-        steps.map_over_runs(step, mapping), stacked, (kbatch, losses.stack_loss_params(lps)), steps
-    )
+    stacked_step = step_fns.map_over_runs(step, mapping)
+    many = time_steps(stacked_step, stacked, (kbatch, losses.stack_loss_params(lps)), steps)
     mem = None
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
