@@ -291,10 +291,10 @@ def dice_loss(
     (``squared``: ``sum p_c**2 + sum g_c**2`` in the denominator), sums over H, W of each
     sample (``batch=True``: over B, H, W, one Dice per class for the batch);
     ``loss = mean over (samples,) classes of (1 - D_c)``; fully masked (padded) samples are
-    left out of the mean over samples (loss 0 when every sample is masked). A class absent from both a sample's
-    labels and (nearly) its prediction scores D ~ 1 thanks to the smoothing terms; with a tiny
-    ``smooth_nr`` an absent class still pushes its probabilities towards 0. Same defaults as
-    MONAI's ``DiceLoss(softmax=True)``.
+    left out of the mean over samples (loss 0 when every sample is masked). A class absent
+    from both a sample's labels and (nearly) its prediction scores D ~ 1 thanks to the
+    smoothing terms; with a tiny ``smooth_nr`` an absent class still pushes its probabilities
+    towards 0. Same defaults as MONAI's ``DiceLoss(softmax=True)``.
 
     Args:
       logits: (B, H, W, C) float; labels: (B, H, W) int; mask: optional (B, H, W) pixels
