@@ -2,6 +2,7 @@
 checkpoint it was computed from, and unreadable checkpoints are skipped in one line."""
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +89,7 @@ def test_diverging_tiny_run_keeps_no_diverged_checkpoint(tmp_path):
     c.train.num_steps = 4
     with pytest.raises(FloatingPointError, match=r"at step (\d+)") as info:
         train.train_and_evaluate(c, tmp_path)
-    bad_step = int(info.match(r"at step (\d+)").group(1))
+    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     ck = RunCheckpoints(tmp_path)
     saved = ck.all_steps()
     assert saved and max(saved) == bad_step - 1  # the loop saved the diverging weights
@@ -199,17 +200,17 @@ def test_real_run_resumes_from_the_older_checkpoint(tiny_run, tmp_path, damage, 
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
     ck = RunCheckpoints(workdir)
-    assert ck.all_steps()[-2:] == [2, 4]
+    older, newest = ck.all_steps()[-2:]
     if damage == "truncate":
-        _truncate_data_files(ck.directory / "4")
+        _truncate_data_files(ck.directory / str(newest))
     else:
-        (ck.directory / "4" / "state" / "_METADATA").unlink()
+        (ck.directory / str(newest) / "state" / "_METADATA").unlink()
     template = _tiny_template(workdir)
-    with pytest.raises(UnreadableCheckpoint, match=r"^checkpoint 4 in \S+ is unreadable: "):
-        ck.restore(4, template)
+    with pytest.raises(UnreadableCheckpoint, match=rf"^checkpoint {newest} in \S+ is unreadable: "):
+        ck.restore(newest, template)
     with caplog.at_level("WARNING"):
         step, state, data = ck.restore_newest(template)
-    assert step == 2 and int(state.step) == 2 and C.all_finite(state)
-    assert any(r.getMessage().endswith("resuming from 2") for r in caplog.records)
-    assert ck.restore_for_inference(template)[0] in (2, 4)
+    assert step == older and int(state.step) == older and C.all_finite(state)
+    assert any(r.getMessage().endswith(f"resuming from {older}") for r in caplog.records)
+    assert ck.restore_for_inference(template)[0] in (older, newest)
     ck.close()
