@@ -132,6 +132,18 @@ def test_prepare_cli(release, tmp_path):
         timeout=120,
     )
     assert r.returncode == 1 and "does not exist" in r.stderr
+    (tmp_path / "a_file").write_text("")
+    bad_out = tmp_path / "a_file" / "cache"  # not creatable (works as root too)
+    r = subprocess.run(
+        [sys.executable, "-m", "brats_jax.data.prepare", f"--src={release}", f"--out={bad_out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'a_file'}")
+    assert r.stderr.strip().endswith("Not a directory (ENOTDIR)")
 
 
 def _kaggle_zscore(x):
