@@ -73,3 +73,25 @@ def check_writable(path: str | os.PathLike) -> None:
         _create_temp_beside(path).unlink()
     except OSError as e:
         raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
+def drop_jsonl_rows_after(path: str | os.PathLike, step: int) -> int:
+    """Atomically rewrite the JSON-lines file `path` without its rows whose "step" is above
+    `step` (a run resumed from checkpoint `step` writes them again). Unparsable lines (a line
+    cut by a kill) are dropped too. Returns the number of lines dropped; 0 if no file."""
+    path = pathlib.Path(path)
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        write_text(path, "".join(kept))
+    return len(lines) - len(kept)
