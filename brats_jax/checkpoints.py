@@ -132,9 +132,15 @@ class RunCheckpoints:
         not finite (diverged weights are never kept as a checkpoint).
         """
         if not all_finite(state):
+            kept = self.latest_step()
             raise FloatingPointError(
-                f"step {step}: the weights or optimizer state hold non-finite values; "
-                f"not saved to {self.directory}"
+                f"step {step}: the weights or optimizer state hold non-finite values; not "
+                "saved. "
+                + (
+                    f"The newest good checkpoint is step {kept} in {self.directory}"
+                    if kept is not None
+                    else f"No checkpoint is kept in {self.directory}"
+                )
             )
         self.manager.save(
             step,
