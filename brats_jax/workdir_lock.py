@@ -57,6 +57,14 @@ def _holder_is_gone(holder: dict) -> bool:
     return holder.get("start") is not None and start is not None and start != holder["start"]
 
 
+def _is_this_process(holder: dict) -> bool:
+    return (
+        holder.get("host") == socket.gethostname()
+        and holder.get("pid") == os.getpid()
+        and holder.get("start") == _start_time(os.getpid())
+    )
+
+
 def _describe(holder: dict | None) -> str:
     if holder is None:
         return "another process (its lock file is unreadable)"
@@ -68,13 +76,16 @@ def _describe(holder: dict | None) -> str:
 class WorkdirLock:
     """Context manager holding `FOLDER/.lock` exclusively (FOLDER is created if needed).
 
-    Raises WorkdirBusy on enter when another live process holds it; releases it on exit.
+    Raises WorkdirBusy on enter when another live process holds it; releases it on exit. A
+    process that already holds the lock may take it again (nested, e.g. a sweep around the
+    training loop): the inner one neither checks nor releases it.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = pathlib.Path(folder)
         self.path = self.folder / LOCK_NAME
         self._content: str | None = None
+        self._nested = False
 
     def _own_content(self) -> str:
         holder = {
@@ -129,6 +140,9 @@ class WorkdirLock:
             text, holder = self._read_holder()
             if text is None:  # released meanwhile
                 continue
+            if holder is not None and _is_this_process(holder):
+                self._nested = True
+                return
             if holder is None or not _holder_is_gone(holder):
                 raise WorkdirBusy(
                     f"{self.folder} is in use by {_describe(holder)}: one process per folder; "
@@ -143,8 +157,10 @@ class WorkdirLock:
         raise WorkdirBusy(f"could not take the lock {self.path}: other processes keep taking it")
 
     def release(self) -> None:
-        """Remove the lock file if it is still this process's."""
-        if self._content is not None and self._read_holder()[0] == self._content:
+        """Remove the lock file if it is still this process's (and not held by an outer one)."""
+        if self._nested:
+            self._nested = False
+        elif self._content is not None and self._read_holder()[0] == self._content:
             self.path.unlink(missing_ok=True)
         self._content = None
 

@@ -106,3 +106,11 @@ def test_lock_of_a_reused_pid_is_stale_and_of_another_host_is_kept(tmp_path):
     with pytest.raises(L.WorkdirBusy, match="unreadable"), L.WorkdirLock(tmp_path):
         pass
     assert lock.read_text() == "garbage"  # a refused process never removes the lock
+
+
+def test_the_holder_may_take_its_own_lock_again(tmp_path):
+    with L.WorkdirLock(tmp_path) as outer:
+        with L.WorkdirLock(tmp_path):  # e.g. experiments.run around train_and_evaluate
+            pass
+        assert outer.path.exists()  # the inner exit leaves the outer's lock in place
+    assert not outer.path.exists()
