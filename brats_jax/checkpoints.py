@@ -25,6 +25,8 @@ from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 VAL_METRIC = "val_paper_dice"
+# files of a step folder whose absence explains a failed restore better than orbax's error
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
 
 
 class UnreadableCheckpoint(ValueError):  # noqa: N818  (reads as the fault it names)
@@ -172,8 +174,10 @@ class RunCheckpoints:
                 ),
             )
         except Exception as e:  # tensorstore, orbax and pytree errors of many types
+            missing = [f for f in _REQUIRED_FILES if not (self.directory / str(step) / f).exists()]
+            reason = f"{', '.join(missing)} missing" if missing else _reason(e)
             raise UnreadableCheckpoint(
-                f"checkpoint {step} in {self.directory} is unreadable: {_reason(e)}"
+                f"checkpoint {step} in {self.directory} is unreadable: {reason}"
             ) from e
         if restored.state is None or restored.data is None:
             raise UnreadableCheckpoint(
@@ -251,7 +255,9 @@ def restore_runs(
         if not common:
             raise ValueError(
                 "the runs' checkpoints share no step, so they cannot resume together: "
-                + ", ".join(f"{c.directory}: {sorted(s)}" for c, s in zip(ckpts, per_run, strict=True))
+                + ", ".join(
+                    f"{c.directory}: {sorted(s)}" for c, s in zip(ckpts, per_run, strict=True)
+                )
                 + "; resume them one by one (without --vmap)"
             )
         steps = sorted((s for s in common if at_most is None or s <= at_most), reverse=True)
