@@ -53,4 +53,3 @@ def test_modality_contrasts():
     assert mean["ed"][0] > mean["brain"][0] + 0.5 and mean["ed"][3] > mean["brain"][3] + 0.5
     assert mean["et"][2] > mean["brain"][2] + 0.5 and mean["et"][2] > mean["ed"][2]
     assert mean["ncr"][2] < mean["brain"][2] - 0.5
-
