@@ -4,15 +4,61 @@ Each checkpoint holds the whole `TrainState` (params, BatchNorm statistics, opti
 step, RNG key) and the data iterator's state, so a rerun resumes exactly. Orbax writes
 each step into a temporary folder and renames it when complete, so an interrupted save
 is never read back as valid.
+
+Faults a run meets are kept out of the checkpoints or skipped when reading them back:
+
+* A state with a non-finite weight or optimizer moment is never saved (`save` raises
+  FloatingPointError). The loss of step t is computed with the weights of step t - 1, so a
+  non-finite loss at step t also condemns the (finite but diverging) checkpoint of step
+  t - 1: `drop_diverged(t)` deletes the checkpoints of steps >= t - 1.
+* A checkpoint that cannot be read (truncated data file, deleted metadata) raises a
+  one-line `UnreadableCheckpoint`; `restore_newest`, `restore_runs` and
+  `restore_for_inference` skip it with a one-line warning and use the next older one.
 """
 
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 VAL_METRIC = "val_paper_dice"
+# files of a step folder whose absence explains a failed restore better than orbax's error
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
+
+
+class UnreadableCheckpoint(ValueError):  # noqa: N818  (reads as the fault it names)
+    """A checkpoint step whose files cannot be read back (message: step, folder, reason)."""
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    ok = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.array(True)
+
+
+def all_finite(tree) -> bool:
+    """True when every floating-point leaf of `tree` (params, optimizer state, ...) is finite.
+
+    Integer leaves (step counters) and PRNG keys are ignored; one jitted reduction on device.
+    """
+    leaves = [
+        x
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return bool(_all_finite(leaves))
+
+
+def _reason(e: BaseException) -> str:
+    """One line of an exception (tensorstore errors span many lines): type and first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > 300:
+        first = first[:297] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 class RunCheckpoints:
@@ -42,6 +88,10 @@ class RunCheckpoints:
             self.directory, options=options, item_names=("state", "data")
         )
 
+    def all_steps(self) -> list[int]:
+        """The saved steps, oldest first."""
+        return sorted(self.manager.all_steps())
+
     def latest_step(self) -> int | None:
         """The newest saved step, or None."""
         return self.manager.latest_step()
@@ -50,7 +100,10 @@ class RunCheckpoints:
         """The saved step with the highest validation Dice (else the newest), or None."""
         best, best_value = None, None
         for step in self.manager.all_steps():
-            metrics = self.manager.metrics(step)
+            try:
+                metrics = self.manager.metrics(step)
+            except Exception:  # unreadable metadata: not a candidate for best
+                continue
             if metrics and VAL_METRIC in metrics:
                 if best_value is None or metrics[VAL_METRIC] > best_value:
                     best, best_value = step, metrics[VAL_METRIC]
@@ -64,8 +117,33 @@ class RunCheckpoints:
             self.manager.delete(s)
         return newer
 
+    def drop_diverged(self, first_bad_loss_step: int) -> int | None:
+        """Deletes the checkpoints a non-finite loss at `first_bad_loss_step` condemns.
+
+        The loss of step t is computed with the weights saved as step t - 1, so the
+        checkpoints of steps >= t - 1 (the best-by-validation one too, when among them) are
+        deleted. Returns the newest kept step, or None when no checkpoint is left.
+        """
+        self.discard_after(first_bad_loss_step - 2)
+        return self.latest_step()
+
     def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> None:
-        """Save `state` (a pytree of arrays) and `data_state` (JSON) as `step`."""
+        """Save `state` (a pytree of arrays) and `data_state` (JSON) as `step`.
+
+        Raises FloatingPointError, writing nothing, when a floating-point leaf of `state` is
+        not finite (diverged weights are never kept as a checkpoint).
+        """
+        if not all_finite(state):
+            kept = self.latest_step()
+            raise FloatingPointError(
+                f"step {step}: the weights or optimizer state hold non-finite values; not "
+                "saved. "
+                + (
+                    f"The newest good checkpoint is step {kept} in {self.directory}"
+                    if kept is not None
+                    else f"No checkpoint is kept in {self.directory}"
+                )
+            )
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -77,22 +155,126 @@ class RunCheckpoints:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, template):
-        """Restore `(state, data_state)` of `step`; `template` gives structure and shardings."""
+        """Restore `(state, data_state)` of `step`; `template` gives structure and shardings.
+
+        Raises UnreadableCheckpoint (one line: step, folder, reason) when the step's files
+        cannot be read or do not match `template`.
+        """
         abstract = jax.tree.map(
             lambda x: (
                 x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)
             ),
             template,
         )
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # tensorstore, orbax and pytree errors of many types
+            missing = [f for f in _REQUIRED_FILES if not (self.directory / str(step) / f).exists()]
+            reason = f"{', '.join(missing)} missing" if missing else _reason(e)
+            raise UnreadableCheckpoint(
+                f"checkpoint {step} in {self.directory} is unreadable: {reason}"
+            ) from e
+        if restored.state is None or restored.data is None:
+            raise UnreadableCheckpoint(
+                f"checkpoint {step} in {self.directory} is unreadable: an item is missing"
+            )
         return restored.state, restored.data
+
+    def restore_newest(self, template, *, at_most: int | None = None):
+        """`(step, state, data_state)` of the newest readable step (<= `at_most` if given).
+
+        Unreadable steps are skipped, each with a one-line warning ("checkpoint N is
+        unreadable: <reason>; resuming from M"). Returns None when there is no checkpoint;
+        raises UnreadableCheckpoint when there are some but none is readable (so a rerun
+        does not silently start over on top of them).
+        """
+        got = restore_runs([self], [template], at_most=at_most)
+        if got is None:
+            return None
+        step, states, data_states = got
+        return step, states[0], data_states[0]
+
+    def restore_for_inference(self, template, *, step: int | None = None):
+        """`(step, state)` for prediction: `step` if given, else the best checkpoint, else
+        (when the best is unreadable) the newest readable one, with a warning saying so."""
+        if step is not None:
+            return step, self.restore(step, template)[0]
+        best = self.best_step()
+        if best is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        try:
+            return best, self.restore(best, template)[0]
+        except UnreadableCheckpoint as e:
+            older = [s for s in self.all_steps() if s != best]
+            if not older:
+                raise
+            logging.warning("best %s; using the newest readable checkpoint instead", e)
+        got = restore_runs(
+            [self], [template], steps=sorted(older, reverse=True), purpose="predicting"
+        )
+        step, states, _ = got
+        logging.warning("predicting with checkpoint %d instead of the best (%d)", step, best)
+        return step, states[0]
 
     def close(self) -> None:
         """Finish pending writes and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_runs(
+    ckpts, templates, *, at_most: int | None = None, steps=None, purpose: str = "resuming"
+):
+    """Restore several runs trained together from the newest step all of them can read.
+
+    Args:
+      ckpts: one RunCheckpoints per run; templates: one state template per run.
+      at_most: only steps <= this are candidates.
+      steps: candidate steps, tried in the order given (default: the steps every run has,
+        newest first).
+      purpose: the verb of the warning for a skipped step ("...; resuming from M").
+
+    Returns:
+      `(step, [state per run], [data_state per run])`, or None when the runs have no
+      checkpoint at all. A step some run cannot read is skipped with a one-line warning.
+
+    Raises:
+      UnreadableCheckpoint: checkpoints exist but no candidate step is readable by every run.
+      ValueError: the runs have checkpoints but share no step.
+    """
+    if steps is None:
+        per_run = [set(c.all_steps()) for c in ckpts]
+        if not any(per_run):
+            return None
+        common = set.intersection(*per_run)
+        if not common:
+            raise ValueError(
+                "the runs' checkpoints share no step, so they cannot resume together: "
+                + ", ".join(
+                    f"{c.directory}: {sorted(s)}" for c, s in zip(ckpts, per_run, strict=True)
+                )
+                + "; resume them one by one (without --vmap)"
+            )
+        steps = sorted((s for s in common if at_most is None or s <= at_most), reverse=True)
+    failures = []
+    for step in steps:
+        try:
+            restored = [c.restore(step, t) for c, t in zip(ckpts, templates, strict=True)]
+        except UnreadableCheckpoint as e:
+            failures.append(str(e))
+            continue
+        for failure in failures:
+            logging.warning("%s; %s from %d", failure, purpose, step)
+        return step, [r[0] for r in restored], [r[1] for r in restored]
+    where = ", ".join(str(c.directory) for c in ckpts)
+    if not failures:
+        raise UnreadableCheckpoint(f"no checkpoint at or before step {at_most} in {where}")
+    raise UnreadableCheckpoint(
+        f"no readable checkpoint in {where} ({failures[0]}); "
+        "move the checkpoints folder away to start the run over"
+    )

@@ -3,6 +3,7 @@ r"""BraTS metrics for a folder of predicted segmentations against ground truth.
 Usage::
 
   python -m brats_jax.evaluate --pred=DIR --gt=DIR --out=FILE.csv [--hd95_mode=max|pooled]
+      [--missing=worst|skip]
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
   ``--pred``.
@@ -20,7 +21,10 @@ Usage::
   training classes {0,1,2,3} before :func:`brats_jax.metrics.evaluate_volume`.
 * Voxel spacing comes from the GT header zooms.
 
-Cases are matched by ID; unmatched ones are reported and skipped. Writes one CSV row per case
+Cases are matched by ID. A GT case without a prediction is scored as the BraTS challenge
+scores it: Dice 0 and HD95 373.13 mm in every region (sensitivity and specificity 0, the
+study's and the per-class Dice 0), with a warning naming the cases; ``--missing=skip`` leaves
+them out instead. Predictions without GT are reported and skipped. Writes one CSV row per case
 (atomically) and prints mean / std / median per region for Dice and HD95. Errors end with a
 one-line message and exit status 1.
 """
@@ -51,6 +55,9 @@ COLUMNS = (
     + ["paper_dice"]
     + [f"class_dice_{c}" for c in range(4)]
 )
+
+
+MISSING_MODES = ("worst", "skip")
 
 
 class EvaluationError(ValueError):
@@ -178,6 +185,7 @@ def evaluate_folder(
     labels: str = "auto",
     pred_labels: str = "same",
     hd95_mode: str = "max",
+    missing: str = "worst",
     log=print,
 ) -> list[dict[str, float | str]]:
     """Evaluate every prediction with a matching GT case; returns one row dict per case.
@@ -188,6 +196,8 @@ def evaluate_folder(
       pred_labels: prediction convention, ``same`` (as the case's GT) | ``brats2018`` |
         ``brats2023``.
       hd95_mode: ``max`` (MONAI) or ``pooled`` (medpy), see :func:`brats_jax.metrics.hd95`.
+      missing: a GT case without prediction: ``worst`` (scored by :func:`missing_case_row`)
+        or ``skip``.
       log: called with progress/warning lines.
 
     Raises:
@@ -205,6 +215,8 @@ def evaluate_folder(
         )
     if hd95_mode not in metrics.HD95_MODES:
         raise EvaluationError(f"--hd95_mode={hd95_mode!r}; expected one of {metrics.HD95_MODES}")
+    if missing not in MISSING_MODES:
+        raise EvaluationError(f"--missing={missing!r}; expected one of {MISSING_MODES}")
     preds = find_predictions(pred_dir)
     gts = find_ground_truth(gt_dir)
     ids = sorted(set(preds) & set(gts))
@@ -213,8 +225,13 @@ def evaluate_folder(
             f"no matching cases: {len(preds)} prediction file(s) in {pred_dir}, "
             f"{len(gts)} ground-truth case(s) in {gt_dir}"
         )
-    if missing := sorted(set(gts) - set(preds)):
-        log(f"warning: {len(missing)} GT case(s) without prediction skipped: {missing[:5]}")
+    if absent := sorted(set(gts) - set(preds)):
+        what = (
+            "skipped (--missing=skip)"
+            if missing == "skip"
+            else "scored Dice 0 / HD95 373.13 (--missing=skip leaves them out)"
+        )
+        log(f"warning: {len(absent)} GT case(s) without prediction {what}: {_some(absent)}")
     if extra := sorted(set(preds) - set(gts)):
         log(f"warning: {len(extra)} prediction(s) without GT skipped: {extra[:5]}")
     rows = []
@@ -247,7 +264,24 @@ def evaluate_folder(
             f"[{i + 1}/{len(ids)}] {cid}: "
             + " ".join(f"{r}={res[f'dice_{r}']:.4f}" for r in REGION_NAMES)
         )
+    if missing == "worst":
+        rows = sorted(rows + [missing_case_row(cid) for cid in absent], key=lambda r: r["case_id"])
     return rows
+
+
+def missing_case_row(case_id: str) -> dict[str, float | str]:
+    """The BraTS challenge's score of a case without prediction: Dice 0 and HD95 373.13 mm in
+    every region, sensitivity and specificity 0, the study's and per-class Dice 0."""
+    row: dict[str, float | str] = {"case_id": case_id}
+    for col in COLUMNS[1:]:
+        row[col] = metrics.HD95_EMPTY if col.startswith("hd95_") else 0.0
+    return row
+
+
+def _some(ids: Sequence[str], n: int = 10) -> str:
+    """The first `n` ids, comma-separated, and how many more."""
+    more = f" and {len(ids) - n} more" if len(ids) > n else ""
+    return ", ".join(ids[:n]) + more
 
 
 def write_csv(rows: Sequence[dict], out: str | os.PathLike) -> None:
@@ -276,6 +310,9 @@ flags.DEFINE_string("out", None, "Per-case CSV to write.")
 flags.DEFINE_enum("labels", "auto", ["auto", *CONVENTIONS], "Ground-truth label convention.")
 flags.DEFINE_enum("pred_labels", "same", ["same", *CONVENTIONS], "Prediction convention.")
 flags.DEFINE_enum("hd95_mode", "max", list(metrics.HD95_MODES), "HD95 definition.")
+flags.DEFINE_enum(
+    "missing", "worst", list(MISSING_MODES), "GT case without prediction: score 0 or skip."
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -292,6 +329,7 @@ def main(argv: Sequence[str]) -> None:
             labels=FLAGS.labels,
             pred_labels=FLAGS.pred_labels,
             hd95_mode=FLAGS.hd95_mode,
+            missing=FLAGS.missing,
         )
         write_csv(rows, FLAGS.out)
     except EvaluationError as e:

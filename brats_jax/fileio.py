@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees a half-written output."""
 
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -51,3 +52,46 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OSError naming `path` (or the file blocking its folder) now if it could not be
+    written later by `atomic_path`.
+
+    Creates the missing parent folders (as the write would) and one empty temporary file
+    beside `path`, which it removes; for outputs that come after a long computation.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a parent folder should be
+        blocker = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(blocker)) from e
+    try:
+        _create_temp_beside(path).unlink()
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
+def drop_jsonl_rows_after(path: str | os.PathLike, step: int) -> int:
+    """Atomically rewrite the JSON-lines file `path` without its rows whose "step" is above
+    `step` (a run resumed from checkpoint `step` writes them again). Unparsable lines (a line
+    cut by a kill) are dropped too. Returns the number of lines dropped; 0 if no file."""
+    path = pathlib.Path(path)
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        write_text(path, "".join(kept))
+    return len(lines) - len(kept)

@@ -257,6 +257,13 @@ def focal_loss(
     return _weighted_mean(per_pixel, onehot, m, w, by_weights)
 
 
+def _mean_over_counted_samples(per_sample, m):
+    """Mean of (B,) ``per_sample`` over the samples with a pixel to count in ``m`` (B, H, W);
+    fully masked (padded) samples do not count; 0 when none counts."""
+    counted = (jnp.sum(m, axis=tuple(range(1, m.ndim))) > 0).astype(jnp.float32)
+    return _safe_divide(jnp.sum(counted * per_sample), jnp.sum(counted))
+
+
 def _dice_per_class(probs, onehot, m, squared, batch, smooth_nr, smooth_dr):
     """Soft Dice (B, C), or (C,) when ``batch``, from probabilities (B, H, W, C)."""
     p = probs * m[..., None]
@@ -283,10 +290,11 @@ def dice_loss(
     Per class c: ``D_c = (2 sum p_c g_c + smooth_nr) / (sum p_c + sum g_c + smooth_dr)``
     (``squared``: ``sum p_c**2 + sum g_c**2`` in the denominator), sums over H, W of each
     sample (``batch=True``: over B, H, W, one Dice per class for the batch);
-    ``loss = mean over (samples,) classes of (1 - D_c)``. A class absent from both a sample's
-    labels and (nearly) its prediction scores D ~ 1 thanks to the smoothing terms; with a tiny
-    ``smooth_nr`` an absent class still pushes its probabilities towards 0. Same defaults as
-    MONAI's ``DiceLoss(softmax=True)``.
+    ``loss = mean over (samples,) classes of (1 - D_c)``; fully masked (padded) samples are
+    left out of the mean over samples (loss 0 when every sample is masked). A class absent
+    from both a sample's labels and (nearly) its prediction scores D ~ 1 thanks to the
+    smoothing terms; with a tiny ``smooth_nr`` an absent class still pushes its probabilities
+    towards 0. Same defaults as MONAI's ``DiceLoss(softmax=True)``.
 
     Args:
       logits: (B, H, W, C) float; labels: (B, H, W) int; mask: optional (B, H, W) pixels
@@ -299,7 +307,9 @@ def dice_loss(
         if d.shape[-1] < 2:
             raise ValueError("include_background=False needs at least 2 classes")
         d = d[..., 1:]
-    return jnp.mean(1.0 - d)
+    if batch:
+        return jnp.mean(1.0 - d)
+    return _mean_over_counted_samples(jnp.mean(1.0 - d, axis=-1), m)
 
 
 def dice_ce_loss(
@@ -400,7 +410,7 @@ def combined_loss(
     dice_sample = (2.0 * inter + p.smooth_nr) / (den + p.smooth_dr)  # (B, C)
     dice_batch = (2.0 * inter.sum(0) + p.smooth_nr) / (den.sum(0) + p.smooth_dr)  # (C,)
     cm = p.dice_class_mask
-    loss_sample = jnp.sum(jnp.mean(1.0 - dice_sample, axis=0) * cm) / jnp.sum(cm)
+    loss_sample = _mean_over_counted_samples(jnp.sum((1.0 - dice_sample) * cm, -1) / jnp.sum(cm), m)
     loss_batch = jnp.sum((1.0 - dice_batch) * cm) / jnp.sum(cm)
     dice = jnp.where(p.dice_batch > 0, loss_batch, loss_sample)
     return p.ce_weight * focal + p.dice_weight * dice

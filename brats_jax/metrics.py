@@ -208,7 +208,8 @@ def region_dice(pred: jax.Array, target: jax.Array, mask=None) -> dict[str, jax.
     Args:
       pred, target: integer arrays of the same shape (one volume (H, W, D), or a batch of
         slices pooled together). WT = {1,2,3}, TC = {1,3}, ET = {3}.
-      mask: optional bool array broadcastable to the shape; False voxels are ignored.
+      mask: optional array broadcastable to the shape (cast to bool: nonzero counts); False
+        voxels are ignored.
 
     Returns:
       {"WT", "TC", "ET"} -> float32 scalar; 1.0 when the region is empty in both.
@@ -217,7 +218,11 @@ def region_dice(pred: jax.Array, target: jax.Array, mask=None) -> dict[str, jax.
     target = jnp.asarray(target)
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {pred.shape} != target shape {target.shape}")
-    m = jnp.ones(pred.shape, bool) if mask is None else jnp.broadcast_to(mask, pred.shape)
+    m = (
+        jnp.ones(pred.shape, bool)
+        if mask is None
+        else jnp.broadcast_to(jnp.asarray(mask, bool), pred.shape)
+    )
     out = {}
     for name, classes in REGIONS.items():
         a = jnp.isin(pred, jnp.asarray(classes)) & m
@@ -312,7 +317,11 @@ class MeanPaperDice(clu_metrics.Metric):
 
     ``from_model_output(labels, logits=None, predictions=None, mask=None, valid=None)`` as in
     :class:`ConfusionMatrix`; samples with ``valid=False`` are not counted. ``compute()`` =
-    mean over all counted slices of :func:`paper_dice`.
+    mean over all counted slices of :func:`paper_dice`, NaN when no slice was counted (a mean
+    of nothing is undefined; 0.0 would read as a real, worst score, while NaN is written as
+    null to metrics.jsonl and skipped by ``np.isfinite`` filters). ``merge`` outside ``jit``
+    sums in float64 and counts in int64 (numpy), so a dataset's worth of slices loses no
+    precision; inside ``jit`` it adds the float32/int32 arrays.
     """
 
     total: jax.Array
@@ -335,10 +344,18 @@ class MeanPaperDice(clu_metrics.Metric):
         return cls(total=jnp.sum(jnp.where(v, d, 0.0)), count=jnp.sum(v, dtype=jnp.int32))
 
     def merge(self, other: MeanPaperDice) -> MeanPaperDice:
-        return type(self)(total=self.total + other.total, count=self.count + other.count)
+        if _is_traced(self.total, self.count, other.total, other.count):
+            return type(self)(total=self.total + other.total, count=self.count + other.count)
+        total = np.asarray(self.total, np.float64) + np.asarray(other.total, np.float64)
+        return type(self)(total=total, count=_add_counts(self.count, other.count))
 
     def compute(self):
-        return self.total / jnp.maximum(self.count, 1)
+        if _is_traced(self.total, self.count):
+            mean = self.total / jnp.maximum(self.count, 1)
+            return jnp.where(self.count > 0, mean, jnp.nan)
+        count = np.asarray(self.count, np.int64)
+        total = np.asarray(self.total, np.float64)
+        return np.float64(total / count) if count > 0 else np.float64(np.nan)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,6 +62,9 @@ def predict_case(workdir, case, output, *, probabilities=None, step=None, batch_
     from brats_jax import fileio, inference, train
     from brats_jax.data import brats
 
+    for path in (output, probabilities):  # before the model loads and inference runs
+        if path:
+            fileio.check_writable(path)
     config, model, variables = train.load_trained(workdir, step=step)
     case = brats.load_case(
         case, require_label=False, normalization=input_normalization(config.data.source)

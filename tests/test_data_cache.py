@@ -132,6 +132,18 @@ def test_prepare_cli(release, tmp_path):
         timeout=120,
     )
     assert r.returncode == 1 and "does not exist" in r.stderr
+    (tmp_path / "a_file").write_text("")
+    bad_out = tmp_path / "a_file" / "cache"  # not creatable (works as root too)
+    r = subprocess.run(
+        [sys.executable, "-m", "brats_jax.data.prepare", f"--src={release}", f"--out={bad_out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'a_file'}")
+    assert r.stderr.strip().endswith("Not a directory (ENOTDIR)")
 
 
 def _kaggle_zscore(x):
@@ -185,3 +197,84 @@ def test_real_sample_prepare_all(brats_sample, tmp_path):
     assert len(src.case_ids) == 18 and len(src) == 18 * 155
     assert set(np.unique(src.table.class_counts.nonzero()[1])) == {0, 1, 2, 3}
     shutil.rmtree(tmp_path / "cache")
+
+
+_PREPARE_FOREVER = """
+import os, pathlib, sys, time
+from brats_jax.data import cache
+
+def slow_case(case, out, dtype):  # a worker busy with a big case
+    (pathlib.Path(sys.argv[3]) / str(os.getpid())).write_text("busy")
+    time.sleep(600)
+
+cache._write_case = slow_case
+cache.prepare(sys.argv[1], sys.argv[2], workers=2, progress=False)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """True when `pid` has exited (a zombie awaiting its reaper counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_prepare_is_killed(release, tmp_path):
+    import signal
+    import time
+
+    write_case(release, "C", "2018", ".nii.gz")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PREPARE_FOREVER, str(release), str(tmp_path / "c"), str(pids)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(os.listdir(pids)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(p) for p in os.listdir(pids)]
+        assert len(workers) == 2 and parent.pid not in workers
+        assert not any(_gone(w) for w in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while not all(_gone(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if not _gone(w)]
+    for w in alive:  # do not leave them behind when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not alive
+
+
+def test_watchdog_ends_a_worker_whose_prepare_process_is_gone(tmp_path):
+    """The portable path (no prctl: `parent_pid` is not the worker's own parent)."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from brats_jax.data import cache; "
+            f"cache._exit_with_parent({owner.pid}, poll_s=0.05); print('ready', flush=True); "
+            "time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        assert worker.poll() is None
+        owner.kill()
+        owner.wait(timeout=30)
+        assert worker.wait(timeout=10) == 1
+    finally:
+        for p in (owner, worker):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -107,3 +107,76 @@ def test_errors(tmp_path):
         f["image"] = np.zeros((H, W, 4))
     with pytest.raises(DataError, match=r"expected datasets 'image'"):
         src[1]
+
+
+def test_bad_files_are_found_when_the_source_opens(tmp_path):
+    for s in range(3):
+        write_slice(tmp_path, 1, s)
+    with h5py.File(tmp_path / "volume_1_slice_1.h5", "w") as f:
+        f["image"] = np.zeros((H, W, 4))  # no mask
+    (tmp_path / "volume_2_slice_0.h5").write_text("not HDF5")
+    with pytest.raises(DataError) as e:
+        KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    msg = str(e.value)
+    assert msg.startswith(f"2 of 4 Kaggle slice files in {tmp_path} are not valid slices")
+    assert "volume_1_slice_1.h5: expected datasets 'image' (H,W,4) and 'mask'" in msg
+    assert "\n" not in msg
+    (tmp_path / "volume_2_slice_0.h5").unlink()
+    write_slice(tmp_path, 1, 1)
+    with h5py.File(tmp_path / "volume_1_slice_2.h5", "w") as f:
+        f["image"] = np.zeros((H, W, 4), np.int16)  # integer image
+        f["mask"] = np.zeros((H, W, 3), np.uint8)
+    with pytest.raises(DataError, match=r"volume_1_slice_2\.h5: 'image' has dtype int16"):
+        KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    with h5py.File(tmp_path / "volume_1_slice_2.h5", "w") as f:
+        f["image"] = np.zeros((H, W + 1, 4))
+        f["mask"] = np.zeros((H, W + 1, 3), np.uint8)
+    with pytest.raises(DataError, match="Kaggle slices differ in shape"):
+        KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+
+
+def test_checked_files_are_not_reopened_until_they_change(tmp_path, monkeypatch):
+    from brats_jax.data import kaggle
+
+    for s in range(3):
+        write_slice(tmp_path, 1, s)
+    opened = []
+    real = kaggle.check_slice_file
+    monkeypatch.setattr(kaggle, "check_slice_file", lambda p: opened.append(p) or real(p))
+    assert KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats").image_shape == (H, W, 4)
+    assert len(opened) == 3
+    KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    assert len(opened) == 3  # remembered by size and modification time
+    with h5py.File(tmp_path / "volume_1_slice_1.h5", "w") as f:
+        f["mask"] = np.zeros((H, W, 3), np.uint8)  # rewritten without an image
+    with pytest.raises(DataError, match=r"volume_1_slice_1\.h5: expected datasets"):
+        KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    assert len(opened) == 4
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (
+            (1, 1, 0),
+            r"2 pixel\(s\) with more than one class set \(first at \(3, 4\): \[1, 1, 0\]\)",
+        ),
+        ((0.5, 0, 0), r"'mask' value 0.5 at \(3, 4, 0\); expected one-hot 0/1"),
+    ],
+)
+def test_mask_that_is_not_one_hot_is_rejected_on_read(tmp_path, value, match):
+    write_slice(tmp_path, 1, 0)
+    src = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats")
+    mask = np.zeros((H, W, 3), np.float32)
+    mask[3, 4] = value
+    mask[5, 6] = value
+    with h5py.File(tmp_path / "volume_1_slice_0.h5", "r+") as f:
+        del f["mask"]
+        f["mask"] = mask
+    with pytest.raises(DataError, match=r"volume_1_slice_0\.h5: ('mask' has )?" + match):
+        src[0]
+    mask[5, 6] = mask[3, 4] = (0, 0, 1)
+    with h5py.File(tmp_path / "volume_1_slice_0.h5", "r+") as f:
+        del f["mask"]
+        f["mask"] = mask  # one-hot in float: fine
+    assert src[0]["label"][3, 4] == 3

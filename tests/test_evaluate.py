@@ -49,11 +49,11 @@ def test_case_folders_both_namings_and_flat_predictions(tmp_path, capsys):
     gt3, pred3 = _volumes(3)  # BraTS 2023: ET = 3, '-seg'
     _save(gt_dir / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz", gt3, (2, 3, 1))
     _save(pred_dir / "BraTS-GLI-00001-000-seg.nii.gz", pred3)
-    _save(gt_dir / "Brats18_B" / "Brats18_B_seg.nii.gz", gt)  # no prediction: skipped
+    _save(gt_dir / "Brats18_B" / "Brats18_B_seg.nii.gz", gt)  # no prediction: worst score
     _save(pred_dir / "Brats18_C_seg.nii.gz", gt)  # no GT: skipped
     (pred_dir / "notes.txt").write_text("not a nifti")
 
-    rows = E.evaluate_folder(pred_dir, gt_dir)
+    rows = E.evaluate_folder(pred_dir, gt_dir, missing="skip")
     assert [r["case_id"] for r in rows] == ["BraTS-GLI-00001-000", "Brats18_A"]  # sorted
     for r in rows:
         assert r["dice_WT"] == pytest.approx(2 / 3)
@@ -73,8 +73,53 @@ def test_case_folders_both_namings_and_flat_predictions(tmp_path, capsys):
     assert float(got["Brats18_A"]["dice_WT"]) == pytest.approx(2 / 3, abs=1e-6)
     assert list(got["Brats18_A"]) == E.COLUMNS
     assert not [p for p in out.parent.iterdir() if p.name != "metrics.csv"]  # no temp files
-    summary = E.summarize(rows)
-    assert "dice_WT" in summary and "hd95_ET" in summary and "median" in summary
+
+
+def test_missing_prediction_scores_zero_by_default_and_is_named(tmp_path):
+    gt, pred = _volumes(4)
+    for cid in ("A1", "B2", "C3"):
+        _save(tmp_path / "gt" / cid / f"{cid}_seg.nii.gz", gt)
+    _save(tmp_path / "pred" / "B2.nii.gz", pred)
+    logged = []
+    rows = E.evaluate_folder(tmp_path / "pred", tmp_path / "gt", log=logged.append)
+    assert [r["case_id"] for r in rows] == ["A1", "B2", "C3"]
+    for r in (rows[0], rows[2]):
+        assert [r[f"dice_{x}"] for x in ("WT", "TC", "ET")] == [0.0, 0.0, 0.0]
+        assert [r[f"hd95_{x}"] for x in ("WT", "TC", "ET")] == [373.13] * 3
+        assert r["paper_dice"] == 0.0 and set(r) == set(E.COLUMNS)
+    assert rows[1]["dice_WT"] == pytest.approx(2 / 3)
+    warning = [m for m in logged if "without prediction" in m]
+    assert warning == [
+        "warning: 2 GT case(s) without prediction scored Dice 0 / HD95 373.13 "
+        "(--missing=skip leaves them out): A1, C3"
+    ]
+    # the mean counts them: WT (0 + 2/3 + 0) / 3
+    assert np.mean([r["dice_WT"] for r in rows]) == pytest.approx(2 / 9)
+    skipped = E.evaluate_folder(tmp_path / "pred", tmp_path / "gt", missing="skip", log=list)
+    assert [r["case_id"] for r in skipped] == ["B2"]
+    with pytest.raises(E.EvaluationError, match="--missing='zero'"):
+        E.evaluate_folder(tmp_path / "pred", tmp_path / "gt", missing="zero")
+
+
+def test_summarize_means_std_medians_by_hand():
+    rows = []
+    for cid, dice, hd in (("a", 0.2, 1.0), ("b", 0.5, 2.0), ("c", 0.8, 373.13), ("d", 0.9, 3.0)):
+        row = E.missing_case_row(cid)
+        row.update({f"dice_{x}": dice for x in E.REGION_NAMES})
+        row.update({f"hd95_{x}": hd for x in E.REGION_NAMES})
+        row["paper_dice"] = dice / 2
+        rows.append(row)
+    lines = E.summarize(rows).splitlines()
+    assert lines[0] == "4 case(s)"
+    table = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in lines[2:]}
+    # dice: mean 2.4/4 = 0.6; population std sqrt((.16+.01+.04+.09)/4) = sqrt(.075);
+    # median (0.5 + 0.8)/2 = 0.65
+    assert table["dice_WT"] == pytest.approx([0.6, 0.2739, 0.65], abs=1e-4)
+    assert table["dice_ET"] == table["dice_WT"]
+    # hd95: mean 379.13/4 = 94.7825, median (2 + 3)/2 = 2.5
+    assert table["hd95_TC"][0] == pytest.approx(94.7825, abs=1e-4)
+    assert table["hd95_TC"][2] == pytest.approx(2.5)
+    assert table["paper_dice"] == pytest.approx([0.3, 0.1369, 0.325], abs=1e-4)
 
 
 def test_flat_ground_truth_and_value_based_convention(tmp_path):

@@ -48,3 +48,33 @@ def test_success_replaces_and_creates_parents(tmp_path):
     fileio.write_json(out, {"dice": 0.75})
     assert out.read_text() == '{\n  "dice": 0.75\n}\n'
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]
+
+
+def test_check_writable_names_the_output_and_leaves_nothing(tmp_path):
+    import errno
+
+    fileio.check_writable(tmp_path / "new" / "seg.nii.gz")  # creates the folder, as a write
+    assert os.listdir(tmp_path / "new") == []
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OSError) as e:  # a parent that is a file: fails even for root
+        fileio.check_writable(tmp_path / "a_file" / "seg.nii.gz")
+    assert e.value.errno == errno.ENOTDIR
+    assert e.value.filename == str(tmp_path / "a_file")
+    with pytest.raises(IsADirectoryError):
+        fileio.check_writable(tmp_path / "new")
+
+
+def test_drop_jsonl_rows_after_a_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert fileio.drop_jsonl_rows_after(path, 3) == 0 and not path.exists()
+    rows = [
+        '{"step": 2, "train_loss": 0.5}\n',
+        '{"step": 3, "val_paper_dice": 0.7}\n',
+        '{"step": 4, "train_loss": null}\n',
+        '{"step": 5, "train_lo',  # cut by a kill
+    ]
+    path.write_text("".join(rows))
+    assert fileio.drop_jsonl_rows_after(path, 3) == 2
+    assert path.read_text() == rows[0] + rows[1]
+    assert fileio.drop_jsonl_rows_after(path, 3) == 0
+    assert fileio.drop_jsonl_rows_after(path, 0) == 2 and path.read_text() == ""

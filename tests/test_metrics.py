@@ -2,7 +2,6 @@
 
 import itertools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +112,34 @@ def test_clu_metrics_confusion_and_mean_paper_dice():
     assert set(c.compute()) == {"cm", "dice"}
     big = M.ConfusionMatrix(matrix=np.full((4, 4), 2**30, np.int64))
     assert int(big.merge(big).merge(big).compute()[0, 0]) == 3 * 2**30
+
+
+def test_mean_paper_dice_empty_is_nan_and_sums_exactly_outside_jit():
+    assert np.isnan(M.MeanPaperDice.empty().compute())  # no slice: undefined, not 0.0
+    labels = np.zeros((1, 2, 2), int)
+    pred = np.array([[[0, 1], [0, 0]]])  # bg 2*3/7, NCR 0 (pred only), ED/ET absent 1
+    d = M.MeanPaperDice.from_model_output(labels=labels, predictions=pred)
+    one = (6 / 7 + 0 + 1 + 1) / 4
+    np.testing.assert_allclose(d.compute(), one, rtol=1e-6)
+    only_padding = M.MeanPaperDice.from_model_output(
+        labels=labels, predictions=pred, valid=np.array([False])
+    )
+    assert np.isnan(M.MeanPaperDice.empty().merge(only_padding).compute())
+    # 2**24 + 1 slices of Dice 1: a float32 running sum stalls at 2**24 (mean ~0.99999994)
+    ones = M.MeanPaperDice(total=jnp.float32(2.0**24), count=jnp.int32(2**24))
+    unit = M.MeanPaperDice(total=jnp.float32(1.0), count=jnp.int32(1))
+    assert float(ones.merge(unit).compute()) == 1.0
+    big = M.MeanPaperDice(total=np.float64(2.0**31), count=np.int64(2**31))
+    assert int(big.merge(big).count) == 2**32  # no int32 overflow
+
+
+def test_region_dice_takes_a_float_mask_as_bool():
+    target = np.array([0, 1, 2, 3, 3, 0])
+    pred = np.array([0, 2, 2, 3, 0, 1])
+    mask = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # drops the missed ET and the false NCR
+    d = M.region_dice(pred, target, mask=mask)
+    # WT: pred {1,2,3} target {1,2,3} -> 1 ; TC: pred {3} target {1,3} -> 2/3 ; ET 1
+    np.testing.assert_allclose([d["WT"], d["TC"], d["ET"]], [1.0, 2 / 3, 1.0], rtol=1e-6)
 
 
 def test_region_dice_hand_example():
@@ -237,17 +264,13 @@ def test_hd95_matches_brute_force_on_random_blobs():
             )
 
 
-def test_hd95_speed_full_size_volume():
+def test_hd95_full_size_volume():
     shape = (240, 240, 155)
     zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
     gt = ((zz - 120) / 40.0) ** 2 + ((yy - 110) / 35.0) ** 2 + ((xx - 80) / 30.0) ** 2 < 1
     pred = ((zz - 123) / 38.0) ** 2 + ((yy - 112) / 36.0) ** 2 + ((xx - 80) / 31.0) ** 2 < 1
-    M.hd95(pred, gt)  # warm-up
-    t0 = time.perf_counter()
-    value = M.hd95(pred, gt)
-    elapsed = time.perf_counter() - t0
+    value = M.hd95(pred, gt)  # its speed is a benchmark's claim, not a unit test's
     assert 0 < value < 10
-    assert elapsed < 2.0, elapsed  # ~0.3 s here; generous bound for a busy 2-core machine
 
 
 # ------------------------------------------------------------------ sens/spec, evaluate_volume

@@ -8,7 +8,6 @@ costs ~1 s each on a small CPU), except one test of the real ``model.init``.
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.extend
@@ -252,17 +251,13 @@ def _all_eqns(jaxpr):
 
 @pytest.mark.slow
 def test_real_init_of_small_presets():
-    """model.init itself (random initialisers) for the tiny presets; a warm init+forward of the
-    tiny TransUNet at 32 px must take well under a second."""
+    """model.init itself (random initialisers) for the tiny presets: parameter counts and a
+    finite forward pass at 32 px."""
     x = jnp.ones((1, 32, 32, 4))
     for model in (UNet(features=4, depth=2), tiny_transunet()):
         v = model.init(RNGS, x, train=False)
         assert n_params(v["params"]) == n_params(abstract_vars(model, 32)["params"])
         assert bool(jnp.all(jnp.isfinite(model.apply(v, x))))
-    t = time.perf_counter()
-    v = model.init({"params": jax.random.PRNGKey(7), "dropout": KEY}, x, train=False)
-    jax.block_until_ready(model.apply(v, x))
-    assert time.perf_counter() - t < 1.0
 
 
 # --------------------------------------------------------------------------- layers

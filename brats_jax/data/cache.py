@@ -22,11 +22,16 @@ process completed first is kept. Delete the cache to rebuild after the source fi
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
+import sys
+import threading
+import time
 
 import numpy as np
 from absl import logging
@@ -37,6 +42,7 @@ from brats_jax.data.common import DataError, SliceTable
 FORMAT = "brats_jax.slice_cache"
 VERSION = 1
 _MARKER = "COMPLETE"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _case_dir(out: pathlib.Path, case_id: str) -> pathlib.Path:
@@ -75,6 +81,33 @@ def _remove_dead_temporaries(cases_dir: pathlib.Path) -> None:
         # "" is the host-less `.tmp-<pid>` naming of earlier versions
         if owner_host in (_host(), "") and pid.isdigit() and not _is_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Worker initializer: the worker ends when `parent_pid` (the process running `prepare`)
+    dies, SIGKILL included, instead of running on as an orphan.
+
+    On Linux, when the worker's own parent is `parent_pid` (fork), the kernel sends it SIGKILL
+    (prctl PR_SET_PDEATHSIG); everywhere, a daemon thread polls every `poll_s` seconds and
+    ends the worker once it is re-parented or `parent_pid` is gone. A killed worker's
+    temporary case folder is removed by the next `prepare` (a dead process's temporaries).
+    """
+    ppid = os.getppid()
+    if sys.platform.startswith("linux") and ppid == parent_pid:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl: the thread below suffices
+            pass
+    if os.getppid() != ppid or not _is_alive(parent_pid):  # died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == ppid and _is_alive(parent_pid):
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
@@ -134,8 +167,9 @@ def prepare(
     """Converts the NIfTI release under `src` into a slice cache at `out` (resumable).
 
     Cases already complete in `out` are skipped. `workers` > 1 converts cases in parallel
-    processes. Writes `out/cache.json` last. Returns `out` as a Path. Raises DataError for bad
-    cases (naming the file and what was expected); OSError when `out` is not writable.
+    processes, which exit when this process dies. Writes `out/cache.json` last. Returns `out`
+    as a Path. Raises DataError for bad cases (naming the file and what was expected);
+    OSError when `out` is not writable.
     """
     from tqdm.auto import tqdm
 
@@ -172,7 +206,9 @@ def prepare(
         disable=not progress,
     )
     if workers > 1 and len(todo) > 1:
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
             for f in concurrent.futures.as_completed(futs):
                 f.result()

@@ -14,8 +14,12 @@ Index and table:
   (`fill_brain_fraction`, called by pruning for label-empty slices).
 - Without the csv: the index comes from listing file names (no file is opened); the first
   access to `table` reads every file once (tqdm progress) to count classes and brain area.
-Measured statistics are cached on disk (`stats_dir`, default ~/.cache/brats_jax/kaggle-<hash>)
-so they are read once per machine.
+Opening the source checks every indexed file's structure (datasets `image` and `mask`, their
+shapes and dtypes; no arrays read), so a bad file is reported before training starts; files
+already checked with the same size and modification time are skipped (`checked.json` in
+`stats_dir`). Reading a slice checks its values: a finite image, a one-hot mask (0/1 values,
+at most one channel per pixel). Measured statistics are cached on disk (`stats_dir`, default
+~/.cache/brats_jax/kaggle-<hash>) so they are read once per machine.
 
 Brain area of a z-scored slice: a pixel is brain if any channel exceeds that channel's minimum
 over the slice (raw BraTS intensities are >= 0 with background 0, and the per-slice z-score is
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -33,6 +38,7 @@ import re
 import numpy as np
 from absl import logging
 
+from brats_jax import fileio
 from brats_jax.data.common import DataError, SliceTable
 
 _NAME = re.compile(r"^volume_(\d+)_slice_(\d+)\.h5$")
@@ -55,36 +61,94 @@ def _default_stats_dir(root: str) -> pathlib.Path:
     return pathlib.Path(os.path.expanduser("~/.cache/brats_jax")) / f"kaggle-{h}"
 
 
-def read_slice_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """One Kaggle .h5 -> (image float32 (H,W,4), label int32 (H,W) {0..3}); DataError if bad."""
+def _check_datasets(path: str, image, mask) -> None:
+    """Shapes and dtypes of a slice's `image` and `mask` (h5py datasets or arrays)."""
+    if len(image.shape) != 3 or image.shape[-1] != 4:
+        raise DataError(f"{path}: 'image' has shape {image.shape}, expected (H, W, 4)")
+    if tuple(mask.shape) != tuple(image.shape[:2]) + (3,):
+        raise DataError(
+            f"{path}: 'mask' has shape {mask.shape}, expected {tuple(image.shape[:2]) + (3,)}"
+        )
+    if image.dtype.kind != "f":
+        raise DataError(f"{path}: 'image' has dtype {image.dtype}, expected floating point")
+    if mask.dtype.kind not in "biuf":
+        raise DataError(f"{path}: 'mask' has dtype {mask.dtype}, expected 0/1 numbers")
+
+
+def _open_datasets(f, path: str):
+    if not all(isinstance(f.get(k), _h5py().Dataset) for k in ("image", "mask")):
+        raise DataError(
+            f"{path}: expected datasets 'image' (H,W,4) and 'mask' (H,W,3), "
+            f"found {sorted(f.keys())}"
+        )
+    return f["image"], f["mask"]
+
+
+def _h5py():
     import h5py
 
+    return h5py
+
+
+def check_slice_file(path: str | os.PathLike) -> tuple[int, ...]:
+    """Structure of one Kaggle .h5 without reading its arrays: dataset names, shapes and
+    dtypes. Returns the image shape (H, W, 4); DataError naming the file if it is bad."""
+    path = str(path)
+    try:
+        with _h5py().File(path, "r") as f:
+            image, mask = _open_datasets(f, path)
+            _check_datasets(path, image, mask)
+            return tuple(image.shape)
+    except DataError:
+        raise
+    except Exception as e:  # h5py raises OSError/KeyError/RuntimeError on corrupt files
+        raise DataError(
+            f"cannot read Kaggle slice file {path} (not HDF5, truncated or corrupt?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def _check_one_hot(path: str, mask: np.ndarray) -> None:
+    """Every pixel has at most one of the three channels set, each 0 or 1."""
+    if not mask.size:
+        return
+    mask = np.asarray(mask, np.float64)
+    if mask.min() < 0 or mask.max() > 1 or np.any(mask != np.round(mask)):
+        bad = np.argwhere((mask != 0) & (mask != 1))[0]
+        raise DataError(
+            f"{path}: 'mask' value {mask[tuple(bad)]} at {tuple(int(i) for i in bad)}; "
+            "expected one-hot 0/1 values"
+        )
+    overlap = mask.sum(-1) > 1
+    if np.any(overlap):
+        y, x = (int(i) for i in np.argwhere(overlap)[0])
+        raise DataError(
+            f"{path}: 'mask' has {int(overlap.sum())} pixel(s) with more than one class set "
+            f"(first at ({y}, {x}): {mask[y, x].astype(int).tolist()}); expected one-hot"
+        )
+
+
+def read_slice_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One Kaggle .h5 -> (image float32 (H,W,4), label int32 (H,W) {0..3}); DataError if bad
+    (missing or misshapen datasets, non-finite image, a mask that is not one-hot)."""
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"Kaggle slice file {path} does not exist")
     try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f or "mask" not in f:
-                raise DataError(
-                    f"{path}: expected datasets 'image' (H,W,4) and 'mask' (H,W,3), "
-                    f"found {sorted(f.keys())}"
-                )
-            image = f["image"][()]
-            mask = f["mask"][()]
+        with _h5py().File(path, "r") as f:
+            image, mask = _open_datasets(f, path)
+            _check_datasets(path, image, mask)
+            image = image[()]
+            mask = mask[()]
     except DataError:
         raise
     except Exception as e:  # h5py raises OSError/KeyError/RuntimeError on corrupt files
         raise DataError(
             f"cannot read Kaggle slice file {path} (truncated or corrupt?): {type(e).__name__}: {e}"
         ) from e
-    if image.ndim != 3 or image.shape[-1] != 4:
-        raise DataError(f"{path}: 'image' has shape {image.shape}, expected (H, W, 4)")
-    if mask.shape != image.shape[:2] + (3,):
-        raise DataError(f"{path}: 'mask' has shape {mask.shape}, expected {image.shape[:2] + (3,)}")
     if not np.all(np.isfinite(image)):
         raise DataError(f"{path}: 'image' has non-finite values; expected finite intensities")
-    if mask.size and (mask.min() < 0 or mask.max() > 1):
-        raise DataError(f"{path}: 'mask' values outside {{0, 1}} (expected one-hot)")
+    _check_one_hot(path, mask)
     return image.astype(np.float32), mask_to_label(mask)
 
 
@@ -136,7 +200,7 @@ class KaggleH5Source:
             vol = np.array([p[0] for p in parsed])
             sl = np.array([p[1] for p in parsed], np.int32)
             self.has_csv = False
-        self.image_shape = self._probe_shape(data_dir / self._files[0])
+        self.image_shape = self._check_files(data_dir)
         n = len(self._files)
         hw = self.image_shape[0] * self.image_shape[1]
         if self.has_csv:
@@ -193,15 +257,57 @@ class KaggleH5Source:
                     raise DataError(f"{path}:{lineno}: malformed row {r}: {e}") from e
         return rows
 
-    @staticmethod
-    def _probe_shape(path: pathlib.Path) -> tuple:
-        import h5py
+    def _check_files(self, data_dir: pathlib.Path) -> tuple[int, ...]:
+        """Checks every indexed file's structure (`check_slice_file`, no arrays read) so a
+        bad file fails here, not steps into training; returns the common image shape.
 
+        Files already checked with the same size and modification time are skipped (the
+        list is kept in `stats_dir`).
+        """
+        from tqdm.auto import tqdm
+
+        record = pathlib.Path(self.stats_dir) / "checked.json"
         try:
-            with h5py.File(path, "r") as f:
-                return tuple(f["image"].shape)
-        except Exception as e:
-            raise DataError(f"cannot read Kaggle slice file {path}: {type(e).__name__}: {e}") from e
+            checked = json.loads(record.read_text())
+        except (OSError, ValueError):
+            checked = {}
+        now, bad, shapes = {}, [], {}
+        for name in tqdm(
+            self._files,
+            desc=f"checking Kaggle slice files in {data_dir}",
+            unit="file",
+            disable=len(self._files) < 2000,
+        ):
+            st = os.stat(data_dir / name)
+            key = [st.st_size, st.st_mtime_ns]
+            entry = checked.get(name)
+            if entry is None or entry[:2] != key:
+                try:
+                    entry = key + list(check_slice_file(data_dir / name))
+                except DataError as e:
+                    bad.append(str(e))
+                    continue
+            now[name] = entry
+            shapes.setdefault(tuple(entry[2:]), name)
+        if bad:
+            raise DataError(
+                f"{len(bad)} of {len(self._files)} Kaggle slice files in {data_dir} are not "
+                f"valid slices; the first: {bad[0]}"
+            )
+        if len(shapes) > 1:
+            (a, fa), (b, fb) = list(shapes.items())[:2]
+            raise DataError(f"Kaggle slices differ in shape: {fa} is {a}, {fb} is {b}")
+        if now != checked:
+            self._save_checked(record, now)
+        return next(iter(shapes))
+
+    @staticmethod
+    def _save_checked(record: pathlib.Path, checked: dict) -> None:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            fileio.write_text(record, json.dumps(checked))
+        except OSError as e:  # only a lost speed-up
+            logging.warning("could not write the Kaggle check list %s: %s", record, e)
 
     # -- grain source protocol ------------------------------------------------------------
     def __len__(self) -> int:

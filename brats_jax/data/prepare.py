@@ -2,18 +2,17 @@
 
     python -m brats_jax.data.prepare --src=DIR --out=CACHE [--dtype=float32] [--workers=2]
 
-Resumable (finished cases are skipped), atomic per case; see brats_jax.data.cache.
+Resumable (finished cases are skipped), atomic per case; see brats_jax.data.cache. Bad data
+and file-system errors (a full disk, an unwritable --out) end in one `error: ...` line; the
+worker processes exit when this process dies.
 """
 
 from __future__ import annotations
 
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from brats_jax import runtime
+from brats_jax import cli, runtime
 from brats_jax.data.cache import NiftiCacheSource, prepare
-from brats_jax.data.common import DataError
 
 _SRC = flags.DEFINE_string("src", None, "NIfTI release folder (case folders inside).")
 _OUT = flags.DEFINE_string("out", None, "Cache folder to create or complete.")
@@ -26,15 +25,10 @@ def main(argv):
     runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     if not _SRC.value or not _OUT.value:
         raise app.UsageError("both --src and --out are required")
-    try:
-        out = prepare(_SRC.value, _OUT.value, dtype=_DTYPE.value, workers=_WORKERS.value)
-        src = NiftiCacheSource(out)
-    except DataError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    out = prepare(_SRC.value, _OUT.value, dtype=_DTYPE.value, workers=_WORKERS.value)
+    src = NiftiCacheSource(out)
     print(f"{src!r}: {len(src.case_ids)} cases, {len(src)} slices")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_app(main)  # bad data and file-system errors end in one line

@@ -1,0 +1,219 @@
+"""Checkpoint faults: diverged states are never saved, a non-finite loss condemns the
+checkpoint it was computed from, and unreadable checkpoints are skipped in one line."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brats_jax import checkpoints as C
+from brats_jax.checkpoints import RunCheckpoints, UnreadableCheckpoint
+
+
+def _state(value: float) -> dict:
+    """A hand-built stand-in for a TrainState: params, optimizer moments, an int step."""
+    return {
+        "params": {"w": jnp.full((3, 2), value, jnp.float32), "b": jnp.zeros((2,), jnp.bfloat16)},
+        "opt": {"mu": jnp.full((3, 2), value / 10, jnp.float32), "count": jnp.array(7, jnp.int32)},
+        "step": jnp.array(int(value), jnp.int32),
+    }
+
+
+def _save_steps(workdir, steps, *, keep=10, metrics=None):
+    ck = RunCheckpoints(workdir, keep=keep)
+    for s in steps:
+        m = None if metrics is None else metrics.get(s)
+        ck.save(s, _state(float(s)), {"position": s}, m)
+    return ck
+
+
+def _truncate_data_files(step_dir: pathlib.Path, keep: float = 0.5) -> None:
+    """Cut every array data file of a step to `keep` of its size (an interrupted copy)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: int(f.stat().st_size * keep)])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_all_finite_sees_one_bad_float_anywhere(bad):
+    assert C.all_finite(_state(1.0))
+    for path in (("params", "w"), ("opt", "mu")):
+        s = _state(1.0)
+        s[path[0]][path[1]] = s[path[0]][path[1]].at[2, 1].set(bad)
+        assert not C.all_finite(s)
+    s = _state(1.0)
+    s["params"]["b"] = s["params"]["b"].at[0].set(bad)  # bfloat16 leaves count too
+    assert not C.all_finite(s)
+    assert C.all_finite({"count": jnp.array(3), "key": jax.random.key(0)})  # no floats
+
+
+def test_save_refuses_a_non_finite_state_and_writes_nothing(tmp_path):
+    ck = RunCheckpoints(tmp_path)
+    bad = _state(1.0)
+    bad["opt"]["mu"] = bad["opt"]["mu"].at[0, 0].set(np.inf)
+    with pytest.raises(FloatingPointError, match="step 3: .*non-finite"):
+        ck.save(3, bad, {"position": 3})
+    assert ck.all_steps() == []
+    assert not [p for p in (tmp_path / "checkpoints").iterdir()]  # no step, no tmp folder
+    ck.close()
+
+
+def test_drop_diverged_deletes_the_step_the_bad_loss_came_from(tmp_path):
+    # best by validation is step 4; a non-finite loss at step 5 (weights of step 4) drops 4+5
+    ck = _save_steps(tmp_path, [2, 3, 4, 5], metrics={4: {C.VAL_METRIC: 0.9}})
+    assert ck.best_step() == 4
+    assert ck.drop_diverged(5) == 3
+    assert ck.all_steps() == [2, 3]
+    assert ck.best_step() == 3  # no validated step left: the newest
+    state, data = ck.restore(3, _state(0.0))
+    assert float(state["params"]["w"][0, 0]) == 3.0 and data == {"position": 3}
+    assert ck.drop_diverged(3) is None  # loss of step 3 bad: step 2 is gone too
+    assert ck.all_steps() == []
+    ck.close()
+
+
+@pytest.mark.slow
+def test_diverging_tiny_run_keeps_no_diverged_checkpoint(tmp_path):
+    """Learning rate 1e6: the loss of step 2 is NaN, and the finite checkpoint of step 1
+    (weights ~1e6, the update of step 1) is what produced it; it must not stay "good"."""
+    from brats_jax import train
+    from configs import unet
+
+    c = unet.get_config("tiny")
+    c.train.learning_rate = 1e6
+    c.train.checkpoint_every_steps = 1
+    c.train.num_steps = 4
+    with pytest.raises(FloatingPointError, match=r"at step (\d+)") as info:
+        train.train_and_evaluate(c, tmp_path)
+    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    ck = RunCheckpoints(tmp_path)
+    saved = ck.all_steps()
+    assert saved and max(saved) == bad_step - 1  # the loop saved the diverging weights
+    assert ck.drop_diverged(bad_step) is None
+    assert ck.all_steps() == [] and ck.latest_step() is None
+    ck.close()
+
+
+def test_restore_of_a_truncated_step_is_one_line(tmp_path):
+    ck = _save_steps(tmp_path, [1, 2])
+    _truncate_data_files(ck.directory / "2")
+    with pytest.raises(UnreadableCheckpoint, match=r"^checkpoint 2 in .* is unreadable: \w+") as e:
+        ck.restore(2, _state(0.0))
+    assert "\n" not in str(e.value)
+    step, state, data = ck.restore_newest(_state(0.0))
+    assert step == 1 and data == {"position": 1}
+    assert float(state["params"]["w"][0, 0]) == 1.0
+    ck.close()
+
+
+def test_restore_newest_skips_a_step_with_a_missing_file_and_says_so(tmp_path, caplog):
+    ck = _save_steps(tmp_path, [1, 2, 3])
+    (ck.directory / "3" / "data" / "metadata").unlink()  # the data iterator's state
+    with caplog.at_level("WARNING"):
+        step, state, _ = ck.restore_newest(_state(0.0))
+    assert step == 2 and float(state["opt"]["mu"][0, 0]) == pytest.approx(0.2)
+    assert any(
+        r.getMessage().startswith("checkpoint 3 in ")
+        and "is unreadable: " in r.getMessage()
+        and r.getMessage().endswith("; resuming from 2")
+        for r in caplog.records
+    )
+    assert ck.restore_newest(_state(0.0), at_most=1)[0] == 1
+    ck.close()
+
+
+def test_restore_newest_none_without_checkpoints_and_one_line_when_all_unreadable(tmp_path):
+    ck = RunCheckpoints(tmp_path)
+    assert ck.restore_newest(_state(0.0)) is None
+    ck.save(1, _state(1.0), {"position": 1})
+    _truncate_data_files(ck.directory / "1")
+    with pytest.raises(UnreadableCheckpoint, match="no readable checkpoint .*checkpoint 1 "):
+        ck.restore_newest(_state(0.0))
+    ck.close()
+
+
+def test_restore_runs_uses_the_newest_step_every_run_can_read(tmp_path):
+    a = _save_steps(tmp_path / "a", [1, 2, 3])
+    b = _save_steps(tmp_path / "b", [1, 2, 3])
+    _truncate_data_files(b.directory / "3")
+    step, states, datas = C.restore_runs([a, b], [_state(0.0), _state(0.0)])
+    assert step == 2 and datas == [{"position": 2}, {"position": 2}]
+    a.close()
+    b.close()
+
+
+def test_inference_falls_back_from_an_unreadable_best_to_the_newest_readable(tmp_path, caplog):
+    ck = _save_steps(tmp_path, [1, 2, 3, 4], metrics={2: {C.VAL_METRIC: 0.8}})
+    assert ck.restore_for_inference(_state(0.0))[0] == 2
+    _truncate_data_files(ck.directory / "2", keep=0.0)
+    with caplog.at_level("WARNING"):
+        step, state = ck.restore_for_inference(_state(0.0))
+    assert step == 4 and float(state["params"]["w"][0, 0]) == 4.0
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint 2 in " in messages and "instead of the best (2)" in messages
+    with pytest.raises(UnreadableCheckpoint, match="checkpoint 2 "):
+        ck.restore_for_inference(_state(0.0), step=2)  # an explicit step is not replaced
+    ck.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from brats_jax import train
+    from configs import unet
+
+    c = unet.get_config("tiny")
+    c.train.num_steps = 4
+    c.train.checkpoint_every_steps = 2
+    c.train.keep_checkpoints = 3
+    workdir = tmp_path_factory.mktemp("tiny")
+    train.train_and_evaluate(c, workdir)
+    return workdir
+
+
+def _tiny_template(workdir):
+    import functools
+    import json
+
+    import ml_collections
+
+    from brats_jax import train
+
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    model = train.create_model(config.model)
+    tx = train.create_optimizer(config.train, config.train.num_steps)
+    return jax.eval_shape(
+        functools.partial(
+            train.init_state, model, tx, 0, image_size=config.data.synthetic_image_size
+        )
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "no_metadata"])
+def test_real_run_resumes_from_the_older_checkpoint(tiny_run, tmp_path, damage, caplog):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    ck = RunCheckpoints(workdir)
+    older, newest = ck.all_steps()[-2:]
+    if damage == "truncate":
+        _truncate_data_files(ck.directory / str(newest))
+    else:
+        (ck.directory / str(newest) / "state" / "_METADATA").unlink()
+    template = _tiny_template(workdir)
+    reason = "state/_METADATA missing$" if damage == "no_metadata" else ""
+    with pytest.raises(
+        UnreadableCheckpoint, match=rf"^checkpoint {newest} in \S+ is unreadable: {reason}"
+    ):
+        ck.restore(newest, template)
+    with caplog.at_level("WARNING"):
+        step, state, data = ck.restore_newest(template)
+    assert step == older and int(state.step) == older and C.all_finite(state)
+    assert any(r.getMessage().endswith(f"resuming from {older}") for r in caplog.records)
+    assert ck.restore_for_inference(template)[0] in (older, newest)
+    ck.close()
