@@ -128,14 +128,20 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def evaluate_and_write(run, predict, variables, steps: int) -> dict:
+def evaluate_and_write(
+    run, predict, variables, steps: int, *, tested_step: int | None = None, selected_by: str = ""
+) -> dict:
     """The run's test results (`evaluate_test_volumes`, or `paper_dice` None without test
-    cases) with `steps` = optimizer steps taken; writes the result files on host 0."""
+    cases) with `steps` = optimizer steps taken, `tested_step` = the step whose weights
+    `variables` are (default `steps`) and `selected_by` = why that step; writes the result
+    files on host 0."""
     if run.splits.cases["test"]:
         results, figure_slices = evaluate_test_volumes(run, predict, variables)
     else:
         results, figure_slices = {"paper_dice": None, "per_case": []}, []
     results["steps"] = steps
+    results["tested_step"] = steps if tested_step is None else tested_step
+    results["selected_by"] = selected_by or "final step"
     if jax.process_index() == 0:
         write_outputs(run.workdir, run.config, results, figure_slices)
     return results

@@ -6,6 +6,7 @@ One run is a group of one with mapping "none" (its state is not stacked), so the
 loop reads the same for one run and for K.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from brats_jax import config_utils, data, fileio, losses, steps
-from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints
+from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints, UnreadableCheckpoint, restore_runs
 from brats_jax.metric_writer import MetricWriter
 from brats_jax.train_state import (
     TrainState,
@@ -31,6 +32,7 @@ from brats_jax.train_state import (
     set_learning_rate,
     with_pretrained,
 )
+from brats_jax.workdir_lock import WorkdirLock
 
 # Fields that runs trained together must share (they may differ in everything else:
 # learning rate, loss and its parameters, seed, data split and order).
@@ -149,37 +151,20 @@ def _build_runs(configs, workdirs) -> list[Run]:
     return runs
 
 
-def _write_config(run: Run, total_steps: int) -> None:
-    """`config.json` into the run's folder (host 0; a changed config is logged) and a log
-    line with the run's split sizes."""
-    run.workdir.mkdir(parents=True, exist_ok=True)
+def _write_config(run: Run, total_steps: int, start_step: int | None) -> None:
+    """`config.json` into the run's folder and its `metrics.jsonl` cut after `start_step`
+    (host 0; called once the restore succeeded), and a log line with the split sizes."""
     if jax.process_index() == 0:
         new_json = run.config.to_json_best_effort(indent=2)
-        _warn_config_changes(run.workdir / "config.json", json.loads(new_json))
         fileio.write_text(run.workdir / "config.json", new_json)
+        # a resumed run rewrites the rows after its checkpoint: no step appears twice
+        fileio.drop_jsonl_rows_after(run.workdir / "metrics.jsonl", start_step or 0)
     s = run.splits
     logging.info(
         "%s: %d train / %d val / %d test slices, %d test cases; %d steps (%d per epoch)",
         run.workdir, len(s.train), len(s.val), len(s.test), len(s.cases["test"]),
         total_steps, run.steps_per_epoch,
     )  # fmt: skip
-
-
-def _resume_step(ckpts: list[RunCheckpoints]) -> int | None:
-    """The newest step every run has a checkpoint of (None: start from scratch)."""
-    steps_saved = [set(c.manager.all_steps()) for c in ckpts]
-    if not any(steps_saved):
-        return None
-    common = set.intersection(*steps_saved)
-    if not common:
-        raise ValueError(
-            "the runs' checkpoints share no step, so they cannot resume together: "
-            + ", ".join(
-                f"{c.directory}: {sorted(s)}" for c, s in zip(ckpts, steps_saved, strict=True)
-            )
-            + "; resume them one by one (without --group-size)"
-        )
-    return max(common)
 
 
 @dataclasses.dataclass
@@ -203,6 +188,7 @@ class RunGroup:
     checkpoints: list[RunCheckpoints]
     writers: list[MetricWriter]
     start_step: int | None
+    locks: contextlib.ExitStack  # the runs' `WorkdirLock`s, released by `close()`
 
     @classmethod
     def create(cls, configs, workdirs, *, mapping: str) -> "RunGroup":
@@ -214,21 +200,33 @@ class RunGroup:
         if mapping == "none" and len(configs) != 1:
             raise ValueError('mapping="none" trains exactly one run')
         runs = _build_runs(configs, workdirs)
-        for run in runs:
-            _write_config(run, runs[0].total_steps)
-        cfg = runs[0].config
-        model = create_model(cfg)
-        tx = create_optimizer(cfg.train, runs[0].total_steps)
-        iterators = [_train_iterator(r) for r in runs]
-        ckpts = [RunCheckpoints(r.workdir, keep=cfg.train.keep_checkpoints) for r in runs]
-        states, start = _initial_states(runs, model, tx, ckpts, iterators)
+        is_main = jax.process_index() == 0
+        locks = contextlib.ExitStack()
+        for run in runs:  # one process per run folder (other hosts share host 0's lock)
+            run.workdir.mkdir(parents=True, exist_ok=True)
+            if is_main:
+                locks.enter_context(WorkdirLock(run.workdir))
+                _warn_config_changes(
+                    run.workdir / "config.json", json.loads(run.config.to_json_best_effort())
+                )
+        try:
+            cfg = runs[0].config
+            model = create_model(cfg)
+            tx = create_optimizer(cfg.train, runs[0].total_steps)
+            iterators = [_train_iterator(r) for r in runs]
+            ckpts = [RunCheckpoints(r.workdir, keep=cfg.train.keep_checkpoints) for r in runs]
+            states, start = _initial_states(runs, model, tx, ckpts, iterators)
+            for run in runs:  # only now: a failed restore leaves config.json as it was
+                _write_config(run, runs[0].total_steps, start)
+        except BaseException:
+            locks.close()
+            raise
         stacked = mapping != "none"
         state = steps.stack_trees(states) if stacked else states[0]
         loss_params = [r.loss_params for r in runs]
         loss_params = losses.stack_loss_params(loss_params) if stacked else loss_params[0]
         mesh = steps.data_mesh()
         replicated = NamedSharding(mesh, P())
-        is_main = jax.process_index() == 0
         return cls(
             runs=runs,
             mapping=mapping,
@@ -241,6 +239,7 @@ class RunGroup:
             checkpoints=ckpts,
             writers=[MetricWriter(r.workdir, enabled=is_main) for r in runs],
             start_step=start,
+            locks=locks,
         )
 
     @property
@@ -299,12 +298,42 @@ class RunGroup:
             m = {VAL_METRIC: val[i]["paper_dice"]} if val[i] else None
             c.save(step, self.view(i), it.get_state(), m)
 
+    def tested_state(self, i: int, final_step: int) -> tuple[TrainState, int, str]:
+        """`(state, tested_step, selected_by)`: the weights run i is tested with, as
+        `predict` uses them. With a validation split, the checkpoint with the best validation
+        `paper_dice` (the standard protocol); without one, the final step's weights."""
+        run, c = self.runs[i], self.checkpoints[i]
+        if not len(run.splits.val):
+            return self.view(i), final_step, "final step (no validation split)"
+        best = c.best_step()
+        by = f"best validation {VAL_METRIC}"
+        if best is None or best == final_step:
+            return self.view(i), final_step, by
+        try:
+            _, state = c.restore_for_inference(self.view(i), step=best)
+        except UnreadableCheckpoint as e:
+            logging.warning("%s; testing the final step's weights instead", e)
+            return self.view(i), final_step, f"final step (best checkpoint unreadable: {e})"
+        return state, best, by
+
     def close(self) -> None:
-        """Finish checkpoint writes and close the metric writers."""
-        for c in self.checkpoints:
-            c.close()
-        for w in self.writers:
-            w.close()
+        """Finish checkpoint writes, close the metric writers, release the run folders."""
+        try:
+            for c in self.checkpoints:
+                c.close()
+            for w in self.writers:
+                w.close()
+        finally:
+            self.locks.close()
+
+    def drop_diverged(self, i: int, first_bad_loss_step: int) -> str:
+        """Deletes run i's checkpoints that a non-finite loss at `first_bad_loss_step`
+        condemns (`RunCheckpoints.drop_diverged`); returns where the newest good one is."""
+        c = self.checkpoints[i]
+        kept = c.drop_diverged(first_bad_loss_step)
+        if kept is None:
+            return "no good checkpoint is kept; the rerun starts from scratch"
+        return f"the newest good checkpoint is step {kept} in {c.directory}"
 
 
 def _train_iterator(run: Run):
@@ -328,17 +357,17 @@ def _initial_states(runs, model, tx, ckpts, iterators) -> tuple[list, int | None
         s.replace(opt_state=set_learning_rate(s.opt_state, r.config.train.learning_rate))
         for r, s in ((r, init(r.config.train.seed)) for r in runs)
     ]
-    start = _resume_step(ckpts)
-    if start is not None:
+    restored = restore_runs(ckpts, states)  # newest step all runs can read, or None
+    start = None if restored is None else restored[0]
+    if restored is not None:
         for i, (r, c) in enumerate(zip(runs, ckpts, strict=True)):
             if discarded := c.discard_after(start):
                 logging.info("%s: steps %s are redone from step %d", r.workdir, discarded, start)
-            states[i], data_state = c.restore(start, states[i])
             # the configured learning rate, not the checkpoint's (config.json says this one)
-            states[i] = states[i].replace(
-                opt_state=set_learning_rate(states[i].opt_state, r.config.train.learning_rate)
+            states[i] = restored[1][i].replace(
+                opt_state=set_learning_rate(restored[1][i].opt_state, r.config.train.learning_rate)
             )
-            iterators[i].set_state(data_state)
+            iterators[i].set_state(restored[2][i])
         logging.info("resumed %d run(s) from step %d", len(runs), start)
     elif runs[0].config.model.pretrained_path:
         states = [

@@ -52,14 +52,17 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
     group = RunGroup.create(configs, workdirs, mapping=mapping)
     try:
         step = _train_loop(group)
+        tested = [group.tested_state(i, step) for i in range(len(group.runs))]
     finally:
         group.close()
     predict = inference.make_slice_predictor(group.model, image_size=group.config.data.image_size)
     results = []
-    for i, run in enumerate(group.runs):
-        s = group.view(i)
+    for run, (s, tested_step, selected_by) in zip(group.runs, tested, strict=True):
+        variables = {"params": s.params, **s.model_state}
         results.append(
-            evaluate_and_write(run, predict, {"params": s.params, **s.model_state}, step)
+            evaluate_and_write(
+                run, predict, variables, step, tested_step=tested_step, selected_by=selected_by
+            )
         )
     return results
 
@@ -87,10 +90,12 @@ class _Intervals:
 
 class _LossGuard:
     """Checks training losses for NaN/inf one step late (so the host never waits on the
-    device) and before every log or checkpoint, naming the run and its last good checkpoint."""
+    device) and before every log or checkpoint. A non-finite loss at step t condemns the
+    weights of step t-1 too: their checkpoints are deleted and the error names the newest
+    good one."""
 
     def __init__(self, group: RunGroup):
-        self.group, self.pending, self.last_saved = group, [], group.start_step
+        self.group, self.pending = group, []
 
     def add(self, step: int, loss) -> None:
         self.check()
@@ -100,11 +105,10 @@ class _LossGuard:
         for s, loss in self.pending:
             for i, value in enumerate(self.group.per_run(loss)):
                 if not np.isfinite(value):
+                    where = self.group.drop_diverged(i, s)
                     raise FloatingPointError(
                         f"non-finite training loss ({value}) at step {s} of run "
-                        f"{self.group.runs[i].workdir}; stopping. The last good checkpoint "
-                        f"(step {self.last_saved}) is kept in "
-                        f"{self.group.checkpoints[i].directory}"
+                        f"{self.group.runs[i].workdir}; stopping: {where}"
                     )
         self.pending.clear()
 
@@ -137,7 +141,6 @@ def _train_loop(group: RunGroup) -> int:
             if when.save_now(step, any(v is not None for v in val)):
                 guard.check()
                 group.save(step, val)
-                guard.last_saved = step
         guard.check()
     return step
 

@@ -181,8 +181,7 @@ def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
     saved = config_utils.upgrade_legacy(json.loads(config_path.read_text()))
     config = ml_collections.ConfigDict(saved)
     ckpts = RunCheckpoints(workdir, read_only=True)
-    step = ckpts.best_step() if step is None else step
-    if step is None:
+    if ckpts.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
     model = create_model(config)
     size = config.data.image_size or (
@@ -194,6 +193,7 @@ def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
     template = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), template
     )
-    state, _ = ckpts.restore(step, template)
+    # the best checkpoint (or `step`); an unreadable one falls back to the newest readable
+    _, state = ckpts.restore_for_inference(template, step=step)
     ckpts.close()
     return config, model, {"params": state.params, **state.model_state}
