@@ -2,6 +2,11 @@
 
 TransUNet's module names are the checkpoint's key names, so most arrays are placed under the
 same path (``block1/unit1/conv1/kernel`` -> ``params['block1']['unit1']['conv1']['kernel']``).
+The scanned model (``TransUNet(scan=True)``, the default) stacks the 12 transformer blocks and
+a stage's units 2..N; its parameters are viewed per block for the placement
+(:func:`~brats_jax.models.transunet.per_block_params`: ``encoderblock_{i}`` = index i of
+``encoderblock``, ``block{b}/unit{u}`` = index u-2 of ``block{b}/repeated_units``) and stacked
+again afterwards, so the report names the checkpoint's per-block keys.
 The exceptions, all recorded in the returned :class:`LoadReport`:
 
 * ``gn*/scale|bias`` stored as (1,1,1,C) are reshaped to (C,).
@@ -36,6 +41,7 @@ from flax import traverse_util
 from flax.core import FrozenDict, unfreeze
 
 from brats_jax.models.layers import align_corners_weights
+from brats_jax.models.transunet import is_stacked, per_block_params, upgrade_params
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +168,8 @@ def load_pretrained(
     """
     if root_conv not in ROOT_METHODS:
         raise ValueError(f"root_conv={root_conv!r}; expected one of {ROOT_METHODS}")
-    tree = unfreeze(params) if isinstance(params, FrozenDict) else dict(params)
+    stacked = is_stacked(params)
+    tree = per_block_params(unfreeze(params) if isinstance(params, FrozenDict) else dict(params))
     wrapped = "params" in tree and "conv_root" not in tree
     flat = traverse_util.flatten_dict(tree["params"] if wrapped else tree, sep="/")
     if "conv_root/kernel" not in flat or POS_KEY not in flat:
@@ -245,4 +252,4 @@ def load_pretrained(
     if wrapped:
         tree["params"] = out
         out = tree
-    return out, report
+    return (upgrade_params(out) if stacked else out), report
