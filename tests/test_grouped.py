@@ -131,3 +131,20 @@ def test_vmapped_unet_step_equals_the_single_runs():
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
             got, st["params"],
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_transunet_gemm_convolutions_equal_xla_and_vmap_to_gemms():
+    """TransUNet(conv_impl="gemm") computes the default model on the same weights; vmapped over
+    K=2 runs' weights its program has no convolution left (all batched GEMMs)."""
+    from brats_jax.models import TransUNet
+
+    ref, net = TransUNet(preset="tiny"), TransUNet(preset="tiny", conv_impl="gemm")
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 32, 32, 4))
+    v = ref.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)}, x)
+    np.testing.assert_allclose(
+        jax.jit(net.apply)(v, x), jax.jit(ref.apply)(v, x), rtol=1e-4, atol=1e-5
+    )
+    kv = jax.tree.map(lambda a: jnp.stack([a, a]), v)
+    prims = _primitives(jax.make_jaxpr(jax.vmap(net.apply))(kv, jnp.stack([x, x])).jaxpr)
+    assert "dot_general" in prims and "conv_general_dilated" not in prims

@@ -39,6 +39,7 @@ parameters (the official code's count; BatchNorm statistics are in ``batch_stats
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -49,8 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from brats_jax.models.layers import StdConv, he_normal, upsample2x_bilinear
+from brats_jax.models.layers import Conv2D, StdConv, he_normal, upsample2x_bilinear
+from brats_jax.ops.impls import IMPLS
 
+lecun = nn.initializers.lecun_normal()
 PATCH = 16
 """Total down-sampling of the hybrid encoder: tokens live on the (H/16, W/16) grid."""
 ENCODER_BLOCKS = "encoderblock"
@@ -117,26 +120,26 @@ class Bottleneck(nn.Module):
     stride: int = 1
     gn_groups: int = 32
     dtype: Any = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cmid = self.cout // 4
+        conv = functools.partial(StdConv, dtype=self.dtype, impl=self.conv_impl)
         gn = lambda name: nn.GroupNorm(
             num_groups=self.gn_groups, epsilon=1e-6, dtype=self.dtype, name=name
         )
         residual = x
         if self.stride != 1 or x.shape[-1] != self.cout:
-            residual = StdConv(
-                self.cout, 1, strides=self.stride, dtype=self.dtype, name="conv_proj"
-            )(x)
+            residual = conv(self.cout, 1, strides=self.stride, name="conv_proj")(x)
             # The official code uses nn.GroupNorm(cout, cout): one group per channel, eps 1e-5.
             residual = nn.GroupNorm(
                 num_groups=self.cout, epsilon=1e-5, dtype=self.dtype, name="gn_proj"
             )(residual)
-        y = nn.relu(gn("gn1")(StdConv(cmid, 1, dtype=self.dtype, name="conv1")(x)))
-        y = StdConv(cmid, 3, strides=self.stride, pad=1, dtype=self.dtype, name="conv2")(y)
+        y = nn.relu(gn("gn1")(conv(cmid, 1, name="conv1")(x)))
+        y = conv(cmid, 3, strides=self.stride, pad=1, name="conv2")(y)
         y = nn.relu(gn("gn2")(y))
-        y = gn("gn3")(StdConv(self.cout, 1, dtype=self.dtype, name="conv3")(y))
+        y = gn("gn3")(conv(self.cout, 1, name="conv3")(y))
         return nn.relu(residual + y)
 
 
@@ -169,15 +172,18 @@ class ResNetStage(nn.Module):
     gn_groups: int
     dtype: Any = None
     scan: bool = True
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = Bottleneck(self.cout, self.stride, self.gn_groups, self.dtype, name="unit1")(x)
+        unit = functools.partial(
+            Bottleneck, gn_groups=self.gn_groups, dtype=self.dtype, conv_impl=self.conv_impl
+        )
+        x = unit(self.cout, self.stride, name="unit1")(x)
         if self.scan and self.units > 1:
-            unit = Bottleneck(self.cout, 1, self.gn_groups, self.dtype, name=REPEATED_UNITS)
-            return _scan_layers(unit, x, self.units - 1)
+            return _scan_layers(unit(self.cout, 1, name=REPEATED_UNITS), x, self.units - 1)
         for u in range(2, self.units + 1):
-            x = Bottleneck(self.cout, 1, self.gn_groups, self.dtype, name=f"unit{u}")(x)
+            x = unit(self.cout, 1, name=f"unit{u}")(x)
         return x
 
 
@@ -318,14 +324,16 @@ class ConvBNReLU(nn.Module):
 
     features: int
     dtype: Any = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(
+        x = Conv2D(
             self.features,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
+            3,
+            padding="zero",
             use_bias=False,
+            impl=self.conv_impl,
             kernel_init=he_normal,
             dtype=self.dtype,
             name="conv",
@@ -342,14 +350,15 @@ class DecoderBlock(nn.Module):
 
     features: int
     dtype: Any = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array | None, train: bool) -> jax.Array:
         x = upsample2x_bilinear(x)
         if skip is not None:
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-        x = ConvBNReLU(self.features, self.dtype, name="conv1")(x, train)
-        return ConvBNReLU(self.features, self.dtype, name="conv2")(x, train)
+        x = ConvBNReLU(self.features, self.dtype, self.conv_impl, name="conv1")(x, train)
+        return ConvBNReLU(self.features, self.dtype, self.conv_impl, name="conv2")(x, train)
 
 
 class DecoderCup(nn.Module):
@@ -360,13 +369,15 @@ class DecoderCup(nn.Module):
 
     cfg: TransUNetConfig
     dtype: Any = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: list[jax.Array], train: bool) -> jax.Array:
-        x = ConvBNReLU(self.cfg.head_channels, self.dtype, name="conv_more")(x, train)
+        impl = self.conv_impl
+        x = ConvBNReLU(self.cfg.head_channels, self.dtype, impl, name="conv_more")(x, train)
         for i, ch in enumerate(self.cfg.decoder_channels):
             skip = skips[i] if i < self.cfg.n_skip else None
-            x = DecoderBlock(ch, self.dtype, name=f"block_{i}")(x, skip, train)
+            x = DecoderBlock(ch, self.dtype, impl, name=f"block_{i}")(x, skip, train)
         return x
 
 
@@ -387,6 +398,8 @@ class TransUNet(nn.Module):
     "tiny"); any architecture field left ``None`` takes the preset's value. ``dtype`` is the
     compute dtype (e.g. jnp.bfloat16; parameters stay float32). H and W must be multiples of 16;
     the position embedding is created for the (H/16, W/16) grid of the input given at init.
+    ``conv_impl`` (default "xla"): the convolutions' implementation
+    (:mod:`brats_jax.ops.impls`; "gemm" = im2col GEMMs, for K stacked runs under vmap).
     ``scan`` (default True): transformer blocks and repeated ResNet units as ``nn.scan``
     (stacked parameters, see the module docstring); False gives the per-block layout. Both
     compute the same function (to float32 rounding) on the same weights.
@@ -408,6 +421,7 @@ class TransUNet(nn.Module):
     n_skip: int | None = None
     dtype: Any = None
     scan: bool = True
+    conv_impl: str = "xla"
 
     @property
     def config(self) -> TransUNetConfig:
@@ -446,7 +460,10 @@ class TransUNet(nn.Module):
             x = x.astype(dt)
         width = cfg.resnet_width
         # ResNet v2 root.
-        y = StdConv(width, 7, strides=2, pad=3, dtype=dt, name="conv_root")(x)
+        impl = self.conv_impl
+        if impl not in IMPLS:
+            raise ValueError(f"TransUNet conv_impl={impl!r}; expected one of {IMPLS}")
+        y = StdConv(width, 7, strides=2, pad=3, dtype=dt, impl=impl, name="conv_root")(x)
         y = nn.relu(
             nn.GroupNorm(num_groups=cfg.gn_groups, epsilon=1e-6, dtype=dt, name="gn_root")(y)
         )
@@ -460,6 +477,7 @@ class TransUNet(nn.Module):
                 cfg.gn_groups,
                 dt,
                 self.scan,
+                impl,
                 name=f"block{b + 1}",
             )(y)
             if b < 2:  # H/4 (block1), H/8 (block2), zero-padded like the official code
@@ -467,15 +485,19 @@ class TransUNet(nn.Module):
         gh, gw = h // PATCH, w // PATCH
         if y.shape[1:3] != (gh, gw):
             raise AssertionError(f"ResNet output {y.shape} is not on the {gh}x{gw} grid")
-        y = nn.Conv(cfg.hidden_size, (1, 1), dtype=dt, name="embedding")(y)
+        y = Conv2D(
+            cfg.hidden_size, 1, padding="valid", impl=impl, kernel_init=lecun, dtype=dt,
+            name="embedding",
+        )(y)  # fmt: skip
         b_ = y.shape[0]
         tokens = y.reshape(b_, gh * gw, cfg.hidden_size)
         tokens = Encoder(cfg, dt, self.scan, name="Transformer")(tokens, train)
         y = tokens.reshape(b_, gh, gw, cfg.hidden_size)
-        y = DecoderCup(cfg, dt, name="decoder")(y, features[::-1], train)
-        logits = nn.Conv(
-            self.num_classes, (3, 3), padding=((1, 1), (1, 1)), dtype=dt, name="segmentation_head"
-        )(y)
+        y = DecoderCup(cfg, dt, impl, name="decoder")(y, features[::-1], train)
+        logits = Conv2D(
+            self.num_classes, 3, padding="zero", impl=impl, kernel_init=lecun, dtype=dt,
+            name="segmentation_head",
+        )(y)  # fmt: skip
         return logits.astype(jnp.float32)
 
 
