@@ -25,14 +25,15 @@ import json
 MAPPINGS = ("single", "vmap", "map", "gemm")
 
 
-def build(model: str, conv_impl: str, dtype: str, smoke: bool):
-    """The benchmarked module (study sizes, or tiny ones with ``smoke``)."""
+def build(model: str, conv_impl: str, dtype: str, smoke: bool, unet_kw: dict | None = None):
+    """The benchmarked module (study sizes, tiny ones with ``smoke``; ``unet_kw`` overrides
+    the U-Net's fields, e.g. features/depth)."""
     from brats_jax import bench
     from brats_jax.models import create_model
 
     kw = {"num_classes": 4, "dtype": bench.DTYPES[dtype], "conv_impl": conv_impl}
     if model == "unet":
-        kw.update({"features": 4, "depth": 2} if smoke else {})
+        kw.update({"features": 4, "depth": 2} if smoke else (unet_kw or {}))
     elif model == "transunet":
         kw["preset"] = "tiny" if smoke else "r50_vit_b16"
         kw["conv_impl"] = "xla" if conv_impl == "auto" else conv_impl
@@ -42,7 +43,7 @@ def build(model: str, conv_impl: str, dtype: str, smoke: bool):
 
 
 def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dtype: str,
-        mappings: list[str], smoke: bool) -> list[dict]:  # fmt: skip
+        mappings: list[str], smoke: bool, unet_kw: dict | None = None) -> list[dict]:  # fmt: skip
     """One result dict per mapping (see the module docstring)."""
     import jax
     import jax.numpy as jnp
@@ -59,7 +60,7 @@ def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dty
     kbatch = jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), batch)
     out, single_s = [], None
     for mapping in mappings:
-        net = build(model, "gemm" if mapping == "gemm" else "auto", dtype, smoke)
+        net = build(model, "gemm" if mapping == "gemm" else "auto", dtype, smoke, unet_kw)
         init = jax.jit(lambda seed, net=net: train.init_state(net, tx, seed, image_size=image_size))
         step = train.make_train_step(net, tx)
         if mapping == "single":
@@ -75,7 +76,7 @@ def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dty
         single_s = t.median_s if mapping == "single" else single_s
         out.append({
             "bench": "grouped_runs", "model": model, "mapping": mapping, "runs": k,
-            "image_size": image_size, "batch_size": batch_size, "dtype": dtype,
+            "image_size": image_size, "batch_size": batch_size, "dtype": dtype, **(unet_kw or {}),
             "compile_s": round(t.compile_s, 3), "step_s_median": round(t.median_s, 5),
             "step_s_per_run": round(t.median_s / k, 5),
             "speedup": None if single_s is None else round(k * single_s / t.median_s, 3),
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mappings", default=",".join(MAPPINGS), help=f"subset of {MAPPINGS}")
+    p.add_argument("--features", type=int, default=None, help="U-Net first-level width")
+    p.add_argument("--depth", type=int, default=None, help="U-Net poolings")
     p.add_argument("--smoke", action="store_true", help="tiny models, 32 px, 2 runs, 1 step")
     a = p.parse_args(argv)
     mappings = a.mappings.split(",")
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     from brats_jax.ops.flags import set_cpu_xla_flags
 
     set_cpu_xla_flags()
-    run(a.model, a.runs, a.image_size, a.batch_size, a.steps, a.dtype, mappings, a.smoke)
+    unet_kw = {k: v for k, v in (("features", a.features), ("depth", a.depth)) if v is not None}
+    run(a.model, a.runs, a.image_size, a.batch_size, a.steps, a.dtype, mappings, a.smoke, unet_kw)
 
 
 if __name__ == "__main__":
