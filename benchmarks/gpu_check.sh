@@ -69,7 +69,13 @@ if has unet; then  # the bench rows of the default ops (gpu_fast) at batches 1, 
   for bs in 1 16 32; do bench_train 70 --model=unet --batch-size=$bs; done
 fi
 if has transunet; then  # scanned TransUNet (nn.scan): compile_s in each row; unscanned took 86 s
-  for bs in ${TRANSUNET_BATCHES:-1 16}; do bench_train 120 --model=transunet --batch-size=$bs; done
+  # XLA's cost analysis counts a scan's body ~once: FLOPs (and MFU) from the per-block model.
+  for bs in ${TRANSUNET_BATCHES:-1 16}; do
+    timeout 120 $PY -m brats_jax.bench train --image-size=240 --steps=10 --dtype=bfloat16 \
+      --model=transunet --batch-size=$bs 2>>"$OUT/stderr.txt" \
+      | JAX_PLATFORMS=cpu timeout 60 $PY -m benchmarks.transunet_compile --fix-rows \
+      2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
+  done
 fi
 if has unscanned; then  # compile time of the per-block (scan=False) TransUNet, for comparison
   timeout 150 $PY -m benchmarks.transunet_compile --scan=false --dtype=bfloat16 \

@@ -55,3 +55,31 @@ def test_transunet_compile_smoke(capsys):
     transunet_compile.main(["--preset=tiny", "--image-size=32"])
     row = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert row["compile_s"] > 0 and row["preset"] == "tiny"
+
+
+def test_fix_rows_counts_the_scanned_transunet_flops_per_block():
+    """XLA's cost analysis counts a scan's body about once; fix_rows replaces the scanned
+    model's FLOPs with the per-block model's, which are larger by the missing layers."""
+    import io
+
+    import jax
+    import optax
+
+    from benchmarks.transunet_compile import fix_rows
+    from brats_jax import bench
+    from brats_jax.models import TransUNet
+
+    net = TransUNet(preset="tiny", num_classes=4)  # scanned, 2 transformer blocks
+    tx = optax.adam(1e-4)
+    state = jax.eval_shape(lambda: bench.init_train_state(net, 32, tx))
+    image, label = bench.random_batch(1, 32)
+    step = bench.make_train_step(net, tx)
+    scanned = bench.step_flops(step, jax.jit(step).lower(state, image, label), state, image, label)
+    row = {"model": "transunet", "preset": "tiny", "image_size": 32, "batch_size": 1,
+           "dtype": "float32", "step_s_median": 2.0, "flops_per_step": scanned}  # fmt: skip
+    out = io.StringIO()
+    fix_rows([json.dumps(row), "not json"], out)
+    fixed, passthrough = out.getvalue().splitlines()
+    fixed = json.loads(fixed)
+    assert fixed["flops_per_step"] > scanned and passthrough == "not json"
+    assert fixed["tflops"] == round(fixed["flops_per_step"] / 2.0 / 1e12, 5)
