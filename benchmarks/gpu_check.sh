@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# GPU benchmark: bench train for U-Net and TransUNet at 240x240, bfloat16, batch 1 and 16,
-# achieved TFLOP/s and MFU against the card's dense bf16 peak, plus the PyTorch U-Net twin
-# (skipped when torch with CUDA cannot be imported). Writes JSON lines to $OUT/gpu_bench.jsonl.
+# GPU benchmark of issue 20, one script, <= ~8 min on one H100/H200 (JSON lines to
+# $OUT/gpu_bench.jsonl; every row has its stage's timeout):
+#   unet       bench train U-Net 240 px bf16, batches 1, 16, 32 (default ops), MFU    ~70 s
+#   transunet  bench train TransUNet (scanned) batches 1, 16: MFU and compile_s        ~90 s
+#   grouped    K=16 batch-1 runs in one program (conv_impl=gemm, vmap) vs 16 single
+#              steps, U-Net and TransUNet (benchmarks/grouped_runs.py)                 ~150 s
+#   torch      PyTorch U-Net twin, eager and torch.compile (max-autotune, falls back
+#              to the default mode), channels_last + bf16 autocast, batches 1, 16      ~150 s
+# Every Python entry point here also runs on a CPU with tiny sizes (--smoke, see
+# tests/test_benchmarks_smoke.py), so the script is checked without a GPU.
 #
 # Needs a CUDA build of jax plus the brats_jax dependencies (only the models and bench are
 # used); optional: a CUDA build of torch for the twin.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (<= ~8 min)
-# STAGES picks parts (default "unet transunet extra multirun torch"); "explore" runs
+# STAGES picks parts (default "unet transunet grouped torch"); "multirun" runs the old bench
+# multirun K=8 vmap row, "unscanned" the per-block TransUNet compile time; "explore" runs
 # benchmarks/gpu_explore.py (op variants + profiler trace of the U-Net step, <= ~5 min);
 # TRANSUNET_BATCHES (default "1 16") sets the TransUNet batch sizes.
 # On the lent H100/H200 (jax 0.11 with CUDA 13, flax, optax, orbax, torch preinstalled) only
@@ -46,7 +54,7 @@ for line in sys.stdin:
     print(json.dumps(r)); sys.stdout.flush()
 "
 }
-STAGES=${STAGES:-unet transunet extra multirun torch}
+STAGES=${STAGES:-unet transunet grouped torch}
 has() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 bench_train() {  # $1: timeout seconds, rest: bench train flags
   local t=$1; shift
@@ -57,68 +65,40 @@ if has explore; then
   timeout 330 $PY -m benchmarks.gpu_explore --out="$OUT" --peak="$PEAK" --budget-s=190 \
     --profile 2>>"$OUT/stderr.txt"
 fi
-if has unet; then
-  for bs in 1 16; do bench_train 70 --model=unet --batch-size=$bs; done
+if has unet; then  # the bench rows of the default ops (gpu_fast) at batches 1, 16, 32
+  for bs in 1 16 32; do bench_train 70 --model=unet --batch-size=$bs; done
 fi
-if has transunet; then  # compiling the full TransUNet train step took 86 s on an H200
-  for bs in ${TRANSUNET_BATCHES:-1 16}; do bench_train 180 --model=transunet --batch-size=$bs; done
+if has transunet; then  # scanned TransUNet (nn.scan): compile_s in each row; unscanned took 86 s
+  # XLA's cost analysis counts a scan's body ~once: FLOPs (and MFU) from the per-block model.
+  for bs in ${TRANSUNET_BATCHES:-1 16}; do
+    timeout 120 $PY -m brats_jax.bench train --image-size=240 --steps=10 --dtype=bfloat16 \
+      --model=transunet --batch-size=$bs 2>>"$OUT/stderr.txt" \
+      | JAX_PLATFORMS=cpu timeout 60 $PY -m benchmarks.transunet_compile --fix-rows \
+      2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
+  done
 fi
-if has extra; then  # U-Net at a larger batch
-  bench_train 70 --model=unet --batch-size=32
+if has unscanned; then  # compile time of the per-block (scan=False) TransUNet, for comparison
+  timeout 150 $PY -m benchmarks.transunet_compile --scan=false --dtype=bfloat16 \
+    2>>"$OUT/stderr.txt" | tee -a "$JSONL"
+  timeout 100 $PY -m benchmarks.transunet_compile --scan=true --dtype=bfloat16 \
+    2>>"$OUT/stderr.txt" | tee -a "$JSONL"
 fi
-if has multirun; then
-  # Issue 9: the study's setting (U-Net, 240 px, batch 1) as K=8 stacked runs (vmap) vs one.
+if has grouped; then  # K=16 batch-1 runs in one program vs 16 single steps (issue 20: >= 5x)
+  timeout 90 $PY -m benchmarks.grouped_runs --model=unet --runs=16 --dtype=bfloat16 \
+    --mappings=${GROUPED_MAPPINGS:-single,gemm} 2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
+  timeout 150 $PY -m benchmarks.grouped_runs --model=transunet --runs=16 --dtype=bfloat16 \
+    --mappings=${GROUPED_MAPPINGS:-single,gemm} 2>>"$OUT/stderr.txt" | add_mfu | tee -a "$JSONL"
+fi
+if has multirun; then  # issue 9's row: U-Net K=8 stacked runs (vmap, grouped convolutions)
   timeout 120 $PY -m brats_jax.bench multirun --model=unet --image-size=240 --batch-size=1 \
     --runs=8 --steps=5 --mapping=vmap --dtype=bfloat16 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
 fi
-# PyTorch twin of the U-Net (bf16 autocast, channels_last), same shapes; optional.
-has torch && timeout 70 $PY - "$GPU" "$PEAK" <<'PYEOF' 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
-import json, statistics, sys, time
-try:
-    import torch
-    assert torch.cuda.is_available()
-except Exception as e:  # torch missing or CPU-only build
-    print(json.dumps({"bench": "torch_train", "skipped": f"torch unavailable: {e!r}"})); sys.exit(0)
-from benchmarks.torch_unet import TorchUNet
-gpu, peak = sys.argv[1], float(sys.argv[2])
-torch.backends.cudnn.benchmark = True
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-for bs in (1, 16):
-    m = TorchUNet().cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-4)
-    x = torch.randn(bs, 4, 240, 240, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 4, (bs, 240, 240), device="cuda")
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(m(x).float(), y)
-        loss.backward(); opt.step()
-    for _ in range(5): step()
-    torch.cuda.synchronize(); ts = []
-    for _ in range(20):
-        t = time.perf_counter(); step(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
-    med = statistics.median(ts)
-    # FLOPs: 3x forward conv FLOPs (fwd + input grad + weight grad), counted analytically.
-    flops = 0
-    h = 240
-    f = [64, 128, 256, 512, 1024]
-    cin = 4
-    for i, c in enumerate(f):
-        s = (h >> i) ** 2
-        flops += 2 * s * 9 * (cin * c + c * c); cin = c
-    for i in (3, 2, 1, 0):
-        s = (h >> i) ** 2; c = f[i]
-        flops += 2 * (s // 4) * 4 * (2 * c) * c + 2 * s * 9 * (2 * c * c + c * c)
-    flops += 2 * h * h * 64 * 4
-    flops = 3 * flops * bs
-    tf = flops / med / 1e12
-    print(json.dumps({"bench": "torch_train", "model": "unet_torch", "image_size": 240,
-                      "batch_size": bs, "dtype": "bfloat16-autocast", "step_s_median": round(med, 5),
-                      "slices_per_s": round(bs / med, 2), "flops_per_step": flops,
-                      "tflops": round(tf, 2), "gpu": gpu, "peak_bf16_tflops": peak,
-                      "mfu": round(tf / peak, 4), "torch": torch.__version__}))
-    sys.stdout.flush()
-    del m, opt
-PYEOF
+if has torch; then  # PyTorch twin at its strongest; rows say "skipped" without torch + CUDA
+  TB=($PY -m benchmarks.torch_bench --peak="$PEAK" --gpu="$GPU")
+  timeout 60 "${TB[@]}" --variants=eager 2>>"$OUT/stderr.txt" | tee -a "$JSONL"
+  timeout 150 "${TB[@]}" --variants=compile --compile-mode=max-autotune 2>>"$OUT/stderr.txt" \
+    | tee -a "$JSONL" \
+    || timeout 90 "${TB[@]}" --variants=compile --compile-mode=default 2>>"$OUT/stderr.txt" \
+    | tee -a "$JSONL"
+fi
 echo "wrote $JSONL"

@@ -71,17 +71,26 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def make_train_step(model: nn.Module, lr: float = 1e-4, channels_last: bool = False):
+def make_train_step(
+    model: nn.Module,
+    lr: float = 1e-4,
+    channels_last: bool = False,
+    compile_mode: str | None = None,
+):
     """Returns ``step(image (B,H,W,C) float32, labels (B,H,W) int64) -> loss float`` doing one
-    Adam + mean cross-entropy update of ``model`` in place (like the JAX trainer's step)."""
+    Adam + mean cross-entropy update of ``model`` in place (like the JAX trainer's step).
+    ``compile_mode`` (e.g. "default", "max-autotune"): run the forward (and, through
+    AOTAutograd, the backward) as ``torch.compile(model, mode=compile_mode)`` (inductor);
+    ``benchmarks/torch_bench.py`` times both variants with bf16 autocast."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     mf = torch.channels_last if channels_last else torch.contiguous_format
+    fwd = model if compile_mode is None else torch.compile(model, mode=compile_mode)
 
     def step(image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).contiguous(memory_format=mf)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), labels)
+        loss = loss_fn(fwd(x), labels)
         loss.backward()
         opt.step()
         return loss.detach()

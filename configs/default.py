@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.preset = "r50_vit_b16"  # TransUNet: r50_vit_b16 | small | tiny
     m.n_skip = 3  # TransUNet: skip connections used by the decoder
     m.pretrained_path = ""  # TransUNet: Google's R50+ViT-B_16.npz ("" = random init)
+    m.pretrained_root_conv = "mean"  # RGB root -> 4 channels: mean | repeat | rgb_mean | init
 
     c.train = t = ml_collections.ConfigDict()
     t.loss = "ce"  # ce | cb_ce | focal | cb_focal | dice | dice_ce

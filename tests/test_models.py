@@ -17,6 +17,7 @@ import pytest
 
 from brats_jax.models import PRESETS, TransUNet, UNet, create_model
 from brats_jax.models.layers import Conv2D, UpConv2x2, resize_bilinear_align_corners
+from brats_jax.models.transunet import upgrade_params
 
 KEY = jax.random.PRNGKey(0)
 RNGS = {"params": KEY, "dropout": jax.random.PRNGKey(1)}
@@ -353,3 +354,90 @@ def test_flops_per_slice_matches_conv_arithmetic():
     assert r["forward"] == pytest.approx(2 * macs, rel=0.1)
     assert 2.0 < r["train_step"] / r["forward"] < 4.0
     assert r["params"] == n_params(abstract_vars(UNet(features=f, depth=2), s)["params"])
+
+
+# --------------------------------------------------------------------------- scanned TransUNet
+
+
+def test_scanned_transunet_eval_equals_per_block_model():
+    """Quick check (eval only) of the slow test below, at the tiny preset with scanned units."""
+    old, new = (
+        tiny_transunet(scan=False, resnet_units=(1, 1, 2)),
+        tiny_transunet(resnet_units=(1, 1, 2)),
+    )
+    v_old = numpy_vars(old, 32)
+    x = jax.random.normal(KEY, (1, 32, 32, 4))
+    np.testing.assert_allclose(
+        np.asarray(run(new, upgrade_params(v_old), x)), np.asarray(run(old, v_old, x)),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_scanned_transunet_equals_per_block_model():
+    """scan=True (stacked blocks and units, one nn.scan each) computes today's per-block
+    TransUNet on the same weights: eval and train outputs, batch statistics and gradients."""
+    kw = dict(resnet_units=(1, 2, 3), num_layers=3, dropout_rate=0.0)
+    old, new = tiny_transunet(scan=False, **kw), tiny_transunet(**kw)
+    v_old = numpy_vars(old, 32)
+    v_new = upgrade_params(v_old)
+    assert jax.tree.structure(v_new) == jax.tree.structure(abstract_vars(new, 32))
+    assert v_new["params"]["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (3, 32)
+    assert v_new["params"]["block3"]["repeated_units"]["conv2"]["kernel"].shape[0] == 2
+    x = jax.random.normal(KEY, (2, 32, 32, 4))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def outputs(model, v):
+        def loss(p):
+            y, upd = model.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])
+            return jnp.mean(y**2), (y, upd)
+
+        grads, (y, upd) = jax.grad(loss, has_aux=True)(v["params"])
+        return model.apply(v, x, train=False), y, upd, grads
+
+    ev_new, y_new, s_new, g_new = outputs(new, v_new)
+    ev_old, y_old, s_old, g_old = outputs(old, v_old)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    close(np.asarray(ev_new), np.asarray(ev_old))
+    close(np.asarray(y_new), np.asarray(y_old))
+    jax.tree.map(close, s_new, s_old)
+    jax.tree.map(close, g_new, upgrade_params(g_old))
+
+
+def test_upgrade_params_stacks_per_block_trees_and_is_identity_on_new_ones():
+    from flax.core import FrozenDict
+
+    from brats_jax.models.transunet import is_stacked, per_block_params
+
+    a, b, c, d = (np.full((2,), v, np.float32) for v in (1.0, 2.0, 3.0, 4.0))
+    old = {
+        "Transformer": {"encoderblock_0": {"w": a}, "encoderblock_1": {"w": b}, "n": {"s": c}},
+        "block1": {"unit1": {"k": a}, "unit2": {"k": c}, "unit3": {"k": d}},
+        "block2": {"unit1": {"k": b}},
+    }
+    up = upgrade_params(old)
+    assert set(up["Transformer"]) == {"encoderblock", "n"} and set(up["block2"]) == {"unit1"}
+    np.testing.assert_array_equal(up["Transformer"]["encoderblock"]["w"], [[1, 1], [2, 2]])
+    assert set(up["block1"]) == {"unit1", "repeated_units"}
+    np.testing.assert_array_equal(up["block1"]["repeated_units"]["k"], [[3, 3], [4, 4]])
+    np.testing.assert_array_equal(up["block1"]["unit1"]["k"], a)
+    assert "encoderblock_0" in old["Transformer"]  # input untouched
+    assert is_stacked(up) and not is_stacked(old)
+    same = lambda t, u: (
+        jax.tree.structure(t) == jax.tree.structure(u)
+        and all(
+            np.array_equal(p, q)
+            for p, q in zip(jax.tree.leaves(t), jax.tree.leaves(u), strict=True)
+        )
+    )
+    assert same(upgrade_params(up), up)  # identity on the new layout
+    assert same(per_block_params(up), old) and same(per_block_params(old), old)
+    # inside containers (an optax Adam state holds two parameter-shaped trees) and FrozenDicts
+    import optax
+
+    opt_old = optax.adam(1e-3).init(old)
+    opt_new = upgrade_params(opt_old)
+    assert jax.tree.structure(opt_new) == jax.tree.structure(optax.adam(1e-3).init(up))
+    assert isinstance(upgrade_params(FrozenDict(old)), FrozenDict)
+    with pytest.raises(ValueError, match="not consecutive"):
+        upgrade_params({"encoderblock_0": {"w": a}, "encoderblock_2": {"w": b}})

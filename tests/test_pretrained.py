@@ -17,8 +17,8 @@ import scipy.ndimage
 import scipy.special
 
 from brats_jax.models import TransUNet, load_pretrained
-from brats_jax.models.pretrained import resize_grid_align_corners
-from brats_jax.models.transunet import Encoder
+from brats_jax.models.pretrained import adapt_root_kernel, resize_grid_align_corners
+from brats_jax.models.transunet import Encoder, per_block_params
 
 FULL = dict(
     units=(3, 4, 9), width=64, hidden=768, layers=12, heads=12, mlp=3072, grid=14, n_cls=21843
@@ -105,6 +105,8 @@ def abstract_params(model, size, cin=4):
 
 
 def get(tree, key):
+    """The array at checkpoint key ``key`` (per-block names; a scanned tree is viewed per block)."""
+    tree = per_block_params(tree)
     for part in key.split("/"):
         tree = tree[part]
     return np.asarray(tree)
@@ -248,3 +250,55 @@ def test_full_size_npz_round_trip(tmp_path):
     new, report = load_pretrained(variables, tmp_path / "vit.npz")
     assert len(report.loaded) == 353
     check_round_trip(new, arrays, report, grid=15, cin=4)
+
+
+def test_scanned_and_per_block_models_load_the_same_arrays(tmp_path):
+    """Stage units 2..N and the transformer blocks of the scanned model (stacked) receive the
+    checkpoint's unit{u} / encoderblock_{i} arrays at index u-2 / i; the per-block model
+    (scan=False) loads them under their own names."""
+    sizes = {**TINY, "units": (1, 2, 3), "layers": 3}
+    arrays = write_vit_npz(tmp_path / "vit.npz", **sizes)
+    kw = dict(preset="tiny", resnet_units=(1, 2, 3), num_layers=3)
+    new, report = load_pretrained(abstract_params(TransUNet(**kw), 48), tmp_path / "vit.npz")
+    check_round_trip(new, arrays, report, grid=3, cin=4)
+    stacked = new["params"]["block3"]["repeated_units"]["conv2"]["kernel"]
+    np.testing.assert_array_equal(stacked[1], arrays["block3/unit3/conv2/kernel"])
+    enc = new["params"]["Transformer"]["encoderblock"]
+    np.testing.assert_array_equal(
+        enc["MlpBlock_3"]["Dense_1"]["kernel"][2],
+        arrays["Transformer/encoderblock_2/MlpBlock_3/Dense_1/kernel"],
+    )
+    old, old_report = load_pretrained(
+        abstract_params(TransUNet(scan=False, **kw), 48), tmp_path / "vit.npz"
+    )
+    assert old_report.loaded == report.loaded
+    assert "unit3" in old["params"]["block3"] and "encoderblock_2" in old["params"]["Transformer"]
+    check_round_trip(old, arrays, old_report, grid=3, cin=4)
+
+
+def test_root_conv_rgb_mean_keeps_rgb_for_flair_t1ce_t2_and_means_t1():
+    """Hand-made kernel: channel c of the RGB kernel holds the constant c+1 in output 0 and
+    10*(c+1) in output 1; MODALITIES = (flair, t1, t1ce, t2)."""
+    rgb = np.zeros((1, 1, 3, 2), np.float32)
+    rgb[0, 0, :, 0] = [1, 2, 3]
+    rgb[0, 0, :, 1] = [10, 20, 30]
+    out = adapt_root_kernel(rgb, 4, "rgb_mean")
+    # flair <- R, t1 <- mean(R,G,B) = 2 (20), t1ce <- G, t2 <- B; all times 3/4
+    np.testing.assert_allclose(out[0, 0, :, 0], np.array([1, 2, 2, 3]) * 0.75)
+    np.testing.assert_allclose(out[0, 0, :, 1], np.array([10, 20, 20, 30]) * 0.75)
+    with pytest.raises(ValueError, match="rgb_mean"):
+        adapt_root_kernel(rgb, 5, "rgb_mean")
+
+
+def test_load_pretrained_root_conv_rgb_mean(tmp_path):
+    arrays = write_vit_npz(tmp_path / "vit.npz", **TINY)
+    rgb = arrays["conv_root/kernel"]
+    new, rep = load_pretrained(
+        abstract_params(TransUNet(preset="tiny"), 48), tmp_path / "vit.npz", root_conv="rgb_mean"
+    )
+    k = get(new["params"], "conv_root/kernel")
+    np.testing.assert_allclose(k[:, :, 0], rgb[:, :, 0] * 0.75, rtol=1e-6)  # flair = R
+    np.testing.assert_allclose(k[:, :, 2], rgb[:, :, 1] * 0.75, rtol=1e-6)  # t1ce = G
+    np.testing.assert_allclose(k[:, :, 3], rgb[:, :, 2] * 0.75, rtol=1e-6)  # t2 = B
+    np.testing.assert_allclose(k[:, :, 1], rgb.mean(axis=2) * 0.75, rtol=1e-5)  # t1 = mean
+    assert "flair,t1ce,t2" in rep.loaded["conv_root/kernel"]

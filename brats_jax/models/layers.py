@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brats_jax.ops.conv import conv2d_xla
 from brats_jax.ops.impls import IMPLS, get_ops
 
 Array = jax.Array
@@ -133,7 +132,8 @@ class StdConv(nn.Module):
     """Weight-standardised convolution (BiT / ResNet v2), no bias, explicit symmetric padding.
 
     x: (B,H,W,Cin) -> (B,floor((H+2p-k)/s)+1, ..., features).
-    Parameter ``kernel`` (k,k,Cin,features).
+    Parameter ``kernel`` (k,k,Cin,features). ``impl``: the convolution of
+    :mod:`brats_jax.ops.impls` ("xla" default; "gemm" for K stacked runs under vmap).
     """
 
     features: int
@@ -143,6 +143,7 @@ class StdConv(nn.Module):
     eps: float = 1e-5
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -156,7 +157,7 @@ class StdConv(nn.Module):
         kernel = standardize_weight(kernel, self.eps)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         p = self.pad
-        return conv2d_xla(x, kernel, (self.strides, self.strides), ((p, p), (p, p)))
+        return get_ops(self.impl).conv(x, kernel, (self.strides, self.strides), ((p, p), (p, p)))
 
 
 def align_corners_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

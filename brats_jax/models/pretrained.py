@@ -2,6 +2,11 @@
 
 TransUNet's module names are the checkpoint's key names, so most arrays are placed under the
 same path (``block1/unit1/conv1/kernel`` -> ``params['block1']['unit1']['conv1']['kernel']``).
+The scanned model (``TransUNet(scan=True)``, the default) stacks the 12 transformer blocks and
+a stage's units 2..N; its parameters are viewed per block for the placement
+(:func:`~brats_jax.models.transunet.per_block_params`: ``encoderblock_{i}`` = index i of
+``encoderblock``, ``block{b}/unit{u}`` = index u-2 of ``block{b}/repeated_units``) and stacked
+again afterwards, so the report names the checkpoint's per-block keys.
 The exceptions, all recorded in the returned :class:`LoadReport`:
 
 * ``gn*/scale|bias`` stored as (1,1,1,C) are reshaped to (C,).
@@ -15,7 +20,13 @@ The exceptions, all recorded in the returned :class:`LoadReport`:
   response as the RGB network on that grey image (for a plain convolution: the activation scale
   is kept). TransUNet's root is weight-standardised, which removes a global factor anyway, so
   there the spatial filter pattern is what carries over. ``"repeat"`` cycles R,G,B,R,... (times
-  3/C); ``"init"`` keeps the model's random root kernel (the key is then reported as dropped).
+  3/C); ``"rgb_mean"`` (4 MRI channels in ``brats_jax.MODALITIES`` order) keeps the three
+  pretrained filters for FLAIR, T1ce and T2 (R, G, B) and gives T1 their mean (times 3/4 in
+  all, as above): what a PyTorch user widening the official model's first conv typically
+  does. T1 is the one left out because it is the modality most redundant with another (T1ce
+  is the same weighting plus contrast) and the least used for the BraTS labels, while FLAIR
+  (whole tumour, oedema), T1ce (enhancing tumour, core) and T2 (core, oedema) each carry a
+  label; ``"init"`` keeps the model's random root kernel (the key is then reported as dropped).
 * ``cls``, ``head/*`` and ``pre_logits/*`` (class token, ImageNet classifier and
   representation layer) have no counterpart and are reported as intentionally dropped.
 
@@ -35,7 +46,9 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, unfreeze
 
+from brats_jax import MODALITIES
 from brats_jax.models.layers import align_corners_weights
+from brats_jax.models.transunet import is_stacked, per_block_params, upgrade_params
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +59,9 @@ DROPPED_PREFIXES = {
     "head/": "ImageNet-21k classification head: not used for segmentation",
     "pre_logits/": "ViT pre-logits (representation) layer: not used for segmentation",
 }
-ROOT_METHODS = ("mean", "repeat", "init")
+ROOT_METHODS = ("mean", "repeat", "rgb_mean", "init")
+RGB_MODALITIES = ("flair", "t1ce", "t2")
+"""The modalities that keep the R, G, B root filters with ``root_conv="rgb_mean"``."""
 
 
 @dataclasses.dataclass
@@ -125,7 +140,9 @@ def adapt_root_kernel(kernel: np.ndarray, in_channels: int, method: str = "mean"
     """Adapt an RGB root kernel (kh, kw, 3, F) to ``in_channels`` inputs (kh, kw, C, F).
 
     "mean": mean over RGB replicated to C channels, times 3/C; "repeat": channels R,G,B,R,...
-    times 3/C. With C == 3 the kernel is returned unchanged.
+    times 3/C; "rgb_mean" (C == len(MODALITIES) == 4): R, G, B for the channels of
+    ``RGB_MODALITIES`` (flair, t1ce, t2), the RGB mean for the remaining one (t1), times 3/4.
+    With C == 3 the kernel is returned unchanged.
     """
     k = np.asarray(kernel, np.float32)
     if k.ndim != 4:
@@ -138,6 +155,15 @@ def adapt_root_kernel(kernel: np.ndarray, in_channels: int, method: str = "mean"
     if method == "repeat":
         idx = np.arange(in_channels) % k.shape[2]
         return k[:, :, idx, :] * scale
+    if method == "rgb_mean":
+        if in_channels != len(MODALITIES) or k.shape[2] != 3:
+            raise ValueError(
+                f"root_conv='rgb_mean' maps an RGB kernel to the {len(MODALITIES)} channels "
+                f"{MODALITIES}; got {k.shape[2]} -> {in_channels} channels"
+            )
+        out = np.repeat(k.mean(axis=2, keepdims=True), in_channels, axis=2)
+        out[:, :, [MODALITIES.index(m) for m in RGB_MODALITIES], :] = k
+        return out * scale
     raise ValueError(f"root_conv={method!r}; expected one of {ROOT_METHODS}")
 
 
@@ -153,16 +179,18 @@ def load_pretrained(
 
     params: the ``'params'`` collection of an initialised TransUNet (a dict or FrozenDict; a full
     ``variables`` dict with a ``'params'`` entry is accepted too and returned with the same
-    structure). npz_path: the checkpoint. root_conv: "mean" | "repeat" | "init" (see module
-    docstring). grid: the model's token grid (H/16, W/16); inferred from the position embedding
-    when it is square. strict: raise ValueError when any checkpoint key cannot be placed.
+    structure). npz_path: the checkpoint. root_conv: "mean" | "repeat" | "rgb_mean" | "init"
+    (see module docstring). grid: the model's token grid (H/16, W/16); inferred from the
+    position embedding when it is square. strict: raise ValueError when any checkpoint key
+    cannot be placed.
 
     Returns ``(new_params, LoadReport)``; arrays are cast to the dtype of the parameter they
     replace (float32). Inputs are not modified.
     """
     if root_conv not in ROOT_METHODS:
         raise ValueError(f"root_conv={root_conv!r}; expected one of {ROOT_METHODS}")
-    tree = unfreeze(params) if isinstance(params, FrozenDict) else dict(params)
+    stacked = is_stacked(params)
+    tree = per_block_params(unfreeze(params) if isinstance(params, FrozenDict) else dict(params))
     wrapped = "params" in tree and "conv_root" not in tree
     flat = traverse_util.flatten_dict(tree["params"] if wrapped else tree, sep="/")
     if "conv_root/kernel" not in flat or POS_KEY not in flat:
@@ -212,6 +240,8 @@ def load_pretrained(
                     how = (
                         f"RGB -> {target.shape[2]} channels ({root_conv} over RGB, "
                         f"x {3 / target.shape[2]:.4g})"
+                        if root_conv != "rgb_mean"
+                        else f"R,G,B -> {','.join(RGB_MODALITIES)}, the others their mean, x 0.75"
                     )
                 elif value.shape == tuple(target.shape):
                     how = "copied"
@@ -245,4 +275,4 @@ def load_pretrained(
     if wrapped:
         tree["params"] = out
         out = tree
-    return out, report
+    return (upgrade_params(out) if stacked else out), report

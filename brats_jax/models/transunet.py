@@ -25,7 +25,12 @@ Module names follow Google's R50+ViT-B_16 checkpoint (see ``pretrained.load_pret
 ``embedding``, ``Transformer/{posembed_input,encoderblock_{i},encoder_norm}`` with
 ``encoderblock_{i}/{LayerNorm_0,MultiHeadDotProductAttention_1/{query,key,value,out},
 LayerNorm_2,MlpBlock_3/{Dense_0,Dense_1}}``; the decoder lives under ``decoder`` and
-``segmentation_head``.
+``segmentation_head``. With ``scan=True`` (default) the identical layers are one ``nn.scan``
+each, which cuts compile time: ``Transformer/encoderblock`` holds the 12 blocks' parameters
+stacked on a leading axis, ``block{b}/repeated_units`` the stacked units 2..N of stage b
+(``unit1``, with its shortcut projection and stride, stays). :func:`upgrade_params` turns a
+per-block tree (``scan=False``, checkpoints written before the scan) into the stacked one,
+:func:`per_block_params` back.
 
 With 4 input channels, 4 classes and 240x240 input the default model has 105,301,764
 parameters (the official code's count; BatchNorm statistics are in ``batch_stats``).
@@ -34,16 +39,27 @@ parameters (the official code's count; BatchNorm statistics are in ``batch_stats
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.core import FrozenDict
 
-from brats_jax.models.layers import StdConv, he_normal, upsample2x_bilinear
+from brats_jax.models.layers import Conv2D, StdConv, he_normal, upsample2x_bilinear
+from brats_jax.ops.impls import IMPLS
 
+lecun = nn.initializers.lecun_normal()
 PATCH = 16
 """Total down-sampling of the hybrid encoder: tokens live on the (H/16, W/16) grid."""
+ENCODER_BLOCKS = "encoderblock"
+"""Name of the scanned transformer blocks (parameters stacked: index i = encoderblock_{i})."""
+REPEATED_UNITS = "repeated_units"
+"""Name of a stage's scanned units 2..N (parameters stacked: index i = unit{i+2})."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,44 +120,70 @@ class Bottleneck(nn.Module):
     stride: int = 1
     gn_groups: int = 32
     dtype: Any = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cmid = self.cout // 4
+        conv = functools.partial(StdConv, dtype=self.dtype, impl=self.conv_impl)
         gn = lambda name: nn.GroupNorm(
             num_groups=self.gn_groups, epsilon=1e-6, dtype=self.dtype, name=name
         )
         residual = x
         if self.stride != 1 or x.shape[-1] != self.cout:
-            residual = StdConv(
-                self.cout, 1, strides=self.stride, dtype=self.dtype, name="conv_proj"
-            )(x)
+            residual = conv(self.cout, 1, strides=self.stride, name="conv_proj")(x)
             # The official code uses nn.GroupNorm(cout, cout): one group per channel, eps 1e-5.
             residual = nn.GroupNorm(
                 num_groups=self.cout, epsilon=1e-5, dtype=self.dtype, name="gn_proj"
             )(residual)
-        y = nn.relu(gn("gn1")(StdConv(cmid, 1, dtype=self.dtype, name="conv1")(x)))
-        y = StdConv(cmid, 3, strides=self.stride, pad=1, dtype=self.dtype, name="conv2")(y)
+        y = nn.relu(gn("gn1")(conv(cmid, 1, name="conv1")(x)))
+        y = conv(cmid, 3, strides=self.stride, pad=1, name="conv2")(y)
         y = nn.relu(gn("gn2")(y))
-        y = gn("gn3")(StdConv(self.cout, 1, dtype=self.dtype, name="conv3")(y))
+        y = gn("gn3")(conv(self.cout, 1, name="conv3")(y))
         return nn.relu(residual + y)
 
 
+def _scan_layers(module: nn.Module, x: jax.Array, length: int, *args) -> jax.Array:
+    """Apply ``length`` copies of ``module`` (same fields, own parameters) in sequence as one
+    ``nn.scan``: ``x -> module(module(...module(x, *args)..., *args), *args)``.
+
+    Every parameter of ``module`` gets a leading axis of size ``length`` (copy i at index i);
+    ``params`` and ``dropout`` RNGs are split per copy; ``args`` (e.g. ``train``) are
+    broadcast. ``module`` must map x to an array of x's shape and dtype.
+    """
+    scanned = nn.scan(
+        lambda mdl, carry, *a: (mdl(carry, *a), None),
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=length,
+    )
+    return scanned(module, x, *args)[0]
+
+
 class ResNetStage(nn.Module):
-    """``units`` bottlenecks named unit1..unitN; the first one has stride ``stride``."""
+    """``units`` bottlenecks; the first one (``unit1``) has stride ``stride`` and the shortcut
+    projection. With ``scan`` the identical units 2..N are one ``nn.scan`` named
+    ``repeated_units`` (parameters stacked: index i = unit i+2), else ``unit2``..``unitN``."""
 
     units: int
     cout: int
     stride: int
     gn_groups: int
     dtype: Any = None
+    scan: bool = True
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for u in range(1, self.units + 1):
-            x = Bottleneck(
-                self.cout, self.stride if u == 1 else 1, self.gn_groups, self.dtype, name=f"unit{u}"
-            )(x)
+        unit = functools.partial(
+            Bottleneck, gn_groups=self.gn_groups, dtype=self.dtype, conv_impl=self.conv_impl
+        )
+        x = unit(self.cout, self.stride, name="unit1")(x)
+        if self.scan and self.units > 1:
+            return _scan_layers(unit(self.cout, 1, name=REPEATED_UNITS), x, self.units - 1)
+        for u in range(2, self.units + 1):
+            x = unit(self.cout, 1, name=f"unit{u}")(x)
         return x
 
 
@@ -246,25 +288,34 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Position embedding + dropout + blocks + final LayerNorm: (B,N,D) -> (B,N,D)."""
+    """Position embedding + dropout + blocks + final LayerNorm: (B,N,D) -> (B,N,D).
+
+    With ``scan`` the blocks are one ``nn.scan`` named ``encoderblock`` (parameters stacked
+    along a leading layer axis, as big_vision's scanned ViT), else ``encoderblock_{i}``.
+    """
 
     cfg: TransUNetConfig
     dtype: Any = None
+    scan: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         c = self.cfg
         x = PositionEmbedding(self.dtype, name="posembed_input")(x)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=not train)
-        for i in range(c.num_layers):
-            x = EncoderBlock(
-                c.num_heads,
-                c.mlp_dim,
-                c.dropout_rate,
-                c.attention_dropout_rate,
-                self.dtype,
-                name=f"encoderblock_{i}",
-            )(x, train)
+        block = lambda name: EncoderBlock(
+            c.num_heads,
+            c.mlp_dim,
+            c.dropout_rate,
+            c.attention_dropout_rate,
+            self.dtype,
+            name=name,
+        )
+        if self.scan:
+            x = _scan_layers(block(ENCODER_BLOCKS), x, c.num_layers, train)
+        else:
+            for i in range(c.num_layers):
+                x = block(f"encoderblock_{i}")(x, train)
         return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -273,14 +324,16 @@ class ConvBNReLU(nn.Module):
 
     features: int
     dtype: Any = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(
+        x = Conv2D(
             self.features,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
+            3,
+            padding="zero",
             use_bias=False,
+            impl=self.conv_impl,
             kernel_init=he_normal,
             dtype=self.dtype,
             name="conv",
@@ -297,14 +350,15 @@ class DecoderBlock(nn.Module):
 
     features: int
     dtype: Any = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array | None, train: bool) -> jax.Array:
         x = upsample2x_bilinear(x)
         if skip is not None:
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-        x = ConvBNReLU(self.features, self.dtype, name="conv1")(x, train)
-        return ConvBNReLU(self.features, self.dtype, name="conv2")(x, train)
+        x = ConvBNReLU(self.features, self.dtype, self.conv_impl, name="conv1")(x, train)
+        return ConvBNReLU(self.features, self.dtype, self.conv_impl, name="conv2")(x, train)
 
 
 class DecoderCup(nn.Module):
@@ -315,13 +369,15 @@ class DecoderCup(nn.Module):
 
     cfg: TransUNetConfig
     dtype: Any = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: list[jax.Array], train: bool) -> jax.Array:
-        x = ConvBNReLU(self.cfg.head_channels, self.dtype, name="conv_more")(x, train)
+        impl = self.conv_impl
+        x = ConvBNReLU(self.cfg.head_channels, self.dtype, impl, name="conv_more")(x, train)
         for i, ch in enumerate(self.cfg.decoder_channels):
             skip = skips[i] if i < self.cfg.n_skip else None
-            x = DecoderBlock(ch, self.dtype, name=f"block_{i}")(x, skip, train)
+            x = DecoderBlock(ch, self.dtype, impl, name=f"block_{i}")(x, skip, train)
         return x
 
 
@@ -342,6 +398,11 @@ class TransUNet(nn.Module):
     "tiny"); any architecture field left ``None`` takes the preset's value. ``dtype`` is the
     compute dtype (e.g. jnp.bfloat16; parameters stay float32). H and W must be multiples of 16;
     the position embedding is created for the (H/16, W/16) grid of the input given at init.
+    ``conv_impl`` (default "xla"): the convolutions' implementation
+    (:mod:`brats_jax.ops.impls`; "gemm" = im2col GEMMs, for K stacked runs under vmap).
+    ``scan`` (default True): transformer blocks and repeated ResNet units as ``nn.scan``
+    (stacked parameters, see the module docstring); False gives the per-block layout. Both
+    compute the same function (to float32 rounding) on the same weights.
     """
 
     num_classes: int = 4
@@ -359,6 +420,8 @@ class TransUNet(nn.Module):
     decoder_channels: tuple[int, int, int, int] | None = None
     n_skip: int | None = None
     dtype: Any = None
+    scan: bool = True
+    conv_impl: str = "xla"
 
     @property
     def config(self) -> TransUNetConfig:
@@ -397,7 +460,10 @@ class TransUNet(nn.Module):
             x = x.astype(dt)
         width = cfg.resnet_width
         # ResNet v2 root.
-        y = StdConv(width, 7, strides=2, pad=3, dtype=dt, name="conv_root")(x)
+        impl = self.conv_impl
+        if impl not in IMPLS:
+            raise ValueError(f"TransUNet conv_impl={impl!r}; expected one of {IMPLS}")
+        y = StdConv(width, 7, strides=2, pad=3, dtype=dt, impl=impl, name="conv_root")(x)
         y = nn.relu(
             nn.GroupNorm(num_groups=cfg.gn_groups, epsilon=1e-6, dtype=dt, name="gn_root")(y)
         )
@@ -410,6 +476,8 @@ class TransUNet(nn.Module):
                 1 if b == 0 else 2,
                 cfg.gn_groups,
                 dt,
+                self.scan,
+                impl,
                 name=f"block{b + 1}",
             )(y)
             if b < 2:  # H/4 (block1), H/8 (block2), zero-padded like the official code
@@ -417,13 +485,106 @@ class TransUNet(nn.Module):
         gh, gw = h // PATCH, w // PATCH
         if y.shape[1:3] != (gh, gw):
             raise AssertionError(f"ResNet output {y.shape} is not on the {gh}x{gw} grid")
-        y = nn.Conv(cfg.hidden_size, (1, 1), dtype=dt, name="embedding")(y)
+        y = Conv2D(
+            cfg.hidden_size, 1, padding="valid", impl=impl, kernel_init=lecun, dtype=dt,
+            name="embedding",
+        )(y)  # fmt: skip
         b_ = y.shape[0]
         tokens = y.reshape(b_, gh * gw, cfg.hidden_size)
-        tokens = Encoder(cfg, dt, name="Transformer")(tokens, train)
+        tokens = Encoder(cfg, dt, self.scan, name="Transformer")(tokens, train)
         y = tokens.reshape(b_, gh, gw, cfg.hidden_size)
-        y = DecoderCup(cfg, dt, name="decoder")(y, features[::-1], train)
-        logits = nn.Conv(
-            self.num_classes, (3, 3), padding=((1, 1), (1, 1)), dtype=dt, name="segmentation_head"
-        )(y)
+        y = DecoderCup(cfg, dt, impl, name="decoder")(y, features[::-1], train)
+        logits = Conv2D(
+            self.num_classes, 3, padding="zero", impl=impl, kernel_init=lecun, dtype=dt,
+            name="segmentation_head",
+        )(y)  # fmt: skip
         return logits.astype(jnp.float32)
+
+
+# ------------------------------------------------------ per-block <-> stacked parameter layouts
+
+_PER_BLOCK = {
+    # stacked name: (regex of a per-block name, index of the first copy)
+    ENCODER_BLOCKS: (re.compile(r"encoderblock_(\d+)"), 0),
+    REPEATED_UNITS: (re.compile(r"unit(\d+)"), 2),
+}
+
+
+def _stack(trees: list) -> Any:
+    """Stack equal-structured trees along a new leading axis (numpy stays numpy)."""
+    both = lambda *xs: np.stack(xs) if all(isinstance(v, np.ndarray) for v in xs) else jnp.stack(xs)
+    return jax.tree.map(both, *trees)
+
+
+def _stack_mapping(node: Mapping) -> dict:
+    """One dict level: per-block children (``encoderblock_{i}``, ``unit{u}`` u >= 2) -> one
+    stacked child; everything else recursed into with :func:`upgrade_params`."""
+    out = {k: upgrade_params(v) for k, v in node.items()}
+    for stacked, (pattern, first) in _PER_BLOCK.items():
+        found = {}
+        for k in out:
+            m = pattern.fullmatch(str(k))
+            if m and int(m.group(1)) >= first:
+                found[int(m.group(1))] = k
+        if not found:
+            continue
+        if stacked in out:
+            raise ValueError(f"upgrade_params: both {stacked!r} and {sorted(found.values())}")
+        idx = sorted(found)
+        if idx != list(range(first, first + len(idx))):
+            raise ValueError(f"upgrade_params: {sorted(found.values())} are not consecutive")
+        out[stacked] = _stack([out.pop(found[i]) for i in idx])
+    return out
+
+
+def _map_dicts(fn, tree: Any) -> Any:
+    """``fn`` applied to every outermost Mapping inside the pytree ``tree`` (a FrozenDict
+    result is returned as FrozenDict); the structure around them is kept."""
+    wrap = lambda x: FrozenDict(fn(x)) if isinstance(x, FrozenDict) else fn(x)
+    is_map = lambda x: isinstance(x, Mapping)
+    return jax.tree.map(lambda x: wrap(x) if is_map(x) else x, tree, is_leaf=is_map)
+
+
+def upgrade_params(tree: Any) -> Any:
+    """Per-block (unscanned, ``scan=False``) TransUNet parameters -> the stacked layout of the
+    default ``scan=True`` model; the identity on trees that are already stacked.
+
+    Works on any pytree that contains parameter dicts at any depth (``params``, a full
+    ``variables`` dict, Adam's ``mu``/``nu`` inside an optax state, a restored checkpoint):
+    in every dict, children ``encoderblock_0..encoderblock_{L-1}`` become one child
+    ``encoderblock`` whose arrays have a leading axis L (index i = block i), and children
+    ``unit2..unitN`` become ``repeated_units`` (index i = unit i+2); ``unit1`` stays. Arrays
+    keep their dtype (numpy arrays stay numpy). Pure: the input is not modified.
+    """
+    return _map_dicts(_stack_mapping, tree)
+
+
+def _unstack_mapping(node: Mapping) -> dict:
+    out = {}
+    for k, v in node.items():
+        v = per_block_params(v)
+        if k not in _PER_BLOCK:
+            out[k] = v
+            continue
+        first = _PER_BLOCK[k][1]
+        name = "encoderblock_{}" if k == ENCODER_BLOCKS else "unit{}"
+        for i in range(jax.tree.leaves(v)[0].shape[0]):
+            out[name.format(first + i)] = jax.tree.map(lambda a, i=i: a[i], v)
+    return out
+
+
+def per_block_params(tree: Any) -> Any:
+    """Inverse of :func:`upgrade_params`: stacked ``encoderblock`` / ``repeated_units``
+    children -> ``encoderblock_{i}`` / ``unit{i+2}`` (the ``scan=False`` layout and the key
+    names of Google's checkpoint). The identity on per-block trees. Pure."""
+    return _map_dicts(_unstack_mapping, tree)
+
+
+def is_stacked(tree: Any) -> bool:
+    """Whether any dict in ``tree`` has a stacked ``encoderblock`` / ``repeated_units`` child."""
+    found = []
+    _map_dicts(
+        lambda d: found.append(any(k in _PER_BLOCK or is_stacked(v) for k, v in d.items())) or d,
+        tree,
+    )
+    return any(found)

@@ -12,6 +12,9 @@ convolutions, max-pools, bias additions and reflection padding.
   mask, :func:`~brats_jax.ops.pool.max_pool_2x2_fast`, instead of ``select_and_scatter``):
   the U-Net train step at 240x240, batch 16, bfloat16 on an H200 takes 11.5 ms instead of
   15.2 ms (BENCHMARKS.md).
+* ``"gemm"``: convolutions as im2col + one matrix product (:mod:`brats_jax.ops.gemm`), the
+  rest as ``"gpu_fast"``: for K stacked runs under ``jax.vmap``, where every weight-carrying
+  layer becomes one batched GEMM over the runs instead of a grouped convolution.
 * ``"auto"``: ``"cpu_fast"`` when JAX's default backend is the CPU, ``"gpu_fast"`` on GPUs,
   else ``"xla"`` (TPUs: not measured), decided when the model is traced.
 
@@ -25,9 +28,9 @@ from collections.abc import Callable
 
 import jax
 
-from brats_jax.ops import bias, conv, pad, pool, upconv
+from brats_jax.ops import bias, conv, gemm, pad, pool, upconv
 
-IMPLS = ("xla", "cpu_fast", "gpu_fast", "auto")
+IMPLS = ("xla", "cpu_fast", "gpu_fast", "gemm", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,14 @@ OPS = {
     ),
     "gpu_fast": Ops(
         conv.conv2d_xla,
+        upconv.upconv2x2_xla,
+        pool.max_pool_2x2_fast,
+        bias.bias_add_xla,
+        pad.reflect_pad_dus,
+    ),
+    # K stacked runs under jax.vmap: convolutions as batched GEMMs (brats_jax.ops.gemm).
+    "gemm": Ops(
+        gemm.conv2d_gemm,
         upconv.upconv2x2_xla,
         pool.max_pool_2x2_fast,
         bias.bias_add_xla,
