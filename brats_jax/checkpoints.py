@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from brats_jax.models import transunet
+
 VAL_METRIC = "val_paper_dice"
 # files of a step folder whose absence explains a failed restore better than orbax's error
 _REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
@@ -167,12 +169,14 @@ class RunCheckpoints:
             template,
         )
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
-                ),
-            )
+            try:
+                restored = self._restore_items(step, abstract)
+            except Exception:
+                if not transunet.is_stacked(abstract):
+                    raise
+                # a TransUNet checkpoint written before the transformer blocks were scanned
+                restored = self._restore_items(step, _per_block_template(abstract))
+                restored.state = transunet.upgrade_params(restored.state)
         except Exception as e:  # tensorstore, orbax and pytree errors of many types
             missing = [f for f in _REQUIRED_FILES if not (self.directory / str(step) / f).exists()]
             reason = f"{', '.join(missing)} missing" if missing else _reason(e)
@@ -184,6 +188,14 @@ class RunCheckpoints:
                 f"checkpoint {step} in {self.directory} is unreadable: an item is missing"
             )
         return restored.state, restored.data
+
+    def _restore_items(self, step: int, abstract):
+        return self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+            ),
+        )
 
     def restore_newest(self, template, *, at_most: int | None = None):
         """`(step, state, data_state)` of the newest readable step (<= `at_most` if given).
@@ -278,3 +290,11 @@ def restore_runs(
         f"no readable checkpoint in {where} ({failures[0]}); "
         "move the checkpoints folder away to start the run over"
     )
+
+
+def _per_block_template(abstract):
+    """The per-block (unscanned) TransUNet layout of a stacked abstract state, each leaf
+    with the sharding of the template's first leaf (states are replicated or on one device)."""
+    sharding = getattr(jax.tree.leaves(abstract)[0], "sharding", None)
+    shapes = jax.eval_shape(transunet.per_block_params, abstract)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)

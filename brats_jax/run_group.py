@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from brats_jax import config_utils, data, fileio, losses, steps
+from brats_jax.runtime import resolve_ops
 from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints, UnreadableCheckpoint, restore_runs
 from brats_jax.metric_writer import MetricWriter
 from brats_jax.train_state import (
@@ -211,7 +212,7 @@ class RunGroup:
                 )
         try:
             cfg = runs[0].config
-            model = create_model(cfg)
+            model = create_model(cfg, ops=steps.model_ops_for(mapping, resolve_ops(cfg)))
             tx = create_optimizer(cfg.train, runs[0].total_steps)
             iterators = [_train_iterator(r) for r in runs]
             ckpts = [RunCheckpoints(r.workdir, keep=cfg.train.keep_checkpoints) for r in runs]

@@ -83,15 +83,26 @@ def make_eval_step(model):
     return step
 
 
+MAPPINGS = ("none", "map", "vmap", "grouped")
+
+
 def map_over_runs(step, mapping: str):
-    """Lift `step(*args)` to stacked runs: "vmap", "map" (`lax.map`, sequential) or "none"."""
+    """Lift `step(*args)` to stacked runs: "vmap", "grouped" (vmap of a model built with the
+    "gemm" ops, so the K runs' convolutions are batched GEMMs: `model_ops_for`), "map"
+    (`lax.map`, sequential) or "none"."""
     if mapping == "none":
         return step
-    if mapping == "vmap":
+    if mapping in ("vmap", "grouped"):
         return jax.vmap(step)
     if mapping == "map":
         return lambda *args: jax.lax.map(lambda a: step(*a), args)
-    raise ValueError(f"unknown mapping {mapping!r}; expected none|vmap|map")
+    raise ValueError(f"unknown mapping {mapping!r}; expected one of {MAPPINGS}")
+
+
+def model_ops_for(mapping: str, ops: str) -> str:
+    """The ops implementation a model trained with `mapping` uses: "gemm" (im2col + one
+    matrix product per convolution) for "grouped", else `ops` (`runtime.resolve_ops`)."""
+    return "gemm" if mapping == "grouped" else ops
 
 
 def default_mapping() -> str:

@@ -28,9 +28,10 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array  # uint32 (2,) raw PRNG key; per-step keys are fold_in(rng, step)
 
 
-def create_model(config: ml_collections.ConfigDict):
-    """The Flax module of a run's `config.model`, with the ops of `runtime.resolve_ops`."""
-    return models.from_config(config.model, ops=runtime.resolve_ops(config))
+def create_model(config: ml_collections.ConfigDict, *, ops: str | None = None):
+    """The Flax module of a run's `config.model`, with the ops of `runtime.resolve_ops`
+    (or `ops`, e.g. "gemm" for grouped runs: `steps.model_ops_for`)."""
+    return models.from_config(config.model, ops=ops or runtime.resolve_ops(config))
 
 
 def create_loss_params(train_config: ml_collections.ConfigDict, class_counts: np.ndarray):
@@ -161,7 +162,12 @@ def with_pretrained(state: TrainState, tx, config, image_size: int) -> TrainStat
             f"model.pretrained_path {path} does not exist; expected Google's R50+ViT-B_16.npz"
         )
     grid = (image_size // 16, image_size // 16)
-    params, report = models.load_pretrained(jax.device_get(state.params), path, grid=grid)
+    params, report = models.load_pretrained(
+        jax.device_get(state.params),
+        path,
+        grid=grid,
+        root_conv=config.model.get("pretrained_root_conv", "mean"),
+    )
     logging.info("pretrained weights from %s: %s", path, report.summary())
     params = jax.tree.map(jnp.asarray, params)
     opt_state = set_learning_rate(tx.init(params), config.train.learning_rate)

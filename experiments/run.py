@@ -413,9 +413,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mapping",
-        choices=("auto", "vmap", "map"),
+        choices=("auto", "vmap", "map", "grouped"),
         default="auto",
-        help="with --group-size: lax.map over runs (auto; measured faster) or jax.vmap",
+        help="with --group-size: lax.map over runs (auto; measured faster), jax.vmap, or "
+        "grouped (vmap with convolutions as batched GEMMs; meant for GPUs)",
     )
     p.add_argument(
         "--compile-cache",

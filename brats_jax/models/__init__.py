@@ -14,7 +14,13 @@ import jax.numpy as jnp
 
 from brats_jax import NUM_CLASSES
 from brats_jax.models.pretrained import LoadReport, load_pretrained
-from brats_jax.models.transunet import PRESETS, TransUNet, TransUNetConfig
+from brats_jax.models.transunet import (
+    PRESETS,
+    TransUNet,
+    TransUNetConfig,
+    per_block_params,
+    upgrade_params,
+)
 from brats_jax.models.unet import UNet
 
 MODELS = {"unet": UNet, "transunet": TransUNet}
@@ -29,6 +35,8 @@ __all__ = [
     "create_model",
     "from_config",
     "load_pretrained",
+    "per_block_params",
+    "upgrade_params",
 ]
 
 
@@ -54,14 +62,18 @@ def from_config(model_config, *, ops: str = "auto") -> nn.Module:
 
     ``model_config``: fields name, dtype, base_features, depth, norm, padding (U-Net),
     preset, n_skip (TransUNet). ``ops``: the U-Net's ops implementation (``runtime.ops``,
-    best resolved once by :func:`brats_jax.runtime.resolve_ops`).
+    best resolved once by :func:`brats_jax.runtime.resolve_ops`); "gemm" also makes
+    TransUNet's convolutions im2col GEMMs (grouped runs).
     """
     m = model_config
     fields = {
         "unet": lambda: dict(
             features=m.base_features, depth=m.depth, norm=m.norm, padding=m.padding, conv_impl=ops
         ),
-        "transunet": lambda: dict(preset=m.preset, n_skip=m.n_skip),
+        # TransUNet's convolutions: plain XLA, or im2col GEMMs for grouped runs
+        "transunet": lambda: dict(
+            preset=m.preset, n_skip=m.n_skip, conv_impl="gemm" if ops == "gemm" else "xla"
+        ),
     }
     if m.name not in fields:
         raise ValueError(f"unknown model.name {m.name!r}; expected 'unet' or 'transunet'")
