@@ -69,18 +69,27 @@ def create_model(model_config: ml_collections.ConfigDict):
     return models.create_model(m.name, num_classes=NUM_CLASSES, dtype=jnp.dtype(m.dtype), **kwargs)
 
 
-def create_loss_params(train_config: ml_collections.ConfigDict, class_counts: np.ndarray):
+def create_loss_params(train_config: ml_collections.ConfigDict, slice_class_counts: np.ndarray):
     """`losses.LossParams` of the registry loss `train_config.loss` with the config's values.
 
-    Class-balanced weights (cb_*) are computed once, on the host in float64, from the
-    training split's pixel counts per class.
+    `slice_class_counts`: (N, C) pixels per class of each training slice. What the cb_*
+    losses count as n_i is `train.class_counts`: "batch_pixels" (each batch's pixels, in the
+    jitted step), "split_pixels" (the split's pixels) or "split_slices" (its slices holding
+    the class); the split_* weights are computed once, on the host in float64.
     """
     t = train_config
+    mode = t.get("class_counts", losses.BATCH_PIXELS)
+    split = {"split_pixels": lambda c: c.sum(0), "split_slices": losses.slice_counts}
+    if mode != losses.BATCH_PIXELS and mode not in split:
+        raise ValueError(
+            f"unknown train.class_counts {mode!r}; expected batch_pixels|split_pixels|split_slices"
+        )
+    counts = mode if mode == losses.BATCH_PIXELS else split[mode](np.asarray(slice_class_counts))
     params = {
         "ce": {},
-        "cb_ce": {"beta": t.beta, "class_counts": class_counts},
+        "cb_ce": {"beta": t.beta, "class_counts": counts},
         "focal": {"gamma": t.gamma},
-        "cb_focal": {"gamma": t.gamma, "beta": t.beta, "class_counts": class_counts},
+        "cb_focal": {"gamma": t.gamma, "beta": t.beta, "class_counts": counts},
         "dice": {},
         "dice_ce": {"dice_weight": t.dice_weight, "ce_weight": 1.0 - t.dice_weight},
     }
@@ -205,7 +214,8 @@ def with_pretrained(state: TrainState, tx, config, image_size: int) -> TrainStat
 
 
 def make_train_step(model, tx):
-    """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm"})`; pure, jit it."""
+    """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm", "class_weights"})`;
+    pure, jit it. `class_weights`: (C,) class weights the loss gave this batch."""
 
     def step(state: TrainState, batch: dict, loss_params) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -228,7 +238,12 @@ def make_train_step(model, tx):
             model_state={**state.model_state, **updates},
             opt_state=opt_state,
         )
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        weights = losses.effective_class_weights(batch["label"], loss_params)
+        return new_state, {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "class_weights": weights,
+        }
 
     return step
 
@@ -334,7 +349,7 @@ def build_run(config: ml_collections.ConfigDict, workdir, *, source=None) -> Run
         total_steps = int(config.train.num_epochs) * steps_per_epoch
     if total_steps <= 0:
         raise ValueError("nothing to train: set train.num_epochs or train.num_steps > 0")
-    counts = data.class_pixel_counts(source, splits.train)
+    counts = source.table.class_counts[np.asarray(splits.train, np.int64)]
     loss_params = create_loss_params(config.train, counts)
     return Run(
         config, pathlib.Path(workdir), source, splits, loss_params, steps_per_epoch, total_steps
@@ -687,6 +702,7 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
     step = start or 0
     eval_every = cfg.train.eval_every_steps or steps_per_epoch
     pending: list = []  # (step, losses) not yet checked for finiteness
+    weight_log: list = []  # each step's effective class weights since the last log row
     last_saved = start
     t_log, n_log = time.perf_counter(), 0
     bar = tqdm(
@@ -715,10 +731,15 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
             if pending:
                 check_pending()
             pending.append((step, out["loss"]))
+            weight_log.append(out["class_weights"])
             bar.update(1)
             if step % cfg.train.log_every_steps == 0 or step == total_steps:
                 check_pending()
                 out = jax.device_get(out)
+                w = np.asarray(jax.device_get(weight_log)).reshape(len(weight_log), len(runs), -1)
+                with np.errstate(invalid="ignore"):  # mean over the steps a class had weight
+                    mean_w = w.sum(0) / (w > 0).sum(0)  # (runs, C); NaN (null): never present
+                weight_log.clear()
                 elapsed = max(time.perf_counter() - t_log, 1e-9)
                 for i, (run, writer) in enumerate(zip(runs, writers, strict=True)):
                     writer.write(
@@ -731,6 +752,7 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
                             ),
                             "slices_per_s": n_log * cfg.train.batch_size * len(runs) / elapsed,
                             "epoch": step / steps_per_epoch,
+                            **{f"class_weight_{c}": v for c, v in enumerate(mean_w[i])},
                         },
                     )
                 bar.set_postfix(loss=f"{float(np.mean(out['loss'])):.4f}")
