@@ -184,7 +184,13 @@ def test_training_logs_mean_effective_weights(tmp_path):
         c.train.loss = loss
         c.train.num_steps = 2
         c.train.log_every_steps = 2
-        train.train_and_evaluate(c, tmp_path / loss)
+        results = train.train_and_evaluate(c, tmp_path / loss)
+        # the study's metric and the two other readings, next to each other (issue 16 B)
+        for key in ("paper_dice", "paper_dice_absent_excluded", "pooled_dice_4class"):
+            assert 0.0 <= results[key] <= 1.0, key
+        assert len(results["pooled_class_dice"]) == 4
+        header = (tmp_path / loss / "per_case.csv").read_text().splitlines()[0].split(",")
+        assert "volume_dice_4class" in header and "paper_dice" not in header
         lines = (tmp_path / loss / "metrics.jsonl").read_text().splitlines()
         rows[loss] = [json.loads(r) for r in lines if "train_loss" in r][-1]
     keys = [f"class_weight_{c}" for c in range(4)]
