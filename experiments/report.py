@@ -593,6 +593,13 @@ def seeds_figure(stats: dict, path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- report
 
 
+def _model_text(m: dict) -> str:
+    """`unet 8 features, depth 3` / `transunet tiny` from a config's model group."""
+    if m.get("name") == "unet":
+        return f"unet {m.get('base_features', '?')} features, depth {m.get('depth', '?')}"
+    return f"{m.get('name', '?')} {m.get('preset', '')}".strip()
+
+
 def _section(title: str, table: str) -> str:
     return f"\n### {title}\n\n{table}" if table else ""
 
@@ -616,8 +623,10 @@ def make_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None)
     if "smoke" in scales:
         md.write(
             "> **SMOKE SCALE** runs are included: tiny models, 32 px images, a few dozen steps, "
-            "synthetic data unless the data source says otherwise. Their numbers check that "
-            "the pipeline works end to end; they say nothing about the study's claims.\n\n"
+            "synthetic data unless command-line overrides say otherwise (each section states "
+            "the model, data, image size and steps). Far from the study's settings, their "
+            "numbers check the pipeline and the direction of effects, not the study's "
+            "values.\n\n"
         )
     md.write(
         "Dice (ours/study): the study's metric, the mean over test slices of the 4-class Dice "
@@ -634,10 +643,11 @@ def make_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None)
         sources = sorted({str(r.config.get("data", {}).get("source", "?")) for r in placed})
         steps = sorted({int((r.results or {}).get("steps", 0)) for r in placed if r.results})
         sizes = sorted({str(r.config.get("data", {}).get("image_size", "?")) for r in placed})
+        models = sorted({_model_text(r.config.get("model", {})) for r in placed})
         md.write(f"## {sweep.title}\n\n")
         md.write(
-            f"Scale: **{', '.join(sw_scales)}**; data: {', '.join(sources)} at "
-            f"{', '.join(sizes)} px; "
+            f"Scale: **{', '.join(sw_scales)}**; model: {', '.join(models)}; "
+            f"data: {', '.join(sources)} at {', '.join(sizes)} px; "
             f"training steps per run: {', '.join(map(str, steps)) or DASH}.\n\n"
         )
         if name == "seeds":
