@@ -85,12 +85,17 @@ def _prepare(logits, labels, mask):
         raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
     num_classes = logits.shape[-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    onehot, m = _onehot_and_mask(labels, num_classes, mask)
+    return logp, onehot, m
+
+
+def _onehot_and_mask(labels, num_classes, mask):
+    """one-hot (B,H,W,C) float32 of ``labels`` and the float32 mask (B,H,W) (ones for None)."""
+    labels = jnp.asarray(labels)
     onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if mask is None:
-        m = jnp.ones(labels.shape, jnp.float32)
-    else:
-        m = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), labels.shape)
-    return logp, onehot, m
+        return onehot, jnp.ones(labels.shape, jnp.float32)
+    return onehot, jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), labels.shape)
 
 
 def _safe_divide(num, den):
@@ -240,12 +245,7 @@ def batch_class_balanced_weights(
     Returns:
       (C,) float32 weights (no gradient flows through them); all zeros for an empty batch.
     """
-    onehot = jax.nn.one_hot(jnp.asarray(labels), num_classes, dtype=jnp.float32)
-    if mask is None:
-        m = jnp.ones(onehot.shape[:-1], jnp.float32)
-    else:
-        m = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), onehot.shape[:-1])
-    return _batch_weights(onehot, m, beta)
+    return _batch_weights(*_onehot_and_mask(labels, num_classes, mask), beta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,11 +443,7 @@ def effective_class_weights(
     batch). labels: (B, H, W) int; mask: optional (B, H, W). Jit/vmap-safe, float32.
     """
     p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-    onehot = jax.nn.one_hot(jnp.asarray(labels), p.class_weights.shape[-1], dtype=jnp.float32)
-    if mask is None:
-        m = jnp.ones(onehot.shape[:-1], jnp.float32)
-    else:
-        m = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), onehot.shape[:-1])
+    onehot, m = _onehot_and_mask(labels, p.class_weights.shape[-1], mask)
     return _effective_weights(onehot, m, p)
 
 
