@@ -81,7 +81,7 @@ def test_notebook_runs_at_smoke_scale_without_jax_in_the_kernel(tmp_path):
     """The runnable cells, with the settings cell's values replaced by CI-size ones."""
     out = tmp_path / "out"
     ci = {
-        "SCALE": "smoke",
+        "SCALE": "--scale=smoke",
         "SWEEP": "table1",
         "ONLY": "unet-cb_ce-b0.99-lr1e-4",
         "EXPECT_BACKEND": "cpu",
