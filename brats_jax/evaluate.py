@@ -52,7 +52,7 @@ REGION_NAMES = tuple(metrics.REGIONS)
 COLUMNS = (
     ["case_id"]
     + [f"{m}_{r}" for m in ("dice", "hd95", "sensitivity", "specificity") for r in REGION_NAMES]
-    + ["paper_dice"]
+    + ["volume_dice_4class"]
     + [f"class_dice_{c}" for c in range(4)]
 )
 
@@ -294,12 +294,12 @@ def write_csv(rows: Sequence[dict], out: str | os.PathLike) -> None:
 
 
 def summarize(rows: Sequence[dict]) -> str:
-    """Mean, std and median per region for Dice and HD95 (plus the study's Dice), as text."""
-    lines = [f"{len(rows)} case(s)", f"{'metric':<12}{'mean':>10}{'std':>10}{'median':>10}"]
+    """Mean, std and median per region for Dice and HD95 (plus the 4-class volume Dice), as text."""
+    lines = [f"{len(rows)} case(s)", f"{'metric':<20}{'mean':>10}{'std':>10}{'median':>10}"]
     keys = [f"dice_{r}" for r in REGION_NAMES] + [f"hd95_{r}" for r in REGION_NAMES]
-    for k in [*keys, "paper_dice"]:
+    for k in [*keys, "volume_dice_4class"]:
         v = np.array([r[k] for r in rows], np.float64)
-        lines.append(f"{k:<12}{v.mean():>10.4f}{v.std():>10.4f}{np.median(v):>10.4f}")
+        lines.append(f"{k:<20}{v.mean():>10.4f}{v.std():>10.4f}{np.median(v):>10.4f}")
     return "\n".join(lines)
 
 

@@ -81,12 +81,16 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
 
     Every slice of each test case (pruned or not) is predicted and the slices are stacked
     back into the volume. The study's metric (`paper_dice`) is the mean over the test
-    split's (pruned) slices of the per-slice 4-class Dice, as the study computed it.
+    split's (pruned) slices of the per-slice 4-class Dice, as the study computed it; beside
+    it, `paper_dice_absent_excluded` (classes absent from a slice's target and prediction
+    left out instead of scored 1) and `pooled_dice_4class` (one Dice per class pooled over
+    those slices' pixels, `pooled_class_dice`, then their mean).
     Returns `(results, figure_slices)`.
     """
     spacing = getattr(run.source, "spacing", (1.0, 1.0, 1.0))
     kept = set(np.asarray(run.splits.test).tolist())
-    per_case, slice_scores, figure_slices = [], [], []
+    per_case, figure_slices = [], []
+    readings = {"absent_one": [], "absent_excluded": [], "confusion": 0}
     for case_id in run.splits.cases["test"]:
         image, label = data.load_volume(run.source, case_id)
         probs = inference.predict_volume(
@@ -97,21 +101,30 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
             pred, label, spacing=spacing, hd95_mode=run.config.eval.hd95_mode
         )
         per_case.append({"case_id": case_id, **scores})
-        for z, idx in enumerate(data.case_indices(run.source, case_id)):
-            if int(idx) in kept:
-                slice_scores.append(
-                    float(metrics.paper_dice(pred[None, :, :, z], label[None, :, :, z])[0])
-                )
+        zs = [z for z, i in enumerate(data.case_indices(run.source, case_id)) if int(i) in kept]
+        r = metrics.slice_dice_readings(
+            np.moveaxis(pred[..., zs], -1, 0), np.moveaxis(label[..., zs], -1, 0)
+        )
+        readings["absent_one"] += r["absent_one"].tolist()
+        readings["absent_excluded"] += r["absent_excluded"].tolist()
+        readings["confusion"] = readings["confusion"] + r["confusion"]
         z = int(np.argmax((label > 0).sum(axis=(0, 1))))
         figure_slices.append((case_id, z, image[:, :, z, 0], label[:, :, z], pred[:, :, z]))
-    return _summarise(per_case, slice_scores), figure_slices
+    return _summarise(per_case, readings), figure_slices
 
 
-def _summarise(per_case: list[dict], slice_scores: list[float]) -> dict:
-    """The results dict: case means of the per-case scores and the slice-mean paper Dice."""
+def _summarise(per_case: list[dict], readings: dict) -> dict:
+    """The results dict: case means of the per-case scores, the slice-mean paper Dice and
+    the two readings the study leaves open (EXPERIMENTS.md): absent classes left out of each
+    slice's mean; one Dice per class pooled over all test slices' pixels."""
     regions = tuple(metrics.REGIONS)
+    slice_scores, excluded = readings["absent_one"], readings["absent_excluded"]
+    pooled = readings["confusion"]
     return {
         "paper_dice": float(np.mean(slice_scores)) if slice_scores else None,
+        "paper_dice_absent_excluded": float(np.mean(excluded)) if excluded else None,
+        "pooled_dice_4class": float(metrics.paper_dice_pooled(pooled)) if excluded else None,
+        "pooled_class_dice": metrics.dice_from_confusion(pooled).tolist() if excluded else [],
         "class_dice": [_mean(per_case, f"class_dice_{c}") for c in range(NUM_CLASSES)],
         "dice": {r: _mean(per_case, f"dice_{r}") for r in regions},
         "hd95": {r: _mean(per_case, f"hd95_{r}") for r in regions},

@@ -14,9 +14,12 @@ Conventions shared by every loss here:
   extreme logits (log-softmax is used throughout; no ``log(softmax)``).
 
 Registry (:func:`get_loss`) names: ``ce``, ``cb_ce``, ``focal``, ``cb_focal``, ``dice``,
-``dice_ce``. For sweeps that vmap over runs with *different* losses in one compiled program,
-:func:`combined_loss` takes every hyperparameter as an array (:class:`LossParams`);
-:func:`loss_params` maps a registry name onto it (see its docstring for the mapping).
+``dice_ce``. Class-balanced weights come from fixed counts (host, float64,
+:func:`class_balanced_weights`) or from each batch's labels (jnp,
+:func:`batch_class_balanced_weights`). For sweeps that vmap over runs with *different* losses
+in one compiled program, :func:`combined_loss` takes every hyperparameter as an array
+(:class:`LossParams`); :func:`loss_params` maps a registry name onto it (see its docstring
+for the mapping).
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from brats_jax import NUM_CLASSES
 
 __all__ = [
     "LOSS_NAMES",
+    "BATCH_PIXELS",
     "LossParams",
+    "batch_class_balanced_weights",
     "class_balanced_weights",
     "combined_loss",
     "cross_entropy",
     "dice_ce_loss",
     "dice_loss",
+    "effective_class_weights",
     "focal_loss",
     "get_loss",
     "loss_params",
@@ -54,6 +60,9 @@ LossFn = Callable[..., jax.Array]
 _FOCAL_EPS = 1e-30
 
 NORMALIZATIONS = ("pixels", "weights")
+
+# ``class_counts`` value of the cb_* losses asking for weights from each batch's labels.
+BATCH_PIXELS = "batch_pixels"
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,12 +85,17 @@ def _prepare(logits, labels, mask):
         raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
     num_classes = logits.shape[-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    onehot, m = _onehot_and_mask(labels, num_classes, mask)
+    return logp, onehot, m
+
+
+def _onehot_and_mask(labels, num_classes, mask):
+    """one-hot (B,H,W,C) float32 of ``labels`` and the float32 mask (B,H,W) (ones for None)."""
+    labels = jnp.asarray(labels)
     onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if mask is None:
-        m = jnp.ones(labels.shape, jnp.float32)
-    else:
-        m = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), labels.shape)
-    return logp, onehot, m
+        return onehot, jnp.ones(labels.shape, jnp.float32)
+    return onehot, jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), labels.shape)
 
 
 def _safe_divide(num, den):
@@ -100,6 +114,13 @@ def _class_weight_vector(class_weights, num_classes):
             f"got {w.shape}"
         )
     return w
+
+
+def _check_beta(beta) -> float:
+    beta = float(beta)
+    if not (0.0 <= beta < 1.0) or math.isnan(beta):
+        raise ValueError(f"beta must be in [0, 1); got {beta!r}")
+    return beta
 
 
 def _check_normalize(normalize):
@@ -131,14 +152,13 @@ def class_balanced_weights(counts: Sequence[float] | np.ndarray, beta: float) ->
 
     Args:
       counts: (C,) non-negative numbers of *samples* per class. The unit is the caller's
-        choice and it matters: the library passes **pixel** counts of the training split
-        (``brats_jax.data.class_pixel_counts``), because the losses are averaged over pixels,
-        i.e. a pixel is the sample the loss sees. Pitfall (FACTS §3): ``beta**n ~ exp(-n(1-beta))``
-        so with pixel counts in the millions every beta <= 0.9999 (the study's grid 0.5, 0.75,
-        0.99 included) gives weights equal to ~1e-12: class balancing is then a no-op. To get
-        a visible effect either take beta much closer to 1 (e.g. ``1 - 1/n_min``) or count
-        **slices** (number of slices containing the class; see :func:`slice_counts`), which
-        is plausibly what the study's n_i meant ("number of samples of a given class").
+        choice and it matters (``train.class_counts``): ``split_pixels`` passes the training
+        split's pixel counts, ``split_slices`` the number of its slices containing each class
+        (:func:`slice_counts`). Pitfall (FACTS §3): ``beta**n ~ exp(-n(1-beta))``, so with
+        pixel counts in the millions every beta <= 0.9999 (the study's grid 0.5, 0.75, 0.99
+        included) gives weights equal to ~1e-12, and thousands of slices give 0.99**1000 ~
+        4e-5: class balancing is then a no-op. The default ``batch_pixels`` counts each
+        batch's pixels instead (:func:`batch_class_balanced_weights`, in the jitted step).
       beta: in [0, 1). beta = 0 gives equal weights; beta -> 1 gives inverse-frequency weights.
 
     Returns:
@@ -157,9 +177,7 @@ def class_balanced_weights(counts: Sequence[float] | np.ndarray, beta: float) ->
         raise ValueError(f"counts must be a non-empty 1-D array (C,); got shape {n.shape}")
     if not np.all(np.isfinite(n)) or np.any(n < 0):
         raise ValueError(f"counts must be finite and >= 0; got {n.tolist()}")
-    beta = float(beta)
-    if not (0.0 <= beta < 1.0) or math.isnan(beta):
-        raise ValueError(f"beta must be in [0, 1); got {beta!r}")
+    beta = _check_beta(beta)
     present = n > 0
     if not present.any():
         raise ValueError(f"counts are all zero ({n.tolist()}): cannot compute class weights")
@@ -190,6 +208,44 @@ def slice_counts(per_slice_class_counts: np.ndarray, min_pixels: int = 1) -> np.
     if c.ndim != 2:
         raise ValueError(f"per_slice_class_counts must be (N, C); got shape {c.shape}")
     return (c >= min_pixels).sum(axis=0).astype(np.int64)
+
+
+def _batch_weights(onehot, m, beta):
+    """Class-balanced weights (C,) float32 from the counted pixels of one batch (see below)."""
+    n = jnp.sum(onehot * m[..., None], axis=tuple(range(onehot.ndim - 1)))  # (C,) pixels
+    present = n > 0
+    beta = jnp.asarray(beta, jnp.float32)
+    # log(beta) with beta = 0 clamped to log(tiny) ~ -87: beta**n is then 0 for every n >= 1
+    log_beta = jnp.log(jnp.maximum(beta, jnp.finfo(jnp.float32).tiny))
+    one_minus_beta_n = -jnp.expm1(jnp.where(present, n, 1.0) * log_beta)  # > 0, never 0/0
+    raw = jnp.where(present, (1.0 - beta) / one_minus_beta_n, 0.0)
+    return jax.lax.stop_gradient(_safe_divide(raw * jnp.sum(present), jnp.sum(raw)))
+
+
+def batch_class_balanced_weights(
+    labels: jax.Array,
+    beta: float | jax.Array,
+    mask: jax.Array | None = None,
+    num_classes: int = NUM_CLASSES,
+) -> jax.Array:
+    """Cui et al. weights from the current batch's pixel counts (``class_counts="batch_pixels"``).
+
+    ``n_c`` = number of counted pixels of class c in the whole batch (at batch size 1: in the
+    slice); ``w_c = (1 - beta) / (1 - beta ** n_c)`` with ``1 - beta**n = -expm1(n log beta)``
+    in float32 (exact pixel counts up to 2**24 per batch; beta = 0 gives equal weights). As in
+    :func:`class_balanced_weights`, a class absent from the batch gets weight 0 and the present
+    classes are renormalised to sum to their number. Jit/vmap-safe; ``beta`` may be traced.
+    Example: beta 0.99, 20 ET pixels beside 50,000 background pixels: raw weights 0.0549 vs
+    0.0100, i.e. ET pixels weigh 5.5x a background pixel; at beta 0.5 both raw weights are 0.5.
+
+    Args:
+      labels: (B, H, W) int in {0..C-1}; mask: optional (B, H, W) pixels to count (masked
+        pixels, e.g. of padded samples, are not counted); beta: scalar in [0, 1).
+
+    Returns:
+      (C,) float32 weights (no gradient flows through them); all zeros for an empty batch.
+    """
+    return _batch_weights(*_onehot_and_mask(labels, num_classes, mask), beta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +415,9 @@ class LossParams(NamedTuple):
     Fields:
       ce_weight: weight of the focal/CE term.        gamma: focal exponent (0 = CE).
       class_weights: (C,) alpha_t / CE weights.       ce_by_weights: 1 = divide by sum of weights.
+      batch_counts: 1 = class weights from each batch's pixel counts with ``beta``
+        (:func:`batch_class_balanced_weights`; ``class_weights`` unused), 0 = ``class_weights``.
+      beta: class-balancing beta for ``batch_counts`` (0 otherwise).
       dice_weight: weight of the soft Dice term.      dice_squared: 1 = squared denominators.
       dice_batch: 1 = one Dice per class over the batch, 0 = per sample.
       dice_class_mask: (C,) 1 for classes in the Dice mean (0 for background when excluded).
@@ -375,6 +434,27 @@ class LossParams(NamedTuple):
     dice_class_mask: jax.Array
     smooth_nr: jax.Array
     smooth_dr: jax.Array
+    batch_counts: jax.Array
+    beta: jax.Array
+
+
+def _effective_weights(onehot, m, p):
+    """(C,) weights a batch's pixels get under float32 params ``p`` (fixed or per batch)."""
+    return jnp.where(p.batch_counts > 0, _batch_weights(onehot, m, p.beta), p.class_weights)
+
+
+def effective_class_weights(
+    labels: jax.Array, params: LossParams, mask: jax.Array | None = None
+) -> jax.Array:
+    """The (C,) class weights :func:`combined_loss` applies to this batch under ``params``.
+
+    ``params.class_weights`` for fixed weights (all ones for unweighted losses), else the
+    per-batch weights (:func:`batch_class_balanced_weights`: 0 for classes absent from the
+    batch). labels: (B, H, W) int; mask: optional (B, H, W). Jit/vmap-safe, float32.
+    """
+    p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    onehot, m = _onehot_and_mask(labels, p.class_weights.shape[-1], mask)
+    return _effective_weights(onehot, m, p)
 
 
 def combined_loss(
@@ -397,9 +477,8 @@ def combined_loss(
     """
     logp, onehot, m = _prepare(logits, labels, mask)
     p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-    focal = _weighted_mean(
-        _focal_terms(logp, onehot, p.gamma), onehot, m, p.class_weights, p.ce_by_weights > 0
-    )
+    w = _effective_weights(onehot, m, p)
+    focal = _weighted_mean(_focal_terms(logp, onehot, p.gamma), onehot, m, w, p.ce_by_weights > 0)
     probs = jnp.exp(logp) * m[..., None]
     g = onehot * m[..., None]
     spatial = tuple(range(1, probs.ndim - 1))
@@ -466,20 +545,31 @@ def _resolve(name: str, params: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"loss {name!r}: give either class_weights or (beta and class_counts), not both"
             )
-        if not has_w:
-            if kw["beta"] is None or kw["class_counts"] is None:
-                raise ValueError(
-                    f"loss {name!r} needs beta and class_counts (C,) (or class_weights); "
-                    f"got beta={kw['beta']!r}, class_counts={kw['class_counts']!r}"
-                )
-            kw["class_weights"] = class_balanced_weights(kw["class_counts"], kw["beta"])
-        kw["class_weights"] = np.asarray(kw["class_weights"], np.float32)
-        if kw["class_weights"].ndim != 1:
+        if not has_w and (kw["beta"] is None or kw["class_counts"] is None):
             raise ValueError(
-                f"loss {name!r}: class_weights must be 1-D (C,); got {kw['class_weights'].shape}"
+                f"loss {name!r} needs beta and class_counts (C,) or {BATCH_PIXELS!r} (or "
+                f"class_weights); got beta={kw['beta']!r}, class_counts={kw['class_counts']!r}"
             )
+        counts = kw.pop("class_counts")
+        kw["batch_beta"] = None
+        if isinstance(counts, str):
+            if counts != BATCH_PIXELS:
+                raise ValueError(
+                    f"loss {name!r}: class_counts must be (C,) counts or {BATCH_PIXELS!r}; "
+                    f"got {counts!r}"
+                )
+            _check_beta(kw["beta"])
+            kw["batch_beta"] = float(kw["beta"])
+        elif not has_w:
+            kw["class_weights"] = class_balanced_weights(counts, kw["beta"])
         kw.pop("beta")
-        kw.pop("class_counts")
+        if kw["class_weights"] is not None:
+            kw["class_weights"] = np.asarray(kw["class_weights"], np.float32)
+            if kw["class_weights"].ndim != 1:
+                raise ValueError(
+                    f"loss {name!r}: class_weights must be 1-D (C,); "
+                    f"got {kw['class_weights'].shape}"
+                )
     if "gamma" in kw and float(kw["gamma"]) < 0:
         raise ValueError(f"loss {name!r}: gamma must be >= 0; got {kw['gamma']}")
     return kw
@@ -492,8 +582,10 @@ def get_loss(name: str, **params: Any) -> LossFn:
 
     * ``ce``: unweighted cross-entropy; ``normalize="pixels"``.
     * ``cb_ce``: class-balanced CE; ``beta`` and ``class_counts`` (C,) (weights from
-      :func:`class_balanced_weights`, computed once here on the host in float64) or
-      ``class_weights`` (C,); ``normalize="pixels"`` (or ``"weights"``, PyTorch's).
+      :func:`class_balanced_weights`, computed once here on the host in float64), or ``beta``
+      and ``class_counts="batch_pixels"`` (weights from each batch's labels,
+      :func:`batch_class_balanced_weights`), or ``class_weights`` (C,);
+      ``normalize="pixels"`` (or ``"weights"``, PyTorch's).
     * ``focal``: ``gamma=1.0`` (the study's value), ``normalize``.
     * ``cb_focal``: ``gamma=1.0``, ``beta``/``class_counts`` or ``class_weights``, ``normalize``.
     * ``dice``: ``include_background=True, squared=False, batch=False, smooth_nr=1e-5,
@@ -509,16 +601,26 @@ def get_loss(name: str, **params: Any) -> LossFn:
         return lambda logits, labels, mask=None: cross_entropy(
             logits, labels, mask=mask, normalize=kw["normalize"]
         )
+
+    def weights(labels, mask, num_classes):
+        if kw.get("batch_beta") is None:
+            return kw.get("class_weights")
+        return batch_class_balanced_weights(labels, kw["batch_beta"], mask, num_classes)
+
     if name == "cb_ce":
         return lambda logits, labels, mask=None: cross_entropy(
-            logits, labels, kw["class_weights"], mask=mask, normalize=kw["normalize"]
+            logits,
+            labels,
+            weights(labels, mask, logits.shape[-1]),
+            mask=mask,
+            normalize=kw["normalize"],
         )
     if name in ("focal", "cb_focal"):
         return lambda logits, labels, mask=None: focal_loss(
             logits,
             labels,
             gamma=kw["gamma"],
-            class_weights=kw.get("class_weights"),
+            class_weights=weights(labels, mask, logits.shape[-1]),
             mask=mask,
             normalize=kw["normalize"],
         )
@@ -545,7 +647,8 @@ def loss_params(name: str, num_classes: int = NUM_CLASSES, **params: Any) -> Los
     ======== ========= ===== ============== ========== ======================================
 
     ``ce_by_weights`` is 1 for ``normalize="weights"``; ``dice_class_mask`` is all ones, or
-    zero at class 0 for ``include_background=False``.
+    zero at class 0 for ``include_background=False``. ``class_counts="batch_pixels"`` sets
+    ``batch_counts`` 1 and ``beta`` (class_weights then ones, unused).
     """
     kw = _resolve(name, params)
     f = lambda v: jnp.asarray(v, jnp.float32)
@@ -573,6 +676,8 @@ def loss_params(name: str, num_classes: int = NUM_CLASSES, **params: Any) -> Los
         dice_class_mask=f(cmask),
         smooth_nr=f(kw["smooth_nr"] if is_dice else 1e-5),
         smooth_dr=f(kw["smooth_dr"] if is_dice else 1e-5),
+        batch_counts=f(kw.get("batch_beta") is not None),
+        beta=f(kw.get("batch_beta") or 0.0),
     )
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "region_dice",
     "region_dice_from_confusion",
     "sensitivity_specificity",
+    "slice_dice_readings",
 ]
 
 REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
@@ -501,8 +502,9 @@ def evaluate_volume(
 
     Returns:
       keys ``dice_{WT,TC,ET}``, ``hd95_{WT,TC,ET}`` (mm), ``sensitivity_{WT,TC,ET}``,
-      ``specificity_{WT,TC,ET}``, ``paper_dice`` (the study's 4-class mean over the whole
-      volume), ``class_dice_{0,1,2,3}`` (per training class over the volume).
+      ``specificity_{WT,TC,ET}``, ``volume_dice_4class`` (the study's 4-class mean Dice, but
+      over the whole volume: not the study's per-slice number), ``class_dice_{0,1,2,3}``
+      (per training class over the volume).
     """
     pred = _class_map("pred", pred)
     target = _class_map("target", target)
@@ -520,7 +522,40 @@ def evaluate_volume(
         out[f"sensitivity_{name}"] = sens
         out[f"specificity_{name}"] = spec
     d = dice_from_confusion(cm, absent)
-    out["paper_dice"] = float(paper_dice_pooled(cm, absent))
+    out["volume_dice_4class"] = float(paper_dice_pooled(cm, absent))
     for c in range(NUM_CLASSES):
         out[f"class_dice_{c}"] = float(d[c])
     return out
+
+
+def slice_dice_readings(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """The study's per-slice 4-class Dice and the two readings it leaves open, on the host.
+
+    Args:
+      pred, target: integer class maps (N, H, W) in {0..3}: N slices.
+
+    Returns:
+      ``"absent_one"``: (N,) float64 per-slice Dice, classes absent from both scored 1 (the
+      study's metric, :func:`paper_dice`); ``"absent_excluded"``: (N,) the same with such
+      classes left out of the slice's mean; ``"confusion"``: (C, C) int64 summed over the N
+      slices, for the pooled Dice (one Dice per class over all pixels,
+      :func:`paper_dice_pooled`). Means over a data set: average the (N,) arrays of all its
+      slices; sum the confusion matrices.
+    """
+    pred = _class_map("pred", pred)
+    target = _class_map("target", target)
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(
+            f"pred and target must be equal (N, H, W); got {pred.shape}, {target.shape}"
+        )
+    c = NUM_CLASSES
+    n = pred.shape[0]
+    idx = target.astype(np.int64) * c + pred + (c * c) * np.arange(n)[:, None, None]
+    cms = np.bincount(idx.ravel(), minlength=n * c * c).reshape(n, c, c)
+    with np.errstate(invalid="ignore"):
+        excluded = np.nanmean(dice_from_confusion(cms, "exclude"), axis=-1)
+    return {
+        "absent_one": np.mean(dice_from_confusion(cms, "one"), axis=-1),
+        "absent_excluded": excluded,
+        "confusion": cms.sum(0),
+    }

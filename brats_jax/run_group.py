@@ -109,7 +109,7 @@ def build_run(config: ml_collections.ConfigDict, workdir, *, source=None) -> Run
         total_steps = int(config.train.num_epochs) * steps_per_epoch
     if total_steps <= 0:
         raise ValueError("nothing to train: set train.num_epochs or train.num_steps > 0")
-    counts = data.class_pixel_counts(source, splits.train)
+    counts = source.table.class_counts[np.asarray(splits.train, np.int64)]  # (N, C)
     loss_params = create_loss_params(config.train, counts)
     return Run(
         config, pathlib.Path(workdir), source, splits, loss_params, steps_per_epoch, total_steps

@@ -19,7 +19,8 @@ from brats_jax.train_state import TrainState
 
 
 def make_train_step(model, tx):
-    """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm"})`; pure, jit it.
+    """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm", "class_weights"})`;
+    pure, jit it. `class_weights`: (C,) class weights the loss gave this batch.
 
     `batch`: image float32 (B,H,W,4), label int32 (B,H,W); loss and grad norm are scalars.
     """
@@ -45,7 +46,11 @@ def make_train_step(model, tx):
             model_state={**state.model_state, **updates},
             opt_state=opt_state,
         )
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "class_weights": losses.effective_class_weights(batch["label"], loss_params),
+        }
 
     return step
 

@@ -121,7 +121,7 @@ def _train_loop(group: RunGroup) -> int:
     eval_step = jax.jit(steps.make_eval_step(group.model))
     when, guard = _Intervals(group), _LossGuard(group)
     step = group.start_step or 0
-    t_log, n_log = time.perf_counter(), 0
+    t_log, n_log, weights = time.perf_counter(), 0, []  # weights: each step's class weights
     is_main = jax.process_index() == 0
     with tqdm(total=when.total, initial=step, disable=not is_main, unit="step",
               dynamic_ncols=True) as bar:  # fmt: skip
@@ -129,12 +129,14 @@ def _train_loop(group: RunGroup) -> int:
             group.state, out = train_step(group.state, group.next_batch(), group.loss_params)
             step, n_log = step + 1, n_log + 1
             guard.add(step, out["loss"])
+            weights.append(out["class_weights"])
             bar.update(1)
             if when.log_now(step):
                 guard.check()
-                _log_train(group, step, jax.device_get(out), n_log, time.perf_counter() - t_log)
+                out = {**jax.device_get(out), "class_weights": _mean_weights(group, weights)}
+                _log_train(group, step, out, n_log, time.perf_counter() - t_log)
                 bar.set_postfix(loss=f"{float(np.mean(out['loss'])):.4f}")
-                t_log, n_log = time.perf_counter(), 0
+                t_log, n_log, weights = time.perf_counter(), 0, []
             val = [None] * len(group.runs)
             if when.eval_now(step):
                 val = group.evaluate(step, eval_step)
@@ -145,9 +147,18 @@ def _train_loop(group: RunGroup) -> int:
     return step
 
 
+def _mean_weights(group: RunGroup, weights: list) -> np.ndarray:
+    """(K, C) mean effective class weight of each run over the steps in `weights` (each (C,)
+    or (K, C)), counting only the steps in which the class had a weight (NaN: never)."""
+    w = np.asarray(jax.device_get(weights), np.float64).reshape(len(weights), len(group.runs), -1)
+    with np.errstate(invalid="ignore"):
+        return w.sum(0) / (w > 0).sum(0)
+
+
 def _log_train(group: RunGroup, step: int, out: dict, n_steps: int, seconds: float) -> None:
     """Per-run training scalars at `step`: loss, gradient norm, learning rate, throughput
-    (slices per second of all runs over the `n_steps` steps since the last log), epoch."""
+    (slices per second of all runs over the `n_steps` steps since the last log), epoch, and
+    the mean effective class weights `class_weight_c` (`losses.effective_class_weights`)."""
     t = group.config.train
     rate = n_steps * t.batch_size * len(group.runs) / max(seconds, 1e-9)
     group.write(
@@ -159,11 +170,13 @@ def _log_train(group: RunGroup, step: int, out: dict, n_steps: int, seconds: flo
                 "learning_rate": learning_rate_at(run.config.train, group.total_steps, step - 1),
                 "slices_per_s": rate,
                 "epoch": step / group.steps_per_epoch,
+                **{f"class_weight_{c}": float(v) for c, v in enumerate(w)},
             }
-            for run, loss, norm in zip(
+            for run, loss, norm, w in zip(
                 group.runs,
                 group.per_run(out["loss"]),
                 group.per_run(out["grad_norm"]),
+                out["class_weights"],
                 strict=True,
             )  # fmt: skip
         ],

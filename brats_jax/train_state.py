@@ -34,18 +34,27 @@ def create_model(config: ml_collections.ConfigDict, *, ops: str | None = None):
     return models.from_config(config.model, ops=ops or runtime.resolve_ops(config))
 
 
-def create_loss_params(train_config: ml_collections.ConfigDict, class_counts: np.ndarray):
+def create_loss_params(train_config: ml_collections.ConfigDict, slice_class_counts: np.ndarray):
     """`losses.LossParams` of the registry loss `train_config.loss` with the config's values.
 
-    Class-balanced weights (cb_*) are computed once, on the host in float64, from the
-    training split's pixel counts per class.
+    `slice_class_counts`: (N, C) pixels per class of each training slice. What the cb_*
+    losses count as n_i is `train.class_counts`: "batch_pixels" (each batch's pixels, in the
+    jitted step), "split_pixels" (the split's pixels) or "split_slices" (its slices holding
+    the class); the split_* weights are computed once, on the host in float64.
     """
     t = train_config
+    mode = t.get("class_counts", losses.BATCH_PIXELS)
+    split = {"split_pixels": lambda c: c.sum(0), "split_slices": losses.slice_counts}
+    if mode != losses.BATCH_PIXELS and mode not in split:
+        raise ValueError(
+            f"unknown train.class_counts {mode!r}; expected batch_pixels|split_pixels|split_slices"
+        )
+    counts = mode if mode == losses.BATCH_PIXELS else split[mode](np.asarray(slice_class_counts))
     params = {
         "ce": {},
-        "cb_ce": {"beta": t.beta, "class_counts": class_counts},
+        "cb_ce": {"beta": t.beta, "class_counts": counts},
         "focal": {"gamma": t.gamma},
-        "cb_focal": {"gamma": t.gamma, "beta": t.beta, "class_counts": class_counts},
+        "cb_focal": {"gamma": t.gamma, "beta": t.beta, "class_counts": counts},
         "dice": {},
         "dice_ce": {"dice_weight": t.dice_weight, "ce_weight": 1.0 - t.dice_weight},
     }

@@ -50,7 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = t = ml_collections.ConfigDict()
     t.loss = "ce"  # ce | cb_ce | focal | cb_focal | dice | dice_ce
     t.gamma = 1.0  # focal losses
-    t.beta = 0.99  # class-balanced losses (Cui et al.), weights from training pixel counts
+    t.beta = 0.99  # class-balanced losses (Cui et al.); what n_i counts: next line
+    t.class_counts = "batch_pixels"  # cb_*: n_i = batch_pixels | split_pixels | split_slices
     t.dice_weight = 0.5  # dice_ce: weight of the Dice term (CE gets 1 - dice_weight)
     t.optimizer = "adam"  # adam | adamw
     t.learning_rate = 1e-4

@@ -8,7 +8,11 @@ fills), `results.json`, `config.json` and `metrics.jsonl`, and writes to R (defa
   columns = learning rates etc.): our test Dice in the study's metric (4-class slice mean,
   background included), our BraTS region Dice WT / TC / ET (per 3D volume), and the study's
   own number where it reported one. The seeds sweep gets mean +- std over seeds and a Welch
-  t-test between the models. Every section says the scale its runs were trained at.
+  t-test between the models. Every section says the scale its runs were trained at. Below
+  each table: cells repeated with other seeds (mean +- std), the study's metric next to the
+  two readings it leaves open (absent classes excluded; pooled over all test slices), and
+  per class-balanced cell the mean effective class weight over training (metrics.jsonl's
+  `class_weight_0..3`) with its mean train loss and test Dice next to its unweighted twin's.
 - `<sweep>.csv`: the same table, one value per column; `runs.csv`: every run, long format.
 - `<sweep>_curves.png`: learning curves (train loss, validation loss, validation Dice against
   epoch) of the sweep's runs; `figure6_bars.png`, `focal_gamma.png`, `lr_range.png`,
@@ -41,6 +45,13 @@ from experiments.run import ERROR, RESULTS, RUN_INFO  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
 DASH = "—"
+# results.json keys: the study's metric and the two readings it leaves open, with labels
+READINGS = {
+    "paper_dice": "study's metric (slice mean, absent classes = 1)",
+    "paper_dice_absent_excluded": "slice mean, absent classes excluded",
+    "pooled_dice_4class": "pooled over all test slices",
+}
+CLASS_LABELS = ("bg", "NCR", "ED", "ET")
 
 
 @dataclasses.dataclass
@@ -75,11 +86,12 @@ class RunRecord:
         return str(self.info.get("scale", "?"))
 
     def metric(self, key: str) -> float | None:
-        """`paper_dice`, `dice_WT`.. or `hd95_WT`.. from results.json; None when absent/NaN."""
+        """`paper_dice` (or another top-level number such as `pooled_dice_4class`),
+        `dice_WT`.. or `hd95_WT`.. from results.json; None when absent/NaN."""
         if self.results is None:
             return None
-        if key == "paper_dice":
-            v = self.results.get("paper_dice")
+        if key in READINGS:
+            v = self.results.get(key)
         else:
             group, region = key.split("_", 1)
             v = (self.results.get(group) or {}).get(region)
@@ -120,22 +132,33 @@ def _read_json(path: pathlib.Path) -> Any:
 
 def cell_runs(sweep: sweeps.Sweep, runs: Sequence[RunRecord]) -> dict[tuple[str, str], RunRecord]:
     """`{(row, col): run}` for the sweep's cells; a finished run beats an unfinished one,
-    then the later results.json wins."""
+    then the run named as the cell (not a repeat with another `train.seed`), then the later
+    results.json wins. All runs of a cell: `cell_repeats`."""
     found: dict[tuple[str, str], RunRecord] = {}
-    for r in runs:
-        p = (r.info.get("placements") or {}).get(sweep.name)
-        if not p:
-            continue
-        key = (p["row"], p["col"])
-        old = found.get(key)
-        if old is None or _rank(r) > _rank(old):
-            found[key] = r
+    names = {(c.row, c.col): c.name for c in sweep.cells}
+    for key, group in cell_repeats(sweep, runs).items():
+        for r in group:
+            old = found.get(key)
+            if old is None or _rank(r, names.get(key)) > _rank(old, names.get(key)):
+                found[key] = r
     return found
 
 
-def _rank(r: RunRecord) -> tuple:
+def cell_repeats(
+    sweep: sweeps.Sweep, runs: Sequence[RunRecord]
+) -> dict[tuple[str, str], list[RunRecord]]:
+    """`{(row, col): [runs placed there]}`: the cell's run and its repeats (other seeds)."""
+    out: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in runs:
+        p = (r.info.get("placements") or {}).get(sweep.name)
+        if p:
+            out.setdefault((p["row"], p["col"]), []).append(r)
+    return out
+
+
+def _rank(r: RunRecord, cell_name: str | None = None) -> tuple:
     mtime = (r.workdir / RESULTS).stat().st_mtime if r.results is not None else 0.0
-    return (r.results is not None, mtime)
+    return (r.results is not None, r.name == cell_name, mtime)
 
 
 def _layout(sweep: sweeps.Sweep) -> tuple[list[str], list[str], dict[tuple[str, str], Any]]:
@@ -316,6 +339,98 @@ def runs_csv(runs: Sequence[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readings_table(sweep: sweeps.Sweep, runs: Sequence[RunRecord]) -> str:
+    """Markdown: per finished cell, the study's metric next to the two readings it leaves
+    open (absent classes excluded; pooled over all test slices), and the study's number."""
+    rows, cols, study = _layout(sweep)
+    found = cell_runs(sweep, runs)
+    head = [sweep.row_header, "column", *READINGS.values(), "study"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        for col in cols:
+            r = found.get((row, col))
+            if r is None or r.state != "done":
+                continue
+            vals = [_f(r.metric(k)) for k in READINGS]
+            md.append("| " + " | ".join([row, col, *vals, _f(study.get((row, col)), 5)]) + " |")
+    return "\n".join(md) + "\n" if len(md) > 2 else ""
+
+
+def _logged(path: pathlib.Path, key: str) -> np.ndarray:
+    """The non-null values of `key` in a metrics.jsonl (float64, log order)."""
+    curves = plots.read_metrics(path)
+    v = curves.get(key, (None, np.zeros(0)))[1]
+    return v[np.isfinite(v)]
+
+
+def mean_class_weights(path: pathlib.Path) -> list[float | None]:
+    """Mean over training of the effective class weights `class_weight_0..3` a run logged
+    (each row: the mean over a logging interval's steps in which the class was in the batch;
+    null rows, class absent all interval, skipped). None where nothing was logged."""
+    out = []
+    for c in range(len(CLASS_LABELS)):
+        v = _logged(path, f"class_weight_{c}")
+        out.append(float(v.mean()) if v.size else None)
+    return out
+
+
+def _mean_train_loss(r: RunRecord | None) -> float | None:
+    v = _logged(r.workdir / "metrics.jsonl", "train_loss") if r is not None else np.zeros(0)
+    return float(v.mean()) if v.size else None
+
+
+def class_weights_table(sweep: sweeps.Sweep, runs: Sequence[RunRecord]) -> str:
+    """Markdown: per class-balanced (cb_*) cell, the mean effective weight per class over
+    training (so a reader sees whether the weights differed from 1), and its mean train loss
+    and test Dice next to its unweighted twin's (same column, loss without `cb_`)."""
+    rows, cols, _ = _layout(sweep)
+    found = cell_runs(sweep, runs)
+    loss_of = {k: (r.config.get("train") or {}).get("loss", "") for k, r in found.items()}
+    head = [sweep.row_header, "column", "n_i counts"]
+    head += [f"w {c}" for c in CLASS_LABELS]
+    head += ["mean train loss (this / unweighted)", "test Dice (this / unweighted)"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        for col in cols:
+            r = found.get((row, col))
+            if r is None or not loss_of[(row, col)].startswith("cb_"):
+                continue
+            base = loss_of[(row, col)][3:]
+            twin = next((t for k, t in found.items() if k[1] == col and loss_of[k] == base), None)
+            mode = (r.config.get("train") or {}).get("class_counts", "split_pixels")
+            w = [_f(x, 3) for x in mean_class_weights(r.workdir / "metrics.jsonl")]
+            loss = f"{_f(_mean_train_loss(r))} / {_f(_mean_train_loss(twin))}"
+            dice = (
+                f"{_f(r.metric('paper_dice'))} / {_f(twin.metric('paper_dice') if twin else None)}"
+            )
+            md.append("| " + " | ".join([row, col, mode, *w, loss, dice]) + " |")
+    return "\n".join(md) + "\n" if len(md) > 2 else ""
+
+
+def repeats_table(sweep: sweeps.Sweep, runs: Sequence[RunRecord]) -> str:
+    """Markdown: cells with several finished runs (repeats with other `train.seed`s, e.g.
+    `--config.train.seed=1`): n, seeds, mean ± std (ddof 1) of the study's metric and WT,
+    and each seed's value."""
+    rows, cols, _ = _layout(sweep)
+    groups = cell_repeats(sweep, runs)
+    head = [sweep.row_header, "column", "n", "seeds", "Dice mean ± std", "WT mean ± std",
+            "Dice per seed"]  # fmt: skip
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        for col in cols:
+            done = [r for r in groups.get((row, col), []) if r.state == "done"]
+            done.sort(key=lambda r: int((r.config.get("train") or {}).get("seed", 0)))
+            if len(done) < 2:
+                continue
+            seeds = [str((r.config.get("train") or {}).get("seed", "?")) for r in done]
+            dice = [v for r in done if (v := r.metric("paper_dice")) is not None]
+            wt = [v for r in done if (v := r.metric("dice_WT")) is not None]
+            each = ", ".join(_f(v) for v in dice)
+            md.append("| " + " | ".join([row, col, str(len(done)), ",".join(seeds),
+                                         _mean_std(dice), _mean_std(wt), each]) + " |")  # fmt: skip
+    return "\n".join(md) + "\n" if len(md) > 2 else ""
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -478,6 +593,17 @@ def seeds_figure(stats: dict, path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- report
 
 
+def _model_text(m: dict) -> str:
+    """`unet 8 features, depth 3` / `transunet tiny` from a config's model group."""
+    if m.get("name") == "unet":
+        return f"unet {m.get('base_features', '?')} features, depth {m.get('depth', '?')}"
+    return f"{m.get('name', '?')} {m.get('preset', '')}".strip()
+
+
+def _section(title: str, table: str) -> str:
+    return f"\n### {title}\n\n{table}" if table else ""
+
+
 def _float_of(label: str) -> float:
     return float(label.split()[-1])
 
@@ -497,8 +623,10 @@ def make_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None)
     if "smoke" in scales:
         md.write(
             "> **SMOKE SCALE** runs are included: tiny models, 32 px images, a few dozen steps, "
-            "synthetic data unless the data source says otherwise. Their numbers check that "
-            "the pipeline works end to end; they say nothing about the study's claims.\n\n"
+            "synthetic data unless command-line overrides say otherwise (each section states "
+            "the model, data, image size and steps). Far from the study's settings, their "
+            "numbers check the pipeline and the direction of effects, not the study's "
+            "values.\n\n"
         )
     md.write(
         "Dice (ours/study): the study's metric, the mean over test slices of the 4-class Dice "
@@ -514,9 +642,12 @@ def make_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None)
         sw_scales = sorted({r.scale for r in placed})
         sources = sorted({str(r.config.get("data", {}).get("source", "?")) for r in placed})
         steps = sorted({int((r.results or {}).get("steps", 0)) for r in placed if r.results})
+        sizes = sorted({str(r.config.get("data", {}).get("image_size", "?")) for r in placed})
+        models = sorted({_model_text(r.config.get("model", {})) for r in placed})
         md.write(f"## {sweep.title}\n\n")
         md.write(
-            f"Scale: **{', '.join(sw_scales)}**; data: {', '.join(sources)}; "
+            f"Scale: **{', '.join(sw_scales)}**; model: {', '.join(models)}; "
+            f"data: {', '.join(sources)} at {', '.join(sizes)} px; "
             f"training steps per run: {', '.join(map(str, steps)) or DASH}.\n\n"
         )
         if name == "seeds":
@@ -527,6 +658,11 @@ def make_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None)
                 files.append("seeds.png")
         else:
             text, csv, filled = grid_table(sweep, runs)
+            text += _section("Repeat runs of a cell (other seeds)", repeats_table(sweep, runs))
+            text += _section("The study's metric and the two readings it leaves open",
+                             readings_table(sweep, runs))  # fmt: skip
+            text += _section("Class-balanced cells: mean effective class weight over "
+                             "training", class_weights_table(sweep, runs))  # fmt: skip
         md.write(text + "\n")
         fileio.write_text(out / f"{name}.csv", csv)
         files.append(f"{name}.csv")

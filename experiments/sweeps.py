@@ -67,6 +67,9 @@ STUDY_BATCHES = (1, 16)
 FOCAL_GAMMAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
 LR_RANGE = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 SEEDS = (0, 1, 2, 3, 4)
+# What n_i counts in the cb_* cells (EXPERIMENTS.md, "What n_i counts"); set in every cell
+# so that `--config.train.class_counts=split_pixels|split_slices` may override it.
+CB_CLASS_COUNTS = "batch_pixels"
 # The study's best cell per model (Tables 1 and 2): unweighted CE, batch 1.
 BEST_LR = {"unet": 1e-4, "transunet": 1e-5}
 
@@ -182,6 +185,7 @@ def make_cell(
         "train.gamma": float(gamma),
         "train.batch_size": int(batch_size),
         "train.seed": int(seed),
+        "train.class_counts": CB_CLASS_COUNTS,  # used by cb_* cells only
     }
     if setting.beta is not None:
         settings["train.beta"] = float(setting.beta)

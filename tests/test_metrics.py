@@ -289,7 +289,7 @@ def test_sensitivity_specificity_and_evaluate_volume():
     r = M.evaluate_volume(pred, target, spacing=(1, 1, 1))
     expected_keys = {
         f"{m}_{g}" for m in ("dice", "hd95", "sensitivity", "specificity") for g in M.REGIONS
-    } | {"paper_dice", "class_dice_0", "class_dice_1", "class_dice_2", "class_dice_3"}
+    } | {"volume_dice_4class", "class_dice_0", "class_dice_1", "class_dice_2", "class_dice_3"}
     assert set(r) == expected_keys
     # WT: target 3 voxels, pred 4, overlap 3 -> 6/7 ; TC: target {NCR}, pred {ET} -> 0
     assert r["dice_WT"] == pytest.approx(6 / 7)
@@ -301,7 +301,7 @@ def test_sensitivity_specificity_and_evaluate_volume():
     np.testing.assert_allclose(
         [r[f"class_dice_{c}"] for c in range(4)], [120 / 121, 0, 0.8, 0], rtol=1e-12
     )
-    assert r["paper_dice"] == pytest.approx((120 / 121 + 0.8) / 4)
+    assert r["volume_dice_4class"] == pytest.approx((120 / 121 + 0.8) / 4)
     with pytest.raises(ValueError, match="outside"):
         M.evaluate_volume(pred + 4, target)
     with pytest.raises(ValueError, match="shape"):
