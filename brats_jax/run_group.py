@@ -21,9 +21,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from brats_jax import config_utils, data, fileio, losses, steps
-from brats_jax.runtime import resolve_ops
 from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints, UnreadableCheckpoint, restore_runs
 from brats_jax.metric_writer import MetricWriter
+from brats_jax.runtime import resolve_ops
 from brats_jax.train_state import (
     TrainState,
     create_loss_params,
