@@ -419,6 +419,11 @@ def _parser() -> argparse.ArgumentParser:
         "grouped (vmap with convolutions as batched GEMMs; meant for GPUs)",
     )
     p.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="let a --scale=paper sweep train on the CPU (days per run; refused by default)",
+    )
+    p.add_argument(
         "--compile-cache",
         default=str(pathlib.Path.home() / ".cache" / "brats_jax" / "jax_compile"),
         help="JAX persistent compilation cache folder shared by the runs ('off' = none)",
@@ -441,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, x) for x in patterns)]
             if not runs:
                 raise ValueError(f"--only={args.only!r} matches none of the sweep's runs")
+        if args.scale == "paper":
+            check_paper_data(runs, overrides)
+            if not args.dry_run:
+                check_paper_backend(allow_cpu=args.allow_cpu)
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -471,6 +480,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     for o in failed:
         print(f"  FAILED {o.name}: {o.message}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def check_paper_data(runs: Sequence[PlannedRun], overrides: dict[str, Any]) -> None:
+    """A paper-scale sweep trains on real data: a synthetic source is a ValueError unless the
+    command line asked for it (`--config.data.source=synthetic`)."""
+    synthetic = [r.name for r in runs if r.config.data.source == "synthetic"]
+    if synthetic and overrides.get("data.source") != "synthetic":
+        raise ValueError(
+            "--scale=paper trains the study's grid: give the data with "
+            "--config.data.source=kaggle_h5|nifti --config.data.root=PATH "
+            "(or --config.data.source=synthetic to train it on the synthetic phantoms)"
+        )
+
+
+def check_paper_backend(*, allow_cpu: bool) -> str:
+    """Logs the backend and device count a paper-scale sweep trains on and returns the
+    backend; a CPU backend (e.g. a TPU held by another process) is a ValueError unless
+    `allow_cpu`."""
+    import jax
+
+    backend, count = jax.default_backend(), jax.device_count()
+    print(f"sweep backend: {backend} ({count} device{'s' * (count != 1)})", flush=True)
+    if backend == "cpu" and not allow_cpu:
+        raise ValueError(
+            "--scale=paper on the CPU backend takes days per run (is the GPU/TPU visible, or "
+            "held by another process such as a notebook kernel?); pass --allow-cpu to run anyway"
+        )
+    return backend
 
 
 def run() -> None:
