@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.max_val_batches = 0  # 0 = whole validation split
     e.hd95_mode = "max"  # max (MONAI: max of directed 95th percentiles) | pooled (medpy)
     e.num_figure_slices = 6
+    e.tta = "none"  # test-time flips of the test pass: none | flips | flips_ud (inference.py)
     return c
 
 
