@@ -5,6 +5,7 @@ model whose logits are its input times `variables["scale"]`, so the tests need n
 training and their expected values follow from the input.
 """
 
+import json
 
 import ml_collections
 import nibabel as nib
@@ -188,3 +189,45 @@ def test_postprocessing_json_in_the_run_is_applied_unless_disabled(runs, tmp_pat
         f"{run},{other}", case, out, postprocessing=f"{run}/{postprocess.POSTPROCESSING_FILE}"
     )
     np.testing.assert_array_equal(given, island_free)
+
+
+def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
+    runs, tmp_path, monkeypatch, capsys
+):
+    from brats_jax import tune_postprocessing as tune
+
+    add, _ = runs
+    run = add("run")
+    labels, probs = _island_probabilities()
+    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    data = tmp_path / "data"
+    for cid in ("Brats18_A_1", "Brats18_B_1"):
+        folder = _write_case(data, cid, 0)
+        gt = labels.copy()
+        gt[10, 8, 5] = 0  # the island is a false positive
+        nib.save(nib.Nifti1Image(gt.astype(np.int16), AFFINE), str(folder / f"{cid}_seg.nii.gz"))
+    tune.FLAGS.unparse_flags()
+    tune.FLAGS(
+        ["tune", f"--workdir={run}", f"--cases=Brats18_A_1,{data / 'Brats18_B_1'}",
+         f"--data_root={data}", "--min_component_voxels=2,100", "--et_min_voxels=5"]
+    )  # fmt: skip
+    try:
+        tune.main(["tune"])
+    finally:
+        tune.FLAGS.unparse_flags()
+    stored = json.loads((tmp_path / "run" / postprocess.POSTPROCESSING_FILE).read_text())
+    # 2 voxels removes the 1-voxel island (100 would remove the 27-voxel tumour too; keeping
+    # the largest ties and comes later); no ET anywhere: the ET step ties "off" and is kept
+    assert stored["postprocessing"] == {
+        "min_component_voxels": 2,
+        "largest_component_only": False,
+        "connectivity": 26,
+        "et_min_voxels": 5,
+    }
+    assert stored["tuning"]["cases"] == ["Brats18_A_1", "Brats18_B_1"]
+    assert stored["tuning"]["score_after"] == pytest.approx(1.0)
+    # with the NCR island: WT Dice 2*27/(27+28), TC 0 (GT has none), ET absent from both: 1
+    assert stored["tuning"]["score_before"] == pytest.approx((54 / 55 + 0 + 1) / 3)
+    assert "wrote" in capsys.readouterr().out
+    out = predict.predict_case(run, data / "Brats18_A_1", tmp_path / "seg.nii.gz")
+    assert out[10, 8, 5] == 0 and (out > 0).sum() == 27
