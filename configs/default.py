@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_cases = ""  # comma-separated case IDs; a split given by IDs ignores its fraction
     d.test_cases = ""
     d.split_seed = 0
+    d.num_folds = 0  # > 1: cross-validation over the non-test cases (data/folds.py); 0 = off
+    d.fold = 0  # this run's validation fold, 0..num_folds-1
     d.random_flip = False
     d.num_workers = 0  # grain worker processes; 0 = read in the main process
     d.synthetic_num_cases = 24
