@@ -110,18 +110,30 @@ def filter_components(
         raise ValueError(f"expected a 3-D label volume (H, W, D), got shape {labels.shape}")
     if not largest_only and min_voxels is None:
         return labels
+    components, sizes = label_components(labels, connectivity)
+    labels[~_kept(sizes, min_voxels, largest_only)[components]] = 0
+    return labels
+
+
+def label_components(labels: np.ndarray, connectivity: int = 26):
+    """`(components int32 (H, W, D), sizes (n + 1,))` of the whole tumour (labels > 0);
+    component 0 is the background, its size set to 0."""
     components, n = ndimage.label(labels > 0, structure=_structure(connectivity))
-    if n == 0:
-        return labels
     sizes = np.bincount(components.ravel(), minlength=n + 1)
     sizes[0] = 0
-    keep = np.zeros(n + 1, bool)
+    return components, sizes
+
+
+def _kept(sizes: np.ndarray, min_voxels: int | None, largest_only: bool) -> np.ndarray:
+    """Per component id: kept? (background, id 0, is never 'kept')."""
+    keep = np.zeros(len(sizes), bool)
+    if len(sizes) == 1:
+        return keep
     if largest_only:
         keep[int(np.argmax(sizes))] = True
     else:
         keep[1:] = sizes[1:] >= min_voxels
-    labels[~keep[components]] = 0
-    return labels
+    return keep
 
 
 def relabel_small_et(labels: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -216,6 +228,28 @@ def _component_options(c: TuningCandidates) -> list[PostprocessConfig]:
     return out
 
 
+def _best_component_option(preds, gts, candidates, trials):
+    """`(config, objective, outputs)` of the best component option (None if there is none);
+    appends every option's (config dict, objective) to `trials`. Each case is labelled
+    once per connectivity; the options only choose which components stay."""
+    best = None
+    labelled: dict = {}
+    for option in _component_options(candidates):
+        outs = []
+        for i, p in enumerate(preds):
+            key = (i, option.connectivity)
+            if key not in labelled:
+                labelled[key] = label_components(p, option.connectivity)
+            components, sizes = labelled[key]
+            keep = _kept(sizes, option.min_component_voxels, option.largest_component_only)
+            outs.append(np.where(keep[components], p, 0).astype(p.dtype))
+        score = _objective(outs, gts)
+        trials.append((option.to_dict(), score))
+        if best is None or score > best[1]:
+            best = (option, score, outs)
+    return best
+
+
 def tune_postprocessing(
     predictions: Sequence[np.ndarray],
     ground_truths: Sequence[np.ndarray],
@@ -253,15 +287,9 @@ def tune_postprocessing(
     chosen = PostprocessConfig()
     before = current = _objective(preds, gts)
     trials.append((chosen.to_dict(), before))
-    best = None
-    for option in _component_options(candidates):
-        outs = [apply(p, option) for p in preds]
-        s = _objective(outs, gts)
-        trials.append((option.to_dict(), s))
-        if best is None or s > best[1]:
-            best = (option, s, outs)
+    best = _best_component_option(preds, gts, candidates, trials)
     if best is not None and best[1] >= current:
-        chosen, current, preds = best[0], best[1], best[2]
+        chosen, current, preds = best
         log(f"components: {chosen} -> mean Dice {before:.4f} -> {current:.4f}")
     else:
         log(f"components: off (best option would give {best[1] if best else float('nan'):.4f})")

@@ -142,6 +142,10 @@ def test_tuning_picks_island_removal_and_et_relabelling():
     # A's 8 ET voxels stay (100 would relabel them too)
     assert tuned.config == pp.PostprocessConfig(min_component_voxels=20, et_min_voxels=3)
     assert tuned.score_after == pytest.approx(1.0)
+    after = [
+        pp.mean_region_dice(pp.apply(p, tuned.config), g) for p, g in zip(preds, gts, strict=True)
+    ]
+    assert np.mean(after) == pytest.approx(1.0)  # `apply` agrees with the tuning's shortcut
     tried = [c["min_component_voxels"] for c, _ in tuned.trials[1:4]]
     assert tried == [5, 20, 30]
 
