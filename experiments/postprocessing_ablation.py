@@ -91,6 +91,7 @@ def plan_rows(labels: dict, gts: dict, tune_ids: list, log=print) -> tuple[list,
         ("tuned post-processing", "none", tuned["none", "full"].config),
     ]
     rows += [(f"TTA {t} + tuned post-processing", t, tuned[t, "full"].config) for t in ttas[1:]]
+    rows += [(f"TTA {t} + largest component", t, rows[1][2]) for t in ttas[1:]]
     rows = [r for r in rows if r[1] in labels]
     best = max(ttas, key=lambda t: tuned[t, "full"].score_after)
     rows.append(("best combination (chosen on tuning cases)", best, tuned[best, "full"].config))
