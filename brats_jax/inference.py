@@ -15,7 +15,18 @@ from brats_jax.data.pipeline import pad_batch
 SliceFn = Callable[[dict, jax.Array], jax.Array]
 
 
-def make_slice_predictor(model, *, image_size: int):
+TTA_MODES = ("none", "flips", "flips_ud")
+# Mirrored copies per mode, as axes of a (B, H, W, C) slice batch to flip: axis 1 is the
+# NIfTI voxel axis 0 (x, left-right, the axis `data.random_flip` flips), axis 2 is y
+# (anterior-posterior, "up-down" in a displayed axial slice).
+_TTA_FLIPS = {
+    "none": ((),),
+    "flips": ((), (1,)),
+    "flips_ud": ((), (1,), (2,), (1, 2)),
+}
+
+
+def make_slice_predictor(model, *, image_size: int, tta: str = "none"):
     """Jitted `f(variables, images (B,H,W,4) float32) -> probabilities (B,H,W,C) float32`.
 
     Slices of any native size H,W are resized to `image_size` (0 = native) before the model,
@@ -23,7 +34,14 @@ def make_slice_predictor(model, *, image_size: int):
     class probabilities are resized back to H,W (bilinear on probabilities), so the
     output is at the input's resolution. `variables` is an argument, not a constant, so
     one compilation serves every checkpoint of the same architecture.
+
+    `tta` (test-time augmentation): "none"; "flips" averages the probabilities of the slices
+    and of their left-right mirror images (mirrored back); "flips_ud" also of the up-down and
+    of the both-ways mirror images (4 model calls per batch). All inside the one function.
     """
+    if tta not in _TTA_FLIPS:
+        raise ValueError(f"tta {tta!r}: expected one of {TTA_MODES}")
+    flips = _TTA_FLIPS[tta]
 
     @jax.jit
     def predict(variables, images: jax.Array) -> jax.Array:
@@ -36,8 +54,11 @@ def make_slice_predictor(model, *, image_size: int):
                 method="linear",
                 antialias=False,
             )
-        logits = model.apply(variables, x, train=False)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        probs = 0.0
+        for axes in flips:  # a mirror image in, its probabilities mirrored back
+            logits = model.apply(variables, _flip(x, axes), train=False)
+            probs += _flip(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axes)
+        probs = probs / len(flips)
         if probs.shape[1:3] != (height, width):
             probs = jax.image.resize(
                 probs,
@@ -48,6 +69,10 @@ def make_slice_predictor(model, *, image_size: int):
         return probs
 
     return predict
+
+
+def _flip(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.flip(x, axes) if axes else x
 
 
 def predict_volume(

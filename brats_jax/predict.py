@@ -1,7 +1,9 @@
-"""Segment one patient: NIfTI case folder in, label NIfTI out.
+"""Segment patients: NIfTI case folders in, label NIfTIs out.
 
     python -m brats_jax.predict --workdir=RUN --input=CASE_DIR --output=SEG.nii.gz
     python -m brats_jax.predict --workdir=RUN --flair=F --t1=F --t1ce=F --t2=F --output=SEG.nii.gz
+    python -m brats_jax.predict --workdir=RUN1,RUN2 --input=FOLDER_OF_CASES --output=DIR \
+        [--tta=flips] [--postprocessing=auto|none|FILE.json]
 
 Uses the run's best checkpoint (by validation Dice; the newest when no validation ran),
 predicts every axial slice, and writes a label volume with the input's shape, affine and
@@ -15,26 +17,45 @@ all pixels, the Kaggle release's way, for Kaggle-trained runs). Slices are
 resized to the run's `data.image_size` for the model and the class probabilities are
 resized back to full size. `--probabilities=FILE.nii.gz` also writes the (H, W, D, 4)
 float32 class probabilities. Outputs are written atomically.
+
+Many cases: `--input` a folder holding case folders (at any depth) or a comma-separated
+list of case folders, with `--output` a folder (a name not ending in .nii/.nii.gz): one
+`<ID>.nii.gz` per case (`--probabilities` is then a folder too), one load and compilation
+for all, a progress bar. Several comma-separated `--workdir`s form an ensemble: their class
+probabilities are averaged (they must share `data.image_size` and input normalization).
+`--tta=flips` (`flips_ud`) averages over left-right (and up-down) mirrored slices.
+Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
+`python -m brats_jax.tune_postprocessing`) is applied when present; `--postprocessing=none`
+turns it off, `--postprocessing=FILE` applies another tuned choice.
 """
 
+import json
 import os
 import pathlib
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
 
-from brats_jax import MODALITIES, cli, runtime
+from brats_jax import MODALITIES, cli, fileio, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run folder (holds config.json, checkpoints/).")
-flags.DEFINE_string("input", None, "Case folder with the four modality NIfTI files.")
+flags.DEFINE_string(
+    "input", None, "Case folder, folder of case folders, or comma-separated case folders."
+)
 for _m in MODALITIES:
     flags.DEFINE_string(_m, None, f"{_m} NIfTI file of any name (instead of --input).")
 flags.DEFINE_enum(
     "naming", None, ["2018", "2023"], "With --flair etc.: output label convention (ET 4 or 3)."
 )
-flags.DEFINE_string("output", None, "Output label NIfTI path (.nii or .nii.gz).")
-flags.DEFINE_string("probabilities", None, "Optional output NIfTI of class probabilities.")
+flags.DEFINE_string("output", None, "Output label NIfTI (.nii[.gz]), or a folder for many cases.")
+flags.DEFINE_string("probabilities", None, "Optional class-probability NIfTI (folder: many).")
+flags.DEFINE_enum("tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.")
+flags.DEFINE_string(
+    "postprocessing", "auto", "auto (the run's postprocessing.json if any), none, or a JSON file."
+)
 flags.DEFINE_integer("step", None, "Checkpoint step to use instead of the best one.")
 flags.DEFINE_integer("batch_size", 0, "Slices per model call (0: the run's eval.batch_size).")
 
@@ -50,44 +71,194 @@ def input_normalization(source: str) -> str:
     return "slice" if source == "kaggle_h5" else "brain"
 
 
-def predict_case(workdir, case, output, *, probabilities=None, step=None, batch_size=0):
-    """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
+class Ensemble(NamedTuple):
+    """Trained runs loaded for prediction; `predictors[i]` serves `variables[i]`."""
 
-    Writes the label NIfTI `output` (and the class probabilities to `probabilities`).
+    workdirs: tuple[str, ...]
+    config: object  # the first run's ConfigDict (image size, data source)
+    predictors: tuple
+    variables: tuple
 
-    Returns the written label array, int16 (H, W, D), in the release's label convention.
+
+def split_list(value: str | os.PathLike | Sequence) -> list[str]:
+    """A comma-separated flag value (or a sequence of paths) as a list of non-empty items."""
+    if isinstance(value, str | os.PathLike):
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
+    """Load one run or several (an ensemble) for prediction.
+
+    Runs of an ensemble must share `data.image_size` and the input normalization (the data
+    source's, `input_normalization`); ValueError names the first run that differs. Runs with
+    the same model config share one compiled predictor (the variables are its argument).
     """
-    import nibabel as nib
+    from brats_jax import inference, train
 
-    from brats_jax import fileio, inference, train
+    workdirs = tuple(split_list(workdirs))
+    if not workdirs:
+        raise ValueError("--workdir: expected a run folder (or several, comma-separated)")
+    predictors, variables, by_model = [], [], {}
+    first = None
+    for w in workdirs:
+        config, model, v = train.load_trained(w, step=step)
+        if first is None:
+            first = config
+        for what, get in (
+            ("data.image_size", lambda c: c.data.image_size),
+            ("input normalization", lambda c: input_normalization(c.data.source)),
+        ):
+            if get(config) != get(first):
+                raise ValueError(
+                    f"--workdir {w}: {what} {get(config)!r} differs from {workdirs[0]}'s "
+                    f"{get(first)!r}; an ensemble's runs must share it"
+                )
+        key = json.dumps(config.model.to_dict(), sort_keys=True)
+        if key not in by_model:
+            by_model[key] = inference.make_slice_predictor(
+                model, image_size=config.data.image_size, tta=tta
+            )
+        predictors.append(by_model[key])
+        variables.append(v)
+    return Ensemble(workdirs, first, tuple(predictors), tuple(variables))
+
+
+def predict_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0) -> np.ndarray:
+    """(H, W, D, C) class probabilities of a (H, W, D, 4) volume, averaged over the runs."""
+    from brats_jax import inference
+
+    batch_size = batch_size or ensemble.config.eval.batch_size
+    total = None
+    for predict, variables in zip(ensemble.predictors, ensemble.variables, strict=True):
+        probs = inference.predict_volume(predict, variables, image, batch_size=batch_size)
+        total = probs if total is None else total + probs
+    return total / len(ensemble.predictors)
+
+
+def resolve_postprocessing(workdirs, option: str = "auto"):
+    """The `PostprocessConfig` predict applies.
+
+    option: "none"; "auto" (the run's `postprocessing.json` when there is one, none
+    otherwise; an ensemble of several runs gets none: give it a file); or a JSON file
+    written by `brats_jax.tune_postprocessing`.
+    """
+    from brats_jax import postprocess
+
+    workdirs = split_list(workdirs)
+    if option == "none":
+        return postprocess.PostprocessConfig()
+    if option == "auto":
+        path = pathlib.Path(workdirs[0]) / postprocess.POSTPROCESSING_FILE
+        if len(workdirs) == 1 and path.is_file():
+            return postprocess.load(path)
+        return postprocess.PostprocessConfig()
+    return postprocess.load(option)
+
+
+def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None):
+    """Predict a case (folder or `brats.Case`) -> (CaseData, labels {0..3} int, probabilities)."""
+    from brats_jax import postprocess
     from brats_jax.data import brats
 
-    for path in (output, probabilities):  # before the model loads and inference runs
-        if path:
-            fileio.check_writable(path)
-    config, model, variables = train.load_trained(workdir, step=step)
-    case = brats.load_case(
-        case, require_label=False, normalization=input_normalization(config.data.source)
+    data = brats.load_case(
+        case, require_label=False, normalization=input_normalization(ensemble.config.data.source)
     )
-    predict = inference.make_slice_predictor(model, image_size=config.data.image_size)
-    probs = inference.predict_volume(
-        predict, variables, case.image, batch_size=batch_size or config.eval.batch_size
-    )
-    labels = brats.to_release_labels(np.argmax(probs, axis=-1), case.naming).astype(np.int16)
-    header = case.header.copy()
+    probs = predict_probabilities(ensemble, data.image, batch_size=batch_size)
+    labels = np.argmax(probs, axis=-1)
+    if postprocessing is not None:
+        labels = postprocess.apply(labels, postprocessing)
+    return data, labels, probs
+
+
+def _write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
+    """Write the labels in the case's release convention (and the probabilities)."""
+    import nibabel as nib
+
+    from brats_jax import fileio
+    from brats_jax.data import brats
+
+    labels = brats.to_release_labels(labels, data.naming).astype(np.int16)
+    header = data.header.copy()
     header.set_data_dtype(np.int16)
     header.set_slope_inter(1, 0)
-    _save_nifti(nib.Nifti1Image(labels, case.affine, header), output, fileio)
+    _save_nifti(nib.Nifti1Image(labels, data.affine, header), output, fileio)
     if probabilities:
-        prob_header = case.header.copy()
+        prob_header = data.header.copy()
         prob_header.set_data_dtype(np.float32)
         prob_header.set_slope_inter(1, 0)
         _save_nifti(
-            nib.Nifti1Image(probs.astype(np.float32), case.affine, prob_header),
+            nib.Nifti1Image(probs.astype(np.float32), data.affine, prob_header),
             probabilities,
             fileio,
         )
     return labels
+
+
+def predict_case(
+    workdir,
+    case,
+    output,
+    *,
+    probabilities=None,
+    step=None,
+    batch_size=0,
+    tta="none",
+    postprocessing="auto",
+):
+    """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
+
+    `workdir` may name several runs (comma-separated or a list): their probabilities are
+    averaged. `tta`: see `inference.make_slice_predictor`; `postprocessing`: see
+    `resolve_postprocessing`. Writes the label NIfTI `output` (and the class probabilities,
+    before post-processing, to `probabilities`).
+
+    Returns the written label array, int16 (H, W, D), in the release's label convention.
+    """
+    for path in (output, probabilities):  # before the model loads and inference runs
+        if path:
+            fileio.check_writable(path)
+    ensemble = load_ensemble(workdir, step=step, tta=tta)
+    pp = resolve_postprocessing(workdir, postprocessing)
+    data, labels, probs = segment(ensemble, case, batch_size=batch_size, postprocessing=pp)
+    return _write_case(data, labels, probs, output, probabilities)
+
+
+def predict_cases(
+    workdir,
+    cases,
+    output_dir,
+    *,
+    probabilities_dir=None,
+    step=None,
+    batch_size=0,
+    tta="none",
+    postprocessing="auto",
+) -> list[pathlib.Path]:
+    """Predict many cases into `output_dir/<case ID>.nii.gz`, loading and compiling once.
+
+    Arguments as `predict_case`; `cases` are case folders or `brats.Case`s; the
+    probabilities go to `probabilities_dir/<case ID>.nii.gz` when given. Shows a progress
+    bar. Returns the written label files.
+    """
+    from tqdm import tqdm
+
+    ids = [c.case_id if hasattr(c, "case_id") else pathlib.Path(c).name for c in cases]
+    if dup := sorted({i for i in ids if ids.count(i) > 1}):
+        raise ValueError(f"--input: case ID(s) {dup[:5]} given twice; outputs would collide")
+    for folder in (output_dir, probabilities_dir):  # before the model loads
+        if folder and ids:
+            fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
+    ensemble = load_ensemble(workdir, step=step, tta=tta)
+    pp = resolve_postprocessing(workdir, postprocessing)
+    written = []
+    for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):
+        data, labels, probs = segment(ensemble, case, batch_size=batch_size, postprocessing=pp)
+        out = pathlib.Path(output_dir) / f"{cid}.nii.gz"
+        prob_out = pathlib.Path(probabilities_dir) / f"{cid}.nii.gz" if probabilities_dir else None
+        _write_case(data, labels, probs, out, prob_out)
+        written.append(out)
+    return written
 
 
 def _save_nifti(img, path, fileio) -> None:
@@ -95,6 +266,35 @@ def _save_nifti(img, path, fileio) -> None:
 
     with fileio.atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+
+
+def _is_nifti_name(path: str) -> bool:
+    return path.endswith((".nii", ".nii.gz"))
+
+
+def _cases_from_input(value: str) -> list:
+    """The `brats.Case`s of `--input`: case folders, found at any depth under each item."""
+    from brats_jax.data import brats
+
+    items = split_list(value)
+    for item in items:
+        if not pathlib.Path(item).is_dir():
+            raise FileNotFoundError(f"--input {item}: not a folder of NIfTI files or case folders")
+    return [case for item in items for case in brats.find_cases(item)]
+
+
+def _single_case(files: dict):
+    """The one case of `--input` (a case folder) or of the modality files."""
+    from brats_jax.data import brats
+
+    if FLAGS.input:
+        if not pathlib.Path(FLAGS.input).is_dir():
+            raise FileNotFoundError(f"--input {FLAGS.input}: not a folder of NIfTI files")
+        return FLAGS.input
+    missing = [f"--{m}" for m in MODALITIES if m not in files]
+    if missing:
+        raise app.UsageError(f"missing {', '.join(missing)}: all four modalities are needed")
+    return brats.case_from_files(files, naming=FLAGS.naming or "2018")
 
 
 def main(argv) -> None:
@@ -105,29 +305,36 @@ def main(argv) -> None:
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
     files = {m: getattr(FLAGS, m) for m in MODALITIES if getattr(FLAGS, m)}
-    if FLAGS.input:
-        if files or FLAGS.naming:
-            given = ", ".join(f"--{m}" for m in [*files, *(["naming"] if FLAGS.naming else [])])
-            raise app.UsageError(f"give either --input or the modality files, not both ({given})")
-        if not pathlib.Path(FLAGS.input).is_dir():
-            raise FileNotFoundError(f"--input {FLAGS.input}: not a folder of NIfTI files")
-        case = FLAGS.input
-    elif files:
-        from brats_jax.data import brats
-
-        missing = [f"--{m}" for m in MODALITIES if m not in files]
-        if missing:
-            raise app.UsageError(f"missing {', '.join(missing)}: all four modalities are needed")
-        case = brats.case_from_files(files, naming=FLAGS.naming or "2018")
-    else:
+    if FLAGS.input and (files or FLAGS.naming):
+        given = ", ".join(f"--{m}" for m in [*files, *(["naming"] if FLAGS.naming else [])])
+        raise app.UsageError(f"give either --input or the modality files, not both ({given})")
+    if not FLAGS.input and not files:
         raise app.UsageError("give --input (a case folder) or --flair, --t1, --t1ce and --t2")
-    labels = predict_case(
-        FLAGS.workdir,
-        case,
-        FLAGS.output,
-        probabilities=FLAGS.probabilities,
+    options = dict(
         step=FLAGS.step,
         batch_size=FLAGS.batch_size,
+        tta=FLAGS.tta,
+        postprocessing=FLAGS.postprocessing,
+    )
+    if not _is_nifti_name(FLAGS.output):
+        if not FLAGS.input:
+            raise app.UsageError(f"--output {FLAGS.output}: give a .nii or .nii.gz file name")
+        if FLAGS.probabilities and _is_nifti_name(FLAGS.probabilities):
+            raise app.UsageError("--probabilities: give a folder when --output is a folder")
+        cases = _cases_from_input(FLAGS.input)
+        written = predict_cases(
+            FLAGS.workdir, cases, FLAGS.output, probabilities_dir=FLAGS.probabilities, **options
+        )
+        print(f"wrote {len(written)} segmentation(s) to {FLAGS.output}")
+        return
+    if FLAGS.input and "," in FLAGS.input:
+        raise app.UsageError(f"--output {FLAGS.output} is one file; give a folder for many cases")
+    labels = predict_case(
+        FLAGS.workdir,
+        _single_case(files),
+        FLAGS.output,
+        probabilities=FLAGS.probabilities,
+        **options,
     )
     values, counts = np.unique(labels, return_counts=True)
     print(

@@ -29,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_cases = ""  # comma-separated case IDs; a split given by IDs ignores its fraction
     d.test_cases = ""
     d.split_seed = 0
+    d.num_folds = 0  # > 1: cross-validation over the non-test cases (data/folds.py); 0 = off
+    d.fold = 0  # this run's validation fold, 0..num_folds-1
     d.random_flip = False
     d.num_workers = 0  # grain worker processes; 0 = read in the main process
     d.synthetic_num_cases = 24
@@ -76,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.max_val_batches = 0  # 0 = whole validation split
     e.hd95_mode = "max"  # max (MONAI: max of directed 95th percentiles) | pooled (medpy)
     e.num_figure_slices = 6
+    e.tta = "none"  # test-time flips of the test pass: none | flips | flips_ud (inference.py)
     return c
 
 

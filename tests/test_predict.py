@@ -1,0 +1,233 @@
+"""predict: many cases in one call, ensembles, test-time flips and tuned post-processing.
+
+The trained run is replaced by a stand-in (`train.load_trained` patched): a pointwise
+model whose logits are its input times `variables["scale"]`, so the tests need no
+training and their expected values follow from the input.
+"""
+
+import json
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_jax import inference, postprocess, predict, train
+
+AFFINE = np.eye(4)
+
+
+class _ScaleModel:
+    def apply(self, variables, x, train):
+        return x * variables["scale"]
+
+
+def _config(image_size=16, source="nifti", base_features=8):
+    return ml_collections.ConfigDict(
+        {
+            "data": {"image_size": image_size, "source": source},
+            "eval": {"batch_size": 4},
+            "model": {"name": "unet", "base_features": base_features},
+        }
+    )
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """Run folders -> (config, scale); `load_trained` serves them; predictors are recorded."""
+    table = {}
+    made = []
+
+    def load_trained(workdir, step=None):
+        config, scale = table[str(workdir)]
+        return config, _ScaleModel(), {"scale": np.float32(scale)}
+
+    real = inference.make_slice_predictor
+
+    def make_slice_predictor(model, **kw):
+        made.append(real(model, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(train, "load_trained", load_trained)
+    monkeypatch.setattr(inference, "make_slice_predictor", make_slice_predictor)
+
+    def add(name, scale=1.0, **config):
+        path = tmp_path / name
+        path.mkdir()
+        table[str(path)] = (_config(**config), scale)
+        return str(path)
+
+    return add, made
+
+
+def _write_case(root, case_id, seed, naming="2018", shape=(12, 10, 6)):
+    folder = root / case_id
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    suffix = {"2018": ("_flair", "_t1", "_t1ce", "_t2"), "2023": ("-t2f", "-t1n", "-t1c", "-t2w")}
+    for s in suffix[naming]:
+        vol = rng.normal(100, 20, shape).astype(np.float32)
+        vol[:2] = 0
+        nib.save(nib.Nifti1Image(vol, AFFINE), str(folder / f"{case_id}{s}.nii.gz"))
+    return folder
+
+
+def _read(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_many_cases_one_output_each_compiled_once(runs, tmp_path):
+    add, made = runs
+    run = add("run")
+    data = tmp_path / "data"
+    folders = [
+        _write_case(data / "HGG", "Brats18_A_1", 0),
+        _write_case(data / "HGG", "Brats18_B_1", 1),
+        _write_case(data, "BraTS-GLI-00001-000", 2, naming="2023", shape=(12, 10, 9)),
+    ]
+    out = tmp_path / "out"
+    written = predict.predict_cases(run, [str(f) for f in folders], out)
+    assert [p.name for p in written] == [f"{f.name}.nii.gz" for f in folders]
+    assert len(made) == 1 and made[0]._cache_size() == 1  # depths 6 and 9: one compilation
+    for folder, path in zip(folders, written, strict=True):
+        alone = predict.predict_case(run, folder, tmp_path / "alone.nii.gz")
+        np.testing.assert_array_equal(_read(path), alone)
+    assert set(np.unique(_read(written[2]))) <= {0, 1, 2, 3}  # the 2023 case keeps ET = 3
+
+
+def test_cli_folder_of_cases_and_a_comma_separated_list(runs, tmp_path):
+    add, _ = runs
+    run = add("run")
+    data = tmp_path / "data"
+    a = _write_case(data / "HGG", "Brats18_A_1", 0)
+    b = _write_case(data / "LGG", "Brats18_B_1", 1)
+    for given, out in ((str(data), tmp_path / "o1"), (f"{a},{b}", tmp_path / "o2")):
+        predict.FLAGS.unparse_flags()
+        predict.FLAGS(["predict", f"--workdir={run}", f"--input={given}", f"--output={out}"])
+        try:
+            predict.main(["predict"])
+        finally:
+            predict.FLAGS.unparse_flags()
+        assert sorted(p.name for p in out.iterdir()) == ["Brats18_A_1.nii.gz", "Brats18_B_1.nii.gz"]
+    np.testing.assert_array_equal(
+        _read(tmp_path / "o1" / "Brats18_A_1.nii.gz"), _read(tmp_path / "o2" / "Brats18_A_1.nii.gz")
+    )
+
+
+def test_ensemble_averages_probabilities_and_shares_the_compiled_function(runs, tmp_path):
+    add, made = runs
+    r1, r2 = add("r1", scale=1.0), add("r2", scale=3.0)
+    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    p1, p2, pe = (tmp_path / f"{n}.nii.gz" for n in ("p1", "p2", "pe"))
+    predict.predict_case(r1, case, tmp_path / "s1.nii.gz", probabilities=p1)
+    predict.predict_case(r2, case, tmp_path / "s2.nii.gz", probabilities=p2)
+    made.clear()
+    labels = predict.predict_case(f"{r1},{r2}", case, tmp_path / "e.nii.gz", probabilities=pe)
+    assert len(made) == 1  # same model config: one predictor serves both runs' variables
+    mean = (_read(p1) + _read(p2)) / 2
+    np.testing.assert_allclose(_read(pe), mean, atol=1e-6)
+    expected = np.argmax(mean, -1)
+    expected[expected == 3] = 4
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_ensemble_runs_must_share_image_size_and_normalization(runs, tmp_path):
+    add, _ = runs
+    r1, r2, r3 = add("r1"), add("r2", image_size=32), add("r3", source="kaggle_h5")
+    with pytest.raises(ValueError, match=r"r2: data.image_size 32 differs from .*r1's 16"):
+        predict.load_ensemble(f"{r1},{r2}")
+    with pytest.raises(ValueError, match="r3: input normalization 'slice' differs"):
+        predict.load_ensemble([r1, r3])
+
+
+def test_tta_flag_reaches_the_predictor(runs, tmp_path):
+    add, made = runs
+    run = add("run")
+    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    plain = predict.predict_case(
+        run, case, tmp_path / "a.nii.gz", probabilities=tmp_path / "pa.nii.gz"
+    )
+    tta = predict.predict_case(
+        run, case, tmp_path / "b.nii.gz", probabilities=tmp_path / "pb.nii.gz", tta="flips_ud"
+    )
+    # the pointwise stand-in commutes with mirroring: same result, through 4 model calls
+    np.testing.assert_array_equal(plain, tta)
+    np.testing.assert_allclose(
+        _read(tmp_path / "pa.nii.gz"), _read(tmp_path / "pb.nii.gz"), atol=1e-6
+    )
+
+
+def _island_probabilities(shape=(12, 10, 6)):
+    """Probabilities whose argmax is a 3x3x3 ED tumour and a 1-voxel NCR island."""
+    labels = np.zeros(shape, np.int64)
+    labels[3:6, 3:6, 1:4] = 2
+    labels[10, 8, 5] = 1
+    return labels, (np.eye(4, dtype=np.float32)[labels] * 0.6 + 0.1)
+
+
+def test_postprocessing_json_in_the_run_is_applied_unless_disabled(runs, tmp_path, monkeypatch):
+    add, _ = runs
+    run, other = add("run"), add("other")
+    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    labels, probs = _island_probabilities()
+    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    island_free = labels.copy()
+    island_free[10, 8, 5] = 0
+    out = tmp_path / "seg.nii.gz"
+    # no postprocessing.json yet: nothing changes
+    np.testing.assert_array_equal(predict.predict_case(run, case, out), labels)
+    cfg = postprocess.PostprocessConfig(min_component_voxels=2)
+    postprocess.save(f"{run}/{postprocess.POSTPROCESSING_FILE}", cfg)
+    np.testing.assert_array_equal(predict.predict_case(run, case, out), island_free)
+    np.testing.assert_array_equal(_read(out), island_free)
+    np.testing.assert_array_equal(
+        predict.predict_case(run, case, out, postprocessing="none"), labels
+    )
+    # an ensemble does not take one member's choice unless given the file
+    np.testing.assert_array_equal(predict.predict_case(f"{run},{other}", case, out), labels)
+    given = predict.predict_case(
+        f"{run},{other}", case, out, postprocessing=f"{run}/{postprocess.POSTPROCESSING_FILE}"
+    )
+    np.testing.assert_array_equal(given, island_free)
+
+
+def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
+    runs, tmp_path, monkeypatch, capsys
+):
+    from brats_jax import tune_postprocessing as tune
+
+    add, _ = runs
+    run = add("run")
+    labels, probs = _island_probabilities()
+    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    data = tmp_path / "data"
+    for cid in ("Brats18_A_1", "Brats18_B_1"):
+        folder = _write_case(data, cid, 0)
+        gt = labels.copy()
+        gt[10, 8, 5] = 0  # the island is a false positive
+        nib.save(nib.Nifti1Image(gt.astype(np.int16), AFFINE), str(folder / f"{cid}_seg.nii.gz"))
+    tune.FLAGS.unparse_flags()
+    tune.FLAGS(
+        ["tune", f"--workdir={run}", f"--cases=Brats18_A_1,{data / 'Brats18_B_1'}",
+         f"--data_root={data}", "--min_component_voxels=2,100", "--et_min_voxels=5"]
+    )  # fmt: skip
+    try:
+        tune.main(["tune"])
+    finally:
+        tune.FLAGS.unparse_flags()
+    stored = json.loads((tmp_path / "run" / postprocess.POSTPROCESSING_FILE).read_text())
+    # 2 voxels removes the 1-voxel island (100 would remove the 27-voxel tumour too; keeping
+    # the largest ties and comes later); no ET anywhere: the ET step ties "off" and is kept
+    assert stored["postprocessing"] == {
+        "min_component_voxels": 2,
+        "largest_component_only": False,
+        "connectivity": 26,
+        "et_min_voxels": 5,
+    }
+    assert stored["tuning"]["cases"] == ["Brats18_A_1", "Brats18_B_1"]
+    assert stored["tuning"]["score_after"] == pytest.approx(1.0)
+    # with the NCR island: WT Dice 2*27/(27+28), TC 0 (GT has none), ET absent from both: 1
+    assert stored["tuning"]["score_before"] == pytest.approx((54 / 55 + 0 + 1) / 3)
+    assert "wrote" in capsys.readouterr().out
+    out = predict.predict_case(run, data / "Brats18_A_1", tmp_path / "seg.nii.gz")
+    assert out[10, 8, 5] == 0 and (out > 0).sum() == 27
