@@ -55,7 +55,10 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
         tested = [group.tested_state(i, step) for i in range(len(group.runs))]
     finally:
         group.close()
-    predict = inference.make_slice_predictor(group.model, image_size=group.config.data.image_size)
+    cfg = group.config
+    predict = inference.make_slice_predictor(
+        group.model, image_size=cfg.data.image_size, tta=cfg.eval.get("tta", "none")
+    )
     results = []
     for run, (s, tested_step, selected_by) in zip(group.runs, tested, strict=True):
         variables = {"params": s.params, **s.model_state}

@@ -122,6 +122,22 @@ def test_split_by_ids():
         build_splits(_cases_src(2), cfg(val_cases="c0", test_cases="c1"))
 
 
+def test_split_folds_cross_validate_the_non_test_cases():
+    src = _cases_src(8)
+    vals = []
+    for fold in range(3):
+        s = build_splits(src, cfg(test_cases="c7", num_folds=3, fold=fold, val_fraction=0.5))
+        assert s.cases["test"] == ["c7"]  # the test case stays out of every fold
+        assert sorted(s.cases["train"] + s.cases["val"]) == [f"c{k}" for k in range(7)]
+        vals.append(s.cases["val"])
+        got = set(src.table.case_id[s.val].tolist())
+        assert got == set(s.cases["val"])
+    assert sorted(c for v in vals for c in v) == [f"c{k}" for k in range(7)]  # each once
+    assert sorted(len(v) for v in vals) == [2, 2, 3]  # val_fraction is ignored
+    with pytest.raises(DataError, match="num_folds picks the validation cases"):
+        build_splits(src, cfg(val_cases="c1", num_folds=3, fold=0))
+
+
 def test_case_indices_sorted():
     src = FakeSource([[16, 0, 0, 0]] * 3, [1.0] * 3, ["b", "a", "b"])
     src.table.slice_index[:] = [7, 0, 3]

@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 
 from brats_jax.data.common import DataError, resize_image, resize_label
+from brats_jax.data.folds import fold_cases
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,11 +149,39 @@ def _n_for(frac: float, n_cases: int, field: str) -> int:
     return n
 
 
+def _split_case_ids(cases: list, data_config) -> tuple[list, list, list]:
+    """`(train, val, test)` case IDs (see `build_splits`); with `data.num_folds` > 0 the
+    validation cases are fold `data.fold` of the non-test cases (`folds.fold_cases`)."""
+    n = len(cases)
+    num_folds = int(data_config.get("num_folds", 0))
+    val_ids = _parse_ids(data_config.val_cases, "val_cases", cases)
+    test_ids = _parse_ids(data_config.test_cases, "test_cases", cases)
+    if num_folds and val_ids:
+        raise DataError("data.num_folds picks the validation cases; leave data.val_cases empty")
+    both = sorted(set(val_ids) & set(test_ids))
+    if both:
+        raise DataError(f"case id(s) {both[:5]} are in both data.val_cases and data.test_cases")
+    pool = [c for c in cases if c not in set(val_ids) | set(test_ids)]
+    rng = np.random.default_rng(int(data_config.split_seed))
+    pool = [pool[i] for i in rng.permutation(len(pool))]
+    if not val_ids and not num_folds:
+        k = _n_for(float(data_config.val_fraction), n, "val_fraction")
+        val_ids, pool = sorted(pool[:k]), pool[k:]
+    if not test_ids:
+        k = _n_for(float(data_config.test_fraction), n, "test_fraction")
+        test_ids, pool = sorted(pool[:k]), pool[k:]
+    if num_folds:
+        train, val = fold_cases(pool, num_folds, int(data_config.fold), int(data_config.split_seed))
+        return train, val, test_ids
+    return sorted(pool), val_ids, test_ids
+
+
 def build_splits(source, data_config) -> Splits:
     """Patient-level train/val/test split + pruning (see `prune_keep`).
 
     A split given by ids (data.val_cases / data.test_cases, comma-separated) ignores its
-    fraction; the other is drawn with data.split_seed from the remaining cases with
+    fraction; with data.num_folds = N > 0 the validation cases are fold data.fold of N over the
+    non-test cases (patient-level, seeded by data.split_seed; `data.folds.fold_cases`); the other is drawn with data.split_seed from the remaining cases with
     round(fraction * number of all cases) cases (at least one when the fraction is > 0 and there
     are >= 3 cases); the rest train. Pruning (data.prune, data.min_brain_fraction) applies to all
     splits; slice counts before and after are logged per split. Raises DataError on unknown
@@ -161,21 +190,7 @@ def build_splits(source, data_config) -> Splits:
     t = source.table
     cases = sorted(set(t.case_id.tolist()))
     n = len(cases)
-    val_ids = _parse_ids(data_config.val_cases, "val_cases", cases)
-    test_ids = _parse_ids(data_config.test_cases, "test_cases", cases)
-    both = sorted(set(val_ids) & set(test_ids))
-    if both:
-        raise DataError(f"case id(s) {both[:5]} are in both data.val_cases and data.test_cases")
-    pool = [c for c in cases if c not in set(val_ids) | set(test_ids)]
-    rng = np.random.default_rng(int(data_config.split_seed))
-    pool = [pool[i] for i in rng.permutation(len(pool))]
-    if not val_ids:
-        k = _n_for(float(data_config.val_fraction), n, "val_fraction")
-        val_ids, pool = sorted(pool[:k]), pool[k:]
-    if not test_ids:
-        k = _n_for(float(data_config.test_fraction), n, "test_fraction")
-        test_ids, pool = sorted(pool[:k]), pool[k:]
-    train_ids = sorted(pool)
+    train_ids, val_ids, test_ids = _split_case_ids(cases, data_config)
     split_cases = {"train": train_ids, "val": val_ids, "test": test_ids}
     seen: dict = {}
     for name, ids in split_cases.items():
