@@ -1,6 +1,6 @@
 """K batch-1 runs in one program vs K single-run steps, per mapping (issue 20).
 
-The library's own train step (``brats_jax.train.make_train_step``: the study's losses, Adam
+The library's own train step (``brats_jax.steps.make_train_step``: the study's losses, Adam
 with a per-run learning rate) for K runs with different learning rates, losses and seeds:
 
 * ``single``: one run's step (the baseline: K single steps take K times its median);
@@ -48,11 +48,12 @@ def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dty
     import jax
     import jax.numpy as jnp
 
-    from brats_jax import bench, losses, train
+    from brats_jax import bench, losses, train_state
+    from brats_jax import steps as train_steps
     from configs import default as default_config
 
     cfg = default_config.base_config().train
-    tx = train.create_optimizer(cfg, 1000)
+    tx = train_state.create_optimizer(cfg, 1000)
     names = ["ce", "focal", "dice_ce", "dice"]
     lps = [losses.loss_params(names[k % len(names)]) for k in range(runs)]
     image, label = bench.random_batch(batch_size, image_size)
@@ -61,16 +62,18 @@ def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dty
     out, single_s = [], None
     for mapping in mappings:
         net = build(model, "gemm" if mapping == "gemm" else "auto", dtype, smoke, unet_kw)
-        init = jax.jit(lambda seed, net=net: train.init_state(net, tx, seed, image_size=image_size))
-        step = train.make_train_step(net, tx)
+        init = jax.jit(
+            lambda seed, net=net: train_state.init_state(net, tx, seed, image_size=image_size)
+        )
+        step = train_steps.make_train_step(net, tx)
         if mapping == "single":
             t = bench.time_steps(step, init(0), (batch, lps[0]), steps)
         else:
             state = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(k) for k in range(runs)])
             state = state.replace(
-                opt_state=train.set_learning_rate(state.opt_state, jnp.logspace(-5, -3, runs))
+                opt_state=train_state.set_learning_rate(state.opt_state, jnp.logspace(-5, -3, runs))
             )
-            fn = train.map_over_runs(step, "map" if mapping == "map" else "vmap")
+            fn = train_steps.map_over_runs(step, "map" if mapping == "map" else "vmap")
             t = bench.time_steps(fn, state, (kbatch, losses.stack_loss_params(lps)), steps)
         k = 1 if mapping == "single" else runs
         single_s = t.median_s if mapping == "single" else single_s

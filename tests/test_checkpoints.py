@@ -180,14 +180,14 @@ def _tiny_template(workdir):
 
     import ml_collections
 
-    from brats_jax import train
+    from brats_jax import train_state
 
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    model = train.create_model(config.model)
-    tx = train.create_optimizer(config.train, config.train.num_steps)
+    model = train_state.create_model(config)
+    tx = train_state.create_optimizer(config.train, config.train.num_steps)
     return jax.eval_shape(
         functools.partial(
-            train.init_state, model, tx, 0, image_size=config.data.synthetic_image_size
+            train_state.init_state, model, tx, 0, image_size=config.data.synthetic_image_size
         )
     )
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from brats_jax import losses as L
-from brats_jax import train
+from brats_jax import train, train_state
 
 # One (1, 4, 5) slice: 12 background, 5 NCR, 2 ED, 1 ET pixels.
 LABELS = jnp.asarray(
@@ -147,29 +147,29 @@ def test_split_pixels_is_all_ones_at_brats_sized_counts():
     # 1000 slices of 240x240: ~57,000 background, ~1,000 ED, ~400 NCR, ~200 ET pixels each
     per_slice = np.tile([56_000, 400, 1_000, 200], (1000, 1))
     for beta in (0.5, 0.75, 0.99, 0.9999):
-        p = train.create_loss_params(_train_config(mode="split_pixels", beta=beta), per_slice)
+        p = train_state.create_loss_params(_train_config(mode="split_pixels", beta=beta), per_slice)
         np.testing.assert_array_equal(np.asarray(p.class_weights), np.ones(4, np.float32))
         assert float(p.batch_counts) == 0.0
     # slices: 1000 slices per class -> 1 - 0.99**1000 = 1 - 4.3e-5: weights within 1e-4 of 1
-    p = train.create_loss_params(_train_config(mode="split_slices"), per_slice)
+    p = train_state.create_loss_params(_train_config(mode="split_slices"), per_slice)
     np.testing.assert_allclose(np.asarray(p.class_weights), np.ones(4), atol=1e-4)
     # per-batch counts are selected by the mode and carry beta
-    p = train.create_loss_params(_train_config(mode="batch_pixels", beta=0.75), per_slice)
+    p = train_state.create_loss_params(_train_config(mode="batch_pixels", beta=0.75), per_slice)
     assert float(p.batch_counts) == 1.0 and float(p.beta) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="train.class_counts 'slices'"):
-        train.create_loss_params(_train_config(mode="slices"), per_slice)
+        train_state.create_loss_params(_train_config(mode="slices"), per_slice)
 
 
 def test_split_slices_counts_slices_holding_each_class():
     per_slice = np.array([[10, 0, 0, 0], [5, 3, 0, 0], [5, 0, 2, 1], [4, 1, 1, 0]])
-    p = train.create_loss_params(_train_config(mode="split_slices", beta=0.5), per_slice)
+    p = train_state.create_loss_params(_train_config(mode="split_slices", beta=0.5), per_slice)
     raw = [0.5 / (1 - 0.5**n) for n in (4, 2, 2, 1)]
     np.testing.assert_allclose(np.asarray(p.class_weights), _renormalised(raw), rtol=1e-6)
 
 
 def test_unweighted_losses_have_all_one_effective_weights():
     for name in ("ce", "focal", "dice", "dice_ce"):
-        p = train.create_loss_params(_train_config(loss=name), np.ones((2, 4)))
+        p = train_state.create_loss_params(_train_config(loss=name), np.ones((2, 4)))
         np.testing.assert_array_equal(L.effective_class_weights(LABELS, p), np.ones(4))
 
 
