@@ -180,10 +180,11 @@ def build_splits(source, data_config) -> Splits:
     """Patient-level train/val/test split + pruning (see `prune_keep`).
 
     A split given by ids (data.val_cases / data.test_cases, comma-separated) ignores its
-    fraction; with data.num_folds = N > 0 the validation cases are fold data.fold of N over the
-    non-test cases (patient-level, seeded by data.split_seed; `data.folds.fold_cases`); the other is drawn with data.split_seed from the remaining cases with
+    fraction; the other is drawn with data.split_seed from the remaining cases with
     round(fraction * number of all cases) cases (at least one when the fraction is > 0 and there
-    are >= 3 cases); the rest train. Pruning (data.prune, data.min_brain_fraction) applies to all
+    are >= 3 cases); the rest train. With data.num_folds = N > 0 the validation cases are
+    fold data.fold of N over the non-test cases instead (seeded by data.split_seed;
+    `data.folds.fold_cases`). Pruning (data.prune, data.min_brain_fraction) applies to all
     splits; slice counts before and after are logged per split. Raises DataError on unknown
     ids, overlapping id lists, or an empty train split.
     """
