@@ -19,6 +19,7 @@ sharing a shape can later be grouped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -38,6 +39,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from brats_jax import cli, config_utils, fileio, runtime
+from brats_jax.workdir_lock import WorkdirBusy, WorkdirLock
 from experiments import sweeps
 
 RESULTS = "results.json"
@@ -332,7 +334,22 @@ def _triage(spec: PlannedRun, tag: str) -> RunOutcome | None:
 
 
 def _train_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[RunOutcome]:
-    """Train the runs of `unit` together (one alone with `train_fn`); their outcomes."""
+    """Train the runs of `unit` together (one alone with `train_fn`); their outcomes. A run
+    folder that another process holds (`WorkdirLock`) skips the unit, touching no file."""
+    out = unit[0].workdir.parent
+    with contextlib.ExitStack() as locks:
+        try:
+            for spec in unit:
+                locks.enter_context(WorkdirLock(spec.workdir))
+        except WorkdirBusy as e:
+            msg = str(e).splitlines()[0]
+            for spec in unit:
+                _log(out, f"{tags[id(spec)]}: skipped, in use: {msg}")
+            return [RunOutcome(spec.name, "skipped", message=msg) for spec in unit]
+        return _train_locked_unit(unit, tags, train_fn, train_group_fn, mapping)
+
+
+def _train_locked_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[RunOutcome]:
     out = unit[0].workdir.parent
     for spec in unit:
         resume = (spec.workdir / "checkpoints").exists()

@@ -38,3 +38,32 @@ def test_paper_scale_on_the_cpu_is_refused_before_any_run(tmp_path, capsys):
 def test_allow_cpu_lets_the_backend_check_pass(capsys):
     assert run.check_paper_backend(allow_cpu=True) == "cpu"
     assert "sweep backend: cpu (1 device)" in capsys.readouterr().out
+
+
+def test_sweep_skips_a_run_folder_another_process_holds(tmp_path):
+    """Issue 18: two sweeps on one --out never train one run twice or write into it."""
+    import subprocess
+    import sys
+
+    from configs import unet
+
+    workdir = tmp_path / "out" / "unet-ce-lr1e-4"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from brats_jax.workdir_lock import WorkdirLock; "
+         "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+         str(workdir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        trained = []
+        spec = run.PlannedRun("unet-ce-lr1e-4", unet.get_config("tiny"), workdir)
+        outcomes = run.execute([spec], train_fn=lambda c, w: trained.append(w))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [o.status for o in outcomes] == ["skipped"]
+    assert f"pid {holder.pid}" in outcomes[0].message
+    assert trained == []
+    assert not (workdir / run.ERROR).exists() and not (workdir / run.RUN_INFO).exists()
