@@ -36,7 +36,8 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime), after "pid (comm)"
 
 
-def _is_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,7 +52,7 @@ def _holder_is_gone(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
     pid = holder["pid"]
-    if not _is_alive(pid):
+    if not process_alive(pid):
         return True
     start = _start_time(pid)  # a reused pid: same number, another start time
     return holder.get("start") is not None and start is not None and start != holder["start"]

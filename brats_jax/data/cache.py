@@ -38,6 +38,7 @@ from absl import logging
 
 from brats_jax.data.brats import Case, find_cases, load_case
 from brats_jax.data.common import DataError, SliceTable
+from brats_jax.workdir_lock import process_alive
 
 FORMAT = "brats_jax.slice_cache"
 VERSION = 1
@@ -64,22 +65,12 @@ def _temp_suffix(pid: int | None = None) -> str:
     return f"-{_host()}-{os.getpid() if pid is None else pid}"
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _remove_dead_temporaries(cases_dir: pathlib.Path) -> None:
     """Removes `.<ID>.tmp-<host>-<pid>` folders left by dead processes of this host."""
     for tmp in cases_dir.glob(".*.tmp-*"):
         owner_host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
         # "" is the host-less `.tmp-<pid>` naming of earlier versions
-        if owner_host in (_host(), "") and pid.isdigit() and not _is_alive(int(pid)):
+        if owner_host in (_host(), "") and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -99,11 +90,11 @@ def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):  # no libc prctl: the thread below suffices
             pass
-    if os.getppid() != ppid or not _is_alive(parent_pid):  # died before prctl took effect
+    if os.getppid() != ppid or not process_alive(parent_pid):  # died before prctl took effect
         os._exit(1)
 
     def watch() -> None:
-        while os.getppid() == ppid and _is_alive(parent_pid):
+        while os.getppid() == ppid and process_alive(parent_pid):
             time.sleep(poll_s)
         os._exit(1)
 
