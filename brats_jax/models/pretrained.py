@@ -167,6 +167,130 @@ def adapt_root_kernel(kernel: np.ndarray, in_channels: int, method: str = "mean"
     raise ValueError(f"root_conv={method!r}; expected one of {ROOT_METHODS}")
 
 
+def _flat_params(params) -> tuple[dict, bool, dict]:
+    """Per-block, flattened view of TransUNet ``params`` (or a ``variables`` dict).
+
+    Returns ``(tree, wrapped, flat)``: the per-block tree (a fresh dict), whether it wraps a
+    ``'params'`` entry, and ``'a/b/c'`` path -> array of the parameters. Raises ValueError when
+    the parameters lack ``conv_root/kernel`` or the position embedding.
+    """
+    tree = per_block_params(unfreeze(params) if isinstance(params, FrozenDict) else dict(params))
+    wrapped = "params" in tree and "conv_root" not in tree
+    flat = traverse_util.flatten_dict(tree["params"] if wrapped else tree, sep="/")
+    if "conv_root/kernel" not in flat or POS_KEY not in flat:
+        raise ValueError(
+            "load_pretrained: params do not look like TransUNet parameters "
+            "(no conv_root/kernel or position embedding)"
+        )
+    return tree, wrapped, flat
+
+
+def _drop_reason(key: str) -> str | None:
+    """Why checkpoint ``key`` is intentionally not used (see ``DROPPED_PREFIXES``), else None."""
+    return next(
+        (
+            r
+            for p, r in DROPPED_PREFIXES.items()
+            if key == p or (p.endswith("/") and key.startswith(p))
+        ),
+        None,
+    )
+
+
+def _place_pos_embed(value: np.ndarray, target, grid: tuple[int, int] | None):
+    """Position embedding (1, N, D) -> the model's (1, gh*gw, D); returns (array, how)."""
+    n = target.shape[1]
+    g = grid or (math.isqrt(n), math.isqrt(n))
+    if g[0] * g[1] != n:
+        raise ValueError(f"model has {n} tokens; pass grid=(H/16, W/16)")
+    return resize_pos_embed(value, g)
+
+
+def _place_root_kernel(value: np.ndarray, target, root_conv: str):
+    """RGB root kernel (7, 7, 3, F) -> the model's (7, 7, C, F); returns (array, how)."""
+    if value.shape[:2] + value.shape[3:] != target.shape[:2] + target.shape[3:]:
+        raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
+    value = adapt_root_kernel(value, target.shape[2], root_conv)
+    how = (
+        f"RGB -> {target.shape[2]} channels ({root_conv} over RGB, x {3 / target.shape[2]:.4g})"
+        if root_conv != "rgb_mean"
+        else f"R,G,B -> {','.join(RGB_MODALITIES)}, the others their mean, x 0.75"
+    )
+    return value, how
+
+
+def _place_array(key: str, value: np.ndarray, target, root_conv: str, grid):
+    """Checkpoint array -> the shape of model parameter ``target``; returns (array, how).
+
+    Raises ValueError (the reason the key is unplaced) when the shapes cannot be reconciled.
+    """
+    if key == POS_KEY:
+        value, how = _place_pos_embed(value, target, grid)
+    elif key == ROOT_KEY and value.shape != tuple(target.shape):
+        value, how = _place_root_kernel(value, target, root_conv)
+    elif value.shape == tuple(target.shape):
+        how = "copied"
+    elif value.size == math.prod(target.shape) and value.squeeze().shape == tuple(
+        d for d in target.shape if d != 1
+    ):
+        how = f"reshaped {value.shape} -> {tuple(target.shape)}"
+        value = value.reshape(target.shape)
+    else:
+        raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
+    if value.shape != tuple(target.shape):
+        raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
+    return value, how
+
+
+def _place_checkpoint(ckpt, flat: dict, root_conv: str, grid) -> tuple[dict, LoadReport]:
+    """Place every key of the opened checkpoint ``ckpt`` into a copy of ``flat``.
+
+    Returns ``(new_flat, report)``; ``report.not_in_checkpoint`` is filled in too.
+    """
+    new = dict(flat)
+    report = LoadReport()
+    placed_paths = set()
+    for key in sorted(ckpt.files):
+        reason = _drop_reason(key)
+        if reason is not None:
+            report.dropped[key] = reason
+            continue
+        if key not in flat:
+            report.unplaced[key] = "no parameter with this path in the model"
+            continue
+        target = flat[key]
+        value = np.asarray(ckpt[key])
+        if key == ROOT_KEY and value.shape != tuple(target.shape) and root_conv == "init":
+            report.dropped[key] = (
+                f"RGB root kernel {value.shape} not used (root_conv='init'): kept at random init"
+            )
+            continue
+        try:
+            value, how = _place_array(key, value, target, root_conv, grid)
+        except ValueError as e:
+            report.unplaced[key] = str(e)
+            continue
+        new[key] = jnp.asarray(value, dtype=target.dtype)
+        report.loaded[key] = how
+        placed_paths.add(key)
+    report.not_in_checkpoint = sorted(set(flat) - placed_paths)
+    return new, report
+
+
+def _check_unplaced(report: LoadReport, npz_path, strict: bool) -> None:
+    """Raise (``strict``) or log a warning listing the checkpoint keys that were not placed."""
+    if not report.unplaced:
+        return
+    msg = (
+        f"load_pretrained({os.fspath(npz_path)}): {len(report.unplaced)} checkpoint "
+        f"keys could not be placed:\n"
+        + "\n".join(f"  {k}: {v}" for k, v in report.unplaced.items())
+    )
+    if strict:
+        raise ValueError(msg)
+    log.warning(msg)
+
+
 def load_pretrained(
     params,
     npz_path: str | os.PathLike,
@@ -190,86 +314,10 @@ def load_pretrained(
     if root_conv not in ROOT_METHODS:
         raise ValueError(f"root_conv={root_conv!r}; expected one of {ROOT_METHODS}")
     stacked = is_stacked(params)
-    tree = per_block_params(unfreeze(params) if isinstance(params, FrozenDict) else dict(params))
-    wrapped = "params" in tree and "conv_root" not in tree
-    flat = traverse_util.flatten_dict(tree["params"] if wrapped else tree, sep="/")
-    if "conv_root/kernel" not in flat or POS_KEY not in flat:
-        raise ValueError(
-            "load_pretrained: params do not look like TransUNet parameters "
-            "(no conv_root/kernel or position embedding)"
-        )
-    new = dict(flat)
-    report = LoadReport()
-    placed_paths = set()
+    tree, wrapped, flat = _flat_params(params)
     with np.load(npz_path) as ckpt:
-        keys = sorted(ckpt.files)
-        for key in keys:
-            reason = next(
-                (
-                    r
-                    for p, r in DROPPED_PREFIXES.items()
-                    if key == p or (p.endswith("/") and key.startswith(p))
-                ),
-                None,
-            )
-            if reason is not None:
-                report.dropped[key] = reason
-                continue
-            if key not in flat:
-                report.unplaced[key] = "no parameter with this path in the model"
-                continue
-            target = flat[key]
-            value = np.asarray(ckpt[key])
-            try:
-                if key == POS_KEY:
-                    n = target.shape[1]
-                    g = grid or (math.isqrt(n), math.isqrt(n))
-                    if g[0] * g[1] != n:
-                        raise ValueError(f"model has {n} tokens; pass grid=(H/16, W/16)")
-                    value, how = resize_pos_embed(value, g)
-                elif key == ROOT_KEY and value.shape != tuple(target.shape):
-                    if root_conv == "init":
-                        report.dropped[key] = (
-                            f"RGB root kernel {value.shape} not used "
-                            f"(root_conv='init'): kept at random init"
-                        )
-                        continue
-                    if value.shape[:2] + value.shape[3:] != target.shape[:2] + target.shape[3:]:
-                        raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
-                    value = adapt_root_kernel(value, target.shape[2], root_conv)
-                    how = (
-                        f"RGB -> {target.shape[2]} channels ({root_conv} over RGB, "
-                        f"x {3 / target.shape[2]:.4g})"
-                        if root_conv != "rgb_mean"
-                        else f"R,G,B -> {','.join(RGB_MODALITIES)}, the others their mean, x 0.75"
-                    )
-                elif value.shape == tuple(target.shape):
-                    how = "copied"
-                elif value.size == math.prod(target.shape) and value.squeeze().shape == tuple(
-                    d for d in target.shape if d != 1
-                ):
-                    how = f"reshaped {value.shape} -> {tuple(target.shape)}"
-                    value = value.reshape(target.shape)
-                else:
-                    raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
-                if value.shape != tuple(target.shape):
-                    raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
-            except ValueError as e:
-                report.unplaced[key] = str(e)
-                continue
-            new[key] = jnp.asarray(value, dtype=target.dtype)
-            report.loaded[key] = how
-            placed_paths.add(key)
-    report.not_in_checkpoint = sorted(set(flat) - placed_paths)
-    if report.unplaced:
-        msg = (
-            f"load_pretrained({os.fspath(npz_path)}): {len(report.unplaced)} checkpoint "
-            f"keys could not be placed:\n"
-            + "\n".join(f"  {k}: {v}" for k, v in report.unplaced.items())
-        )
-        if strict:
-            raise ValueError(msg)
-        log.warning(msg)
+        new, report = _place_checkpoint(ckpt, flat, root_conv, grid)
+    _check_unplaced(report, npz_path, strict)
     log.info("load_pretrained(%s): %s", os.fspath(npz_path), report.summary())
     out = traverse_util.unflatten_dict(new, sep="/")
     if wrapped:
