@@ -178,6 +178,95 @@ def _load(path: pathlib.Path):
         raise EvaluationError(f"cannot read NIfTI {path}: {e}") from e
 
 
+def _check_options(
+    pred_dir: pathlib.Path,
+    gt_dir: pathlib.Path,
+    labels: str,
+    pred_labels: str,
+    hd95_mode: str,
+    missing: str,
+) -> None:
+    """Raise EvaluationError for a missing folder or an unknown option value."""
+    for name, d in (("--pred", pred_dir), ("--gt", gt_dir)):
+        if not d.is_dir():
+            raise EvaluationError(f"{name} folder {d} does not exist")
+    if labels not in ("auto", *CONVENTIONS):
+        raise EvaluationError(f"--labels={labels!r}; expected auto, {', '.join(CONVENTIONS)}")
+    if pred_labels not in ("same", *CONVENTIONS):
+        raise EvaluationError(
+            f"--pred_labels={pred_labels!r}; expected same, {', '.join(CONVENTIONS)}"
+        )
+    if hd95_mode not in metrics.HD95_MODES:
+        raise EvaluationError(f"--hd95_mode={hd95_mode!r}; expected one of {metrics.HD95_MODES}")
+    if missing not in MISSING_MODES:
+        raise EvaluationError(f"--missing={missing!r}; expected one of {MISSING_MODES}")
+
+
+def _match_cases(
+    preds: dict, gts: dict, pred_dir: pathlib.Path, gt_dir: pathlib.Path, missing: str, log
+) -> tuple[list[str], list[str]]:
+    """Pair predictions with GT cases; returns (matched ids, GT ids without prediction).
+
+    Logs a warning for either kind of unmatched case; raises EvaluationError when none match.
+    """
+    ids = sorted(set(preds) & set(gts))
+    if not ids:
+        raise EvaluationError(
+            f"no matching cases: {len(preds)} prediction file(s) in {pred_dir}, "
+            f"{len(gts)} ground-truth case(s) in {gt_dir}"
+        )
+    if absent := sorted(set(gts) - set(preds)):
+        what = (
+            "skipped (--missing=skip)"
+            if missing == "skip"
+            else "scored Dice 0 / HD95 373.13 (--missing=skip leaves them out)"
+        )
+        log(f"warning: {len(absent)} GT case(s) without prediction {what}: {_some(absent)}")
+    if extra := sorted(set(preds) - set(gts)):
+        log(f"warning: {len(extra)} prediction(s) without GT skipped: {extra[:5]}")
+    return ids, absent
+
+
+def _evaluate_case(
+    cid: str,
+    pred_path: pathlib.Path,
+    gt_path: pathlib.Path,
+    naming: str | None,
+    *,
+    labels: str,
+    pred_labels: str,
+    hd95_mode: str,
+    log,
+) -> dict[str, float]:
+    """Load, convert and score one case; returns :func:`metrics.evaluate_volume`'s dict.
+
+    Dice per region and HD95 in mm (spacing from the GT header's zooms). Raises
+    EvaluationError on a shape mismatch; warns when the affines differ.
+    """
+    gt_raw, zooms, gt_affine = _load(gt_path)
+    pred_raw, _, pred_affine = _load(pred_path)
+    if gt_raw.shape != pred_raw.shape:
+        raise EvaluationError(
+            f"case {cid}: prediction shape {pred_raw.shape} ({pred_path.name}) != "
+            f"ground-truth shape {gt_raw.shape} ({gt_path.name})"
+        )
+    if not np.allclose(pred_affine, gt_affine, atol=1e-3):
+        log(
+            f"warning: case {cid}: the prediction's affine differs from the ground truth's; "
+            "scored voxel by voxel, as if both were on the ground truth's grid"
+        )
+    conv = labels
+    if conv == "auto":
+        conv = naming or _convention_from_values(
+            gt_raw, pred_raw if pred_labels == "same" else None
+        )
+    gt = to_training_classes(gt_raw, conv, f"case {cid} ground truth {gt_path}")
+    pconv = conv if pred_labels == "same" else pred_labels
+    pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {pred_path}")
+    spacing = tuple(float(z) for z in zooms)
+    return metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
+
+
 def evaluate_folder(
     pred_dir: str | os.PathLike,
     gt_dir: str | os.PathLike,
@@ -204,61 +293,23 @@ def evaluate_folder(
       EvaluationError: missing folders, no matching cases, shape mismatch, unknown labels.
     """
     pred_dir, gt_dir = pathlib.Path(pred_dir), pathlib.Path(gt_dir)
-    for name, d in (("--pred", pred_dir), ("--gt", gt_dir)):
-        if not d.is_dir():
-            raise EvaluationError(f"{name} folder {d} does not exist")
-    if labels not in ("auto", *CONVENTIONS):
-        raise EvaluationError(f"--labels={labels!r}; expected auto, {', '.join(CONVENTIONS)}")
-    if pred_labels not in ("same", *CONVENTIONS):
-        raise EvaluationError(
-            f"--pred_labels={pred_labels!r}; expected same, {', '.join(CONVENTIONS)}"
-        )
-    if hd95_mode not in metrics.HD95_MODES:
-        raise EvaluationError(f"--hd95_mode={hd95_mode!r}; expected one of {metrics.HD95_MODES}")
-    if missing not in MISSING_MODES:
-        raise EvaluationError(f"--missing={missing!r}; expected one of {MISSING_MODES}")
+    _check_options(pred_dir, gt_dir, labels, pred_labels, hd95_mode, missing)
     preds = find_predictions(pred_dir)
     gts = find_ground_truth(gt_dir)
-    ids = sorted(set(preds) & set(gts))
-    if not ids:
-        raise EvaluationError(
-            f"no matching cases: {len(preds)} prediction file(s) in {pred_dir}, "
-            f"{len(gts)} ground-truth case(s) in {gt_dir}"
-        )
-    if absent := sorted(set(gts) - set(preds)):
-        what = (
-            "skipped (--missing=skip)"
-            if missing == "skip"
-            else "scored Dice 0 / HD95 373.13 (--missing=skip leaves them out)"
-        )
-        log(f"warning: {len(absent)} GT case(s) without prediction {what}: {_some(absent)}")
-    if extra := sorted(set(preds) - set(gts)):
-        log(f"warning: {len(extra)} prediction(s) without GT skipped: {extra[:5]}")
+    ids, absent = _match_cases(preds, gts, pred_dir, gt_dir, missing, log)
     rows = []
     for i, cid in enumerate(ids):
         gt_path, naming = gts[cid]
-        gt_raw, zooms, gt_affine = _load(gt_path)
-        pred_raw, _, pred_affine = _load(preds[cid])
-        if gt_raw.shape != pred_raw.shape:
-            raise EvaluationError(
-                f"case {cid}: prediction shape {pred_raw.shape} ({preds[cid].name}) != "
-                f"ground-truth shape {gt_raw.shape} ({gt_path.name})"
-            )
-        if not np.allclose(pred_affine, gt_affine, atol=1e-3):
-            log(
-                f"warning: case {cid}: the prediction's affine differs from the ground truth's; "
-                "scored voxel by voxel, as if both were on the ground truth's grid"
-            )
-        conv = labels
-        if conv == "auto":
-            conv = naming or _convention_from_values(
-                gt_raw, pred_raw if pred_labels == "same" else None
-            )
-        gt = to_training_classes(gt_raw, conv, f"case {cid} ground truth {gt_path}")
-        pconv = conv if pred_labels == "same" else pred_labels
-        pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {preds[cid]}")
-        spacing = tuple(float(z) for z in zooms)
-        res = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
+        res = _evaluate_case(
+            cid,
+            preds[cid],
+            gt_path,
+            naming,
+            labels=labels,
+            pred_labels=pred_labels,
+            hd95_mode=hd95_mode,
+            log=log,
+        )
         rows.append({"case_id": cid, **res})
         log(
             f"[{i + 1}/{len(ids)}] {cid}: "
