@@ -608,6 +608,117 @@ def _float_of(label: str) -> float:
     return float(label.split()[-1])
 
 
+def _report_intro(root: pathlib.Path, runs: Sequence[RunRecord]) -> str:
+    """The report's title and the notes before the first sweep (markdown)."""
+    md = f"# Results in `{root}`\n\n"
+    if "smoke" in {r.scale for r in runs}:
+        md += (
+            "> **SMOKE SCALE** runs are included: tiny models, 32 px images, a few dozen steps, "
+            "synthetic data unless command-line overrides say otherwise (each section states "
+            "the model, data, image size and steps). Far from the study's settings, their "
+            "numbers check the pipeline and the direction of effects, not the study's "
+            "values.\n\n"
+        )
+    md += (
+        "Dice (ours/study): the study's metric, the mean over test slices of the 4-class Dice "
+        "(background included). WT / TC / ET: standard BraTS region Dice per 3D test volume, "
+        "mean over test cases. The study's numbers are from its Tables 1 and 2.\n\n"
+    )
+    return md
+
+
+def _sweep_heading(sweep: sweeps.Sweep, placed: Sequence[RunRecord]) -> str:
+    """A sweep's section title and its settings line (scale, model, data, steps), markdown."""
+    sw_scales = sorted({r.scale for r in placed})
+    sources = sorted({str(r.config.get("data", {}).get("source", "?")) for r in placed})
+    steps = sorted({int((r.results or {}).get("steps", 0)) for r in placed if r.results})
+    sizes = sorted({str(r.config.get("data", {}).get("image_size", "?")) for r in placed})
+    models = sorted({_model_text(r.config.get("model", {})) for r in placed})
+    return (
+        f"## {sweep.title}\n\n"
+        f"Scale: **{', '.join(sw_scales)}**; model: {', '.join(models)}; "
+        f"data: {', '.join(sources)} at {', '.join(sizes)} px; "
+        f"training steps per run: {', '.join(map(str, steps)) or DASH}.\n\n"
+    )
+
+
+def _sweep_tables(
+    name: str, sweep: sweeps.Sweep, runs: Sequence[RunRecord], out: pathlib.Path
+) -> tuple[str, str, int, list[str]]:
+    """A sweep's markdown tables, CSV text, filled-cell count and files written (seeds.png)."""
+    files = []
+    if name == "seeds":
+        text, csv, stats = seeds_table(sweep, runs)
+        filled = sum(len(v["paper_dice"]) for v in stats["values"].values())
+        if any(stats["values"][m]["paper_dice"] for m in stats["values"]):
+            seeds_figure(stats, out / "seeds.png")
+            files.append("seeds.png")
+    else:
+        text, csv, filled = grid_table(sweep, runs)
+        text += _section("Repeat runs of a cell (other seeds)", repeats_table(sweep, runs))
+        text += _section("The study's metric and the two readings it leaves open",
+                         readings_table(sweep, runs))  # fmt: skip
+        text += _section("Class-balanced cells: mean effective class weight over "
+                         "training", class_weights_table(sweep, runs))  # fmt: skip
+    return text, csv, filled, files
+
+
+def _sweep_figures(
+    name: str, sweep: sweeps.Sweep, runs: Sequence[RunRecord], out: pathlib.Path
+) -> list[str]:
+    """Draw a sweep's own figures (bars, parameter curve, training curves) into `out`.
+
+    Returns the names of the PNGs written.
+    """
+    files = []
+    if name == "figure6":
+        figure6_bars(sweep, runs, out / "figure6_bars.png")
+        files.append("figure6_bars.png")
+    elif name == "focal_gamma":
+        xs = {c.row: _float_of(c.row) for c in sweep.cells}
+        param_curve(sweep, runs, out / "focal_gamma.png", xs=xs, xlabel="focal gamma")
+        files.append("focal_gamma.png")
+    elif name == "lr_range":
+        xs = {c.row: _float_of(c.row) for c in sweep.cells}
+        param_curve(sweep, runs, out / "lr_range.png", xs=xs, xlabel="learning rate",
+                    logx=True)  # fmt: skip
+        files.append("lr_range.png")
+    group_by = "row" if name == "seeds" else "col"
+    if curves_figure(sweep, runs, out / f"{name}_curves.png", group_by=group_by):
+        files.append(f"{name}_curves.png")
+    return files
+
+
+def _not_finished(placed: Sequence[RunRecord]) -> str:
+    """Markdown line naming the placed runs whose state is not "done" ("" when all are)."""
+    bad = [r for r in placed if r.state != "done"]
+    if not bad:
+        return ""
+    return (
+        "Not finished: "
+        + ", ".join(f"`{r.name}` ({r.state})" for r in sorted(bad, key=lambda r: r.name))
+        + "\n\n"
+    )
+
+
+def _sweep_section(
+    name: str, sweep: sweeps.Sweep, runs: Sequence[RunRecord], out: pathlib.Path
+) -> tuple[str, dict]:
+    """Write one sweep's CSV and figures into `out`; returns (its markdown, its summary)."""
+    placed = list(cell_runs(sweep, runs).values())
+    md = _sweep_heading(sweep, placed)
+    text, csv, filled, files = _sweep_tables(name, sweep, runs, out)
+    md += text + "\n"
+    fileio.write_text(out / f"{name}.csv", csv)
+    files.append(f"{name}.csv")
+    files += _sweep_figures(name, sweep, runs, out)
+    pngs = [f for f in files if f.endswith(".png")]
+    if pngs:
+        md += " ".join(f"![{f}]({f})" for f in pngs) + "\n\n"
+    md += _not_finished(placed)
+    return md, {"filled": int(filled), "cells": len(sweep.cells), "files": files}
+
+
 def make_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None) -> dict:
     """Write report.md, CSVs and PNGs for every sweep with runs under `root` into `out`
     (default `root/report`). Returns `{sweep: {"filled": int, "cells": int, "files": [...]}}`."""
@@ -617,81 +728,14 @@ def make_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None)
     if not runs:
         raise FileNotFoundError(f"no runs under {root} (no */{RUN_INFO}); run experiments.run")
     out.mkdir(parents=True, exist_ok=True)
-    scales = sorted({r.scale for r in runs})
     md = io.StringIO()
-    md.write(f"# Results in `{root}`\n\n")
-    if "smoke" in scales:
-        md.write(
-            "> **SMOKE SCALE** runs are included: tiny models, 32 px images, a few dozen steps, "
-            "synthetic data unless command-line overrides say otherwise (each section states "
-            "the model, data, image size and steps). Far from the study's settings, their "
-            "numbers check the pipeline and the direction of effects, not the study's "
-            "values.\n\n"
-        )
-    md.write(
-        "Dice (ours/study): the study's metric, the mean over test slices of the 4-class Dice "
-        "(background included). WT / TC / ET: standard BraTS region Dice per 3D test volume, "
-        "mean over test cases. The study's numbers are from its Tables 1 and 2.\n\n"
-    )
+    md.write(_report_intro(root, runs))
     summary: dict[str, dict] = {}
     for name, sweep in sweeps.SWEEPS.items():
         if not cell_runs(sweep, runs):
             continue
-        files = []
-        placed = list(cell_runs(sweep, runs).values())
-        sw_scales = sorted({r.scale for r in placed})
-        sources = sorted({str(r.config.get("data", {}).get("source", "?")) for r in placed})
-        steps = sorted({int((r.results or {}).get("steps", 0)) for r in placed if r.results})
-        sizes = sorted({str(r.config.get("data", {}).get("image_size", "?")) for r in placed})
-        models = sorted({_model_text(r.config.get("model", {})) for r in placed})
-        md.write(f"## {sweep.title}\n\n")
-        md.write(
-            f"Scale: **{', '.join(sw_scales)}**; model: {', '.join(models)}; "
-            f"data: {', '.join(sources)} at {', '.join(sizes)} px; "
-            f"training steps per run: {', '.join(map(str, steps)) or DASH}.\n\n"
-        )
-        if name == "seeds":
-            text, csv, stats = seeds_table(sweep, runs)
-            filled = sum(len(v["paper_dice"]) for v in stats["values"].values())
-            if any(stats["values"][m]["paper_dice"] for m in stats["values"]):
-                seeds_figure(stats, out / "seeds.png")
-                files.append("seeds.png")
-        else:
-            text, csv, filled = grid_table(sweep, runs)
-            text += _section("Repeat runs of a cell (other seeds)", repeats_table(sweep, runs))
-            text += _section("The study's metric and the two readings it leaves open",
-                             readings_table(sweep, runs))  # fmt: skip
-            text += _section("Class-balanced cells: mean effective class weight over "
-                             "training", class_weights_table(sweep, runs))  # fmt: skip
-        md.write(text + "\n")
-        fileio.write_text(out / f"{name}.csv", csv)
-        files.append(f"{name}.csv")
-        if name == "figure6":
-            figure6_bars(sweep, runs, out / "figure6_bars.png")
-            files.append("figure6_bars.png")
-        elif name == "focal_gamma":
-            xs = {c.row: _float_of(c.row) for c in sweep.cells}
-            param_curve(sweep, runs, out / "focal_gamma.png", xs=xs, xlabel="focal gamma")
-            files.append("focal_gamma.png")
-        elif name == "lr_range":
-            xs = {c.row: _float_of(c.row) for c in sweep.cells}
-            param_curve(sweep, runs, out / "lr_range.png", xs=xs, xlabel="learning rate",
-                        logx=True)  # fmt: skip
-            files.append("lr_range.png")
-        group_by = "row" if name == "seeds" else "col"
-        if curves_figure(sweep, runs, out / f"{name}_curves.png", group_by=group_by):
-            files.append(f"{name}_curves.png")
-        pngs = [f for f in files if f.endswith(".png")]
-        if pngs:
-            md.write(" ".join(f"![{f}]({f})" for f in pngs) + "\n\n")
-        bad = [r for r in placed if r.state != "done"]
-        if bad:
-            md.write(
-                "Not finished: "
-                + ", ".join(f"`{r.name}` ({r.state})" for r in sorted(bad, key=lambda r: r.name))
-                + "\n\n"
-            )
-        summary[name] = {"filled": int(filled), "cells": len(sweep.cells), "files": files}
+        text, summary[name] = _sweep_section(name, sweep, runs, out)
+        md.write(text)
     fileio.write_text(out / "runs.csv", runs_csv(runs))
     fileio.write_text(out / "report.md", md.getvalue())
     fileio.write_json(out / "summary.json", summary)
