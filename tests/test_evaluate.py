@@ -86,7 +86,7 @@ def test_missing_prediction_scores_zero_by_default_and_is_named(tmp_path):
     for r in (rows[0], rows[2]):
         assert [r[f"dice_{x}"] for x in ("WT", "TC", "ET")] == [0.0, 0.0, 0.0]
         assert [r[f"hd95_{x}"] for x in ("WT", "TC", "ET")] == [373.13] * 3
-        assert r["paper_dice"] == 0.0 and set(r) == set(E.COLUMNS)
+        assert r["volume_dice_4class"] == 0.0 and set(r) == set(E.COLUMNS)
     assert rows[1]["dice_WT"] == pytest.approx(2 / 3)
     warning = [m for m in logged if "without prediction" in m]
     assert warning == [
@@ -107,7 +107,7 @@ def test_summarize_means_std_medians_by_hand():
         row = E.missing_case_row(cid)
         row.update({f"dice_{x}": dice for x in E.REGION_NAMES})
         row.update({f"hd95_{x}": hd for x in E.REGION_NAMES})
-        row["paper_dice"] = dice / 2
+        row["volume_dice_4class"] = dice / 2
         rows.append(row)
     lines = E.summarize(rows).splitlines()
     assert lines[0] == "4 case(s)"
@@ -119,7 +119,7 @@ def test_summarize_means_std_medians_by_hand():
     # hd95: mean 379.13/4 = 94.7825, median (2 + 3)/2 = 2.5
     assert table["hd95_TC"][0] == pytest.approx(94.7825, abs=1e-4)
     assert table["hd95_TC"][2] == pytest.approx(2.5)
-    assert table["paper_dice"] == pytest.approx([0.3, 0.1369, 0.325], abs=1e-4)
+    assert table["volume_dice_4class"] == pytest.approx([0.3, 0.1369, 0.325], abs=1e-4)
 
 
 def test_flat_ground_truth_and_value_based_convention(tmp_path):
