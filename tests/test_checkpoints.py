@@ -1,11 +1,13 @@
 """Checkpoint faults: diverged states are never saved, a non-finite loss condemns the
 checkpoint it was computed from, and unreadable checkpoints are skipped in one line."""
 
+import json
 import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -76,10 +78,25 @@ def test_drop_diverged_deletes_the_step_the_bad_loss_came_from(tmp_path):
     ck.close()
 
 
+def _no_step_written_twice(metrics_jsonl) -> bool:
+    """Each scalar appears at most once per step in `metrics.jsonl` (train and validation
+    rows of one step hold different keys)."""
+    seen = set()
+    for line in pathlib.Path(metrics_jsonl).read_text().splitlines():
+        row = json.loads(line)
+        for key in row:
+            if key != "step":
+                if (row["step"], key) in seen:
+                    return False
+                seen.add((row["step"], key))
+    return True
+
+
 @pytest.mark.slow
-def test_diverging_tiny_run_keeps_no_diverged_checkpoint(tmp_path):
-    """Learning rate 1e6: the loss of step 2 is NaN, and the finite checkpoint of step 1
-    (weights ~1e6, the update of step 1) is what produced it; it must not stay "good"."""
+def test_diverging_run_keeps_no_diverged_checkpoint_and_a_rerun_finishes(tmp_path):
+    """Learning rate 1e6: the loss of step t is NaN, and the finite checkpoint of step t-1
+    (weights ~1e6) is what produced it. It must not be kept as "good": the rerun with a sane
+    learning rate then finishes instead of failing the same way."""
     from brats_jax import train
     from configs import unet
 
@@ -87,15 +104,23 @@ def test_diverging_tiny_run_keeps_no_diverged_checkpoint(tmp_path):
     c.train.learning_rate = 1e6
     c.train.checkpoint_every_steps = 1
     c.train.num_steps = 4
-    with pytest.raises(FloatingPointError, match=r"at step (\d+)") as info:
+    with pytest.raises(FloatingPointError) as info:
         train.train_and_evaluate(c, tmp_path)
-    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
-    ck = RunCheckpoints(tmp_path)
-    saved = ck.all_steps()
-    assert saved and max(saved) == bad_step - 1  # the loop saved the diverging weights
-    assert ck.drop_diverged(bad_step) is None
-    assert ck.all_steps() == [] and ck.latest_step() is None
+    message = str(info.value)
+    bad_step = int(re.search(r"at step (\d+)", message).group(1))
+    assert "step None" not in message and "\n" not in message
+    ck = RunCheckpoints(tmp_path, read_only=True)
+    kept = ck.all_steps()
     ck.close()
+    assert all(s < bad_step - 1 for s in kept)
+    if kept:
+        assert f"the newest good checkpoint is step {max(kept)}" in message
+    else:
+        assert "no good checkpoint is kept; the rerun starts from scratch" in message
+    c.train.learning_rate = 1e-3
+    results = train.train_and_evaluate(c, tmp_path)
+    assert results["steps"] == 4 and np.isfinite(results["paper_dice"])
+    assert _no_step_written_twice(tmp_path / "metrics.jsonl")
 
 
 def test_restore_of_a_truncated_step_is_one_line(tmp_path):
@@ -217,3 +242,33 @@ def test_real_run_resumes_from_the_older_checkpoint(tiny_run, tmp_path, damage, 
     assert any(r.getMessage().endswith(f"resuming from {older}") for r in caplog.records)
     assert ck.restore_for_inference(template)[0] in (older, newest)
     ck.close()
+    # the same command again: resumes from the older step, finishes, no step written twice
+    from brats_jax import train
+
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    results = train.train_and_evaluate(config, workdir)
+    assert results["steps"] == config.train.num_steps
+    assert _no_step_written_twice(workdir / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_a_run_whose_checkpoints_are_all_unreadable_stops_without_touching_config(
+    tiny_run, tmp_path
+):
+    """The failed rerun must not rewrite config.json before the restore succeeded."""
+    import shutil
+
+    from brats_jax import train
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            (step_dir / "state" / "_METADATA").unlink()
+    before = (workdir / "config.json").read_text()
+    config = ml_collections.ConfigDict(json.loads(before))
+    config.train.learning_rate = 0.5  # a changed config that must not be written
+    with pytest.raises(UnreadableCheckpoint, match="no readable checkpoint"):
+        train.train_and_evaluate(config, workdir)
+    assert (workdir / "config.json").read_text() == before
+    assert not (workdir / ".lock").exists()  # the lock is released on the way out

@@ -304,9 +304,11 @@ def test_resume_uses_the_configured_learning_rate(tmp_path):
     those of the checkpoint: the rate restored with the optimizer state is replaced."""
     keep = {"train.keep_checkpoints": 10, "data.val_fraction": 0.0, "data.test_fraction": 0.0}
     train.train_and_evaluate(tiny_config(**{"train.num_steps": 4}, **keep), tmp_path)
-    train.train_and_evaluate(
+    results = train.train_and_evaluate(
         tiny_config(**{"train.num_steps": 8, "train.learning_rate": 0.0}, **keep), tmp_path
     )
+    # without a validation split the final step's weights are tested, and said so
+    assert results["tested_step"] == 8 and results["selected_by"].startswith("final step")
     assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 0.0
     _, _, at4 = train.load_trained(tmp_path, step=4)
     _, _, at8 = train.load_trained(tmp_path, step=8)
@@ -414,6 +416,53 @@ def test_validation_paper_dice_is_the_mean_over_slices(tiny_run, tmp_path):
     tp = np.diag(confusion)
     pooled = 2 * tp / (confusion.sum(0) + confusion.sum(1))
     assert got["pooled_dice"] == pytest.approx(np.mean(np.where(np.isnan(pooled), 1, pooled)))
+
+
+def _slice_dice(p: np.ndarray, t: np.ndarray, absent: float | None) -> float:
+    """Mean over the 4 classes of one slice's Dice; a class absent from both scores `absent`
+    (None: left out of the mean)."""
+    scores = []
+    for c in range(4):
+        n = (p == c).sum() + (t == c).sum()
+        if n:
+            scores.append(2 * ((p == c) & (t == c)).sum() / n)
+        elif absent is not None:
+            scores.append(absent)
+    return float(np.mean(scores))
+
+
+def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_path):
+    """The test pass scores the best-validation checkpoint (the one `predict` uses): its
+    step is in results.json, and the study's metric and its two readings, recomputed here
+    from that checkpoint's predictions with numpy, match."""
+    from brats_jax import data, inference
+    from brats_jax.checkpoints import RunCheckpoints
+
+    workdir, _ = tiny_run
+    saved = json.loads((workdir / "results.json").read_text())
+    ckpts = RunCheckpoints(workdir, read_only=True)
+    assert saved["tested_step"] == ckpts.best_step()  # the step predict loads
+    assert saved["selected_by"] == "best validation val_paper_dice"
+    config, model, variables = train.load_trained(workdir)
+    run = run_group.build_run(config, tmp_path)
+    predict = inference.make_slice_predictor(model, image_size=config.data.image_size)
+    kept = set(run.splits.test.tolist())
+    one, excluded, confusion = [], [], np.zeros((4, 4), np.int64)
+    for case_id in run.splits.cases["test"]:
+        image, label = data.load_volume(run.source, case_id)
+        pred = np.argmax(inference.predict_volume(predict, variables, image, batch_size=4), -1)
+        for z, idx in enumerate(data.case_indices(run.source, case_id)):
+            if int(idx) in kept:
+                p, t = pred[..., z], label[..., z]
+                one.append(_slice_dice(p, t, absent=1.0))
+                excluded.append(_slice_dice(p, t, absent=None))
+                np.add.at(confusion, (t.ravel(), p.ravel()), 1)
+    assert saved["num_test_slices"] == len(one) == len(kept) > 1
+    assert saved["paper_dice"] == pytest.approx(np.mean(one), abs=1e-6)
+    assert saved["paper_dice_absent_excluded"] == pytest.approx(np.mean(excluded), abs=1e-6)
+    tp = np.diag(confusion)
+    pooled = 2 * tp / (confusion.sum(0) + confusion.sum(1))
+    assert saved["pooled_class_dice"] == pytest.approx(pooled.tolist(), abs=1e-6)
 
 
 def test_predict_missing_checkpoint_is_clear_error(tmp_path):
