@@ -377,3 +377,27 @@ def test_unet_gradients_equal_with_fast_ops(monkeypatch, impl):
         g0,
         g1,
     )
+
+
+def test_a_resolved_ops_name_never_reads_xla_flags_while_traced(monkeypatch):
+    """Issue 17: XLA_FLAGS are read once, by `resolve_impl`; tracing a U-Net gradient with the
+    resolved name does not read them (the weight-gradient choice is carried by the name)."""
+    from brats_jax.models import UNet
+    from brats_jax.ops import conv as conv_module
+    from brats_jax.ops import impls
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert impls.resolve_impl("cpu_fast") == "cpu_fast"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert impls.resolve_impl("cpu_fast") == "cpu_fast_ynn"
+    assert impls.resolve_impl("auto") == "cpu_fast_ynn"  # the tests run on the CPU backend
+
+    def no_reading():
+        raise AssertionError("XLA_FLAGS read while tracing")
+
+    monkeypatch.setattr(conv_module, "ynn_disabled", no_reading)
+    for name in ("cpu_fast", "cpu_fast_ynn"):
+        model = UNet(features=4, depth=2, num_classes=4, conv_impl=name)
+        x = jnp.ones((1, 16, 16, 4))
+        params = model.init(jax.random.PRNGKey(0), x)
+        jax.grad(lambda p, m=model, x=x: m.apply(p, x).sum())(params)  # traces the gradients

@@ -42,7 +42,11 @@ from brats_jax.ops.flags import ynn_disabled
 
 Array = jax.Array
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-WGRAD_STRATEGIES = ("auto", "xla", "im2col", "shift", "dots")
+WGRAD_STRATEGIES = ("auto", "auto_ynn_off", "auto_ynn_on", "xla", "im2col", "shift", "dots")
+_AUTO_YNN_OFF = {"auto": None, "auto_ynn_off": True, "auto_ynn_on": False}
+"""The "auto" strategies: "auto" reads ``XLA_FLAGS`` while tracing (:func:`flags.ynn_disabled`);
+"auto_ynn_off" / "auto_ynn_on" carry that answer, resolved once at start by the ops table
+(``ops.impls.resolve_impl``), so a model never reads the environment while it is traced."""
 
 _IM2COL_MAX_BYTES = 24 * 2**20
 """'auto' uses im2col while the (N, kh*kw*Cin) patch matrix stays below this size."""
@@ -68,19 +72,23 @@ def conv2d_xla(x: Array, kernel: Array, strides: Sequence[int] = (1, 1), padding
 
 
 def pick_wgrad_strategy(
-    x_shape: Sequence[int], kernel_shape: Sequence[int], itemsize: int = 4
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    itemsize: int = 4,
+    ynn_off: bool | None = None,
 ) -> str:
     """Weight-gradient strategy for a stride-1 VALID conv of x (B,Hp,Wp,Cin) with kernel
     (kh,kw,Cin,Cout): "im2col" (a single GEMM) for 1x1 kernels (2x faster than XLA's for the
     U-Net head). When XLA_FLAGS disable YNN fusions (:func:`flags.ynn_disabled`), "im2col"
     while the (N, kh*kw*Cin) patch matrix is at most ``_IM2COL_SMALL_BYTES`` and XLA's own
-    ("xla") above; with YNN on, "im2col" up to ``_IM2COL_MAX_BYTES`` and "shift" above."""
+    ("xla") above; with YNN on, "im2col" up to ``_IM2COL_MAX_BYTES`` and "shift" above.
+    ``ynn_off``: whether YNN fusions are off (None: read ``XLA_FLAGS`` now)."""
     b, hp, wp, cin = x_shape
     kh, kw = kernel_shape[:2]
     if kh == 1 and kw == 1:
         return "im2col"  # one GEMM, no patch copies, no layout transposes
     patch_bytes = b * (hp - kh + 1) * (wp - kw + 1) * kh * kw * cin * itemsize
-    if ynn_disabled():
+    if ynn_disabled() if ynn_off is None else ynn_off:
         # XLA's own weight gradient is fastest, except for small patch matrices (deep layers).
         return "im2col" if patch_bytes <= _IM2COL_SMALL_BYTES else "xla"
     return "im2col" if patch_bytes <= _IM2COL_MAX_BYTES else "shift"
@@ -105,8 +113,10 @@ def weight_grad(x: Array, dy: Array, kernel_shape: Sequence[int], strategy: str 
             f"weight_grad: dy shape {dy.shape} does not match x {x.shape} and "
             f"kernel {tuple(kernel_shape)} (expected {(b, h, w, cout)})"
         )
-    if strategy == "auto":
-        strategy = pick_wgrad_strategy(x.shape, kernel_shape, x.dtype.itemsize)
+    if strategy in _AUTO_YNN_OFF:
+        strategy = pick_wgrad_strategy(
+            x.shape, kernel_shape, x.dtype.itemsize, ynn_off=_AUTO_YNN_OFF[strategy]
+        )
     if strategy == "xla":
         _, vjp = jax.vjp(lambda k: conv2d_xla(x, k), jnp.zeros(kernel_shape, x.dtype))
         return vjp(dy.astype(x.dtype))[0].astype(jnp.float32)

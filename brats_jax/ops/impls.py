@@ -16,7 +16,11 @@ convolutions, max-pools, bias additions and reflection padding.
   rest as ``"gpu_fast"``: for K stacked runs under ``jax.vmap``, where every weight-carrying
   layer becomes one batched GEMM over the runs instead of a grouped convolution.
 * ``"auto"``: ``"cpu_fast"`` when JAX's default backend is the CPU, ``"gpu_fast"`` on GPUs,
-  else ``"xla"`` (TPUs: not measured), decided when the model is traced.
+  else ``"xla"`` (TPUs: not measured).
+* :func:`resolve_impl` turns "auto" into one of these, and "cpu_fast" into "cpu_fast_ynn"
+  when ``XLA_FLAGS`` leave XLA:CPU's YNN fusions on (its weight-gradient choices differ), so
+  the environment is read once, at start (``runtime.resolve_ops``), and a model given a
+  resolved name never reads it while traced.
 
 Parameters do not depend on the implementation, so checkpoints are interchangeable.
 """
@@ -24,13 +28,15 @@ Parameters do not depend on the implementation, so checkpoints are interchangeab
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 
 from brats_jax.ops import bias, conv, gemm, pad, pool, upconv
+from brats_jax.ops.flags import ynn_disabled
 
-IMPLS = ("xla", "cpu_fast", "gpu_fast", "gemm", "auto")
+IMPLS = ("xla", "cpu_fast", "cpu_fast_ynn", "gpu_fast", "gemm", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +66,17 @@ OPS = {
         bias.bias_add_xla,
         pad.reflect_pad_xla,
     ),
+    # weight-gradient strategies picked for YNN fusions off (runtime.setup's flags) or on,
+    # decided once by `resolve_impl`, never while a model is traced
     "cpu_fast": Ops(
-        conv.conv2d_fast,
+        functools.partial(conv.conv2d_fast, strategy="auto_ynn_off"),
+        upconv.upconv2x2_rows,
+        pool.max_pool_2x2_fast,
+        bias.bias_add_fast,
+        pad.reflect_pad_fast,
+    ),
+    "cpu_fast_ynn": Ops(
+        functools.partial(conv.conv2d_fast, strategy="auto_ynn_on"),
         upconv.upconv2x2_rows,
         pool.max_pool_2x2_fast,
         bias.bias_add_fast,
@@ -87,9 +102,12 @@ OPS = {
 
 def resolve_impl(impl: str) -> str:
     """``impl`` with "auto" replaced by the default backend's choice ("cpu_fast" on "cpu",
-    "gpu_fast" on "gpu", else "xla"); a ValueError names an unknown implementation."""
+    "gpu_fast" on "gpu", else "xla"), and "cpu_fast" by "cpu_fast_ynn" when ``XLA_FLAGS``
+    leave YNN fusions on; a ValueError names an unknown implementation."""
     if impl == "auto":
         impl = {"cpu": "cpu_fast", "gpu": "gpu_fast"}.get(jax.default_backend(), "xla")
+    if impl == "cpu_fast" and not ynn_disabled():  # XLA_FLAGS read here, once, not in tracing
+        impl = "cpu_fast_ynn"
     if impl not in OPS:
         raise ValueError(f"unknown ops implementation {impl!r}; expected one of {IMPLS}")
     return impl
