@@ -71,9 +71,9 @@ def enable_compile_cache(directory: str | os.PathLike) -> None:
 
 def resolve_ops(config) -> str:
     """The ops implementation a run uses: `config.runtime.ops` ("auto" when the config has
-    none), with "auto" resolved here, once, to "cpu_fast" | "gpu_fast" | "xla" for the
-    default backend. (Old run folders' `model.conv_impl` is renamed on reading them:
-    `config_utils.upgrade_legacy`.)"""
+    none), with "auto" resolved here, once, to "cpu_fast" | "cpu_fast_ynn" | "gpu_fast" | "xla"
+    for the default backend and XLA_FLAGS (`ops.impls.resolve_impl`). (Old run folders'
+    `model.conv_impl` is renamed on reading them: `config_utils.upgrade_legacy`.)"""
     from brats_jax.ops.impls import resolve_impl
 
     runtime = config.get("runtime") or {}

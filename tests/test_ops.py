@@ -396,6 +396,7 @@ def test_a_resolved_ops_name_never_reads_xla_flags_while_traced(monkeypatch):
         raise AssertionError("XLA_FLAGS read while tracing")
 
     monkeypatch.setattr(conv_module, "ynn_disabled", no_reading)
+    monkeypatch.setattr(impls, "ynn_disabled", no_reading)
     for name in ("cpu_fast", "cpu_fast_ynn"):
         model = UNet(features=4, depth=2, num_classes=4, conv_impl=name)
         x = jnp.ones((1, 16, 16, 4))

@@ -114,6 +114,10 @@ def resolve_impl(impl: str) -> str:
 
 
 def get_ops(impl: str) -> Ops:
-    """The :class:`Ops` for ``impl`` (one of ``IMPLS``); "auto" looks at the default backend
-    (``jax.default_backend()``: "cpu", "gpu" or another)."""
-    return OPS[resolve_impl(impl)]
+    """The :class:`Ops` for ``impl`` (one of ``IMPLS``). A resolved name is looked up as it is
+    (nothing is read from the environment); "auto" is resolved first (:func:`resolve_impl`)."""
+    if impl == "auto":
+        impl = resolve_impl(impl)
+    if impl not in OPS:
+        raise ValueError(f"unknown ops implementation {impl!r}; expected one of {IMPLS}")
+    return OPS[impl]
