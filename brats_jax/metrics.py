@@ -250,10 +250,14 @@ def _add_counts(a, b):
     return np.asarray(a, np.int64) + np.asarray(b, np.int64)
 
 
-def _pred_from(logits, predictions):
+def _model_output(labels, logits, predictions):
+    """`(labels, predicted classes, number of classes)` of a clu metric's model output: give
+    exactly one of logits (B,H,W,C) or predictions (B,H,W)."""
     if (logits is None) == (predictions is None):
         raise ValueError("give exactly one of logits (B,H,W,C) or predictions (B,H,W)")
-    return jnp.argmax(logits, axis=-1) if predictions is None else jnp.asarray(predictions)
+    pred = jnp.argmax(logits, axis=-1) if predictions is None else jnp.asarray(predictions)
+    c = logits.shape[-1] if logits is not None else NUM_CLASSES
+    return jnp.asarray(labels), pred, c
 
 
 def _valid_mask(labels, mask, valid):
@@ -289,9 +293,7 @@ class ConfusionMatrix(clu_metrics.Metric):
     def from_model_output(
         cls, labels, logits=None, predictions=None, mask=None, valid=None, **_
     ) -> ConfusionMatrix:
-        labels = jnp.asarray(labels)
-        pred = _pred_from(logits, predictions)
-        c = logits.shape[-1] if logits is not None else NUM_CLASSES
+        labels, pred, c = _model_output(labels, logits, predictions)
         return cls(matrix=confusion_matrix(pred, labels, c, _valid_mask(labels, mask, valid)))
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
@@ -336,9 +338,7 @@ class MeanPaperDice(clu_metrics.Metric):
     def from_model_output(
         cls, labels, logits=None, predictions=None, mask=None, valid=None, **_
     ) -> MeanPaperDice:
-        labels = jnp.asarray(labels)
-        pred = _pred_from(logits, predictions)
-        c = logits.shape[-1] if logits is not None else NUM_CLASSES
+        labels, pred, c = _model_output(labels, logits, predictions)
         m = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), labels.shape)
         d = paper_dice(pred, labels, c, "one", m)
         v = jnp.ones(d.shape, bool) if valid is None else jnp.asarray(valid, bool).reshape(-1)
