@@ -196,32 +196,37 @@ class RunGroup:
         """Build the runs, write their `config.json`, and restore their newest common
         checkpoint or initialise them (seeded per run; pretrained weights if configured).
 
-        `mapping`: "none" (one run, unstacked), "map" or "vmap" (`steps.map_over_runs`).
+        `mapping`: "none" (one run, unstacked), "map", "vmap" or "grouped"
+        (`steps.map_over_runs`). Each run folder is locked (`WorkdirLock`) until `close()`.
         """
         if mapping == "none" and len(configs) != 1:
             raise ValueError('mapping="none" trains exactly one run')
         runs = _build_runs(configs, workdirs)
         is_main = jax.process_index() == 0
-        locks = contextlib.ExitStack()
-        for run in runs:  # one process per run folder (other hosts share host 0's lock)
-            run.workdir.mkdir(parents=True, exist_ok=True)
-            if is_main:
-                locks.enter_context(WorkdirLock(run.workdir))
-                _warn_config_changes(
-                    run.workdir / "config.json", json.loads(run.config.to_json_best_effort())
-                )
+        locks = contextlib.ExitStack()  # released by close(), or here if building fails
         try:
-            cfg = runs[0].config
-            model = create_model(cfg, ops=steps.model_ops_for(mapping, resolve_ops(cfg)))
-            tx = create_optimizer(cfg.train, runs[0].total_steps)
-            iterators = [_train_iterator(r) for r in runs]
-            ckpts = [RunCheckpoints(r.workdir, keep=cfg.train.keep_checkpoints) for r in runs]
-            states, start = _initial_states(runs, model, tx, ckpts, iterators)
-            for run in runs:  # only now: a failed restore leaves config.json as it was
-                _write_config(run, runs[0].total_steps, start)
+            for run in runs:  # one process per run folder (other hosts share host 0's lock)
+                run.workdir.mkdir(parents=True, exist_ok=True)
+                if is_main:
+                    locks.enter_context(WorkdirLock(run.workdir))
+                    _warn_config_changes(
+                        run.workdir / "config.json", json.loads(run.config.to_json_best_effort())
+                    )
+            return cls._build(runs, mapping, locks)
         except BaseException:
             locks.close()
             raise
+
+    @classmethod
+    def _build(cls, runs: list[Run], mapping: str, locks) -> "RunGroup":
+        cfg = runs[0].config
+        model = create_model(cfg, ops=steps.model_ops_for(mapping, resolve_ops(cfg)))
+        tx = create_optimizer(cfg.train, runs[0].total_steps)
+        iterators = [_train_iterator(r) for r in runs]
+        ckpts = [RunCheckpoints(r.workdir, keep=cfg.train.keep_checkpoints) for r in runs]
+        states, start = _initial_states(runs, model, tx, ckpts, iterators)
+        for run in runs:  # only now: a failed restore leaves config.json as it was
+            _write_config(run, runs[0].total_steps, start)
         stacked = mapping != "none"
         state = steps.stack_trees(states) if stacked else states[0]
         loss_params = [r.loss_params for r in runs]
@@ -238,7 +243,7 @@ class RunGroup:
             loss_params=jax.device_put(loss_params, replicated),
             iterators=iterators,
             checkpoints=ckpts,
-            writers=[MetricWriter(r.workdir, enabled=is_main) for r in runs],
+            writers=[MetricWriter(r.workdir, enabled=jax.process_index() == 0) for r in runs],
             start_step=start,
             locks=locks,
         )
