@@ -106,6 +106,7 @@ def test_bench_rejects_bad_arguments():
         bench.build_model("unet", dtype="float16")
 
 
+@pytest.mark.slow  # ~50 s of CPU compiles: benchmark harness, run with -m slow
 def test_bench_multirun_reports_both_step_times():
     from brats_jax import bench
 
@@ -118,6 +119,7 @@ def test_bench_multirun_reports_both_step_times():
     assert r["flops_per_stacked_step"] > 0
 
 
+@pytest.mark.slow  # ~50 s of CPU compiles: benchmark harness, run with -m slow
 def test_time_steps_with_auto_state_layouts_computes_the_same_steps():
     """state_layouts="auto" (XLA-chosen layouts for the donated state) changes where arrays
     live, not what the step computes: same loss and parameters after the same steps."""
