@@ -107,40 +107,27 @@ def test_missing_cache_message(tmp_path):
         NiftiCacheSource(tmp_path)
 
 
+def _prepare(src, out) -> subprocess.CompletedProcess:
+    """`python -m brats_jax.data.prepare --src=SRC --out=OUT` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "brats_jax.data.prepare", f"--src={src}", f"--out={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_prepare_cli(release, tmp_path):
     out = tmp_path / "cli"
-    r = subprocess.run(
-        [sys.executable, "-m", "brats_jax.data.prepare", f"--src={release}", f"--out={out}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = _prepare(release, out)
     assert r.returncode == 0, r.stderr
     assert "16 slices" in r.stdout
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "brats_jax.data.prepare",
-            f"--src={tmp_path / 'nope'}",
-            f"--out={out}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = _prepare(tmp_path / "nope", out)
     assert r.returncode == 1 and "does not exist" in r.stderr
     (tmp_path / "a_file").write_text("")
     bad_out = tmp_path / "a_file" / "cache"  # not creatable (works as root too)
-    r = subprocess.run(
-        [sys.executable, "-m", "brats_jax.data.prepare", f"--src={release}", f"--out={bad_out}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = _prepare(release, bad_out)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'a_file'}")
     assert r.stderr.strip().endswith("Not a directory (ENOTDIR)")
