@@ -21,7 +21,7 @@ import pathlib
 
 from absl import app, flags
 
-from brats_jax import cli
+from brats_jax import cli, runtime
 from brats_jax import predict as _predict  # noqa: F401  (defines --workdir, --tta, --step, --batch_size)
 
 FLAGS = flags.FLAGS
@@ -113,6 +113,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     from brats_jax import postprocess, predict
 
     workdirs = predict.split_list(FLAGS.workdir)

@@ -40,6 +40,7 @@ CLIS = {
     "brats_jax.bench": ["train", "--steps=1"],
     "brats_jax.data.prepare": ["--src=WORK", "--out=WORK/cache"],
     "experiments.run": ["table1", "--out=WORK", "--dry-run"],
+    "brats_jax.tune_postprocessing": ["--workdir=WORK", "--cases=WORK"],
 }
 
 
