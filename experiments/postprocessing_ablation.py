@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from brats_jax import fileio, metrics, postprocess, predict
+from brats_jax import fileio, metrics, postprocess, predict, runtime
 from brats_jax.data import brats
 
 TTAS = ("none", "flips", "flips_ud")
@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--ttas", default=",".join(TTAS), help="TTA settings, 'none' first")
     args = p.parse_args(argv)
+    runtime.setup()  # fast XLA:CPU flags, as for every entry point, before JAX computes
     config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text())
     test_ids = predict.split_list(args.test_cases or config["data"]["test_cases"])
     tune_ids = predict.split_list(args.tune_cases)
