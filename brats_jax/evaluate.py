@@ -3,7 +3,7 @@ r"""BraTS metrics for a folder of predicted segmentations against ground truth.
 Usage::
 
   python -m brats_jax.evaluate --pred=DIR --gt=DIR --out=FILE.csv [--hd95_mode=max|pooled]
-      [--missing=worst|skip]
+      [--missing=worst|skip] [--postprocessing=FILE.json]
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
   ``--pred``.
@@ -20,6 +20,10 @@ Usage::
   convention unless ``--pred_labels`` says otherwise. Maps are converted to the
   training classes {0,1,2,3} before :func:`brats_jax.metrics.evaluate_volume`.
 * Voxel spacing comes from the GT header zooms.
+
+``--postprocessing=FILE.json`` (a run's ``postprocessing.json`` from
+``brats_jax.tune_postprocessing``, or any file ``brats_jax.postprocess.save`` wrote) applies
+that 3D post-processing to each prediction before it is scored.
 
 Cases are matched by ID. A GT case without a prediction is scored as the BraTS challenge
 scores it: Dice 0 and HD95 373.13 mm in every region (sensitivity and specificity 0, the
@@ -41,7 +45,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from brats_jax import fileio, metrics, runtime
+from brats_jax import fileio, metrics, postprocess, runtime
 
 CONVENTIONS = ("brats2018", "brats2023")
 _NIFTI = re.compile(r"^(?P<stem>.+?)(?P<sep>[_-]seg)?\.nii(\.gz)?$", re.IGNORECASE)
@@ -237,6 +241,7 @@ def _evaluate_case(
     pred_labels: str,
     hd95_mode: str,
     log,
+    postprocessing=None,
 ) -> dict[str, float]:
     """Load, convert and score one case; returns :func:`metrics.evaluate_volume`'s dict.
 
@@ -263,6 +268,8 @@ def _evaluate_case(
     gt = to_training_classes(gt_raw, conv, f"case {cid} ground truth {gt_path}")
     pconv = conv if pred_labels == "same" else pred_labels
     pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {pred_path}")
+    if postprocessing is not None:
+        pred = postprocess.apply(pred, postprocessing)
     spacing = tuple(float(z) for z in zooms)
     return metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
 
@@ -275,6 +282,7 @@ def evaluate_folder(
     pred_labels: str = "same",
     hd95_mode: str = "max",
     missing: str = "worst",
+    postprocessing=None,
     log=print,
 ) -> list[dict[str, float | str]]:
     """Evaluate every prediction with a matching GT case; returns one row dict per case.
@@ -287,6 +295,7 @@ def evaluate_folder(
       hd95_mode: ``max`` (MONAI) or ``pooled`` (medpy), see :func:`brats_jax.metrics.hd95`.
       missing: a GT case without prediction: ``worst`` (scored by :func:`missing_case_row`)
         or ``skip``.
+      postprocessing: a `postprocess.PostprocessConfig` applied to each prediction first.
       log: called with progress/warning lines.
 
     Raises:
@@ -309,6 +318,7 @@ def evaluate_folder(
             pred_labels=pred_labels,
             hd95_mode=hd95_mode,
             log=log,
+            postprocessing=postprocessing,
         )
         rows.append({"case_id": cid, **res})
         log(
@@ -364,6 +374,7 @@ flags.DEFINE_enum("hd95_mode", "max", list(metrics.HD95_MODES), "HD95 definition
 flags.DEFINE_enum(
     "missing", "worst", list(MISSING_MODES), "GT case without prediction: score 0 or skip."
 )
+flags.DEFINE_string("postprocessing", None, "postprocessing.json to apply before scoring.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -374,6 +385,7 @@ def main(argv: Sequence[str]) -> None:
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
     try:
+        pp = postprocess.load(FLAGS.postprocessing) if FLAGS.postprocessing else None
         rows = evaluate_folder(
             FLAGS.pred,
             FLAGS.gt,
@@ -381,9 +393,10 @@ def main(argv: Sequence[str]) -> None:
             pred_labels=FLAGS.pred_labels,
             hd95_mode=FLAGS.hd95_mode,
             missing=FLAGS.missing,
+            postprocessing=pp,
         )
         write_csv(rows, FLAGS.out)
-    except EvaluationError as e:
+    except (ValueError, FileNotFoundError) as e:  # EvaluationError is a ValueError
         raise SystemExit(f"brats_jax.evaluate: error: {e}") from None
     print(summarize(rows))
     print(f"wrote {FLAGS.out}", file=sys.stderr)

@@ -6,7 +6,7 @@ eval step over sharded batches), whole-volume test metrics, and the run's result
 import jax
 import numpy as np
 
-from brats_jax import NUM_CLASSES, data, fileio, inference, metrics, plots
+from brats_jax import NUM_CLASSES, data, fileio, inference, metrics, plots, postprocess
 from brats_jax.steps import data_mesh, device_batch
 
 
@@ -79,15 +79,17 @@ def _host_eval_batches(run, indices, num_batches: int):
 def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
     """Per-3D-volume BraTS metrics on the test cases, plus the study's slice metric.
 
-    Every slice of each test case (pruned or not) is predicted and the slices are stacked
-    back into the volume. The study's metric (`paper_dice`) is the mean over the test
-    split's (pruned) slices of the per-slice 4-class Dice, as the study computed it; beside
+    Every slice of each test case (pruned or not) is predicted, the slices are stacked back
+    into the volume and the config's `postprocess` fields are applied (off by default).
+    The study's metric (`paper_dice`) is the mean over the test split's (pruned) slices of
+    the per-slice 4-class Dice, as the study computed it; beside
     it, `paper_dice_absent_excluded` (classes absent from a slice's target and prediction
     left out instead of scored 1) and `pooled_dice_4class` (one Dice per class pooled over
     those slices' pixels, `pooled_class_dice`, then their mean).
     Returns `(results, figure_slices)`.
     """
     spacing = getattr(run.source, "spacing", (1.0, 1.0, 1.0))
+    pp = postprocess.from_config(run.config)
     kept = set(np.asarray(run.splits.test).tolist())
     per_case, figure_slices = [], []
     readings = {"absent_one": [], "absent_excluded": [], "confusion": 0}
@@ -97,6 +99,7 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
             predict, variables, image, batch_size=run.config.eval.batch_size
         )
         pred = np.argmax(probs, axis=-1).astype(np.int32)
+        pred = postprocess.apply(pred, pp).astype(np.int32)  # the config's (identity: off)
         scores = metrics.evaluate_volume(
             pred, label, spacing=spacing, hd95_mode=run.config.eval.hd95_mode
         )
@@ -110,7 +113,7 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
         readings["confusion"] = readings["confusion"] + r["confusion"]
         z = int(np.argmax((label > 0).sum(axis=(0, 1))))
         figure_slices.append((case_id, z, image[:, :, z, 0], label[:, :, z], pred[:, :, z]))
-    return _summarise(per_case, readings), figure_slices
+    return {**_summarise(per_case, readings), "postprocessing": pp.to_dict()}, figure_slices
 
 
 def _summarise(per_case: list[dict], readings: dict) -> dict:

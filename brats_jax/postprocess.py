@@ -86,6 +86,18 @@ class PostprocessConfig:
             raise ValueError(f"{where}: {e}") from None
 
 
+def from_config(config) -> PostprocessConfig:
+    """The `PostprocessConfig` of a run config's `postprocess` fields (0 = off); a config
+    without them (runs older than the fields) gets the identity. ValueError names the field."""
+    pp = config.get("postprocess")
+    if pp is None:
+        return PostprocessConfig()
+    d = pp.to_dict() if hasattr(pp, "to_dict") else dict(pp)
+    for name in ("min_component_voxels", "et_min_voxels"):
+        d[name] = d.get(name) or None
+    return PostprocessConfig.from_dict(d, where="config postprocess")
+
+
 def _structure(connectivity: int) -> np.ndarray:
     if connectivity not in CONNECTIVITIES:
         raise ValueError(f"connectivity {connectivity!r}: expected 6 or 26")

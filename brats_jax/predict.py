@@ -139,20 +139,21 @@ def predict_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0
 def resolve_postprocessing(workdirs, option: str = "auto"):
     """The `PostprocessConfig` predict applies.
 
-    option: "none"; "auto" (the run's `postprocessing.json` when there is one, none
-    otherwise; an ensemble of several runs gets none: give it a file); or a JSON file
-    written by `brats_jax.tune_postprocessing`.
+    option: "none"; "auto" (the run's `postprocessing.json` when there is one, else the
+    run config's `postprocess` fields; an ensemble of several runs gets none: give it a
+    file); or a JSON file written by `brats_jax.tune_postprocessing`.
     """
     from brats_jax import postprocess
 
     workdirs = split_list(workdirs)
-    if option == "none":
+    if option == "none" or (option == "auto" and len(workdirs) != 1):
         return postprocess.PostprocessConfig()
     if option == "auto":
         path = pathlib.Path(workdirs[0]) / postprocess.POSTPROCESSING_FILE
-        if len(workdirs) == 1 and path.is_file():
+        if path.is_file():
             return postprocess.load(path)
-        return postprocess.PostprocessConfig()
+        config = json.loads((pathlib.Path(workdirs[0]) / "config.json").read_text())
+        return postprocess.from_config(config)
     return postprocess.load(option)
 
 

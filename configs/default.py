@@ -79,6 +79,14 @@ def base_config() -> ml_collections.ConfigDict:
     e.hd95_mode = "max"  # max (MONAI: max of directed 95th percentiles) | pooled (medpy)
     e.num_figure_slices = 6
     e.tta = "none"  # test-time flips of the test pass: none | flips | flips_ud (inference.py)
+
+    # 3D post-processing of the test pass and of `predict` (brats_jax/postprocess.py); a run's
+    # postprocessing.json (python -m brats_jax.tune_postprocessing) takes precedence in predict.
+    c.postprocess = pp = ml_collections.ConfigDict()
+    pp.largest_component_only = False  # keep only the largest whole-tumour component
+    pp.min_component_voxels = 0  # drop whole-tumour components below this size (0 = off)
+    pp.connectivity = 26  # of the components: 26 (faces, edges, corners) | 6 (faces)
+    pp.et_min_voxels = 0  # relabel ET as NCR when the volume has fewer ET voxels (0 = off)
     return c
 
 

@@ -224,3 +224,38 @@ def test_cli_writes_csv_and_fails_with_one_line(tmp_path):
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("brats_jax.evaluate: error: no matching")
     assert not (tmp_path / "n.csv").exists()
+
+
+def test_postprocessing_file_applied_before_scoring(tmp_path):
+    from brats_jax import postprocess
+
+    gt, pred = _volumes(4)
+    pred[5, 4, 3] = 2  # a far island: WT HD95 grows to its distance, Dice drops
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    _save(gt_dir / "Brats18_A" / "Brats18_A_seg.nii.gz", gt)
+    _save(pred_dir / "Brats18_A.nii.gz", pred)
+    raw = E.evaluate_folder(pred_dir, gt_dir)[0]
+    assert raw["dice_WT"] == pytest.approx(2 * 2 / (4 + 3))
+    # nearest GT WT voxel to (5,4,3) is (2,2,1): sqrt(9 + 4 + 4); 95th percentile of the
+    # directed distances [0, 0, 1, 1] (GT->pred) and [0, 0, sqrt 17] (pred->GT), max of both
+    d = np.sqrt(17.0)
+    assert raw["hd95_WT"] == pytest.approx(max(np.percentile([0, 0, 1, 1], 95),
+                                               np.percentile([0, 0, d], 95)))  # fmt: skip
+    cfg = tmp_path / "postprocessing.json"
+    postprocess.save(cfg, postprocess.PostprocessConfig(largest_component_only=True))
+    out = tmp_path / "m.csv"
+    r = subprocess.run(
+        [sys.executable, "-m", "brats_jax.evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}",
+         f"--out={out}", f"--postprocessing={cfg}"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    row = _rows(out)["Brats18_A"]
+    assert float(row["dice_WT"]) == pytest.approx(2 / 3)  # as without the island
+    assert float(row["hd95_WT"]) == pytest.approx(1.0)
+    bad = subprocess.run(
+        [sys.executable, "-m", "brats_jax.evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}",
+         f"--out={out}", f"--postprocessing={tmp_path / 'nope.json'}"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert bad.returncode != 0 and "nope.json does not exist" in bad.stderr.strip().splitlines()[-1]

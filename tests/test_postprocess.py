@@ -185,3 +185,23 @@ def test_labels_to_regions_and_round_trip():
     )
     v = np.random.default_rng(1).integers(0, 4, (6, 5, 4))
     np.testing.assert_array_equal(pp.regions_to_labels(pp.labels_to_regions(v)), v)
+
+
+def test_from_config_fields_zero_means_off_and_old_configs_get_identity():
+    from configs import default
+
+    c = default.get_config()
+    assert pp.from_config(c).is_identity  # the defaults change nothing
+    with c.unlocked():
+        c.postprocess.min_component_voxels = 3
+        c.postprocess.connectivity = 6
+        c.postprocess.et_min_voxels = 5
+    got = pp.from_config(c)
+    assert got == pp.PostprocessConfig(min_component_voxels=3, connectivity=6, et_min_voxels=5)
+    v, tumour = _tumour_with_islands()  # 2 ET voxels < 5: relabelled NCR; islands dropped
+    want = np.where(tumour == 3, 1, tumour)
+    np.testing.assert_array_equal(pp.apply(v, got), want)
+    # a run folder's config.json (a dict) from before the fields existed
+    assert pp.from_config({"model": {}, "data": {}}).is_identity
+    with pytest.raises(ValueError, match="postprocess.*connectivity 5"):
+        pp.from_config({"postprocess": {"connectivity": 5}})

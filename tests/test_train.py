@@ -592,3 +592,46 @@ def test_old_run_folder_with_model_conv_impl_resumes_and_predicts(tiny_run, tmp_
     logged = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
     trained_steps = [r["step"] for r in logged if "train_loss" in r]
     assert trained_steps == [2, 4, 6, 8]  # resumed at 6: steps 1-6 were not trained again
+
+
+def test_test_pass_applies_the_config_postprocessing(tiny_run, tmp_path):
+    """With `postprocess` fields set, the test pass scores the post-processed volumes: each
+    case's metrics equal `metrics.evaluate_volume` of the thresholded prediction after
+    `postprocess.apply`, and results.json records the thresholds."""
+    from scipy import ndimage
+
+    from brats_jax import data, evaluation, inference, metrics, postprocess
+
+    workdir, _ = tiny_run
+    config, model, variables = train.load_trained(workdir)
+    with config.unlocked():
+        config.postprocess.min_component_voxels = 40
+        config.postprocess.et_min_voxels = 30
+    run = run_group.build_run(config, tmp_path)
+    predict = inference.make_slice_predictor(model, image_size=config.data.image_size)
+    results, _ = evaluation.evaluate_test_volumes(run, predict, variables)
+    assert results["postprocessing"] == {
+        "min_component_voxels": 40,
+        "largest_component_only": False,
+        "connectivity": 26,
+        "et_min_voxels": 30,
+    }
+    changed = 0
+    for row, case_id in zip(results["per_case"], run.splits.cases["test"], strict=True):
+        image, label = data.load_volume(run.source, case_id)
+        raw = np.argmax(inference.predict_volume(predict, variables, image, batch_size=4), -1)
+        cleaned = raw.copy()
+        wt = raw > 0  # hand-written rule: components of WT (26-conn.) under 40 voxels go
+        comps, n = ndimage.label(wt, structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(comps.ravel(), minlength=n + 1)
+        cleaned[(comps > 0) & (sizes[comps] < 40)] = 0
+        if 0 < (cleaned == 3).sum() < 30:
+            cleaned[cleaned == 3] = 1
+        changed += int((cleaned != raw).any())
+        want = metrics.evaluate_volume(cleaned, label)
+        assert row["dice_WT"] == pytest.approx(want["dice_WT"])
+        assert row["hd95_ET"] == pytest.approx(want["hd95_ET"])
+        np.testing.assert_array_equal(
+            postprocess.apply(raw, postprocess.from_config(config)), cleaned
+        )
+    assert changed  # the thresholds did something on these cases

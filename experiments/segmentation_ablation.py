@@ -1,0 +1,324 @@
+"""Cross-validated ablation of the segmentation options (issue 19) on real NIfTI cases.
+
+    python -m experiments.segmentation_ablation all --data_root=NIFTI_ROOT --out=DIR \\
+        [--folds=3] [--variants=baseline,context,regions,context_regions] [--parallel=4] \\
+        [--set=FIELD=VALUE ...]
+
+The cases under `--data_root` are cut into `--folds` patient-level folds
+(`data.folds.fold_cases`, seed 0). Each training variant (`VARIANTS`: the `cpu` preset's
+budget with the variant's fields) is trained once per fold: fold i's cases are that run's
+test cases, the other folds' cases train it (the `cpu` preset has no validation split).
+Stages, each resumable (finished parts are skipped), `all` runs them in order:
+
+* `train`: one `python -m brats_jax.main` per (variant, fold) into `DIR/runs/<variant>-fold<i>`,
+  `--parallel` at a time (they share one GPU, or the CPU cores);
+* `predict`: each run segments its own test cases (out-of-fold) once per TTA setting
+  (`--ttas`); labels {0..3} go to `DIR/predictions/<variant>.npz` (uint8, key "<tta>__<case>");
+* `score`: rows per variant and TTA setting: no post-processing, the largest whole-tumour
+  component (a fixed rule), and tuned post-processing (`postprocess.tune_postprocessing`,
+  both nnU-Net steps) whose thresholds for fold i are chosen on the other folds' out-of-fold
+  predictions, never on fold i's labels. Dice and HD95 per region per case
+  (`metrics.evaluate_volume`, HD95 as `eval.hd95_mode`), mean and standard deviation over
+  all cases, and each fold's mean. Writes `DIR/ablation.json` and `DIR/ablation.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from brats_jax import fileio, metrics, postprocess, runtime
+from brats_jax.data import brats
+from brats_jax.data.folds import fold_cases
+
+REGIONS = tuple(metrics.REGIONS)
+KEYS = tuple(f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS)
+# Training variants: fields set on top of `configs/unet.py:cpu`.
+VARIANTS: dict[str, dict] = {
+    "baseline": {},
+    "context": {"data.context_slices": 1},
+    "regions": {"model.output": "regions"},
+    "context_regions": {"data.context_slices": 1, "model.output": "regions"},
+}
+CONFIG = "configs/unet.py:cpu"
+FOLD_SEED = 0
+
+
+def folds_of(case_ids, num_folds: int) -> list[list[str]]:
+    """The test cases of each fold (sorted lists that partition `case_ids`)."""
+    return [fold_cases(case_ids, num_folds, i, seed=FOLD_SEED)[1] for i in range(num_folds)]
+
+
+def run_dir(out: pathlib.Path, variant: str, fold: int) -> pathlib.Path:
+    return out / "runs" / f"{variant}-fold{fold}"
+
+
+def train_command(args, variant: str, fold: int, test_ids, cache: pathlib.Path) -> list[str]:
+    """The `brats_jax.main` command line of one (variant, fold) run."""
+    fields = {
+        "data.source": "nifti",
+        "data.root": str(cache),
+        "data.test_cases": ",".join(test_ids),
+        "data.val_fraction": 0.0,
+        **VARIANTS[variant],
+        **dict(s.split("=", 1) for s in args.set),
+    }
+    cmd = [sys.executable, "-m", "brats_jax.main", f"--config={args.config}"]
+    cmd.append(f"--workdir={run_dir(args.out, variant, fold)}")
+    return cmd + [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+def train(args, folds) -> None:
+    """Trains every (variant, fold) run without a results.json, `args.parallel` at a time."""
+    from brats_jax.data import cache as nifti_cache
+
+    cache = args.cache_dir or args.out / "cache"
+    nifti_cache.prepare(args.data_root, cache, workers=args.parallel, progress=False)
+    todo = [
+        (v, i)
+        for v in args.variants
+        for i in range(len(folds))
+        if not (run_dir(args.out, v, i) / "results.json").is_file()
+    ]
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    running: list = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            v, i = todo.pop(0)
+            log = args.out / "runs" / f"{v}-fold{i}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            cmd = train_command(args, v, i, folds[i], cache)
+            proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+            running.append((v, i, proc, time.perf_counter()))
+            print(f"started {v} fold {i}", flush=True)
+        time.sleep(1.0)
+        for item in list(running):
+            v, i, proc, start = item
+            if proc.poll() is not None:
+                running.remove(item)
+                seconds = time.perf_counter() - start
+                print(f"finished {v} fold {i}: rc {proc.returncode}, {seconds:.0f} s", flush=True)
+                if proc.returncode:
+                    failed.append(f"{v}-fold{i}")
+    if failed:
+        raise SystemExit(f"error: training failed for {failed}; see {args.out}/runs/*.log")
+
+
+def predict_variant(out: str, variant: str, folds, cases: dict, ttas) -> str:
+    """Segments each fold's test cases with that fold's run of `variant`, once per TTA
+    setting; writes `out/predictions/<variant>.npz`. Runs in a worker process."""
+    from experiments.postprocessing_ablation import predict_all
+
+    runtime.setup()
+    path = pathlib.Path(out) / "predictions" / f"{variant}.npz"
+    if path.is_file():
+        return f"{variant}: kept {path}"
+    arrays = {}
+    for i, test_ids in enumerate(folds):
+        mine = {c: cases[c] for c in test_ids}
+        labels, _, _ = predict_all(
+            str(run_dir(pathlib.Path(out), variant, i)), mine, ttas=ttas, log=lambda *a: None
+        )
+        arrays.update({f"{t}__{c}": labels[t][c] for t in ttas for c in test_ids})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return f"{variant}: wrote {path}"
+
+
+def predict(args, folds, cases) -> None:
+    """`predict_variant` for every variant, `args.parallel` worker processes."""
+    ctx = __import__("multiprocessing").get_context("spawn")
+    workers = min(args.parallel, len(args.variants))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futs = [
+            pool.submit(predict_variant, str(args.out), v, folds, cases, args.ttas)
+            for v in args.variants
+        ]
+        for f in concurrent.futures.as_completed(futs):
+            print(f.result(), flush=True)
+
+
+def _score_case(pred, gt, spacing, hd95_mode) -> dict:
+    res = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
+    return {k: float(res[k]) for k in KEYS}
+
+
+def plan_rows(predictions: dict, gts: dict, folds, log=print) -> list[dict]:
+    """Rows `{variant, tta, postprocessing name, configs per fold}`; tuned rows' configs are
+    chosen for fold i on the other folds' cases (`postprocess.tune_postprocessing`)."""
+    none = postprocess.PostprocessConfig()
+    largest = postprocess.PostprocessConfig(largest_component_only=True)
+    rows = []
+    for variant, labels in predictions.items():
+        for tta in labels:
+            rows.append(dict(variant=variant, tta=tta, pp="none", configs=[none] * len(folds)))
+            rows.append(
+                dict(variant=variant, tta=tta, pp="largest", configs=[largest] * len(folds))
+            )
+            tuned = []
+            for i in range(len(folds)):
+                others = [c for j, f in enumerate(folds) if j != i for c in f]
+                t = postprocess.tune_postprocessing(
+                    [labels[tta][c] for c in others], [gts[c] for c in others], log=lambda *a: None
+                )
+                log(f"{variant} tta={tta} fold {i}: tuned on {len(others)} cases: {t.config}")
+                tuned.append(t.config)
+            rows.append(dict(variant=variant, tta=tta, pp="tuned", configs=tuned))
+    return rows
+
+
+def score(args, folds, cases) -> dict:
+    """Scores every row on every case (`args.parallel` processes); returns the record."""
+    predictions = {}
+    for v in args.variants:
+        with np.load(args.out / "predictions" / f"{v}.npz") as z:
+            by_tta: dict = {}
+            for key in z.files:
+                tta, cid = key.split("__", 1)
+                by_tta.setdefault(tta, {})[cid] = z[key]
+            predictions[v] = {t: by_tta[t] for t in args.ttas if t in by_tta}
+    gts, spacings = {}, {}
+    for cid, case in cases.items():
+        data = brats.load_case(case, require_label=True)
+        gts[cid] = data.label.astype(np.uint8)
+        spacings[cid] = tuple(float(z) for z in data.header.get_zooms()[:3])
+    rows = plan_rows(predictions, gts, folds)
+    fold_of = {c: i for i, f in enumerate(folds) for c in f}
+    jobs, done = {}, {}
+    with concurrent.futures.ProcessPoolExecutor(args.parallel) as pool:
+        for r in rows:
+            for cid in cases:
+                cfg = r["configs"][fold_of[cid]]
+                key = (r["variant"], r["tta"], cfg, cid)
+                if key not in jobs:
+                    pred = postprocess.apply(predictions[r["variant"]][r["tta"]][cid], cfg)
+                    jobs[key] = pool.submit(
+                        _score_case, pred, gts[cid], spacings[cid], args.hd95_mode
+                    )
+        done = {k: f.result() for k, f in jobs.items()}
+    for r in rows:
+        r["per_case"] = [
+            {
+                "case_id": c,
+                "fold": fold_of[c],
+                **done[r["variant"], r["tta"], r["configs"][fold_of[c]], c],
+            }
+            for c in cases
+        ]
+        r["configs"] = [c.to_dict() for c in r["configs"]]
+    return {"folds": folds, "fold_seed": FOLD_SEED, "hd95_mode": args.hd95_mode, "rows": rows}
+
+
+def _summary(per_case: list[dict], key: str, folds) -> tuple[float, float, list[float]]:
+    v = np.array([c[key] for c in per_case], float)
+    f = [float(np.mean([c[key] for c in per_case if c["fold"] == i])) for i in range(len(folds))]
+    return float(v.mean()), float(v.std()), f
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The row with the lowest mean HD95 (mean of WT, TC, ET) among the rows whose mean Dice
+    is no worse than the baseline row's (first row: baseline, no TTA, none) on every region."""
+    base = rows[0]["per_case"]
+    ok = [
+        r
+        for r in rows
+        if all(
+            np.mean([c[f"dice_{g}"] for c in r["per_case"]])
+            >= np.mean([c[f"dice_{g}"] for c in base]) - 1e-12
+            for g in REGIONS
+        )
+    ]
+    hd = lambda r: np.mean([c[f"hd95_{g}"] for c in r["per_case"] for g in REGIONS])
+    return min(ok, key=hd)
+
+
+def markdown(record: dict) -> str:
+    """The ablation table: mean ± SD over cases, then each fold's mean."""
+    rows, folds = record["rows"], record["folds"]
+    best = best_row(rows)
+    head = "| variant | TTA | post-proc. | " + " | ".join(
+        [f"Dice {r}" for r in REGIONS] + [f"HD95 {r} (mm)" for r in REGIONS]
+    )
+    lines = [head + " |", "|---|---|---|" + "---:|" * len(KEYS)]
+    fold_lines = [
+        "| variant | TTA | post-proc. | " + " | ".join(KEYS) + " |",
+        "|---|---|---|" + "---:|" * len(KEYS),
+    ]
+    for r in rows:
+        name = f"**{r['variant']}**" if r is best else r["variant"]
+        cells, fcells = [], []
+        for k in KEYS:
+            d = 3 if k.startswith("dice") else 1
+            m, s, f = _summary(r["per_case"], k, folds)
+            cells.append(f"{m:.{d}f} ± {s:.{d}f}")
+            fcells.append(" / ".join(f"{x:.{d}f}" for x in f))
+        lines.append(f"| {name} | {r['tta']} | {r['pp']} | " + " | ".join(cells) + " |")
+        fold_lines.append(
+            f"| {r['variant']} | {r['tta']} | {r['pp']} | " + " | ".join(fcells) + " |"
+        )
+    n = sum(len(f) for f in folds)
+    out = [
+        f"{len(folds)} folds over {n} cases (mean ± SD over cases; bold: the best row, lowest "
+        "mean HD95 among the rows with Dice no worse than the baseline on every region)",
+        "",
+        *lines,
+        "",
+        "Fold means (fold 0 / 1 / 2):",
+        "",
+        *fold_lines,
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=["train", "predict", "score", "all"])
+    p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
+    p.add_argument("--out", required=True, type=pathlib.Path)
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--ttas", default="none,flips", help="TTA settings, comma-separated")
+    p.add_argument("--parallel", type=int, default=2, help="processes at a time")
+    p.add_argument("--config", default=CONFIG)
+    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE for every run")
+    p.add_argument("--hd95_mode", default="max")
+    p.add_argument("--cache_dir", type=pathlib.Path, default=None, help="default: OUT/cache")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.ttas = [t for t in args.ttas.split(",") if t]
+    if unknown := sorted(set(args.variants) - set(VARIANTS)):
+        raise SystemExit(f"error: --variants {unknown}: expected some of {list(VARIANTS)}")
+    runtime.setup()
+    cases = {c.case_id: c for c in brats.find_cases(args.data_root)}
+    folds = folds_of(list(cases), args.folds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(args.out / "folds.json", {"seed": FOLD_SEED, "folds": folds})
+    start = time.perf_counter()
+    if args.stage in ("train", "all"):
+        train(args, folds)
+        print(f"train: {time.perf_counter() - start:.0f} s", flush=True)
+    if args.stage in ("predict", "all"):
+        predict(args, folds, cases)
+        print(f"predict: {time.perf_counter() - start:.0f} s", flush=True)
+    if args.stage in ("score", "all"):
+        record = score(args, folds, cases)
+        table = markdown(record)
+        fileio.write_json(args.out / "ablation.json", record)
+        fileio.write_text(args.out / "ablation.md", table)
+        print(table)
+        print(f"score: {time.perf_counter() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
