@@ -1,6 +1,7 @@
 """Cross-validated ablation of the segmentation options (issue 19) on real NIfTI cases.
 
-    python -m experiments.segmentation_ablation all --data_root=NIFTI_ROOT --out=DIR \\
+    python -m experiments.segmentation_ablation all|train,predict|score \\
+        --data_root=NIFTI_ROOT --out=DIR \\
         [--folds=3] [--variants=baseline,context,regions,context_regions] [--parallel=4] \\
         [--set=FIELD=VALUE ...]
 
@@ -13,7 +14,8 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
 * `train`: one `python -m brats_jax.main` per (variant, fold) into `DIR/runs/<variant>-fold<i>`,
   `--parallel` at a time (they share one GPU, or the CPU cores);
 * `predict`: each run segments its own test cases (out-of-fold) once per TTA setting
-  (`--ttas`); labels {0..3} go to `DIR/predictions/<variant>.npz` (uint8, key "<tta>__<case>");
+  (`--ttas`); labels {0..3} go to `DIR/predictions/<variant>-fold<i>.npz` (uint8, key
+  "<tta>__<case>");
 * `score`: rows per variant and TTA setting: no post-processing, the largest whole-tumour
   component (a fixed rule), and tuned post-processing (`postprocess.tune_postprocessing`,
   both nnU-Net steps) whose thresholds for fold i are chosen on the other folds' out-of-fold
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import multiprocessing
 import os
 import pathlib
 import subprocess
@@ -112,37 +115,42 @@ def train(args, folds) -> None:
         raise SystemExit(f"error: training failed for {failed}; see {args.out}/runs/*.log")
 
 
-def predict_variant(out: str, variant: str, folds, cases: dict, ttas) -> str:
-    """Segments each fold's test cases with that fold's run of `variant`, once per TTA
-    setting; writes `out/predictions/<variant>.npz`. Runs in a worker process."""
+def predictions_path(out: pathlib.Path, variant: str, fold: int) -> pathlib.Path:
+    return out / "predictions" / f"{variant}-fold{fold}.npz"
+
+
+def predict_run(out: str, variant: str, fold: int, cases: dict, ttas) -> str:
+    """Segments fold `fold`'s test cases (`cases`) with that fold's run of `variant`, once per
+    TTA setting; writes `predictions_path` (uint8 labels, key "<tta>__<case>"). Runs in a
+    worker process."""
     from experiments.postprocessing_ablation import predict_all
 
     runtime.setup()
-    path = pathlib.Path(out) / "predictions" / f"{variant}.npz"
+    path = predictions_path(pathlib.Path(out), variant, fold)
     if path.is_file():
-        return f"{variant}: kept {path}"
-    arrays = {}
-    for i, test_ids in enumerate(folds):
-        mine = {c: cases[c] for c in test_ids}
-        labels, _, _ = predict_all(
-            str(run_dir(pathlib.Path(out), variant, i)), mine, ttas=ttas, log=lambda *a: None
-        )
-        arrays.update({f"{t}__{c}": labels[t][c] for t in ttas for c in test_ids})
+        return f"{variant} fold {fold}: kept {path}"
+    start = time.perf_counter()
+    workdir = run_dir(pathlib.Path(out), variant, fold)
+    labels, _, _ = predict_all(str(workdir), cases, ttas=ttas, log=lambda *a: None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **{f"{t}__{c}": labels[t][c] for t in ttas for c in cases})
     os.replace(tmp, path)
-    return f"{variant}: wrote {path}"
+    return f"{variant} fold {fold}: wrote {path} ({time.perf_counter() - start:.0f} s)"
 
 
 def predict(args, folds, cases) -> None:
-    """`predict_variant` for every variant, `args.parallel` worker processes."""
-    ctx = __import__("multiprocessing").get_context("spawn")
-    workers = min(args.parallel, len(args.variants))
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    """`predict_run` for every (variant, fold), `args.parallel` worker processes."""
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [(v, i) for v in args.variants for i in range(len(folds))]
+    with concurrent.futures.ProcessPoolExecutor(
+        min(args.parallel, len(jobs)), mp_context=ctx
+    ) as pool:
         futs = [
-            pool.submit(predict_variant, str(args.out), v, folds, cases, args.ttas)
-            for v in args.variants
+            pool.submit(
+                predict_run, str(args.out), v, i, {c: cases[c] for c in folds[i]}, args.ttas
+            )
+            for v, i in jobs
         ]
         for f in concurrent.futures.as_completed(futs):
             print(f.result(), flush=True)
@@ -153,9 +161,14 @@ def _score_case(pred, gt, spacing, hd95_mode) -> dict:
     return {k: float(res[k]) for k in KEYS}
 
 
-def plan_rows(predictions: dict, gts: dict, folds, log=print) -> list[dict]:
-    """Rows `{variant, tta, postprocessing name, configs per fold}`; tuned rows' configs are
-    chosen for fold i on the other folds' cases (`postprocess.tune_postprocessing`)."""
+def _tune(preds, gts) -> postprocess.PostprocessConfig:
+    return postprocess.tune_postprocessing(preds, gts).config
+
+
+def plan_rows(predictions: dict, gts: dict, folds, pool, log=print) -> list[dict]:
+    """Rows `{variant, tta, pp, configs}` (`configs[i]`: fold i's `PostprocessConfig`); a
+    tuned row's config for fold i is chosen on the other folds' cases
+    (`postprocess.tune_postprocessing`), the tunings running in `pool`."""
     none = postprocess.PostprocessConfig()
     largest = postprocess.PostprocessConfig(largest_component_only=True)
     rows = []
@@ -168,12 +181,13 @@ def plan_rows(predictions: dict, gts: dict, folds, log=print) -> list[dict]:
             tuned = []
             for i in range(len(folds)):
                 others = [c for j, f in enumerate(folds) if j != i for c in f]
-                t = postprocess.tune_postprocessing(
-                    [labels[tta][c] for c in others], [gts[c] for c in others], log=lambda *a: None
-                )
-                log(f"{variant} tta={tta} fold {i}: tuned on {len(others)} cases: {t.config}")
-                tuned.append(t.config)
+                preds = [labels[tta][c] for c in others]
+                tuned.append(pool.submit(_tune, preds, [gts[c] for c in others]))
             rows.append(dict(variant=variant, tta=tta, pp="tuned", configs=tuned))
+    for r in rows:
+        if r["pp"] == "tuned":
+            r["configs"] = [f.result() for f in r["configs"]]
+            log(f"{r['variant']} tta={r['tta']}: tuned per fold: {r['configs']}")
     return rows
 
 
@@ -181,21 +195,21 @@ def score(args, folds, cases) -> dict:
     """Scores every row on every case (`args.parallel` processes); returns the record."""
     predictions = {}
     for v in args.variants:
-        with np.load(args.out / "predictions" / f"{v}.npz") as z:
-            by_tta: dict = {}
-            for key in z.files:
-                tta, cid = key.split("__", 1)
-                by_tta.setdefault(tta, {})[cid] = z[key]
-            predictions[v] = {t: by_tta[t] for t in args.ttas if t in by_tta}
+        by_tta: dict = {t: {} for t in args.ttas}
+        for i in range(len(folds)):
+            with np.load(predictions_path(args.out, v, i)) as z:
+                for t in args.ttas:
+                    by_tta[t].update({c: z[f"{t}__{c}"] for c in folds[i]})
+        predictions[v] = by_tta
     gts, spacings = {}, {}
     for cid, case in cases.items():
         data = brats.load_case(case, require_label=True)
         gts[cid] = data.label.astype(np.uint8)
         spacings[cid] = tuple(float(z) for z in data.header.get_zooms()[:3])
-    rows = plan_rows(predictions, gts, folds)
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
     jobs, done = {}, {}
     with concurrent.futures.ProcessPoolExecutor(args.parallel) as pool:
+        rows = plan_rows(predictions, gts, folds, pool)
         for r in rows:
             for cid in cases:
                 cfg = r["configs"][fold_of[cid]]
@@ -282,7 +296,7 @@ def markdown(record: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["train", "predict", "score", "all"])
+    p.add_argument("stages", help="all, or some of train,predict,score (comma-separated)")
     p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
     p.add_argument("--out", required=True, type=pathlib.Path)
     p.add_argument("--folds", type=int, default=3)
@@ -294,6 +308,9 @@ def main(argv=None) -> int:
     p.add_argument("--hd95_mode", default="max")
     p.add_argument("--cache_dir", type=pathlib.Path, default=None, help="default: OUT/cache")
     args = p.parse_args(argv)
+    stages = ["train", "predict", "score"] if args.stages == "all" else args.stages.split(",")
+    if bad := sorted(set(stages) - {"train", "predict", "score"}):
+        raise SystemExit(f"error: stages {bad}: expected all, or some of train,predict,score")
     args.variants = [v for v in args.variants.split(",") if v]
     args.ttas = [t for t in args.ttas.split(",") if t]
     if unknown := sorted(set(args.variants) - set(VARIANTS)):
@@ -304,13 +321,13 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     fileio.write_json(args.out / "folds.json", {"seed": FOLD_SEED, "folds": folds})
     start = time.perf_counter()
-    if args.stage in ("train", "all"):
+    if "train" in stages:
         train(args, folds)
         print(f"train: {time.perf_counter() - start:.0f} s", flush=True)
-    if args.stage in ("predict", "all"):
+    if "predict" in stages:
         predict(args, folds, cases)
         print(f"predict: {time.perf_counter() - start:.0f} s", flush=True)
-    if args.stage in ("score", "all"):
+    if "score" in stages:
         record = score(args, folds, cases)
         table = markdown(record)
         fileio.write_json(args.out / "ablation.json", record)

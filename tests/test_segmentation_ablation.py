@@ -1,0 +1,75 @@
+"""experiments.segmentation_ablation: folds, run commands, cross-fold tuning, row choice."""
+
+import concurrent.futures
+import pathlib
+import types
+
+import numpy as np
+
+from brats_jax import postprocess
+from experiments import segmentation_ablation as A
+
+IDS = [f"case{i:02d}" for i in range(18)]
+
+
+def test_folds_partition_the_cases_deterministically():
+    folds = A.folds_of(IDS[::-1], 3)
+    assert [len(f) for f in folds] == [6, 6, 6]
+    assert sorted(c for f in folds for c in f) == IDS
+    assert folds == A.folds_of(IDS, 3)  # order of the input does not matter
+
+
+def test_train_command_holds_the_fold_and_the_variant(tmp_path):
+    args = types.SimpleNamespace(
+        out=tmp_path, config="configs/unet.py:cpu", set=["train.num_steps=4"]
+    )
+    cmd = A.train_command(args, "context_regions", 1, ["a", "b"], pathlib.Path("/c"))
+    assert f"--workdir={tmp_path}/runs/context_regions-fold1" in cmd
+    for flag in (
+        "--config.data.test_cases=a,b",
+        "--config.data.root=/c",
+        "--config.data.context_slices=1",
+        "--config.model.output=regions",
+        "--config.train.num_steps=4",
+        "--config.data.val_fraction=0.0",
+    ):
+        assert flag in cmd
+
+
+def test_tuned_thresholds_of_a_fold_never_see_its_cases(monkeypatch):
+    seen = []
+
+    def fake_tune(preds, gts):
+        seen.append(sorted(int(g[0, 0, 0]) for g in gts))  # case numbers ride in the volumes
+        return postprocess.PostprocessConfig(et_min_voxels=len(seen))
+
+    monkeypatch.setattr(A, "_tune", fake_tune)
+    ids = IDS[:6]
+    folds = [ids[0:2], ids[2:4], ids[4:6]]
+    gts = {c: np.full((2, 2, 2), i, np.uint8) for i, c in enumerate(ids)}
+    preds = {"baseline": {"none": {c: gts[c] for c in ids}}}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        rows = A.plan_rows(preds, gts, folds, pool, log=lambda *a: None)
+    assert [r["pp"] for r in rows] == ["none", "largest", "tuned"]
+    assert seen == [[2, 3, 4, 5], [0, 1, 4, 5], [0, 1, 2, 3]]  # fold i's cases left out
+    assert [c.et_min_voxels for c in rows[2]["configs"]] == [1, 2, 3]
+
+
+def _row(variant, dice, hd):
+    per_case = [
+        {"case_id": f"c{i}", "fold": i % 2, **{f"dice_{g}": d for g in A.REGIONS},
+         **{f"hd95_{g}": h for g in A.REGIONS}}
+        for i, (d, h) in enumerate(zip(dice, hd, strict=True))
+    ]  # fmt: skip
+    return {"variant": variant, "tta": "none", "pp": "none", "per_case": per_case}
+
+
+def test_best_row_is_the_lowest_hd95_without_losing_dice():
+    base = _row("baseline", [0.8, 0.8], [20, 10])
+    worse_dice = _row("a", [0.7, 0.8], [1, 1])  # best HD95 but Dice below the baseline
+    good = _row("b", [0.8, 0.9], [5, 5])
+    better = _row("c", [0.85, 0.8], [4, 5])
+    assert A.best_row([base, worse_dice, good, better]) is better
+    md = A.markdown({"rows": [base, good], "folds": [["c0"], ["c1"]]})
+    assert "| **b** | none | none | 0.850 ± 0.050" in md  # mean and SD over the two cases
+    assert "0.800 / 0.900" in md and "5.0 / 5.0" in md  # fold means
