@@ -362,3 +362,37 @@ def test_ensemble_of_a_classes_and_a_regions_run_is_an_error(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"r: model.output 'regions' differs from .*c's 'classes'"):
         predict.load_ensemble(f"{c},{r}")
     assert len(predict.load_ensemble(f"{r},{r}").variables) == 2
+
+
+def _regions_config(loss: str, seed: int):
+    c = unet_config.get_config("tiny")
+    c.model.output = "regions"
+    c.train.loss, c.train.seed = loss, seed
+    c.train.num_steps, c.train.eval_every_steps = 2, 2
+    return c
+
+
+def test_runs_with_different_model_outputs_are_not_trained_together(tmp_path):
+    classes = unet_config.get_config("tiny")
+    with pytest.raises(ValueError, match="must share"):
+        train.train_runs([classes, _regions_config("ce", 0)], [tmp_path / "a", tmp_path / "b"])
+
+
+@pytest.mark.slow
+def test_vmapped_region_runs_match_the_run_alone(tmp_path):
+    """Two region runs with different losses in one vmapped program: the first one's
+    training and validation losses equal those of the same run trained alone."""
+    configs = [_regions_config("ce", 0), _regions_config("dice_ce", 1)]
+    alone = train.train_and_evaluate(configs[0], tmp_path / "alone")
+    group = train.train_runs(configs, [tmp_path / "g0", tmp_path / "g1"], mapping="vmap")
+
+    def curve(workdir, key):
+        rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [r[key] for r in rows if key in r]
+
+    for key in ("train_loss", "val_loss", "val_paper_dice"):
+        a, g = curve(tmp_path / "alone", key), curve(tmp_path / "g0", key)
+        assert len(a) == len(g) > 0
+        np.testing.assert_allclose(a, g, rtol=2e-3, atol=2e-4, err_msg=key)
+    assert group[0]["paper_dice"] == pytest.approx(alone["paper_dice"], abs=2e-3)
+    assert curve(tmp_path / "g1", "train_loss") != curve(tmp_path / "g0", "train_loss")
