@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags
 
-from brats_jax import MODALITIES, cli, fileio, outputs, runtime
+from brats_jax import MODALITIES, cli, fileio, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run folder (holds config.json, checkpoints/).")
@@ -101,7 +101,7 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
     probabilities means nothing); ValueError names the first run that differs. Runs with
     the same model config share one compiled predictor (the variables are its argument).
     """
-    from brats_jax import inference, train
+    from brats_jax import inference, outputs, train
 
     workdirs = tuple(split_list(workdirs))
     if not workdirs:
@@ -170,7 +170,7 @@ def resolve_postprocessing(workdirs, option: str = "auto"):
 
 def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None):
     """Predict a case (folder or `brats.Case`) -> (CaseData, labels {0..3} int, probabilities)."""
-    from brats_jax import postprocess
+    from brats_jax import outputs, postprocess
     from brats_jax.data import brats
 
     data = brats.load_case(
@@ -183,10 +183,11 @@ def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None):
     return data, labels, probs
 
 
-# The probability NIfTI's header description (80 bytes at most), by channel count.
+# The probability NIfTI's header description (80 bytes at most), by channel count
+# (`outputs.num_channels`: 4 classes, 3 regions).
 _PROBABILITY_DESCRIPTION = {
-    outputs.num_channels("classes"): "brats_jax classes softmax: bg,NCR/NET,ED,ET",
-    outputs.num_channels("regions"): "brats_jax regions sigmoid: WT,TC,ET",
+    4: "brats_jax classes softmax: bg,NCR/NET,ED,ET",
+    3: "brats_jax regions sigmoid: WT,TC,ET",
 }
 
 
