@@ -6,7 +6,7 @@ eval step over sharded batches), whole-volume test metrics, and the run's result
 import jax
 import numpy as np
 
-from brats_jax import NUM_CLASSES, data, fileio, inference, metrics, plots, postprocess
+from brats_jax import NUM_CLASSES, data, fileio, inference, metrics, outputs, plots, postprocess
 from brats_jax.steps import data_mesh, device_batch
 
 
@@ -98,7 +98,7 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
         probs = inference.predict_volume(
             predict, variables, image, batch_size=run.config.eval.batch_size
         )
-        pred = np.argmax(probs, axis=-1).astype(np.int32)
+        pred = outputs.labels_from_probabilities(probs, outputs.of_config(run.config.model))
         pred = postprocess.apply(pred, pp).astype(np.int32)  # the config's (identity: off)
         scores = metrics.evaluate_volume(
             pred, label, spacing=spacing, hd95_mode=run.config.eval.hd95_mode

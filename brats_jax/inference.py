@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brats_jax import outputs
 from brats_jax.data.pipeline import pad_batch
 
 SliceFn = Callable[[dict, jax.Array], jax.Array]
@@ -26,8 +27,12 @@ _TTA_FLIPS = {
 }
 
 
-def make_slice_predictor(model, *, image_size: int, tta: str = "none"):
+def make_slice_predictor(model, *, image_size: int, tta: str = "none", output: str = "classes"):
     """Jitted `f(variables, images (B,H,W,4) float32) -> probabilities (B,H,W,C) float32`.
+
+    `output` (the config's `model.output`): "classes" gives softmax probabilities of the 4
+    classes, "regions" sigmoid probabilities of WT, TC, ET (`outputs.probabilities`); turn
+    either into labels with `outputs.labels_from_probabilities`.
 
     Slices of any native size H,W are resized to `image_size` (0 = native) before the model,
     bilinearly without antialiasing as training resizes them (`data.resize_image`), and the
@@ -42,6 +47,7 @@ def make_slice_predictor(model, *, image_size: int, tta: str = "none"):
     if tta not in _TTA_FLIPS:
         raise ValueError(f"tta {tta!r}: expected one of {TTA_MODES}")
     flips = _TTA_FLIPS[tta]
+    outputs.check_output(output)
 
     @jax.jit
     def predict(variables, images: jax.Array) -> jax.Array:
@@ -57,7 +63,7 @@ def make_slice_predictor(model, *, image_size: int, tta: str = "none"):
         probs = 0.0
         for axes in flips:  # a mirror image in, its probabilities mirrored back
             logits = model.apply(variables, _flip(x, axes), train=False)
-            probs += _flip(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axes)
+            probs += _flip(outputs.probabilities(logits, output), axes)
         probs = probs / len(flips)
         if probs.shape[1:3] != (height, width):
             probs = jax.image.resize(

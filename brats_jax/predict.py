@@ -15,14 +15,18 @@ volumes (the four modalities co-registered on one grid, skull-stripped), normali
 in its training data (per volume over the brain for NIfTI-trained runs, per slice over
 all pixels, the Kaggle release's way, for Kaggle-trained runs). Slices are
 resized to the run's `data.image_size` for the model and the class probabilities are
-resized back to full size. `--probabilities=FILE.nii.gz` also writes the (H, W, D, 4)
-float32 class probabilities. Outputs are written atomically.
+resized back to full size. `--probabilities=FILE.nii.gz` also writes the float32
+probabilities: (H, W, D, 4) class probabilities, or (H, W, D, 3) WT, TC, ET probabilities for
+runs with `model.output=regions` (the NIfTI header's description says which). Outputs are
+written atomically.
 
 Many cases: `--input` a folder holding case folders (at any depth) or a comma-separated
 list of case folders, with `--output` a folder (a name not ending in .nii/.nii.gz): one
 `<ID>.nii.gz` per case (`--probabilities` is then a folder too), one load and compilation
-for all, a progress bar. Several comma-separated `--workdir`s form an ensemble: their class
-probabilities are averaged (they must share `data.image_size` and input normalization).
+for all, a progress bar. Several comma-separated `--workdir`s form an ensemble: their
+probabilities are averaged (they must share `data.image_size`, input normalization and
+`model.output`). Labels are the argmax of class probabilities, or region probabilities
+decoded with ET inside TC inside WT (`outputs.labels_from_probabilities`).
 `--tta=flips` (`flips_ud`) averages over left-right (and up-down) mirrored slices.
 Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
 `python -m brats_jax.tune_postprocessing`) is applied when present; `--postprocessing=none`
@@ -51,7 +55,9 @@ flags.DEFINE_enum(
     "naming", None, ["2018", "2023"], "With --flair etc.: output label convention (ET 4 or 3)."
 )
 flags.DEFINE_string("output", None, "Output label NIfTI (.nii[.gz]), or a folder for many cases.")
-flags.DEFINE_string("probabilities", None, "Optional class-probability NIfTI (folder: many).")
+flags.DEFINE_string(
+    "probabilities", None, "Optional class (or region) probability NIfTI (folder: many)."
+)
 flags.DEFINE_enum("tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.")
 flags.DEFINE_string(
     "postprocessing", "auto", "auto (the run's postprocessing.json if any), none, or a JSON file."
@@ -90,11 +96,12 @@ def split_list(value: str | os.PathLike | Sequence) -> list[str]:
 def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
     """Load one run or several (an ensemble) for prediction.
 
-    Runs of an ensemble must share `data.image_size` and the input normalization (the data
-    source's, `input_normalization`); ValueError names the first run that differs. Runs with
+    Runs of an ensemble must share `data.image_size`, the input normalization (the data
+    source's, `input_normalization`) and `model.output` (averaging class and region
+    probabilities means nothing); ValueError names the first run that differs. Runs with
     the same model config share one compiled predictor (the variables are its argument).
     """
-    from brats_jax import inference, train
+    from brats_jax import inference, outputs, train
 
     workdirs = tuple(split_list(workdirs))
     if not workdirs:
@@ -108,6 +115,7 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
         for what, get in (
             ("data.image_size", lambda c: c.data.image_size),
             ("input normalization", lambda c: input_normalization(c.data.source)),
+            ("model.output", lambda c: outputs.of_config(c.model)),
         ):
             if get(config) != get(first):
                 raise ValueError(
@@ -117,7 +125,10 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
         key = json.dumps(config.model.to_dict(), sort_keys=True)
         if key not in by_model:
             by_model[key] = inference.make_slice_predictor(
-                model, image_size=config.data.image_size, tta=tta
+                model,
+                image_size=config.data.image_size,
+                tta=tta,
+                output=outputs.of_config(config.model),
             )
         predictors.append(by_model[key])
         variables.append(v)
@@ -125,7 +136,8 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
 
 
 def predict_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0) -> np.ndarray:
-    """(H, W, D, C) class probabilities of a (H, W, D, 4) volume, averaged over the runs."""
+    """(H, W, D, C) probabilities (4 classes or 3 regions: `model.output`) of a (H, W, D, 4)
+    volume, averaged over the runs."""
     from brats_jax import inference
 
     batch_size = batch_size or ensemble.config.eval.batch_size
@@ -159,17 +171,25 @@ def resolve_postprocessing(workdirs, option: str = "auto"):
 
 def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None):
     """Predict a case (folder or `brats.Case`) -> (CaseData, labels {0..3} int, probabilities)."""
-    from brats_jax import postprocess
+    from brats_jax import outputs, postprocess
     from brats_jax.data import brats
 
     data = brats.load_case(
         case, require_label=False, normalization=input_normalization(ensemble.config.data.source)
     )
     probs = predict_probabilities(ensemble, data.image, batch_size=batch_size)
-    labels = np.argmax(probs, axis=-1)
+    labels = outputs.labels_from_probabilities(probs, outputs.of_config(ensemble.config.model))
     if postprocessing is not None:
         labels = postprocess.apply(labels, postprocessing)
     return data, labels, probs
+
+
+# The probability NIfTI's header description (80 bytes at most), by channel count
+# (`outputs.num_channels`: 4 classes, 3 regions).
+_PROBABILITY_DESCRIPTION = {
+    4: "brats_jax classes softmax: bg,NCR/NET,ED,ET",
+    3: "brats_jax regions sigmoid: WT,TC,ET",
+}
 
 
 def _write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
@@ -188,6 +208,7 @@ def _write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
         prob_header = data.header.copy()
         prob_header.set_data_dtype(np.float32)
         prob_header.set_slope_inter(1, 0)
+        prob_header["descrip"] = _PROBABILITY_DESCRIPTION[probs.shape[-1]]
         _save_nifti(
             nib.Nifti1Image(probs.astype(np.float32), data.affine, prob_header),
             probabilities,

@@ -20,7 +20,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from brats_jax import config_utils, data, fileio, losses, steps
+from brats_jax import config_utils, data, fileio, losses, outputs, steps
 from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints, UnreadableCheckpoint, restore_runs
 from brats_jax.metric_writer import MetricWriter
 from brats_jax.runtime import resolve_ops
@@ -110,7 +110,7 @@ def build_run(config: ml_collections.ConfigDict, workdir, *, source=None) -> Run
     if total_steps <= 0:
         raise ValueError("nothing to train: set train.num_epochs or train.num_steps > 0")
     counts = source.table.class_counts[np.asarray(splits.train, np.int64)]  # (N, C)
-    loss_params = create_loss_params(config.train, counts)
+    loss_params = create_loss_params(config.train, counts, outputs.of_config(config.model))
     return Run(
         config, pathlib.Path(workdir), source, splits, loss_params, steps_per_epoch, total_steps
     )

@@ -14,16 +14,20 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from brats_jax import losses, metrics
+from brats_jax import losses, metrics, outputs
 from brats_jax.train_state import TrainState
 
 
-def make_train_step(model, tx):
+def make_train_step(model, tx, output: str = "classes"):
     """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm", "class_weights"})`;
-    pure, jit it. `class_weights`: (C,) class weights the loss gave this batch.
+    pure, jit it. `class_weights`: (C,) class weights the loss gave this batch (ones for
+    region outputs, which weigh no class). `output`: the config's `model.output` (static),
+    which picks the loss (`losses.loss_for_output`).
 
     `batch`: image float32 (B,H,W,4), label int32 (B,H,W); loss and grad norm are scalars.
     """
+
+    loss_fn = losses.loss_for_output(outputs.check_output(output))
 
     def step(state: TrainState, batch: dict, loss_params) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -36,7 +40,7 @@ def make_train_step(model, tx):
                 rngs={"dropout": dropout_rng},
                 mutable=list(state.model_state.keys()),
             )
-            return losses.combined_loss(logits, batch["label"], loss_params), updates
+            return loss_fn(logits, batch["label"], loss_params), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -64,25 +68,33 @@ EvalMetrics = clu_metrics.Collection.create(
 per-slice Dice averaged over slices, and the pooled confusion matrix."""
 
 
-def make_eval_step(model):
+def make_eval_step(model, output: str = "classes"):
     """`step(state, batch, loss_params) -> EvalMetrics` over the batch's valid slices.
 
     `batch`: image (B,H,W,4), label (B,H,W), valid (B,) bool (padding slices are False and
-    not counted). Merge the results of all batches with `EvalMetrics.merge`.
+    not counted). Merge the results of all batches with `EvalMetrics.merge`. `output`: the
+    config's `model.output`: the loss is that output's training loss, the Dice scores are of
+    the labels decoded from its probabilities (`outputs.labels_from_probabilities`).
     """
+    loss_fn = losses.loss_for_output(outputs.check_output(output))
 
     def step(state: TrainState, batch: dict, loss_params):
         logits = model.apply(
             {"params": state.params, **state.model_state}, batch["image"], train=False
         )
-        per_slice = jax.vmap(lambda lg, lb: losses.combined_loss(lg[None], lb[None], loss_params))(
+        per_slice = jax.vmap(lambda lg, lb: loss_fn(lg[None], lb[None], loss_params))(
             logits, batch["label"]
         )
+        pred = outputs.labels_from_probabilities(outputs.probabilities(logits, output), output)
         labels, valid = batch["label"], batch["valid"]
         return EvalMetrics.empty().replace(
             loss=clu_metrics.Average.from_model_output(per_slice, mask=valid),
-            paper_dice=metrics.MeanPaperDice.from_model_output(labels, logits, valid=valid),
-            confusion=metrics.ConfusionMatrix.from_model_output(labels, logits, valid=valid),
+            paper_dice=metrics.MeanPaperDice.from_model_output(
+                labels, predictions=pred, valid=valid
+            ),
+            confusion=metrics.ConfusionMatrix.from_model_output(
+                labels, predictions=pred, valid=valid
+            ),
         )
 
     return step
@@ -139,14 +151,16 @@ def device_batch(mesh: Mesh, batch: dict, *, stacked: bool = False) -> dict:
     }
 
 
-def jit_train_step(model, tx, mesh: Mesh, state, loss_params, mapping: str):
+def jit_train_step(
+    model, tx, mesh: Mesh, state, loss_params, mapping: str, output: str = "classes"
+):
     """The train step jitted for `state`/`loss_params` replicated on `mesh` (state donated),
-    mapped over runs by `mapping` ("none" for one unstacked run)."""
+    mapped over runs by `mapping` ("none" for one unstacked run); `output`: `model.output`."""
     replicated = NamedSharding(mesh, P())
     state_sharding = jax.tree.map(lambda _: replicated, state)
     batch_sharding = NamedSharding(mesh, P(None, "data") if mapping != "none" else P("data"))
     return jax.jit(
-        map_over_runs(make_train_step(model, tx), mapping),
+        map_over_runs(make_train_step(model, tx, output), mapping),
         in_shardings=(
             state_sharding,
             {"image": batch_sharding, "label": batch_sharding},

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from brats_jax import inference, steps
+from brats_jax import inference, outputs, steps
 from brats_jax.evaluation import evaluate_and_write
 from brats_jax.run_group import RunGroup
 from brats_jax.train_state import learning_rate_at, load_trained  # noqa: F401 (predict.py)
@@ -57,7 +57,10 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
         group.close()
     cfg = group.config
     predict = inference.make_slice_predictor(
-        group.model, image_size=cfg.data.image_size, tta=cfg.eval.get("tta", "none")
+        group.model,
+        image_size=cfg.data.image_size,
+        tta=cfg.eval.get("tta", "none"),
+        output=outputs.of_config(cfg.model),
     )
     results = []
     for run, (s, tested_step, selected_by) in zip(group.runs, tested, strict=True):
@@ -118,10 +121,11 @@ class _LossGuard:
 
 def _train_loop(group: RunGroup) -> int:
     """Train `group` to its last step; returns the number of steps taken."""
+    output = outputs.of_config(group.config.model)  # shared by the group (SHARED_FIELDS)
     train_step = steps.jit_train_step(
-        group.model, group.tx, group.mesh, group.state, group.loss_params, group.mapping
+        group.model, group.tx, group.mesh, group.state, group.loss_params, group.mapping, output
     )
-    eval_step = jax.jit(steps.make_eval_step(group.model))
+    eval_step = jax.jit(steps.make_eval_step(group.model, output))
     when, guard = _Intervals(group), _LossGuard(group)
     step = group.start_step or 0
     t_log, n_log, weights = time.perf_counter(), 0, []  # weights: each step's class weights

@@ -14,7 +14,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from brats_jax import NUM_CLASSES, config_utils, losses, models, runtime
+from brats_jax import NUM_CLASSES, config_utils, losses, models, outputs, runtime
 from brats_jax.checkpoints import RunCheckpoints
 
 
@@ -34,8 +34,13 @@ def create_model(config: ml_collections.ConfigDict, *, ops: str | None = None):
     return models.from_config(config.model, ops=ops or runtime.resolve_ops(config))
 
 
-def create_loss_params(train_config: ml_collections.ConfigDict, slice_class_counts: np.ndarray):
+def create_loss_params(
+    train_config: ml_collections.ConfigDict, slice_class_counts: np.ndarray, output="classes"
+):
     """`losses.LossParams` of the registry loss `train_config.loss` with the config's values.
+
+    `output` (`model.output`): "regions" maps ce, dice and dice_ce onto the region BCE + Dice
+    loss (`losses.region_loss_params`); the class-balanced and focal losses are an error.
 
     `slice_class_counts`: (N, C) pixels per class of each training slice. What the cb_*
     losses count as n_i is `train.class_counts`: "batch_pixels" (each batch's pixels, in the
@@ -43,6 +48,13 @@ def create_loss_params(train_config: ml_collections.ConfigDict, slice_class_coun
     the class); the split_* weights are computed once, on the host in float64.
     """
     t = train_config
+    if outputs.check_output(output) == "regions":
+        if t.loss not in losses.REGION_LOSS_NAMES:
+            raise ValueError(
+                f"train.loss {t.loss!r} is not available with model.output 'regions'; "
+                f"expected one of {', '.join(losses.REGION_LOSS_NAMES)}"
+            )
+        return losses.region_loss_params(t.loss, dice_weight=t.dice_weight)
     mode = t.get("class_counts", losses.BATCH_PIXELS)
     split = {"split_pixels": lambda c: c.sum(0), "split_slices": losses.slice_counts}
     if mode != losses.BATCH_PIXELS and mode not in split:

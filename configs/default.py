@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.n_skip = 3  # TransUNet: skip connections used by the decoder
     m.pretrained_path = ""  # TransUNet: Google's R50+ViT-B_16.npz ("" = random init)
     m.pretrained_root_conv = "mean"  # RGB root -> 4 channels: mean | repeat | rgb_mean | init
+    # classes: 4 softmax channels (bg, NCR/NET, ED, ET; the study's) | regions: 3 sigmoid
+    # channels WT, TC, ET trained with BCE + Dice (nnU-Net), decoded to labels ET < TC < WT
+    m.output = "classes"
 
     c.train = t = ml_collections.ConfigDict()
     t.loss = "ce"  # ce | cb_ce | focal | cb_focal | dice | dice_ce

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from brats_jax import fileio, metrics, postprocess, predict, runtime
+from brats_jax import fileio, metrics, outputs, postprocess, predict, runtime
 from brats_jax.data import brats
 
 TTAS = ("none", "flips", "flips_ud")
@@ -62,7 +62,8 @@ def predict_all(
         for t, ens in ensembles.items():
             start = time.perf_counter()
             probs = predict.predict_probabilities(ens, data.image)
-            labels[t][cid] = np.argmax(probs, axis=-1).astype(np.uint8)
+            output = outputs.of_config(ens.config.model)
+            labels[t][cid] = outputs.labels_from_probabilities(probs, output).astype(np.uint8)
             log(f"predicted {cid} tta={t} ({time.perf_counter() - start:.1f} s)")
     return labels, gts, spacings
 

@@ -635,3 +635,28 @@ def test_test_pass_applies_the_config_postprocessing(tiny_run, tmp_path):
             postprocess.apply(raw, postprocess.from_config(config)), cleaned
         )
     assert changed  # the thresholds did something on these cases
+
+
+def test_old_run_folder_without_model_output_loads_as_classes(tiny_run, tmp_path):
+    """Run folders written before `model.output` existed are 4-class runs: they load (same
+    weights) and predict as before."""
+    import shutil
+
+    workdir, _ = tiny_run
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / "config.json").read_text())
+    assert saved["model"].pop("output") == "classes"
+    (old / "config.json").write_text(json.dumps(saved))
+    config, _, v_old = train.load_trained(old, step=6)
+    assert "output" not in config.model
+    _, _, v_new = train.load_trained(workdir, step=6)
+    for x, y in zip(jax.tree.leaves(v_old), jax.tree.leaves(v_new), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    case, _, _ = _write_case_2018(tmp_path)
+    from brats_jax import predict
+
+    labels = predict.predict_case(old, case, tmp_path / "old.nii.gz")
+    np.testing.assert_array_equal(
+        labels, predict.predict_case(workdir, case, tmp_path / "n.nii.gz")
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from brats_jax import NUM_CLASSES
+from brats_jax import outputs
 from brats_jax.models.pretrained import LoadReport, load_pretrained
 from brats_jax.models.transunet import (
     PRESETS,
@@ -58,7 +58,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 def from_config(model_config, *, ops: str = "auto") -> nn.Module:
-    """The network of a config's `model` section (`configs/default.py`), for 4 classes.
+    """The network of a config's `model` section (`configs/default.py`), with 4 class or 3
+    region output channels (`model.output`, `brats_jax.outputs`).
 
     ``model_config``: fields name, dtype, base_features, depth, norm, padding (U-Net),
     preset, n_skip (TransUNet). ``ops``: the U-Net's ops implementation (``runtime.ops``,
@@ -78,5 +79,8 @@ def from_config(model_config, *, ops: str = "auto") -> nn.Module:
     if m.name not in fields:
         raise ValueError(f"unknown model.name {m.name!r}; expected 'unet' or 'transunet'")
     return create_model(
-        m.name, num_classes=NUM_CLASSES, dtype=jnp.dtype(m.dtype), **fields[m.name]()
+        m.name,
+        num_classes=outputs.num_channels(outputs.of_config(m)),  # 4 classes or 3 regions
+        dtype=jnp.dtype(m.dtype),
+        **fields[m.name](),
     )
