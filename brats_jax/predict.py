@@ -148,12 +148,12 @@ def predict_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0
     return total / len(ensemble.predictors)
 
 
-def resolve_postprocessing(workdirs, option: str = "auto"):
+def resolve_postprocessing(workdirs, option: str = "auto", config=None):
     """The `PostprocessConfig` predict applies.
 
     option: "none"; "auto" (the run's `postprocessing.json` when there is one, else the
-    run config's `postprocess` fields; an ensemble of several runs gets none: give it a
-    file); or a JSON file written by `brats_jax.tune_postprocessing`.
+    `postprocess` fields of `config`, the run's config; an ensemble of several runs gets
+    none: give it a file); or a JSON file written by `brats_jax.tune_postprocessing`.
     """
     from brats_jax import postprocess
 
@@ -164,8 +164,11 @@ def resolve_postprocessing(workdirs, option: str = "auto"):
         path = pathlib.Path(workdirs[0]) / postprocess.POSTPROCESSING_FILE
         if path.is_file():
             return postprocess.load(path)
-        config = json.loads((pathlib.Path(workdirs[0]) / "config.json").read_text())
-        return postprocess.from_config(config)
+        return (
+            postprocess.from_config(config)
+            if config is not None
+            else postprocess.PostprocessConfig()
+        )
     return postprocess.load(option)
 
 
@@ -241,7 +244,7 @@ def predict_case(
         if path:
             fileio.check_writable(path)
     ensemble = load_ensemble(workdir, step=step, tta=tta)
-    pp = resolve_postprocessing(workdir, postprocessing)
+    pp = resolve_postprocessing(workdir, postprocessing, ensemble.config)
     data, labels, probs = segment(ensemble, case, batch_size=batch_size, postprocessing=pp)
     return _write_case(data, labels, probs, output, probabilities)
 
@@ -272,7 +275,7 @@ def predict_cases(
         if folder and ids:
             fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
     ensemble = load_ensemble(workdir, step=step, tta=tta)
-    pp = resolve_postprocessing(workdir, postprocessing)
+    pp = resolve_postprocessing(workdir, postprocessing, ensemble.config)
     written = []
     for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):
         data, labels, probs = segment(ensemble, case, batch_size=batch_size, postprocessing=pp)

@@ -231,3 +231,21 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
     assert "wrote" in capsys.readouterr().out
     out = predict.predict_case(run, data / "Brats18_A_1", tmp_path / "seg.nii.gz")
     assert out[10, 8, 5] == 0 and (out > 0).sum() == 27
+
+
+def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_path):
+    from brats_jax import postprocess
+    from configs import unet
+
+    config = unet.get_config("tiny")
+    with config.unlocked():
+        config.postprocess.largest_component_only = True
+    run = tmp_path / "run"
+    run.mkdir()
+    fields = predict.resolve_postprocessing(str(run), "auto", config)
+    assert fields == postprocess.PostprocessConfig(largest_component_only=True)
+    assert predict.resolve_postprocessing(str(run), "none", config).is_identity
+    tuned = postprocess.PostprocessConfig(min_component_voxels=7)
+    postprocess.save(run / postprocess.POSTPROCESSING_FILE, tuned)
+    assert predict.resolve_postprocessing(str(run), "auto", config) == tuned
+    assert predict.resolve_postprocessing(f"{run},{run}", "auto", config).is_identity
