@@ -258,7 +258,8 @@ class _Records:
         import hashlib
 
         h = hashlib.sha1(self.indices.tobytes()).hexdigest()[:12]
-        return f"_Records({self.source!r}, n={len(self)}, indices_sha1={h})"
+        k = "" if self.neighbours is None else f", context_slices={self.neighbours.shape[1] // 2}"
+        return f"_Records({self.source!r}, n={len(self)}, indices_sha1={h}{k})"
 
 
 def _prepare_record(rec: dict, image_size: int, flip: bool) -> dict:
