@@ -62,15 +62,16 @@ def _host_eval_batches(run, indices, num_batches: int):
     padded[:n] = np.asarray(indices, np.int64)[:n]
     mine = padded.reshape(num_batches, hosts, local_bs)[:, jax.process_index()].reshape(-1)
     mine = mine[mine >= 0]
-    size = run.config.data.image_size
+    size, k = run.config.data.image_size, data.context_slices(run.config)
+    opts = dict(image_size=size, context_slices=k)
     last = None
-    for last in data.eval_batches(run.source, mine, batch_size=local_bs, image_size=size):
+    for last in data.eval_batches(run.source, mine, batch_size=local_bs, **opts):
         yield last
         num_batches -= 1
     if num_batches > 0:  # this host ran out of real slices: feed all-invalid batches
         if last is None:
             first = data.eval_batches(run.source, np.asarray(indices[:1]), batch_size=local_bs,
-                                      image_size=size)  # fmt: skip
+                                      **opts)  # fmt: skip
             last = next(iter(first))
         for _ in range(num_batches):
             yield {**last, "valid": np.zeros(local_bs, bool)}
@@ -96,8 +97,9 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
     for case_id in run.splits.cases["test"]:
         image, label = data.load_volume(run.source, case_id)
         probs = inference.predict_volume(
-            predict, variables, image, batch_size=run.config.eval.batch_size
-        )
+            predict, variables, image, batch_size=run.config.eval.batch_size,
+            context_slices=data.context_slices(run.config),
+        )  # fmt: skip
         pred = outputs.labels_from_probabilities(probs, outputs.of_config(run.config.model))
         pred = postprocess.apply(pred, pp).astype(np.int32)  # the config's (identity: off)
         scores = metrics.evaluate_volume(

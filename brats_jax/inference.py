@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brats_jax import outputs
+from brats_jax.data.context import context_positions, stack_context
 from brats_jax.data.pipeline import pad_batch
 
 SliceFn = Callable[[dict, jax.Array], jax.Array]
@@ -82,7 +83,7 @@ def _flip(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 
 def predict_volume(
-    predict: SliceFn, variables, volume: np.ndarray, *, batch_size: int
+    predict: SliceFn, variables, volume: np.ndarray, *, batch_size: int, context_slices: int = 0
 ) -> np.ndarray:
     """Class probabilities for every axial slice of a volume.
 
@@ -91,6 +92,8 @@ def predict_volume(
       variables: the model's variables ({"params": ..., maybe "batch_stats": ...}).
       volume: float32 (H, W, D, 4) normalised modalities, D = number of axial slices.
       batch_size: slices per call; the last batch is padded to this size.
+      context_slices: the run's `data.context_slices` k; each batch's slices are fed with
+        their context windows, 4 (2k+1) channels (`data.context`), built per batch.
 
     Returns:
       float32 (H, W, D, C) probabilities.
@@ -99,11 +102,10 @@ def predict_volume(
         raise ValueError(f"expected a volume of shape (H, W, D, 4), got {volume.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: expected at least 1 slice per call")
-    depth = volume.shape[2]
-    slices = np.moveaxis(volume, 2, 0).astype(np.float32)  # (D, H, W, 4)
+    positions = context_positions(volume.shape[2], context_slices)  # (D, 2k+1)
     out = []
-    for start in range(0, depth, batch_size):
-        chunk = slices[start : start + batch_size]
+    for start in range(0, len(positions), batch_size):
+        chunk = stack_context(volume, positions[start : start + batch_size])  # (n, H, W, C)
         n = chunk.shape[0]
         chunk, _ = pad_batch(chunk, batch_size)  # padding rows' outputs are dropped
         out.append(np.asarray(predict(variables, jnp.asarray(chunk)))[:n])

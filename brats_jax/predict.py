@@ -25,8 +25,9 @@ list of case folders, with `--output` a folder (a name not ending in .nii/.nii.g
 `<ID>.nii.gz` per case (`--probabilities` is then a folder too), one load and compilation
 for all, a progress bar. Several comma-separated `--workdir`s form an ensemble: their
 probabilities are averaged (they must share `data.image_size`, input normalization and
-`model.output`). Labels are the argmax of class probabilities, or region probabilities
-decoded with ET inside TC inside WT (`outputs.labels_from_probabilities`).
+`model.output`; each run gets the slice context it was trained with, its own
+`data.context_slices`). Labels are the argmax of class probabilities, or region
+probabilities decoded with ET inside TC inside WT (`outputs.labels_from_probabilities`).
 `--tta=flips` (`flips_ud`) averages over left-right (and up-down) mirrored slices.
 Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
 `python -m brats_jax.tune_postprocessing`) is applied when present; `--postprocessing=none`
@@ -84,6 +85,7 @@ class Ensemble(NamedTuple):
     config: object  # the first run's ConfigDict (image size, data source)
     predictors: tuple
     variables: tuple
+    context_slices: tuple = ()  # each run's data.context_slices (() = all 0)
 
 
 def split_list(value: str | os.PathLike | Sequence) -> list[str]:
@@ -98,15 +100,16 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
 
     Runs of an ensemble must share `data.image_size`, the input normalization (the data
     source's, `input_normalization`) and `model.output` (averaging class and region
-    probabilities means nothing); ValueError names the first run that differs. Runs with
+    probabilities means nothing); ValueError names the first run that differs. Each run
+    keeps its own `data.context_slices` (runs with different ones may be mixed). Runs with
     the same model config share one compiled predictor (the variables are its argument).
     """
-    from brats_jax import inference, outputs, train
+    from brats_jax import data, inference, outputs, train
 
     workdirs = tuple(split_list(workdirs))
     if not workdirs:
         raise ValueError("--workdir: expected a run folder (or several, comma-separated)")
-    predictors, variables, by_model = [], [], {}
+    predictors, variables, contexts, by_model = [], [], [], {}
     first = None
     for w in workdirs:
         config, model, v = train.load_trained(w, step=step)
@@ -132,7 +135,8 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
             )
         predictors.append(by_model[key])
         variables.append(v)
-    return Ensemble(workdirs, first, tuple(predictors), tuple(variables))
+        contexts.append(data.context_slices(config))  # each run gets its own context window
+    return Ensemble(workdirs, first, tuple(predictors), tuple(variables), tuple(contexts))
 
 
 def predict_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0) -> np.ndarray:
@@ -141,9 +145,13 @@ def predict_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0
     from brats_jax import inference
 
     batch_size = batch_size or ensemble.config.eval.batch_size
+    contexts = ensemble.context_slices or (0,) * len(ensemble.predictors)
     total = None
-    for predict, variables in zip(ensemble.predictors, ensemble.variables, strict=True):
-        probs = inference.predict_volume(predict, variables, image, batch_size=batch_size)
+    runs = zip(ensemble.predictors, ensemble.variables, contexts, strict=True)
+    for predict, variables, k in runs:
+        probs = inference.predict_volume(
+            predict, variables, image, batch_size=batch_size, context_slices=k
+        )
         total = probs if total is None else total + probs
     return total / len(ensemble.predictors)
 

@@ -41,6 +41,7 @@ SHARED_FIELDS = (
     "model",
     "runtime",
     "data.image_size",
+    "data.context_slices",
     "train.batch_size",
     "train.num_steps",
     "train.num_epochs",
@@ -83,6 +84,7 @@ class Run:
 
 
 def _check_config(config) -> None:
+    data.context_slices(config)  # a bad data.context_slices fails before any data is read
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
         value = config_utils.get_field(config, field)
         if value < 1:
@@ -358,7 +360,8 @@ def _initial_states(runs, model, tx, ckpts, iterators) -> tuple[list, int | None
     """Each run's state: restored from the newest step all runs have (iterators too), else
     freshly initialised with its seed (and pretrained weights when configured); each with
     its configured learning rate. Returns `(states, resumed step or None)`."""
-    init = jax.jit(functools.partial(init_state, model, tx, image_size=runs[0].image_size))
+    size, channels = runs[0].image_size, data.input_channels(runs[0].config)
+    init = jax.jit(functools.partial(init_state, model, tx, image_size=size, in_channels=channels))
     states = [
         s.replace(opt_state=set_learning_rate(s.opt_state, r.config.train.learning_rate))
         for r, s in ((r, init(r.config.train.seed)) for r in runs)

@@ -14,7 +14,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from brats_jax import NUM_CLASSES, config_utils, losses, models, outputs, runtime
+from brats_jax import NUM_CLASSES, config_utils, data, losses, models, outputs, runtime
 from brats_jax.checkpoints import RunCheckpoints
 
 
@@ -150,11 +150,12 @@ def learning_rate_at(train_config, total_steps: int, step: int) -> float:
     return float(train_config.learning_rate) * scale
 
 
-def init_state(model, tx, seed, *, image_size: int) -> TrainState:
-    """Initial `TrainState` for `(1, image_size, image_size, 4)` inputs; `seed` may be traced."""
+def init_state(model, tx, seed, *, image_size: int, in_channels: int = 4) -> TrainState:
+    """Initial `TrainState` for `(1, image_size, image_size, in_channels)` inputs
+    (`data.input_channels(config)`); `seed` may be traced."""
     rng = jax.random.PRNGKey(seed)
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    x = jnp.zeros((1, image_size, image_size, 4), jnp.float32)
+    x = jnp.zeros((1, image_size, image_size, in_channels), jnp.float32)
     variables = dict(model.init({"params": init_rng, "dropout": dropout_rng}, x, train=False))
     params = variables.pop("params")
     return TrainState(
@@ -188,6 +189,7 @@ def with_pretrained(state: TrainState, tx, config, image_size: int) -> TrainStat
         path,
         grid=grid,
         root_conv=config.model.get("pretrained_root_conv", "mean"),
+        context_slices=data.context_slices(config),
     )
     logging.info("pretrained weights from %s: %s", path, report.summary())
     params = jax.tree.map(jnp.asarray, params)
@@ -215,7 +217,10 @@ def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
         config.data.synthetic_image_size if config.data.source == "synthetic" else 240
     )
     tx = create_optimizer(config.train, max(1, config.train.num_steps))
-    template = jax.eval_shape(functools.partial(init_state, model, tx, 0, image_size=size))
+    init = functools.partial(
+        init_state, model, tx, 0, image_size=size, in_channels=data.input_channels(config)
+    )
+    template = jax.eval_shape(init)
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     template = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), template

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.num_folds = 0  # > 1: cross-validation over the non-test cases (data/folds.py); 0 = off
     d.fold = 0  # this run's validation fold, 0..num_folds-1
     d.random_flip = False
+    # 2.5D input: k > 0 feeds slices z-k..z+k of the 4 modalities as 4(2k+1) channels,
+    # slice-major, edges clamped (brats_jax/data/context.py); 0 = the study's 2D slices
+    d.context_slices = 0
     d.num_workers = 0  # grain worker processes; 0 = read in the main process
     d.synthetic_num_cases = 24
     d.synthetic_slices_per_case = 24

@@ -277,7 +277,7 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
     case, _, _ = _write_case_2018(tmp_path)
     seen = []
 
-    def fake_predict_volume(predict_fn, variables, volume, *, batch_size):
+    def fake_predict_volume(predict_fn, variables, volume, *, batch_size, context_slices=0):
         seen.append(volume)
         return np.full(volume.shape[:3] + (4,), 0.25, np.float32)
 

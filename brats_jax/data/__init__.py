@@ -12,6 +12,13 @@ from brats_jax.data.brats import (
 )
 from brats_jax.data.cache import NiftiCacheSource, default_cache_dir, prepare
 from brats_jax.data.common import DataError, SliceTable, resize_image, resize_label
+from brats_jax.data.context import (
+    context_positions,
+    context_slices,
+    input_channels,
+    neighbour_records,
+    stack_context,
+)
 from brats_jax.data.kaggle import KaggleH5Source
 from brats_jax.data.pipeline import (
     Splits,
@@ -43,18 +50,23 @@ __all__ = [
     "case_from_files",
     "case_indices",
     "class_pixel_counts",
+    "context_positions",
+    "context_slices",
     "default_cache_dir",
     "eval_batches",
     "find_cases",
+    "input_channels",
     "load_case",
     "load_volume",
     "make_source",
     "make_train_iterator",
+    "neighbour_records",
     "prepare",
     "prune_keep",
     "resize_image",
     "resize_label",
     "resolve_cache_dir",
+    "stack_context",
     "to_release_labels",
     "to_train_labels",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 
 from brats_jax.data.common import DataError, resize_image, resize_label
+from brats_jax.data.context import check_context_slices, neighbour_records, stack_records
 from brats_jax.data.folds import fold_cases
 
 
@@ -233,23 +234,32 @@ def build_splits(source, data_config) -> Splits:
 # --------------------------------------------------------------------------------------------
 # grain pipelines
 class _Records:
-    """Random-access view of `source` restricted to `indices` (picklable)."""
+    """Random-access view of `source` restricted to `indices` (picklable).
 
-    def __init__(self, source, indices):
+    With `context_slices` k > 0 a record's image is its context window (`data.context`):
+    (H, W, 4 (2k+1)); the neighbour table is computed once, from `source.table`.
+    """
+
+    def __init__(self, source, indices, context_slices: int = 0):
         self.source = source
         self.indices = np.asarray(indices, np.int64)
+        k = check_context_slices(context_slices)
+        self.neighbours = neighbour_records(source.table, k)[self.indices] if k else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i):
-        return self.source[int(self.indices[int(i)])]
+        if self.neighbours is None:
+            return self.source[int(self.indices[int(i)])]
+        return stack_records([self.source[int(j)] for j in self.neighbours[int(i)]])
 
     def __repr__(self) -> str:
         import hashlib
 
         h = hashlib.sha1(self.indices.tobytes()).hexdigest()[:12]
-        return f"_Records({self.source!r}, n={len(self)}, indices_sha1={h})"
+        k = "" if self.neighbours is None else f", context_slices={self.neighbours.shape[1] // 2}"
+        return f"_Records({self.source!r}, n={len(self)}, indices_sha1={h}{k})"
 
 
 def _prepare_record(rec: dict, image_size: int, flip: bool) -> dict:
@@ -282,10 +292,10 @@ class _Augment:
 class TrainIterator:
     """Endless iterator of per-host batches with checkpointable state.
 
-    next() -> dict(image float32 (b,S,S,4), label int32 (b,S,S), case_id (b,) str,
-    slice_index (b,) int32), b = batch_size // shard_count. `get_state()` returns a
-    JSON-serialisable dict; `set_state(state)` resumes exactly. `steps_per_epoch` =
-    len(indices) // batch_size (global).
+    next() -> dict(image float32 (b,S,S,4(2k+1)), label int32 (b,S,S), case_id (b,) str,
+    slice_index (b,) int32), b = batch_size // shard_count, k = `context_slices`.
+    `get_state()` returns a JSON-serialisable dict; `set_state(state)` resumes exactly.
+    `steps_per_epoch` = len(indices) // batch_size (global).
     """
 
     def __init__(
@@ -300,6 +310,7 @@ class TrainIterator:
         num_workers: int = 0,
         shard_index: int = 0,
         shard_count: int = 1,
+        context_slices: int = 0,
     ):
         import grain
 
@@ -320,7 +331,8 @@ class TrainIterator:
             )
         self.steps_per_epoch = max(1, len(indices) // batch_size)
         image_size, flip, workers = int(image_size), bool(random_flip), int(num_workers)
-        ds = grain.MapDataset.source(_Records(source, shard)).seed(int(seed)).shuffle().repeat()
+        records = _Records(source, shard, context_slices)
+        ds = grain.MapDataset.source(records).seed(int(seed)).shuffle().repeat()
         ds = ds.random_map(_Augment(image_size, flip))
         read = grain.ReadOptions(
             num_threads=2 if workers == 0 else 1,
@@ -384,30 +396,33 @@ def make_train_iterator(
 
     Seeded per-epoch shuffle, drop-remainder batching, optional random left-right flips
     (data.random_flip), resize to data.image_size (0 = native), data.num_workers processes,
-    static per-host sharding (indices[shard_index::shard_count]).
+    static per-host sharding (indices[shard_index::shard_count]); with data.context_slices
+    k > 0 each image holds its slice's context window, 4 (2k+1) channels (`data.context`).
     """
     d = data_config
     options = dict(image_size=d.image_size, random_flip=d.random_flip, num_workers=d.num_workers)
+    options["context_slices"] = d.get("context_slices", 0)
     return TrainIterator(
         source, indices, batch_size=batch_size, seed=seed, shard_index=shard_index,
         shard_count=shard_count, **options,
     )  # fmt: skip
 
 
-def eval_batches(source, indices, *, batch_size: int, image_size: int = 0):
+def eval_batches(source, indices, *, batch_size: int, image_size: int = 0, context_slices: int = 0):
     """Yields fixed-size batches over `indices` in order (no shuffle, no flips).
 
-    Each batch: image float32 (B,S,S,4), label int32 (B,S,S), case_id (B,) str, slice_index
-    (B,) int32, valid (B,) bool; the last batch is padded by repeating its last record with
-    valid=False. S = image_size (0 = native).
+    Each batch: image float32 (B,S,S,4(2k+1)), label int32 (B,S,S), case_id (B,) str,
+    slice_index (B,) int32, valid (B,) bool; the last batch is padded by repeating its last
+    record with valid=False. S = image_size (0 = native); k = context_slices (`data.context`).
     """
     idx = np.asarray(indices, np.int64)
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive, got {batch_size}")
+    records = _Records(source, idx, context_slices)
     for start in range(0, len(idx), batch_size):
         recs = [
-            _prepare_record(source[int(i)], image_size, False)
-            for i in idx[start : start + batch_size]
+            _prepare_record(records[i], image_size, False)
+            for i in range(start, min(start + batch_size, len(idx)))
         ]
         batch = dict(
             image=np.stack([r["image"] for r in recs]),

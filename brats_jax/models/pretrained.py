@@ -27,6 +27,15 @@ The exceptions, all recorded in the returned :class:`LoadReport`:
   is the same weighting plus contrast) and the least used for the BraTS labels, while FLAIR
   (whole tumour, oedema), T1ce (enhancing tumour, core) and T2 (core, oedema) each carry a
   label; ``"init"`` keeps the model's random root kernel (the key is then reported as dropped).
+* With a slice context (``context_slices`` k > 0, ``data.context_slices``: 4 (2k+1) input
+  channels, slice-major, the centre slice's 4 modalities at channels [4k, 4k+4)) the kernel
+  is first adapted to the 4 modality channels as above (any ``root_conv`` but "init"), then
+  widened by :func:`widen_root_kernel`: the neighbour slices' channels get the filter's mean
+  and the whole kernel is scaled by sqrt(2k+1). The root is weight-standardised, so its
+  standardised kernel is then exactly sqrt(2k+1) x the 2D one on the centre slice and 0 on
+  the neighbours (plain zeros would not stay zero: standardisation subtracts the mean); the
+  uniform factor is removed by ``gn_root``, so the widened model computes the 2D pretrained
+  model's function of the centre slice (to float rounding and GroupNorm's eps).
 * ``cls``, ``head/*`` and ``pre_logits/*`` (class token, ImageNet classifier and
   representation layer) have no counterpart and are reported as intentionally dropped.
 
@@ -167,6 +176,22 @@ def adapt_root_kernel(kernel: np.ndarray, in_channels: int, method: str = "mean"
     raise ValueError(f"root_conv={method!r}; expected one of {ROOT_METHODS}")
 
 
+def widen_root_kernel(kernel: np.ndarray, context_slices: int) -> np.ndarray:
+    """A 4-channel root kernel (kh, kw, 4, F) for a slice context of k = `context_slices`
+    -> (kh, kw, 4 (2k+1), F), slice-major (`data.context`): centre slice's channels
+    [4k, 4k+4) the kernel, the other slices' channels its per-filter mean over (kh, kw, 4),
+    all times sqrt(2k+1), so that weight standardisation gives sqrt(2k+1) x the
+    standardised 2D kernel on the centre slice and exactly 0 on the neighbours.
+    """
+    k = np.asarray(kernel, np.float32)
+    width = 2 * int(context_slices) + 1
+    out = np.repeat(k.mean(axis=(0, 1, 2), keepdims=True), len(MODALITIES) * width, axis=2)
+    out = np.broadcast_to(out, k.shape[:2] + out.shape[2:]).copy()
+    centre = len(MODALITIES) * int(context_slices)
+    out[:, :, centre : centre + k.shape[2]] = k
+    return out * np.float32(np.sqrt(width))
+
+
 def _flat_params(params) -> tuple[dict, bool, dict]:
     """Per-block, flattened view of TransUNet ``params`` (or a ``variables`` dict).
 
@@ -206,20 +231,33 @@ def _place_pos_embed(value: np.ndarray, target, grid: tuple[int, int] | None):
     return resize_pos_embed(value, g)
 
 
-def _place_root_kernel(value: np.ndarray, target, root_conv: str):
-    """RGB root kernel (7, 7, 3, F) -> the model's (7, 7, C, F); returns (array, how)."""
+def _place_root_kernel(value: np.ndarray, target, root_conv: str, context_slices: int = 0):
+    """RGB root kernel (7, 7, 3, F) -> the model's (7, 7, C, F); returns (array, how).
+    With `context_slices` k > 0, C = 4 (2k+1): adapted to 4 channels, then widened."""
     if value.shape[:2] + value.shape[3:] != target.shape[:2] + target.shape[3:]:
         raise ValueError(f"shape {value.shape} vs model {tuple(target.shape)}")
-    value = adapt_root_kernel(value, target.shape[2], root_conv)
+    cin = target.shape[2] // (2 * context_slices + 1)
+    if cin * (2 * context_slices + 1) != target.shape[2]:
+        raise ValueError(
+            f"model has {target.shape[2]} input channels, not a multiple of the "
+            f"{2 * context_slices + 1} slices of context_slices={context_slices}"
+        )
+    value = adapt_root_kernel(value, cin, root_conv)
     how = (
-        f"RGB -> {target.shape[2]} channels ({root_conv} over RGB, x {3 / target.shape[2]:.4g})"
+        f"RGB -> {cin} channels ({root_conv} over RGB, x {3 / cin:.4g})"
         if root_conv != "rgb_mean"
         else f"R,G,B -> {','.join(RGB_MODALITIES)}, the others their mean, x 0.75"
     )
+    if context_slices:
+        value = widen_root_kernel(value, context_slices)
+        how += (
+            f"; widened to {2 * context_slices + 1} slices (centre slice; neighbours the "
+            f"filter mean; x sqrt({2 * context_slices + 1}))"
+        )
     return value, how
 
 
-def _place_array(key: str, value: np.ndarray, target, root_conv: str, grid):
+def _place_array(key: str, value: np.ndarray, target, root_conv: str, grid, context_slices=0):
     """Checkpoint array -> the shape of model parameter ``target``; returns (array, how).
 
     Raises ValueError (the reason the key is unplaced) when the shapes cannot be reconciled.
@@ -227,7 +265,7 @@ def _place_array(key: str, value: np.ndarray, target, root_conv: str, grid):
     if key == POS_KEY:
         value, how = _place_pos_embed(value, target, grid)
     elif key == ROOT_KEY and value.shape != tuple(target.shape):
-        value, how = _place_root_kernel(value, target, root_conv)
+        value, how = _place_root_kernel(value, target, root_conv, context_slices)
     elif value.shape == tuple(target.shape):
         how = "copied"
     elif value.size == math.prod(target.shape) and value.squeeze().shape == tuple(
@@ -242,7 +280,9 @@ def _place_array(key: str, value: np.ndarray, target, root_conv: str, grid):
     return value, how
 
 
-def _place_checkpoint(ckpt, flat: dict, root_conv: str, grid) -> tuple[dict, LoadReport]:
+def _place_checkpoint(
+    ckpt, flat: dict, root_conv: str, grid, context_slices: int = 0
+) -> tuple[dict, LoadReport]:
     """Place every key of the opened checkpoint ``ckpt`` into a copy of ``flat``.
 
     Returns ``(new_flat, report)``; ``report.not_in_checkpoint`` is filled in too.
@@ -266,7 +306,7 @@ def _place_checkpoint(ckpt, flat: dict, root_conv: str, grid) -> tuple[dict, Loa
             )
             continue
         try:
-            value, how = _place_array(key, value, target, root_conv, grid)
+            value, how = _place_array(key, value, target, root_conv, grid, context_slices)
         except ValueError as e:
             report.unplaced[key] = str(e)
             continue
@@ -298,6 +338,7 @@ def load_pretrained(
     root_conv: str = "mean",
     grid: tuple[int, int] | None = None,
     strict: bool = True,
+    context_slices: int = 0,
 ):
     """Place the arrays of Google's ``R50+ViT-B_16.npz`` into TransUNet parameters.
 
@@ -306,7 +347,8 @@ def load_pretrained(
     structure). npz_path: the checkpoint. root_conv: "mean" | "repeat" | "rgb_mean" | "init"
     (see module docstring). grid: the model's token grid (H/16, W/16); inferred from the
     position embedding when it is square. strict: raise ValueError when any checkpoint key
-    cannot be placed.
+    cannot be placed. context_slices: the run's ``data.context_slices`` k (the model has
+    4 (2k+1) input channels; the root kernel is widened, see the module docstring).
 
     Returns ``(new_params, LoadReport)``; arrays are cast to the dtype of the parameter they
     replace (float32). Inputs are not modified.
@@ -316,7 +358,7 @@ def load_pretrained(
     stacked = is_stacked(params)
     tree, wrapped, flat = _flat_params(params)
     with np.load(npz_path) as ckpt:
-        new, report = _place_checkpoint(ckpt, flat, root_conv, grid)
+        new, report = _place_checkpoint(ckpt, flat, root_conv, grid, context_slices)
     _check_unplaced(report, npz_path, strict)
     log.info("load_pretrained(%s): %s", os.fspath(npz_path), report.summary())
     out = traverse_util.unflatten_dict(new, sep="/")
