@@ -57,14 +57,31 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+# Fields added after run folders were first written, with the value that reproduces what
+# those runs did (a saved config without them is read with these).
+ADDED_FIELDS = {
+    "model.output": "classes",
+    "data.context_slices": 0,
+    "postprocess.largest_component_only": False,
+    "postprocess.min_component_voxels": 0,
+    "postprocess.connectivity": 26,
+    "postprocess.et_min_voxels": 0,
+}
+
+
 def upgrade_legacy(config_json: dict) -> dict:
     """A saved `config.json` dict in today's field names (a copy): `model.conv_impl` (run
-    folders written before the rename) becomes `runtime.ops`."""
+    folders written before the rename) becomes `runtime.ops`; missing `ADDED_FIELDS` get
+    their old-behaviour values (sections that exist or that the fields create)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in config_json.items()}
     model = out.get("model", {})
     if isinstance(model, dict) and "conv_impl" in model:
         ops = model.pop("conv_impl")
         out["runtime"] = {"ops": ops, **out.get("runtime", {})}
+    for dotted, value in ADDED_FIELDS.items():
+        section, field = dotted.split(".")
+        if section in out or section == "postprocess":
+            out.setdefault(section, {}).setdefault(field, value)
     return out
 
 

@@ -89,8 +89,16 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
         runtime.resolve_ops(ml_collections.ConfigDict({"runtime": {"ops": "nope"}}))
     old = {"model": {"name": "unet", "conv_impl": "gpu_fast"}, "train": {"seed": 1}}
     assert config_utils.upgrade_legacy(old) == {
-        "model": {"name": "unet"}, "train": {"seed": 1}, "runtime": {"ops": "gpu_fast"},
-    }  # fmt: skip
+        "model": {"name": "unet", "output": "classes"},
+        "train": {"seed": 1},
+        "runtime": {"ops": "gpu_fast"},
+        "postprocess": {
+            "largest_component_only": False,
+            "min_component_voxels": 0,
+            "connectivity": 26,
+            "et_min_voxels": 0,
+        },
+    }  # fmt: skip  (fields added later get the values old runs trained with)
     assert old["model"]["conv_impl"] == "gpu_fast"  # the input is not changed
 
 

@@ -649,7 +649,7 @@ def test_old_run_folder_without_model_output_loads_as_classes(tiny_run, tmp_path
     assert saved["model"].pop("output") == "classes"
     (old / "config.json").write_text(json.dumps(saved))
     config, _, v_old = train.load_trained(old, step=6)
-    assert "output" not in config.model
+    assert config.model.output == "classes"  # config_utils.ADDED_FIELDS: what it trained as
     _, _, v_new = train.load_trained(workdir, step=6)
     for x, y in zip(jax.tree.leaves(v_old), jax.tree.leaves(v_new), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
