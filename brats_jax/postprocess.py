@@ -1,4 +1,4 @@
-"""3D post-processing of predicted label volumes, its tuning, and BraTS region coding.
+"""3D post-processing of predicted label volumes and its tuning.
 
 Label volumes use the training classes {0 background, 1 NCR, 2 ED, 3 ET}. Steps, each off
 by default (a `PostprocessConfig()` changes nothing):
@@ -11,8 +11,8 @@ by default (a `PostprocessConfig()` changes nothing):
 
 `tune_postprocessing` picks the steps on tuning cases (nnU-Net style); the choice is stored
 as JSON in a run folder (`POSTPROCESSING_FILE`) by `python -m brats_jax.tune_postprocessing`,
-and `predict` applies it. `regions_to_labels` / `labels_to_regions` convert between the
-class map and the nested BraTS regions (WT, TC, ET).
+and `predict` applies it; a run config's `postprocess` fields give it too (`from_config`).
+Region outputs are decoded to class maps before any of this (`outputs.regions_to_labels`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ POSTPROCESSING_FILE = "postprocessing.json"
 """Name of the tuned choice inside a run folder."""
 
 CONNECTIVITIES = (6, 26)
-NCR, ED, ET = 1, 2, 3
+NCR, ET = 1, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,34 +318,3 @@ def tune_postprocessing(
     else:
         log("ET relabelling: off")
     return Tuned(chosen, before, current, tuple(trials))
-
-
-# --------------------------------------------------------------------------------------------
-# BraTS regions
-# --------------------------------------------------------------------------------------------
-def regions_to_labels(probs_wt_tc_et: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Nested region probabilities (..., 3) [WT, TC, ET] -> class map (...) int32 {0..3}.
-
-    A voxel is WT when p_WT > threshold, TC when also p_TC > threshold, ET when also
-    p_ET > threshold (ET inside TC inside WT, as nnU-Net decodes BraTS regions). Classes:
-    ET -> 3, TC without ET -> 1 (NCR), WT without TC -> 2 (ED), else 0.
-    """
-    p = np.asarray(probs_wt_tc_et)
-    if p.ndim < 1 or p.shape[-1] != 3:
-        raise ValueError(f"expected region probabilities (..., 3) [WT, TC, ET], got {p.shape}")
-    wt = p[..., 0] > threshold
-    tc = wt & (p[..., 1] > threshold)
-    et = tc & (p[..., 2] > threshold)
-    labels = np.where(wt, ED, 0)
-    labels = np.where(tc, NCR, labels)
-    return np.where(et, ET, labels).astype(np.int32)
-
-
-def labels_to_regions(labels: np.ndarray) -> np.ndarray:
-    """Class map (...) {0..3} -> float32 (..., 3) region masks [WT {1,2,3}, TC {1,3}, ET {3}]."""
-    from brats_jax import metrics
-
-    labels = np.asarray(labels)
-    return np.stack(
-        [np.isin(labels, classes) for classes in metrics.REGIONS.values()], axis=-1
-    ).astype(np.float32)

@@ -178,6 +178,8 @@ def plan_rows(predictions: dict, gts: dict, folds, pool, log=print) -> list[dict
             rows.append(
                 dict(variant=variant, tta=tta, pp="largest", configs=[largest] * len(folds))
             )
+            if len(folds) < 2:  # a fixed split has no other folds to tune on
+                continue
             tuned = []
             for i in range(len(folds)):
                 others = [c for j, f in enumerate(folds) if j != i for c in f]
@@ -300,6 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
     p.add_argument("--out", required=True, type=pathlib.Path)
     p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--test_cases", default="", help="a fixed split instead of folds: IDs")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--ttas", default="none,flips", help="TTA settings, comma-separated")
     p.add_argument("--parallel", type=int, default=2, help="processes at a time")
@@ -317,7 +320,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --variants {unknown}: expected some of {list(VARIANTS)}")
     runtime.setup()
     cases = {c.case_id: c for c in brats.find_cases(args.data_root)}
-    folds = folds_of(list(cases), args.folds)
+    if args.test_cases:  # a fixed split: one "fold" of test cases, all other cases train
+        folds = [sorted(args.test_cases.split(","))]
+        if missing := sorted(set(folds[0]) - set(cases)):
+            raise SystemExit(f"error: --test_cases {missing} not under {args.data_root}")
+        cases = {c: cases[c] for c in folds[0]}  # only the test cases are scored
+    else:
+        folds = folds_of(list(cases), args.folds)
     args.out.mkdir(parents=True, exist_ok=True)
     fileio.write_json(args.out / "folds.json", {"seed": FOLD_SEED, "folds": folds})
     start = time.perf_counter()

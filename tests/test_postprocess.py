@@ -1,4 +1,4 @@
-"""3D post-processing on hand-made label volumes, its tuning, JSON storage, region coding."""
+"""3D post-processing on hand-made label volumes, its tuning, JSON storage, config fields."""
 
 import json
 
@@ -160,31 +160,6 @@ def test_tuning_leaves_a_step_off_when_it_lowers_dice():
     tuned = pp.tune_postprocessing(preds[:1], gts[:1], cands)
     assert tuned.config == pp.PostprocessConfig()  # both steps lower the objective: off
     assert tuned.score_after == tuned.score_before
-
-
-def test_regions_to_labels_nested_on_a_hand_made_map():
-    p = np.array(
-        [
-            [0.2, 0.9, 0.9],  # not WT: background whatever TC/ET say
-            [0.9, 0.1, 0.9],  # WT, not TC: ED (ET needs TC)
-            [0.9, 0.8, 0.3],  # TC without ET: NCR
-            [0.9, 0.8, 0.7],  # ET
-            [0.5, 0.5, 0.5],  # at the threshold: not above -> background
-        ]
-    )
-    np.testing.assert_array_equal(pp.regions_to_labels(p), [0, 2, 1, 3, 0])
-    np.testing.assert_array_equal(pp.regions_to_labels(p, threshold=0.4), [0, 2, 1, 3, 3])
-    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
-        pp.regions_to_labels(p[:, :2])
-
-
-def test_labels_to_regions_and_round_trip():
-    np.testing.assert_array_equal(
-        pp.labels_to_regions(np.array([0, 1, 2, 3])),
-        [[0, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1]],
-    )
-    v = np.random.default_rng(1).integers(0, 4, (6, 5, 4))
-    np.testing.assert_array_equal(pp.regions_to_labels(pp.labels_to_regions(v)), v)
 
 
 def test_from_config_fields_zero_means_off_and_old_configs_get_identity():
