@@ -3,7 +3,7 @@ r"""BraTS metrics for a folder of predicted segmentations against ground truth.
 Usage::
 
   python -m brats_jax.evaluate --pred=DIR --gt=DIR --out=FILE.csv [--hd95_mode=max|pooled]
-      [--missing=worst|skip] [--postprocessing=FILE.json]
+      [--missing=worst|skip] [--apply_postprocessing=FILE.json]
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
   ``--pred``.
@@ -21,7 +21,7 @@ Usage::
   training classes {0,1,2,3} before :func:`brats_jax.metrics.evaluate_volume`.
 * Voxel spacing comes from the GT header zooms.
 
-``--postprocessing=FILE.json`` (a run's ``postprocessing.json`` from
+``--apply_postprocessing=FILE.json`` (a run's ``postprocessing.json`` from
 ``brats_jax.tune_postprocessing``, or any file ``brats_jax.postprocess.save`` wrote) applies
 that 3D post-processing to each prediction before it is scored.
 
@@ -374,7 +374,9 @@ flags.DEFINE_enum("hd95_mode", "max", list(metrics.HD95_MODES), "HD95 definition
 flags.DEFINE_enum(
     "missing", "worst", list(MISSING_MODES), "GT case without prediction: score 0 or skip."
 )
-flags.DEFINE_string("postprocessing", None, "postprocessing.json to apply before scoring.")
+flags.DEFINE_string(
+    "apply_postprocessing", None, "A postprocessing.json to apply to each prediction first."
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -385,7 +387,7 @@ def main(argv: Sequence[str]) -> None:
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
     try:
-        pp = postprocess.load(FLAGS.postprocessing) if FLAGS.postprocessing else None
+        pp = postprocess.load(FLAGS.apply_postprocessing) if FLAGS.apply_postprocessing else None
         rows = evaluate_folder(
             FLAGS.pred,
             FLAGS.gt,

@@ -246,7 +246,7 @@ def test_postprocessing_file_applied_before_scoring(tmp_path):
     out = tmp_path / "m.csv"
     r = subprocess.run(
         [sys.executable, "-m", "brats_jax.evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}",
-         f"--out={out}", f"--postprocessing={cfg}"],
+         f"--out={out}", f"--apply_postprocessing={cfg}"],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -255,7 +255,7 @@ def test_postprocessing_file_applied_before_scoring(tmp_path):
     assert float(row["hd95_WT"]) == pytest.approx(1.0)
     bad = subprocess.run(
         [sys.executable, "-m", "brats_jax.evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}",
-         f"--out={out}", f"--postprocessing={tmp_path / 'nope.json'}"],
+         f"--out={out}", f"--apply_postprocessing={tmp_path / 'nope.json'}"],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert bad.returncode != 0 and "nope.json does not exist" in bad.stderr.strip().splitlines()[-1]
