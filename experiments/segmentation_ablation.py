@@ -259,7 +259,8 @@ def best_row(rows: list[dict]) -> dict:
 
 
 def markdown(record: dict) -> str:
-    """The ablation table: mean ± SD over cases, then each fold's mean."""
+    """The ablation table (mean ± SD [min, max] over cases), each fold's mean when there are
+    several folds, and the per-case scores of the baseline and the best row."""
     rows, folds = record["rows"], record["folds"]
     best = best_row(rows)
     head = "| variant | TTA | post-proc. | " + " | ".join(
@@ -276,23 +277,30 @@ def markdown(record: dict) -> str:
         for k in KEYS:
             d = 3 if k.startswith("dice") else 1
             m, s, f = _summary(r["per_case"], k, folds)
-            cells.append(f"{m:.{d}f} ± {s:.{d}f}")
+            v = [c[k] for c in r["per_case"]]
+            cells.append(f"{m:.{d}f} ± {s:.{d}f} [{min(v):.{d}f}, {max(v):.{d}f}]")
             fcells.append(" / ".join(f"{x:.{d}f}" for x in f))
         lines.append(f"| {name} | {r['tta']} | {r['pp']} | " + " | ".join(cells) + " |")
         fold_lines.append(
             f"| {r['variant']} | {r['tta']} | {r['pp']} | " + " | ".join(fcells) + " |"
         )
     n = sum(len(f) for f in folds)
+    split = f"{len(folds)} folds over {n} cases" if len(folds) > 1 else f"{n} test cases"
     out = [
-        f"{len(folds)} folds over {n} cases (mean ± SD over cases; bold: the best row, lowest "
-        "mean HD95 among the rows with Dice no worse than the baseline on every region)",
+        f"{split} (mean ± SD [min, max] over cases; bold: the best row, lowest mean HD95 "
+        "among the rows with Dice no worse than the baseline on every region)",
         "",
         *lines,
-        "",
-        "Fold means (fold 0 / 1 / 2):",
-        "",
-        *fold_lines,
     ]
+    if len(folds) > 1:
+        out += ["", "Fold means (" + " / ".join(f"fold {i}" for i in range(len(folds))) + "):"]
+        out += ["", *fold_lines]
+    for r in (rows[0], best):
+        out += ["", f"Per case, {r['variant']} / TTA {r['tta']} / {r['pp']}:", ""]
+        out += ["| case | " + " | ".join(KEYS) + " |", "|---|" + "---:|" * len(KEYS)]
+        for c in r["per_case"]:
+            vals = [f"{c[k]:.3f}" if k.startswith("dice") else f"{c[k]:.1f}" for k in KEYS]
+            out.append(f"| {c['case_id']} | " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -71,5 +71,7 @@ def test_best_row_is_the_lowest_hd95_without_losing_dice():
     better = _row("c", [0.85, 0.8], [4, 5])
     assert A.best_row([base, worse_dice, good, better]) is better
     md = A.markdown({"rows": [base, good], "folds": [["c0"], ["c1"]]})
-    assert "| **b** | none | none | 0.850 ± 0.050" in md  # mean and SD over the two cases
+    assert "| **b** | none | none | 0.850 ± 0.050 [0.800, 0.900]" in md  # mean, SD, range
     assert "0.800 / 0.900" in md and "5.0 / 5.0" in md  # fold means
+    assert "Fold means (fold 0 / fold 1)" in md
+    assert "Per case, b / TTA none / none" in md and "| c1 | 0.900 | 0.900 | 0.900 | 5.0" in md
