@@ -48,3 +48,17 @@ def test_presets_are_field_dicts_on_a_locked_config():
         c.train.learning_rat = 1.0  # locked: a misspelt field is an error, not a new field
     with pytest.raises(ValueError, match="unknown preset 'papr'"):
         unet.get_config("papr")
+
+
+def test_cpu_best_is_the_cpu_budget_plus_the_segmentation_options():
+    """`cpu_best` trains on the `cpu` preset's budget (same steps, batch, size, schedule,
+    network): it differs from it only in issue 19's options."""
+    diff = config_utils.config_diff(
+        unet.get_config("cpu").to_dict(), unet.get_config("cpu_best").to_dict()
+    )
+    assert sorted(k for k, _, _ in diff) == [
+        "data.context_slices",
+        "model.output",
+        "name",
+        "postprocess.largest_component_only",
+    ]
