@@ -24,7 +24,8 @@ def make_train_step(model, tx, output: str = "classes"):
     region outputs, which weigh no class). `output`: the config's `model.output` (static),
     which picks the loss (`losses.loss_for_output`).
 
-    `batch`: image float32 (B,H,W,4), label int32 (B,H,W); loss and grad norm are scalars.
+    `batch`: image float32 (B,H,W,4(2k+1)) (k = `data.context_slices`), label int32 (B,H,W);
+    loss and grad norm are scalars.
     """
 
     loss_fn = losses.loss_for_output(outputs.check_output(output))
@@ -71,7 +72,7 @@ per-slice Dice averaged over slices, and the pooled confusion matrix."""
 def make_eval_step(model, output: str = "classes"):
     """`step(state, batch, loss_params) -> EvalMetrics` over the batch's valid slices.
 
-    `batch`: image (B,H,W,4), label (B,H,W), valid (B,) bool (padding slices are False and
+    `batch`: image (B,H,W,4(2k+1)), label (B,H,W), valid (B,) bool (padding slices are False and
     not counted). Merge the results of all batches with `EvalMetrics.merge`. `output`: the
     config's `model.output`: the loss is that output's training loss, the Dice scores are of
     the labels decoded from its probabilities (`outputs.labels_from_probabilities`).
