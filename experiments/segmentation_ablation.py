@@ -132,10 +132,8 @@ def predict_run(out: str, variant: str, fold: int, cases: dict, ttas) -> str:
     start = time.perf_counter()
     workdir = run_dir(pathlib.Path(out), variant, fold)
     labels, _, _ = predict_all(str(workdir), cases, ttas=ttas, log=lambda *a: None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, **{f"{t}__{c}": labels[t][c] for t in ttas for c in cases})
-    os.replace(tmp, path)
+    with fileio.atomic_path(path) as tmp:  # keeps the .npz suffix: savez adds none
+        np.savez_compressed(tmp, **{f"{t}__{c}": labels[t][c] for t in ttas for c in cases})
     return f"{variant} fold {fold}: wrote {path} ({time.perf_counter() - start:.0f} s)"
 
 
