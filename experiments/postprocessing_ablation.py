@@ -36,6 +36,7 @@ from brats_jax.data import brats
 
 TTAS = ("none", "flips", "flips_ud")
 REGIONS = tuple(metrics.REGIONS)
+KEYS = tuple(f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS)  # the scores tabled
 # which post-processing steps a row tunes on the tuning cases
 STEP_CANDIDATES = {
     "size": postprocess.TuningCandidates(largest_component=False, et_min_voxels=()),
@@ -120,16 +121,12 @@ def score_rows(rows, labels, gts, spacings, test_ids, hd95_mode="max") -> list[d
                 res = metrics.evaluate_volume(
                     pred, gts[cid], spacing=spacings[cid], hd95_mode=hd95_mode
                 )
-                per_case.append({"case_id": cid, **{k: res[k] for k in _keys()}})
+                per_case.append({"case_id": cid, **{k: res[k] for k in KEYS}})
             done[key] = per_case
         out.append(
             {"row": name, "tta": tta, "postprocessing": cfg.to_dict(), "per_case": done[key]}
         )
     return out
-
-
-def _keys() -> list[str]:
-    return [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS]
 
 
 def _cell(values, digits) -> str:
@@ -145,13 +142,13 @@ def markdown(scored: list[dict]) -> str:
     lines = [head + " |", "|---|---|---|" + "---:|" * 6]
     for s in scored:
         pp = _describe(postprocess.PostprocessConfig(**s["postprocessing"]))
-        cells = [_cell([c[k] for c in s["per_case"]], 3 if "dice" in k else 1) for k in _keys()]
+        cells = [_cell([c[k] for c in s["per_case"]], 3 if "dice" in k else 1) for k in KEYS]
         lines.append(f"| {s['row']} | {s['tta']} | {pp} | " + " | ".join(cells) + " |")
     for s in (scored[0], scored[-1]):
-        lines += ["", f"Per case, {s['row']}:", "", "| case | " + " | ".join(_keys()) + " |"]
+        lines += ["", f"Per case, {s['row']}:", "", "| case | " + " | ".join(KEYS) + " |"]
         lines.append("|---|" + "---:|" * 6)
         for c in s["per_case"]:
-            vals = [f"{c[k]:.3f}" if "dice" in k else f"{c[k]:.1f}" for k in _keys()]
+            vals = [f"{c[k]:.3f}" if "dice" in k else f"{c[k]:.1f}" for k in KEYS]
             lines.append(f"| {c['case_id']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 

@@ -40,9 +40,8 @@ import numpy as np
 from brats_jax import fileio, metrics, postprocess, runtime
 from brats_jax.data import brats
 from brats_jax.data.folds import fold_cases
+from experiments.postprocessing_ablation import KEYS, REGIONS, predict_all
 
-REGIONS = tuple(metrics.REGIONS)
-KEYS = tuple(f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS)
 # Training variants: fields set on top of `configs/unet.py:cpu`.
 VARIANTS: dict[str, dict] = {
     "baseline": {},
@@ -123,8 +122,6 @@ def predict_run(out: str, variant: str, fold: int, cases: dict, ttas) -> str:
     """Segments fold `fold`'s test cases (`cases`) with that fold's run of `variant`, once per
     TTA setting; writes `predictions_path` (uint8 labels, key "<tta>__<case>"). Runs in a
     worker process."""
-    from experiments.postprocessing_ablation import predict_all
-
     runtime.setup()
     path = predictions_path(pathlib.Path(out), variant, fold)
     if path.is_file():
