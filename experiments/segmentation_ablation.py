@@ -199,10 +199,12 @@ def score(args, folds, cases) -> dict:
                     by_tta[t].update({c: z[f"{t}__{c}"] for c in folds[i]})
         predictions[v] = by_tta
     gts, spacings = {}, {}
-    for cid, case in cases.items():
-        data = brats.load_case(case, require_label=True)
-        gts[cid] = data.label.astype(np.uint8)
-        spacings[cid] = tuple(float(z) for z in data.header.get_zooms()[:3])
+    for cid, case in cases.items():  # the label file alone: scoring needs no modality
+        if case.seg is None:
+            raise SystemExit(f"error: case {cid} ({case.directory}) has no label file")
+        label, _, header = brats.read_nifti(case.seg)
+        gts[cid] = brats.to_train_labels(label, case.naming, where=str(case.seg)).astype(np.uint8)
+        spacings[cid] = tuple(float(z) for z in header.get_zooms()[:3])
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
     jobs, done = {}, {}
     with concurrent.futures.ProcessPoolExecutor(args.parallel) as pool:
