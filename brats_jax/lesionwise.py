@@ -182,7 +182,7 @@ def evaluate_volume(
         scores = region_scores(lut[pred], lut[target], spacing, **options)
         for k in _KEYS:
             out[f"lesionwise_{k}_{name}"] = scores[k]
-    return out
+    return {k: out[k] for k in COLUMNS}
 
 
 def summarise(rows: Sequence[dict]) -> dict:
