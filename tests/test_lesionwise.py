@@ -229,3 +229,70 @@ def test_evaluate_cli_lesionwise_columns_and_table(tmp_path):
     assert plain.returncode == 0, plain.stderr
     header = (tmp_path / "n.csv").read_text().splitlines()[0]
     assert "lesionwise" not in header and "lesion-wise" not in plain.stdout
+
+
+def test_summarise_means_dice_hd95_and_sums_counts():
+    rows = [
+        {
+            f"lesionwise_{k}_{r}": v
+            for k, v in zip(L._KEYS, (1.0, 0.0, 2, 0, 1), strict=True)
+            for r in "WT TC ET".split()
+        },
+        {
+            f"lesionwise_{k}_{r}": v
+            for k, v in zip(L._KEYS, (0.5, 187.0, 1, 1, 0), strict=True)
+            for r in "WT TC ET".split()
+        },
+        {"lesionwise_dice_WT": 0.0, "lesionwise_hd95_WT": 374.0},  # a missing case: no counts
+    ]
+    got = L.summarise(rows)
+    assert got["dice"]["WT"] == pytest.approx(0.5) and got["dice"]["TC"] == pytest.approx(0.75)
+    assert got["hd95"]["WT"] == pytest.approx(187.0)
+    assert (got["tp"]["WT"], got["fn"]["WT"], got["fp"]["WT"]) == (3, 1, 1)
+
+
+def _kept_lesions(mask):
+    """GT lesions (dilation 3 x 18-neighbourhood, 26-connected) of more than 50 voxels."""
+    dil = ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 2), iterations=3)
+    cc = ndimage.label(dil, np.ones((3, 3, 3)))[0] * mask
+    return sum(int((cc == j).sum() > 50) for j in range(1, cc.max() + 1))
+
+
+@pytest.mark.parametrize("perfect", [True, False])
+def test_training_test_pass_has_lesionwise_block_and_columns(tmp_path, monkeypatch, perfect):
+    from brats_jax import data, evaluation, run_group
+    from configs import unet as unet_config
+
+    run = run_group.build_run(unet_config.get_config("tiny"), tmp_path)
+    labels, real_load = {}, data.load_volume
+
+    def load_volume(source, case_id):
+        image, label = real_load(source, case_id)
+        labels["last"] = label
+        return image, label
+
+    def predict_volume(predict, variables, image, **kw):  # the GT itself, or all background
+        label = labels["last"] if perfect else np.zeros_like(labels["last"])
+        return np.eye(4, dtype=np.float32)[label]
+
+    monkeypatch.setattr(evaluation.data, "load_volume", load_volume)
+    monkeypatch.setattr(evaluation.inference, "predict_volume", predict_volume)
+    results, _ = evaluation.evaluate_test_volumes(run, None, None)
+    assert len(results["per_case"]) >= 1
+    kept = {r: [] for r in ("WT", "TC", "ET")}
+    for case_id in run.splits.cases["test"]:
+        _, label = real_load(run.source, case_id)
+        for r, classes in (("WT", (1, 2, 3)), ("TC", (1, 3)), ("ET", (3,))):
+            kept[r].append(_kept_lesions(np.isin(label, classes)))
+    block = results["lesionwise"]
+    assert sum(kept["WT"]) >= 1  # the synthetic tumour is one lesion of > 50 voxels
+    for r, counts in kept.items():
+        if perfect:
+            assert (block["dice"][r], block["hd95"][r], block["fn"][r]) == (1.0, 0.0, 0)
+            assert block["tp"][r] == sum(counts)
+        else:  # every kept lesion missed: Dice 0 / HD95 374; no lesion: 1 / 0
+            assert block["dice"][r] == pytest.approx(np.mean([c == 0 for c in counts]))
+            assert block["fn"][r] == sum(counts) and block["tp"][r] == 0
+    evaluation.write_per_case_csv(tmp_path / "per_case.csv", results["per_case"])
+    header = (tmp_path / "per_case.csv").read_text().splitlines()[0].split(",")
+    assert set(L.COLUMNS) <= set(header)
