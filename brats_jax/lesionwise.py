@@ -85,6 +85,23 @@ def _dilate_one(labels: np.ndarray, index: int, box, structure, iterations: int)
     return grown, mask
 
 
+def _crop(pred: np.ndarray, gt: np.ndarray, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to their union's bounding box grown by `margin` voxels (clipped to the
+    volume). The scores do not change: every voxel of either mask is inside, a dilated voxel
+    outside the box touches no predicted voxel and links no lesions that its projection onto
+    the box does not (the 18-neighbourhood's dilation is monotone per axis), and HD95 is
+    computed on its own crop (`metrics.hd95`). Saves most of the work on 240x240x155."""
+    union = pred | gt
+    if not union.any():  # one background voxel
+        return pred[:1, :1, :1], gt[:1, :1, :1]
+    (box,) = ndimage.find_objects(union.astype(np.uint8))
+    box = tuple(
+        slice(max(b.start - margin, 0), min(b.stop + margin, n))
+        for b, n in zip(box, union.shape, strict=True)
+    )
+    return pred[box], gt[box]
+
+
 def _gt_lesions(gt: np.ndarray, dil_structure, cc_structure, iterations: int):
     """(lesion map int, number of lesions): GT voxels labelled by the component of the
     dilated GT they fall into (components closer than the dilation are one lesion)."""
@@ -128,6 +145,7 @@ def region_scores(
     if int(dilation_iterations) != dilation_iterations or dilation_iterations < 0:
         raise ValueError(f"dilation_iterations {dilation_iterations!r}: expected an integer >= 0")
     spacing = metrics._check_spacing(spacing, 3)
+    pred, gt = _crop(pred, gt)
     dil_s = _structure(dilation_neighbours, "dilation_neighbours")
     cc_s = _structure(component_neighbours, "component_neighbours")
     voxel_mm3 = float(np.prod(spacing))

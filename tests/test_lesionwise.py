@@ -296,3 +296,21 @@ def test_training_test_pass_has_lesionwise_block_and_columns(tmp_path, monkeypat
     evaluation.write_per_case_csv(tmp_path / "per_case.csv", results["per_case"])
     header = (tmp_path / "per_case.csv").read_text().splitlines()[0].split(",")
     assert set(L.COLUMNS) <= set(header)
+
+
+def test_scores_do_not_depend_on_the_empty_space_around():
+    """Work is cut to the masks' bounding box: padding the volume changes nothing."""
+    rng = np.random.default_rng(3)
+    gt = ndimage.gaussian_filter(rng.random((30, 30, 16)), 2) > 0.535
+    pred = ndimage.gaussian_filter(rng.random((30, 30, 16)), 2) > 0.56
+    pred[:15] |= gt[:15]
+    small = L.region_scores(pred, gt, (1.0, 1.5, 2.0))
+    pad = ((7, 3), (2, 9), (5, 5))
+    big = L.region_scores(np.pad(pred, pad), np.pad(gt, pad), (1.0, 1.5, 2.0))
+    assert small == pytest.approx(big)
+    # two lesions 6 voxels apart, merged only if the dilation has room to run between them
+    gt, pred = _empty(), _empty()
+    _cube(gt, (5, 5, 5))
+    _cube(gt, (5, 15, 5))
+    _cube(pred, (5, 15, 5))
+    assert L.region_scores(pred, gt)["tp"] == 1 and L.region_scores(pred, gt)["fn"] == 0
