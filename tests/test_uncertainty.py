@@ -212,3 +212,21 @@ def test_cli_uncertainty_must_match_the_output_kind(runs, tmp_path):
                 predict.main(["predict"])
         finally:
             predict.FLAGS.unparse_flags()
+
+
+def test_cli_writes_the_uncertainty_folder(runs, tmp_path):
+    run = runs("r")
+    data = tmp_path / "data"
+    _write_case(data, "Brats18_A_1")
+    udir = tmp_path / "udir"
+    predict.FLAGS.unparse_flags()
+    predict.FLAGS(
+        ["predict", f"--workdir={run}", f"--input={data}", f"--output={tmp_path / 'segs'}",
+         f"--uncertainty={udir}"]
+    )  # fmt: skip
+    try:
+        predict.main(["predict"])
+    finally:
+        predict.FLAGS.unparse_flags()
+    assert sorted(p.name for p in udir.iterdir()) == ["Brats18_A_1.nii.gz", U.CSV_FILE]
+    assert [r["case_id"] for r in _rows(udir / U.CSV_FILE)] == ["Brats18_A_1"]
