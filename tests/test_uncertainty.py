@@ -168,7 +168,7 @@ def test_region_runs_write_the_summed_binary_entropy(runs, tmp_path):
     out, probs = tmp_path / "u.nii.gz", tmp_path / "p.nii.gz"
     predict.predict_case(run, case, tmp_path / "s.nii.gz", probabilities=probs, uncertainty=out)
     p = _read(probs).astype(np.float64)
-    assert p.shape == (*SHAPE, 3) and 0.05 < p.min() and p.max() < 0.95
+    assert p.shape == (*SHAPE, 3) and 0.01 < p.min() and p.max() < 0.99  # not saturated
     expected = _hand_entropy(np.stack([p, 1 - p], -1)).sum(-1)
     np.testing.assert_allclose(_read(out), expected, atol=1e-5)
     (row,) = _rows(tmp_path / "u.csv")
