@@ -3,7 +3,7 @@ r"""BraTS metrics for a folder of predicted segmentations against ground truth.
 Usage::
 
   python -m brats_jax.evaluate --pred=DIR --gt=DIR --out=FILE.csv [--hd95_mode=max|pooled]
-      [--missing=worst|skip] [--apply_postprocessing=FILE.json]
+      [--missing=worst|skip] [--apply_postprocessing=FILE.json] [--metrics=standard|lesionwise]
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
   ``--pred``.
@@ -25,6 +25,12 @@ Usage::
 ``brats_jax.tune_postprocessing``, or any file ``brats_jax.postprocess.save`` wrote) applies
 that 3D post-processing to each prediction before it is scored.
 
+``--metrics=lesionwise`` adds the BraTS 2023 lesion-wise Dice and HD95 per region
+(:mod:`brats_jax.lesionwise`; ``--lesion_dilation``, ``--lesion_dilation_neighbours``,
+``--lesion_neighbours`` and ``--lesion_min_volume`` change the challenge's GLI constants):
+``lesionwise_*`` columns in the CSV and a second table in the printout. The default
+``standard`` writes today's columns only.
+
 Cases are matched by ID. A GT case without a prediction is scored as the BraTS challenge
 scores it: Dice 0 and HD95 373.13 mm in every region (sensitivity and specificity 0, the
 study's and the per-class Dice 0), with a warning naming the cases; ``--missing=skip`` leaves
@@ -45,7 +51,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from brats_jax import fileio, metrics, postprocess, runtime
+from brats_jax import fileio, lesionwise, metrics, postprocess, runtime
 
 CONVENTIONS = ("brats2018", "brats2023")
 _NIFTI = re.compile(r"^(?P<stem>.+?)(?P<sep>[_-]seg)?\.nii(\.gz)?$", re.IGNORECASE)
@@ -62,6 +68,7 @@ COLUMNS = (
 
 
 MISSING_MODES = ("worst", "skip")
+METRIC_SETS = ("standard", "lesionwise")
 
 
 class EvaluationError(ValueError):
@@ -242,8 +249,10 @@ def _evaluate_case(
     hd95_mode: str,
     log,
     postprocessing=None,
+    lesion_options=None,
 ) -> dict[str, float]:
-    """Load, convert and score one case; returns :func:`metrics.evaluate_volume`'s dict.
+    """Load, convert and score one case; returns :func:`metrics.evaluate_volume`'s dict
+    (plus :func:`lesionwise.evaluate_volume`'s with ``lesion_options``, its keyword dict).
 
     Dice per region and HD95 in mm (spacing from the GT header's zooms). Raises
     EvaluationError on a shape mismatch; warns when the affines differ.
@@ -271,7 +280,12 @@ def _evaluate_case(
     if postprocessing is not None:
         pred = postprocess.apply(pred, postprocessing)
     spacing = tuple(float(z) for z in zooms)
-    return metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
+    scores = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
+    if lesion_options is not None:
+        scores.update(
+            lesionwise.evaluate_volume(pred, gt, spacing, hd95_mode=hd95_mode, **lesion_options)
+        )
+    return scores
 
 
 def evaluate_folder(
@@ -283,6 +297,7 @@ def evaluate_folder(
     hd95_mode: str = "max",
     missing: str = "worst",
     postprocessing=None,
+    lesion_options=None,
     log=print,
 ) -> list[dict[str, float | str]]:
     """Evaluate every prediction with a matching GT case; returns one row dict per case.
@@ -296,6 +311,9 @@ def evaluate_folder(
       missing: a GT case without prediction: ``worst`` (scored by :func:`missing_case_row`)
         or ``skip``.
       postprocessing: a `postprocess.PostprocessConfig` applied to each prediction first.
+      lesion_options: None (standard metrics only) or a dict of
+        :func:`brats_jax.lesionwise.region_scores` options ({} = the challenge's): adds the
+        ``lesionwise_*`` scores.
       log: called with progress/warning lines.
 
     Raises:
@@ -319,6 +337,7 @@ def evaluate_folder(
             hd95_mode=hd95_mode,
             log=log,
             postprocessing=postprocessing,
+            lesion_options=lesion_options,
         )
         rows.append({"case_id": cid, **res})
         log(
@@ -326,16 +345,22 @@ def evaluate_folder(
             + " ".join(f"{r}={res[f'dice_{r}']:.4f}" for r in REGION_NAMES)
         )
     if missing == "worst":
-        rows = sorted(rows + [missing_case_row(cid) for cid in absent], key=lambda r: r["case_id"])
+        worst = [missing_case_row(cid, lesion_options is not None) for cid in absent]
+        rows = sorted(rows + worst, key=lambda r: r["case_id"])
     return rows
 
 
-def missing_case_row(case_id: str) -> dict[str, float | str]:
+def missing_case_row(case_id: str, with_lesionwise: bool = False) -> dict[str, float | str]:
     """The BraTS challenge's score of a case without prediction: Dice 0 and HD95 373.13 mm in
-    every region, sensitivity and specificity 0, the study's and per-class Dice 0."""
+    every region, sensitivity and specificity 0, the study's and per-class Dice 0; with
+    ``with_lesionwise`` also lesion-wise Dice 0 and HD95 374 mm (lesion counts left empty)."""
     row: dict[str, float | str] = {"case_id": case_id}
     for col in COLUMNS[1:]:
         row[col] = metrics.HD95_EMPTY if col.startswith("hd95_") else 0.0
+    if with_lesionwise:
+        for r in REGION_NAMES:
+            row[f"lesionwise_dice_{r}"] = 0.0
+            row[f"lesionwise_hd95_{r}"] = lesionwise.HD95_WORST
     return row
 
 
@@ -346,9 +371,12 @@ def _some(ids: Sequence[str], n: int = 10) -> str:
 
 
 def write_csv(rows: Sequence[dict], out: str | os.PathLike) -> None:
-    """Write per-case rows to ``out`` atomically (temporary file in the same folder + replace)."""
+    """Write per-case rows to ``out`` atomically (temporary file in the same folder + replace);
+    the ``lesionwise_*`` columns follow :data:`COLUMNS` when the rows have them."""
+    lesion = any("lesionwise_dice_WT" in r for r in rows)
+    fields = COLUMNS + (lesionwise.COLUMNS if lesion else [])
     with fileio.atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -361,6 +389,8 @@ def summarize(rows: Sequence[dict]) -> str:
     for k in [*keys, "volume_dice_4class"]:
         v = np.array([r[k] for r in rows], np.float64)
         lines.append(f"{k:<20}{v.mean():>10.4f}{v.std():>10.4f}{np.median(v):>10.4f}")
+    if rows and all("lesionwise_dice_WT" in r for r in rows):
+        lines.append(lesionwise.summary_table(rows))
     return "\n".join(lines)
 
 
@@ -377,6 +407,35 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "apply_postprocessing", None, "A postprocessing.json to apply to each prediction first."
 )
+flags.DEFINE_enum(
+    "metrics", "standard", list(METRIC_SETS), "lesionwise: add BraTS 2023 lesion-wise scores."
+)
+flags.DEFINE_integer(
+    "lesion_dilation", lesionwise.DILATION_ITERATIONS, "Lesion-wise: GT dilation iterations."
+)
+flags.DEFINE_enum(
+    "lesion_dilation_neighbours", str(lesionwise.DILATION_NEIGHBOURS), ["6", "18", "26"],
+    "Lesion-wise: neighbourhood of one dilation step.",
+)  # fmt: skip
+flags.DEFINE_enum(
+    "lesion_neighbours", str(lesionwise.COMPONENT_NEIGHBOURS), ["6", "18", "26"],
+    "Lesion-wise: connectivity of the connected components.",
+)  # fmt: skip
+flags.DEFINE_float(
+    "lesion_min_volume", lesionwise.MIN_VOLUME, "Lesion-wise: GT lesions <= this (mm^3) ignored."
+)
+
+
+def _lesion_options() -> dict | None:
+    """`evaluate_folder`'s lesion_options from the flags (None for --metrics=standard)."""
+    if FLAGS.metrics != "lesionwise":
+        return None
+    return dict(
+        dilation_iterations=FLAGS.lesion_dilation,
+        dilation_neighbours=int(FLAGS.lesion_dilation_neighbours),
+        component_neighbours=int(FLAGS.lesion_neighbours),
+        min_volume=FLAGS.lesion_min_volume,
+    )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -396,6 +455,7 @@ def main(argv: Sequence[str]) -> None:
             hd95_mode=FLAGS.hd95_mode,
             missing=FLAGS.missing,
             postprocessing=pp,
+            lesion_options=_lesion_options(),
         )
         write_csv(rows, FLAGS.out)
     except (ValueError, FileNotFoundError) as e:  # EvaluationError is a ValueError

@@ -6,7 +6,17 @@ eval step over sharded batches), whole-volume test metrics, and the run's result
 import jax
 import numpy as np
 
-from brats_jax import NUM_CLASSES, data, fileio, inference, metrics, outputs, plots, postprocess
+from brats_jax import (
+    NUM_CLASSES,
+    data,
+    fileio,
+    inference,
+    lesionwise,
+    metrics,
+    outputs,
+    plots,
+    postprocess,
+)
 from brats_jax.steps import data_mesh, device_batch
 
 
@@ -86,7 +96,9 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
     the per-slice 4-class Dice, as the study computed it; beside
     it, `paper_dice_absent_excluded` (classes absent from a slice's target and prediction
     left out instead of scored 1) and `pooled_dice_4class` (one Dice per class pooled over
-    those slices' pixels, `pooled_class_dice`, then their mean).
+    those slices' pixels, `pooled_class_dice`, then their mean). Each case also gets the
+    BraTS 2023 lesion-wise scores (`lesionwise.evaluate_volume`, `lesionwise_*` columns;
+    the `lesionwise` block of the results holds their case means and summed counts).
     Returns `(results, figure_slices)`.
     """
     spacing = getattr(run.source, "spacing", (1.0, 1.0, 1.0))
@@ -104,6 +116,9 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
         pred = postprocess.apply(pred, pp).astype(np.int32)  # the config's (identity: off)
         scores = metrics.evaluate_volume(
             pred, label, spacing=spacing, hd95_mode=run.config.eval.hd95_mode
+        )
+        scores.update(  # BraTS 2023 lesion-wise scores, the challenge's GLI constants
+            lesionwise.evaluate_volume(pred, label, spacing, hd95_mode=run.config.eval.hd95_mode)
         )
         per_case.append({"case_id": case_id, **scores})
         zs = [z for z, i in enumerate(data.case_indices(run.source, case_id)) if int(i) in kept]
@@ -135,6 +150,7 @@ def _summarise(per_case: list[dict], readings: dict) -> dict:
         "hd95": {r: _mean(per_case, f"hd95_{r}") for r in regions},
         "sensitivity": {r: _mean(per_case, f"sensitivity_{r}") for r in regions},
         "specificity": {r: _mean(per_case, f"specificity_{r}") for r in regions},
+        "lesionwise": lesionwise.summarise(per_case),
         "num_test_cases": len(per_case),
         "num_test_slices": len(slice_scores),
         "per_case": per_case,

@@ -29,6 +29,9 @@ probabilities are averaged (they must share `data.image_size`, input normalizati
 `data.context_slices`). Labels are the argmax of class probabilities, or region
 probabilities decoded with ET inside TC inside WT (`outputs.labels_from_probabilities`).
 `--tta=flips` (`flips_ud`) averages over left-right (and up-down) mirrored slices.
+`--uncertainty=FILE.nii.gz` (a folder for many cases) writes the voxel-wise predictive
+entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.uncertainty`:
+`X.csv` beside `X.nii.gz`, or `uncertainty.csv` in the folder).
 Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
 `python -m brats_jax.tune_postprocessing`) is applied when present; `--postprocessing=none`
 turns it off, `--postprocessing=FILE` applies another tuned choice.
@@ -58,6 +61,9 @@ flags.DEFINE_enum(
 flags.DEFINE_string("output", None, "Output label NIfTI (.nii[.gz]), or a folder for many cases.")
 flags.DEFINE_string(
     "probabilities", None, "Optional class (or region) probability NIfTI (folder: many)."
+)
+flags.DEFINE_string(
+    "uncertainty", None, "Optional predictive-entropy NIfTI (nats) + summary CSV (folder: many)."
 )
 flags.DEFINE_enum("tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.")
 flags.DEFINE_string(
@@ -139,19 +145,34 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
     return Ensemble(workdirs, first, tuple(predictors), tuple(variables), tuple(contexts))
 
 
-def predict_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0) -> np.ndarray:
-    """(H, W, D, C) probabilities (4 classes or 3 regions: `model.output`) of a (H, W, D, 4)
-    volume, averaged over the runs."""
+def member_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0):
+    """Yield each run's own (H, W, D, C) probabilities of a (H, W, D, 4) volume (test-time
+    mirror views already averaged), one run at a time."""
     from brats_jax import inference
 
     batch_size = batch_size or ensemble.config.eval.batch_size
     contexts = ensemble.context_slices or (0,) * len(ensemble.predictors)
-    total = None
     runs = zip(ensemble.predictors, ensemble.variables, contexts, strict=True)
     for predict, variables, k in runs:
-        probs = inference.predict_volume(
+        yield inference.predict_volume(
             predict, variables, image, batch_size=batch_size, context_slices=k
         )
+
+
+def predict_probabilities(
+    ensemble: Ensemble, image: np.ndarray, *, batch_size=0, member_labels=None
+) -> np.ndarray:
+    """(H, W, D, C) probabilities (4 classes or 3 regions: `model.output`) of a (H, W, D, 4)
+    volume, averaged over the runs. A list `member_labels` gets each run's own labels
+    (H, W, D) int32 appended (its probabilities decoded alone, no post-processing)."""
+    from brats_jax import outputs
+
+    total = None
+    for probs in member_probabilities(ensemble, image, batch_size=batch_size):
+        if member_labels is not None:
+            member_labels.append(
+                outputs.labels_from_probabilities(probs, outputs.of_config(ensemble.config.model))
+            )
         total = probs if total is None else total + probs
     return total / len(ensemble.predictors)
 
@@ -180,15 +201,18 @@ def resolve_postprocessing(workdirs, option: str = "auto", config=None):
     return postprocess.load(option)
 
 
-def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None):
-    """Predict a case (folder or `brats.Case`) -> (CaseData, labels {0..3} int, probabilities)."""
+def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None, member_labels=None):
+    """Predict a case (folder or `brats.Case`) -> (CaseData, labels {0..3} int, probabilities);
+    `member_labels`: see `predict_probabilities`."""
     from brats_jax import outputs, postprocess
     from brats_jax.data import brats
 
     data = brats.load_case(
         case, require_label=False, normalization=input_normalization(ensemble.config.data.source)
     )
-    probs = predict_probabilities(ensemble, data.image, batch_size=batch_size)
+    probs = predict_probabilities(
+        ensemble, data.image, batch_size=batch_size, member_labels=member_labels
+    )
     labels = outputs.labels_from_probabilities(probs, outputs.of_config(ensemble.config.model))
     if postprocessing is not None:
         labels = postprocess.apply(labels, postprocessing)
@@ -238,22 +262,34 @@ def predict_case(
     batch_size=0,
     tta="none",
     postprocessing="auto",
+    uncertainty=None,
 ):
     """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
 
     `workdir` may name several runs (comma-separated or a list): their probabilities are
     averaged. `tta`: see `inference.make_slice_predictor`; `postprocessing`: see
     `resolve_postprocessing`. Writes the label NIfTI `output` (and the class probabilities,
-    before post-processing, to `probabilities`).
+    before post-processing, to `probabilities`; the entropy NIfTI to `uncertainty` and its
+    `brats_jax.uncertainty` summary row to the CSV beside it, `uncertainty.csv_path`).
 
     Returns the written label array, int16 (H, W, D), in the release's label convention.
     """
-    for path in (output, probabilities):  # before the model loads and inference runs
+    from brats_jax import outputs
+    from brats_jax import uncertainty as unc
+
+    csv_path = unc.csv_path(uncertainty) if uncertainty else None
+    for path in (output, probabilities, uncertainty, csv_path):  # before the model loads
         if path:
             fileio.check_writable(path)
     ensemble = load_ensemble(workdir, step=step, tta=tta)
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.config)
-    data, labels, probs = segment(ensemble, case, batch_size=batch_size, postprocessing=pp)
+    members = [] if uncertainty else None
+    data, labels, probs = segment(
+        ensemble, case, batch_size=batch_size, postprocessing=pp, member_labels=members
+    )
+    if uncertainty:
+        kind = outputs.of_config(ensemble.config.model)
+        unc.write_csv([unc.write_case(data, labels, probs, kind, uncertainty, members)], csv_path)
     return _write_case(data, labels, probs, output, probabilities)
 
 
@@ -267,30 +303,44 @@ def predict_cases(
     batch_size=0,
     tta="none",
     postprocessing="auto",
+    uncertainty_dir=None,
 ) -> list[pathlib.Path]:
     """Predict many cases into `output_dir/<case ID>.nii.gz`, loading and compiling once.
 
     Arguments as `predict_case`; `cases` are case folders or `brats.Case`s; the
-    probabilities go to `probabilities_dir/<case ID>.nii.gz` when given. Shows a progress
-    bar. Returns the written label files.
+    probabilities go to `probabilities_dir/<case ID>.nii.gz` when given, the entropy maps to
+    `uncertainty_dir/<case ID>.nii.gz` and their summary rows to
+    `uncertainty_dir/uncertainty.csv`. Shows a progress bar. Returns the written label files.
     """
     from tqdm import tqdm
+
+    from brats_jax import outputs
+    from brats_jax import uncertainty as unc
 
     ids = [c.case_id if hasattr(c, "case_id") else pathlib.Path(c).name for c in cases]
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
         raise ValueError(f"--input: case ID(s) {dup[:5]} given twice; outputs would collide")
-    for folder in (output_dir, probabilities_dir):  # before the model loads
+    for folder in (output_dir, probabilities_dir, uncertainty_dir):  # before the model loads
         if folder and ids:
             fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
     ensemble = load_ensemble(workdir, step=step, tta=tta)
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.config)
-    written = []
+    written, rows = [], []
     for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):
-        data, labels, probs = segment(ensemble, case, batch_size=batch_size, postprocessing=pp)
+        members = [] if uncertainty_dir else None
+        data, labels, probs = segment(
+            ensemble, case, batch_size=batch_size, postprocessing=pp, member_labels=members
+        )
         out = pathlib.Path(output_dir) / f"{cid}.nii.gz"
         prob_out = pathlib.Path(probabilities_dir) / f"{cid}.nii.gz" if probabilities_dir else None
         _write_case(data, labels, probs, out, prob_out)
         written.append(out)
+        if uncertainty_dir:
+            kind = outputs.of_config(ensemble.config.model)
+            path = pathlib.Path(uncertainty_dir) / f"{cid}.nii.gz"
+            rows.append(unc.write_case(data, labels, probs, kind, path, members))
+    if uncertainty_dir:
+        unc.write_csv(rows, pathlib.Path(uncertainty_dir) / unc.CSV_FILE)
     return written
 
 
@@ -352,21 +402,30 @@ def main(argv) -> None:
     if not _is_nifti_name(FLAGS.output):
         if not FLAGS.input:
             raise app.UsageError(f"--output {FLAGS.output}: give a .nii or .nii.gz file name")
-        if FLAGS.probabilities and _is_nifti_name(FLAGS.probabilities):
-            raise app.UsageError("--probabilities: give a folder when --output is a folder")
+        for name in ("probabilities", "uncertainty"):
+            if getattr(FLAGS, name) and _is_nifti_name(getattr(FLAGS, name)):
+                raise app.UsageError(f"--{name}: give a folder when --output is a folder")
         cases = _cases_from_input(FLAGS.input)
         written = predict_cases(
-            FLAGS.workdir, cases, FLAGS.output, probabilities_dir=FLAGS.probabilities, **options
+            FLAGS.workdir,
+            cases,
+            FLAGS.output,
+            probabilities_dir=FLAGS.probabilities,
+            uncertainty_dir=FLAGS.uncertainty,
+            **options,
         )
         print(f"wrote {len(written)} segmentation(s) to {FLAGS.output}")
         return
     if FLAGS.input and "," in FLAGS.input:
         raise app.UsageError(f"--output {FLAGS.output} is one file; give a folder for many cases")
+    if FLAGS.uncertainty and not _is_nifti_name(FLAGS.uncertainty):
+        raise app.UsageError(f"--uncertainty {FLAGS.uncertainty}: give a .nii or .nii.gz file")
     labels = predict_case(
         FLAGS.workdir,
         _single_case(files),
         FLAGS.output,
         probabilities=FLAGS.probabilities,
+        uncertainty=FLAGS.uncertainty,
         **options,
     )
     values, counts = np.unique(labels, return_counts=True)

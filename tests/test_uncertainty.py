@@ -1,0 +1,232 @@
+"""predict --uncertainty: entropy maps and per-case summaries against closed forms.
+
+Stand-in runs as in tests/test_predict.py (`train.load_trained` patched): a pointwise model
+whose logits are its input times `variables["scale"]`, or `inference.predict_volume`
+patched to return hand-made per-run probabilities.
+"""
+
+import csv
+import math
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_jax import inference, predict, train
+from brats_jax import uncertainty as U
+
+SHAPE = (12, 10, 6)
+AFFINE = np.array([[2.0, 0, 0, -10], [0, 1.0, 0, 5], [0, 0, 1.0, 3], [0, 0, 0, 1]])
+
+
+class _ScaleModel:
+    def __init__(self, channels=4):
+        self.channels = channels
+
+    def apply(self, variables, x, train):
+        return x[..., : self.channels] * variables["scale"]
+
+
+def _config(output="classes"):
+    return ml_collections.ConfigDict(
+        {
+            "data": {"image_size": 16, "source": "nifti"},
+            "eval": {"batch_size": 4},
+            "model": {"name": "unet", "base_features": 8, "output": output},
+        }
+    )
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """add(name, scale, output) -> a run folder that `train.load_trained` serves."""
+    table = {}
+
+    def load_trained(workdir, step=None):
+        config, scale = table[str(workdir)]
+        model = _ScaleModel(3 if config.model.output == "regions" else 4)
+        return config, model, {"scale": np.float32(scale)}
+
+    monkeypatch.setattr(train, "load_trained", load_trained)
+
+    def add(name, scale=1.0, output="classes"):
+        path = tmp_path / name
+        path.mkdir()
+        table[str(path)] = (_config(output), scale)
+        return str(path)
+
+    return add
+
+
+def _write_case(root, case_id, seed=0):
+    folder = root / case_id
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for s in ("_flair", "_t1", "_t1ce", "_t2"):
+        vol = rng.normal(0.5, 1.0, SHAPE).astype(np.float32)
+        vol[:2] = 0  # x 0, 1: outside the brain
+        nib.save(nib.Nifti1Image(vol, AFFINE), str(folder / f"{case_id}{s}.nii.gz"))
+    return folder
+
+
+def _read(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _hand_entropy(p):
+    """-sum p log p over the last axis, 0 log 0 = 0 (numpy by hand)."""
+    p = np.asarray(p, np.float64)
+    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
+
+
+def test_identical_members_give_one_members_entropy(runs, tmp_path):
+    r1, r2 = runs("r1", scale=2.0), runs("r2", scale=2.0)
+    case = _write_case(tmp_path, "Brats18_A_1")
+    predict.predict_case(r1, case, tmp_path / "a.nii.gz", probabilities=tmp_path / "p.nii.gz")
+    out = tmp_path / "u" / "ent.nii.gz"
+    predict.predict_case(f"{r1},{r2}", case, tmp_path / "b.nii.gz", uncertainty=out)
+    h = _read(out)
+    assert h.dtype == np.float32 and h.shape == SHAPE
+    expected = _hand_entropy(_read(tmp_path / "p.nii.gz"))
+    assert expected.max() > 0.3  # not a trivially confident case
+    np.testing.assert_allclose(h, expected, atol=1e-5)
+    (row,) = _rows(tmp_path / "u" / "ent.csv")  # the CSV beside the file
+    assert float(row["member_wt_dice"]) == 1.0 and row["members"] == "2"
+
+
+def _slab_labels():
+    """Two runs' labels: NCR at x 2..5 and at x 4..7 (all y, z); they overlap at x 4, 5."""
+    a = np.zeros(SHAPE, np.int64)
+    b = np.zeros(SHAPE, np.int64)
+    a[2:6] = 1
+    b[4:8] = 1
+    return a, b
+
+
+def test_two_disagreeing_members_closed_form_and_csv(runs, tmp_path, monkeypatch):
+    r1, r2 = runs("r1", scale=1.0), runs("r2", scale=2.0)
+    a, b = _slab_labels()
+    by_scale = {1.0: np.eye(4, dtype=np.float32)[a], 2.0: np.eye(4, dtype=np.float32)[b]}
+    monkeypatch.setattr(
+        inference, "predict_volume", lambda p, v, *x, **k: by_scale[float(v["scale"])]
+    )
+    data = tmp_path / "data"
+    _write_case(data, "Brats18_A_1")
+    _write_case(data, "Brats18_B_1", seed=1)
+    cases = predict._cases_from_input(str(data))
+    udir = tmp_path / "unc"
+    predict.predict_cases(
+        f"{r1},{r2}", cases, tmp_path / "seg", uncertainty_dir=udir, postprocessing="none"
+    )
+    img = nib.load(str(udir / "Brats18_A_1.nii.gz"))
+    np.testing.assert_allclose(img.affine, AFFINE)  # the input's grid
+    assert img.get_data_dtype() == np.float32
+    assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == U.DESCRIPTION
+    h = np.asarray(img.dataobj)
+    # where the runs differ: p = (1/2, 1/2, 0, 0) -> log 2 nats; where they agree: 0
+    differ = a != b
+    np.testing.assert_allclose(h[differ], math.log(2), atol=1e-6)
+    np.testing.assert_allclose(h[~differ], 0.0, atol=1e-6)
+    rows = _rows(udir / U.CSV_FILE)
+    assert list(rows[0]) == list(U.COLUMNS)
+    assert [r["case_id"] for r in rows] == ["Brats18_A_1", "Brats18_B_1"]
+    r = rows[0]
+    # averaged labels: NCR only at x 4, 5 (ties at x 2, 3, 6, 7 go to background):
+    # 2 * 10 * 6 voxels of 2 x 1 x 1 mm = 240 mm^3 = 0.24 ml; entropy 0 there
+    assert float(r["tumour_volume_ml"]) == pytest.approx(0.24)
+    assert float(r["mean_entropy_tumour"]) == pytest.approx(0.0, abs=1e-6)
+    # WT Dice of the two runs' own labels: 2 * 2 slabs / (4 + 4) slabs
+    assert float(r["member_wt_dice"]) == pytest.approx(0.5)
+    assert r["members"] == "2"
+
+
+def test_region_entropy_closed_form():
+    p = np.array([[0.5, 0.5, 0.5], [1.0, 0.0, 0.5], [0.2, 0.9, 0.0]])
+    h = U.entropy(p, "regions")
+
+    def b(q):
+        return 0.0 if q in (0.0, 1.0) else -q * math.log(q) - (1 - q) * math.log(1 - q)
+
+    np.testing.assert_allclose(h[0], 3 * math.log(2), rtol=1e-6)
+    np.testing.assert_allclose(h[1], math.log(2), rtol=1e-6)
+    np.testing.assert_allclose(h[2], b(0.2) + b(0.9), rtol=1e-6)
+    assert U.max_entropy("regions") == pytest.approx(3 * math.log(2))
+    np.testing.assert_allclose(U.entropy([0.25] * 4, "classes"), math.log(4), rtol=1e-6)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        U.entropy(np.ones((2, 4)) / 4, "regions")
+
+
+def test_region_runs_write_the_summed_binary_entropy(runs, tmp_path):
+    run = runs("r", scale=1.5, output="regions")
+    case = _write_case(tmp_path, "Brats18_A_1")
+    out, probs = tmp_path / "u.nii.gz", tmp_path / "p.nii.gz"
+    predict.predict_case(run, case, tmp_path / "s.nii.gz", probabilities=probs, uncertainty=out)
+    p = _read(probs).astype(np.float64)
+    assert p.shape == (*SHAPE, 3) and 0.01 < p.min() and p.max() < 0.99  # not saturated
+    expected = _hand_entropy(np.stack([p, 1 - p], -1)).sum(-1)
+    np.testing.assert_allclose(_read(out), expected, atol=1e-5)
+    (row,) = _rows(tmp_path / "u.csv")
+    assert row["member_wt_dice"] == "" and row["members"] == "1"  # one run: no agreement
+
+
+def test_case_row_uncertain_share_and_pairwise_dice_by_hand():
+    h = np.zeros((4, 1, 1), np.float32)
+    h[:, 0, 0] = [0.1, 0.8, 0.7, 1.0]  # threshold 0.5 * log 4 = 0.693: 0.8, 0.7, 1.0 above
+    brain = np.array([True, True, False, True]).reshape(4, 1, 1)
+    labels = np.array([0, 2, 2, 0]).reshape(4, 1, 1)
+    m1 = np.array([0, 1, 1, 0]).reshape(4, 1, 1)
+    m2 = np.array([0, 2, 0, 0]).reshape(4, 1, 1)
+    m3 = np.zeros((4, 1, 1), int)
+    row = U.case_row("c", h, labels, brain, (1.0, 2.0, 5.0), "classes", [m1, m2, m3])
+    assert row["uncertain_share_brain"] == pytest.approx(2 / 3)  # 0.8 and 1.0 of 3 in brain
+    assert row["mean_entropy_tumour"] == pytest.approx(0.75)
+    assert row["tumour_volume_ml"] == pytest.approx(2 * 10 / 1000)
+    # pairs: (m1, m2) 2*1/(2+1); (m1, m3) 0; (m2, m3) 0
+    assert row["member_wt_dice"] == pytest.approx((2 / 3 + 0 + 0) / 3)
+    assert U.pairwise_wt_dice([m3, m3]) == 1.0  # both empty
+    assert U.pairwise_wt_dice([m1]) is None
+    empty = U.case_row("e", h, m3, brain, (1, 1, 1), "classes")
+    assert empty["mean_entropy_tumour"] is None and empty["tumour_volume_ml"] == 0.0
+
+
+def test_cli_uncertainty_must_match_the_output_kind(runs, tmp_path):
+    run = runs("r")
+    case = _write_case(tmp_path, "Brats18_A_1")
+    for output, unc, message in (
+        (tmp_path / "s.nii.gz", tmp_path / "udir", "give a .nii or .nii.gz file"),
+        (tmp_path / "segs", tmp_path / "u.nii.gz", "give a folder when --output is a folder"),
+    ):
+        predict.FLAGS.unparse_flags()
+        predict.FLAGS(
+            ["predict", f"--workdir={run}", f"--input={case}", f"--output={output}",
+             f"--uncertainty={unc}"]
+        )  # fmt: skip
+        try:
+            with pytest.raises(Exception, match=message):
+                predict.main(["predict"])
+        finally:
+            predict.FLAGS.unparse_flags()
+
+
+def test_cli_writes_the_uncertainty_folder(runs, tmp_path):
+    run = runs("r")
+    data = tmp_path / "data"
+    _write_case(data, "Brats18_A_1")
+    udir = tmp_path / "udir"
+    predict.FLAGS.unparse_flags()
+    predict.FLAGS(
+        ["predict", f"--workdir={run}", f"--input={data}", f"--output={tmp_path / 'segs'}",
+         f"--uncertainty={udir}"]
+    )  # fmt: skip
+    try:
+        predict.main(["predict"])
+    finally:
+        predict.FLAGS.unparse_flags()
+    assert sorted(p.name for p in udir.iterdir()) == ["Brats18_A_1.nii.gz", U.CSV_FILE]
+    assert [r["case_id"] for r in _rows(udir / U.CSV_FILE)] == ["Brats18_A_1"]
