@@ -56,8 +56,9 @@ def _predict_main(argv) -> None:
 
 def test_predict_parts_cover_every_case_once(tmp_path, monkeypatch):
     ids = ["Brats18_C_1", "Brats18_A_1", "Brats18_E_1", "Brats18_B_1", "Brats18_D_1"]
-    _case_folders(tmp_path / "HGG", ids[:3])  # two subfolders: found in folder order,
+    _case_folders(tmp_path / "HGG", ids[:3])  # a list of two folders: found folder by folder,
     _case_folders(tmp_path / "LGG", ids[3:])  # parts are taken of the sorted case IDs
+    given = f"{tmp_path / 'LGG'},{tmp_path / 'HGG'}"  # B, D then A, C, E
     got = []
 
     def fake_predict_cases(workdir, cases, output_dir, **kw):
@@ -69,7 +70,7 @@ def test_predict_parts_cover_every_case_once(tmp_path, monkeypatch):
         seen = []
         for part_id in range(num_parts):
             got.clear()
-            args = [f"--input={tmp_path}", f"--output={tmp_path / 'out'}", "--workdir=RUN",
+            args = [f"--input={given}", f"--output={tmp_path / 'out'}", "--workdir=RUN",
                     f"--num_parts={num_parts}", f"--part_id={part_id}"]  # fmt: skip
             _predict_main(args)
             assert got == sorted(ids)[part_id::num_parts]  # round-robin over sorted IDs
