@@ -62,6 +62,8 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 ADDED_FIELDS = {
     "model.output": "classes",
     "data.context_slices": 0,
+    "data.patch_size": 0,
+    "data.foreground_fraction": 0.33,
     "postprocess.largest_component_only": False,
     "postprocess.min_component_voxels": 0,
     "postprocess.connectivity": 26,

@@ -23,7 +23,10 @@ written atomically.
 Many cases: `--input` a folder holding case folders (at any depth) or a comma-separated
 list of case folders, with `--output` a folder (a name not ending in .nii/.nii.gz): one
 `<ID>.nii.gz` per case (`--probabilities` is then a folder too), one load and compilation
-for all, a progress bar. Several comma-separated `--workdir`s form an ensemble: their
+for all, a progress bar. `--num_parts=N --part_id=i` (nnU-Net's flags) segments only part i
+of the cases sorted by case ID, round-robin (`brats_jax.work_split`): N processes with
+i = 0..N-1 on one `--output` folder write every case once. Several comma-separated
+`--workdir`s form an ensemble: their
 probabilities are averaged (they must share `data.image_size`, input normalization and
 `model.output`; each run gets the slice context it was trained with, its own
 `data.context_slices`). Labels are the argmax of class probabilities, or region
@@ -46,7 +49,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags
 
-from brats_jax import MODALITIES, cli, fileio, runtime
+from brats_jax import MODALITIES, cli, fileio, runtime, work_split
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run folder (holds config.json, checkpoints/).")
@@ -71,6 +74,10 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("step", None, "Checkpoint step to use instead of the best one.")
 flags.DEFINE_integer("batch_size", 0, "Slices per model call (0: the run's eval.batch_size).")
+flags.DEFINE_integer("num_parts", 1, "Split a folder of cases into this many parts (machines).")
+flags.DEFINE_integer(
+    "part_id", 0, "The part this process segments, 0..num_parts-1 (round-robin over case IDs)."
+)
 
 
 def input_normalization(source: str) -> str:
@@ -380,10 +387,24 @@ def _single_case(files: dict):
     return brats.case_from_files(files, naming=FLAGS.naming or "2018")
 
 
+def _case_part(cases: list) -> list:
+    """Part `--part_id` of `--num_parts` of `cases` sorted by case ID (round-robin); a case
+    ID found twice is an error here, before the parts could hide it from each other."""
+    ids = [c.case_id for c in cases]
+    if dup := sorted({i for i in ids if ids.count(i) > 1}):
+        raise ValueError(f"--input: case ID(s) {dup[:5]} given twice; outputs would collide")
+    cases = sorted(cases, key=lambda c: c.case_id)
+    return work_split.part_of(cases, FLAGS.part_id, FLAGS.num_parts)
+
+
 def main(argv) -> None:
     runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        work_split.check_part(FLAGS.part_id, FLAGS.num_parts)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     for name in ("workdir", "output"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
@@ -405,7 +426,10 @@ def main(argv) -> None:
         for name in ("probabilities", "uncertainty"):
             if getattr(FLAGS, name) and _is_nifti_name(getattr(FLAGS, name)):
                 raise app.UsageError(f"--{name}: give a folder when --output is a folder")
-        cases = _cases_from_input(FLAGS.input)
+        cases = _case_part(_cases_from_input(FLAGS.input))
+        if not cases:
+            print(f"part {FLAGS.part_id} of {FLAGS.num_parts}: no cases to segment")
+            return
         written = predict_cases(
             FLAGS.workdir,
             cases,
@@ -420,6 +444,8 @@ def main(argv) -> None:
         raise app.UsageError(f"--output {FLAGS.output} is one file; give a folder for many cases")
     if FLAGS.uncertainty and not _is_nifti_name(FLAGS.uncertainty):
         raise app.UsageError(f"--uncertainty {FLAGS.uncertainty}: give a .nii or .nii.gz file")
+    if FLAGS.num_parts != 1:
+        raise app.UsageError("--num_parts splits a folder of cases; give --output a folder")
     labels = predict_case(
         FLAGS.workdir,
         _single_case(files),

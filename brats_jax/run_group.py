@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from brats_jax import config_utils, data, fileio, losses, outputs, steps
 from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints, UnreadableCheckpoint, restore_runs
+from brats_jax.data.patches import check_patch_config
 from brats_jax.metric_writer import MetricWriter
 from brats_jax.runtime import resolve_ops
 from brats_jax.train_state import (
@@ -42,6 +43,7 @@ SHARED_FIELDS = (
     "runtime",
     "data.image_size",
     "data.context_slices",
+    "data.patch_size",  # the train step's input shape (foreground_fraction may differ)
     "train.batch_size",
     "train.num_steps",
     "train.num_epochs",
@@ -85,6 +87,7 @@ class Run:
 
 def _check_config(config) -> None:
     data.context_slices(config)  # a bad data.context_slices fails before any data is read
+    check_patch_config(config, config.data.image_size)  # the native size: in build_run
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
         value = config_utils.get_field(config, field)
         if value < 1:
@@ -103,6 +106,8 @@ def build_run(config: ml_collections.ConfigDict, workdir, *, source=None) -> Run
     """Data splits, loss parameters and step counts of one run (`source` may be shared)."""
     _check_config(config)
     source = data.make_source(config.data) if source is None else source
+    if not config.data.image_size:
+        check_patch_config(config, int(source[0]["image"].shape[0]))
     splits = data.build_splits(source, config.data)
     steps_per_epoch = max(1, len(splits.train) // config.train.batch_size)
     if config.train.num_steps > 0:

@@ -35,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 2.5D input: k > 0 feeds slices z-k..z+k of the 4 modalities as 4(2k+1) channels,
     # slice-major, edges clamped (brats_jax/data/context.py); 0 = the study's 2D slices
     d.context_slices = 0
+    # training on random patch_size x patch_size crops of the (image_size) slices, a
+    # foreground_fraction share centred on tumour (brats_jax/data/patches.py; nnU-Net's 0.33);
+    # validation, test and predict stay on whole slices. 0 = whole slices
+    d.patch_size = 0
+    d.foreground_fraction = 0.33
     d.num_workers = 0  # grain worker processes; 0 = read in the main process
     d.synthetic_num_cases = 24
     d.synthetic_slices_per_case = 24

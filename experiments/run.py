@@ -8,6 +8,10 @@ raises has its traceback written to `DIR/<run>/error.txt` and the sweep goes on;
 code is 1 if any run failed. `DIR/sweep.log` records what each invocation did.
 
 `--only=PATTERNS` restricts the sweep to matching run names (e.g. `--only='unet-ce-*'`).
+`--shard=i/N` (or `--shard=slurm`: a SLURM job array's task) trains only the i-th of N
+deterministic shares of the runs (`shard_runs`: training units dealt round-robin, grouped
+runs kept together), so N machines on one shared `--out` train every run once; give every
+shard the same sweep, `--only`, `--group-size` and overrides.
 `--config.a.b=value` (or `--config.a.b value`) sets a config field in every run, converted
 to the field's type (bool: true/false/1/0/yes/no). Fields a sweep varies (its learning
 rates, losses, ...) cannot be overridden.
@@ -38,7 +42,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from brats_jax import cli, config_utils, fileio, runtime
+from brats_jax import cli, config_utils, fileio, runtime, work_split
 from brats_jax.workdir_lock import WorkdirBusy, WorkdirLock
 from experiments import sweeps
 
@@ -267,6 +271,19 @@ def plan_units(runs: Sequence[PlannedRun], group_size: int) -> list[list[Planned
     return units
 
 
+def shard_runs(
+    runs: Sequence[PlannedRun], shard: int, num_shards: int, group_size: int = 0
+) -> list[PlannedRun]:
+    """The runs of shard `shard` of `num_shards`, in sweep order: the training units of all
+    `runs` (`plan_units`: with `group_size` > 1 the runs trained together) dealt
+    round-robin (`work_split.part_of`), so the shards partition the runs and never split a
+    unit. Computed from the plan alone (not from which runs are finished), so every shard's
+    process deals the same way. `execute(..., group_size)` on a shard re-forms its units."""
+    units = work_split.part_of(plan_units(runs, group_size), shard, num_shards)
+    names = {spec.name for unit in units for spec in unit}
+    return [spec for spec in runs if spec.name in names]
+
+
 def execute(
     runs: Sequence[PlannedRun],
     *,
@@ -436,6 +453,13 @@ def _parser() -> argparse.ArgumentParser:
         "grouped (vmap with convolutions as batched GEMMs; meant for GPUs)",
     )
     p.add_argument(
+        "--shard",
+        default="",
+        metavar="i/N|slurm",
+        help="train only shard i of N of the runs (grouped runs stay together); 'slurm': "
+        "i = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, N = SLURM_ARRAY_TASK_COUNT",
+    )
+    p.add_argument(
         "--allow-cpu",
         action="store_true",
         help="let a --scale=paper sweep train on the CPU (days per run; refused by default)",
@@ -463,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, x) for x in patterns)]
             if not runs:
                 raise ValueError(f"--only={args.only!r} matches none of the sweep's runs")
+        shard = ""
+        if args.shard:
+            i, n = work_split.parse_shard(args.shard)
+            total, runs = len(runs), shard_runs(runs, i, n, args.group_size)
+            shard = f" shard={i}/{n}"
+            print(f"shard {i}/{n}: {len(runs)} of {total} runs", flush=True)
         if args.scale == "paper":
             check_paper_data(runs, overrides)
             if not args.dry_run:
@@ -486,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compile_cache != "off":
         runtime.enable_compile_cache(args.compile_cache)
     out = pathlib.Path(args.out)
-    _log(out, f"sweep {' '.join(args.names)} scale={args.scale} runs={len(runs)} "
+    _log(out, f"sweep {' '.join(args.names)} scale={args.scale}{shard} runs={len(runs)} "
               f"overrides={json.dumps(overrides)}")  # fmt: skip
     t0 = time.perf_counter()
     outcomes = execute(runs, group_size=args.group_size, mapping=args.mapping)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ from absl import logging
 from brats_jax.data.common import DataError, resize_image, resize_label
 from brats_jax.data.context import check_context_slices, neighbour_records, stack_records
 from brats_jax.data.folds import fold_cases
+from brats_jax.data.patches import random_crop
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,11 +264,14 @@ class _Records:
         return f"_Records({self.source!r}, n={len(self)}, indices_sha1={h}{k})"
 
 
-def _prepare_record(rec: dict, image_size: int, flip: bool) -> dict:
+def _prepare_record(rec: dict, image_size: int, flip: bool, crop=None) -> dict:
+    """Resize, then `crop(image, label) -> (image, label)` if given, then flip."""
     image, label = rec["image"], rec["label"]
     if image_size:
         image = resize_image(image, image_size)
         label = resize_label(label, image_size)
+    if crop is not None:
+        image, label = crop(image, label)
     if flip:  # left-right: NIfTI voxel axis 0 (x) is the first array axis of a slice
         image, label = image[::-1], label[::-1]
     return dict(
@@ -278,22 +283,35 @@ def _prepare_record(rec: dict, image_size: int, flip: bool) -> dict:
 
 
 class _Augment:
-    """grain random map: optional resize and random left-right flip (p = 0.5)."""
+    """grain random map: optional resize, random crop (`data.patches`; patch_size 0 = none)
+    and random left-right flip (p = 0.5). `rng` is grain's per-record generator (seeded by
+    the dataset seed and the record's position), so crops resume exactly."""
 
-    def __init__(self, image_size: int, random_flip: bool):
+    def __init__(
+        self, image_size: int, random_flip: bool, patch_size: int = 0, foreground_fraction=0.0
+    ):
         self.image_size = int(image_size)
         self.random_flip = bool(random_flip)
+        self.patch_size = int(patch_size)
+        self.foreground_fraction = float(foreground_fraction)
 
     def __call__(self, rec: dict, rng: np.random.Generator) -> dict:
-        flip = self.random_flip and bool(rng.integers(2))
-        return _prepare_record(rec, self.image_size, flip)
+        flip = self.random_flip and bool(rng.integers(2))  # drawn first, as before patches
+        crop = None
+        if self.patch_size:
+            crop = functools.partial(
+                random_crop, patch_size=self.patch_size,
+                foreground_fraction=self.foreground_fraction, rng=rng,
+            )  # fmt: skip
+        return _prepare_record(rec, self.image_size, flip, crop)
 
 
 class TrainIterator:
     """Endless iterator of per-host batches with checkpointable state.
 
     next() -> dict(image float32 (b,S,S,4(2k+1)), label int32 (b,S,S), case_id (b,) str,
-    slice_index (b,) int32), b = batch_size // shard_count, k = `context_slices`.
+    slice_index (b,) int32), b = batch_size // shard_count, k = `context_slices`; S =
+    `patch_size` when > 0 (random crops, `data.patches`), else the (resized) slice size.
     `get_state()` returns a JSON-serialisable dict; `set_state(state)` resumes exactly.
     `steps_per_epoch` = len(indices) // batch_size (global).
     """
@@ -311,6 +329,8 @@ class TrainIterator:
         shard_index: int = 0,
         shard_count: int = 1,
         context_slices: int = 0,
+        patch_size: int = 0,
+        foreground_fraction: float = 0.0,
     ):
         import grain
 
@@ -333,7 +353,7 @@ class TrainIterator:
         image_size, flip, workers = int(image_size), bool(random_flip), int(num_workers)
         records = _Records(source, shard, context_slices)
         ds = grain.MapDataset.source(records).seed(int(seed)).shuffle().repeat()
-        ds = ds.random_map(_Augment(image_size, flip))
+        ds = ds.random_map(_Augment(image_size, flip, patch_size, foreground_fraction))
         read = grain.ReadOptions(
             num_threads=2 if workers == 0 else 1,
             prefetch_buffer_size=max(4, 2 * self.per_host_batch),
@@ -397,11 +417,15 @@ def make_train_iterator(
     Seeded per-epoch shuffle, drop-remainder batching, optional random left-right flips
     (data.random_flip), resize to data.image_size (0 = native), data.num_workers processes,
     static per-host sharding (indices[shard_index::shard_count]); with data.context_slices
-    k > 0 each image holds its slice's context window, 4 (2k+1) channels (`data.context`).
+    k > 0 each image holds its slice's context window, 4 (2k+1) channels (`data.context`);
+    with data.patch_size p > 0 each image is a random p x p crop, data.foreground_fraction of
+    them centred on tumour (`data.patches`).
     """
     d = data_config
     options = dict(image_size=d.image_size, random_flip=d.random_flip, num_workers=d.num_workers)
     options["context_slices"] = d.get("context_slices", 0)
+    options["patch_size"] = d.get("patch_size", 0)
+    options["foreground_fraction"] = d.get("foreground_fraction", 0.33)
     return TrainIterator(
         source, indices, batch_size=batch_size, seed=seed, shard_index=shard_index,
         shard_count=shard_count, **options,
