@@ -463,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, x) for x in patterns)]
             if not runs:
                 raise ValueError(f"--only={args.only!r} matches none of the sweep's runs")
+        from brats_jax import config_checks  # imports JAX: after runtime.setup
+
+        for spec in runs:
+            config_checks.check_choices(spec.config, what=spec.name)
         if args.scale == "paper":
             check_paper_data(runs, overrides)
             if not args.dry_run:
