@@ -165,16 +165,45 @@ def _quiet_shutdown() -> None:
     logging.set_verbosity(logging.FATAL)
 
 
+# orbax's save threads log a file-system error (tensorstore's text) before the save raises it
+# in the main thread, where it ends the run in one line (describe_failure)
+_FS_ERROR_TEXT = ("RESOURCE_EXHAUSTED", "os_error_code", "No space left on device")
+
+
 def keep_log_record(r: pylogging.LogRecord) -> bool:
-    """False for orbax's per-save INFO lines and for its warning about checkpoints saved
-    without metrics (the epoch-end checkpoints have no validation Dice, by design)."""
+    """False for orbax's per-save INFO lines, for its warning about checkpoints saved
+    without metrics (the epoch-end checkpoints have no validation Dice, by design) and for
+    its save threads' errors of a file-system failure (full disk: the save raises it)."""
     if "orbax" not in r.pathname.replace("\\", "/"):
         return True
     if r.levelno < pylogging.WARNING:
         return False
-    return "did not provide metrics" not in r.getMessage()
+    message = r.getMessage()
+    if r.levelno >= pylogging.ERROR and any(t in message for t in _FS_ERROR_TEXT):
+        return False
+    return "did not provide metrics" not in message
+
+
+def is_closed_loop_callback(unraisable) -> bool:
+    """True for the "Event loop is closed" RuntimeError of a tensorstore write finishing
+    after the orbax save that awaited it failed (and closed its event loop): a follow-on
+    of the error the save raised, printed by `sys.unraisablehook` once per pending write."""
+    e = unraisable.exc_value
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
+def _without_closed_loop_callbacks(previous):
+    def hook(unraisable):
+        if not is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    return hook
 
 
 def quiet_library_logs() -> None:
-    """Filters absl's log handler with :func:`keep_log_record` (other warnings still show)."""
+    """Filters absl's log handler with :func:`keep_log_record` (other warnings still show)
+    and drops :func:`is_closed_loop_callback` reports from `sys.unraisablehook`."""
     logging.get_absl_handler().addFilter(keep_log_record)
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+        sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
