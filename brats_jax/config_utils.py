@@ -33,8 +33,8 @@ def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 
 def suggest(value: Any, choices) -> str:
-    """"did you mean 'X'?" for the choice closest to `value` (difflib, as ml_collections'
-    own hint), or "" when none is close."""
+    """The hint "did you mean 'X'?" for the choice X closest to `value` (difflib, as
+    ml_collections' own hint), or "" when none is close."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     return f"did you mean {close[0]!r}?" if close else ""
 

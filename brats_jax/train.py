@@ -48,7 +48,7 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
     Returns:
       Each run's results dict, as `train_and_evaluate` returns it.
     """
-    for config, workdir in zip(configs, workdirs):  # a misspelt name fails before the data
+    for config, workdir in zip(configs, workdirs, strict=True):  # misspelt names fail first
         config_checks.check_choices(config, what=str(workdir) if len(configs) > 1 else "")
     mapping = steps.default_mapping() if mapping == "auto" else mapping
     group = RunGroup.create(configs, workdirs, mapping=mapping)

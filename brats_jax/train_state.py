@@ -108,7 +108,9 @@ def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
     elif t.optimizer == "adamw":
         parts += [optax.scale_by_adam(), optax.add_decayed_weights(t.weight_decay)]
     else:
-        raise ValueError(f"unknown train.optimizer {t.optimizer!r}; expected {'|'.join(OPTIMIZERS)}")
+        raise ValueError(
+            f"unknown train.optimizer {t.optimizer!r}; expected {'|'.join(OPTIMIZERS)}"
+        )
     shape = _schedule_shape(t, total_steps)
     if shape is not None:
         parts.append(optax.scale_by_schedule(shape))

@@ -204,7 +204,8 @@ def with_preset(
     if preset not in PRESET_FIELDS:
         hint = config_utils.suggest(preset, PRESETS[1:])
         raise ValueError(
-            f"unknown preset {preset!r}; " + (f"{hint} " if hint else "")
+            f"unknown preset {preset!r}; "
+            + (f"{hint} " if hint else "")
             + f"expected one of {', '.join(PRESETS[1:])} or nothing"
         )
     config_utils.apply_overrides(c, PRESET_FIELDS[preset])

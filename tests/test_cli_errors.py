@@ -110,9 +110,7 @@ def test_each_field_refuses_a_value_outside_its_choices(field):
 def test_region_outputs_allow_only_the_region_losses():
     c = _with("model.output", "regions")
     c.train.loss = "focal"
-    assert config_checks.choice_errors(c) == [
-        "train.loss='focal' is not one of ce, dice, dice_ce"
-    ]
+    assert config_checks.choice_errors(c) == ["train.loss='focal' is not one of ce, dice, dice_ce"]
 
 
 def test_a_field_the_config_lacks_is_not_checked():

@@ -68,7 +68,9 @@ def test_full_disk_one_line_then_resume(small_disk, tmp_path):
         assert noise not in full.stderr, full.stderr
     assert len(lines) < 15, full.stderr  # absl's few INFO lines, the progress bar, the error
     assert lines[-1].startswith(f"error: {workdir}/checkpoints/")
-    assert lines[-1].endswith("No space left on device (ENOSPC); free some space or write elsewhere")
+    assert lines[-1].endswith(
+        "No space left on device (ENOSPC); free some space or write elsewhere"
+    )
     kept = _complete_steps(workdir)
     assert kept and max(kept) < STEPS, kept  # the disk filled after a first checkpoint
 
