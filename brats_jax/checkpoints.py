@@ -16,6 +16,7 @@ Faults a run meets are kept out of the checkpoints or skipped when reading them 
   `restore_for_inference` skip it with a one-line warning and use the next older one.
 """
 
+import os
 import pathlib
 
 import jax
@@ -133,7 +134,8 @@ class RunCheckpoints:
         """Save `state` (a pytree of arrays) and `data_state` (JSON) as `step`.
 
         Raises FloatingPointError, writing nothing, when a floating-point leaf of `state` is
-        not finite (diverged weights are never kept as a checkpoint).
+        not finite (diverged weights are never kept as a checkpoint); an OSError of the
+        write (full disk) names the step's folder when orbax's names no file.
         """
         if not all_finite(state):
             kept = self.latest_step()
@@ -146,15 +148,20 @@ class RunCheckpoints:
                     else f"No checkpoint is kept in {self.directory}"
                 )
             )
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-            ),
-            metrics=metrics,
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                ),
+                metrics=metrics,
+                force=True,
+            )
+            self.manager.wait_until_finished()
+        except OSError as e:  # orbax's metadata writes (full disk) name no file
+            if e.filename or not e.errno:
+                raise
+            raise OSError(e.errno, os.strerror(e.errno), str(self.directory / str(step))) from e
 
     def restore(self, step: int, template):
         """Restore `(state, data_state)` of `step`; `template` gives structure and shardings.

@@ -8,7 +8,9 @@ import re
 import sys
 import threading
 
-from absl import app, logging
+from absl import app, flags, logging
+
+from brats_jax import config_utils
 
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
 
@@ -16,22 +18,81 @@ USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
 def run_app(main, **run_kwargs) -> None:
     """`absl.app.run(main)`, printing `error: ...` and exiting 1 on a user mistake.
 
-    Set BRATS_JAX_DEBUG=1 to get the traceback instead. An `AttributeError` raised while
-    parsing flags is ml_collections' answer to `--config.x=...` naming no config field. An
-    `OSError` (full disk, unwritable folder), also one wrapped by a library such as
-    tensorstore, ends in one line naming the path and the cause (:func:`describe_failure`).
+    Set BRATS_JAX_DEBUG=1 to get the traceback instead. Flags are parsed by
+    :func:`parse_flags` (unless `flags_parser` is given): a `--config.x=...` naming no
+    config field, an unknown config preset or any other bad flag is one line. An `OSError`
+    (full disk, unwritable folder), also one wrapped by a library such as tensorstore, ends
+    in one line naming the path and the cause (:func:`describe_failure`).
     """
+    run_kwargs.setdefault("flags_parser", parse_flags)
     try:
         app.run(main, **run_kwargs)
-    except AttributeError as e:
-        flag = _config_flag_for(str(e).strip("'\""))
-        if flag is None or os.environ.get("BRATS_JAX_DEBUG"):
-            raise
-        _fail(f"unknown config field in {flag} (see the README's config table)")
     except (*USER_ERRORS, OSError) as e:
         if os.environ.get("BRATS_JAX_DEBUG"):
             raise
         _fail(describe_failure(e))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run`'s `flags_parser`; returns the arguments left), with a
+    bad flag ending in one `error:` line: an unknown `--config.a.b` field names the field
+    and the closest one (:func:`unknown_config_fields`), a config file's own error (e.g. an
+    unknown preset) its message, any other flag error absl's first line."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as e:  # ml_collections: no such field
+        if os.environ.get("BRATS_JAX_DEBUG"):
+            raise
+        is_flag_error = isinstance(e, flags.Error)
+        problems = [] if is_flag_error else unknown_config_fields(argv)
+        if not (is_flag_error or problems):
+            raise
+        _fail("; ".join(problems) or _flag_error_line(e))
+
+
+def unknown_config_fields(argv: list[str]) -> list[str]:
+    """One message per `--config.a.b[=v]` argument of `argv` that names no field of the
+    config file given by `--config=FILE[:preset]` (loaded again by the flag's own parser):
+    "unknown config field --config.a.b: a has no field 'b'; known: ...; did you mean 'c'?".
+    """
+    path = _flag_value(argv, "--config")
+    if path is None or "config" not in flags.FLAGS:
+        return []
+    config = flags.FLAGS["config"].parser.parse(path)
+    out = []
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            field = arg[len("--config.") :].partition("=")[0]
+            try:
+                config_utils.get_field(config, field)
+            except KeyError as e:
+                out.append(f"unknown config field --config.{field}: {e.args[0]}")
+    return out
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `name=VALUE` or `name VALUE` in `argv[1:]`, else None."""
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1 :]
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _flag_error_line(e: BaseException) -> str:
+    """absl's `flag --x=v: message` with ml_collections' traceback text replaced by the
+    config file's own first error line (e.g. its unknown preset)."""
+    text = str(e)
+    inner = _chain(e)[-1]
+    if inner is not e and "Error whilst parsing config file" in text:
+        flag = text.split(": Error whilst parsing config file")[0]
+        return f"{flag}: {_first_line(inner)}"
+    return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
 _HINTS = {
@@ -80,16 +141,11 @@ def describe_failure(e: BaseException) -> str:
         if path is None and (m := _TS_PATH.search(str(x))):
             path = m.group(1)
     if code is None:
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        return f"{first} (BRATS_JAX_DEBUG=1 shows the rest)"
+        return f"{_first_line(e)} (BRATS_JAX_DEBUG=1 shows the rest)"
     cause = os.strerror(code) + (f" ({errno.errorcode[code]})" if code in errno.errorcode else "")
     line = f"{path}: {cause}" if path else cause
     hint = _HINTS.get(code)
     return f"{line}; {hint}" if hint else line
-
-
-def _config_flag_for(name: str) -> str | None:
-    return next((a for a in sys.argv[1:] if a.startswith("--config.") and name in a), None)
 
 
 def _fail(message: str) -> None:
@@ -109,16 +165,45 @@ def _quiet_shutdown() -> None:
     logging.set_verbosity(logging.FATAL)
 
 
+# orbax's save threads log a file-system error (tensorstore's text) before the save raises it
+# in the main thread, where it ends the run in one line (describe_failure)
+_FS_ERROR_TEXT = ("RESOURCE_EXHAUSTED", "os_error_code", "No space left on device")
+
+
 def keep_log_record(r: pylogging.LogRecord) -> bool:
-    """False for orbax's per-save INFO lines and for its warning about checkpoints saved
-    without metrics (the epoch-end checkpoints have no validation Dice, by design)."""
+    """False for orbax's per-save INFO lines, for its warning about checkpoints saved
+    without metrics (the epoch-end checkpoints have no validation Dice, by design) and for
+    its save threads' errors of a file-system failure (full disk: the save raises it)."""
     if "orbax" not in r.pathname.replace("\\", "/"):
         return True
     if r.levelno < pylogging.WARNING:
         return False
-    return "did not provide metrics" not in r.getMessage()
+    message = r.getMessage()
+    if r.levelno >= pylogging.ERROR and any(t in message for t in _FS_ERROR_TEXT):
+        return False
+    return "did not provide metrics" not in message
+
+
+def is_closed_loop_callback(unraisable) -> bool:
+    """True for the "Event loop is closed" RuntimeError of a tensorstore write finishing
+    after the orbax save that awaited it failed (and closed its event loop): a follow-on
+    of the error the save raised, printed by `sys.unraisablehook` once per pending write."""
+    e = unraisable.exc_value
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
+def _without_closed_loop_callbacks(previous):
+    def hook(unraisable):
+        if not is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    return hook
 
 
 def quiet_library_logs() -> None:
-    """Filters absl's log handler with :func:`keep_log_record` (other warnings still show)."""
+    """Filters absl's log handler with :func:`keep_log_record` (other warnings still show)
+    and drops :func:`is_closed_loop_callback` reports from `sys.unraisablehook`."""
     logging.get_absl_handler().addFilter(keep_log_record)
+    if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+        sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -12,7 +13,8 @@ from flax import traverse_util
 def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
     """The value of `config.<dotted>` (a group comes back as a plain dict).
 
-    Raises KeyError naming the field, the missing part and the known fields there.
+    Raises KeyError naming the field, the missing part, the known fields there and the
+    closest of them (:func:`suggest`).
     """
     node: Any = config
     parts = dotted.split(".")
@@ -20,11 +22,21 @@ def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             where = ".".join(parts[:depth]) or "the config"
             known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            hint = suggest(part, known)
             raise KeyError(
-                f"{where} has no field {part!r}" + (f"; known: {', '.join(known)}" if known else "")
+                f"{where} has no field {part!r}"
+                + (f"; known: {', '.join(known)}" if known else "")
+                + (f"; {hint}" if hint else "")
             )
         node = node[part]
     return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+
+
+def suggest(value: Any, choices) -> str:
+    """The hint "did you mean 'X'?" for the choice X closest to `value` (difflib, as
+    ml_collections' own hint), or "" when none is close."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

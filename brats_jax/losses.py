@@ -45,6 +45,7 @@ __all__ = [
     "LOSS_NAMES",
     "REGION_LOSS_NAMES",
     "BATCH_PIXELS",
+    "CLASS_COUNTS",
     "LossParams",
     "batch_class_balanced_weights",
     "class_balanced_weights",
@@ -76,6 +77,7 @@ NORMALIZATIONS = ("pixels", "weights")
 
 # ``class_counts`` value of the cb_* losses asking for weights from each batch's labels.
 BATCH_PIXELS = "batch_pixels"
+CLASS_COUNTS = (BATCH_PIXELS, "split_pixels", "split_slices")  # train.class_counts
 
 
 # --------------------------------------------------------------------------------------------

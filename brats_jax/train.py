@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from brats_jax import inference, outputs, steps
+from brats_jax import config_checks, inference, outputs, steps
 from brats_jax.evaluation import evaluate_and_write
 from brats_jax.run_group import RunGroup
 from brats_jax.train_state import learning_rate_at, load_trained  # noqa: F401 (predict.py)
@@ -48,6 +48,8 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
     Returns:
       Each run's results dict, as `train_and_evaluate` returns it.
     """
+    for config, workdir in zip(configs, workdirs, strict=True):  # misspelt names fail first
+        config_checks.check_choices(config, what=str(workdir) if len(configs) > 1 else "")
     mapping = steps.default_mapping() if mapping == "auto" else mapping
     group = RunGroup.create(configs, workdirs, mapping=mapping)
     try:

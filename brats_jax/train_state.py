@@ -57,9 +57,9 @@ def create_loss_params(
         return losses.region_loss_params(t.loss, dice_weight=t.dice_weight)
     mode = t.get("class_counts", losses.BATCH_PIXELS)
     split = {"split_pixels": lambda c: c.sum(0), "split_slices": losses.slice_counts}
-    if mode != losses.BATCH_PIXELS and mode not in split:
+    if mode not in losses.CLASS_COUNTS:
         raise ValueError(
-            f"unknown train.class_counts {mode!r}; expected batch_pixels|split_pixels|split_slices"
+            f"unknown train.class_counts {mode!r}; expected {'|'.join(losses.CLASS_COUNTS)}"
         )
     counts = mode if mode == losses.BATCH_PIXELS else split[mode](np.asarray(slice_class_counts))
     params = {
@@ -75,6 +75,10 @@ def create_loss_params(
     return losses.loss_params(t.loss, NUM_CLASSES, **params[t.loss])
 
 
+SCHEDULES = ("constant", "warmup_cosine")  # train.schedule
+OPTIMIZERS = ("adam", "adamw")  # train.optimizer
+
+
 def _schedule_shape(train_config, total_steps: int):
     """The learning-rate multiplier schedule (peak 1), or None for a constant rate."""
     t = train_config
@@ -84,7 +88,7 @@ def _schedule_shape(train_config, total_steps: int):
         return optax.warmup_cosine_decay_schedule(
             0.0, 1.0, t.warmup_steps, max(total_steps, t.warmup_steps + 1)
         )
-    raise ValueError(f"unknown train.schedule {t.schedule!r}; expected constant|warmup_cosine")
+    raise ValueError(f"unknown train.schedule {t.schedule!r}; expected {'|'.join(SCHEDULES)}")
 
 
 def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
@@ -104,7 +108,9 @@ def create_optimizer(train_config: ml_collections.ConfigDict, total_steps: int):
     elif t.optimizer == "adamw":
         parts += [optax.scale_by_adam(), optax.add_decayed_weights(t.weight_decay)]
     else:
-        raise ValueError(f"unknown train.optimizer {t.optimizer!r}; expected adam|adamw")
+        raise ValueError(
+            f"unknown train.optimizer {t.optimizer!r}; expected {'|'.join(OPTIMIZERS)}"
+        )
     shape = _schedule_shape(t, total_steps)
     if shape is not None:
         parts.append(optax.scale_by_schedule(shape))

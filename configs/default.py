@@ -207,7 +207,12 @@ def with_preset(
     (the sweeps' smoke scale).
     """
     if preset not in PRESET_FIELDS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS[1:]} or nothing")
+        hint = config_utils.suggest(preset, PRESETS[1:])
+        raise ValueError(
+            f"unknown preset {preset!r}; "
+            + (f"{hint} " if hint else "")
+            + f"expected one of {', '.join(PRESETS[1:])} or nothing"
+        )
     config_utils.apply_overrides(c, PRESET_FIELDS[preset])
     config_utils.apply_overrides(c, (model_fields or {}).get(preset, {}))
     c.name = f"{c.model.name}-{preset}" if preset else c.model.name

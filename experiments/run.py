@@ -487,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, x) for x in patterns)]
             if not runs:
                 raise ValueError(f"--only={args.only!r} matches none of the sweep's runs")
+        from brats_jax import config_checks  # imports JAX: after runtime.setup
+
+        for spec in runs:
+            config_checks.check_choices(spec.config, what=spec.name)
         shard = ""
         if args.shard:
             i, n = work_split.parse_shard(args.shard)

@@ -27,6 +27,9 @@ def resolve_cache_dir(data_config) -> pathlib.Path:
     return pathlib.Path(cache_dir) if cache_dir else default_cache_dir(data_config.root)
 
 
+SOURCES = ("synthetic", "kaggle_h5", "nifti")  # data.source
+
+
 def make_source(data_config):
     """Builds the slice source named by data_config.source ("synthetic", "kaggle_h5", "nifti").
 
@@ -46,8 +49,8 @@ def make_source(data_config):
             image_size=data_config.synthetic_image_size,
             seed=data_config.get("synthetic_seed", 0),
         )
-    if kind not in ("kaggle_h5", "nifti"):
-        raise DataError(f"data.source={kind!r} is not one of 'synthetic', 'kaggle_h5', 'nifti'")
+    if kind not in SOURCES:
+        raise DataError(f"data.source={kind!r} is not one of {', '.join(map(repr, SOURCES))}")
     if not root:
         raise DataError(f"data.source={kind!r} needs data.root (the dataset folder); it is empty")
     if not os.path.exists(root):
