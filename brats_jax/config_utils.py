@@ -61,6 +61,8 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 # those runs did (a saved config without them is read with these).
 ADDED_FIELDS = {
     "model.output": "classes",
+    "model.activation": "relu",
+    "model.deep_supervision": False,
     "data.context_slices": 0,
     "postprocess.largest_component_only": False,
     "postprocess.min_component_voxels": 0,
