@@ -127,13 +127,13 @@ def test_nnunet_weights_and_nearest_exact_targets():
 @pytest.mark.parametrize("output", ["classes", "regions"])
 def test_deep_supervision_loss_is_the_weighted_sum_of_the_per_level_losses(output):
     k = 4 if output == "classes" else 3
-    model = UNet(num_classes=k, features=4, depth=4, deep_supervision=True)
+    model = UNet(num_classes=k, features=2, depth=4, padding="zero", deep_supervision=True)
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(size=(2, 32, 32, 4)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 4, (2, 32, 32)), jnp.int32)
+    x = jnp.asarray(rng.normal(size=(2, 16, 16, 4)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, (2, 16, 16)), jnp.int32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     outs = jax.jit(lambda v, x: model.apply(v, x, train=True))(variables, x)
-    assert [o.shape for o in outs] == [(2, 32, 32, k), (2, 16, 16, k), (2, 8, 8, k)]
+    assert [o.shape for o in outs] == [(2, 16, 16, k), (2, 8, 8, k), (2, 4, 4, k)]
     loss_fn = losses.loss_for_output(output)
     params = (
         losses.loss_params("dice_ce", num_classes=4)
@@ -181,12 +181,12 @@ def test_train_step_takes_the_deep_supervision_loss_and_full_resolution_class_we
 
 
 def test_eval_mode_returns_full_resolution_logits_of_the_shared_layers():
-    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 32, 32, 4)), jnp.float32)
-    ds = UNet(features=4, depth=3, deep_supervision=True)
-    plain = UNet(features=4, depth=3)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 16, 16, 4)), jnp.float32)
+    ds = UNet(features=2, depth=3, deep_supervision=True)
+    plain = UNet(features=2, depth=3)
     variables = ds.init(jax.random.PRNGKey(0), x)
     out = ds.apply(variables, x, train=False)
-    assert out.shape == (2, 32, 32, 4)
+    assert out.shape == (2, 16, 16, 4)
     shared = {k: v for k, v in variables["params"].items() if not k.startswith("ds_head")}
     assert set(variables["params"]) - set(shared) == {"ds_head_1"}
     np.testing.assert_allclose(out, plain.apply({"params": shared}, x), rtol=1e-6, atol=1e-6)
@@ -196,7 +196,8 @@ def test_eval_mode_returns_full_resolution_logits_of_the_shared_layers():
 def test_config_fields_reach_the_model_and_old_runs_keep_their_network():
     c = unet_config.get_config("tiny")
     assert (c.model.norm, c.model.activation, c.model.deep_supervision) == ("none", "relu", False)
-    assert models.from_config(c.model, ops="xla") == UNet(features=4, depth=2, conv_impl="xla")
+    plain = UNet(features=4, depth=2, conv_impl="xla", dtype=jnp.dtype("float32"))
+    assert models.from_config(c.model, ops="xla") == plain
     with c.unlocked():
         c.model.norm, c.model.activation, c.model.deep_supervision = "instance", "leaky_relu", True
     m = models.from_config(c.model, ops="xla")
