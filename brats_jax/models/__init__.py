@@ -4,7 +4,8 @@ Google's ImageNet-21k R50+ViT-B_16 checkpoint.
 ``create_model("unet" | "transunet", **kwargs)`` builds a flax.linen module; call it as
 ``variables = model.init({"params": k, "dropout": k2}, x, train=False)`` and
 ``model.apply(variables, x, train=True, rngs={"dropout": k}, mutable=["batch_stats"])`` with
-x (B,H,W,C) float32; logits are (B,H,W,num_classes) float32.
+x (B,H,W,C) float32; logits are (B,H,W,num_classes) float32 (a U-Net with
+``deep_supervision`` returns, with ``train=True``, a tuple of them at decreasing resolution).
 """
 
 from __future__ import annotations
