@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple | Callable[[ml_collections.ConfigDict], tuple]] = {
     "model.output": outputs.OUTPUTS,
     "model.norm": unet.NORMS,
     "model.padding": unet.PADDINGS,
+    "model.activation": tuple(unet.ACTIVATIONS),
     "model.preset": tuple(transunet.PRESETS),
     "model.pretrained_root_conv": pretrained.ROOT_METHODS,
     "runtime.ops": impls.IMPLS,

@@ -73,6 +73,8 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 # those runs did (a saved config without them is read with these).
 ADDED_FIELDS = {
     "model.output": "classes",
+    "model.activation": "relu",
+    "model.deep_supervision": False,
     "data.context_slices": 0,
     "data.patch_size": 0,
     "data.foreground_fraction": 0.33,

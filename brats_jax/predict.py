@@ -36,7 +36,9 @@ probabilities decoded with ET inside TC inside WT (`outputs.labels_from_probabil
 entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.uncertainty`:
 `X.csv` beside `X.nii.gz`, or `uncertainty.csv` in the folder).
 Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
-`python -m brats_jax.tune_postprocessing`) is applied when present; `--postprocessing=none`
+`python -m brats_jax.tune_postprocessing`) is applied when present, else its config's
+`postprocess` fields; an ensemble applies its runs' choice when they all agree and stops
+with a one-line error naming the runs that differ otherwise; `--postprocessing=none`
 turns it off, `--postprocessing=FILE` applies another tuned choice.
 """
 
@@ -70,7 +72,10 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.")
 flags.DEFINE_string(
-    "postprocessing", "auto", "auto (the run's postprocessing.json if any), none, or a JSON file."
+    "postprocessing",
+    "auto",
+    "auto (each run's postprocessing.json, else its config; an ensemble's runs must agree), "
+    "none, or a JSON file.",
 )
 flags.DEFINE_integer("step", None, "Checkpoint step to use instead of the best one.")
 flags.DEFINE_integer("batch_size", 0, "Slices per model call (0: the run's eval.batch_size).")
@@ -99,6 +104,7 @@ class Ensemble(NamedTuple):
     predictors: tuple
     variables: tuple
     context_slices: tuple = ()  # each run's data.context_slices (() = all 0)
+    configs: tuple = ()  # each run's ConfigDict (post-processing: `resolve_postprocessing`)
 
 
 def split_list(value: str | os.PathLike | Sequence) -> list[str]:
@@ -122,7 +128,7 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
     workdirs = tuple(split_list(workdirs))
     if not workdirs:
         raise ValueError("--workdir: expected a run folder (or several, comma-separated)")
-    predictors, variables, contexts, by_model = [], [], [], {}
+    predictors, variables, contexts, configs, by_model = [], [], [], [], {}
     first = None
     for w in workdirs:
         config, model, v = train.load_trained(w, step=step)
@@ -149,7 +155,10 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
         predictors.append(by_model[key])
         variables.append(v)
         contexts.append(data.context_slices(config))  # each run gets its own context window
-    return Ensemble(workdirs, first, tuple(predictors), tuple(variables), tuple(contexts))
+        configs.append(config)
+    return Ensemble(
+        workdirs, first, tuple(predictors), tuple(variables), tuple(contexts), tuple(configs)
+    )
 
 
 def member_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0):
@@ -187,25 +196,45 @@ def predict_probabilities(
 def resolve_postprocessing(workdirs, option: str = "auto", config=None):
     """The `PostprocessConfig` predict applies.
 
-    option: "none"; "auto" (the run's `postprocessing.json` when there is one, else the
-    `postprocess` fields of `config`, the run's config; an ensemble of several runs gets
-    none: give it a file); or a JSON file written by `brats_jax.tune_postprocessing`.
+    option: "none"; a JSON file written by `brats_jax.tune_postprocessing`; or "auto": each
+    run's choice (`run_postprocessing`), applied when every run of an ensemble has the same
+    one, else a one-line ValueError naming the runs that differ. `config`: the runs' configs
+    (one per run, as `Ensemble.configs`), or the first run's; a run without one given reads
+    its `config.json`.
     """
     from brats_jax import postprocess
 
-    workdirs = split_list(workdirs)
-    if option == "none" or (option == "auto" and len(workdirs) != 1):
+    if option == "none":
         return postprocess.PostprocessConfig()
-    if option == "auto":
-        path = pathlib.Path(workdirs[0]) / postprocess.POSTPROCESSING_FILE
-        if path.is_file():
-            return postprocess.load(path)
-        return (
-            postprocess.from_config(config)
-            if config is not None
-            else postprocess.PostprocessConfig()
+    if option != "auto":
+        return postprocess.load(option)
+    workdirs = split_list(workdirs)
+    configs = list(config) if isinstance(config, list | tuple) else [config]
+    configs += [None] * (len(workdirs) - len(configs))
+    chosen = [run_postprocessing(w, c) for w, c in zip(workdirs, configs, strict=True)]
+    if differ := [w for w, c in zip(workdirs, chosen, strict=True) if c != chosen[0]]:
+        other = chosen[workdirs.index(differ[0])]
+        raise ValueError(
+            f"--postprocessing=auto: ensemble runs {', '.join(differ)} differ in post-processing "
+            f"from {workdirs[0]} ({other.to_dict()} vs {chosen[0].to_dict()}); give one with "
+            f"--postprocessing=FILE (or none)"
         )
-    return postprocess.load(option)
+    return chosen[0]
+
+
+def run_postprocessing(workdir, config=None):
+    """One run's `PostprocessConfig`: its `postprocessing.json` when present, else the
+    `postprocess` fields of `config` (its config; None: read from its `config.json`), else
+    the identity (no config.json)."""
+    from brats_jax import config_utils, postprocess
+
+    workdir = pathlib.Path(workdir)
+    if (workdir / postprocess.POSTPROCESSING_FILE).is_file():
+        return postprocess.load(workdir / postprocess.POSTPROCESSING_FILE)
+    if config is None:
+        path = workdir / "config.json"
+        config = config_utils.upgrade_legacy(json.loads(path.read_text())) if path.is_file() else {}
+    return postprocess.from_config(config)
 
 
 def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None, member_labels=None):
@@ -289,7 +318,7 @@ def predict_case(
         if path:
             fileio.check_writable(path)
     ensemble = load_ensemble(workdir, step=step, tta=tta)
-    pp = resolve_postprocessing(workdir, postprocessing, ensemble.config)
+    pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
     members = [] if uncertainty else None
     data, labels, probs = segment(
         ensemble, case, batch_size=batch_size, postprocessing=pp, member_labels=members
@@ -331,7 +360,7 @@ def predict_cases(
         if folder and ids:
             fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
     ensemble = load_ensemble(workdir, step=step, tta=tta)
-    pp = resolve_postprocessing(workdir, postprocessing, ensemble.config)
+    pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
     written, rows = [], []
     for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):
         members = [] if uncertainty_dir else None

@@ -22,7 +22,9 @@ def make_train_step(model, tx, output: str = "classes"):
     """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm", "class_weights"})`;
     pure, jit it. `class_weights`: (C,) class weights the loss gave this batch (ones for
     region outputs, which weigh no class). `output`: the config's `model.output` (static),
-    which picks the loss (`losses.loss_for_output`).
+    which picks the loss (`losses.loss_for_output`). A model with deep supervision returns a
+    tuple of logits in training: the loss is `losses.deep_supervision_loss` of it (class
+    weights still from the full-resolution labels).
 
     `batch`: image float32 (B,H,W,4(2k+1)) (k = `data.context_slices`), label int32 (B,H,W);
     loss and grad norm are scalars.
@@ -41,7 +43,11 @@ def make_train_step(model, tx, output: str = "classes"):
                 rngs={"dropout": dropout_rng},
                 mutable=list(state.model_state.keys()),
             )
-            return loss_fn(logits, batch["label"], loss_params), updates
+            if isinstance(logits, tuple):  # deep supervision: logits at decreasing resolution
+                loss = losses.deep_supervision_loss(loss_fn, logits, batch["label"], loss_params)
+            else:
+                loss = loss_fn(logits, batch["label"], loss_params)
+            return loss, updates
 
         (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -50,7 +50,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     m.base_features = 64  # U-Net: channels of the first level (64 = the study's network)
     m.depth = 4  # U-Net: number of poolings
-    m.norm = "none"  # U-Net: none | batch | group
+    m.norm = "none"  # U-Net: none | batch | group | instance (nnU-Net's)
+    m.activation = "relu"  # U-Net: relu | leaky_relu (slope 0.01, nnU-Net's)
+    # U-Net: 1x1 heads on the decoder levels below full resolution, trained with nnU-Net's
+    # weights (losses.deep_supervision_loss); evaluation and prediction use the full-resolution
+    # head only
+    m.deep_supervision = False
     m.padding = "reflect"  # U-Net: reflect | zero
     m.preset = "r50_vit_b16"  # TransUNet: r50_vit_b16 | small | tiny
     m.n_skip = 3  # TransUNet: skip connections used by the decoder

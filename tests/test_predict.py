@@ -183,8 +183,9 @@ def test_postprocessing_json_in_the_run_is_applied_unless_disabled(runs, tmp_pat
     np.testing.assert_array_equal(
         predict.predict_case(run, case, out, postprocessing="none"), labels
     )
-    # an ensemble does not take one member's choice unless given the file
-    np.testing.assert_array_equal(predict.predict_case(f"{run},{other}", case, out), labels)
+    # an ensemble whose runs differ (`other` has no choice) is an error unless given the file
+    with pytest.raises(ValueError, match=r"ensemble runs .*other differ in post-processing"):
+        predict.predict_case(f"{run},{other}", case, out)
     given = predict.predict_case(
         f"{run},{other}", case, out, postprocessing=f"{run}/{postprocess.POSTPROCESSING_FILE}"
     )
@@ -248,4 +249,4 @@ def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_p
     tuned = postprocess.PostprocessConfig(min_component_voxels=7)
     postprocess.save(run / postprocess.POSTPROCESSING_FILE, tuned)
     assert predict.resolve_postprocessing(str(run), "auto", config) == tuned
-    assert predict.resolve_postprocessing(f"{run},{run}", "auto", config).is_identity
+    assert predict.resolve_postprocessing(f"{run},{run}", "auto", config) == tuned  # agree

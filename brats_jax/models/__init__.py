@@ -4,7 +4,8 @@ Google's ImageNet-21k R50+ViT-B_16 checkpoint.
 ``create_model("unet" | "transunet", **kwargs)`` builds a flax.linen module; call it as
 ``variables = model.init({"params": k, "dropout": k2}, x, train=False)`` and
 ``model.apply(variables, x, train=True, rngs={"dropout": k}, mutable=["batch_stats"])`` with
-x (B,H,W,C) float32; logits are (B,H,W,num_classes) float32.
+x (B,H,W,C) float32; logits are (B,H,W,num_classes) float32 (a U-Net with
+``deep_supervision`` returns, with ``train=True``, a tuple of them at decreasing resolution).
 """
 
 from __future__ import annotations
@@ -61,15 +62,22 @@ def from_config(model_config, *, ops: str = "auto") -> nn.Module:
     """The network of a config's `model` section (`configs/default.py`), with 4 class or 3
     region output channels (`model.output`, `brats_jax.outputs`).
 
-    ``model_config``: fields name, dtype, base_features, depth, norm, padding (U-Net),
-    preset, n_skip (TransUNet). ``ops``: the U-Net's ops implementation (``runtime.ops``,
-    best resolved once by :func:`brats_jax.runtime.resolve_ops`); "gemm" also makes
-    TransUNet's convolutions im2col GEMMs (grouped runs).
+    ``model_config``: fields name, dtype, base_features, depth, norm, padding, activation,
+    deep_supervision (U-Net), preset, n_skip (TransUNet; deep_supervision must be off).
+    ``ops``: the U-Net's ops implementation (``runtime.ops``, best resolved once by
+    :func:`brats_jax.runtime.resolve_ops`); "gemm" also makes TransUNet's convolutions im2col
+    GEMMs (grouped runs).
     """
     m = model_config
     fields = {
         "unet": lambda: dict(
-            features=m.base_features, depth=m.depth, norm=m.norm, padding=m.padding, conv_impl=ops
+            features=m.base_features,
+            depth=m.depth,
+            norm=m.norm,
+            padding=m.padding,
+            activation=m.activation,
+            deep_supervision=m.deep_supervision,
+            conv_impl=ops,
         ),
         # TransUNet's convolutions: plain XLA, or im2col GEMMs for grouped runs
         "transunet": lambda: dict(
@@ -78,6 +86,8 @@ def from_config(model_config, *, ops: str = "auto") -> nn.Module:
     }
     if m.name not in fields:
         raise ValueError(f"unknown model.name {m.name!r}; expected 'unet' or 'transunet'")
+    if m.name == "transunet" and m.deep_supervision:
+        raise ValueError("model.deep_supervision=True is for the U-Net; TransUNet has none")
     return create_model(
         m.name,
         num_classes=outputs.num_channels(outputs.of_config(m)),  # 4 classes or 3 regions
