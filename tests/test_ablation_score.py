@@ -85,7 +85,7 @@ def _et(row) -> dict:
     return {c["case_id"]: (c["dice_ET"], c["hd95_ET"]) for c in row["per_case"]}
 
 
-def test_a_case_of_fold_i_is_scored_with_fold_is_tuned_choice(tmp_path, capsys):
+def test_a_case_of_fold_i_is_scored_with_fold_is_tuned_choice(tmp_path):
     root, out, folds, kind = _setup(tmp_path)
     assert A.main(_args(root, out, "--folds=2")) == 0
     record, rows = _rows(out)
@@ -108,11 +108,9 @@ def test_a_case_of_fold_i_is_scored_with_fold_is_tuned_choice(tmp_path, capsys):
     assert "2 folds over 4 cases" in md
 
 
-def test_the_fixed_split_scores_its_test_cases_without_a_tuned_row(tmp_path, capsys):
+def test_the_fixed_split_scores_its_test_cases_without_a_tuned_row(tmp_path):
     root, out, _, kind = _setup(tmp_path)
-    test = sorted(c for c in IDS if kind[c] == "spurious")[:1] + [
-        c for c in IDS if kind[c] == "true"
-    ][:1]
+    test = [next(c for c in IDS if kind[c] == k) for k in ("spurious", "true")]
     fold = sorted(test)  # the one "fold" of a fixed split: its prediction file, these cases
     path = A.predictions_path(out, "baseline", 0)
     spurious, true = _label(60), _label(80)
