@@ -1,0 +1,196 @@
+"""Fast checks of the training loop's fault guarantees (the slow end-to-end versions are in
+test_checkpoints.py): a diverged run keeps only finite checkpoints and its rerun finishes; a
+failed restore changes nothing in the run folder; a rerun after a corrupt newest checkpoint
+writes no metric row twice; a folder held by another live process is refused before anything
+is written; the lock is gone after a run. Tiny U-Net (`configs/unet.py:tiny`), 4 steps, no
+validation or test split (no evaluation compiles)."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from brats_jax import checkpoints, train, workdir_lock
+from brats_jax.checkpoints import RunCheckpoints, UnreadableCheckpoint
+from configs import unet
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(**train_fields) -> ml_collections.ConfigDict:
+    """`tiny` with 4 steps, a log row and a checkpoint every 2 steps, train split only."""
+    c = unet.get_config("tiny")
+    c.data.val_fraction = 0.0
+    c.data.test_fraction = 0.0
+    c.train.num_steps = 4
+    c.train.log_every_steps = 2
+    c.train.checkpoint_every_steps = 2
+    c.train.keep_checkpoints = 3
+    for k, v in train_fields.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def _rows(workdir) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps_of(workdir, key: str) -> list[int]:
+    """The steps of `metrics.jsonl`'s rows holding `key`, in file order."""
+    return [r["step"] for r in _rows(workdir) if key in r]
+
+
+def _tree(folder: pathlib.Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _template(workdir):
+    """The abstract TrainState of the run in `workdir` (for restoring its checkpoints)."""
+    import functools
+
+    from brats_jax import train_state
+
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    model = train_state.create_model(config)
+    tx = train_state.create_optimizer(config.train, config.train.num_steps)
+    init = functools.partial(
+        train_state.init_state, model, tx, 0, image_size=config.data.synthetic_image_size
+    )
+    return jax.eval_shape(init)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 4-step tiny run (checkpoints 2 and 4, log rows at 2 and 4)."""
+    workdir = tmp_path_factory.mktemp("fault") / "run"
+    results = train.train_and_evaluate(_config(), workdir)
+    assert results["steps"] == 4
+    return workdir
+
+
+def test_a_finished_run_leaves_no_lock_and_one_row_per_logged_step(finished_run):
+    assert not (finished_run / workdir_lock.LOCK_NAME).exists()
+    assert _steps_of(finished_run, "train_loss") == [2, 4]
+    ck = RunCheckpoints(finished_run, read_only=True)
+    assert ck.all_steps() == [2, 4]
+    ck.close()
+
+
+def test_diverged_run_keeps_only_finite_checkpoints_and_its_rerun_finishes(tmp_path):
+    """Learning rate 1e6: the first non-finite loss at step t comes from the weights of step
+    t-1; only checkpoints before t-1 may be kept, each with finite weights; the rerun with a
+    sane rate resumes from them and finishes, each step logged once."""
+    workdir = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"at step (\d+)") as info:
+        train.train_and_evaluate(_config(learning_rate=1e6, checkpoint_every_steps=1), workdir)
+    bad = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    ck = RunCheckpoints(workdir, read_only=True)
+    kept = ck.all_steps()
+    template = _template(workdir)
+    for s in kept:
+        state, _ = ck.restore(s, template)
+        assert checkpoints.all_finite(state), f"checkpoint {s} holds non-finite weights"
+    ck.close()
+    assert all(s < bad - 1 for s in kept), (kept, bad)
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()
+    results = train.train_and_evaluate(_config(learning_rate=1e-3), workdir)
+    assert results["steps"] == 4
+    train_steps = _steps_of(workdir, "train_loss")
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 4
+    assert all(np.isfinite(r["train_loss"]) for r in _rows(workdir) if "train_loss" in r)
+
+
+def test_a_failed_restore_leaves_config_metrics_and_lock_as_they_were(finished_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            (step_dir / "state" / "_METADATA").unlink()
+    before = _tree(workdir)
+    config = _config(learning_rate=0.5)  # a changed config that must not be written
+    with pytest.raises(UnreadableCheckpoint, match="no readable checkpoint"):
+        train.train_and_evaluate(config, workdir)
+    after = _tree(workdir)
+    assert after["config.json"] == before["config.json"]
+    assert after["metrics.jsonl"] == before["metrics.jsonl"]
+    assert workdir_lock.LOCK_NAME not in after  # none before, none after
+    assert sorted(after) == sorted(before)
+
+
+def _truncate_newest(workdir) -> tuple[int, int]:
+    """Cuts the newest checkpoint's array files to half (an interrupted copy);
+    returns (older step, newest step)."""
+    ck = RunCheckpoints(workdir, read_only=True)
+    older, newest = ck.all_steps()[-2:]
+    ck.close()
+    files = [
+        p
+        for p in (workdir / "checkpoints" / str(newest) / "state").rglob("*")
+        if p.is_file() and p.parent.name == "d"
+    ]
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return older, newest
+
+
+def test_rerun_after_a_corrupt_newest_checkpoint_writes_no_row_twice(finished_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    older, newest = _truncate_newest(workdir)
+    assert (older, newest) == (2, 4)
+    results = train.train_and_evaluate(_config(), workdir)
+    assert results["steps"] == 4
+    assert _steps_of(workdir, "train_loss") == [2, 4]  # step 4 redone, logged once
+    ck = RunCheckpoints(workdir, read_only=True)
+    assert ck.all_steps() == [2, 4]
+    step, state, _ = ck.restore_newest(_template(workdir))
+    ck.close()
+    assert step == 4 and int(state.step) == 4 and checkpoints.all_finite(state)
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()
+
+
+_HOLD = textwrap.dedent(
+    """
+    import sys
+    from brats_jax.workdir_lock import WorkdirLock
+    with WorkdirLock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.readline()  # hold until told to go
+    """
+)
+
+
+def test_training_refuses_a_folder_held_by_a_live_process_before_writing(finished_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(workdir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _tree(workdir)
+        with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {holder.pid} on host"):
+            train.train_and_evaluate(_config(learning_rate=0.5), workdir)
+        assert _tree(workdir) == before  # config, metrics, checkpoints and the lock untouched
+        lock = json.loads((workdir / workdir_lock.LOCK_NAME).read_text())
+        assert (lock["pid"], lock["host"]) == (holder.pid, socket.gethostname())
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()
