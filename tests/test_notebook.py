@@ -131,7 +131,8 @@ def test_settings_and_device_check_cells_leave_jax_unimported_in_the_kernel():
         + to_python(settings)
         + "EXPECT_BACKEND = 'cpu'\n"
         + to_python(check)
-        + 'print("JAX IN KERNEL:", sorted(m for m in sys.modules if m.split(".")[0] == "jax")[:3])\n'
+        + 'jax_mods = sorted(m for m in sys.modules if m.split(".")[0] == "jax")\n'
+        + 'print("JAX IN KERNEL:", jax_mods[:3])\n'
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(

@@ -11,7 +11,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import config_utils, inference, losses, metrics, models, outputs, predict, steps, train
+from brats_jax import (
+    config_utils,
+    inference,
+    losses,
+    metrics,
+    models,
+    outputs,
+    predict,
+    steps,
+    train,
+)
 from brats_jax.train_state import TrainState, create_loss_params
 from configs import unet as unet_config
 
@@ -362,6 +372,50 @@ def test_predict_from_a_regions_run_writes_decoded_labels(regions_run, tmp_path)
     np.testing.assert_array_equal(written, expected)
 
 
+def _region_logits(model, variables, image):
+    """(H, W, D, 3) logits of a (H, W, D, 4) volume at the model's size, slice by slice."""
+    x = jnp.asarray(np.moveaxis(image, 2, 0))
+    return np.moveaxis(np.asarray(model.apply(variables, x, train=False), np.float64), 0, 2)
+
+
+def test_regions_test_pass_scores_the_tested_checkpoint(regions_run, tmp_path):
+    """results.json's per-case scores, recomputed here from the tested checkpoint's logits:
+    sigmoid, `outputs.regions_to_labels`, `metrics.evaluate_volume` per test case."""
+    from brats_jax import data, run_group
+
+    workdir, _ = regions_run
+    saved = json.loads((workdir / "results.json").read_text())
+    config, model, variables = train.load_trained(workdir, step=saved["tested_step"])
+    run = run_group.build_run(config, tmp_path)
+    assert [r["case_id"] for r in saved["per_case"]] == list(run.splits.cases["test"])
+    for row, case_id in zip(saved["per_case"], run.splits.cases["test"], strict=True):
+        image, label = data.load_volume(run.source, case_id)
+        probs = 1 / (1 + np.exp(-_region_logits(model, variables, image)))
+        want = metrics.evaluate_volume(outputs.regions_to_labels(probs), label)
+        for key in ("dice_WT", "dice_TC", "dice_ET", "hd95_WT", "class_dice_1"):
+            assert row[key] == pytest.approx(want[key], abs=1e-6), (case_id, key)
+
+
+def test_predict_writes_the_sigmoid_of_the_region_logits(regions_run, tmp_path):
+    """At the model's own size (no resizing) the written probabilities are the sigmoid of the
+    logits of the case's normalised input, and the labels their nested decoding."""
+    from brats_jax.data import brats
+
+    workdir, _ = regions_run
+    case, shape = _write_case(tmp_path, shape=(32, 32, 5))
+    labels = predict.predict_case(
+        workdir, case, tmp_path / "s.nii.gz", probabilities=tmp_path / "p.nii.gz"
+    )
+    config, model, variables = train.load_trained(workdir)
+    image = brats.load_case(case, require_label=False, normalization="brain").image
+    want = 1 / (1 + np.exp(-_region_logits(model, variables, image)))
+    got = np.asarray(nib.load(str(tmp_path / "p.nii.gz")).dataobj)
+    assert got.shape == (*shape, 3)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    decoded = np.asarray(outputs.regions_to_labels(want))
+    np.testing.assert_array_equal(labels, np.where(decoded == 3, 4, decoded))
+
+
 class _StandIn:
     def apply(self, variables, x, train):
         return x[..., : variables["channels"]]
@@ -407,7 +461,9 @@ def test_runs_with_different_model_outputs_are_not_trained_together(tmp_path):
     assert [k for k, _, _ in config_utils.config_diff(classes.to_dict(), regions.to_dict())] == [
         "model.output"
     ]
-    with pytest.raises(ValueError, match=r"must share .*; run 1 differs from run 0 in model\.output$"):
+    with pytest.raises(
+        ValueError, match=r"must share .*; run 1 differs from run 0 in model\.output$"
+    ):
         train.train_runs([classes, regions], [tmp_path / "a", tmp_path / "b"])
 
 

@@ -43,7 +43,10 @@ CLIS = {
     "brats_jax.tune_postprocessing": ["--workdir=WORK", "--cases=WORK"],
     "experiments.segmentation_ablation": ["score", "--data_root=WORK", "--out=WORK/abl"],
     "experiments.postprocessing_ablation": [
-        "--workdir=WORK", "--data_root=WORK", "--tune_cases=A", "--out=WORK/abl"
+        "--workdir=WORK",
+        "--data_root=WORK",
+        "--tune_cases=A",
+        "--out=WORK/abl",
     ],
 }
 
