@@ -67,6 +67,20 @@ def group_key(config: ml_collections.ConfigDict) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
+def shared_field_diff(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
+    """The dotted fields under `SHARED_FIELDS` in which configs `a` and `b` differ."""
+    diff = []
+    for f in SHARED_FIELDS:
+        if f.split(".")[0] not in a and f.split(".")[0] not in b:
+            continue
+        va, vb = (config_utils.get_field(c, f) if f.split(".")[0] in c else None for c in (a, b))
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diff += [f"{f}.{k}" for k, _, _ in config_utils.config_diff(va, vb)]
+        elif va != vb:
+            diff.append(f)
+    return diff
+
+
 @dataclasses.dataclass
 class Run:
     """One training run: its config, workdir, data and loss; several may train together."""
@@ -146,7 +160,11 @@ def _build_runs(configs, workdirs) -> list[Run]:
     if len(configs) != len(workdirs) or not configs:
         raise ValueError("train_runs needs one workdir per config, and at least one config")
     if len({group_key(c) for c in configs}) > 1:
-        raise ValueError(f"runs trained together must share {', '.join(SHARED_FIELDS)}")
+        i = next(i for i, c in enumerate(configs) if group_key(c) != group_key(configs[0]))
+        raise ValueError(
+            f"runs trained together must share {', '.join(SHARED_FIELDS)}; run {i} differs "
+            f"from run 0 in {', '.join(shared_field_diff(configs[0], configs[i]))}"
+        )
     sources: dict[str, Any] = {}
     runs = []
     for config, workdir in zip(configs, workdirs, strict=True):

@@ -167,6 +167,49 @@ def test_split_slices_counts_slices_holding_each_class():
     np.testing.assert_allclose(np.asarray(p.class_weights), _renormalised(raw), rtol=1e-6)
 
 
+def test_split_pixels_at_small_counts_hand_computed():
+    """Column sums (24, 4, 3, 1) pixels; beta 0.5: w = 0.5 / (1 - 0.5**n), then the four
+    present classes scaled to sum to 4."""
+    per_slice = np.array([[10, 0, 0, 0], [5, 3, 0, 0], [5, 0, 2, 1], [4, 1, 1, 0]])
+    p = train_state.create_loss_params(_train_config(mode="split_pixels", beta=0.5), per_slice)
+    raw = np.array([0.5 / (1 - 0.5**24), 0.5 / (1 - 0.5**4), 0.5 / (1 - 0.5**3), 0.5 / 0.5])
+    want = raw * 4 / raw.sum()
+    np.testing.assert_allclose(np.asarray(p.class_weights), want, rtol=1e-6)
+    assert float(p.batch_counts) == 0.0  # fixed weights, not per batch
+    # an absent class (no ET pixel in the split) gets 0, the other three sum to 3
+    no_et = per_slice.copy()
+    no_et[:, 3] = 0
+    p = train_state.create_loss_params(_train_config(mode="split_pixels", beta=0.5), no_et)
+    raw3 = raw[:3]
+    np.testing.assert_allclose(np.asarray(p.class_weights), [*(raw3 * 3 / raw3.sum()), 0.0])
+
+
+def test_split_pixels_counts_only_the_training_slices(tmp_path):
+    """`build_run` computes split_pixels weights from the training split's slices alone: at
+    beta 0.99999 the ~10^4 pixels of the tiny data give weights far from 1, and those of
+    all slices (or of the validation / test slices) differ."""
+    from brats_jax import run_group
+    from configs import unet as unet_config
+
+    c = unet_config.get_config("tiny")
+    c.train.loss, c.train.class_counts, c.train.beta = "cb_ce", "split_pixels", 0.99999
+    run = run_group.build_run(c, tmp_path)
+    table = run.source.table.class_counts  # (N slices, 4) pixels per class
+    train_ids = np.asarray(run.splits.train)
+    others = np.concatenate([run.splits.val, run.splits.test]).astype(np.int64)
+    assert len(train_ids) and len(others) and not set(train_ids.tolist()) & set(others.tolist())
+
+    def hand(n):
+        raw = (1 - 0.99999) / (1 - 0.99999 ** n.astype(np.float64))
+        return raw * 4 / raw.sum()
+
+    want = hand(table[train_ids].sum(0))
+    got = np.asarray(run.loss_params.class_weights)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.abs(want - 1).max() > 0.1  # not the degenerate all-ones case
+    assert np.abs(hand(table.sum(0)) - want).max() > 1e-3  # all slices would differ
+
+
 def test_unweighted_losses_have_all_one_effective_weights():
     for name in ("ce", "focal", "dice", "dice_ce"):
         p = train_state.create_loss_params(_train_config(loss=name), np.ones((2, 4)))
@@ -198,3 +241,38 @@ def test_training_logs_mean_effective_weights(tmp_path):
     cb = [rows["cb_ce"][k] for k in keys]
     assert all(w is None or math.isfinite(w) for w in cb)
     assert any(w is not None and abs(w - 1.0) > 1e-3 for w in cb)
+
+
+def test_logged_class_weights_are_the_mean_over_the_steps_the_class_was_in(tmp_path):
+    """A 2-step cb_ce (batch_pixels) run logging at step 2: class_weight_c is the mean of
+    `batch_class_balanced_weights` of the two training batches (recorded from the run's own
+    pipeline) over the batches holding class c. Seed 1: NCR is absent from the first batch,
+    so its logged weight is the second batch's alone (a plain mean would halve it)."""
+    from brats_jax import run_group
+    from configs import unet as unet_config
+
+    c = unet_config.get_config("tiny")
+    c.train.loss, c.train.seed, c.train.num_steps, c.train.log_every_steps = "cb_ce", 1, 2, 2
+    c.data.val_fraction = c.data.test_fraction = 0.0
+    seen = []
+    real = run_group.RunGroup.next_batch
+
+    def recording(self):
+        batch = real(self)
+        seen.append(np.asarray(batch["label"]))
+        return batch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_group.RunGroup, "next_batch", recording)
+        train.train_and_evaluate(c, tmp_path)
+    assert len(seen) == 2 and seen[0].shape == (2, 32, 32)
+    present = np.array([[bool((b == k).any()) for k in range(4)] for b in seen])  # (2, 4)
+    assert present.sum(0).tolist() == [2, 1, 2, 2]  # NCR only in the second batch
+    w = np.array([np.asarray(L.batch_class_balanced_weights(jnp.asarray(b), 0.99)) for b in seen])
+    want = [w[present[:, k], k].mean() for k in range(4)]
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "train_loss" in r]
+    assert [r["step"] for r in logged] == [2]
+    got = [logged[0][f"class_weight_{k}"] for k in range(4)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert abs(want[1] - w[:, 1].mean()) > 0.1  # the "present" rule matters here

@@ -56,9 +56,9 @@ def test_cpu_best_is_the_cpu_budget_plus_the_segmentation_options():
     diff = config_utils.config_diff(
         unet.get_config("cpu").to_dict(), unet.get_config("cpu_best").to_dict()
     )
-    assert sorted(k for k, _, _ in diff) == [
-        "data.context_slices",
-        "model.output",
-        "name",
-        "postprocess.largest_component_only",
+    assert diff == [
+        ("data.context_slices", 0, 1),
+        ("model.output", "classes", "regions"),
+        ("name", "unet-cpu", "unet-cpu_best"),
+        ("postprocess.largest_component_only", False, True),
     ]

@@ -259,3 +259,42 @@ def test_postprocessing_file_applied_before_scoring(tmp_path):
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert bad.returncode != 0 and "nope.json does not exist" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_et_relabel_rule_finds_et_in_the_2018_convention(tmp_path):
+    """An `et_min_voxels` rule on a BraTS 2018 prediction (ET = 4) with 1 ET voxel: that
+    voxel becomes NCR (1) before scoring. By hand (`_volumes`): WT unchanged 2/3; TC
+    {NCR, ET} of GT is {(2,1,1), (2,2,1)}, the prediction's TC still {(2,2,1)}: 2/3; ET:
+    GT has 1 voxel, the prediction none after the rule: Dice 0 (1 without it)."""
+    from brats_jax import postprocess
+
+    gt, pred = _volumes(4)
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    _save(gt_dir / "Brats18_A" / "Brats18_A_seg.nii.gz", gt)
+    _save(pred_dir / "Brats18_A.nii.gz", pred)
+    raw = E.evaluate_folder(pred_dir, gt_dir)[0]
+    assert raw["dice_ET"] == pytest.approx(1.0)
+    rule = postprocess.PostprocessConfig(et_min_voxels=2)
+    row = E.evaluate_folder(pred_dir, gt_dir, postprocessing=rule)[0]
+    assert row["dice_WT"] == pytest.approx(2 / 3)
+    assert row["dice_TC"] == pytest.approx(2 / 3)
+    assert row["dice_ET"] == pytest.approx(0.0)
+    # the same through the CLI's --apply_postprocessing file
+    cfg = tmp_path / "postprocessing.json"
+    postprocess.save(cfg, rule)
+    out = tmp_path / "m.csv"
+    E.FLAGS.unparse_flags()
+    E.FLAGS(["evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}", f"--out={out}",
+             f"--apply_postprocessing={cfg}"])  # fmt: skip
+    try:
+        E.main(["evaluate"])
+    finally:
+        E.FLAGS.unparse_flags()
+    written = _rows(out)["Brats18_A"]
+    assert float(written["dice_ET"]) == pytest.approx(0.0)
+    assert float(written["dice_TC"]) == pytest.approx(2 / 3)
+    # a 2-voxel ET meets the threshold and stays ET
+    pred[1, 2, 1] = 4
+    _save(pred_dir / "Brats18_A.nii.gz", pred)
+    kept = E.evaluate_folder(pred_dir, gt_dir, postprocessing=rule)[0]
+    assert kept["dice_ET"] == pytest.approx(2 * 1 / (1 + 2))

@@ -117,6 +117,32 @@ def test_notebook_runs_at_smoke_scale_without_jax_in_the_kernel(tmp_path):
     assert len(ran) >= 5  # settings, device check, dry run, sweep, report
 
 
+def test_settings_and_device_check_cells_leave_jax_unimported_in_the_kernel():
+    """The cells before the sweep, run as the kernel runs them (repository on the path, as
+    after `%cd`): JAX is never imported in the kernel, neither directly nor through
+    `brats_jax` or `experiments` (both import JAX), and the device check reports the
+    backend a fresh process sees."""
+    cells = _cells()
+    settings = next(s for t, s in cells if "settings" in t)
+    check = next(s for t, s in cells if "DEV = device_info()" in s)
+    script = (
+        _PRELUDE
+        + "sys.path.insert(0, os.getcwd())\n"
+        + to_python(settings)
+        + "EXPECT_BACKEND = 'cpu'\n"
+        + to_python(check)
+        + 'jax_mods = sorted(m for m in sys.modules if m.split(".")[0] == "jax")\n'
+        + 'print("JAX IN KERNEL:", jax_mods[:3])\n'
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "a fresh process sees: cpu" in proc.stdout
+    assert "JAX IN KERNEL: []" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_device_check_stops_with_a_clear_message(tmp_path):
     """A backend other than the expected one ends the notebook with an explanation."""
     cells = _cells()

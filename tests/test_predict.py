@@ -7,6 +7,7 @@ training and their expected values follow from the input.
 
 import json
 
+import jax.numpy as jnp
 import ml_collections
 import nibabel as nib
 import numpy as np
@@ -22,14 +23,29 @@ class _ScaleModel:
         return x * variables["scale"]
 
 
-def _config(image_size=16, source="nifti", base_features=8):
-    return ml_collections.ConfigDict(
-        {
-            "data": {"image_size": image_size, "source": source},
-            "eval": {"batch_size": 4},
-            "model": {"name": "unet", "base_features": base_features},
-        }
-    )
+class _RampModel:
+    """Position-dependent stand-in: logits = input times `scale` plus a ramp along x (rows)
+    and y (columns), a different one per class (`_ramp`): mirroring changes its output."""
+
+    def apply(self, variables, x, train):
+        return x * variables["scale"] + jnp.asarray(_ramp(*x.shape[1:3]))[None]
+
+
+def _ramp(h, w):
+    """(H, W, 4) float32: 0.5 x - 0.25 y, times (1, -0.5, 2, 0.75) per class."""
+    ramp = 0.5 * np.arange(h)[:, None] - 0.25 * np.arange(w)[None, :]
+    return (ramp[..., None] * np.array([1.0, -0.5, 2.0, 0.75])).astype(np.float32)
+
+
+def _config(image_size=16, source="nifti", base_features=8, postprocess=None):
+    fields = {
+        "data": {"image_size": image_size, "source": source},
+        "eval": {"batch_size": 4},
+        "model": {"name": "unet", "base_features": base_features},
+    }
+    if postprocess is not None:
+        fields["postprocess"] = postprocess
+    return ml_collections.ConfigDict(fields)
 
 
 @pytest.fixture
@@ -39,8 +55,8 @@ def runs(tmp_path, monkeypatch):
     made = []
 
     def load_trained(workdir, step=None):
-        config, scale = table[str(workdir)]
-        return config, _ScaleModel(), {"scale": np.float32(scale)}
+        config, scale, model = table[str(workdir)]
+        return config, model, {"scale": np.float32(scale)}
 
     real = inference.make_slice_predictor
 
@@ -51,10 +67,10 @@ def runs(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_trained", load_trained)
     monkeypatch.setattr(inference, "make_slice_predictor", make_slice_predictor)
 
-    def add(name, scale=1.0, **config):
+    def add(name, scale=1.0, model=None, **config):
         path = tmp_path / name
         path.mkdir()
-        table[str(path)] = (_config(**config), scale)
+        table[str(path)] = (_config(**config), scale, model or _ScaleModel())
         return str(path)
 
     return add, made
@@ -140,9 +156,19 @@ def test_ensemble_runs_must_share_image_size_and_normalization(runs, tmp_path):
         predict.load_ensemble([r1, r3])
 
 
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def test_tta_flag_reaches_the_predictor(runs, tmp_path):
-    add, made = runs
-    run = add("run")
+    """predict_case(tta="flips_ud") with a position-dependent stand-in at native size: the
+    written probabilities are the mean of the 4 views' softmax mirrored back, by hand in
+    numpy on the case's normalised input, and differ from the plain ones."""
+    from brats_jax.data import brats
+
+    add, _ = runs
+    run = add("run", scale=0.5, model=_RampModel(), image_size=0)
     case = _write_case(tmp_path, "Brats18_A_1", 0)
     plain = predict.predict_case(
         run, case, tmp_path / "a.nii.gz", probabilities=tmp_path / "pa.nii.gz"
@@ -150,11 +176,20 @@ def test_tta_flag_reaches_the_predictor(runs, tmp_path):
     tta = predict.predict_case(
         run, case, tmp_path / "b.nii.gz", probabilities=tmp_path / "pb.nii.gz", tta="flips_ud"
     )
-    # the pointwise stand-in commutes with mirroring: same result, through 4 model calls
-    np.testing.assert_array_equal(plain, tta)
-    np.testing.assert_allclose(
-        _read(tmp_path / "pa.nii.gz"), _read(tmp_path / "pb.nii.gz"), atol=1e-6
-    )
+    image = brats.load_case(case, require_label=False, normalization="brain").image
+    x = np.moveaxis(image, 2, 0).astype(np.float64)  # (D, H, W, 4) axial slices
+    ramp = _ramp(*x.shape[1:3])[None]
+    views = [np.flip(_softmax(np.flip(x, a) * 0.5 + ramp), a) for a in [(), (1,), (2,), (1, 2)]]
+    want_tta = np.moveaxis(np.mean(views, 0), 0, 2)  # back to (H, W, D, 4)
+    want_plain = np.moveaxis(_softmax(x * 0.5 + ramp), 0, 2)
+    np.testing.assert_allclose(_read(tmp_path / "pa.nii.gz"), want_plain, atol=1e-5)
+    np.testing.assert_allclose(_read(tmp_path / "pb.nii.gz"), want_tta, atol=1e-5)
+    assert np.abs(want_tta - want_plain).max() > 0.05
+    for labels, probs in ((plain, want_plain), (tta, want_tta)):
+        expected = np.argmax(probs, -1)
+        expected[expected == 3] = 4
+        np.testing.assert_array_equal(labels, expected)
+    assert (plain != tta).any()
 
 
 def _island_probabilities(shape=(12, 10, 6)):
@@ -250,3 +285,53 @@ def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_p
     postprocess.save(run / postprocess.POSTPROCESSING_FILE, tuned)
     assert predict.resolve_postprocessing(str(run), "auto", config) == tuned
     assert predict.resolve_postprocessing(f"{run},{run}", "auto", config) == tuned  # agree
+
+
+def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch):
+    """cpu_best's rule: a run config with postprocess.largest_component_only=True and no
+    postprocessing.json: --postprocessing=auto drops the 1-voxel island (the 27-voxel
+    tumour is the largest component), none keeps it."""
+    add, _ = runs
+    fields = {"largest_component_only": True, "min_component_voxels": 0,
+              "connectivity": 26, "et_min_voxels": 0}  # fmt: skip
+    run = add("run", postprocess=fields)
+    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    labels, probs = _island_probabilities()
+    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    assert not (tmp_path / "run" / postprocess.POSTPROCESSING_FILE).exists()
+    out = tmp_path / "seg.nii.gz"
+    auto = predict.predict_case(run, case, out)
+    assert auto[10, 8, 5] == 0 and (auto == 2).sum() == 27 and (auto > 0).sum() == 27
+    np.testing.assert_array_equal(_read(out), auto)
+    kept = predict.predict_case(run, case, out, postprocessing="none")
+    np.testing.assert_array_equal(kept, labels)
+    assert kept[10, 8, 5] == 1
+
+
+def test_ensemble_labels_are_the_argmax_of_the_mean_probabilities(runs, tmp_path, monkeypatch):
+    """Two members whose argmaxes disagree at known voxels (probabilities given by hand):
+    the ensemble's label is the argmax of their mean, written in the 2018 convention."""
+    add, _ = runs
+    shape = (12, 10, 6)
+    member = {1.0: np.empty((*shape, 4), np.float32), 2.0: np.empty((*shape, 4), np.float32)}
+    for p in member.values():
+        p[:] = (0.97, 0.01, 0.01, 0.01)
+    # voxel: (member 1, member 2) probabilities -> the label of their mean, by hand
+    cases = {
+        (1, 1, 1): ((0.1, 0.5, 0.4, 0.0), (0.1, 0.05, 0.35, 0.5), 2),  # votes 1, 3 -> mean ED
+        (2, 3, 4): ((0.7, 0.1, 0.1, 0.1), (0.2, 0.1, 0.1, 0.6), 0),  # votes 0, 3 -> 0.45 bg
+        (5, 5, 2): ((0.3, 0.0, 0.0, 0.7), (0.6, 0.4, 0.0, 0.0), 0),  # votes 3, 0 -> bg
+        (7, 2, 0): ((0.1, 0.2, 0.2, 0.5), (0.2, 0.1, 0.3, 0.4), 4),  # both ET -> ET = 4
+        (9, 8, 5): ((0.2, 0.45, 0.3, 0.05), (0.25, 0.05, 0.6, 0.1), 2),  # votes 1, 2 -> ED
+    }
+    expected = np.zeros(shape, np.int64)
+    for voxel, (a, b, label) in cases.items():
+        member[1.0][voxel], member[2.0][voxel] = a, b
+        expected[voxel] = label
+    monkeypatch.setattr(
+        inference, "predict_volume", lambda f, v, *a, **k: member[float(v["scale"])]
+    )
+    r1, r2 = add("r1", scale=1.0), add("r2", scale=2.0)
+    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    labels = predict.predict_case(f"{r1},{r2}", case, tmp_path / "e.nii.gz")
+    np.testing.assert_array_equal(labels, expected)

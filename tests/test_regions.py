@@ -11,7 +11,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import inference, losses, metrics, models, outputs, predict, steps, train
+from brats_jax import (
+    config_utils,
+    inference,
+    losses,
+    metrics,
+    models,
+    outputs,
+    predict,
+    steps,
+    train,
+)
 from brats_jax.train_state import TrainState, create_loss_params
 from configs import unet as unet_config
 
@@ -227,18 +237,45 @@ def test_slice_predictor_gives_sigmoid_probabilities_for_regions():
         inference.make_slice_predictor(_FirstThreeModel(), image_size=0, output="softmax")
 
 
-@pytest.mark.parametrize("tta", ["flips", "flips_ud"])
-def test_tta_equals_plain_for_a_mirror_symmetric_input_for_regions(tta):
+class _RampModel:
+    """Stand-in that depends on position: logits = the first C input channels times
+    `scale` plus a ramp along x (rows) and y (columns), a different one per channel."""
+
+    channels = 3
+
+    def apply(self, variables, x, train):
+        h, w = x.shape[1:3]
+        ramp = ramp_logits(h, w, self.channels)
+        return x[..., : self.channels] * variables["scale"] + jnp.asarray(ramp)[None]
+
+
+def ramp_logits(h, w, channels):
+    """(H, W, C) float32: 0.5 x - 0.25 y, times (1, -0.5, 2, 0.75)[c] (shared with predict)."""
+    ramp = 0.5 * np.arange(h)[:, None] - 0.25 * np.arange(w)[None, :]
+    return (ramp[..., None] * np.array([1.0, -0.5, 2.0, 0.75])[:channels]).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "tta,views", [("flips", [(), (1,)]), ("flips_ud", [(), (1,), (2,), (1, 2)])]
+)
+def test_tta_is_the_mean_over_mirrored_back_views_for_regions(tta, views):
+    """By hand in numpy: each view is the model on the mirrored slices, its sigmoid
+    mirrored back; TTA is their mean, and it differs from the plain prediction because the
+    stand-in is not mirror-symmetric."""
     rng = np.random.default_rng(4)
-    half = rng.normal(0, 2, (3, 10, 6, 4)).astype(np.float32)
-    sym = np.concatenate([half, half[:, ::-1]], axis=1)  # left-right symmetric
-    if tta == "flips_ud":
-        sym = np.concatenate([sym, sym[:, :, ::-1]], axis=2)  # up-down too
-    kw = dict(image_size=16, output="regions")
-    plain = inference.make_slice_predictor(_FirstThreeModel(), **kw)
-    flipped = inference.make_slice_predictor(_FirstThreeModel(), tta=tta, **kw)
-    np.testing.assert_allclose(flipped({"scale": 1.5}, sym), plain({"scale": 1.5}, sym), atol=1e-6)
-    assert np.asarray(plain({"scale": 1.5}, sym)).shape == (*sym.shape[:3], 3)
+    x = rng.normal(0, 2, (3, 10, 6, 4)).astype(np.float32)
+    ramp = ramp_logits(10, 6, 3)[None]
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    want = np.mean(
+        [np.flip(sigmoid(np.flip(x, a)[..., :3] * 1.5 + ramp), a) for a in views], axis=0
+    )
+    plain_want = sigmoid(x[..., :3] * 1.5 + ramp)
+    kw = dict(image_size=0, output="regions")
+    plain = inference.make_slice_predictor(_RampModel(), **kw)({"scale": 1.5}, x)
+    got = inference.make_slice_predictor(_RampModel(), tta=tta, **kw)({"scale": 1.5}, x)
+    np.testing.assert_allclose(plain, plain_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(got) - plain_want).max() > 0.05
 
 
 class _FixedLogitsModel:
@@ -335,6 +372,50 @@ def test_predict_from_a_regions_run_writes_decoded_labels(regions_run, tmp_path)
     np.testing.assert_array_equal(written, expected)
 
 
+def _region_logits(model, variables, image):
+    """(H, W, D, 3) logits of a (H, W, D, 4) volume at the model's size, slice by slice."""
+    x = jnp.asarray(np.moveaxis(image, 2, 0))
+    return np.moveaxis(np.asarray(model.apply(variables, x, train=False), np.float64), 0, 2)
+
+
+def test_regions_test_pass_scores_the_tested_checkpoint(regions_run, tmp_path):
+    """results.json's per-case scores, recomputed here from the tested checkpoint's logits:
+    sigmoid, `outputs.regions_to_labels`, `metrics.evaluate_volume` per test case."""
+    from brats_jax import data, run_group
+
+    workdir, _ = regions_run
+    saved = json.loads((workdir / "results.json").read_text())
+    config, model, variables = train.load_trained(workdir, step=saved["tested_step"])
+    run = run_group.build_run(config, tmp_path)
+    assert [r["case_id"] for r in saved["per_case"]] == list(run.splits.cases["test"])
+    for row, case_id in zip(saved["per_case"], run.splits.cases["test"], strict=True):
+        image, label = data.load_volume(run.source, case_id)
+        probs = 1 / (1 + np.exp(-_region_logits(model, variables, image)))
+        want = metrics.evaluate_volume(outputs.regions_to_labels(probs), label)
+        for key in ("dice_WT", "dice_TC", "dice_ET", "hd95_WT", "class_dice_1"):
+            assert row[key] == pytest.approx(want[key], abs=1e-6), (case_id, key)
+
+
+def test_predict_writes_the_sigmoid_of_the_region_logits(regions_run, tmp_path):
+    """At the model's own size (no resizing) the written probabilities are the sigmoid of the
+    logits of the case's normalised input, and the labels their nested decoding."""
+    from brats_jax.data import brats
+
+    workdir, _ = regions_run
+    case, shape = _write_case(tmp_path, shape=(32, 32, 5))
+    labels = predict.predict_case(
+        workdir, case, tmp_path / "s.nii.gz", probabilities=tmp_path / "p.nii.gz"
+    )
+    config, model, variables = train.load_trained(workdir)
+    image = brats.load_case(case, require_label=False, normalization="brain").image
+    want = 1 / (1 + np.exp(-_region_logits(model, variables, image)))
+    got = np.asarray(nib.load(str(tmp_path / "p.nii.gz")).dataobj)
+    assert got.shape == (*shape, 3)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    decoded = np.asarray(outputs.regions_to_labels(want))
+    np.testing.assert_array_equal(labels, np.where(decoded == 3, 4, decoded))
+
+
 class _StandIn:
     def apply(self, variables, x, train):
         return x[..., : variables["channels"]]
@@ -373,9 +454,17 @@ def _regions_config(loss: str, seed: int):
 
 
 def test_runs_with_different_model_outputs_are_not_trained_together(tmp_path):
-    classes = unet_config.get_config("tiny")
-    with pytest.raises(ValueError, match="must share"):
-        train.train_runs([classes, _regions_config("ce", 0)], [tmp_path / "a", tmp_path / "b"])
+    """Two configs equal but for model.output: refused, and the message names that field."""
+    regions = _regions_config("ce", 0)
+    classes = _regions_config("ce", 0)
+    classes.model.output = "classes"
+    assert [k for k, _, _ in config_utils.config_diff(classes.to_dict(), regions.to_dict())] == [
+        "model.output"
+    ]
+    with pytest.raises(
+        ValueError, match=r"must share .*; run 1 differs from run 0 in model\.output$"
+    ):
+        train.train_runs([classes, regions], [tmp_path / "a", tmp_path / "b"])
 
 
 @pytest.mark.slow

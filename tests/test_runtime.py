@@ -41,6 +41,13 @@ CLIS = {
     "brats_jax.data.prepare": ["--src=WORK", "--out=WORK/cache"],
     "experiments.run": ["table1", "--out=WORK", "--dry-run"],
     "brats_jax.tune_postprocessing": ["--workdir=WORK", "--cases=WORK"],
+    "experiments.segmentation_ablation": ["score", "--data_root=WORK", "--out=WORK/abl"],
+    "experiments.postprocessing_ablation": [
+        "--workdir=WORK",
+        "--data_root=WORK",
+        "--tune_cases=A",
+        "--out=WORK/abl",
+    ],
 }
 
 
@@ -87,9 +94,14 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
     assert runtime.resolve_ops(ml_collections.ConfigDict({"model": {}})) == "cpu_fast"  # auto
     with pytest.raises(ValueError, match="nope"):
         runtime.resolve_ops(ml_collections.ConfigDict({"runtime": {"ops": "nope"}}))
-    old = {"model": {"name": "unet", "conv_impl": "gpu_fast"}, "train": {"seed": 1}}
+    old = {
+        "model": {"name": "unet", "conv_impl": "gpu_fast"},
+        "data": {"image_size": 32},
+        "train": {"seed": 1},
+    }
     assert config_utils.upgrade_legacy(old) == {
         "model": {"name": "unet", "output": "classes"},
+        "data": {"image_size": 32, "context_slices": 0},
         "train": {"seed": 1},
         "runtime": {"ops": "gpu_fast"},
         "postprocess": {
@@ -113,3 +125,22 @@ def test_setup_again_in_a_running_process_is_quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         runtime.setup(quiet_logs=False)
+
+
+def test_an_old_run_config_json_resumes_with_an_empty_config_diff(tmp_path):
+    """A config.json written before the ADDED_FIELDS existed (and before `runtime.ops`),
+    resumed with today's config of the same run (the fields at their defaults): no change
+    is reported, so an old run resumes as itself."""
+    import json
+
+    from brats_jax import run_group
+    from configs import unet
+
+    new = json.loads(unet.get_config("tiny").to_json_best_effort())
+    old = json.loads(json.dumps(new))
+    del old["model"]["output"], old["data"]["context_slices"], old["postprocess"]
+    old["model"]["conv_impl"] = old.pop("runtime")["ops"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert run_group._warn_config_changes(tmp_path / "config.json", new) == []
+    new["data"]["context_slices"] = 1  # a real change is still named
+    assert run_group._warn_config_changes(tmp_path / "config.json", new) == ["data.context_slices"]

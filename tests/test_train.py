@@ -431,19 +431,13 @@ def _slice_dice(p: np.ndarray, t: np.ndarray, absent: float | None) -> float:
     return float(np.mean(scores))
 
 
-def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_path):
-    """The test pass scores the best-validation checkpoint (the one `predict` uses): its
-    step is in results.json, and the study's metric and its two readings, recomputed here
-    from that checkpoint's predictions with numpy, match."""
+def _recomputed_test_metrics(workdir, step, tmp_path) -> dict:
+    """The test pass's slice metrics recomputed with numpy from checkpoint `step`'s
+    predictions: paper_dice (absent classes 1), its absent-excluded reading, the pooled
+    per-class Dice and the number of test slices."""
     from brats_jax import data, inference
-    from brats_jax.checkpoints import RunCheckpoints
 
-    workdir, _ = tiny_run
-    saved = json.loads((workdir / "results.json").read_text())
-    ckpts = RunCheckpoints(workdir, read_only=True)
-    assert saved["tested_step"] == ckpts.best_step()  # the step predict loads
-    assert saved["selected_by"] == "best validation val_paper_dice"
-    config, model, variables = train.load_trained(workdir)
+    config, model, variables = train.load_trained(workdir, step=step)
     run = run_group.build_run(config, tmp_path)
     predict = inference.make_slice_predictor(model, image_size=config.data.image_size)
     kept = set(run.splits.test.tolist())
@@ -457,12 +451,81 @@ def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_p
                 one.append(_slice_dice(p, t, absent=1.0))
                 excluded.append(_slice_dice(p, t, absent=None))
                 np.add.at(confusion, (t.ravel(), p.ravel()), 1)
-    assert saved["num_test_slices"] == len(one) == len(kept) > 1
-    assert saved["paper_dice"] == pytest.approx(np.mean(one), abs=1e-6)
-    assert saved["paper_dice_absent_excluded"] == pytest.approx(np.mean(excluded), abs=1e-6)
     tp = np.diag(confusion)
-    pooled = 2 * tp / (confusion.sum(0) + confusion.sum(1))
-    assert saved["pooled_class_dice"] == pytest.approx(pooled.tolist(), abs=1e-6)
+    return {
+        "paper_dice": float(np.mean(one)),
+        "paper_dice_absent_excluded": float(np.mean(excluded)),
+        "pooled_class_dice": (2 * tp / (confusion.sum(0) + confusion.sum(1))).tolist(),
+        "num_test_slices": len(one),
+        "num_kept": len(kept),
+    }
+
+
+def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_path):
+    """The test pass scores the best-validation checkpoint (the one `predict` uses): its
+    step is in results.json, and the study's metric and its two readings, recomputed here
+    from that checkpoint's predictions with numpy, match."""
+    from brats_jax.checkpoints import RunCheckpoints
+
+    workdir, _ = tiny_run
+    saved = json.loads((workdir / "results.json").read_text())
+    ckpts = RunCheckpoints(workdir, read_only=True)
+    assert saved["tested_step"] == ckpts.best_step()  # the step predict loads
+    assert saved["selected_by"] == "best validation val_paper_dice"
+    want = _recomputed_test_metrics(workdir, None, tmp_path)
+    assert saved["num_test_slices"] == want["num_test_slices"] == want["num_kept"] > 1
+    assert saved["paper_dice"] == pytest.approx(want["paper_dice"], abs=1e-6)
+    assert saved["paper_dice_absent_excluded"] == pytest.approx(
+        want["paper_dice_absent_excluded"], abs=1e-6
+    )
+    assert saved["pooled_class_dice"] == pytest.approx(want["pooled_class_dice"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def early_best_run(tmp_path_factory):
+    """A tiny run (validation at steps 3 and 6, checkpoints at 2, 3, 4, 6, only the newest
+    kept by "last K") whose validation paper_dice is patched to 0.9 at step 3 and 0.1 at
+    step 6: the best step is an early one, not the final one."""
+    workdir = tmp_path_factory.mktemp("early_best")
+    real = evaluation.evaluate_slices
+    seen = []
+
+    def patched(run, eval_step, state, indices):
+        out = dict(real(run, eval_step, state, indices))
+        seen.append(int(np.asarray(state.step)))
+        out["paper_dice"] = 0.9 if seen[-1] == 3 else 0.1
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluation, "evaluate_slices", patched)
+        results = train.train_and_evaluate(tiny_config(**{"train.keep_checkpoints": 1}), workdir)
+    assert seen == [3, 6]
+    return workdir, results
+
+
+def test_an_early_best_step_is_tested_kept_and_predicted_with(early_best_run, tmp_path):
+    """best (3) != final (6): results.json names step 3 and its metrics are step 3's
+    recomputed, not step 6's; checkpoint 3 survived "last 1" deletion; predict loads it."""
+    from brats_jax.checkpoints import RunCheckpoints
+
+    workdir, results = early_best_run
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["tested_step"] == results["tested_step"] == 3
+    assert saved["selected_by"] == "best validation val_paper_dice"
+    ckpts = RunCheckpoints(workdir, read_only=True)
+    assert ckpts.all_steps() == [3, 6]  # 2 and 4 went, the older best stayed
+    assert ckpts.best_step() == 3
+    at3 = _recomputed_test_metrics(workdir, 3, tmp_path)
+    at6 = _recomputed_test_metrics(workdir, 6, tmp_path)
+    assert abs(at3["paper_dice"] - at6["paper_dice"]) > 1e-4  # the two steps score apart
+    for key in ("paper_dice", "paper_dice_absent_excluded"):
+        assert saved[key] == pytest.approx(at3[key], abs=1e-6), key
+        assert saved[key] != pytest.approx(at6[key], abs=1e-6), key
+    assert saved["pooled_class_dice"] == pytest.approx(at3["pooled_class_dice"], abs=1e-6)
+    _, _, chosen = train.load_trained(workdir)
+    _, _, v3 = train.load_trained(workdir, step=3)
+    for x, y in zip(jax.tree.leaves(chosen), jax.tree.leaves(v3), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_predict_missing_checkpoint_is_clear_error(tmp_path):
