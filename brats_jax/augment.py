@@ -209,36 +209,44 @@ def _has_spatial(cfg: AugmentConfig) -> bool:
     return max(cfg.mirror_p, cfg.rotation_p, cfg.scale_p, cfg.elastic_p) > 0
 
 
-def sampling_coordinates(key, shape: tuple[int, int], cfg: AugmentConfig):
+def coordinate_map(shape, *, angle=0.0, scale=1.0, mirror=(False, False), offsets=None):
     """(rows, cols), each float32 (H, W): the input position each output pixel samples.
 
-    Composes mirror (output axes flipped), elastic offsets, then rotation and scaling
-    about the image centre ((H-1)/2, (W-1)/2), nnU-Net's order (deform, then rotate).
+    Output axes mirrored where `mirror` (bools, may be traced), plus `offsets` ((du, dv) or
+    None), then rotated by `angle` (radians; positive: `np.rot90`'s sense) and scaled by
+    `scale` about the image centre ((H-1)/2, (W-1)/2): nnU-Net's order (deform, rotate).
     """
     h, w = shape
-    k_mu, k_mv, k_el, k_elp, k_rot, k_rotp, k_sc, k_scp = jax.random.split(key, 8)
     cy, cx = (h - 1) / 2, (w - 1) / 2
     u = jnp.arange(h, dtype=jnp.float32) - cy
     v = jnp.arange(w, dtype=jnp.float32) - cx
-    if cfg.mirror_p > 0:
-        u = jnp.where(_coin(k_mu, cfg.mirror_p), -u, u)
-        v = jnp.where(_coin(k_mv, cfg.mirror_p), -v, v)
+    u, v = jnp.where(mirror[0], -u, u), jnp.where(mirror[1], -v, v)
     uu, vv = jnp.meshgrid(u, v, indexing="ij")
+    if offsets is not None:
+        uu, vv = uu + offsets[0], vv + offsets[1]
+    c, s = jnp.cos(angle) * scale, jnp.sin(angle) * scale
+    return cy + (c * uu + s * vv), cx + (c * vv - s * uu)
+
+
+def sampling_coordinates(key, shape: tuple[int, int], cfg: AugmentConfig):
+    """`coordinate_map` of one sample's draws: mirror per axis, elastic offsets, rotation
+    angle and scale, each with its probability (off: the identity part)."""
+    k_mu, k_mv, k_el, k_elp, k_rot, k_rotp, k_sc, k_scp = jax.random.split(key, 8)
+    mirror = (_coin(k_mu, cfg.mirror_p), _coin(k_mv, cfg.mirror_p))
+    offsets = None
     if cfg.elastic_p > 0:
-        du, dv = _elastic_offsets(k_el, shape, cfg)
         on = _coin(k_elp, cfg.elastic_p)
-        uu, vv = jnp.where(on, uu + du, uu), jnp.where(on, vv + dv, vv)
-    theta = jnp.float32(0)
+        offsets = [jnp.where(on, d, 0.0) for d in _elastic_offsets(k_el, shape, cfg)]
+    angle = jnp.float32(0)
     if cfg.rotation_p > 0:
         limit = math.radians(cfg.rotation_degrees)
-        angle = jax.random.uniform(k_rot, minval=-limit, maxval=limit)
-        theta = jnp.where(_coin(k_rotp, cfg.rotation_p), angle, 0.0)
+        drawn = jax.random.uniform(k_rot, minval=-limit, maxval=limit)
+        angle = jnp.where(_coin(k_rotp, cfg.rotation_p), drawn, 0.0)
     scale = jnp.float32(1)
     if cfg.scale_p > 0:
         drawn = jax.random.uniform(k_sc, minval=cfg.scale_min, maxval=cfg.scale_max)
         scale = jnp.where(_coin(k_scp, cfg.scale_p), drawn, 1.0)
-    c, s = jnp.cos(theta) * scale, jnp.sin(theta) * scale
-    return cy + (c * uu + s * vv), cx + (c * vv - s * uu)
+    return coordinate_map(shape, angle=angle, scale=scale, mirror=mirror, offsets=offsets)
 
 
 def _elastic_offsets(key, shape, cfg: AugmentConfig):
@@ -261,19 +269,23 @@ def _elastic_offsets(key, shape, cfg: AugmentConfig):
 
 
 def spatial_transform(key, image, label, cfg: AugmentConfig):
-    """image (H, W, C) bilinear, label (H, W) nearest, through one `sampling_coordinates`
-    map; pixels from outside the image (centre beyond the image's half-pixel border) get
-    label 0 and each channel's minimum (the normalised background)."""
+    """image (H, W, C), label (H, W) through one `sampling_coordinates` map (`resample`)."""
     if not _has_spatial(cfg):
         return image, label
+    return resample(image, label, sampling_coordinates(key, label.shape, cfg))
+
+
+def resample(image, label, coords):
+    """image (H, W, C) bilinear, label (H, W) nearest at `coords` ((rows, cols), (H, W)
+    each); pixels from outside the image (beyond its half-pixel border) get label 0 and
+    each channel's minimum (the normalised background)."""
     h, w = label.shape
-    rows, cols = sampling_coordinates(key, (h, w), cfg)
+    rows, cols = coords
     inside = (rows >= -0.5) & (rows <= h - 0.5) & (cols >= -0.5) & (cols <= w - 0.5)
     coords = [rows, cols]
     sample = lambda ch: ndimage.map_coordinates(ch, coords, order=1, mode="nearest")  # noqa: E731
     warped = jax.vmap(sample, in_axes=2, out_axes=2)(image)
-    background = image.min(axis=(0, 1))
-    warped = jnp.where(inside[..., None], warped, background)
+    warped = jnp.where(inside[..., None], warped, image.min(axis=(0, 1)))
     new_label = ndimage.map_coordinates(label, coords, order=0, mode="nearest")
     return warped, jnp.where(inside, new_label, 0).astype(label.dtype)
 

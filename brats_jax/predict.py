@@ -32,6 +32,9 @@ probabilities decoded with ET inside TC inside WT (`outputs.labels_from_probabil
 Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
 `python -m brats_jax.tune_postprocessing`) is applied when present; `--postprocessing=none`
 turns it off, `--postprocessing=FILE` applies another tuned choice.
+A case folder may lack one modality file when every run was trained with modality dropout
+(`augment.modality_dropout_p` > 0): that channel is 0 and a warning names it; otherwise a
+missing file is an error.
 """
 
 import json
@@ -86,6 +89,7 @@ class Ensemble(NamedTuple):
     predictors: tuple
     variables: tuple
     context_slices: tuple = ()  # each run's data.context_slices (() = all 0)
+    missing_ok: bool = False  # every run trained with modality dropout: one file may be missing
 
 
 def split_list(value: str | os.PathLike | Sequence) -> list[str]:
@@ -93,6 +97,26 @@ def split_list(value: str | os.PathLike | Sequence) -> list[str]:
     if isinstance(value, str | os.PathLike):
         return [v.strip() for v in str(value).split(",") if v.strip()]
     return [str(v) for v in value]
+
+
+def trained_with_modality_dropout(configs) -> bool:
+    """True when every run config (dicts or ConfigDicts) has `augment.modality_dropout_p`
+    > 0: its model saw a modality set to 0, so predict accepts a case lacking one file."""
+    configs = list(configs)
+    return bool(configs) and all(
+        float(dict(c.get("augment") or {}).get("modality_dropout_p", 0)) > 0 for c in configs
+    )
+
+
+def _saved_configs(workdirs) -> list[dict]:
+    """The runs' config.json dicts ({} for one that cannot be read: load_ensemble says why)."""
+    out = []
+    for w in split_list(workdirs):
+        try:
+            out.append(json.loads((pathlib.Path(w) / "config.json").read_text()))
+        except (OSError, ValueError):
+            out.append({})
+    return out
 
 
 def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
@@ -109,10 +133,11 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
     workdirs = tuple(split_list(workdirs))
     if not workdirs:
         raise ValueError("--workdir: expected a run folder (or several, comma-separated)")
-    predictors, variables, contexts, by_model = [], [], [], {}
+    predictors, variables, contexts, by_model, configs = [], [], [], {}, []
     first = None
     for w in workdirs:
         config, model, v = train.load_trained(w, step=step)
+        configs.append(config)
         if first is None:
             first = config
         for what, get in (
@@ -136,7 +161,10 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
         predictors.append(by_model[key])
         variables.append(v)
         contexts.append(data.context_slices(config))  # each run gets its own context window
-    return Ensemble(workdirs, first, tuple(predictors), tuple(variables), tuple(contexts))
+    missing_ok = trained_with_modality_dropout(configs)
+    return Ensemble(
+        workdirs, first, tuple(predictors), tuple(variables), tuple(contexts), missing_ok
+    )
 
 
 def predict_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0) -> np.ndarray:
@@ -186,7 +214,10 @@ def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None):
     from brats_jax.data import brats
 
     data = brats.load_case(
-        case, require_label=False, normalization=input_normalization(ensemble.config.data.source)
+        case,
+        require_label=False,
+        normalization=input_normalization(ensemble.config.data.source),
+        allow_missing=ensemble.missing_ok,  # a missing modality's channel is 0
     )
     probs = predict_probabilities(ensemble, data.image, batch_size=batch_size)
     labels = outputs.labels_from_probabilities(probs, outputs.of_config(ensemble.config.model))
@@ -305,15 +336,18 @@ def _is_nifti_name(path: str) -> bool:
     return path.endswith((".nii", ".nii.gz"))
 
 
-def _cases_from_input(value: str) -> list:
-    """The `brats.Case`s of `--input`: case folders, found at any depth under each item."""
+def _cases_from_input(value: str, allow_missing: bool = False) -> list:
+    """The `brats.Case`s of `--input`: case folders, found at any depth under each item
+    (`allow_missing`: a folder may lack one modality file)."""
     from brats_jax.data import brats
 
     items = split_list(value)
     for item in items:
         if not pathlib.Path(item).is_dir():
             raise FileNotFoundError(f"--input {item}: not a folder of NIfTI files or case folders")
-    return [case for item in items for case in brats.find_cases(item)]
+    return [
+        case for item in items for case in brats.find_cases(item, allow_missing=allow_missing)
+    ]
 
 
 def _single_case(files: dict):
@@ -354,7 +388,8 @@ def main(argv) -> None:
             raise app.UsageError(f"--output {FLAGS.output}: give a .nii or .nii.gz file name")
         if FLAGS.probabilities and _is_nifti_name(FLAGS.probabilities):
             raise app.UsageError("--probabilities: give a folder when --output is a folder")
-        cases = _cases_from_input(FLAGS.input)
+        missing_ok = trained_with_modality_dropout(_saved_configs(FLAGS.workdir))
+        cases = _cases_from_input(FLAGS.input, missing_ok)
         written = predict_cases(
             FLAGS.workdir, cases, FLAGS.output, probabilities_dir=FLAGS.probabilities, **options
         )
