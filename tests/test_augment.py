@@ -276,7 +276,7 @@ def _case_without_t1ce(root):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for s in ("_flair", "_t1", "_t2"):
-        vol = rng.normal(100, 20, (12, 10, 4)).astype(np.float32)
+        vol = rng.normal(100, 20, (12, 12, 4)).astype(np.float32)  # = image_size: no resizing
         vol[:2] = 0
         nib.save(nib.Nifti1Image(vol, np.eye(4)), str(folder / f"Brats18_X_1{s}.nii.gz"))
     return folder
