@@ -338,7 +338,9 @@ def intensity_transform(key, image, cfg: AugmentConfig):
             jax.random.uniform(k_lowres[2], (m,)) < cfg.lowres_p_per_modality
         )
         x = jnp.where(on, low_resolution(x, scale), x)
-    for k, p, invert in zip(k_gammas, (cfg.gamma_inverted_p, cfg.gamma_p), (True, False)):
+    for k, p, invert in zip(
+        k_gammas, (cfg.gamma_inverted_p, cfg.gamma_p), (True, False), strict=True
+    ):
         if p > 0:
             g = _factor(k[0], cfg.gamma_min, cfg.gamma_max, (m,))
             x = jnp.where(_coin(k[1], p), gamma(x, g, invert=invert), x)

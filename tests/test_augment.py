@@ -84,7 +84,8 @@ def test_outside_is_background_and_labels_stay_integers():
     coords = augment.coordinate_map((16, 16), scale=2.0)
     out_image, out_label = augment.resample(jnp.asarray(image), jnp.asarray(label), coords)
     assert np.all(np.asarray(out_label)[0] == 0)
-    np.testing.assert_array_equal(np.asarray(out_image)[0], np.broadcast_to(image.min((0, 1)), (16, 8)))
+    edge = np.broadcast_to(image.min((0, 1)), (16, 8))
+    np.testing.assert_array_equal(np.asarray(out_image)[0], edge)
     for seed in range(6):
         _, lab = _aug(STRONG, image, label, jax.random.PRNGKey(seed))
         assert lab.dtype == np.int32 and set(np.unique(lab)) <= {0, 1, 2, 3}
@@ -96,7 +97,8 @@ def _constant(value=0.7, shape=(16, 16, 12)):
 
 def test_brightness_and_contrast_closed_forms():
     image, label = _constant(0.7)
-    out, _ = _aug(AugmentConfig(brightness_p=1, brightness_min=1.2, brightness_max=1.2), image, label)
+    cfg = AugmentConfig(brightness_p=1, brightness_min=1.2, brightness_max=1.2)
+    out, _ = _aug(cfg, image, label)
     np.testing.assert_allclose(out, 0.7 * 1.2, rtol=1e-6)
     two = np.where(np.arange(16)[:, None, None] < 8, -1.0, 3.0) * np.ones((16, 16, 4))
     two = two.astype(np.float32)  # mean 1: (x - 1) * 0.5 + 1 -> 0 and 2
@@ -223,7 +225,8 @@ def test_train_step_without_augmentation_is_todays_step():
     want = jax.jit(reference)(state.params)  # jitted too: eager op-by-op rounds differently
     identity = AugmentConfig(rotation_p=1, rotation_degrees=0, scale_p=1, scale_min=1, scale_max=1)
     for cfg in (None, AugmentConfig(), identity):
-        new, _ = jax.jit(steps.make_train_step(model, tx, augment_cfg=cfg))(state, batch, loss_params)
+        step = jax.jit(steps.make_train_step(model, tx, augment_cfg=cfg))
+        new, _ = step(state, batch, loss_params)
         for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want), strict=True):
             assert np.array_equal(a, b)
 
@@ -237,7 +240,8 @@ def test_grouped_runs_draw_their_own_augmentation():
     cheap = AugmentConfig(mirror_p=0.5, brightness_p=1.0)  # one compile for both pairs
 
     def stepper(cfg):
-        return jax.jit(steps.map_over_runs(steps.make_train_step(model, tx, augment_cfg=cfg), "vmap"))
+        step = steps.make_train_step(model, tx, augment_cfg=cfg)
+        return jax.jit(steps.map_over_runs(step, "vmap"))
 
     def losses_of(step, states):
         _, out = step(steps.stack_trees(states), stacked_batch, stacked_params)
