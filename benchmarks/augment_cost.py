@@ -5,8 +5,7 @@ at 128 px, batch 8, Dice + CE) without augmentation and with every transform on 
 `augment.*_p` = 1, elastic deformation included, `blur`/`lowres` on every modality), in one
 process (each compiled once), interleaved repeats of timed steps; prints each repeat's
 median, the ratio of the medians and its spread (min..max of the per-repeat ratios). The
-data pipeline is not
-involved: augmentation runs on the device, inside the step.
+data pipeline is not involved: augmentation runs on the device, inside the step.
 Run: `python -m benchmarks.augment_cost [--repeats=5] [--steps=8]`. Results: BENCHMARKS.md.
 """
 

@@ -345,9 +345,7 @@ def _cases_from_input(value: str, allow_missing: bool = False) -> list:
     for item in items:
         if not pathlib.Path(item).is_dir():
             raise FileNotFoundError(f"--input {item}: not a folder of NIfTI files or case folders")
-    return [
-        case for item in items for case in brats.find_cases(item, allow_missing=allow_missing)
-    ]
+    return [case for item in items for case in brats.find_cases(item, allow_missing=allow_missing)]
 
 
 def _single_case(files: dict):

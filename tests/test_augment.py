@@ -139,14 +139,15 @@ def test_noise_variance_blur_and_low_resolution_of_constant():
     assert abs(out.var() / 0.04 - 1) < 0.05  # se of the variance ratio ~ sqrt(2 / 16384)
     for cfg in (
         AugmentConfig(blur_p=1, blur_p_per_modality=1, blur_sigma_min=1.0, blur_sigma_max=1.0),
-        AugmentConfig(lowres_p=1, lowres_p_per_modality=1, lowres_scale_min=0.5,
-                      lowres_scale_max=0.5),  # fmt: skip
+        AugmentConfig(
+            lowres_p=1, lowres_p_per_modality=1, lowres_scale_min=0.5, lowres_scale_max=0.5
+        ),  # fmt: skip
     ):
         out, _ = _aug(cfg, image, label)
         np.testing.assert_allclose(out, 0.3, rtol=1e-6)
         ramp = np.broadcast_to(np.arange(64, dtype=np.float32)[:, None, None], (64, 64, 4))
-        changed, _ = _aug(cfg, np.ascontiguousarray(ramp ** 2), label)
-        assert not np.allclose(changed, ramp ** 2)  # ... but they do act on a non-constant
+        changed, _ = _aug(cfg, np.ascontiguousarray(ramp**2), label)
+        assert not np.allclose(changed, ramp**2)  # ... but they do act on a non-constant
 
 
 def test_low_resolution_half_is_nearest_then_bilinear():
