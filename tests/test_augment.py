@@ -210,20 +210,20 @@ def test_train_step_without_augmentation_is_todays_step():
     """Reference: the step as it was (dropout key fold_in(rng, step), no augmentation)."""
     model, tx, state, batch, loss_params = _tiny_step_parts()
 
-    def loss_of(params):
-        logits, _ = model.apply(
-            {"params": params, **state.model_state}, batch["image"], train=True,
-            rngs={"dropout": jax.random.fold_in(state.rng, state.step)},
-            mutable=list(state.model_state.keys()),
-        )  # fmt: skip
-        return losses.combined_loss(logits, batch["label"], loss_params)
+    def reference(state, batch, loss_params):  # arguments, not constants, as in the step
+        def loss_of(params):
+            logits, _ = model.apply(
+                {"params": params, **state.model_state}, batch["image"], train=True,
+                rngs={"dropout": jax.random.fold_in(state.rng, state.step)},
+                mutable=list(state.model_state.keys()),
+            )  # fmt: skip
+            return losses.combined_loss(logits, batch["label"], loss_params)
 
-    def reference(params):
-        grads = jax.grad(loss_of)(params)
-        updates, _ = tx.update(grads, state.opt_state, params)
-        return optax.apply_updates(params, updates)
+        grads = jax.grad(loss_of)(state.params)
+        updates, _ = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates)
 
-    want = jax.jit(reference)(state.params)  # jitted too: eager op-by-op rounds differently
+    want = jax.jit(reference)(state, batch, loss_params)  # eager op-by-op rounds differently
     identity = AugmentConfig(rotation_p=1, rotation_degrees=0, scale_p=1, scale_min=1, scale_max=1)
     for cfg in (None, AugmentConfig(), identity):
         step = jax.jit(steps.make_train_step(model, tx, augment_cfg=cfg))
