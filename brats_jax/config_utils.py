@@ -9,6 +9,8 @@ from typing import Any
 import ml_collections
 from flax import traverse_util
 
+from brats_jax.augment import OFF_FIELDS
+
 
 def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
     """The value of `config.<dotted>` (a group comes back as a plain dict).
@@ -82,6 +84,7 @@ ADDED_FIELDS = {
     "postprocess.min_component_voxels": 0,
     "postprocess.connectivity": 26,
     "postprocess.et_min_voxels": 0,
+    **{f"augment.{k}": v for k, v in OFF_FIELDS.items()},  # no augmentation
 }
 
 
@@ -96,7 +99,7 @@ def upgrade_legacy(config_json: dict) -> dict:
         out["runtime"] = {"ops": ops, **out.get("runtime", {})}
     for dotted, value in ADDED_FIELDS.items():
         section, field = dotted.split(".")
-        if section in out or section == "postprocess":
+        if section in out or section in ("postprocess", "augment"):
             out.setdefault(section, {}).setdefault(field, value)
     return out
 

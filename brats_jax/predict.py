@@ -40,6 +40,9 @@ Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.
 `postprocess` fields; an ensemble applies its runs' choice when they all agree and stops
 with a one-line error naming the runs that differ otherwise; `--postprocessing=none`
 turns it off, `--postprocessing=FILE` applies another tuned choice.
+A case folder may lack one modality file when every run was trained with modality dropout
+(`augment.modality_dropout_p` > 0): that channel is 0 and a warning names it; otherwise a
+missing file is an error.
 """
 
 import json
@@ -105,6 +108,7 @@ class Ensemble(NamedTuple):
     variables: tuple
     context_slices: tuple = ()  # each run's data.context_slices (() = all 0)
     configs: tuple = ()  # each run's ConfigDict (post-processing: `resolve_postprocessing`)
+    missing_ok: bool = False  # every run trained with modality dropout: one file may be missing
 
 
 def split_list(value: str | os.PathLike | Sequence) -> list[str]:
@@ -112,6 +116,26 @@ def split_list(value: str | os.PathLike | Sequence) -> list[str]:
     if isinstance(value, str | os.PathLike):
         return [v.strip() for v in str(value).split(",") if v.strip()]
     return [str(v) for v in value]
+
+
+def trained_with_modality_dropout(configs) -> bool:
+    """True when every run config (dicts or ConfigDicts) has `augment.modality_dropout_p`
+    > 0: its model saw a modality set to 0, so predict accepts a case lacking one file."""
+    configs = list(configs)
+    return bool(configs) and all(
+        float(dict(c.get("augment") or {}).get("modality_dropout_p", 0)) > 0 for c in configs
+    )
+
+
+def _saved_configs(workdirs) -> list[dict]:
+    """The runs' config.json dicts ({} for one that cannot be read: load_ensemble says why)."""
+    out = []
+    for w in split_list(workdirs):
+        try:
+            out.append(json.loads((pathlib.Path(w) / "config.json").read_text()))
+        except (OSError, ValueError):
+            out.append({})
+    return out
 
 
 def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
@@ -132,6 +156,7 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
     first = None
     for w in workdirs:
         config, model, v = train.load_trained(w, step=step)
+        configs.append(config)
         if first is None:
             first = config
         for what, get in (
@@ -155,9 +180,15 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
         predictors.append(by_model[key])
         variables.append(v)
         contexts.append(data.context_slices(config))  # each run gets its own context window
-        configs.append(config)
+    missing_ok = trained_with_modality_dropout(configs)
     return Ensemble(
-        workdirs, first, tuple(predictors), tuple(variables), tuple(contexts), tuple(configs)
+        workdirs,
+        first,
+        tuple(predictors),
+        tuple(variables),
+        tuple(contexts),
+        tuple(configs),
+        missing_ok,
     )
 
 
@@ -244,7 +275,10 @@ def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None, memb
     from brats_jax.data import brats
 
     data = brats.load_case(
-        case, require_label=False, normalization=input_normalization(ensemble.config.data.source)
+        case,
+        require_label=False,
+        normalization=input_normalization(ensemble.config.data.source),
+        allow_missing=ensemble.missing_ok,  # a missing modality's channel is 0
     )
     probs = predict_probabilities(
         ensemble, data.image, batch_size=batch_size, member_labels=member_labels
@@ -391,15 +425,16 @@ def _is_nifti_name(path: str) -> bool:
     return path.endswith((".nii", ".nii.gz"))
 
 
-def _cases_from_input(value: str) -> list:
-    """The `brats.Case`s of `--input`: case folders, found at any depth under each item."""
+def _cases_from_input(value: str, allow_missing: bool = False) -> list:
+    """The `brats.Case`s of `--input`: case folders, found at any depth under each item
+    (`allow_missing`: a folder may lack one modality file)."""
     from brats_jax.data import brats
 
     items = split_list(value)
     for item in items:
         if not pathlib.Path(item).is_dir():
             raise FileNotFoundError(f"--input {item}: not a folder of NIfTI files or case folders")
-    return [case for item in items for case in brats.find_cases(item)]
+    return [case for item in items for case in brats.find_cases(item, allow_missing=allow_missing)]
 
 
 def _single_case(files: dict):
@@ -455,7 +490,8 @@ def main(argv) -> None:
         for name in ("probabilities", "uncertainty"):
             if getattr(FLAGS, name) and _is_nifti_name(getattr(FLAGS, name)):
                 raise app.UsageError(f"--{name}: give a folder when --output is a folder")
-        cases = _case_part(_cases_from_input(FLAGS.input))
+        missing_ok = trained_with_modality_dropout(_saved_configs(FLAGS.workdir))
+        cases = _case_part(_cases_from_input(FLAGS.input, missing_ok))
         if not cases:
             print(f"part {FLAGS.part_id} of {FLAGS.num_parts}: no cases to segment")
             return

@@ -20,7 +20,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from brats_jax import config_utils, data, fileio, losses, outputs, steps
+from brats_jax import augment, config_utils, data, fileio, losses, outputs, steps
 from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints, UnreadableCheckpoint, restore_runs
 from brats_jax.data.patches import check_patch_config
 from brats_jax.metric_writer import MetricWriter
@@ -57,6 +57,7 @@ SHARED_FIELDS = (
     "train.checkpoint_every_steps",
     "train.keep_checkpoints",
     "eval",
+    "augment",  # the compiled step holds the augmentation (each run draws its own)
 )
 
 
@@ -102,6 +103,7 @@ class Run:
 def _check_config(config) -> None:
     data.context_slices(config)  # a bad data.context_slices fails before any data is read
     check_patch_config(config, config.data.image_size)  # the native size: in build_run
+    augment.from_config(config)  # so does a bad augment.* field
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
         value = config_utils.get_field(config, field)
         if value < 1:

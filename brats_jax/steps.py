@@ -14,26 +14,35 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from brats_jax import losses, metrics, outputs
+from brats_jax import augment, losses, metrics, outputs
 from brats_jax.train_state import TrainState
 
+AUGMENT_STREAM = 0x41554720  # folded into state.rng for the augmentation keys ("AUG ")
 
-def make_train_step(model, tx, output: str = "classes"):
+
+def make_train_step(model, tx, output: str = "classes", augment_cfg=None):
     """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm", "class_weights"})`;
     pure, jit it. `class_weights`: (C,) class weights the loss gave this batch (ones for
     region outputs, which weigh no class). `output`: the config's `model.output` (static),
     which picks the loss (`losses.loss_for_output`). A model with deep supervision returns a
     tuple of logits in training: the loss is `losses.deep_supervision_loss` of it (class
-    weights still from the full-resolution labels).
+    weights still from the full-resolution labels). `augment_cfg`: an `augment.AugmentConfig`
+    (static; None = no augmentation): each sample is augmented on the device with keys from fold_in(fold_in(state.rng, AUGMENT_STREAM), state.step), a
+    stream apart from the dropout key fold_in(state.rng, state.step), which stays as it was.
 
     `batch`: image float32 (B,H,W,4(2k+1)) (k = `data.context_slices`), label int32 (B,H,W);
     loss and grad norm are scalars.
     """
 
     loss_fn = losses.loss_for_output(outputs.check_output(output))
+    augment_cfg = augment_cfg or augment.AugmentConfig()
 
     def step(state: TrainState, batch: dict, loss_params) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
+        if augment_cfg.enabled:
+            key = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT_STREAM), state.step)
+            image, label = augment.augment_batch(key, batch["image"], batch["label"], augment_cfg)
+            batch = {**batch, "image": image, "label": label}
 
         def loss_of(params):
             logits, updates = model.apply(
@@ -159,15 +168,23 @@ def device_batch(mesh: Mesh, batch: dict, *, stacked: bool = False) -> dict:
 
 
 def jit_train_step(
-    model, tx, mesh: Mesh, state, loss_params, mapping: str, output: str = "classes"
+    model,
+    tx,
+    mesh: Mesh,
+    state,
+    loss_params,
+    mapping: str,
+    output: str = "classes",
+    augment_cfg=None,
 ):
     """The train step jitted for `state`/`loss_params` replicated on `mesh` (state donated),
-    mapped over runs by `mapping` ("none" for one unstacked run); `output`: `model.output`."""
+    mapped over runs by `mapping` ("none" for one unstacked run); `output`: `model.output`;
+    `augment_cfg`: `augment.from_config(config)` (shared by the group)."""
     replicated = NamedSharding(mesh, P())
     state_sharding = jax.tree.map(lambda _: replicated, state)
     batch_sharding = NamedSharding(mesh, P(None, "data") if mapping != "none" else P("data"))
     return jax.jit(
-        map_over_runs(make_train_step(model, tx, output), mapping),
+        map_over_runs(make_train_step(model, tx, output, augment_cfg), mapping),
         in_shardings=(
             state_sharding,
             {"image": batch_sharding, "label": batch_sharding},

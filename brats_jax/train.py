@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from brats_jax import config_checks, inference, outputs, steps
+from brats_jax import augment, config_checks, inference, outputs, steps
 from brats_jax.evaluation import evaluate_and_write
 from brats_jax.run_group import RunGroup
 from brats_jax.train_state import learning_rate_at, load_trained  # noqa: F401 (predict.py)
@@ -125,7 +125,14 @@ def _train_loop(group: RunGroup) -> int:
     """Train `group` to its last step; returns the number of steps taken."""
     output = outputs.of_config(group.config.model)  # shared by the group (SHARED_FIELDS)
     train_step = steps.jit_train_step(
-        group.model, group.tx, group.mesh, group.state, group.loss_params, group.mapping, output
+        group.model,
+        group.tx,
+        group.mesh,
+        group.state,
+        group.loss_params,
+        group.mapping,
+        output,
+        augment.from_config(group.config),  # shared by the group (SHARED_FIELDS)
     )
     eval_step = jax.jit(steps.make_eval_step(group.model, output))
     when, guard = _Intervals(group), _LossGuard(group)

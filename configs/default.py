@@ -103,6 +103,44 @@ def base_config() -> ml_collections.ConfigDict:
     pp.min_component_voxels = 0  # drop whole-tumour components below this size (0 = off)
     pp.connectivity = 26  # of the components: 26 (faces, edges, corners) | 6 (faces)
     pp.et_min_voxels = 0  # relabel ET as NCR when the volume has fewer ET voxels (0 = off)
+
+    # Augmentation on the device, per sample in the train step (brats_jax/augment.py). Each
+    # *_p is a per-sample probability, all 0 (off); ranges are nnU-Net's 2D values; a preset
+    # can take augment.NNUNET_2D (nnU-Net's 2D probabilities) as {"augment.<k>": v}.
+    c.augment = a = ml_collections.ConfigDict()
+    a.mirror_p = 0.0  # mirror each in-plane axis
+    a.rotation_p = 0.0  # in-plane rotation, uniform in +-rotation_degrees (np.rot90's sense)
+    a.rotation_degrees = 180.0
+    a.scale_p = 0.0  # sampling coordinates x factor in [scale_min, scale_max] (> 1: zoom out)
+    a.scale_min = 0.7
+    a.scale_max = 1.4
+    a.elastic_p = 0.0  # smooth random displacement: sigma, largest offset (fractions of size)
+    a.elastic_sigma = 0.1
+    a.elastic_magnitude = 0.05
+    a.noise_p = 0.0  # additive Gaussian noise, std uniform in [noise_std_min, noise_std_max]
+    a.noise_std_min = 0.0
+    a.noise_std_max = 0.1
+    a.blur_p = 0.0  # Gaussian blur of each modality with p_per_modality, sigma in pixels
+    a.blur_p_per_modality = 0.5
+    a.blur_sigma_min = 0.5
+    a.blur_sigma_max = 1.0
+    a.brightness_p = 0.0  # x * factor per modality
+    a.brightness_min = 0.75
+    a.brightness_max = 1.25
+    a.contrast_p = 0.0  # (x - mean) * factor + mean per modality, clipped to its range
+    a.contrast_min = 0.75
+    a.contrast_max = 1.25
+    a.lowres_p = 0.0  # nearest down-sampling by a scale, bilinear back, per modality
+    a.lowres_p_per_modality = 0.5
+    a.lowres_scale_min = 0.5
+    a.lowres_scale_max = 1.0
+    a.gamma_inverted_p = 0.0  # nnU-Net's gamma (statistics kept) of the negated image
+    a.gamma_p = 0.0  # the same of the image
+    a.gamma_min = 0.7
+    a.gamma_max = 1.5
+    # one random modality set to 0 in all context slices; > 0 lets predict accept a case
+    # with one modality file missing (filled with 0)
+    a.modality_dropout_p = 0.0
     return c
 
 

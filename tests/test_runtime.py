@@ -87,7 +87,7 @@ def test_setup_sets_fast_cpu_flags_and_keeps_users_choice():
 def test_resolve_ops_and_the_legacy_conv_impl_field():
     import ml_collections
 
-    from brats_jax import config_utils
+    from brats_jax import augment, config_utils
 
     new = ml_collections.ConfigDict({"runtime": {"ops": "xla"}, "model": {}})
     assert runtime.resolve_ops(new) == "xla"
@@ -110,6 +110,7 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
             "connectivity": 26,
             "et_min_voxels": 0,
         },
+        "augment": augment.OFF_FIELDS,  # no augmentation
     }  # fmt: skip  (fields added later get the values old runs trained with)
     assert old["model"]["conv_impl"] == "gpu_fast"  # the input is not changed
 

@@ -20,6 +20,7 @@ import re
 import zlib
 
 import numpy as np
+from absl import logging
 
 from brats_jax import MODALITIES
 from brats_jax.data.common import DataError
@@ -74,8 +75,10 @@ def _find_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
     return None
 
 
-def _case_from_dir(directory: pathlib.Path) -> Case | None:
-    """Returns the Case in `directory`, None if it is not a case folder; DataError if partial."""
+def _case_from_dir(directory: pathlib.Path, allow_missing: bool = False) -> Case | None:
+    """Returns the Case in `directory`, None if it is not a case folder; DataError if partial
+    (with `allow_missing`: if more than one modality file is missing; a missing one's path
+    is None)."""
     case_id = directory.name
     names = os.listdir(directory)
     for naming, suffixes in _SUFFIXES.items():
@@ -84,7 +87,7 @@ def _case_from_dir(directory: pathlib.Path) -> Case | None:
         if not any(found.values()):
             continue
         missing = [m for m, p in found.items() if p is None]
-        if missing:
+        if len(missing) > (1 if allow_missing else 0):
             expected = ", ".join(f"{stems[m]}.nii[.gz]" for m in missing)
             raise DataError(
                 f"case {case_id} ({directory}): missing modality file(s) {missing}; "
@@ -127,11 +130,12 @@ def case_from_files(
     return Case(case_id, paths["flair"].parent, naming, paths, None)
 
 
-def find_cases(root: str | os.PathLike) -> list[Case]:
+def find_cases(root: str | os.PathLike, *, allow_missing: bool = False) -> list[Case]:
     """Finds BraTS case folders under `root` (recursively), both namings, .nii and .nii.gz.
 
     `root` may itself be a case folder. Returns cases sorted by case id. Raises DataError when
-    `root` is missing, when a case folder lacks a modality file, or when nothing is found.
+    `root` is missing, when a case folder lacks a modality file (with `allow_missing`: more
+    than one; the missing one's path is None), or when nothing is found.
     """
     root = pathlib.Path(root)
     if not root.exists():
@@ -143,7 +147,7 @@ def find_cases(root: str | os.PathLike) -> list[Case]:
     cases = []
     for dirpath, dirnames, _ in os.walk(root, followlinks=True):
         dirnames.sort()
-        case = _case_from_dir(pathlib.Path(dirpath))
+        case = _case_from_dir(pathlib.Path(dirpath), allow_missing)
         if case is not None:
             cases.append(case)
             dirnames[:] = []
@@ -252,7 +256,11 @@ def to_release_labels(label_0123: np.ndarray, naming: str = "2018") -> np.ndarra
 
 
 def load_case(
-    case: Case | str | os.PathLike, *, require_label: bool = False, normalization: str = "brain"
+    case: Case | str | os.PathLike,
+    *,
+    require_label: bool = False,
+    normalization: str = "brain",
+    allow_missing: bool = False,
 ) -> CaseData:
     """Loads a case folder (or Case): all four modalities + label, validated.
 
@@ -261,7 +269,9 @@ def load_case(
     `zscore_brain`) or per axial slice over all pixels as in the Kaggle release ("slice",
     see `zscore_slices`). Raises DataError on missing files, mismatched shapes/affines
     between files, non-finite voxels, label values outside the release's set, or corrupt
-    files; ValueError on an unknown `normalization`.
+    files; ValueError on an unknown `normalization`. `allow_missing`: one missing modality
+    file is accepted (a warning names it) and its channel is 0 (what modality dropout,
+    `augment.modality_dropout_p`, trains the model on).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization {normalization!r}: expected one of {NORMALIZATIONS}")
@@ -269,7 +279,7 @@ def load_case(
         d = pathlib.Path(case)
         if not d.is_dir():
             raise DataError(f"case folder {d} does not exist")
-        c = _case_from_dir(d)
+        c = _case_from_dir(d, allow_missing)
         if c is None:
             raise DataError(
                 f"{d} is not a BraTS case folder; expected {d.name}_flair.nii[.gz] etc. "
@@ -280,7 +290,8 @@ def load_case(
         expected = f"{case.case_id}{_SUFFIXES[case.naming]['seg']}.nii[.gz]"
         raise DataError(f"case {case.case_id} ({case.directory}): missing label file {expected}")
     raws, affine0, header0, shape0 = [], None, None, None
-    for m in MODALITIES:
+    present = [m for m in MODALITIES if case.paths.get(m) is not None]
+    for m in present:
         p = case.paths[m]
         arr, aff, hdr = read_nifti(p)
         if arr.ndim == 4 and arr.shape[-1] == 1:
@@ -308,9 +319,14 @@ def load_case(
     for r in raws:
         brain |= r != 0
     if normalization == "slice":
-        image = np.stack([zscore_slices(r) for r in raws], axis=-1)
+        normalized = dict(zip(present, (zscore_slices(r) for r in raws), strict=True))
     else:
-        image = np.stack([zscore_brain(r, brain) for r in raws], axis=-1)
+        normalized = dict(zip(present, (zscore_brain(r, brain) for r in raws), strict=True))
+    for m in sorted(set(MODALITIES) - set(present)):
+        logging.warning("case %s (%s): no %s file; its channel is filled with 0",
+                        case.case_id, case.directory, m)  # fmt: skip
+    zeros = np.zeros(shape0, np.float32)
+    image = np.stack([normalized.get(m, zeros) for m in MODALITIES], axis=-1)
     label = None
     if case.seg is not None:
         lab, aff, _ = read_nifti(case.seg)
