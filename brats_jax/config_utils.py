@@ -66,6 +66,7 @@ ADDED_FIELDS = {
     "postprocess.min_component_voxels": 0,
     "postprocess.connectivity": 26,
     "postprocess.et_min_voxels": 0,
+    "eval.num_overlay_slices": 0,
 }
 
 

@@ -3,7 +3,7 @@ r"""BraTS metrics for a folder of predicted segmentations against ground truth.
 Usage::
 
   python -m brats_jax.evaluate --pred=DIR --gt=DIR --out=FILE.csv [--hd95_mode=max|pooled]
-      [--missing=worst|skip] [--apply_postprocessing=FILE.json]
+      [--missing=worst|skip] [--apply_postprocessing=FILE.json] [--overlays=DIR]
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
   ``--pred``.
@@ -24,6 +24,11 @@ Usage::
 ``--apply_postprocessing=FILE.json`` (a run's ``postprocessing.json`` from
 ``brats_jax.tune_postprocessing``, or any file ``brats_jax.postprocess.save`` wrote) applies
 that 3D post-processing to each prediction before it is scored.
+
+``--overlays=DIR`` draws each scored case (`brats_jax.overlays`: axial, coronal and sagittal
+slices through the predicted tumour's centre, ground truth beside prediction, over FLAIR and
+T1ce read from the ground truth's case folder, labels only when they are not there) into
+``DIR/<ID>.png`` and writes ``DIR/index.html``, worst whole-tumour Dice first.
 
 Cases are matched by ID. A GT case without a prediction is scored as the BraTS challenge
 scores it: Dice 0 and HD95 373.13 mm in every region (sensitivity and specificity 0, the
@@ -242,8 +247,10 @@ def _evaluate_case(
     hd95_mode: str,
     log,
     postprocessing=None,
+    on_case=None,
 ) -> dict[str, float]:
     """Load, convert and score one case; returns :func:`metrics.evaluate_volume`'s dict.
+    `on_case(cid, pred, gt, gt_path)` (training classes) is called with the scored maps.
 
     Dice per region and HD95 in mm (spacing from the GT header's zooms). Raises
     EvaluationError on a shape mismatch; warns when the affines differ.
@@ -270,6 +277,8 @@ def _evaluate_case(
     pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {pred_path}")
     if postprocessing is not None:
         pred = postprocess.apply(pred, postprocessing)
+    if on_case is not None:
+        on_case(cid, pred, gt, gt_path)
     spacing = tuple(float(z) for z in zooms)
     return metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
 
@@ -284,6 +293,7 @@ def evaluate_folder(
     missing: str = "worst",
     postprocessing=None,
     log=print,
+    on_case=None,
 ) -> list[dict[str, float | str]]:
     """Evaluate every prediction with a matching GT case; returns one row dict per case.
 
@@ -297,6 +307,8 @@ def evaluate_folder(
         or ``skip``.
       postprocessing: a `postprocess.PostprocessConfig` applied to each prediction first.
       log: called with progress/warning lines.
+      on_case: called as ``on_case(case_id, pred, gt, gt_path)`` with each scored case's
+        maps in the training classes (e.g. `overlays.CasePictures.add_evaluated`).
 
     Raises:
       EvaluationError: missing folders, no matching cases, shape mismatch, unknown labels.
@@ -319,6 +331,7 @@ def evaluate_folder(
             hd95_mode=hd95_mode,
             log=log,
             postprocessing=postprocessing,
+            on_case=on_case,
         )
         rows.append({"case_id": cid, **res})
         log(
@@ -377,6 +390,9 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "apply_postprocessing", None, "A postprocessing.json to apply to each prediction first."
 )
+flags.DEFINE_string("overlays", None, "Folder for a picture per case and an index.html.")
+# The per-case scores the pictures' index.html shows (all are in --out's CSV).
+INDEX_COLUMNS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGION_NAMES]
 
 
 def main(argv: Sequence[str]) -> None:
@@ -388,6 +404,11 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--{name} is required")
     try:
         pp = postprocess.load(FLAGS.apply_postprocessing) if FLAGS.apply_postprocessing else None
+        pictures = None
+        if FLAGS.overlays:
+            from brats_jax import overlays
+
+            pictures = overlays.CasePictures(FLAGS.overlays)
         rows = evaluate_folder(
             FLAGS.pred,
             FLAGS.gt,
@@ -396,9 +417,12 @@ def main(argv: Sequence[str]) -> None:
             hd95_mode=FLAGS.hd95_mode,
             missing=FLAGS.missing,
             postprocessing=pp,
+            on_case=pictures.add_evaluated if pictures else None,
         )
         write_csv(rows, FLAGS.out)
-    except (ValueError, FileNotFoundError) as e:  # EvaluationError is a ValueError
+        if pictures:
+            pictures.write_index(rows, INDEX_COLUMNS)
+    except (ValueError, OSError) as e:  # EvaluationError is a ValueError
         raise SystemExit(f"brats_jax.evaluate: error: {e}") from None
     print(summarize(rows))
     print(f"wrote {FLAGS.out}", file=sys.stderr)

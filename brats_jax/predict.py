@@ -29,6 +29,9 @@ probabilities are averaged (they must share `data.image_size`, input normalizati
 `data.context_slices`). Labels are the argmax of class probabilities, or region
 probabilities decoded with ET inside TC inside WT (`outputs.labels_from_probabilities`).
 `--tta=flips` (`flips_ud`) averages over left-right (and up-down) mirrored slices.
+`--overlays=DIR` draws each case (`brats_jax.overlays`: axial, coronal and sagittal slices
+through the predicted tumour's centre over FLAIR and T1ce, beside the ground truth when the
+case folder has one) into `DIR/<ID>.png` and lists them in `DIR/index.html`.
 Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
 `python -m brats_jax.tune_postprocessing`) is applied when present; `--postprocessing=none`
 turns it off, `--postprocessing=FILE` applies another tuned choice.
@@ -65,6 +68,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("step", None, "Checkpoint step to use instead of the best one.")
 flags.DEFINE_integer("batch_size", 0, "Slices per model call (0: the run's eval.batch_size).")
+flags.DEFINE_string("overlays", None, "Folder for a picture per case and an index.html.")
 
 
 def input_normalization(source: str) -> str:
@@ -238,23 +242,30 @@ def predict_case(
     batch_size=0,
     tta="none",
     postprocessing="auto",
+    overlays_dir=None,
 ):
     """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
 
     `workdir` may name several runs (comma-separated or a list): their probabilities are
     averaged. `tta`: see `inference.make_slice_predictor`; `postprocessing`: see
     `resolve_postprocessing`. Writes the label NIfTI `output` (and the class probabilities,
-    before post-processing, to `probabilities`).
+    before post-processing, to `probabilities`); with `overlays_dir`, the case's picture and
+    an `index.html` there (`case_pictures`).
 
     Returns the written label array, int16 (H, W, D), in the release's label convention.
     """
     for path in (output, probabilities):  # before the model loads and inference runs
         if path:
             fileio.check_writable(path)
+    pictures = _case_pictures(overlays_dir)
     ensemble = load_ensemble(workdir, step=step, tta=tta)
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.config)
     data, labels, probs = segment(ensemble, case, batch_size=batch_size, postprocessing=pp)
-    return _write_case(data, labels, probs, output, probabilities)
+    written = _write_case(data, labels, probs, output, probabilities)
+    if pictures is not None:
+        row = case_picture(pictures, data, labels)
+        pictures.write_index([row], index_columns([data.label is not None]))
+    return written
 
 
 def predict_cases(
@@ -267,12 +278,16 @@ def predict_cases(
     batch_size=0,
     tta="none",
     postprocessing="auto",
+    overlays_dir=None,
+    extra_columns=None,
 ) -> list[pathlib.Path]:
     """Predict many cases into `output_dir/<case ID>.nii.gz`, loading and compiling once.
 
     Arguments as `predict_case`; `cases` are case folders or `brats.Case`s; the
-    probabilities go to `probabilities_dir/<case ID>.nii.gz` when given. Shows a progress
-    bar. Returns the written label files.
+    probabilities go to `probabilities_dir/<case ID>.nii.gz` when given. With
+    `overlays_dir`, a picture per case and an `index.html` (`overlays.write_index`; its
+    `extra_columns`: case ID -> {column: value}, e.g. uncertainties) there. Shows a
+    progress bar. Returns the written label files.
     """
     from tqdm import tqdm
 
@@ -282,16 +297,49 @@ def predict_cases(
     for folder in (output_dir, probabilities_dir):  # before the model loads
         if folder and ids:
             fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
+    pictures = _case_pictures(overlays_dir)
     ensemble = load_ensemble(workdir, step=step, tta=tta)
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.config)
-    written = []
+    written, rows, labelled = [], [], []
     for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):
         data, labels, probs = segment(ensemble, case, batch_size=batch_size, postprocessing=pp)
         out = pathlib.Path(output_dir) / f"{cid}.nii.gz"
         prob_out = pathlib.Path(probabilities_dir) / f"{cid}.nii.gz" if probabilities_dir else None
         _write_case(data, labels, probs, out, prob_out)
         written.append(out)
+        if pictures is not None:
+            rows.append(case_picture(pictures, data, labels))
+            labelled.append(data.label is not None)
+    if pictures is not None:
+        pictures.write_index(rows, index_columns(labelled), extra_columns=extra_columns)
     return written
+
+
+def _case_pictures(overlays_dir):
+    """`overlays.CasePictures` of `overlays_dir` (checked writable now), or None."""
+    if not overlays_dir:
+        return None
+    from brats_jax import overlays
+
+    return overlays.CasePictures(overlays_dir)
+
+
+def case_picture(pictures, data, labels) -> dict:
+    """Draw a predicted case (`brats.CaseData`, labels {0..3}) over its FLAIR and T1ce,
+    beside its ground truth when the case folder has one; returns its index row
+    (`overlays.region_summary`: predicted volumes in mL, Dice with a ground truth)."""
+    from brats_jax import overlays
+
+    pictures.add(data.case_id, labels, data.label, overlays.modality_images(data.image))
+    spacing = tuple(float(z) for z in data.header.get_zooms()[:3])
+    return {"case_id": data.case_id, **overlays.region_summary(labels, data.label, spacing)}
+
+
+def index_columns(labelled: Sequence[bool]) -> list[str]:
+    """The index's columns: predicted volumes, and Dice when some case (`labelled[i]`: case
+    i has a ground truth) had a ground truth."""
+    volumes = [f"volume_ml_{r}" for r in ("WT", "TC", "ET")]
+    return volumes + ([f"dice_{r}" for r in ("WT", "TC", "ET")] if any(labelled) else [])
 
 
 def _save_nifti(img, path, fileio) -> None:
@@ -356,8 +404,9 @@ def main(argv) -> None:
             raise app.UsageError("--probabilities: give a folder when --output is a folder")
         cases = _cases_from_input(FLAGS.input)
         written = predict_cases(
-            FLAGS.workdir, cases, FLAGS.output, probabilities_dir=FLAGS.probabilities, **options
-        )
+            FLAGS.workdir, cases, FLAGS.output, probabilities_dir=FLAGS.probabilities,
+            overlays_dir=FLAGS.overlays, **options,
+        )  # fmt: skip
         print(f"wrote {len(written)} segmentation(s) to {FLAGS.output}")
         return
     if FLAGS.input and "," in FLAGS.input:
@@ -367,6 +416,7 @@ def main(argv) -> None:
         _single_case(files),
         FLAGS.output,
         probabilities=FLAGS.probabilities,
+        overlays_dir=FLAGS.overlays,
         **options,
     )
     values, counts = np.unique(labels, return_counts=True)
