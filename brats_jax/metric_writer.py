@@ -1,8 +1,8 @@
 """Scalar logging: TensorBoard event files (tensorboardX, no TensorFlow) and `metrics.jsonl`.
 
 `MetricWriter` has the interface of `clu.metric_writers.MetricWriter` (`write_scalars`,
-`write_images`, `write_hparams`, ..., `flush`, `close`), so clu's writers can replace it; clu's own writers
-need TensorFlow, which this project does not install.
+`write_images`, `write_hparams`, ..., `flush`, `close`), so clu's writers can replace it;
+clu's own writers need TensorFlow, which this project does not install.
 """
 
 import json

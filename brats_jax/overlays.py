@@ -97,7 +97,8 @@ def case_mosaic(
             lab = label_views[name][i]
             panel = blend(None if grays is None else grays[i], lab, lab.shape)
             out[top : top + panel.shape[0], left : left + panel.shape[1]] = panel
-    return out, row_tops, [(title, int(left)) for (title, _, _), left in zip(cols, lefts, strict=True)]
+    col_lefts = [(title, int(left)) for (title, _, _), left in zip(cols, lefts, strict=True)]
+    return out, row_tops, col_lefts
 
 
 def save_case_png(
