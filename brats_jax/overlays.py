@@ -24,6 +24,7 @@ _RGBA = np.asarray(plots.LABEL_CMAP.colors, np.float64)  # (4, 4): one definitio
 VIEWS = ("axial", "coronal", "sagittal")
 # The modalities drawn under the labels (rows of a case picture), as channels of MODALITIES.
 SHOWN_MODALITIES = ("flair", "t1ce")
+_DISPLAY_NAMES = {"flair": "FLAIR", "t1ce": "T1ce"}
 _GAP = 4  # pixels between panels
 
 
@@ -124,6 +125,7 @@ def save_case_png(
     for title, x in col_lefts:
         fig.text((left + x) / fig_w, 1 - (top - 4) / fig_h, title, fontsize=8, va="bottom")
     for name, y in row_tops:
+        name = _DISPLAY_NAMES.get(name, name)
         fig.text(4 / fig_w, 1 - (top + y + 10) / fig_h, name, fontsize=9, va="top")
     handles = [Patch(color=_RGBA[c], label=LABEL_NAMES[c]) for c in range(1, NUM_CLASSES)]
     fig.legend(handles=handles, loc="lower left", ncol=3, fontsize=8, frameon=False,
@@ -295,10 +297,11 @@ class ValidationOverlays:
     `eval.num_overlay_slices` of them): one forward of those slices per validation.
 
     `images(state)` -> {"val_overlays/<case>_z<slice>": uint8 (S, 3S + gaps, 3)}
-    (`slice_strip`), for `MetricWriter.write_images`.
+    (`slice_strip`), for `MetricWriter.write_images`. `predict`: another instance's
+    `predict` (same model and `model.output`) to share its compilation.
     """
 
-    def __init__(self, run, model):
+    def __init__(self, run, model, predict=None):
         from brats_jax import data, inference, outputs
 
         cfg = run.config
@@ -310,7 +313,9 @@ class ValidationOverlays:
             run.source, self.slices, batch_size=len(self.slices),
             image_size=cfg.data.image_size, context_slices=k,
         ))) if len(self.slices) else None  # fmt: skip
-        self.predict = inference.make_slice_predictor(model, image_size=0, output=self.output)
+        self.predict = predict or inference.make_slice_predictor(
+            model, image_size=0, output=self.output
+        )
 
     def images(self, state) -> dict[str, np.ndarray]:
         """The pictures of the slices with `state`'s (a `TrainState`) predictions."""

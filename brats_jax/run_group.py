@@ -89,6 +89,8 @@ def _check_config(config) -> None:
         value = config_utils.get_field(config, field)
         if value < 1:
             raise ValueError(f"{field}={value}; expected at least 1")
+    if (k := config.eval.get("num_overlay_slices", 0)) < 0:
+        raise ValueError(f"eval.num_overlay_slices={k}; expected 0 (off) or more slices")
     n = jax.device_count()
     for field in ("train.batch_size", "eval.batch_size"):
         value = config_utils.get_field(config, field)
@@ -310,8 +312,9 @@ class RunGroup:
         run = self.runs[i]
         if not run.config.eval.get("num_overlay_slices", 0) or jax.process_count() > 1:
             return
-        if i not in self.overlays:  # the slices are chosen once per run
-            self.overlays[i] = ValidationOverlays(run, self.model)
+        if i not in self.overlays:  # the slices are chosen once per run; one compilation
+            shared = next(iter(self.overlays.values()), None)
+            self.overlays[i] = ValidationOverlays(run, self.model, shared and shared.predict)
         self.writers[i].write_images(step, self.overlays[i].images(self.view(i)))
 
     def save(self, step: int, val: list[dict | None]) -> None:

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 
 import matplotlib.image
 import nibabel as nib
@@ -245,15 +246,57 @@ def test_write_images_goes_to_tensorboard_not_jsonl(tmp_path):
     np.testing.assert_array_equal(_read_png(tmp_path / "back.png"), img)
 
 
-def test_validation_images_are_the_same_slices_every_time(tmp_path):
-    """The tiny preset validates at steps 3 and 6; both write the 2 validation slices with
-    the most tumour pixels (counted here from the labels), FLAIR | truth | prediction."""
-    from brats_jax import data, train
+def _tiny_config():
     from configs import unet as unet_config
 
     config = unet_config.get_config("tiny")
     config.eval.num_overlay_slices = 2
-    train.train_and_evaluate(config, tmp_path)
+    return config
+
+
+def test_validation_images_are_the_same_slices_every_time(tmp_path):
+    """Two validations' pictures (the run group's overlay writer at steps 3 and 6, on a
+    group of one tiny run whose weights change in between): the 2 validation slices with
+    the most tumour pixels (counted here from the labels) both times, as FLAIR | truth |
+    prediction. (A real group: the slow test below.) Random weights."""
+    import jax
+
+    from brats_jax import run_group, train_state
+
+    config = _tiny_config()
+    run = run_group.build_run(config, tmp_path)
+    model = train_state.create_model(config)
+    shapes = jax.eval_shape(  # model.init itself compiles for a minute on a busy CPU
+        lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 4)), train=False)
+    )
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: 0.1 * rng.standard_normal(s.shape, np.float32), shapes)
+    variables = dict(variables)
+    states = [types.SimpleNamespace(params=variables.pop("params"), model_state=variables)]
+    writer = MetricWriter(tmp_path)
+    group = types.SimpleNamespace(runs=[run], model=model, writers=[writer], overlays={},
+                                  view=lambda i: states[-1])  # fmt: skip
+    run_group.RunGroup._write_overlays(group, 0, 3)
+    states.append(types.SimpleNamespace(  # other weights: the same slices all the same
+        params=jax.tree.map(lambda p: -p, states[0].params), model_state=variables
+    ))  # fmt: skip
+    run_group.RunGroup._write_overlays(group, 0, 6)
+    writer.close()
+    _check_validation_images(tmp_path, config)
+
+
+@pytest.mark.slow
+def test_training_writes_validation_images(tmp_path):
+    """The same through training: the tiny preset validates at steps 3 and 6."""
+    from brats_jax import train
+
+    train.train_and_evaluate(_tiny_config(), tmp_path)
+    _check_validation_images(tmp_path, _tiny_config())
+
+
+def _check_validation_images(tmp_path, config):
+    from brats_jax import data
+
     events = _read_events(tmp_path / "tensorboard")
     steps = {s: sorted(t for s2, t, _ in events if s2 == s) for s, _, _ in events}
     assert sorted(steps) == [3, 6] and steps[3] == steps[6] and len(steps[3]) == 2
@@ -278,3 +321,54 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path):
 def test_old_runs_get_no_overlays():
     old = {"eval": {"batch_size": 4}}
     assert config_utils.upgrade_legacy(old)["eval"]["num_overlay_slices"] == 0
+
+
+def test_negative_overlay_count_is_an_error(tmp_path):
+    from brats_jax import run_group
+
+    config = _tiny_config()
+    config.eval.num_overlay_slices = -1
+    with pytest.raises(ValueError, match="eval.num_overlay_slices=-1"):
+        run_group.build_run(config, tmp_path)
+
+
+def test_predict_overlays_index_with_extra_columns(tmp_path, monkeypatch):
+    """predict_cases with a stand-in model (ET where the z-scored FLAIR is high): case A
+    has a label file (Dice 1 beside its volume), B none (volume only); the extra column
+    (as the uncertainty CSV's helper would give it) is listed."""
+    from brats_jax import predict
+
+    rng = np.random.default_rng(1)
+    seg = np.zeros(SHAPE, np.int16)
+    seg[BLOCK] = 4
+    for cid in ("A", "B"):
+        flair = 50 + 10 * rng.random(SHAPE)
+        flair[BLOCK] = 500  # z-scored over the brain: far above 1
+        for m in ("flair", "t1", "t1ce", "t2"):
+            _save_nifti(tmp_path / "in" / cid / f"{cid}_{m}.nii.gz", flair, np.float32)
+    _save_nifti(tmp_path / "in" / "A" / "A_seg.nii.gz", seg)
+
+    def fake_predict(variables, images):  # (B, H, W, 4) -> class probabilities
+        return np.eye(4, dtype=np.float32)[np.where(np.asarray(images)[..., 0] > 1, 3, 0)]
+
+    config = _tiny_config()
+    ensemble = predict.Ensemble(("run",), config, (fake_predict,), ({},), (0,))
+    monkeypatch.setattr(predict, "load_ensemble", lambda *a, **k: ensemble)
+    cases = predict._cases_from_input(str(tmp_path / "in"))
+    predict.predict_cases("run", cases, tmp_path / "out", postprocessing="none",
+                          overlays_dir=tmp_path / "pics",
+                          extra_columns={"B": {"mean_entropy": 0.5}})  # fmt: skip
+    parser = _Index()
+    parser.feed((tmp_path / "pics" / "index.html").read_text())
+    header, *rows = parser.rows
+    by_id = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+    assert [r[0] for r in rows] == ["A", "B"]  # A has a Dice, B none
+    assert by_id["A"]["dice_WT"] == "1.0000" and by_id["B"]["dice_WT"] == ""
+    assert by_id["A"]["volume_ml_ET"] == by_id["B"]["volume_ml_ET"] == "0.3840"  # 384 mm^3
+    assert by_id["B"]["mean_entropy"] == "0.5000" and by_id["A"]["mean_entropy"] == ""
+    for cid, n_blobs in (("A", 12), ("B", 6)):  # A: truth and prediction panels; B: prediction
+        # the block is white under the labels here, so ET is as pale as the legend's patch:
+        # leave out the legend (the bottom 40 pixels)
+        rgb = _read_png(tmp_path / "pics" / f"{cid}.png")[:-40].astype(int)
+        yellow = (rgb[..., 0] > 150) & (rgb[..., 1] > 150) & (rgb[..., 2] < 100)
+        assert len(_boxes(yellow)) == n_blobs
