@@ -390,7 +390,9 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "apply_postprocessing", None, "A postprocessing.json to apply to each prediction first."
 )
-flags.DEFINE_string("overlays", None, "Folder for a picture per case and an index.html.")
+flags.DEFINE_string(  # predict and evaluate share it (both may be imported: tests)
+    "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
+)
 # The per-case scores the pictures' index.html shows (all are in --out's CSV).
 INDEX_COLUMNS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGION_NAMES]
 

@@ -68,7 +68,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("step", None, "Checkpoint step to use instead of the best one.")
 flags.DEFINE_integer("batch_size", 0, "Slices per model call (0: the run's eval.batch_size).")
-flags.DEFINE_string("overlays", None, "Folder for a picture per case and an index.html.")
+flags.DEFINE_string(  # predict and evaluate share it (both may be imported: tests)
+    "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
+)
 
 
 def input_normalization(source: str) -> str:
