@@ -88,16 +88,19 @@ def _save_nifti(path: pathlib.Path, arr, dtype=np.int16):
 
 def _evaluate_folders(tmp_path):
     """GT case folders: A and B with all four images, C with its label only, D without a
-    prediction; predictions of decreasing quality (WT Dice A 1 > B > C). The images are 0
-    in the tumour (black under the labels: pure label colours) and 50..100 elsewhere."""
+    prediction. The GT is the ET block and a 2 x 8 x 12 ED slab beside it; the predictions
+    are the block less `cut` of its 8 rows: WT Dice A 0.8 > B > C, TC = ET Dice A 1. The
+    images are 0 in the tumour (black under the labels: pure label colours), 50..100
+    elsewhere."""
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     rng = np.random.default_rng(0)
     gt = np.zeros(SHAPE, np.int16)
     gt[BLOCK] = 4  # ET in the 2018 convention
+    gt[14:16, 20:28, 8:20] = 2  # ED
     for cid, cut in (("A", 0), ("B", 3), ("C", 6)):
         folder = gt_dir / cid
         _save_nifti(folder / f"{cid}_seg.nii.gz", gt)
-        pred = gt.copy()
+        pred = np.where(gt == 4, 4, 0)
         pred[10:14, 20 : 20 + cut, 8:20] = 0  # drop `cut` of the 8 rows of the block
         _save_nifti(pred_dir / f"{cid}.nii.gz", pred)
         if cid != "C":
@@ -163,10 +166,15 @@ def test_index_lists_every_case_worst_first_with_the_csv_numbers(evaluated):
     for r in csv_rows:
         for col in ("dice_WT", "dice_TC", "dice_ET", "hd95_WT", "hd95_TC", "hd95_ET"):
             assert float(by_id[r["case_id"]][col]) == pytest.approx(float(r[col]), abs=5.1e-5)
-    # worst first: D (no prediction, Dice 0), then C, B, A (hand-made: fewer rows cut)
+    # worst first: D (no prediction, Dice 0), then C, B, A (hand-made: fewer rows cut);
+    # 2 |P & G| / (|P| + |G|) with |G| = 384 ET + 192 ED voxels, |P| = 48 per kept row
+    rows_by_id = sorted(csv_rows, key=lambda r: r["case_id"])
     assert [r[0] for r in rows] == ["D", "C", "B", "A"]
-    assert [float(r["dice_WT"]) for r in sorted(csv_rows, key=lambda r: r["case_id"])] == (
-        pytest.approx([1.0, 2 * 5 / 13, 2 * 2 / 10, 0.0], abs=1e-6)
+    assert [float(r["dice_WT"]) for r in rows_by_id] == (
+        pytest.approx([768 / 960, 480 / 816, 192 / 672, 0.0], abs=1e-6)
+    )
+    assert [float(r["dice_ET"]) for r in rows_by_id] == (
+        pytest.approx([1.0, 480 / 624, 192 / 480, 0.0], abs=1e-6)
     )
     assert "labels only" in by_id["C"]["note"] and "no picture" in by_id["D"]["note"]
 
