@@ -120,8 +120,8 @@ def save_case_png(
     fig = plt.figure(figsize=fig_size, dpi=dpi)
     fig_w, fig_h = fig.bbox.width, fig.bbox.height
     fig.figimage(mosaic, xo=left, yo=bottom, origin="upper")
-    fig.text(4 / fig_w, 1 - 4 / fig_h, f"{case_id}: slices {centre} ({where}). {note}",
-             fontsize=9, va="top")  # fmt: skip
+    heading = f"{case_id}: slices through voxel {centre} ({where}). {note}"
+    fig.text(4 / fig_w, 1 - 4 / fig_h, heading, fontsize=9, va="top")
     for title, x in col_lefts:
         fig.text((left + x) / fig_w, 1 - (top - 4) / fig_h, title, fontsize=8, va="bottom")
     for name, y in row_tops:
