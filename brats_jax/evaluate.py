@@ -4,6 +4,7 @@ Usage::
 
   python -m brats_jax.evaluate --pred=DIR --gt=DIR --out=FILE.csv [--hd95_mode=max|pooled]
       [--missing=worst|skip] [--apply_postprocessing=FILE.json] [--metrics=standard|lesionwise]
+      [--overlays=DIR]
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
   ``--pred``.
@@ -30,6 +31,11 @@ that 3D post-processing to each prediction before it is scored.
 ``--lesion_neighbours`` and ``--lesion_min_volume`` change the challenge's GLI constants):
 ``lesionwise_*`` columns in the CSV and a second table in the printout. The default
 ``standard`` writes today's columns only.
+
+``--overlays=DIR`` draws each scored case (`brats_jax.overlays`: axial, coronal and sagittal
+slices through the predicted tumour's centre, ground truth beside prediction, over FLAIR and
+T1ce read from the ground truth's case folder, labels only when they are not there) into
+``DIR/<ID>.png`` and writes ``DIR/index.html``, worst whole-tumour Dice first.
 
 Cases are matched by ID. A GT case without a prediction is scored as the BraTS challenge
 scores it: Dice 0 and HD95 373.13 mm in every region (sensitivity and specificity 0, the
@@ -250,9 +256,11 @@ def _evaluate_case(
     log,
     postprocessing=None,
     lesion_options=None,
+    on_case=None,
 ) -> dict[str, float]:
     """Load, convert and score one case; returns :func:`metrics.evaluate_volume`'s dict
     (plus :func:`lesionwise.evaluate_volume`'s with ``lesion_options``, its keyword dict).
+    `on_case(cid, pred, gt, gt_path)` (training classes) is called with the scored maps.
 
     Dice per region and HD95 in mm (spacing from the GT header's zooms). Raises
     EvaluationError on a shape mismatch; warns when the affines differ.
@@ -279,6 +287,8 @@ def _evaluate_case(
     pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {pred_path}")
     if postprocessing is not None:
         pred = postprocess.apply(pred, postprocessing)
+    if on_case is not None:
+        on_case(cid, pred, gt, gt_path)
     spacing = tuple(float(z) for z in zooms)
     scores = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
     if lesion_options is not None:
@@ -299,6 +309,7 @@ def evaluate_folder(
     postprocessing=None,
     lesion_options=None,
     log=print,
+    on_case=None,
 ) -> list[dict[str, float | str]]:
     """Evaluate every prediction with a matching GT case; returns one row dict per case.
 
@@ -315,6 +326,8 @@ def evaluate_folder(
         :func:`brats_jax.lesionwise.region_scores` options ({} = the challenge's): adds the
         ``lesionwise_*`` scores.
       log: called with progress/warning lines.
+      on_case: called as ``on_case(case_id, pred, gt, gt_path)`` with each scored case's
+        maps in the training classes (e.g. `overlays.CasePictures.add_evaluated`).
 
     Raises:
       EvaluationError: missing folders, no matching cases, shape mismatch, unknown labels.
@@ -338,6 +351,7 @@ def evaluate_folder(
             log=log,
             postprocessing=postprocessing,
             lesion_options=lesion_options,
+            on_case=on_case,
         )
         rows.append({"case_id": cid, **res})
         log(
@@ -438,6 +452,13 @@ def _lesion_options() -> dict | None:
     )
 
 
+flags.DEFINE_string(  # predict and evaluate share it (both may be imported: tests)
+    "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
+)
+# The per-case scores the pictures' index.html shows (all are in --out's CSV).
+INDEX_COLUMNS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGION_NAMES]
+
+
 def main(argv: Sequence[str]) -> None:
     runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     if len(argv) > 1:
@@ -447,6 +468,11 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--{name} is required")
     try:
         pp = postprocess.load(FLAGS.apply_postprocessing) if FLAGS.apply_postprocessing else None
+        pictures = None
+        if FLAGS.overlays:
+            from brats_jax import overlays
+
+            pictures = overlays.CasePictures(FLAGS.overlays)
         rows = evaluate_folder(
             FLAGS.pred,
             FLAGS.gt,
@@ -456,9 +482,12 @@ def main(argv: Sequence[str]) -> None:
             missing=FLAGS.missing,
             postprocessing=pp,
             lesion_options=_lesion_options(),
+            on_case=pictures.add_evaluated if pictures else None,
         )
         write_csv(rows, FLAGS.out)
-    except (ValueError, FileNotFoundError) as e:  # EvaluationError is a ValueError
+        if pictures:
+            pictures.write_index(rows, INDEX_COLUMNS)
+    except (ValueError, OSError) as e:  # EvaluationError is a ValueError
         raise SystemExit(f"brats_jax.evaluate: error: {e}") from None
     print(summarize(rows))
     print(f"wrote {FLAGS.out}", file=sys.stderr)

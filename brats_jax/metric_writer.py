@@ -1,13 +1,15 @@
 """Scalar logging: TensorBoard event files (tensorboardX, no TensorFlow) and `metrics.jsonl`.
 
 `MetricWriter` has the interface of `clu.metric_writers.MetricWriter` (`write_scalars`,
-`write_hparams`, ..., `flush`, `close`), so clu's writers can replace it; clu's own writers
-need TensorFlow, which this project does not install.
+`write_images`, `write_hparams`, ..., `flush`, `close`), so clu's writers can replace it;
+clu's own writers need TensorFlow, which this project does not install.
 """
 
 import json
 import math
 import pathlib
+
+import numpy as np
 
 
 class MetricWriter:
@@ -48,6 +50,17 @@ class MetricWriter:
         if self.enabled:
             for name, text in texts.items():
                 self._tb.add_text(name, text, int(step))
+
+    def write_images(self, step: int, images: dict) -> None:
+        """Images to TensorBoard (name -> uint8 or [0, 1] float array, (H, W, C) or
+        (N, H, W, C), C in {1, 3, 4}); `metrics.jsonl` holds scalars only and skips them."""
+        if self.enabled:
+            for name, image in images.items():
+                image = np.asarray(image)
+                if image.ndim == 4:
+                    self._tb.add_images(name, image, int(step), dataformats="NHWC")
+                else:
+                    self._tb.add_image(name, image, int(step), dataformats="HWC")
 
     def flush(self) -> None:
         """Push buffered values to disk."""

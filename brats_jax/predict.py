@@ -35,6 +35,9 @@ probabilities decoded with ET inside TC inside WT (`outputs.labels_from_probabil
 `--uncertainty=FILE.nii.gz` (a folder for many cases) writes the voxel-wise predictive
 entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.uncertainty`:
 `X.csv` beside `X.nii.gz`, or `uncertainty.csv` in the folder).
+`--overlays=DIR` draws each case (`brats_jax.overlays`: axial, coronal and sagittal slices
+through the predicted tumour's centre over FLAIR and T1ce, beside the ground truth when the
+case folder has one) into `DIR/<ID>.png` and lists them in `DIR/index.html`.
 Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
 `python -m brats_jax.tune_postprocessing`) is applied when present, else its config's
 `postprocess` fields; an ensemble applies its runs' choice when they all agree and stops
@@ -85,6 +88,9 @@ flags.DEFINE_integer("batch_size", 0, "Slices per model call (0: the run's eval.
 flags.DEFINE_integer("num_parts", 1, "Split a folder of cases into this many parts (machines).")
 flags.DEFINE_integer(
     "part_id", 0, "The part this process segments, 0..num_parts-1 (round-robin over case IDs)."
+)
+flags.DEFINE_string(  # predict and evaluate share it (both may be imported: tests)
+    "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
 )
 
 
@@ -333,6 +339,7 @@ def predict_case(
     tta="none",
     postprocessing="auto",
     uncertainty=None,
+    overlays_dir=None,
 ):
     """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
 
@@ -340,7 +347,9 @@ def predict_case(
     averaged. `tta`: see `inference.make_slice_predictor`; `postprocessing`: see
     `resolve_postprocessing`. Writes the label NIfTI `output` (and the class probabilities,
     before post-processing, to `probabilities`; the entropy NIfTI to `uncertainty` and its
-    `brats_jax.uncertainty` summary row to the CSV beside it, `uncertainty.csv_path`).
+    `brats_jax.uncertainty` summary row to the CSV beside it, `uncertainty.csv_path`); with
+    `overlays_dir`, the case's picture and an `index.html` there (`case_pictures`), with the
+    uncertainty row's columns when both are asked for.
 
     Returns the written label array, int16 (H, W, D), in the release's label convention.
     """
@@ -351,16 +360,24 @@ def predict_case(
     for path in (output, probabilities, uncertainty, csv_path):  # before the model loads
         if path:
             fileio.check_writable(path)
+    pictures = _case_pictures(overlays_dir)
     ensemble = load_ensemble(workdir, step=step, tta=tta)
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
     members = [] if uncertainty else None
     data, labels, probs = segment(
         ensemble, case, batch_size=batch_size, postprocessing=pp, member_labels=members
     )
+    extra = None
     if uncertainty:
         kind = outputs.of_config(ensemble.config.model)
-        unc.write_csv([unc.write_case(data, labels, probs, kind, uncertainty, members)], csv_path)
-    return _write_case(data, labels, probs, output, probabilities)
+        row = unc.write_case(data, labels, probs, kind, uncertainty, members)
+        unc.write_csv([row], csv_path)
+        extra = {data.case_id: row}
+    written = _write_case(data, labels, probs, output, probabilities)
+    if pictures is not None:
+        row = case_picture(pictures, data, labels)
+        pictures.write_index([row], index_columns([data.label is not None]), extra_columns=extra)
+    return written
 
 
 def predict_cases(
@@ -374,13 +391,17 @@ def predict_cases(
     tta="none",
     postprocessing="auto",
     uncertainty_dir=None,
+    overlays_dir=None,
+    extra_columns=None,
 ) -> list[pathlib.Path]:
     """Predict many cases into `output_dir/<case ID>.nii.gz`, loading and compiling once.
 
     Arguments as `predict_case`; `cases` are case folders or `brats.Case`s; the
     probabilities go to `probabilities_dir/<case ID>.nii.gz` when given, the entropy maps to
     `uncertainty_dir/<case ID>.nii.gz` and their summary rows to
-    `uncertainty_dir/uncertainty.csv`. Shows a progress bar. Returns the written label files.
+    `uncertainty_dir/uncertainty.csv`. With `overlays_dir`, a picture per case and an
+    `index.html` (`overlays.write_index`; its `extra_columns`: case ID -> {column: value}; the
+    uncertainty rows are added) there. Shows a progress bar. Returns the written label files.
     """
     from tqdm import tqdm
 
@@ -393,9 +414,10 @@ def predict_cases(
     for folder in (output_dir, probabilities_dir, uncertainty_dir):  # before the model loads
         if folder and ids:
             fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
+    pictures = _case_pictures(overlays_dir)
     ensemble = load_ensemble(workdir, step=step, tta=tta)
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
-    written, rows = [], []
+    written, rows, picture_rows, labelled = [], [], [], []
     for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):
         members = [] if uncertainty_dir else None
         data, labels, probs = segment(
@@ -409,9 +431,42 @@ def predict_cases(
             kind = outputs.of_config(ensemble.config.model)
             path = pathlib.Path(uncertainty_dir) / f"{cid}.nii.gz"
             rows.append(unc.write_case(data, labels, probs, kind, path, members))
+        if pictures is not None:
+            picture_rows.append(case_picture(pictures, data, labels))
+            labelled.append(data.label is not None)
     if uncertainty_dir:
         unc.write_csv(rows, pathlib.Path(uncertainty_dir) / unc.CSV_FILE)
+    if pictures is not None:
+        extra = {**{r["case_id"]: r for r in rows}, **(extra_columns or {})}
+        pictures.write_index(picture_rows, index_columns(labelled), extra_columns=extra or None)
     return written
+
+
+def _case_pictures(overlays_dir):
+    """`overlays.CasePictures` of `overlays_dir` (checked writable now), or None."""
+    if not overlays_dir:
+        return None
+    from brats_jax import overlays
+
+    return overlays.CasePictures(overlays_dir)
+
+
+def case_picture(pictures, data, labels) -> dict:
+    """Draw a predicted case (`brats.CaseData`, labels {0..3}) over its FLAIR and T1ce,
+    beside its ground truth when the case folder has one; returns its index row
+    (`overlays.region_summary`: predicted volumes in mL, Dice with a ground truth)."""
+    from brats_jax import overlays
+
+    pictures.add(data.case_id, labels, data.label, overlays.modality_images(data.image))
+    spacing = tuple(float(z) for z in data.header.get_zooms()[:3])
+    return {"case_id": data.case_id, **overlays.region_summary(labels, data.label, spacing)}
+
+
+def index_columns(labelled: Sequence[bool]) -> list[str]:
+    """The index's columns: predicted volumes, and Dice when some case (`labelled[i]`: case
+    i has a ground truth) had a ground truth."""
+    volumes = [f"volume_ml_{r}" for r in ("WT", "TC", "ET")]
+    return volumes + ([f"dice_{r}" for r in ("WT", "TC", "ET")] if any(labelled) else [])
 
 
 def _save_nifti(img, path, fileio) -> None:
@@ -501,6 +556,7 @@ def main(argv) -> None:
             FLAGS.output,
             probabilities_dir=FLAGS.probabilities,
             uncertainty_dir=FLAGS.uncertainty,
+            overlays_dir=FLAGS.overlays,
             **options,
         )
         print(f"wrote {len(written)} segmentation(s) to {FLAGS.output}")
@@ -517,6 +573,7 @@ def main(argv) -> None:
         FLAGS.output,
         probabilities=FLAGS.probabilities,
         uncertainty=FLAGS.uncertainty,
+        overlays_dir=FLAGS.overlays,
         **options,
     )
     values, counts = np.unique(labels, return_counts=True)

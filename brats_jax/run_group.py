@@ -108,6 +108,8 @@ def _check_config(config) -> None:
         value = config_utils.get_field(config, field)
         if value < 1:
             raise ValueError(f"{field}={value}; expected at least 1")
+    if (k := config.eval.get("num_overlay_slices", 0)) < 0:
+        raise ValueError(f"eval.num_overlay_slices={k}; expected 0 (off) or more slices")
     n = jax.device_count()
     for field in ("train.batch_size", "eval.batch_size"):
         value = config_utils.get_field(config, field)
@@ -217,6 +219,7 @@ class RunGroup:
     writers: list[MetricWriter]
     start_step: int | None
     locks: contextlib.ExitStack  # the runs' `WorkdirLock`s, released by `close()`
+    overlays: dict = dataclasses.field(default_factory=dict)  # run -> ValidationOverlays
 
     @classmethod
     def create(cls, configs, workdirs, *, mapping: str) -> "RunGroup":
@@ -322,8 +325,22 @@ class RunGroup:
             if len(run.splits.val):
                 val = evaluate_slices(run, eval_step, self.view(i), run.splits.val)
                 self.writers[i].write_scalars(step, {f"val_{k}": v for k, v in val.items()})
+                self._write_overlays(i, step)
             out.append(val)
         return out
+
+    def _write_overlays(self, i: int, step: int) -> None:
+        """Run i's fixed validation slices with its predictions to TensorBoard
+        (`eval.num_overlay_slices`; one host: the forward runs where the writer writes)."""
+        from brats_jax.overlays import ValidationOverlays
+
+        run = self.runs[i]
+        if not run.config.eval.get("num_overlay_slices", 0) or jax.process_count() > 1:
+            return
+        if i not in self.overlays:  # the slices are chosen once per run; one compilation
+            shared = next(iter(self.overlays.values()), None)
+            self.overlays[i] = ValidationOverlays(run, self.model, shared and shared.predict)
+        self.writers[i].write_images(step, self.overlays[i].images(self.view(i)))
 
     def save(self, step: int, val: list[dict | None]) -> None:
         """Checkpoint every run at `step` (state, data iterator, validation Dice if any)."""

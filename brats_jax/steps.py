@@ -26,8 +26,9 @@ def make_train_step(model, tx, output: str = "classes", augment_cfg=None):
     region outputs, which weigh no class). `output`: the config's `model.output` (static),
     which picks the loss (`losses.loss_for_output`). A model with deep supervision returns a
     tuple of logits in training: the loss is `losses.deep_supervision_loss` of it (class
-    weights still from the full-resolution labels). `augment_cfg`: an `augment.AugmentConfig`
-    (static; None = no augmentation): each sample is augmented on the device with keys from fold_in(fold_in(state.rng, AUGMENT_STREAM), state.step), a
+    weights still from the full-resolution labels). `augment_cfg`: an
+    `augment.AugmentConfig` (static; None = no augmentation): each sample is augmented on
+    the device with keys from fold_in(fold_in(state.rng, AUGMENT_STREAM), state.step), a
     stream apart from the dropout key fold_in(state.rng, state.step), which stays as it was.
 
     `batch`: image float32 (B,H,W,4(2k+1)) (k = `data.context_slices`), label int32 (B,H,W);

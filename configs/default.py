@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.max_val_batches = 0  # 0 = whole validation split
     e.hd95_mode = "max"  # max (MONAI: max of directed 95th percentiles) | pooled (medpy)
     e.num_figure_slices = 6
+    e.num_overlay_slices = 4  # TensorBoard label overlays of this many fixed val slices (0 = off)
     e.tta = "none"  # test-time flips of the test pass: none | flips | flips_ud (inference.py)
 
     # 3D post-processing of the test pass and of `predict` (brats_jax/postprocess.py); a run's

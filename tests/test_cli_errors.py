@@ -75,7 +75,10 @@ def test_sweep_misspelt_field_and_bad_choice_are_one_line(tmp_path):
         )
     )  # fmt: skip
     assert line.startswith("error: unet-")  # the first run's name
-    assert "model.norm='grop' is not one of none, batch, group, instance; did you mean 'group'?" in line
+    assert (
+        "model.norm='grop' is not one of none, batch, group, instance; did you mean 'group'?"
+        in line
+    )
     assert "eval.tta='flip' is not one of none, flips, flips_ud; did you mean 'flips'?" in line
     line = _one_line(
         _cli("experiments.run", "table1", f"--out={tmp_path}", "--config.train.lerning_rate=1")
