@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from brats_jax import fileio, metrics, postprocess, runtime
+from brats_jax import augment, fileio, metrics, postprocess, runtime
 from brats_jax.data import brats
 from brats_jax.data.folds import fold_cases
 from experiments.postprocessing_ablation import KEYS, REGIONS, predict_all
@@ -49,6 +49,28 @@ VARIANTS: dict[str, dict] = {
     "regions": {"model.output": "regions"},
     "context_regions": {"data.context_slices": 1, "model.output": "regions"},
 }
+ISSUE19_VARIANTS = tuple(VARIANTS)  # the default `--variants` (EXPERIMENTS.md's table)
+# Issue 24's rows: each of nnU-Net's recipe parts alone on top of `cpu_best`'s training
+# fields (context_regions; its largest-component rule is the `largest` row of `score`).
+_CPU_BEST = VARIANTS["context_regions"]
+_AUGMENT = {f"augment.{k}": v for k, v in augment.NNUNET_2D.items()}
+_SPATIAL = ("mirror_p", "rotation_p", "rotation_degrees", "scale_p")
+VARIANTS.update(
+    {
+        # native 240 px slices, 128 px training crops (the cpu budget's pixels per step)
+        "cb_patches": {**_CPU_BEST, "data.image_size": 240, "data.patch_size": 128},
+        "cb_spatial": {
+            **_CPU_BEST,
+            **{k: v for k, v in _AUGMENT.items() if k[8:] in _SPATIAL},
+        },
+        "cb_intensity": {
+            **_CPU_BEST,
+            **{k: v for k, v in _AUGMENT.items() if k[8:] not in _SPATIAL and k.endswith("_p")},
+        },
+        "cb_instance_norm": {**_CPU_BEST, "model.norm": "instance"},
+        "cb_deep_supervision": {**_CPU_BEST, "model.deep_supervision": True},
+    }
+)
 CONFIG = "configs/unet.py:cpu"
 FOLD_SEED = 0
 
@@ -308,7 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=pathlib.Path)
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--test_cases", default="", help="a fixed split instead of folds: IDs")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(ISSUE19_VARIANTS), help=f"of {list(VARIANTS)}")
     p.add_argument("--ttas", default="none,flips", help="TTA settings, comma-separated")
     p.add_argument("--parallel", type=int, default=2, help="processes at a time")
     p.add_argument("--config", default=CONFIG)

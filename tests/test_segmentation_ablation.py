@@ -75,3 +75,36 @@ def test_best_row_is_the_lowest_hd95_without_losing_dice():
     assert "0.800 / 0.900" in md and "5.0 / 5.0" in md  # fold means
     assert "Fold means (fold 0 / fold 1)" in md
     assert "Per case, b / TTA none / none" in md and "| c1 | 0.900 | 0.900 | 0.900 | 5.0" in md
+
+
+def test_issue24_variants_are_cpu_best_plus_one_part_each():
+    """Each issue-24 row is `cpu_best` (`configs/unet.py:cpu_best`) with one part of nnU-Net's
+    recipe changed, and nothing else: its config diff against `cpu_best` is exactly the
+    fields named here (values by hand from nnU-Net's 2D defaults), and it passes the run's
+    own checks (a misspelt or out-of-range field would raise)."""
+    from brats_jax import augment, config_checks, config_utils
+    from configs import unet
+
+    expected = {
+        "cb_patches": {"data.image_size": 240, "data.patch_size": 128},
+        "cb_spatial": {
+            "augment.mirror_p": 0.5, "augment.rotation_p": 0.2, "augment.scale_p": 0.2,
+        },
+        "cb_intensity": {
+            "augment.noise_p": 0.1, "augment.blur_p": 0.2, "augment.brightness_p": 0.15,
+            "augment.contrast_p": 0.15, "augment.lowres_p": 0.25,
+            "augment.gamma_inverted_p": 0.1, "augment.gamma_p": 0.3,
+        },
+        "cb_instance_norm": {"model.norm": "instance"},
+        "cb_deep_supervision": {"model.deep_supervision": True},
+    }  # fmt: skip
+    best = unet.get_config("cpu_best")
+    for name, fields in expected.items():
+        c = unet.get_config("cpu")
+        config_utils.apply_overrides(c, A.VARIANTS[name])
+        diff = {f: new for f, _, new in config_utils.config_diff(best.to_dict(), c.to_dict())}
+        diff.pop("postprocess.largest_component_only")  # the `largest` row applies it
+        diff.pop("name")
+        assert diff == fields, name
+        config_checks.check_choices(c)
+        augment.from_config(c)
