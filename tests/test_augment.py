@@ -77,6 +77,7 @@ def test_rotation_90_and_mirrors_equal_numpy():
     assert np.array_equal(out_label, np.flip(label, (0, 1)))
 
 
+@pytest.mark.slow
 def test_outside_is_background_and_labels_stay_integers():
     image, label = _sample(16, 16, c=8)
     image[:, :, 3] += 5.0
@@ -206,6 +207,7 @@ def _tiny_step_parts(size=16):
     return model, tx, state, batch, losses.loss_params("ce")
 
 
+@pytest.mark.slow
 def test_train_step_without_augmentation_is_todays_step():
     """Reference: the step as it was (dropout key fold_in(rng, step), no augmentation)."""
     model, tx, state, batch, loss_params = _tiny_step_parts()

@@ -100,8 +100,18 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
         "train": {"seed": 1},
     }
     assert config_utils.upgrade_legacy(old) == {
-        "model": {"name": "unet", "output": "classes"},
-        "data": {"image_size": 32, "context_slices": 0},
+        "model": {
+            "name": "unet",
+            "output": "classes",
+            "activation": "relu",
+            "deep_supervision": False,
+        },
+        "data": {
+            "image_size": 32,
+            "context_slices": 0,
+            "patch_size": 0,
+            "foreground_fraction": 0.33,
+        },
         "train": {"seed": 1},
         "runtime": {"ops": "gpu_fast"},
         "postprocess": {

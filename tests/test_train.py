@@ -563,6 +563,7 @@ def test_main_missing_data_root_is_one_line_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(tmp_path):
     """Data parallel over 2 CPU devices gives the same loss curve as 1 device."""
     script = (
