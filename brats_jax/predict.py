@@ -372,7 +372,7 @@ def predict_case(
         kind = outputs.of_config(ensemble.config.model)
         row = unc.write_case(data, labels, probs, kind, uncertainty, members)
         unc.write_csv([row], csv_path)
-        extra = {data.case_id: row}
+        extra = unc.by_case([row])
     written = _write_case(data, labels, probs, output, probabilities)
     if pictures is not None:
         row = case_picture(pictures, data, labels)
@@ -437,7 +437,7 @@ def predict_cases(
     if uncertainty_dir:
         unc.write_csv(rows, pathlib.Path(uncertainty_dir) / unc.CSV_FILE)
     if pictures is not None:
-        extra = {**{r["case_id"]: r for r in rows}, **(extra_columns or {})}
+        extra = {**unc.by_case(rows), **(extra_columns or {})}
         pictures.write_index(picture_rows, index_columns(labelled), extra_columns=extra or None)
     return written
 

@@ -154,3 +154,9 @@ def csv_path(nifti_path: str | os.PathLike) -> pathlib.Path:
     p = pathlib.Path(nifti_path)
     stem = p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
     return p.with_name(f"{stem}.csv")
+
+
+def by_case(rows: list[dict]) -> dict[str, dict]:
+    """`case ID -> {column: value}` of summary rows without their `case_id` column (the
+    `extra_columns` of `overlays` index pages, which list the case ID already)."""
+    return {r["case_id"]: {k: v for k, v in r.items() if k != "case_id"} for r in rows}

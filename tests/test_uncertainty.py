@@ -230,3 +230,15 @@ def test_cli_writes_the_uncertainty_folder(runs, tmp_path):
         predict.FLAGS.unparse_flags()
     assert sorted(p.name for p in udir.iterdir()) == ["Brats18_A_1.nii.gz", U.CSV_FILE]
     assert [r["case_id"] for r in _rows(udir / U.CSV_FILE)] == ["Brats18_A_1"]
+
+
+def test_by_case_keys_rows_by_case_id_without_repeating_it():
+    """The index page's extra columns: one entry per case, the case ID not repeated as a
+    column (a plain `{r["case_id"]: r}` would show it twice)."""
+    from brats_jax import uncertainty
+
+    rows = [{"case_id": "A", "members": 2, "member_wt_dice": 0.5}, {"case_id": "B", "members": 1}]
+    assert uncertainty.by_case(rows) == {
+        "A": {"members": 2, "member_wt_dice": 0.5},
+        "B": {"members": 1},
+    }
