@@ -7,7 +7,7 @@
 
 The cases under `--data_root` are cut into `--folds` patient-level folds
 (`data.folds.fold_cases`, seed 0). Each training variant (`VARIANTS`: the `cpu` preset's
-budget with the variant's fields) is trained once per fold: fold i's cases are that run's
+budget with the variant's fields; "a+b" is variants a and b together) is trained once per fold: fold i's cases are that run's
 test cases, the other folds' cases train it (the `cpu` preset has no validation split).
 Stages, each resumable (finished parts are skipped), `all` runs them in order:
 
@@ -21,7 +21,8 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   both nnU-Net steps) whose thresholds for fold i are chosen on the other folds' out-of-fold
   predictions, never on fold i's labels. Dice and HD95 per region per case
   (`metrics.evaluate_volume`, HD95 as `eval.hd95_mode`), mean and standard deviation over
-  all cases, and each fold's mean. Writes `DIR/ablation.json` and `DIR/ablation.md`.
+  all cases, and each fold's mean. Writes `DIR/ablation.json` and `DIR/ablation.md`; with
+  issue 24's rows (`cb_*`) the table ends with its declared rule's verdict (`issue24_choice`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,27 @@ VARIANTS.update(
     }
 )
 CONFIG = "configs/unet.py:cpu"
+ISSUE24_BASELINE = "context_regions"  # today's cpu_best's training fields
+
+
+def variant_fields(name: str) -> dict:
+    """The fields of a variant; "a+b" is variants a and b together (issue 24's combination,
+    e.g. "cb_spatial+cb_intensity"); a field set differently by two parts is an error."""
+    fields: dict = {}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise SystemExit(
+                f"error: variant {part!r} of {name!r}: expected some of {list(VARIANTS)}"
+            )
+        for k, v in VARIANTS[part].items():
+            if fields.get(k, v) != v:
+                raise SystemExit(
+                    f"error: variant {name!r}: {part} sets {k}={v}, another part {fields[k]}"
+                )
+            fields[k] = v
+    return fields
+
+
 FOLD_SEED = 0
 
 
@@ -91,7 +113,7 @@ def train_command(args, variant: str, fold: int, test_ids, cache: pathlib.Path) 
         "data.root": str(cache),
         "data.test_cases": ",".join(test_ids),
         "data.val_fraction": 0.0,
-        **VARIANTS[variant],
+        **variant_fields(variant),
         **dict(s.split("=", 1) for s in args.set),
     }
     cmd = [sys.executable, "-m", "brats_jax.main", f"--config={args.config}"]
@@ -277,6 +299,40 @@ def best_row(rows: list[dict]) -> dict:
     return min(ok, key=hd)
 
 
+def _means(row: dict) -> tuple[float, float]:
+    """(mean Dice, mean HD95 in mm) of a row: the mean over WT, TC, ET of the case means."""
+    pc = row["per_case"]
+    dice = np.mean([np.mean([c[f"dice_{g}"] for c in pc]) for g in REGIONS])
+    hd95 = np.mean([np.mean([c[f"hd95_{g}"] for c in pc]) for g in REGIONS])
+    return float(dice), float(hd95)
+
+
+def issue24_choice(rows: list[dict], dice_gain=0.005, hd95_slack=1.0) -> dict:
+    """EXPERIMENTS.md's declared rule (issue 24) on the rows without TTA after the largest
+    whole-tumour component: an addition ("cb_*") is kept when its mean Dice is at least the
+    baseline's + `dice_gain` and its mean HD95 at most the baseline's + `hd95_slack` mm; the
+    combination is the baseline plus every kept addition ("a+b"); the choice is the
+    combination when it was scored, is within `dice_gain` of the best kept single row and
+    within `hd95_slack` of the baseline's HD95, else the best kept single row, else the
+    baseline. Returns {means: {variant: (dice, hd95)}, kept, combination, choice}."""
+    means = {r["variant"]: _means(r) for r in rows if r["tta"] == "none" and r["pp"] == "largest"}
+    if ISSUE24_BASELINE not in means:
+        raise SystemExit(f"error: no {ISSUE24_BASELINE} row (tta none, largest) to compare with")
+    d0, h0 = means[ISSUE24_BASELINE]
+    singles = [v for v in means if v.startswith("cb_") and "+" not in v]
+    kept = [v for v in singles if means[v][0] >= d0 + dice_gain and means[v][1] <= h0 + hd95_slack]
+    combination = "+".join(sorted(kept)) if len(kept) > 1 else (kept[0] if kept else None)
+    choice = ISSUE24_BASELINE
+    if kept:
+        best = max(kept, key=lambda v: means[v][0])
+        choice = best
+        if combination in means and combination != best:
+            dc, hc = means[combination]
+            if dc >= means[best][0] - dice_gain and hc <= h0 + hd95_slack:
+                choice = combination
+    return dict(means=means, kept=kept, combination=combination, choice=choice)
+
+
 def markdown(record: dict) -> str:
     """The ablation table (mean ± SD [min, max] over cases), each fold's mean when there are
     several folds, and the per-case scores of the baseline and the best row."""
@@ -314,6 +370,14 @@ def markdown(record: dict) -> str:
     if len(folds) > 1:
         out += ["", "Fold means (" + " / ".join(f"fold {i}" for i in range(len(folds))) + "):"]
         out += ["", *fold_lines]
+    if any(r["variant"].startswith("cb_") for r in rows):
+        c = issue24_choice(rows)
+        cells = ", ".join(f"{v} {d:.3f} / {h:.1f} mm" for v, (d, h) in c["means"].items())
+        out += [
+            "",
+            f"Issue 24's rule (mean Dice / mean HD95, no TTA, largest): {cells}.",
+            f"Kept: {c['kept'] or 'none'}; combination: {c['combination']}; choice: {c['choice']}.",
+        ]
     for r in (rows[0], best):
         out += ["", f"Per case, {r['variant']} / TTA {r['tta']} / {r['pp']}:", ""]
         out += ["| case | " + " | ".join(KEYS) + " |", "|---|" + "---:|" * len(KEYS)]
@@ -343,8 +407,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: stages {bad}: expected all, or some of train,predict,score")
     args.variants = [v for v in args.variants.split(",") if v]
     args.ttas = [t for t in args.ttas.split(",") if t]
-    if unknown := sorted(set(args.variants) - set(VARIANTS)):
-        raise SystemExit(f"error: --variants {unknown}: expected some of {list(VARIANTS)}")
+    for v in args.variants:
+        variant_fields(v)  # a one-line error for an unknown name
     runtime.setup()
     cases = {c.case_id: c for c in brats.find_cases(args.data_root)}
     if args.test_cases:  # a fixed split: one "fold" of test cases, all other cases train

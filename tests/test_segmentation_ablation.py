@@ -5,6 +5,7 @@ import pathlib
 import types
 
 import numpy as np
+import pytest
 
 from brats_jax import postprocess
 from experiments import segmentation_ablation as A
@@ -108,3 +109,42 @@ def test_issue24_variants_are_cpu_best_plus_one_part_each():
         assert diff == fields, name
         config_checks.check_choices(c)
         augment.from_config(c)
+
+
+def _scored_row(variant, dice, hd95, tta="none", pp="largest"):
+    cases = [dict(case_id=f"c{i}", fold=i % 3) for i in range(6)]
+    for c in cases:  # per-case values whose case means are `dice` and `hd95` in every region
+        s = 1 if int(c["case_id"][1]) % 2 else -1
+        c.update({f"dice_{g}": dice + 0.01 * s for g in A.REGIONS})
+        c.update({f"hd95_{g}": hd95 - 0.5 * s for g in A.REGIONS})
+    return dict(variant=variant, tta=tta, pp=pp, per_case=cases)
+
+
+def test_issue24_rule_keeps_combines_and_chooses_as_declared():
+    rows = [
+        _scored_row("context_regions", 0.70, 10.0),
+        _scored_row("context_regions", 0.60, 5.0, pp="none"),  # other rows are not the rule's
+        _scored_row("cb_a", 0.71, 10.5),  # kept: +0.010 Dice, +0.5 mm
+        _scored_row("cb_b", 0.704, 9.0),  # +0.004 Dice: not kept
+        _scored_row("cb_c", 0.80, 11.5),  # +1.5 mm: not kept
+        _scored_row("cb_d", 0.72, 9.0),  # kept, the best single row
+        _scored_row("cb_b", 0.90, 1.0, tta="flips"),  # TTA rows are not the rule's
+    ]
+    c = A.issue24_choice(rows)
+    assert c["kept"] == ["cb_a", "cb_d"] and c["combination"] == "cb_a+cb_d"
+    assert c["choice"] == "cb_d"  # the combination is not scored yet
+    assert A.issue24_choice(rows + [_scored_row("cb_a+cb_d", 0.716, 10.9)])["choice"] == "cb_a+cb_d"
+    assert A.issue24_choice(rows + [_scored_row("cb_a+cb_d", 0.714, 9.0)])["choice"] == "cb_d"
+    assert A.issue24_choice(rows + [_scored_row("cb_a+cb_d", 0.73, 11.1)])["choice"] == "cb_d"
+    assert A.issue24_choice(rows[:2] + rows[3:5])["choice"] == "context_regions"
+
+
+def test_combined_variant_is_the_union_of_its_parts(monkeypatch):
+    both = A.variant_fields("cb_spatial+cb_intensity")
+    assert both == {**A.VARIANTS["cb_spatial"], **A.VARIANTS["cb_intensity"]}
+    assert len(both) == len(A.VARIANTS["cb_spatial"]) + len(A.VARIANTS["cb_intensity"]) - 2
+    monkeypatch.setitem(A.VARIANTS, "cb_other", {"data.context_slices": 2})
+    with pytest.raises(SystemExit, match="data.context_slices"):
+        A.variant_fields("cb_spatial+cb_other")
+    with pytest.raises(SystemExit, match="cb_nope"):
+        A.variant_fields("cb_spatial+cb_nope")
