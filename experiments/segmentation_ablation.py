@@ -7,8 +7,9 @@
 
 The cases under `--data_root` are cut into `--folds` patient-level folds
 (`data.folds.fold_cases`, seed 0). Each training variant (`VARIANTS`: the `cpu` preset's
-budget with the variant's fields; "a+b" is variants a and b together) is trained once per fold: fold i's cases are that run's
-test cases, the other folds' cases train it (the `cpu` preset has no validation split).
+budget with the variant's fields; "a+b" is variants a and b together) is trained once per
+fold: fold i's cases are that run's test cases, the other folds' cases train it (the `cpu`
+preset has no validation split).
 Stages, each resumable (finished parts are skipped), `all` runs them in order:
 
 * `train`: one `python -m brats_jax.main` per (variant, fold) into `DIR/runs/<variant>-fold<i>`,
@@ -204,10 +205,10 @@ def _tune(preds, gts) -> postprocess.PostprocessConfig:
     return postprocess.tune_postprocessing(preds, gts).config
 
 
-def plan_rows(predictions: dict, gts: dict, folds, pool, log=print) -> list[dict]:
-    """Rows `{variant, tta, pp, configs}` (`configs[i]`: fold i's `PostprocessConfig`); a
-    tuned row's config for fold i is chosen on the other folds' cases
-    (`postprocess.tune_postprocessing`), the tunings running in `pool`."""
+def plan_rows(predictions: dict, gts: dict, folds, pool, log=print, tuned=True) -> list[dict]:
+    """Rows `{variant, tta, pp, configs}` (`configs[i]`: fold i's `PostprocessConfig`), the
+    tuned rows only when `tuned`; a tuned row's config for fold i is chosen on the other
+    folds' cases (`postprocess.tune_postprocessing`), the tunings running in `pool`."""
     none = postprocess.PostprocessConfig()
     largest = postprocess.PostprocessConfig(largest_component_only=True)
     rows = []
@@ -217,7 +218,7 @@ def plan_rows(predictions: dict, gts: dict, folds, pool, log=print) -> list[dict
             rows.append(
                 dict(variant=variant, tta=tta, pp="largest", configs=[largest] * len(folds))
             )
-            if len(folds) < 2:  # a fixed split has no other folds to tune on
+            if len(folds) < 2 or not tuned:  # a fixed split has no other folds to tune on
                 continue
             tuned = []
             for i in range(len(folds)):
@@ -252,7 +253,7 @@ def score(args, folds, cases) -> dict:
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
     jobs, done = {}, {}
     with concurrent.futures.ProcessPoolExecutor(args.parallel) as pool:
-        rows = plan_rows(predictions, gts, folds, pool)
+        rows = plan_rows(predictions, gts, folds, pool, tuned=not args.no_tuned)
         for r in rows:
             for cid in cases:
                 cfg = r["configs"][fold_of[cid]]
@@ -400,6 +401,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--set", action="append", default=[], help="FIELD=VALUE for every run")
     p.add_argument("--hd95_mode", default="max")
+    p.add_argument("--no_tuned", action="store_true", help="score without the tuned rows")
     p.add_argument("--cache_dir", type=pathlib.Path, default=None, help="default: OUT/cache")
     args = p.parse_args(argv)
     stages = ["train", "predict", "score"] if args.stages == "all" else args.stages.split(",")

@@ -54,6 +54,9 @@ def test_tuned_thresholds_of_a_fold_never_see_its_cases(monkeypatch):
     assert [r["pp"] for r in rows] == ["none", "largest", "tuned"]
     assert seen == [[2, 3, 4, 5], [0, 1, 4, 5], [0, 1, 2, 3]]  # fold i's cases left out
     assert [c.et_min_voxels for c in rows[2]["configs"]] == [1, 2, 3]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        rows = A.plan_rows(preds, gts, folds, pool, log=lambda *a: None, tuned=False)
+    assert [r["pp"] for r in rows] == ["none", "largest"] and len(seen) == 3  # none tuned
 
 
 def _row(variant, dice, hd):
