@@ -218,7 +218,7 @@ def plan_rows(predictions: dict, gts: dict, folds, pool, log=print, tuned=True) 
             rows.append(
                 dict(variant=variant, tta=tta, pp="largest", configs=[largest] * len(folds))
             )
-            if len(folds) < 2 or not tuned:  # a fixed split has no other folds to tune on
+            if len(folds) < 2 or not tuned:  # (a fixed split has no other folds to tune on)
                 continue
             tuned = []
             for i in range(len(folds)):
@@ -371,7 +371,8 @@ def markdown(record: dict) -> str:
     if len(folds) > 1:
         out += ["", "Fold means (" + " / ".join(f"fold {i}" for i in range(len(folds))) + "):"]
         out += ["", *fold_lines]
-    if any(r["variant"].startswith("cb_") for r in rows):
+    names = {r["variant"] for r in rows}
+    if ISSUE24_BASELINE in names and any(v.startswith("cb_") for v in names):
         c = issue24_choice(rows)
         cells = ", ".join(f"{v} {d:.3f} / {h:.1f} mm" for v, (d, h) in c["means"].items())
         out += [
@@ -431,8 +432,8 @@ def main(argv=None) -> int:
         print(f"predict: {time.perf_counter() - start:.0f} s", flush=True)
     if "score" in stages:
         record = score(args, folds, cases)
+        fileio.write_json(args.out / "ablation.json", record)  # kept even if the table fails
         table = markdown(record)
-        fileio.write_json(args.out / "ablation.json", record)
         fileio.write_text(args.out / "ablation.md", table)
         print(table)
         print(f"score: {time.perf_counter() - start:.0f} s", flush=True)
