@@ -115,6 +115,12 @@ def test_shape_and_affine_mismatch(tmp_path):
     write_case(tmp_path / "b", "C2", t1_affine=aff)
     with pytest.raises(DataError, match=r"C2_t1\.nii\.gz affine differs"):
         load_case(tmp_path / "b" / "C2")
+    write_case(tmp_path / "c", "C3", seg=np.zeros((16, 16, 7), np.int16))
+    with pytest.raises(DataError, match=r"label C3_seg\.nii\.gz has shape \(16, 16, 7\)"):
+        load_case(tmp_path / "c" / "C3")
+    write_case(tmp_path / "d", "C4", t1ce=np.ones((*SHAPE, 2), np.int16))
+    with pytest.raises(DataError, match=r"C4_t1ce\.nii\.gz: expected a 3-D volume"):
+        load_case(tmp_path / "d" / "C4")
 
 
 def test_non_finite_and_bad_labels(tmp_path):

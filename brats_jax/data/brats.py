@@ -255,6 +255,43 @@ def to_release_labels(label_0123: np.ndarray, naming: str = "2018") -> np.ndarra
     return out
 
 
+def _read_volume(path) -> tuple[np.ndarray, np.ndarray, object]:
+    """``read_nifti(path)`` with a trailing singleton 4th axis dropped; DataError unless 3-D."""
+    arr, aff, hdr = read_nifti(path)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got shape {arr.shape}")
+    return arr, aff, hdr
+
+
+def _read_modalities(case: Case, present) -> tuple[list[np.ndarray], np.ndarray, object]:
+    """The raw volumes of ``present`` modalities of ``case`` (each (H,W,D), as stored), the
+    first one's affine and header; DataError when shapes or affines differ between files or a
+    float volume has non-finite voxels."""
+    raws, affine0, header0, first = [], None, None, None
+    for m in present:
+        p = case.paths[m]
+        arr, aff, hdr = _read_volume(p)
+        if first is None:
+            affine0, header0, first = aff, hdr, p
+        elif arr.shape != raws[0].shape:
+            raise DataError(
+                f"case {case.case_id}: {p.name} has shape {arr.shape} but {first.name} has "
+                f"{raws[0].shape}; all modalities must have the same shape"
+            )
+        elif not np.allclose(aff, affine0, atol=1e-3):
+            raise DataError(
+                f"case {case.case_id}: {p.name} affine differs from {first.name}'s; "
+                "modalities must be co-registered on the same grid"
+            )
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            n = int(np.size(arr) - np.isfinite(arr).sum())
+            raise DataError(f"{p}: {n} non-finite voxel(s) (NaN/inf); expected finite intensities")
+        raws.append(arr)
+    return raws, affine0, header0
+
+
 def load_case(
     case: Case | str | os.PathLike,
     *,
@@ -289,39 +326,14 @@ def load_case(
     if require_label and case.seg is None:
         expected = f"{case.case_id}{_SUFFIXES[case.naming]['seg']}.nii[.gz]"
         raise DataError(f"case {case.case_id} ({case.directory}): missing label file {expected}")
-    raws, affine0, header0, shape0 = [], None, None, None
     present = [m for m in MODALITIES if case.paths.get(m) is not None]
-    for m in present:
-        p = case.paths[m]
-        arr, aff, hdr = read_nifti(p)
-        if arr.ndim == 4 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim != 3:
-            raise DataError(f"{p}: expected a 3-D volume, got shape {arr.shape}")
-        if shape0 is None:
-            shape0, affine0, header0, first = arr.shape, aff, hdr, p
-        else:
-            if arr.shape != shape0:
-                raise DataError(
-                    f"case {case.case_id}: {p.name} has shape {arr.shape} but {first.name} has "
-                    f"{shape0}; all modalities must have the same shape"
-                )
-            if not np.allclose(aff, affine0, atol=1e-3):
-                raise DataError(
-                    f"case {case.case_id}: {p.name} affine differs from {first.name}'s; "
-                    "modalities must be co-registered on the same grid"
-                )
-        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            n = int(np.size(arr) - np.isfinite(arr).sum())
-            raise DataError(f"{p}: {n} non-finite voxel(s) (NaN/inf); expected finite intensities")
-        raws.append(arr)
+    raws, affine0, header0 = _read_modalities(case, present)
+    shape0 = raws[0].shape
     brain = np.zeros(shape0, bool)
     for r in raws:
         brain |= r != 0
-    if normalization == "slice":
-        normalized = dict(zip(present, (zscore_slices(r) for r in raws), strict=True))
-    else:
-        normalized = dict(zip(present, (zscore_brain(r, brain) for r in raws), strict=True))
+    zscore = zscore_slices if normalization == "slice" else lambda r: zscore_brain(r, brain)
+    normalized = dict(zip(present, (zscore(r) for r in raws), strict=True))
     for m in sorted(set(MODALITIES) - set(present)):
         logging.warning("case %s (%s): no %s file; its channel is filled with 0",
                         case.case_id, case.directory, m)  # fmt: skip
@@ -329,9 +341,7 @@ def load_case(
     image = np.stack([normalized.get(m, zeros) for m in MODALITIES], axis=-1)
     label = None
     if case.seg is not None:
-        lab, aff, _ = read_nifti(case.seg)
-        if lab.ndim == 4 and lab.shape[-1] == 1:
-            lab = lab[..., 0]
+        lab, aff, _ = _read_volume(case.seg)
         if lab.shape != shape0:
             raise DataError(
                 f"case {case.case_id}: label {case.seg.name} has shape {lab.shape}, expected "
