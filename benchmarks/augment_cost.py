@@ -34,15 +34,9 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from brats_jax import bench, losses, steps, train_state
-    from configs import unet
+    from brats_jax import bench, losses, steps
 
-    config = unet.get_config("cpu")
-    model = train_state.create_model(config)
-    tx = train_state.create_optimizer(config.train, 1000)
-    init = jax.jit(lambda seed: train_state.init_state(model, tx, seed, image_size=128))
-    image, label = bench.random_batch(8, 128)
-    batch = {"image": image, "label": label}
+    model, tx, init, batch = bench.cpu_preset_step_setup()
     loss_params = losses.loss_params("dice_ce", dice_weight=0.5)
     variants = {
         "off": steps.make_train_step(model, tx),

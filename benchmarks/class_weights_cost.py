@@ -11,18 +11,11 @@ from brats_jax import runtime
 
 def main() -> None:
     runtime.setup()  # fast XLA:CPU flags before JAX starts
-    import jax
     import numpy as np
 
-    from brats_jax import bench, losses, steps, train_state
-    from configs import unet
+    from brats_jax import bench, losses, steps
 
-    config = unet.get_config("cpu")
-    model = train_state.create_model(config)
-    tx = train_state.create_optimizer(config.train, 1000)
-    init = jax.jit(lambda seed: train_state.init_state(model, tx, seed, image_size=128))
-    image, label = bench.random_batch(8, 128)
-    batch = {"image": image, "label": label}
+    model, tx, init, batch = bench.cpu_preset_step_setup()
     loss_params = losses.loss_params("cb_ce", beta=0.99, class_counts="batch_pixels")
     full = steps.make_train_step(model, tx)
 

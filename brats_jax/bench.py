@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from brats_jax import NUM_CLASSES, runtime
+from brats_jax import NUM_CLASSES, losses, runtime
 from brats_jax.ops.impls import IMPLS, resolve_impl
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -51,11 +51,13 @@ def build_model(
     depth: int | None = None,
     preset: str | None = None,
     conv_impl: str = "auto",
+    deep_supervision: bool = False,
 ):
     """The benchmarked flax module: ``models.from_config`` of the default model config with
     these fields (None: the config's default), 4 classes.
 
-    ``base_features``/``depth``/``conv_impl`` apply to the U-Net, ``preset`` to TransUNet;
+    ``base_features``/``depth``/``conv_impl``/``deep_supervision`` apply to the U-Net,
+    ``preset`` to TransUNet;
     ``dtype`` is the compute dtype name ("float32" | "bfloat16"; parameters stay float32).
     """
     from brats_jax import models
@@ -63,19 +65,23 @@ def build_model(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(DTYPES)}")
-    if model == "transunet" and (base_features is not None or depth is not None):
-        raise ValueError("--base-features/--depth apply to --model=unet only")
+    if model == "transunet" and (
+        base_features is not None or depth is not None or deep_supervision
+    ):
+        raise ValueError("--base-features/--depth/--deep-supervision apply to --model=unet only")
     if model not in ("unet", "transunet"):
         raise ValueError(f"model={model!r}; expected 'unet' or 'transunet'")
     m = default_config.base_config().model
     fields = dict(name=model, dtype=dtype, base_features=base_features, depth=depth, preset=preset)
     m.update({k: v for k, v in fields.items() if v is not None})
+    m.deep_supervision = deep_supervision
     return models.from_config(m, ops=resolve_impl(conv_impl))  # "auto" resolved once, here
 
 
 MODEL_CHOICE = dict(
-    model="unet", dtype="float32", base_features=None, depth=None, preset=None, conv_impl="auto"
-)
+    model="unet", dtype="float32", base_features=None, depth=None, preset=None, conv_impl="auto",
+    deep_supervision=False,
+)  # fmt: skip
 """The benchmarks' model keywords (`**model_fields` of each `bench_*`) and their defaults."""
 
 
@@ -94,6 +100,13 @@ def init_variables(model, image_size: int, in_channels: int = 4, seed: int = 0) 
     return jax.jit(lambda: model.init({"params": k, "dropout": k}, x, train=False))()
 
 
+def mean_ce(logits, labels, params=None) -> jax.Array:
+    """Mean softmax cross-entropy of logits (B,H,W,C) against int labels (B,H,W), float32
+    scalar (the loss of the benchmark steps; `params` unused, for `deep_supervision_loss`)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return jnp.mean(ce)
+
+
 def make_train_step(model, tx: optax.GradientTransformation):
     """``step(state, image (B,H,W,4) f32, label (B,H,W) int32) -> (state, loss f32 scalar)``.
 
@@ -102,7 +115,8 @@ def make_train_step(model, tx: optax.GradientTransformation):
     `brats_jax.steps.make_train_step`.
 
     ``state`` is a dict ``{"params", "rest" (non-param collections), "opt_state", "rng"}``;
-    loss is the mean softmax cross-entropy over pixels. Not jitted (callers jit / donate).
+    loss is the mean softmax cross-entropy over pixels (a deep-supervised U-Net: its weighted
+    sum over the decoder levels, `losses.deep_supervision_loss`). Not jitted (callers jit).
     """
 
     def step(state, image, label):
@@ -116,8 +130,9 @@ def make_train_step(model, tx: optax.GradientTransformation):
                 rngs={"dropout": drop},
                 mutable=["batch_stats"],
             )
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), label)
-            return jnp.mean(ce), updates
+            if isinstance(logits, tuple):  # deep supervision: nnU-Net's weighted sum over levels
+                return losses.deep_supervision_loss(mean_ce, logits, label, None), updates
+            return mean_ce(logits, label), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         upd, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -147,6 +162,22 @@ def random_batch(batch_size: int, image_size: int, seed: int = 0) -> tuple[jax.A
     image = rng.standard_normal((batch_size, image_size, image_size, 4), dtype=np.float32)
     label = rng.integers(0, NUM_CLASSES, (batch_size, image_size, image_size), dtype=np.int32)
     return jnp.asarray(image), jnp.asarray(label)
+
+
+def cpu_preset_step_setup(image_size: int = 128, batch_size: int = 8):
+    """What the step-cost benchmarks time: ``(model, tx, init, batch)`` for the library's own
+    train step (`steps.make_train_step`) with `configs/unet.py:cpu`'s U-Net and optimizer;
+    ``init(seed)`` is a fresh jitted `TrainState` at ``image_size``; ``batch`` is
+    ``{"image": (B,S,S,4) f32, "label": (B,S,S) int32}`` from :func:`random_batch`."""
+    from brats_jax import train_state
+    from configs import unet
+
+    config = unet.get_config("cpu")
+    model = train_state.create_model(config)
+    tx = train_state.create_optimizer(config.train, 1000)
+    init = jax.jit(lambda seed: train_state.init_state(model, tx, seed, image_size=image_size))
+    image, label = random_batch(batch_size, image_size)
+    return model, tx, init, {"image": image, "label": label}
 
 
 def cost_flops(compiled) -> float:
@@ -452,6 +483,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="TransUNet preset")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument(
+        "--deep-supervision", action="store_true", help="U-Net with deep supervision heads"
+    )
+    p.add_argument(
         "--conv-impl",
         default="auto",
         choices=IMPLS,
@@ -495,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
         preset=a.preset,
         dtype=a.dtype,
         conv_impl=a.conv_impl,
+        deep_supervision=a.deep_supervision,
     )
     if a.cmd == "multirun":
         res = bench_multirun(

@@ -16,6 +16,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from brats_jax import losses
+from brats_jax.bench import mean_ce
 from brats_jax.models import create_model
 
 
@@ -56,8 +58,9 @@ def flops_per_slice(
             logits, _ = model.apply(
                 {"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
             )
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
+            if isinstance(logits, tuple):  # deep supervision: the weighted sum over levels
+                return losses.deep_supervision_loss(mean_ce, logits, y, None)
+            return mean_ce(logits, y)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         return loss, jax.tree_util.tree_map(lambda p, g: p - 1e-4 * g, params, grads)

@@ -356,6 +356,19 @@ def test_flops_per_slice_matches_conv_arithmetic():
     assert r["params"] == n_params(abstract_vars(UNet(features=f, depth=2), s)["params"])
 
 
+def test_flops_per_slice_counts_the_deep_supervision_heads_in_training_only():
+    """A deep-supervised U-Net's eval forward is the plain U-Net's (heads only in training);
+    its train step also runs and differentiates the auxiliary 1x1 heads, so it costs more
+    (a loss of the full-resolution output alone would let XLA drop them: equal counts)."""
+    from brats_jax.model_flops import flops_per_slice
+
+    plain = flops_per_slice(UNet(features=4, depth=3), 32)
+    deep = flops_per_slice(UNet(features=4, depth=3, deep_supervision=True), 32)
+    assert deep["forward"] == pytest.approx(plain["forward"], rel=1e-9)
+    head_macs = 16 * 16 * 8 * 4  # ds_head_1, on the 16 px decoder level: 2f -> 4 classes
+    assert deep["train_step"] - plain["train_step"] >= 2 * head_macs
+
+
 # --------------------------------------------------------------------------- scanned TransUNet
 
 
