@@ -130,9 +130,7 @@ def make_train_step(model, tx: optax.GradientTransformation):
                 rngs={"dropout": drop},
                 mutable=["batch_stats"],
             )
-            if isinstance(logits, tuple):  # deep supervision: nnU-Net's weighted sum over levels
-                return losses.deep_supervision_loss(mean_ce, logits, label, None), updates
-            return mean_ce(logits, label), updates
+            return losses.output_loss(mean_ce, logits, label, None), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         upd, opt_state = tx.update(grads, state["opt_state"], state["params"])

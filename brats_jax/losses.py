@@ -864,3 +864,11 @@ def deep_supervision_loss(
         target = downsample_labels(labels, labels.shape[1] // logits.shape[1])
         total = total + jnp.float32(w) * loss_fn(logits, target, params)
     return total
+
+
+def output_loss(loss_fn: LossFn, outputs, labels: jax.Array, params) -> jax.Array:
+    """``loss_fn(outputs, labels, params)`` for one logits array; for a tuple of them (a
+    deep-supervised U-Net in training) :func:`deep_supervision_loss`. Float32 scalar."""
+    if isinstance(outputs, tuple):
+        return deep_supervision_loss(loss_fn, outputs, labels, params)
+    return loss_fn(outputs, labels, params)

@@ -58,9 +58,7 @@ def flops_per_slice(
             logits, _ = model.apply(
                 {"params": p, **rest}, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
             )
-            if isinstance(logits, tuple):  # deep supervision: the weighted sum over levels
-                return losses.deep_supervision_loss(mean_ce, logits, y, None)
-            return mean_ce(logits, y)
+            return losses.output_loss(mean_ce, logits, y, None)  # deep supervision: summed
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         return loss, jax.tree_util.tree_map(lambda p, g: p - 1e-4 * g, params, grads)

@@ -53,11 +53,8 @@ def make_train_step(model, tx, output: str = "classes", augment_cfg=None):
                 rngs={"dropout": dropout_rng},
                 mutable=list(state.model_state.keys()),
             )
-            if isinstance(logits, tuple):  # deep supervision: logits at decreasing resolution
-                loss = losses.deep_supervision_loss(loss_fn, logits, batch["label"], loss_params)
-            else:
-                loss = loss_fn(logits, batch["label"], loss_params)
-            return loss, updates
+            # deep supervision: a tuple of logits at decreasing resolution
+            return losses.output_loss(loss_fn, logits, batch["label"], loss_params), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
