@@ -86,6 +86,7 @@ ADDED_FIELDS = {
     "postprocess.et_min_voxels": 0,
     **{f"augment.{k}": v for k, v in OFF_FIELDS.items()},  # no augmentation
     "eval.num_overlay_slices": 0,
+    "eval.sliding_window": False,
 }
 
 

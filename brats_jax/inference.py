@@ -1,9 +1,13 @@
 """Whole-volume inference: predict every axial slice of a 3D case in fixed-size batches.
 
 One compiled function serves every volume: slices are fed in batches of a fixed size (the
-last batch is padded), so a new case never triggers recompilation.
+last batch is padded), so a new case never triggers recompilation. A model trained on
+patches may see each slice through a sliding window of the patch size (`window`), as
+nnU-Net infers: half-overlapping tiles whose probabilities are averaged with Gaussian
+weights.
 """
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -28,7 +32,52 @@ _TTA_FLIPS = {
 }
 
 
-def make_slice_predictor(model, *, image_size: int, tta: str = "none", output: str = "classes"):
+def window_starts(size: int, window: int) -> list[int]:
+    """Offsets (pixels) of the sliding windows of `window` pixels along an axis of `size`:
+    the fewest windows that overlap by at least half a window (nnU-Net's tile_step_size 0.5:
+    ceil((size - window) / (window / 2)) + 1 of them), evenly spaced from 0 to size - window,
+    rounded. E.g. (240, 128) -> [0, 56, 112]."""
+    if not 0 < window <= size:
+        raise ValueError(
+            f"sliding window of {window} px over {size} px: expected 0 < window <= size"
+        )
+    n = math.ceil((size - window) / (window / 2)) + 1
+    if n == 1:
+        return [0]
+    return [round(i * (size - window) / (n - 1)) for i in range(n)]
+
+
+def gaussian_weights(window: int, sigma_scale: float = 1 / 8) -> np.ndarray:
+    """(window, window) float32 tile weights: exp(-d^2 / (2 sigma^2)), d the distance in
+    pixels from the tile's centre, sigma = window * sigma_scale, maximum 1 at the centre
+    (nnU-Net's `compute_gaussian`, written in closed form), so a tile's borders, where its
+    convolutions see padding, count least where tiles overlap."""
+    sigma = window * sigma_scale
+    d = np.arange(window) - (window - 1) / 2
+    g = np.exp(-(d**2) / (2 * sigma**2))
+    return np.outer(g, g).astype(np.float32) / np.float32(g.max() ** 2)
+
+
+def _windowed(probabilities: Callable, x: jax.Array, window: int) -> jax.Array:
+    """`probabilities` (a (n, w, w, C) -> (n, w, w, K) function) of the (B, H, W, C) slices
+    `x` through sliding `window` tiles (`window_starts`), their outputs averaged with
+    `gaussian_weights` where they overlap. One model call per tile position (`lax.map`)."""
+    height, width = x.shape[1:3]
+    offsets = [(y, z) for y in window_starts(height, window) for z in window_starts(width, window)]
+    tiles = jnp.stack([x[:, y : y + window, z : z + window] for y, z in offsets])
+    probs = jax.lax.map(probabilities, tiles)  # (T, B, w, w, K)
+    weight = jnp.asarray(gaussian_weights(window))[:, :, None]
+    total = jnp.zeros((*x.shape[:3], probs.shape[-1]), probs.dtype)
+    norm = jnp.zeros((height, width, 1), jnp.float32)
+    for t, (y, z) in enumerate(offsets):
+        total = total.at[:, y : y + window, z : z + window].add(probs[t] * weight)
+        norm = norm.at[y : y + window, z : z + window].add(weight)
+    return total / norm
+
+
+def make_slice_predictor(
+    model, *, image_size: int, tta: str = "none", output: str = "classes", window: int = 0
+):
     """Jitted `f(variables, images (B,H,W,4) float32) -> probabilities (B,H,W,C) float32`.
 
     `output` (the config's `model.output`): "classes" gives softmax probabilities of the 4
@@ -44,6 +93,10 @@ def make_slice_predictor(model, *, image_size: int, tta: str = "none", output: s
     `tta` (test-time augmentation): "none"; "flips" averages the probabilities of the slices
     and of their left-right mirror images (mirrored back); "flips_ud" also of the up-down and
     of the both-ways mirror images (4 model calls per batch). All inside the one function.
+
+    `window` > 0 (pixels, at `image_size`; `data.patches.inference_window` of a run): the
+    model sees each (resized) slice through sliding windows of that size (`window_starts`,
+    `gaussian_weights`: nnU-Net's sliding-window inference), not whole; 0 = whole slices.
     """
     if tta not in _TTA_FLIPS:
         raise ValueError(f"tta {tta!r}: expected one of {TTA_MODES}")
@@ -61,10 +114,15 @@ def make_slice_predictor(model, *, image_size: int, tta: str = "none", output: s
                 method="linear",
                 antialias=False,
             )
+
+        def model_probs(images):
+            return outputs.probabilities(model.apply(variables, images, train=False), output)
+
         probs = 0.0
         for axes in flips:  # a mirror image in, its probabilities mirrored back
-            logits = model.apply(variables, _flip(x, axes), train=False)
-            probs += _flip(outputs.probabilities(logits, output), axes)
+            flipped = _flip(x, axes)
+            p = _windowed(model_probs, flipped, window) if window else model_probs(flipped)
+            probs += _flip(p, axes)
         probs = probs / len(flips)
         if probs.shape[1:3] != (height, width):
             probs = jax.image.resize(

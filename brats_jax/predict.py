@@ -3,7 +3,7 @@
     python -m brats_jax.predict --workdir=RUN --input=CASE_DIR --output=SEG.nii.gz
     python -m brats_jax.predict --workdir=RUN --flair=F --t1=F --t1ce=F --t2=F --output=SEG.nii.gz
     python -m brats_jax.predict --workdir=RUN1,RUN2 --input=FOLDER_OF_CASES --output=DIR \
-        [--tta=flips] [--postprocessing=auto|none|FILE.json]
+        [--tta=flips] [--sliding_window=auto|on|off] [--postprocessing=auto|none|FILE.json]
 
 Uses the run's best checkpoint (by validation Dice; the newest when no validation ran),
 predicts every axial slice, and writes a label volume with the input's shape, affine and
@@ -32,6 +32,9 @@ probabilities are averaged (they must share `data.image_size`, input normalizati
 `data.context_slices`). Labels are the argmax of class probabilities, or region
 probabilities decoded with ET inside TC inside WT (`outputs.labels_from_probabilities`).
 `--tta=flips` (`flips_ud`) averages over left-right (and up-down) mirrored slices.
+`--sliding_window=on` (default `auto`: the run's `eval.sliding_window`) makes a run trained on
+patches (`data.patch_size`) see each slice through half-overlapping windows of the patch
+size, their probabilities averaged with Gaussian weights (nnU-Net's inference).
 `--uncertainty=FILE.nii.gz` (a folder for many cases) writes the voxel-wise predictive
 entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.uncertainty`:
 `X.csv` beside `X.nii.gz`, or `uncertainty.csv` in the folder).
@@ -77,6 +80,11 @@ flags.DEFINE_string(
     "uncertainty", None, "Optional predictive-entropy NIfTI (nats) + summary CSV (folder: many)."
 )
 flags.DEFINE_enum("tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.")
+flags.DEFINE_enum(
+    "sliding_window", "auto", ["auto", "on", "off"],
+    "Slide a window of the run's data.patch_size over each slice (nnU-Net's Gaussian-weighted "
+    "tiles): on, off, or auto (the run's eval.sliding_window).",
+)  # fmt: skip
 flags.DEFINE_string(
     "postprocessing",
     "auto",
@@ -144,8 +152,11 @@ def _saved_configs(workdirs) -> list[dict]:
     return out
 
 
-def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
+def load_ensemble(workdirs, *, step=None, tta: str = "none", sliding_window=None) -> Ensemble:
     """Load one run or several (an ensemble) for prediction.
+
+    `sliding_window`: None = each run's `eval.sliding_window`; True / False for all runs
+    (True: each run slides a window of its `data.patch_size`, `patches.inference_window`).
 
     Runs of an ensemble must share `data.image_size`, the input normalization (the data
     source's, `input_normalization`) and `model.output` (averaging class and region
@@ -154,6 +165,7 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
     the same model config share one compiled predictor (the variables are its argument).
     """
     from brats_jax import data, inference, outputs, train
+    from brats_jax.data.patches import inference_window
 
     workdirs = tuple(split_list(workdirs))
     if not workdirs:
@@ -175,13 +187,15 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none") -> Ensemble:
                     f"--workdir {w}: {what} {get(config)!r} differs from {workdirs[0]}'s "
                     f"{get(first)!r}; an ensemble's runs must share it"
                 )
-        key = json.dumps(config.model.to_dict(), sort_keys=True)
+        window = inference_window(config, sliding_window)
+        key = (json.dumps(config.model.to_dict(), sort_keys=True), window)
         if key not in by_model:
             by_model[key] = inference.make_slice_predictor(
                 model,
                 image_size=config.data.image_size,
                 tta=tta,
                 output=outputs.of_config(config.model),
+                window=window,
             )
         predictors.append(by_model[key])
         variables.append(v)
@@ -337,6 +351,7 @@ def predict_case(
     step=None,
     batch_size=0,
     tta="none",
+    sliding_window=None,
     postprocessing="auto",
     uncertainty=None,
     overlays_dir=None,
@@ -344,12 +359,13 @@ def predict_case(
     """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
 
     `workdir` may name several runs (comma-separated or a list): their probabilities are
-    averaged. `tta`: see `inference.make_slice_predictor`; `postprocessing`: see
-    `resolve_postprocessing`. Writes the label NIfTI `output` (and the class probabilities,
-    before post-processing, to `probabilities`; the entropy NIfTI to `uncertainty` and its
-    `brats_jax.uncertainty` summary row to the CSV beside it, `uncertainty.csv_path`); with
-    `overlays_dir`, the case's picture and an `index.html` there (`case_pictures`), with the
-    uncertainty row's columns when both are asked for.
+    averaged. `tta`: see `inference.make_slice_predictor`; `sliding_window`: see
+    `load_ensemble`; `postprocessing`: see `resolve_postprocessing`. Writes the label NIfTI
+    `output` (and the class probabilities, before post-processing, to `probabilities`; the
+    entropy NIfTI to `uncertainty` and its `brats_jax.uncertainty` summary row to the CSV
+    beside it, `uncertainty.csv_path`); with `overlays_dir`, the case's picture and an
+    `index.html` there (`case_pictures`), with the uncertainty row's columns when both are
+    asked for.
 
     Returns the written label array, int16 (H, W, D), in the release's label convention.
     """
@@ -361,7 +377,7 @@ def predict_case(
         if path:
             fileio.check_writable(path)
     pictures = _case_pictures(overlays_dir)
-    ensemble = load_ensemble(workdir, step=step, tta=tta)
+    ensemble = load_ensemble(workdir, step=step, tta=tta, sliding_window=sliding_window)
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
     members = [] if uncertainty else None
     data, labels, probs = segment(
@@ -389,6 +405,7 @@ def predict_cases(
     step=None,
     batch_size=0,
     tta="none",
+    sliding_window=None,
     postprocessing="auto",
     uncertainty_dir=None,
     overlays_dir=None,
@@ -415,7 +432,7 @@ def predict_cases(
         if folder and ids:
             fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
     pictures = _case_pictures(overlays_dir)
-    ensemble = load_ensemble(workdir, step=step, tta=tta)
+    ensemble = load_ensemble(workdir, step=step, tta=tta, sliding_window=sliding_window)
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
     written, rows, picture_rows, labelled = [], [], [], []
     for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):
@@ -537,6 +554,7 @@ def main(argv) -> None:
         step=FLAGS.step,
         batch_size=FLAGS.batch_size,
         tta=FLAGS.tta,
+        sliding_window={"auto": None, "on": True, "off": False}[FLAGS.sliding_window],
         postprocessing=FLAGS.postprocessing,
     )
     if not _is_nifti_name(FLAGS.output):

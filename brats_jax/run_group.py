@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from brats_jax import augment, config_utils, data, fileio, losses, outputs, steps
 from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints, UnreadableCheckpoint, restore_runs
-from brats_jax.data.patches import check_patch_config
+from brats_jax.data.patches import check_patch_config, inference_window
 from brats_jax.metric_writer import MetricWriter
 from brats_jax.runtime import resolve_ops
 from brats_jax.train_state import (
@@ -103,6 +103,7 @@ class Run:
 def _check_config(config) -> None:
     data.context_slices(config)  # a bad data.context_slices fails before any data is read
     check_patch_config(config, config.data.image_size)  # the native size: in build_run
+    inference_window(config)  # eval.sliding_window without patches fails before training
     augment.from_config(config)  # so does a bad augment.* field
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
         value = config_utils.get_field(config, field)

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from brats_jax import augment, config_checks, inference, outputs, steps
+from brats_jax.data.patches import inference_window
 from brats_jax.evaluation import evaluate_and_write
 from brats_jax.run_group import RunGroup
 from brats_jax.train_state import learning_rate_at, load_trained  # noqa: F401 (predict.py)
@@ -63,6 +64,7 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
         image_size=cfg.data.image_size,
         tta=cfg.eval.get("tta", "none"),
         output=outputs.of_config(cfg.model),
+        window=inference_window(cfg),
     )
     results = []
     for run, (s, tested_step, selected_by) in zip(group.runs, tested, strict=True):

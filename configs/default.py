@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     e.num_figure_slices = 6
     e.num_overlay_slices = 4  # TensorBoard label overlays of this many fixed val slices (0 = off)
     e.tta = "none"  # test-time flips of the test pass: none | flips | flips_ud (inference.py)
+    # test pass and predict: slide a data.patch_size window over each slice (nnU-Net's
+    # half-overlapping, Gaussian-weighted tiles) instead of one whole-slice call
+    e.sliding_window = False
 
     # 3D post-processing of the test pass and of `predict` (brats_jax/postprocess.py); a run's
     # postprocessing.json (python -m brats_jax.tune_postprocessing) takes precedence in predict.

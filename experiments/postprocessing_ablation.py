@@ -46,11 +46,15 @@ STEP_CANDIDATES = {
 
 
 def predict_all(
-    workdir: str, cases: dict, *, ttas=TTAS, step=None, log=print
+    workdir: str, cases: dict, *, ttas=TTAS, step=None, sliding_window=None, log=print
 ) -> tuple[dict, dict, dict]:
     """`({tta: {case_id: labels uint8 (H, W, D)}}, {case_id: ground truth}, {case_id:
-    spacing mm})`, each case loaded once and predicted once per TTA setting."""
-    ensembles = {t: predict.load_ensemble(workdir, step=step, tta=t) for t in ttas}
+    spacing mm})`, each case loaded once and predicted once per TTA setting.
+    `sliding_window`: as `predict.load_ensemble` (None = the run's `eval.sliding_window`)."""
+    ensembles = {
+        t: predict.load_ensemble(workdir, step=step, tta=t, sliding_window=sliding_window)
+        for t in ttas
+    }
     source = next(iter(ensembles.values())).config.data.source
     labels: dict = {t: {} for t in ttas}
     gts, spacings = {}, {}

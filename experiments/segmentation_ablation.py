@@ -16,7 +16,9 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   `--parallel` at a time (they share one GPU, or the CPU cores);
 * `predict`: each run segments its own test cases (out-of-fold) once per TTA setting
   (`--ttas`); labels {0..3} go to `DIR/predictions/<variant>-fold<i>.npz` (uint8, key
-  "<tta>__<case>");
+  "<tta>__<case>"). A variant whose extra parts set only `eval.*` fields ("a+sliding_window":
+  nnU-Net's sliding-window inference at the patch size) is not trained: it predicts with
+  variant a's runs (`training_variant`);
 * `score`: rows per variant and TTA setting: no post-processing, the largest whole-tumour
   component (a fixed rule), and tuned post-processing (`postprocess.tune_postprocessing`,
   both nnU-Net steps) whose thresholds for fold i are chosen on the other folds' out-of-fold
@@ -71,6 +73,8 @@ VARIANTS.update(
         },
         "cb_instance_norm": {**_CPU_BEST, "model.norm": "instance"},
         "cb_deep_supervision": {**_CPU_BEST, "model.deep_supervision": True},
+        # inference only (eval.* fields): "x+sliding_window" predicts with x's own runs
+        "sliding_window": {"eval.sliding_window": True},
     }
 )
 CONFIG = "configs/unet.py:cpu"
@@ -103,8 +107,22 @@ def folds_of(case_ids, num_folds: int) -> list[list[str]]:
     return [fold_cases(case_ids, num_folds, i, seed=FOLD_SEED)[1] for i in range(num_folds)]
 
 
+def _inference_only(part: str) -> bool:
+    return all(k.startswith("eval.") for k in VARIANTS[part])
+
+
+def training_variant(name: str) -> str:
+    """`name` without its inference-only parts (all fields `eval.*`, e.g. "sliding_window"):
+    the variant whose runs it predicts with. "a+sliding_window" -> "a"."""
+    parts = [p for p in name.split("+") if not _inference_only(p)]
+    if not parts:
+        raise SystemExit(f"error: variant {name!r} changes inference only; add a training part")
+    return "+".join(parts)
+
+
 def run_dir(out: pathlib.Path, variant: str, fold: int) -> pathlib.Path:
-    return out / "runs" / f"{variant}-fold{fold}"
+    """The run folder of a variant's fold; variants that differ only in inference share it."""
+    return out / "runs" / f"{training_variant(variant)}-fold{fold}"
 
 
 def train_command(args, variant: str, fold: int, test_ids, cache: pathlib.Path) -> list[str]:
@@ -114,7 +132,7 @@ def train_command(args, variant: str, fold: int, test_ids, cache: pathlib.Path) 
         "data.root": str(cache),
         "data.test_cases": ",".join(test_ids),
         "data.val_fraction": 0.0,
-        **variant_fields(variant),
+        **variant_fields(training_variant(variant)),
         **dict(s.split("=", 1) for s in args.set),
     }
     cmd = [sys.executable, "-m", "brats_jax.main", f"--config={args.config}"]
@@ -130,7 +148,7 @@ def train(args, folds) -> None:
     nifti_cache.prepare(args.data_root, cache, workers=args.parallel, progress=False)
     todo = [
         (v, i)
-        for v in args.variants
+        for v in dict.fromkeys(training_variant(v) for v in args.variants)
         for i in range(len(folds))
         if not (run_dir(args.out, v, i) / "results.json").is_file()
     ]
@@ -173,7 +191,10 @@ def predict_run(out: str, variant: str, fold: int, cases: dict, ttas) -> str:
         return f"{variant} fold {fold}: kept {path}"
     start = time.perf_counter()
     workdir = run_dir(pathlib.Path(out), variant, fold)
-    labels, _, _ = predict_all(str(workdir), cases, ttas=ttas, log=lambda *a: None)
+    window = variant_fields(variant).get("eval.sliding_window")  # None: the run's own
+    labels, _, _ = predict_all(
+        str(workdir), cases, ttas=ttas, sliding_window=window, log=lambda *a: None
+    )
     with fileio.atomic_path(path) as tmp:  # keeps the .npz suffix: savez adds none
         np.savez_compressed(tmp, **{f"{t}__{c}": labels[t][c] for t in ttas for c in cases})
     return f"{variant} fold {fold}: wrote {path} ({time.perf_counter() - start:.0f} s)"

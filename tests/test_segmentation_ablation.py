@@ -151,3 +151,43 @@ def test_combined_variant_is_the_union_of_its_parts(monkeypatch):
         A.variant_fields("cb_spatial+cb_other")
     with pytest.raises(SystemExit, match="cb_nope"):
         A.variant_fields("cb_spatial+cb_nope")
+
+
+def test_an_inference_only_variant_predicts_with_the_runs_of_its_training_part(tmp_path):
+    """A variant "x+sliding_window" trains nothing of its own: its run folder and training
+    command are x's, and only its predictions slide windows."""
+    comb = "cb_intensity+cb_patches"
+    assert A.training_variant(f"{comb}+sliding_window") == comb
+    assert A.run_dir(tmp_path, f"{comb}+sliding_window", 2) == tmp_path / "runs" / f"{comb}-fold2"
+    args = types.SimpleNamespace(out=tmp_path, config="configs/unet.py:cpu", set=[])
+    cmd = A.train_command(args, f"{comb}+sliding_window", 0, ["a"], pathlib.Path("/c"))
+    assert cmd == A.train_command(args, comb, 0, ["a"], pathlib.Path("/c"))
+    assert not any("sliding_window" in flag for flag in cmd)
+    assert A.variant_fields(f"{comb}+sliding_window")["eval.sliding_window"] is True
+    with pytest.raises(SystemExit, match="changes inference only"):
+        A.training_variant("sliding_window")
+
+
+def test_train_stage_trains_a_shared_run_once(tmp_path, monkeypatch):
+    started = []
+
+    class _Done:  # a finished training process
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    from brats_jax.data import cache
+
+    monkeypatch.setattr(cache, "prepare", lambda *a, **k: None)
+    monkeypatch.setattr(A.subprocess, "Popen", _Done)
+    monkeypatch.setattr(A.time, "sleep", lambda s: None)
+    args = types.SimpleNamespace(
+        out=tmp_path, config="configs/unet.py:cpu", set=[], cache_dir=None, parallel=1,
+        data_root="/d", variants=["cb_patches", "cb_patches+sliding_window"],
+    )  # fmt: skip
+    A.train(args, [["a"], ["b"]])
+    workdirs = sorted(f for cmd in started for f in cmd if f.startswith("--workdir="))
+    assert workdirs == [f"--workdir={tmp_path}/runs/cb_patches-fold{i}" for i in (0, 1)]

@@ -9,8 +9,10 @@ the slice (the window is shifted inwards at the borders, never padded), so a tum
 chosen as centre is always in the crop. This is nnU-Net's foreground oversampling
 (`oversample_foreground_percent = 0.33`, drawn per sample as its
 `nnUNetTrainer_probabilisticOversampling` does; nnU-Net picks a class first and pads at the
-borders). Validation, the test pass and `predict` run on whole slices (the U-Net is fully
-convolutional). `patch_size` 0 keeps whole slices.
+borders). Validation runs on whole slices (the U-Net is fully convolutional); the test pass
+and `predict` too, unless `eval.sliding_window` makes them slide a window of the patch size
+over each slice (`inference_window`, `inference.make_slice_predictor`), as nnU-Net infers.
+`patch_size` 0 keeps whole slices.
 """
 
 from __future__ import annotations
@@ -89,3 +91,20 @@ def random_crop(
     y0, x0 = crop_offset(label, patch_size, foreground_fraction, rng)
     p = int(patch_size)
     return image[y0 : y0 + p, x0 : x0 + p], label[y0 : y0 + p, x0 : x0 + p]
+
+
+def inference_window(config, sliding_window: bool | None = None) -> int:
+    """The window (pixels, at `data.image_size`) the test pass and `predict` slide over each
+    slice: `data.patch_size` when `eval.sliding_window` (or `sliding_window`, which overrides
+    it when not None) is on, else 0 (whole slices). Sliding windows without training patches
+    are a one-line DataError."""
+    on = config.eval.get("sliding_window", False) if sliding_window is None else sliding_window
+    if not on:
+        return 0
+    patch = check_patch_config(config, 0)
+    if not patch:
+        raise DataError(
+            "eval.sliding_window=True needs data.patch_size > 0 (the window is the training "
+            "patch); this run was trained on whole slices"
+        )
+    return patch
