@@ -2,7 +2,8 @@
 
 Presets: `configs/unet.py:paper` (LR 1e-4, the study's baseline), `:demo`, `:tiny`, `:cpu`,
 `:cpu_best` (`:cpu` with the segmentation options that measured best, EXPERIMENTS.md),
-`:smoke`.
+`:cpu_recipe` (`:cpu_best` with nnU-Net's patches, intensity augmentation and deep
+supervision: the issue-24 combination, EXPERIMENTS.md), `:smoke`.
 """
 
 import ml_collections
@@ -14,14 +15,15 @@ MODEL_FIELDS = {
     "demo": {"model.base_features": 16, "train.learning_rate": 1e-3},
     "cpu": {"model.base_features": 16},
     "cpu_best": {"model.base_features": 16},
+    "cpu_recipe": {"model.base_features": 16},
     "tiny": {"model.base_features": 4, "model.depth": 2},
     "smoke": {"model.base_features": 4, "model.depth": 2},
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """U-Net config; `arg` is a preset name ("", "paper", "demo", "cpu", "cpu_best", "tiny",
-    "smoke")."""
+    """U-Net config; `arg` is a preset name ("", "paper", "demo", "cpu", "cpu_best",
+    "cpu_recipe", "tiny", "smoke")."""
     c = default.base_config()
     c.model.name = "unet"
     c.train.learning_rate = 1e-4

@@ -191,3 +191,21 @@ def test_train_stage_trains_a_shared_run_once(tmp_path, monkeypatch):
     A.train(args, [["a"], ["b"]])
     workdirs = sorted(f for cmd in started for f in cmd if f.startswith("--workdir="))
     assert workdirs == [f"--workdir={tmp_path}/runs/cb_patches-fold{i}" for i in (0, 1)]
+
+
+def test_cpu_recipe_preset_is_the_measured_combination():
+    """`configs/unet.py:cpu_recipe` trains exactly what the ablation's combination row
+    measured (EXPERIMENTS.md), with cpu_best's largest-component rule on."""
+    from brats_jax import config_utils
+    from configs import unet
+
+    measured = unet.get_config("cpu")
+    config_utils.apply_overrides(
+        measured, A.variant_fields("cb_deep_supervision+cb_intensity+cb_patches")
+    )
+    recipe = unet.get_config("cpu_recipe")
+    diff = config_utils.config_diff(measured.to_dict(), recipe.to_dict())
+    assert sorted(diff) == [
+        ("name", "unet-cpu", "unet-cpu_recipe"),
+        ("postprocess.largest_component_only", False, True),
+    ]
