@@ -130,3 +130,11 @@ def test_predict_slides_the_runs_patch_when_asked(tmp_path, monkeypatch):
     for option, want in ((None, tiled), (True, tiled), (False, whole)):
         ens = predict.load_ensemble(str(run), sliding_window=option)
         np.testing.assert_allclose(ens.predictors[0]({}, x), want, rtol=1e-6)
+
+
+def test_a_run_asking_for_sliding_windows_without_patches_stops_before_training():
+    from brats_jax import run_group
+
+    run_group._check_config(_config(16, True))  # patches: fine
+    with pytest.raises(DataError, match="eval.sliding_window=True needs data.patch_size > 0"):
+        run_group._check_config(_config(0, True))
