@@ -241,6 +241,22 @@ def test_tiny_run_on_patches_validates_and_tests_whole_slices(tmp_path, monkeypa
 
 
 @pytest.mark.slow
+def test_tiny_run_with_sliding_window_tests_through_patch_windows(tmp_path, monkeypatch):
+    """eval.sliding_window: the test pass slides 16 px windows over the 32 px slices."""
+    windows = []
+    make = inference.make_slice_predictor
+
+    def recording(*args, **kw):
+        windows.append(kw.get("window", 0))
+        return make(*args, **kw)
+
+    monkeypatch.setattr(inference, "make_slice_predictor", recording)
+    fields = {"train.num_steps": 2, "eval.sliding_window": True}
+    results = train.train_and_evaluate(_tiny(**fields), tmp_path / "run")
+    assert 0.0 <= results["paper_dice"] <= 1.0 and 16 in windows
+
+
+@pytest.mark.slow
 def test_grouped_runs_with_patches_context_and_regions(tmp_path, monkeypatch):
     seen = _spy_shapes(monkeypatch)
     fields = {"train.num_steps": 3, "data.context_slices": 1, "model.output": "regions",
