@@ -99,12 +99,10 @@ def variant_fields(name: str) -> dict:
     return fields
 
 
-FOLD_SEED = 0
-
-
-def folds_of(case_ids, num_folds: int) -> list[list[str]]:
-    """The test cases of each fold (sorted lists that partition `case_ids`)."""
-    return [fold_cases(case_ids, num_folds, i, seed=FOLD_SEED)[1] for i in range(num_folds)]
+def folds_of(case_ids, num_folds: int, seed: int = 0) -> list[list[str]]:
+    """The test cases of each fold (sorted lists that partition `case_ids`); `seed` shuffles
+    the cases before they are cut (`data.folds.fold_cases`), 0 = the documented folds."""
+    return [fold_cases(case_ids, num_folds, i, seed=seed)[1] for i in range(num_folds)]
 
 
 def _inference_only(part: str) -> bool:
@@ -295,7 +293,7 @@ def score(args, folds, cases) -> dict:
             for c in cases
         ]
         r["configs"] = [c.to_dict() for c in r["configs"]]
-    return {"folds": folds, "fold_seed": FOLD_SEED, "hd95_mode": args.hd95_mode, "rows": rows}
+    return {"folds": folds, "fold_seed": args.fold_seed, "hd95_mode": args.hd95_mode, "rows": rows}
 
 
 def _summary(per_case: list[dict], key: str, folds) -> tuple[float, float, list[float]]:
@@ -355,6 +353,51 @@ def issue24_choice(rows: list[dict], dice_gain=0.005, hd95_slack=1.0) -> dict:
     return dict(means=means, kept=kept, combination=combination, choice=choice)
 
 
+ISSUE24_CANDIDATE = "cb_deep_supervision+cb_intensity+cb_patches"  # cpu_recipe's fields
+
+
+def brats_win_fraction(a: list[dict], b: list[dict]) -> float:
+    """BraTS's rank-then-aggregate for two rows' per-case scores (the same cases): the share
+    of (case, metric) pairs, metrics `KEYS`, in which `a` is better (higher Dice, lower HD95),
+    ties counting half. With two methods a's mean rank is 2 - this share: above 0.5, a
+    ranks first."""
+    by_case = {c["case_id"]: c for c in b}
+    if set(by_case) != {c["case_id"] for c in a}:
+        raise SystemExit("error: the two rows were scored on different cases")
+    wins = []
+    for ca in a:
+        cb = by_case[ca["case_id"]]
+        for k in KEYS:
+            sign = 1.0 if k.startswith("dice") else -1.0
+            d = sign * (ca[k] - cb[k])
+            wins.append(0.5 if d == 0 else float(d > 0))
+    return float(np.mean(wins))
+
+
+def replicate_choice(rows, candidate=ISSUE24_CANDIDATE, dice_gain=0.005, low_wt=0.75) -> dict:
+    """EXPERIMENTS.md's replicate rule (issue 24, declared 2026-12-04) on the rows without TTA
+    after the largest whole-tumour component: `candidate` replaces the baseline when (1) its
+    mean Dice is at least the baseline's + `dice_gain`, (2) it wins over half of the (case,
+    metric) pairs (`brats_win_fraction`), (3) it has no more cases with WT Dice < `low_wt`
+    and (4) no more (case, region) HD95s at `metrics.HD95_EMPTY` (a region missed or
+    invented) than the baseline. Returns {stats: {variant: (mean Dice, mean HD95, n low WT,
+    n empty)}, win_fraction, passed (4 bools), choice}."""
+    pick = {r["variant"]: r for r in rows if r["tta"] == "none" and r["pp"] == "largest"}
+    if missing := [v for v in (ISSUE24_BASELINE, candidate) if v not in pick]:
+        raise SystemExit(f"error: no {missing} row (tta none, largest) for the replicate rule")
+    stats = {}
+    for v in (ISSUE24_BASELINE, candidate):
+        pc = pick[v]["per_case"]
+        low = sum(c["dice_WT"] < low_wt for c in pc)
+        empty = sum(c[f"hd95_{g}"] == metrics.HD95_EMPTY for c in pc for g in REGIONS)
+        stats[v] = (*_means(pick[v]), low, empty)
+    base, cand = stats[ISSUE24_BASELINE], stats[candidate]
+    win = brats_win_fraction(pick[candidate]["per_case"], pick[ISSUE24_BASELINE]["per_case"])
+    passed = [cand[0] >= base[0] + dice_gain, win > 0.5, cand[2] <= base[2], cand[3] <= base[3]]
+    choice = candidate if all(passed) else ISSUE24_BASELINE
+    return dict(stats=stats, win_fraction=win, passed=passed, choice=choice)
+
+
 def markdown(record: dict) -> str:
     """The ablation table (mean ± SD [min, max] over cases), each fold's mean when there are
     several folds, and the per-case scores of the baseline and the best row."""
@@ -401,6 +444,18 @@ def markdown(record: dict) -> str:
             f"Issue 24's rule (mean Dice / mean HD95, no TTA, largest): {cells}.",
             f"Kept: {c['kept'] or 'none'}; combination: {c['combination']}; choice: {c['choice']}.",
         ]
+    if {ISSUE24_BASELINE, ISSUE24_CANDIDATE} <= names:
+        c = replicate_choice(rows)
+        cells = ", ".join(
+            f"{v} {d:.3f} / {h:.1f} mm / {n} WT < 0.75 / {e} empty"
+            for v, (d, h, n, e) in c["stats"].items()
+        )
+        out += [
+            "",
+            f"Replicate rule (mean Dice / mean HD95 / cases / empty regions): {cells}; "
+            f"candidate wins {c['win_fraction']:.3f} of (case, metric) pairs; "
+            f"conditions {c['passed']}; choice: {c['choice']}.",
+        ]
     for r in (rows[0], best):
         out += ["", f"Per case, {r['variant']} / TTA {r['tta']} / {r['pp']}:", ""]
         out += ["| case | " + " | ".join(KEYS) + " |", "|---|" + "---:|" * len(KEYS)]
@@ -416,6 +471,7 @@ def main(argv=None) -> int:
     p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
     p.add_argument("--out", required=True, type=pathlib.Path)
     p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--fold_seed", type=int, default=0, help="shuffles the cases into folds")
     p.add_argument("--test_cases", default="", help="a fixed split instead of folds: IDs")
     p.add_argument("--variants", default=",".join(ISSUE19_VARIANTS), help=f"of {list(VARIANTS)}")
     p.add_argument("--ttas", default="none,flips", help="TTA settings, comma-separated")
@@ -441,9 +497,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: --test_cases {missing} not under {args.data_root}")
         cases = {c: cases[c] for c in folds[0]}  # only the test cases are scored
     else:
-        folds = folds_of(list(cases), args.folds)
+        folds = folds_of(list(cases), args.folds, args.fold_seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    fileio.write_json(args.out / "folds.json", {"seed": FOLD_SEED, "folds": folds})
+    fileio.write_json(args.out / "folds.json", {"seed": args.fold_seed, "folds": folds})
     start = time.perf_counter()
     if "train" in stages:
         train(args, folds)

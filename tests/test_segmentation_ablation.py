@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from brats_jax import postprocess
+from brats_jax import metrics, postprocess
 from experiments import segmentation_ablation as A
 
 IDS = [f"case{i:02d}" for i in range(18)]
@@ -209,3 +209,65 @@ def test_cpu_recipe_preset_is_the_measured_combination():
         ("name", "unet-cpu", "unet-cpu_recipe"),
         ("postprocess.largest_component_only", False, True),
     ]
+
+
+def test_folds_of_another_seed_are_another_partition():
+    one = A.folds_of(IDS, 3, seed=1)
+    assert sorted(c for f in one for c in f) == IDS and [len(f) for f in one] == [6, 6, 6]
+    assert one != A.folds_of(IDS, 3)  # a replicate trains and tests on other case sets
+    assert A.folds_of(IDS, 3) == A.folds_of(IDS, 3, seed=0)
+
+
+def _case(case_id, dice, hd95):
+    return dict(
+        case_id=case_id,
+        fold=0,
+        **{f"dice_{g}": d for g, d in zip(A.REGIONS, dice, strict=True)},
+        **{f"hd95_{g}": h for g, h in zip(A.REGIONS, hd95, strict=True)},
+    )
+
+
+BASE = [_case("c0", (0.8, 0.7, 0.6), (10, 20, 30)), _case("c1", (0.9, 0.5, 0.5), (5, 5, 5))]
+# against BASE per (case, metric): c0 win tie loss | win loss tie; c1 win win win | win loss tie
+CAND = [_case("c0", (0.9, 0.7, 0.5), (8, 25, 30)), _case("c1", (0.95, 0.6, 0.6), (4, 6, 5))]
+
+
+def test_brats_win_fraction_counts_wins_and_half_ties_by_hand():
+    assert A.brats_win_fraction(CAND, BASE) == pytest.approx(7.5 / 12)
+    assert A.brats_win_fraction(BASE, CAND) == pytest.approx(4.5 / 12)
+    assert A.brats_win_fraction(BASE, BASE) == 0.5
+    with pytest.raises(SystemExit, match="different cases"):
+        A.brats_win_fraction(CAND[:1], BASE)
+
+
+def _replicate_rows(cand):
+    row = lambda v, pc, **kw: dict(variant=v, tta="none", pp="largest", per_case=pc, **kw)
+    return [
+        row(A.ISSUE24_BASELINE, BASE),
+        dict(row(A.ISSUE24_CANDIDATE, BASE), pp="none"),  # not the rule's row
+        row(A.ISSUE24_CANDIDATE, cand),
+    ]
+
+
+def test_replicate_rule_needs_all_four_conditions():
+    c = A.replicate_choice(_replicate_rows(CAND))
+    # mean Dice: candidate (0.925 + 0.65 + 0.55) / 3, baseline (0.85 + 0.6 + 0.55) / 3
+    assert c["stats"][A.ISSUE24_CANDIDATE][:2] == pytest.approx((2.125 / 3, 13.0))
+    assert c["passed"] == [True, True, True, True] and c["choice"] == A.ISSUE24_CANDIDATE
+    empty = [CAND[0], dict(CAND[1], hd95_ET=metrics.HD95_EMPTY)]  # ET missed in c1
+    c = A.replicate_choice(_replicate_rows(empty))
+    assert c["stats"][A.ISSUE24_CANDIDATE][3] == 1 and c["passed"] == [True, True, True, False]
+    assert c["choice"] == A.ISSUE24_BASELINE
+    low = [dict(CAND[0], dice_WT=0.74), CAND[1]]  # a case under the issue's WT 0.75
+    assert A.replicate_choice(_replicate_rows(low))["passed"] == [True, True, False, True]
+    # one case much better, every other pair slightly worse: Dice up, rank down
+    rare = [
+        _case("c0", (1.0, 1.0, 0.9), (11, 21, 31)),
+        _case("c1", (0.89, 0.49, 0.49), (6, 6, 6)),
+    ]
+    c = A.replicate_choice(_replicate_rows(rare))
+    assert c["win_fraction"] == pytest.approx(3 / 12) and c["passed"] == [True, False, True, True]
+    small = [dict(c, **{f"dice_{g}": c[f"dice_{g}"] + 0.004 for g in A.REGIONS}) for c in BASE]
+    assert A.replicate_choice(_replicate_rows(small))["passed"][0] is False  # +0.004 < 0.005
+    with pytest.raises(SystemExit, match="replicate rule"):
+        A.replicate_choice(_replicate_rows(CAND)[:2])
