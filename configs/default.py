@@ -242,8 +242,8 @@ PRESET_FIELDS["cpu_best"] = {
 # nnU-Net's recipe parts that the 300-step screen kept (EXPERIMENTS.md, issue 24) on top of
 # cpu_best: 128 px patches of native 240 px slices (a third centred on tumour), nnU-Net's 2D
 # intensity augmentation (augment.NNUNET_2D without mirroring, rotation, scaling) and deep
-# supervision. Not cpu_best: on the 18 sample cases out of fold it has the better median case
-# but two failed cases (mean HD95 29 mm against 13); see EXPERIMENTS.md before choosing.
+# supervision. Not cpu_best: on two 3-fold replicates over the 18 sample cases it is better on
+# most cases but predicts no tumour core on one (BraTS2021_00014) both times; EXPERIMENTS.md.
 PRESET_FIELDS["cpu_recipe"] = {
     **PRESET_FIELDS["cpu_best"],
     "data.image_size": 240,
