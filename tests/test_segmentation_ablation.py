@@ -271,3 +271,11 @@ def test_replicate_rule_needs_all_four_conditions():
     assert A.replicate_choice(_replicate_rows(small))["passed"][0] is False  # +0.004 < 0.005
     with pytest.raises(SystemExit, match="replicate rule"):
         A.replicate_choice(_replicate_rows(CAND)[:2])
+
+
+def test_the_table_ends_with_the_replicate_rules_verdict():
+    rows = [dict(r, configs=[]) for r in _replicate_rows(CAND)]
+    table = A.markdown(dict(rows=rows, folds=[["c0", "c1"]]))
+    assert "candidate wins 0.625 of (case, metric) pairs" in table
+    assert f"conditions [True, True, True, True]; choice: {A.ISSUE24_CANDIDATE}." in table
+    assert "choice: context_regions." not in table.split("Replicate rule")[1]
