@@ -6,10 +6,10 @@
         [--set=FIELD=VALUE ...]
 
 The cases under `--data_root` are cut into `--folds` patient-level folds
-(`data.folds.fold_cases`, seed 0). Each training variant (`VARIANTS`: the `cpu` preset's
-budget with the variant's fields; "a+b" is variants a and b together) is trained once per
-fold: fold i's cases are that run's test cases, the other folds' cases train it (the `cpu`
-preset has no validation split).
+(`data.folds.fold_cases`, `--fold_seed`, 0 by default). Each training variant (`VARIANTS`:
+the `cpu` preset's budget with the variant's fields; "a+b" is variants a and b together) is
+trained once per fold: fold i's cases are that run's test cases, the other folds' cases
+train it (the `cpu` preset has no validation split).
 Stages, each resumable (finished parts are skipped), `all` runs them in order:
 
 * `train`: one `python -m brats_jax.main` per (variant, fold) into `DIR/runs/<variant>-fold<i>`,
