@@ -327,6 +327,11 @@ def _means(row: dict) -> tuple[float, float]:
     return float(dice), float(hd95)
 
 
+def _rule_rows(rows: list[dict]) -> dict[str, dict]:
+    """The rows issue 24's rules compare, by variant: no TTA, largest whole-tumour component."""
+    return {r["variant"]: r for r in rows if r["tta"] == "none" and r["pp"] == "largest"}
+
+
 def issue24_choice(rows: list[dict], dice_gain=0.005, hd95_slack=1.0) -> dict:
     """EXPERIMENTS.md's declared rule (issue 24) on the rows without TTA after the largest
     whole-tumour component: an addition ("cb_*") is kept when its mean Dice is at least the
@@ -335,7 +340,7 @@ def issue24_choice(rows: list[dict], dice_gain=0.005, hd95_slack=1.0) -> dict:
     combination when it was scored, is within `dice_gain` of the best kept single row and
     within `hd95_slack` of the baseline's HD95, else the best kept single row, else the
     baseline. Returns {means: {variant: (dice, hd95)}, kept, combination, choice}."""
-    means = {r["variant"]: _means(r) for r in rows if r["tta"] == "none" and r["pp"] == "largest"}
+    means = {v: _means(r) for v, r in _rule_rows(rows).items()}
     if ISSUE24_BASELINE not in means:
         raise SystemExit(f"error: no {ISSUE24_BASELINE} row (tta none, largest) to compare with")
     d0, h0 = means[ISSUE24_BASELINE]
@@ -382,7 +387,7 @@ def replicate_choice(rows, candidate=ISSUE24_CANDIDATE, dice_gain=0.005, low_wt=
     and (4) no more (case, region) HD95s at `metrics.HD95_EMPTY` (a region missed or
     invented) than the baseline. Returns {stats: {variant: (mean Dice, mean HD95, n low WT,
     n empty)}, win_fraction, passed (4 bools), choice}."""
-    pick = {r["variant"]: r for r in rows if r["tta"] == "none" and r["pp"] == "largest"}
+    pick = _rule_rows(rows)
     if missing := [v for v in (ISSUE24_BASELINE, candidate) if v not in pick]:
         raise SystemExit(f"error: no {missing} row (tta none, largest) for the replicate rule")
     stats = {}
