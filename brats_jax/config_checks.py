@@ -9,7 +9,7 @@ from collections.abc import Callable
 import ml_collections
 
 from brats_jax import config_utils, inference, losses, metrics, models, outputs, train_state
-from brats_jax.data import pipeline
+from brats_jax.data import patches, pipeline
 from brats_jax.models import pretrained, transunet, unet
 from brats_jax.ops import impls
 
@@ -24,6 +24,7 @@ def _losses(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 # config lacks (an old run's config) is not checked.
 CHOICES: dict[str, tuple | Callable[[ml_collections.ConfigDict], tuple]] = {
     "data.source": pipeline.SOURCES,
+    "data.foreground_sampling": patches.FOREGROUND_SAMPLING,
     "model.name": tuple(models.MODELS),
     "model.output": outputs.OUTPUTS,
     "model.norm": unet.NORMS,

@@ -80,6 +80,7 @@ ADDED_FIELDS = {
     "data.context_slices": 0,
     "data.patch_size": 0,
     "data.foreground_fraction": 0.33,
+    "data.foreground_sampling": "voxels",
     "postprocess.largest_component_only": False,
     "postprocess.min_component_voxels": 0,
     "postprocess.connectivity": 26,

@@ -43,7 +43,7 @@ SHARED_FIELDS = (
     "runtime",
     "data.image_size",
     "data.context_slices",
-    "data.patch_size",  # the train step's input shape (foreground_fraction may differ)
+    "data.patch_size",  # the train step's input shape (foreground_* may differ)
     "train.batch_size",
     "train.num_steps",
     "train.num_epochs",

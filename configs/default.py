@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     # validation, test and predict stay on whole slices. 0 = whole slices
     d.patch_size = 0
     d.foreground_fraction = 0.33
+    # the tumour voxel a foreground crop centres on: "voxels" = any, uniformly; "regions" =
+    # one of WT/TC/ET present in the slice first, then a voxel of it (nnU-Net's choice)
+    d.foreground_sampling = "voxels"
     d.num_workers = 0  # grain worker processes; 0 = read in the main process
     d.synthetic_num_cases = 24
     d.synthetic_slices_per_case = 24

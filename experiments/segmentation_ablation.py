@@ -25,7 +25,8 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   predictions, never on fold i's labels. Dice and HD95 per region per case
   (`metrics.evaluate_volume`, HD95 as `eval.hd95_mode`), mean and standard deviation over
   all cases, and each fold's mean. Writes `DIR/ablation.json` and `DIR/ablation.md`; with
-  issue 24's rows (`cb_*`) the table ends with its declared rule's verdict (`issue24_choice`).
+  issue 24's rows (`cb_*`) the table ends with its declared rules' verdicts (`issue24_choice`,
+  and `replicate_choice` for each combination).
 """
 
 from __future__ import annotations
@@ -405,7 +406,9 @@ def replicate_choice(rows, candidate=ISSUE24_CANDIDATE, dice_gain=0.005, low_wt=
 
 def markdown(record: dict) -> str:
     """The ablation table (mean ± SD [min, max] over cases), each fold's mean when there are
-    several folds, and the per-case scores of the baseline and the best row."""
+    several folds, issue 24's verdicts (`issue24_choice`; `replicate_choice` of each
+    combination "a+cb_b" against the baseline) and the per-case scores of the baseline and
+    the best row."""
     rows, folds = record["rows"], record["folds"]
     best = best_row(rows)
     head = "| variant | TTA | post-proc. | " + " | ".join(
@@ -449,8 +452,9 @@ def markdown(record: dict) -> str:
             f"Issue 24's rule (mean Dice / mean HD95, no TTA, largest): {cells}.",
             f"Kept: {c['kept'] or 'none'}; combination: {c['combination']}; choice: {c['choice']}.",
         ]
-    if {ISSUE24_BASELINE, ISSUE24_CANDIDATE} <= names:
-        c = replicate_choice(rows)
+    combinations = [v for v in dict.fromkeys(r["variant"] for r in rows) if "+cb_" in v]
+    for candidate in combinations if ISSUE24_BASELINE in names else []:
+        c = replicate_choice(rows, candidate)
         cells = ", ".join(
             f"{v} {d:.3f} / {h:.1f} mm / {n} WT < 0.75 / {e} empty"
             for v, (d, h, n, e) in c["stats"].items()

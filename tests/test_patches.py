@@ -1,5 +1,6 @@
-"""Training patches (`data.patch_size`, `data.foreground_fraction`, `data.patches`): crop
-shapes and windows, foreground sampling, determinism and resume, whole-slice evaluation of a
+"""Training patches (`data.patch_size`, `data.foreground_fraction`,
+`data.foreground_sampling`, `data.patches`): crop shapes and windows, foreground sampling by
+voxel and by region, determinism and resume, whole-slice evaluation of a
 run trained on patches, grouped runs, and the config errors."""
 
 import ml_collections
@@ -274,6 +275,48 @@ def test_grouped_runs_share_the_patch_size_not_the_fraction():
     assert run_group.group_key(a) != run_group.group_key(_tiny(**{"data.patch_size": 8}))
 
 
+def _core_and_oedema(size=64):
+    """A size x size label: oedema (2) on rows 40.., one necrosis voxel (1) at (2, 2) and one
+    enhancing voxel (3) at (2, size - 4), so an 8 px crop holds at most one of the three."""
+    label = np.zeros((size, size), np.int32)
+    label[40:] = 2
+    label[2, 2], label[2, size - 4] = 1, 3
+    return label
+
+
+def test_region_sampling_draws_one_present_region_then_a_voxel():
+    # regions WT = 1538 voxels, TC = {NCR, ET}, ET = {ET}; each drawn with p 1/3:
+    # P(ET voxel in crop) = 1/3 (ET) + 1/6 (TC) + 1/3 / 1538 (WT), P(NCR) = 1/6 + 1/3 / 1538
+    label, rng = _core_and_oedema(), np.random.default_rng(5)
+    n_wt = int((label > 0).sum())
+    for sampling, p_et, p_ncr in (
+        ("regions", 1 / 2 + 1 / (3 * n_wt), 1 / 6 + 1 / (3 * n_wt)),
+        ("voxels", 1 / n_wt, 1 / n_wt),
+    ):
+        crops = [label[y : y + 8, x : x + 8] for y, x in
+                 (crop_offset(label, 8, 1.0, rng, sampling) for _ in range(6000))]  # fmt: skip
+        assert abs(np.mean([(c == 3).any() for c in crops]) - p_et) < 0.025, sampling
+        assert abs(np.mean([(c == 1).any() for c in crops]) - p_ncr) < 0.02, sampling
+        assert all(c.any() for c in crops)  # fraction 1: every crop holds tumour
+    # only regions the slice holds are drawn: a lone oedema voxel is in every crop
+    label = np.zeros((64, 64), np.int32)
+    label[30, 50] = 2
+    for _ in range(200):
+        y0, x0 = crop_offset(label, 8, 1.0, rng, "regions")
+        assert label[y0 : y0 + 8, x0 : x0 + 8].any()
+
+
+def test_region_sampling_reaches_the_training_batches():
+    src = _PositionSource(4, [_core_and_oedema()] * 4)
+    src.base = np.zeros((64, 64, 4), np.float32)
+    share = {}
+    for sampling in ("voxels", "regions"):
+        config = _data(foreground_fraction=1.0, foreground_sampling=sampling)
+        labels = [lab for b in _batches(src, 50, config, batch_size=4) for lab in b["label"]]
+        share[sampling] = np.mean([(lab == 3).any() for lab in labels])
+    assert share["voxels"] < 0.02 and abs(share["regions"] - 0.5) < 0.08, share
+
+
 @pytest.mark.parametrize(
     "fields, size, match",
     [
@@ -304,3 +347,17 @@ def test_patch_errors_at_run_build_and_for_transunet(tmp_path):
     native = _tiny(**{"data.image_size": 0, "data.patch_size": 48})  # native 32 px slices
     with pytest.raises(DataError, match="larger than the 32-pixel slices"):
         run_group.build_run(native, tmp_path)
+
+
+def test_core_coverage_counts_the_share_of_the_slices_core_in_each_crop():
+    from experiments.crop_core_coverage import core_shares
+
+    label = np.zeros((S, S, 3), np.int32)
+    label[2, 2, 0], label[21, 21, 0] = 1, 3  # two core voxels 19 px apart: an 8 px crop holds one
+    label[5:9, 5:9, 1] = 2  # oedema only: not a core slice
+    label[10:12, 10:12, 2] = 3  # a 2x2 core: every crop centred on it holds all 4 voxels
+    rng = np.random.default_rng(6)
+    for sampling in ("voxels", "regions"):
+        shares = core_shares(label, 8, 400, rng, sampling)
+        assert set(np.round(shares, 6)) == {0.5, 1.0}, sampling
+        assert abs(np.mean(shares == 1.0) - 0.5) < 0.08  # the two core slices, drawn alike

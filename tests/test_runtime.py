@@ -111,6 +111,7 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
             "context_slices": 0,
             "patch_size": 0,
             "foreground_fraction": 0.33,
+            "foreground_sampling": "voxels",
         },
         "train": {"seed": 1},
         "runtime": {"ops": "gpu_fast"},

@@ -279,3 +279,13 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
     assert "candidate wins 0.625 of (case, metric) pairs" in table
     assert f"conditions [True, True, True, True]; choice: {A.ISSUE24_CANDIDATE}." in table
     assert "choice: context_regions." not in table.split("Replicate rule")[1]
+    # one verdict per combination: another one gets its own line
+    other = "cb_intensity+cb_patches"
+    more = [dict(r, variant=other) for r in rows[1:]]
+    empty = [CAND[0], dict(CAND[1], hd95_TC=metrics.HD95_EMPTY)]
+    more[1]["per_case"] = empty
+    lines = A.markdown(dict(rows=rows + more, folds=[["c0", "c1"]])).split("Replicate rule")
+    assert len(lines) == 3 and f"choice: {A.ISSUE24_CANDIDATE}." in lines[1]
+    assert f"{other} 0.708 / " in lines[2]  # Dice 2.125 / 3, as above
+    assert " mm / 0 WT < 0.75 / 1 empty;" in lines[2]
+    assert "conditions [True, True, True, False]; choice: context_regions." in lines[2]

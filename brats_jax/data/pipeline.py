@@ -291,12 +291,18 @@ class _Augment:
     the dataset seed and the record's position), so crops resume exactly."""
 
     def __init__(
-        self, image_size: int, random_flip: bool, patch_size: int = 0, foreground_fraction=0.0
+        self,
+        image_size: int,
+        random_flip: bool,
+        patch_size: int = 0,
+        foreground_fraction=0.0,
+        foreground_sampling="voxels",
     ):
         self.image_size = int(image_size)
         self.random_flip = bool(random_flip)
         self.patch_size = int(patch_size)
         self.foreground_fraction = float(foreground_fraction)
+        self.foreground_sampling = str(foreground_sampling)
 
     def __call__(self, rec: dict, rng: np.random.Generator) -> dict:
         flip = self.random_flip and bool(rng.integers(2))  # drawn first, as before patches
@@ -305,6 +311,7 @@ class _Augment:
             crop = functools.partial(
                 random_crop, patch_size=self.patch_size,
                 foreground_fraction=self.foreground_fraction, rng=rng,
+                sampling=self.foreground_sampling,
             )  # fmt: skip
         return _prepare_record(rec, self.image_size, flip, crop)
 
@@ -334,6 +341,7 @@ class TrainIterator:
         context_slices: int = 0,
         patch_size: int = 0,
         foreground_fraction: float = 0.0,
+        foreground_sampling: str = "voxels",
     ):
         import grain
 
@@ -356,7 +364,9 @@ class TrainIterator:
         image_size, flip, workers = int(image_size), bool(random_flip), int(num_workers)
         records = _Records(source, shard, context_slices)
         ds = grain.MapDataset.source(records).seed(int(seed)).shuffle().repeat()
-        ds = ds.random_map(_Augment(image_size, flip, patch_size, foreground_fraction))
+        ds = ds.random_map(
+            _Augment(image_size, flip, patch_size, foreground_fraction, foreground_sampling)
+        )
         read = grain.ReadOptions(
             num_threads=2 if workers == 0 else 1,
             prefetch_buffer_size=max(4, 2 * self.per_host_batch),
@@ -422,13 +432,14 @@ def make_train_iterator(
     static per-host sharding (indices[shard_index::shard_count]); with data.context_slices
     k > 0 each image holds its slice's context window, 4 (2k+1) channels (`data.context`);
     with data.patch_size p > 0 each image is a random p x p crop, data.foreground_fraction of
-    them centred on tumour (`data.patches`).
+    them centred on tumour as data.foreground_sampling says (`data.patches`).
     """
     d = data_config
     options = dict(image_size=d.image_size, random_flip=d.random_flip, num_workers=d.num_workers)
     options["context_slices"] = d.get("context_slices", 0)
     options["patch_size"] = d.get("patch_size", 0)
     options["foreground_fraction"] = d.get("foreground_fraction", 0.33)
+    options["foreground_sampling"] = d.get("foreground_sampling", "voxels")
     return TrainIterator(
         source, indices, batch_size=batch_size, seed=seed, shard_index=shard_index,
         shard_count=shard_count, **options,
