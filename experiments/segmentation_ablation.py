@@ -26,7 +26,8 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   (`metrics.evaluate_volume`, HD95 as `eval.hd95_mode`), mean and standard deviation over
   all cases, and each fold's mean. Writes `DIR/ablation.json` and `DIR/ablation.md`; with
   issue 24's rows (`cb_*`) the table ends with its declared rules' verdicts (`issue24_choice`,
-  and `replicate_choice` for each combination).
+  `replicate_choice` for each combination, and `diagnosis_candidate` when the combination's
+  leave-one-out rows are scored on BraTS2021_00014).
 """
 
 from __future__ import annotations
@@ -404,6 +405,34 @@ def replicate_choice(rows, candidate=ISSUE24_CANDIDATE, dice_gain=0.005, low_wt=
     return dict(stats=stats, win_fraction=win, passed=passed, choice=choice)
 
 
+def leave_one_out(combination: str = ISSUE24_CANDIDATE) -> list[str]:
+    """The variants that drop one part of `combination` ("a+b+c" -> "b+c", "a+c", "a+b",
+    parts kept in their order)."""
+    parts = combination.split("+")
+    return ["+".join(p for p in parts if p != drop) for drop in parts]
+
+
+DIAGNOSIS_CASE = "BraTS2021_00014"  # the case whose core the combination misses
+
+
+def diagnosis_candidate(rows, case=DIAGNOSIS_CASE, combination=ISSUE24_CANDIDATE) -> str | None:
+    """EXPERIMENTS.md's diagnosis rule (issue 24, declared 2026-12-04) on the rows without TTA
+    after the largest whole-tumour component: among `combination`'s leave-one-out rows, those
+    that predict a TC and an ET on `case` (HD95 below `metrics.HD95_EMPTY`), and of those the
+    one with the highest mean Dice over its scored cases; None when no row does."""
+    pick = _rule_rows(rows)
+    if missing := [v for v in leave_one_out(combination) if v not in pick]:
+        raise SystemExit(f"error: no {missing} row (tta none, largest) for the diagnosis rule")
+    found = []
+    for v in leave_one_out(combination):
+        scores = [c for c in pick[v]["per_case"] if c["case_id"] == case]
+        if not scores:
+            raise SystemExit(f"error: case {case} is not scored in row {v}")
+        if all(scores[0][f"hd95_{g}"] < metrics.HD95_EMPTY for g in ("TC", "ET")):
+            found.append(v)
+    return max(found, key=lambda v: _means(pick[v])[0], default=None)
+
+
 def markdown(record: dict) -> str:
     """The ablation table (mean ± SD [min, max] over cases), each fold's mean when there are
     several folds, issue 24's verdicts (`issue24_choice`; `replicate_choice` of each
@@ -465,6 +494,9 @@ def markdown(record: dict) -> str:
             f"candidate wins {c['win_fraction']:.3f} of (case, metric) pairs; "
             f"conditions {c['passed']}; choice: {c['choice']}.",
         ]
+    scored = {c["case_id"] for r in rows for c in r["per_case"]}
+    if set(leave_one_out()) <= set(_rule_rows(rows)) and DIAGNOSIS_CASE in scored:
+        out += ["", f"Diagnosis rule ({DIAGNOSIS_CASE}): candidate {diagnosis_candidate(rows)}."]
     for r in (rows[0], best):
         out += ["", f"Per case, {r['variant']} / TTA {r['tta']} / {r['pp']}:", ""]
         out += ["| case | " + " | ".join(KEYS) + " |", "|---|" + "---:|" * len(KEYS)]

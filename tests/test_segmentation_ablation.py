@@ -289,3 +289,44 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
     assert f"{other} 0.708 / " in lines[2]  # Dice 2.125 / 3, as above
     assert " mm / 0 WT < 0.75 / 1 empty;" in lines[2]
     assert "conditions [True, True, True, False]; choice: context_regions." in lines[2]
+
+
+def test_leave_one_out_drops_each_part_once():
+    assert A.leave_one_out("a+b+c") == ["b+c", "a+c", "a+b"]
+    assert A.leave_one_out() == [
+        "cb_intensity+cb_patches",
+        "cb_deep_supervision+cb_patches",
+        "cb_deep_supervision+cb_intensity",
+    ]
+
+
+def _diagnosis_rows(hd95_case, dice):
+    """The three leave-one-out rows; row i scores the diagnosis case with HD95s `hd95_case[i]`
+    (TC, ET) and every region of both cases with Dice `dice[i]`."""
+    rows = []
+    for v, (tc, et), d in zip(A.leave_one_out(), hd95_case, dice, strict=True):
+        cases = [
+            _case(A.DIAGNOSIS_CASE, (d, d, d), (5.0, tc, et)),
+            _case("other", (d, d, d), (5.0, 5.0, 5.0)),
+        ]
+        rows.append(dict(variant=v, tta="none", pp="largest", per_case=cases, configs=[]))
+    return rows
+
+
+def test_diagnosis_candidate_is_the_best_row_that_finds_the_core():
+    E = metrics.HD95_EMPTY
+    # the best row by Dice misses ET on the case: the next one that finds both is chosen
+    rows = _diagnosis_rows([(9.0, E), (12.0, 30.0), (8.0, 7.0)], [0.9, 0.7, 0.6])
+    assert A.diagnosis_candidate(rows) == A.leave_one_out()[1]
+    rows = _diagnosis_rows([(E, 9.0), (12.0, 30.0), (8.0, 7.0)], [0.6, 0.7, 0.8])
+    assert A.diagnosis_candidate(rows) == A.leave_one_out()[2]
+    assert A.diagnosis_candidate(_diagnosis_rows([(E, E), (E, 3.0), (3.0, E)], [0.9] * 3)) is None
+    # rows with TTA or without post-processing are not the rule's
+    perfect = _diagnosis_rows([(1.0, 1.0)] * 3, [1.0] * 3)[0]["per_case"]
+    others = [dict(rows[0], tta="flips", per_case=perfect), dict(rows[0], pp="none")]
+    others[1]["per_case"] = perfect
+    assert A.diagnosis_candidate(rows + others) == A.leave_one_out()[2]
+    with pytest.raises(SystemExit, match="diagnosis rule"):
+        A.diagnosis_candidate(rows[:2])
+    table = A.markdown(dict(rows=rows, folds=[[A.DIAGNOSIS_CASE, "other"]]))
+    assert f"Diagnosis rule ({A.DIAGNOSIS_CASE}): candidate {A.leave_one_out()[2]}." in table
