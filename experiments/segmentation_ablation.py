@@ -28,12 +28,17 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   issue 24's rows (`cb_*`) the table ends with its declared rules' verdicts (`issue24_choice`,
   `replicate_choice` for each combination, and `diagnosis_candidate` when the combination's
   leave-one-out rows are scored on BraTS2021_00014).
+
+`table --records=A.json,B.json` prints the table and verdicts of records already scored
+(rows of the same folds, e.g. those kept in `experiments/results/` and a variant scored
+later), without their run folders.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import pathlib
@@ -506,11 +511,43 @@ def markdown(record: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _read_record(path: str) -> dict:
+    try:
+        return json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as e:
+        msg = f"error: --records {path}: expected a score record (ablation.json): {e}"
+        raise SystemExit(msg) from None
+
+
+def merge_records(records: list[dict]) -> dict:
+    """One record holding the rows of several `score` records (`ablation.json`) of the same
+    folds, e.g. a record kept in `experiments/results/` and a variant scored later in another
+    folder; records of other folds or HD95 modes, or a row (variant, TTA, post-processing)
+    in two records, are a one-line error."""
+    first = records[0]
+    seen: set = set()
+    rows = []
+    for rec in records:
+        for field in ("folds", "hd95_mode"):
+            if rec[field] != first[field]:
+                raise SystemExit(
+                    f"error: records differ in {field}: {rec[field]} != {first[field]}"
+                )
+        for r in rec["rows"]:
+            key = (r["variant"], r["tta"], r["pp"])
+            if key in seen:
+                raise SystemExit(f"error: row {key} is in two records")
+            seen.add(key)
+            rows.append(r)
+    return {**first, "rows": rows}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stages", help="all, or some of train,predict,score (comma-separated)")
-    p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
-    p.add_argument("--out", required=True, type=pathlib.Path)
+    p.add_argument("stages", help="all, or some of train,predict,score (comma-separated), or table")
+    p.add_argument("--data_root", help="folder of the NIfTI case folders")
+    p.add_argument("--out", type=pathlib.Path)
+    p.add_argument("--records", default="", help="table: ablation.json files, comma-separated")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--fold_seed", type=int, default=0, help="shuffles the cases into folds")
     p.add_argument("--test_cases", default="", help="a fixed split instead of folds: IDs")
@@ -523,6 +560,14 @@ def main(argv=None) -> int:
     p.add_argument("--no_tuned", action="store_true", help="score without the tuned rows")
     p.add_argument("--cache_dir", type=pathlib.Path, default=None, help="default: OUT/cache")
     args = p.parse_args(argv)
+    if args.stages == "table":  # the rows of scored records, without their run folders
+        if not args.records:
+            raise SystemExit("error: table needs --records=A.json[,B.json...]")
+        record = merge_records([_read_record(f) for f in args.records.split(",")])
+        print(markdown(record))
+        return 0
+    if not (args.data_root and args.out):
+        raise SystemExit(f"error: {args.stages} needs --data_root and --out")
     stages = ["train", "predict", "score"] if args.stages == "all" else args.stages.split(",")
     if bad := sorted(set(stages) - {"train", "predict", "score"}):
         raise SystemExit(f"error: stages {bad}: expected all, or some of train,predict,score")

@@ -1,6 +1,7 @@
 """experiments.segmentation_ablation: folds, run commands, cross-fold tuning, row choice."""
 
 import concurrent.futures
+import json
 import pathlib
 import types
 
@@ -330,3 +331,22 @@ def test_diagnosis_candidate_is_the_best_row_that_finds_the_core():
         A.diagnosis_candidate(rows[:2])
     table = A.markdown(dict(rows=rows, folds=[[A.DIAGNOSIS_CASE, "other"]]))
     assert f"Diagnosis rule ({A.DIAGNOSIS_CASE}): candidate {A.leave_one_out()[2]}." in table
+
+
+def test_table_merges_records_of_the_same_folds(tmp_path, capsys):
+    rows = [dict(r, configs=[]) for r in _replicate_rows(CAND)]
+    base = dict(folds=[["c0", "c1"]], fold_seed=1, hd95_mode="max")
+    (tmp_path / "a.json").write_text(json.dumps(dict(base, rows=rows[:1])))  # the baseline
+    (tmp_path / "b.json").write_text(json.dumps(dict(base, rows=rows[1:])))  # the candidate
+    merged = A.merge_records([dict(base, rows=rows[:1]), dict(base, rows=rows[1:])])
+    assert [r["per_case"] for r in merged["rows"]] == [r["per_case"] for r in rows]
+    assert A.main(["table", f"--records={tmp_path / 'a.json'},{tmp_path / 'b.json'}"]) == 0
+    assert f"choice: {A.ISSUE24_CANDIDATE}." in capsys.readouterr().out  # needs both records
+    with pytest.raises(SystemExit, match=r"differ in folds"):
+        A.merge_records([dict(base, rows=rows[:1]), dict(base, folds=[["c0"], ["c1"]], rows=[])])
+    with pytest.raises(SystemExit, match=r"row \('context_regions', 'none', 'largest'\) is in two"):
+        A.merge_records([dict(base, rows=rows[:1])] * 2)
+    with pytest.raises(SystemExit, match=r"--records .*missing.json: expected a score record"):
+        A.main(["table", f"--records={tmp_path / 'missing.json'}"])
+    with pytest.raises(SystemExit, match="train needs --data_root and --out"):
+        A.main(["train", "--out=x"])
