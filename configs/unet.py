@@ -1,9 +1,10 @@
 """The study's U-Net (31,032,516 parameters at the defaults).
 
 Presets: `configs/unet.py:paper` (LR 1e-4, the study's baseline), `:demo`, `:tiny`, `:cpu`,
-`:cpu_best` (`:cpu` with the segmentation options that measured best, EXPERIMENTS.md),
-`:cpu_recipe` (`:cpu_best` with nnU-Net's patches, intensity augmentation and deep
-supervision: the issue-24 combination, EXPERIMENTS.md), `:smoke`.
+`:cpu_best` (`:cpu` with the options chosen by cross-validation on the real sample: 2.5D
+input, region outputs, the largest component, deep supervision, intensity augmentation;
+EXPERIMENTS.md), `:cpu_recipe` (`:cpu_best` with nnU-Net's native-resolution patches: the
+issue-24 combination, EXPERIMENTS.md), `:smoke`.
 """
 
 import ml_collections

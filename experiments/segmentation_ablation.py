@@ -61,31 +61,32 @@ VARIANTS: dict[str, dict] = {
     "context_regions": {"data.context_slices": 1, "model.output": "regions"},
 }
 ISSUE19_VARIANTS = tuple(VARIANTS)  # the default `--variants` (EXPERIMENTS.md's table)
-# Issue 24's rows: each of nnU-Net's recipe parts alone on top of `cpu_best`'s training
-# fields (context_regions; its largest-component rule is the `largest` row of `score`).
-_CPU_BEST = VARIANTS["context_regions"]
+# Issue 24's rows: each of nnU-Net's recipe parts alone on top of issue 19's options
+# (context_regions: `cpu_best`'s training fields until 2026-12-06; its largest-component rule
+# is the `largest` row of `score`).
+_ISSUE19 = VARIANTS["context_regions"]
 _AUGMENT = {f"augment.{k}": v for k, v in augment.NNUNET_2D.items()}
 _SPATIAL = ("mirror_p", "rotation_p", "rotation_degrees", "scale_p")
 VARIANTS.update(
     {
         # native 240 px slices, 128 px training crops (the cpu budget's pixels per step)
-        "cb_patches": {**_CPU_BEST, "data.image_size": 240, "data.patch_size": 128},
+        "cb_patches": {**_ISSUE19, "data.image_size": 240, "data.patch_size": 128},
         "cb_spatial": {
-            **_CPU_BEST,
+            **_ISSUE19,
             **{k: v for k, v in _AUGMENT.items() if k[8:] in _SPATIAL},
         },
         "cb_intensity": {
-            **_CPU_BEST,
+            **_ISSUE19,
             **{k: v for k, v in _AUGMENT.items() if k[8:] not in _SPATIAL and k.endswith("_p")},
         },
-        "cb_instance_norm": {**_CPU_BEST, "model.norm": "instance"},
-        "cb_deep_supervision": {**_CPU_BEST, "model.deep_supervision": True},
+        "cb_instance_norm": {**_ISSUE19, "model.norm": "instance"},
+        "cb_deep_supervision": {**_ISSUE19, "model.deep_supervision": True},
         # inference only (eval.* fields): "x+sliding_window" predicts with x's own runs
         "sliding_window": {"eval.sliding_window": True},
     }
 )
 CONFIG = "configs/unet.py:cpu"
-ISSUE24_BASELINE = "context_regions"  # today's cpu_best's training fields
+ISSUE24_BASELINE = "context_regions"  # issue 19's options (cpu_best until 2026-12-06)
 
 
 def variant_fields(name: str) -> dict:

@@ -52,12 +52,21 @@ def test_presets_are_field_dicts_on_a_locked_config():
 
 def test_cpu_best_is_the_cpu_budget_plus_the_segmentation_options():
     """`cpu_best` trains on the `cpu` preset's budget (same steps, batch, size, schedule,
-    network): it differs from it only in issue 19's options."""
+    network): it differs from it only in issue 19's options and issue 24's choice (deep
+    supervision, nnU-Net's 2D intensity augmentation probabilities)."""
     diff = config_utils.config_diff(
         unet.get_config("cpu").to_dict(), unet.get_config("cpu_best").to_dict()
     )
     assert diff == [
+        ("augment.blur_p", 0.0, 0.2),
+        ("augment.brightness_p", 0.0, 0.15),
+        ("augment.contrast_p", 0.0, 0.15),
+        ("augment.gamma_inverted_p", 0.0, 0.1),
+        ("augment.gamma_p", 0.0, 0.3),
+        ("augment.lowres_p", 0.0, 0.25),
+        ("augment.noise_p", 0.0, 0.1),
         ("data.context_slices", 0, 1),
+        ("model.deep_supervision", False, True),
         ("model.output", "classes", "regions"),
         ("name", "unet-cpu", "unet-cpu_best"),
         ("postprocess.largest_component_only", False, True),

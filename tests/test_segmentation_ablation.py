@@ -82,11 +82,12 @@ def test_best_row_is_the_lowest_hd95_without_losing_dice():
     assert "Per case, b / TTA none / none" in md and "| c1 | 0.900 | 0.900 | 0.900 | 5.0" in md
 
 
-def test_issue24_variants_are_cpu_best_plus_one_part_each():
-    """Each issue-24 row is `cpu_best` (`configs/unet.py:cpu_best`) with one part of nnU-Net's
-    recipe changed, and nothing else: its config diff against `cpu_best` is exactly the
-    fields named here (values by hand from nnU-Net's 2D defaults), and it passes the run's
-    own checks (a misspelt or out-of-range field would raise)."""
+def test_issue24_variants_are_issue19_options_plus_one_part_each():
+    """Each issue-24 row is issue 19's options (`cpu` + 2.5D input + region outputs,
+    `cpu_best`'s training fields until 2026-12-06) with one part of nnU-Net's recipe changed,
+    and nothing else: its config diff against them is exactly the fields named here (values
+    by hand from nnU-Net's 2D defaults), and it passes the run's own checks (a misspelt or
+    out-of-range field would raise)."""
     from brats_jax import augment, config_checks, config_utils
     from configs import unet
 
@@ -103,13 +104,12 @@ def test_issue24_variants_are_cpu_best_plus_one_part_each():
         "cb_instance_norm": {"model.norm": "instance"},
         "cb_deep_supervision": {"model.deep_supervision": True},
     }  # fmt: skip
-    best = unet.get_config("cpu_best")
+    issue19 = unet.get_config("cpu")
+    config_utils.apply_overrides(issue19, {"data.context_slices": 1, "model.output": "regions"})
     for name, fields in expected.items():
         c = unet.get_config("cpu")
         config_utils.apply_overrides(c, A.VARIANTS[name])
-        diff = {f: new for f, _, new in config_utils.config_diff(best.to_dict(), c.to_dict())}
-        diff.pop("postprocess.largest_component_only")  # the `largest` row applies it
-        diff.pop("name")
+        diff = {f: new for f, _, new in config_utils.config_diff(issue19.to_dict(), c.to_dict())}
         assert diff == fields, name
         config_checks.check_choices(c)
         augment.from_config(c)
@@ -194,20 +194,24 @@ def test_train_stage_trains_a_shared_run_once(tmp_path, monkeypatch):
     assert workdirs == [f"--workdir={tmp_path}/runs/cb_patches-fold{i}" for i in (0, 1)]
 
 
-def test_cpu_recipe_preset_is_the_measured_combination():
-    """`configs/unet.py:cpu_recipe` trains exactly what the ablation's combination row
-    measured (EXPERIMENTS.md), with cpu_best's largest-component rule on."""
+@pytest.mark.parametrize(
+    "preset, row",
+    [
+        ("cpu_best", "cb_deep_supervision+cb_intensity"),  # the replicate rule's choice
+        ("cpu_recipe", "cb_deep_supervision+cb_intensity+cb_patches"),  # the combination
+    ],
+)
+def test_preset_trains_the_measured_row(preset, row):
+    """`configs/unet.py:<preset>` trains exactly what its ablation row measured
+    (EXPERIMENTS.md), with the largest-component rule of the `largest` row on."""
     from brats_jax import config_utils
     from configs import unet
 
     measured = unet.get_config("cpu")
-    config_utils.apply_overrides(
-        measured, A.variant_fields("cb_deep_supervision+cb_intensity+cb_patches")
-    )
-    recipe = unet.get_config("cpu_recipe")
-    diff = config_utils.config_diff(measured.to_dict(), recipe.to_dict())
+    config_utils.apply_overrides(measured, A.variant_fields(row))
+    diff = config_utils.config_diff(measured.to_dict(), unet.get_config(preset).to_dict())
     assert sorted(diff) == [
-        ("name", "unet-cpu", "unet-cpu_recipe"),
+        ("name", "unet-cpu", f"unet-{preset}"),
         ("postprocess.largest_component_only", False, True),
     ]
 
