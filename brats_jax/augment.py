@@ -106,13 +106,10 @@ OFF_FIELDS = dataclasses.asdict(AugmentConfig())
 # preserve_range, p 0.15; SimulateLowResolutionTransform scale=(0.5, 1), p_per_channel=0.5,
 # p 0.25; GammaTransform BGContrast((0.7, 1.5)), retain stats, p_invert_image=1 with p 0.1,
 # then p_invert_image=0 with p 0.3; MirrorTransform (each axis with p 0.5). nnU-Net has no
-# modality dropout. Put these into a preset as {f"augment.{k}": v for k, v in NNUNET_2D.items()}.
-NNUNET_2D = {
-    **OFF_FIELDS,
-    "mirror_p": 0.5,
-    "rotation_p": 0.2,
-    "rotation_degrees": 180.0,
-    "scale_p": 0.2,
+# modality dropout. Put these into a preset as {f"augment.{k}": v for k, v in NNUNET_2D.items()};
+# the spatial and the intensity parts alone are NNUNET_2D_SPATIAL and NNUNET_2D_INTENSITY.
+NNUNET_2D_SPATIAL = {"mirror_p": 0.5, "rotation_p": 0.2, "rotation_degrees": 180.0, "scale_p": 0.2}
+NNUNET_2D_INTENSITY = {
     "noise_p": 0.1,
     "blur_p": 0.2,
     "brightness_p": 0.15,
@@ -121,6 +118,7 @@ NNUNET_2D = {
     "gamma_inverted_p": 0.1,
     "gamma_p": 0.3,
 }
+NNUNET_2D = {**OFF_FIELDS, **NNUNET_2D_SPATIAL, **NNUNET_2D_INTENSITY}
 
 
 def from_config(config) -> AugmentConfig:

@@ -9,7 +9,7 @@ Every field can be overridden on the command line, e.g. `--config.train.learning
 
 import ml_collections
 
-from brats_jax import config_utils
+from brats_jax import augment, config_utils
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -235,15 +235,7 @@ PRESET_FIELDS["smoke"] = {
     "eval.max_val_batches": 4,
 }
 # nnU-Net's 2D intensity augmentation (augment.NNUNET_2D without mirroring, rotation, scaling).
-_INTENSITY_AUGMENT = {
-    "augment.noise_p": 0.1,
-    "augment.blur_p": 0.2,
-    "augment.brightness_p": 0.15,
-    "augment.contrast_p": 0.15,
-    "augment.lowres_p": 0.25,
-    "augment.gamma_inverted_p": 0.1,
-    "augment.gamma_p": 0.3,
-}
+_INTENSITY_AUGMENT = {f"augment.{k}": v for k, v in augment.NNUNET_2D_INTENSITY.items()}
 # cpu_best: issue 19's options (EXPERIMENTS.md, "Segmentation options": 2.5D input, WT/TC/ET
 # region outputs, the largest whole-tumour component; cpu_best until 2026-12-06) plus the two
 # recipe parts the issue-24 rule chose on two 3-fold replicates over the 18 sample cases: deep

@@ -66,7 +66,7 @@ ISSUE19_VARIANTS = tuple(VARIANTS)  # the default `--variants` (EXPERIMENTS.md's
 # is the `largest` row of `score`).
 _ISSUE19 = VARIANTS["context_regions"]
 _AUGMENT = {f"augment.{k}": v for k, v in augment.NNUNET_2D.items()}
-_SPATIAL = ("mirror_p", "rotation_p", "rotation_degrees", "scale_p")
+_SPATIAL = tuple(augment.NNUNET_2D_SPATIAL)
 VARIANTS.update(
     {
         # native 240 px slices, 128 px training crops (the cpu budget's pixels per step)
@@ -367,6 +367,7 @@ def issue24_choice(rows: list[dict], dice_gain=0.005, hd95_slack=1.0) -> dict:
 
 
 ISSUE24_CANDIDATE = "cb_deep_supervision+cb_intensity+cb_patches"  # cpu_recipe's fields
+CPU_BEST_VARIANT = "cb_deep_supervision+cb_intensity"  # cpu_best's training since 2026-12-06
 
 
 def brats_win_fraction(a: list[dict], b: list[dict]) -> float:
@@ -387,28 +388,39 @@ def brats_win_fraction(a: list[dict], b: list[dict]) -> float:
     return float(np.mean(wins))
 
 
-def replicate_choice(rows, candidate=ISSUE24_CANDIDATE, dice_gain=0.005, low_wt=0.75) -> dict:
+def replicate_choice(
+    rows, candidate=ISSUE24_CANDIDATE, baseline=ISSUE24_BASELINE, dice_gain=0.005, low_wt=0.75
+) -> dict:
     """EXPERIMENTS.md's replicate rule (issue 24, declared 2026-12-04) on the rows without TTA
-    after the largest whole-tumour component: `candidate` replaces the baseline when (1) its
+    after the largest whole-tumour component: `candidate` replaces `baseline` when (1) its
     mean Dice is at least the baseline's + `dice_gain`, (2) it wins over half of the (case,
     metric) pairs (`brats_win_fraction`), (3) it has no more cases with WT Dice < `low_wt`
     and (4) no more (case, region) HD95s at `metrics.HD95_EMPTY` (a region missed or
     invented) than the baseline. Returns {stats: {variant: (mean Dice, mean HD95, n low WT,
     n empty)}, win_fraction, passed (4 bools), choice}."""
     pick = _rule_rows(rows)
-    if missing := [v for v in (ISSUE24_BASELINE, candidate) if v not in pick]:
+    if missing := [v for v in (baseline, candidate) if v not in pick]:
         raise SystemExit(f"error: no {missing} row (tta none, largest) for the replicate rule")
     stats = {}
-    for v in (ISSUE24_BASELINE, candidate):
+    for v in (baseline, candidate):
         pc = pick[v]["per_case"]
         low = sum(c["dice_WT"] < low_wt for c in pc)
         empty = sum(c[f"hd95_{g}"] == metrics.HD95_EMPTY for c in pc for g in REGIONS)
         stats[v] = (*_means(pick[v]), low, empty)
-    base, cand = stats[ISSUE24_BASELINE], stats[candidate]
-    win = brats_win_fraction(pick[candidate]["per_case"], pick[ISSUE24_BASELINE]["per_case"])
+    base, cand = stats[baseline], stats[candidate]
+    win = brats_win_fraction(pick[candidate]["per_case"], pick[baseline]["per_case"])
     passed = [cand[0] >= base[0] + dice_gain, win > 0.5, cand[2] <= base[2], cand[3] <= base[3]]
-    choice = candidate if all(passed) else ISSUE24_BASELINE
+    choice = candidate if all(passed) else baseline
     return dict(stats=stats, win_fraction=win, passed=passed, choice=choice)
+
+
+def replicate_baselines(candidate: str, scored) -> list[str]:
+    """The rows a combination is held against by the replicate rule: issue 19's options
+    (`ISSUE24_BASELINE`) and, when `candidate` adds parts to it and it was scored (a name in
+    `scored`), today's `cpu_best` row (`CPU_BEST_VARIANT`)."""
+    extends = set(CPU_BEST_VARIANT.split("+")) < set(candidate.split("+"))
+    on_cpu_best = extends and CPU_BEST_VARIANT in scored
+    return [ISSUE24_BASELINE] + ([CPU_BEST_VARIANT] if on_cpu_best else [])
 
 
 def leave_one_out(combination: str = ISSUE24_CANDIDATE) -> list[str]:
@@ -488,8 +500,9 @@ def markdown(record: dict) -> str:
             f"Kept: {c['kept'] or 'none'}; combination: {c['combination']}; choice: {c['choice']}.",
         ]
     combinations = [v for v in dict.fromkeys(r["variant"] for r in rows) if "+cb_" in v]
-    for candidate in combinations if ISSUE24_BASELINE in names else []:
-        c = replicate_choice(rows, candidate)
+    tests = [(c, b) for c in combinations for b in replicate_baselines(c, names) if b in names]
+    for candidate, baseline in tests:
+        c = replicate_choice(rows, candidate, baseline)
         cells = ", ".join(
             f"{v} {d:.3f} / {h:.1f} mm / {n} WT < 0.75 / {e} empty"
             for v, (d, h, n, e) in c["stats"].items()

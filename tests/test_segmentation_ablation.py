@@ -296,6 +296,31 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
     assert "conditions [True, True, True, False]; choice: context_regions." in lines[2]
 
 
+def test_a_combination_on_top_of_cpu_best_is_held_against_it_too():
+    spatial = A.CPU_BEST_VARIANT + "+cb_spatial"
+    assert A.replicate_baselines(spatial, {A.CPU_BEST_VARIANT}) == [
+        "context_regions",
+        "cb_deep_supervision+cb_intensity",
+    ]
+    assert A.replicate_baselines(spatial, set()) == ["context_regions"]  # not scored
+    assert A.replicate_baselines("cb_intensity+cb_patches", {A.CPU_BEST_VARIANT}) == [
+        "context_regions"
+    ]  # does not add to cpu_best
+    assert A.replicate_baselines(A.CPU_BEST_VARIANT, {A.CPU_BEST_VARIANT}) == ["context_regions"]
+    row = lambda v, pc: dict(variant=v, tta="none", pp="largest", per_case=pc, configs=[])
+    # the candidate scores what cpu_best scores: it beats issue 19's options (CAND against
+    # BASE, as above) and ties cpu_best on every pair (win share 0.5, no Dice gain)
+    rows = [row("context_regions", BASE), row(A.CPU_BEST_VARIANT, CAND), row(spatial, CAND)]
+    c = A.replicate_choice(rows, spatial, A.CPU_BEST_VARIANT)
+    assert c["win_fraction"] == 0.5 and c["passed"] == [False, False, True, True]
+    assert c["choice"] == A.CPU_BEST_VARIANT
+    lines = A.markdown(dict(rows=rows, folds=[["c0", "c1"]])).split("Replicate rule")[1:]
+    verdicts = [ln.split("choice: ")[1].split(".")[0] for ln in lines]
+    # cpu_best against issue 19's options; the candidate against both
+    assert verdicts == [A.CPU_BEST_VARIANT, spatial, A.CPU_BEST_VARIANT]
+    assert "wins 0.500 of" in lines[2] and "wins 0.625 of" in lines[1]
+
+
 def test_leave_one_out_drops_each_part_once():
     assert A.leave_one_out("a+b+c") == ["b+c", "a+c", "a+b"]
     assert A.leave_one_out() == [
