@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 
 import numpy as np
@@ -25,6 +24,7 @@ from scipy import stats
 
 from brats_jax import MODALITIES
 from brats_jax.data import brats
+from experiments import segmentation_ablation
 
 OEDEMA = 2  # training label of the peritumoral oedema (brats.to_train_labels)
 
@@ -45,13 +45,10 @@ def read_wt_dice(path: str, variant: str | None = None) -> dict[str, float]:
     """{case_id: WT Dice} from a per-case CSV, or from row `variant` (TTA "none", post-processing
     "largest") of a `segmentation_ablation` record (.json)."""
     if path.endswith(".json"):
-        rows = json.load(open(path))["rows"]
-        pick = [
-            r for r in rows if (r["variant"], r["tta"], r["pp"]) == (variant, "none", "largest")
-        ]
-        if len(pick) != 1:
+        rows = segmentation_ablation._rule_rows(segmentation_ablation._read_record(path)["rows"])
+        if variant not in rows:
             raise SystemExit(f"error: --scores {path}: no row {variant!r} (tta none, largest)")
-        return {c["case_id"]: float(c["dice_WT"]) for c in pick[0]["per_case"]}
+        return {c["case_id"]: float(c["dice_WT"]) for c in rows[variant]["per_case"]}
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"case_id", "dice_WT"} <= set(rows[0]):

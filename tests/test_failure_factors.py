@@ -34,8 +34,8 @@ def test_read_wt_dice_from_a_csv_and_from_the_rule_row_of_a_record(tmp_path):
     row = lambda v, tta, pp, d: dict(
         variant=v, tta=tta, pp=pp, per_case=[dict(case_id="a", dice_WT=d)]
     )
-    rows = [row("x", "none", "none", 0.1), row("x", "flips", "largest", 0.2)]
-    rows += [row("x", "none", "largest", 0.3), row("y", "none", "largest", 0.4)]
+    rows = [row("x", "none", "largest", 0.3), row("x", "none", "none", 0.1)]
+    rows += [row("x", "flips", "largest", 0.2), row("y", "none", "largest", 0.4)]
     (tmp_path / "r.json").write_text(json.dumps(dict(rows=rows)))
     assert F.read_wt_dice(str(tmp_path / "r.json"), "x") == {"a": 0.3}
     with pytest.raises(SystemExit, match="no row 'z'"):
