@@ -79,6 +79,18 @@ VARIANTS.update(
             **_ISSUE19,
             **{k: v for k, v in _AUGMENT.items() if k[8:] not in _SPATIAL and k.endswith("_p")},
         },
+        # nnU-Net's contrast transform at nnUNetTrainerDA5's range, (0.5, 2) instead of
+        # (0.75, 1.25) (github.com/MIC-DKFZ/nnUNet, commit 02153c6, nnunetv2/training/
+        # nnUNetTrainer/variants/data_augmentation/nnUNetTrainerDA5.py:
+        # ContrastAugmentationTransform contrast_range=(0.5, 2), p_per_sample 0.2,
+        # p_per_channel 0.5); p stays nnU-Net's default 0.15 (per modality, so a modality is
+        # changed at least as often as DA5's 0.1) and adds to "cb_intensity" without conflict
+        "cb_wide_contrast": {
+            **_ISSUE19,
+            "augment.contrast_p": augment.NNUNET_2D_INTENSITY["contrast_p"],
+            "augment.contrast_min": 0.5,
+            "augment.contrast_max": 2.0,
+        },
         "cb_instance_norm": {**_ISSUE19, "model.norm": "instance"},
         "cb_deep_supervision": {**_ISSUE19, "model.deep_supervision": True},
         # inference only (eval.* fields): "x+sliding_window" predicts with x's own runs
