@@ -6,7 +6,8 @@
 
 For every case under `--data_root`, z-scored over its brain as training sees it
 (`brats.load_case`): its whole-tumour volume (cm3, voxel size from the affine) and the mean of
-each modality over its oedema (label 2), in brain standard deviations. With `--scores` (a
+each modality over its oedema (label 2), in brain standard deviations, and the oedema's
+contrast in interquartile ranges of the normal-appearing brain (`case_factors`). With `--scores` (a
 per-case CSV with `case_id` and `dice_WT` columns, as `brats_jax.evaluate` and a training's
 test pass write, or a `segmentation_ablation` record whose row `--variant`, no TTA, largest
 component, is read) it prints each scored case's WT Dice beside its factors and the Spearman
@@ -29,15 +30,27 @@ from experiments import segmentation_ablation
 OEDEMA = 2  # training label of the peritumoral oedema (brats.to_train_labels)
 
 
-def case_factors(image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+def case_factors(
+    image: np.ndarray, label: np.ndarray, affine: np.ndarray, brain: np.ndarray | None = None
+) -> dict[str, float]:
     """A case's failure factors: `wt_cm3` (label > 0 voxels x the affine's voxel volume, cm3)
     and `oedema_<modality>` (the mean of (H, W, D, 4) `image` over label == 2, NaN without
-    oedema), `label` (H, W, D) in {0..3}."""
+    oedema), `label` (H, W, D) in {0..3}. With `brain` (bool (H, W, D)) also
+    `iqr_<modality>`: (median over the oedema - median over the normal-appearing brain,
+    brain & label == 0) / that brain's interquartile range; any per-case scaling a * x + b
+    (a > 0) leaves it unchanged, so it is the oedema's contrast under a robust normalisation
+    as well as under today's."""
     voxel_mm3 = abs(float(np.linalg.det(np.asarray(affine)[:3, :3])))
     out = {"wt_cm3": float((label > 0).sum()) * voxel_mm3 / 1000.0}
     oedema = label == OEDEMA
     for i, m in enumerate(MODALITIES):
         out[f"oedema_{m}"] = float(image[..., i][oedema].mean()) if oedema.any() else np.nan
+    if brain is not None:
+        normal = brain & (label == 0)
+        for i, m in enumerate(MODALITIES):
+            q1, median, q3 = np.percentile(image[..., i][normal], [25, 50, 75])
+            lesion = np.median(image[..., i][oedema]) if oedema.any() else np.nan
+            out[f"iqr_{m}"] = float((lesion - median) / (q3 - q1)) if q3 > q1 else np.nan
     return out
 
 
@@ -66,7 +79,7 @@ def main(argv=None) -> int:
     factors = {}
     for case in brats.find_cases(args.data_root):
         d = brats.load_case(case, require_label=True)
-        factors[case.case_id] = case_factors(d.image, d.label, d.affine)
+        factors[case.case_id] = case_factors(d.image, d.label, d.affine, d.brain)
     names = list(next(iter(factors.values())))
     print("| case | " + " | ".join(names) + " | WT Dice |")
     print("|---|" + "---:|" * (len(names) + 1))

@@ -27,6 +27,23 @@ def test_case_factors_by_hand():
     assert np.isnan(F.case_factors(image, np.where(label == 2, 0, label), affine)["oedema_flair"])
 
 
+def test_oedema_contrast_in_interquartile_ranges_of_the_normal_brain_by_hand():
+    label = np.zeros((4, 3, 1), np.int32)
+    label[0, :, 0] = 2  # oedema: FLAIR 6, 7, 11 (median 7, mean 8)
+    label[1, 0, 0] = 3  # enhancing: neither oedema nor normal brain
+    brain = np.ones_like(label, bool)
+    brain[3, :, 0] = False  # background
+    image = np.zeros((4, 3, 1, 4), np.float32)
+    image[..., 0, 0] = [[6.0, 7.0, 11.0], [100.0, 0.0, 1.0], [2.0, 3.0, 4.0], [-9.0, -9.0, -9.0]]
+    # normal brain FLAIR 0, 1, 2, 3, 4: median 2, quartiles 1 and 3 -> (7 - 2) / 2
+    f = F.case_factors(image, label, np.eye(4), brain)
+    assert f["iqr_flair"] == pytest.approx(2.5)
+    scaled = F.case_factors(3.0 * image - 7.0, label, np.eye(4), brain)  # another z-scoring
+    assert scaled["iqr_flair"] == pytest.approx(2.5)
+    assert np.isnan(f["iqr_t2"])  # a constant modality has no spread
+    assert "iqr_flair" not in F.case_factors(image, label, np.eye(4))
+
+
 def test_read_wt_dice_from_a_csv_and_from_the_rule_row_of_a_record(tmp_path):
     csv_path = tmp_path / "per_case.csv"
     csv_path.write_text("case_id,dice_TC,dice_WT\na,0.1,0.8\nb,0.2,0.55\n")
