@@ -7,11 +7,11 @@
 For every case under `--data_root`, z-scored over its brain as training sees it
 (`brats.load_case`): its whole-tumour volume (cm3, voxel size from the affine) and the mean of
 each modality over its oedema (label 2), in brain standard deviations, and the oedema's
-contrast in interquartile ranges of the normal-appearing brain (`case_factors`). With `--scores` (a
-per-case CSV with `case_id` and `dice_WT` columns, as `brats_jax.evaluate` and a training's
-test pass write, or a `segmentation_ablation` record whose row `--variant`, no TTA, largest
-component, is read) it prints each scored case's WT Dice beside its factors and the Spearman
-rank correlation of WT Dice with each factor (`scipy.stats.spearmanr`).
+contrast in interquartile ranges of the normal-appearing brain (`case_factors`). With
+`--scores` (a per-case CSV with `case_id` and `dice_WT` columns, as `brats_jax.evaluate` and
+a training's test pass write, or a `segmentation_ablation` record whose row `--variant`, no
+TTA, largest component, is read) it prints each scored case's WT Dice beside its factors and
+the Spearman rank correlation of WT Dice with each factor (`scipy.stats.spearmanr`).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def case_factors(
     and `oedema_<modality>` (the mean of (H, W, D, 4) `image` over label == 2, NaN without
     oedema), `label` (H, W, D) in {0..3}. With `brain` (bool (H, W, D)) also
     `iqr_<modality>`: (median over the oedema - median over the normal-appearing brain,
-    brain & label == 0) / that brain's interquartile range; any per-case scaling a * x + b
-    (a > 0) leaves it unchanged, so it is the oedema's contrast under a robust normalisation
-    as well as under today's."""
+    brain & label == 0) / that brain's interquartile range: the oedema's contrast as a
+    median/IQR normalisation would show it, unchanged by any per-case scaling a * x + b (a > 0),
+    so no per-case linear normalisation (z-scoring, percentile scaling) can change it."""
     voxel_mm3 = abs(float(np.linalg.det(np.asarray(affine)[:3, :3])))
     out = {"wt_cm3": float((label > 0).sum()) * voxel_mm3 / 1000.0}
     oedema = label == OEDEMA
