@@ -104,6 +104,7 @@ def test_issue24_variants_are_issue19_options_plus_one_part_each():
         "cb_wide_contrast": {
             "augment.contrast_p": 0.15, "augment.contrast_min": 0.5, "augment.contrast_max": 2.0,
         },
+        "cb_long": {"train.num_steps": 5000},
         "cb_instance_norm": {"model.norm": "instance"},
         "cb_deep_supervision": {"model.deep_supervision": True},
     }  # fmt: skip
@@ -299,23 +300,35 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
     assert "conditions [True, True, True, False]; choice: context_regions." in lines[2]
 
 
-def test_wide_contrast_on_cpu_best_changes_only_the_contrast_range():
-    """The contrast candidate (EXPERIMENTS.md, declared 2026-12-06) is `cpu_best`'s training
-    fields with the contrast factor's range (0.5, 2) (nnUNetTrainerDA5, by hand) and nothing
-    else, and the replicate rule holds it against `cpu_best`."""
+@pytest.mark.parametrize(
+    "part, changed",
+    [
+        # nnUNetTrainerDA5's range, by hand (EXPERIMENTS.md, declared 2026-12-06 11:39 UTC)
+        (
+            "cb_wide_contrast",
+            [("augment.contrast_max", 1.25, 2.0), ("augment.contrast_min", 0.75, 0.5)],
+        ),
+        # twice the `cpu` budget's steps (EXPERIMENTS.md, declared 2026-12-06 14:55 UTC)
+        ("cb_long", [("train.num_steps", 2500, 5000)]),
+    ],
+)  # fmt: skip
+def test_a_candidate_on_cpu_best_changes_only_its_fields(part, changed):
+    """Each candidate declared on top of `cpu_best` is `cpu_best`'s training fields with the
+    declared change and nothing else, and the replicate rule holds it against `cpu_best`."""
     from brats_jax import config_utils
     from configs import unet
 
-    candidate = A.CPU_BEST_VARIANT + "+cb_wide_contrast"
+    candidate = A.CPU_BEST_VARIANT + "+" + part
     c = unet.get_config("cpu")
     config_utils.apply_overrides(c, A.variant_fields(candidate))
     diff = config_utils.config_diff(unet.get_config("cpu_best").to_dict(), c.to_dict())
-    assert sorted(diff) == [
-        ("augment.contrast_max", 1.25, 2.0),
-        ("augment.contrast_min", 0.75, 0.5),
-        ("name", "unet-cpu_best", "unet-cpu"),
-        ("postprocess.largest_component_only", True, False),  # the `largest` row's rule
-    ]
+    assert sorted(diff) == sorted(
+        changed
+        + [
+            ("name", "unet-cpu_best", "unet-cpu"),
+            ("postprocess.largest_component_only", True, False),  # the `largest` row's rule
+        ]
+    )
     assert A.replicate_baselines(candidate, {A.CPU_BEST_VARIANT})[-1] == A.CPU_BEST_VARIANT
 
 
