@@ -92,7 +92,7 @@ VARIANTS.update(
             "augment.contrast_max": 2.0,
         },
         # twice the `cpu` budget's steps (5,000; the cosine schedule spans them): nnU-Net
-        # trains 1,000 x 250 steps, `cpu_best` ~13 passes over 12 training cases; adds to
+        # trains 1,000 x 250 steps, `cpu_best` ~20 passes over a fold's 981 slices; adds to
         # `cpu_best`'s parts without conflict
         "cb_long": {**_ISSUE19, "train.num_steps": 5000},
         "cb_instance_norm": {**_ISSUE19, "model.norm": "instance"},

@@ -308,7 +308,7 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
             "cb_wide_contrast",
             [("augment.contrast_max", 1.25, 2.0), ("augment.contrast_min", 0.75, 0.5)],
         ),
-        # twice the `cpu` budget's steps (EXPERIMENTS.md, declared 2026-12-06 14:55 UTC)
+        # twice the `cpu` budget's steps (EXPERIMENTS.md, declared 2026-12-06 14:49 UTC)
         ("cb_long", [("train.num_steps", 2500, 5000)]),
     ],
 )  # fmt: skip
