@@ -45,6 +45,16 @@ STEP_CANDIDATES = {
 }
 
 
+def load_scored_case(case, source: str) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """A labelled case as a run trained on `source` sees it: the (H, W, D, 4) normalised
+    image, the (H, W, D) uint8 training labels and the voxel spacing (mm, header zooms)."""
+    data = brats.load_case(
+        case, require_label=True, normalization=predict.input_normalization(source)
+    )
+    spacing = tuple(float(z) for z in data.header.get_zooms()[:3])
+    return data.image, data.label.astype(np.uint8), spacing
+
+
 def predict_all(
     workdir: str, cases: dict, *, ttas=TTAS, step=None, sliding_window=None, log=print
 ) -> tuple[dict, dict, dict]:
@@ -59,14 +69,10 @@ def predict_all(
     labels: dict = {t: {} for t in ttas}
     gts, spacings = {}, {}
     for cid, case in cases.items():
-        data = brats.load_case(
-            case, require_label=True, normalization=predict.input_normalization(source)
-        )
-        gts[cid] = data.label.astype(np.uint8)
-        spacings[cid] = tuple(float(z) for z in data.header.get_zooms()[:3])
+        image, gts[cid], spacings[cid] = load_scored_case(case, source)
         for t, ens in ensembles.items():
             start = time.perf_counter()
-            probs = predict.predict_probabilities(ens, data.image)
+            probs = predict.predict_probabilities(ens, image)
             output = outputs.of_config(ens.config.model)
             labels[t][cid] = outputs.labels_from_probabilities(probs, output).astype(np.uint8)
             log(f"predicted {cid} tta={t} ({time.perf_counter() - start:.1f} s)")
