@@ -35,13 +35,13 @@ def missed_whole_tumour(wt_probability, label, threshold=0.5, low=0.1) -> tuple[
     """(share of the whole tumour (label > 0) with WT probability <= `threshold`, share of those
     missed voxels with probability <= `low`); (H, W, D) float probabilities and labels {0..3};
     (0, 0) where nothing is missed, NaN for the first where there is no tumour."""
-    tumour = np.asarray(label) > 0
-    missed = tumour & (np.asarray(wt_probability) <= threshold)
+    p, tumour = np.asarray(wt_probability), np.asarray(label) > 0
+    missed = tumour & (p <= threshold)
     if not tumour.any():
         return float("nan"), 0.0
     if not missed.any():
         return 0.0, 0.0
-    return float(missed.sum() / tumour.sum()), float((wt_probability[missed] <= low).mean())
+    return float(missed.sum() / tumour.sum()), float((p[missed] <= low).mean())
 
 
 def scores_by_threshold(probs, label, spacing, thresholds, hd95_mode="max") -> dict:
@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     thresholds = [float(t) for t in args.thresholds.split(",")]
     folds = json.loads((pathlib.Path(args.ablation) / "folds.json").read_text())["folds"]
     cases = {c.case_id: c for c in brats.find_cases(args.data_root)}
+    absent = sorted({c for ids in folds for c in ids} - set(cases))
+    if absent:
+        raise SystemExit(f"error: --data_root={args.data_root} lacks the folds' cases {absent}")
     per_case = []
     for k, ids in enumerate(folds):
         run = run_dir(pathlib.Path(args.ablation), args.variant, k)

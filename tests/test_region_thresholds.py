@@ -84,3 +84,10 @@ def test_main_refuses_a_run_with_class_outputs(tmp_path, monkeypatch):
     argv = _fold_ablation(tmp_path, monkeypatch, output="classes")
     with pytest.raises(SystemExit, match="model.output is 'classes'; expected 'regions'"):
         R.main(argv)
+
+
+def test_main_names_the_folds_cases_missing_from_the_data(tmp_path, monkeypatch):
+    argv = _fold_ablation(tmp_path, monkeypatch)
+    monkeypatch.setattr(brats, "find_cases", lambda root: [types.SimpleNamespace(case_id="a")])
+    with pytest.raises(SystemExit, match=r"--data_root=x lacks the folds' cases \['b'\]"):
+        R.main(argv)
