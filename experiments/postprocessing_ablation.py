@@ -45,6 +45,13 @@ STEP_CANDIDATES = {
 }
 
 
+def score_case(pred, gt, spacing, hd95_mode="max") -> dict[str, float]:
+    """The tabled scores (`KEYS`: Dice and HD95 mm per region) of a (H, W, D) label map
+    against the ground truth (`metrics.evaluate_volume`)."""
+    res = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
+    return {k: float(res[k]) for k in KEYS}
+
+
 def load_scored_case(case, source: str) -> tuple[np.ndarray, np.ndarray, tuple]:
     """A labelled case as a run trained on `source` sees it: the (H, W, D, 4) normalised
     image, the (H, W, D) uint8 training labels and the voxel spacing (mm, header zooms)."""
@@ -128,10 +135,9 @@ def score_rows(rows, labels, gts, spacings, test_ids, hd95_mode="max") -> list[d
             per_case = []
             for cid in test_ids:
                 pred = postprocess.apply(labels[tta][cid], cfg)
-                res = metrics.evaluate_volume(
-                    pred, gts[cid], spacing=spacings[cid], hd95_mode=hd95_mode
+                per_case.append(
+                    {"case_id": cid, **score_case(pred, gts[cid], spacings[cid], hd95_mode)}
                 )
-                per_case.append({"case_id": cid, **{k: res[k] for k in KEYS}})
             done[key] = per_case
         out.append(
             {"row": name, "tta": tta, "postprocessing": cfg.to_dict(), "per_case": done[key]}

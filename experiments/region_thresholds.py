@@ -23,9 +23,9 @@ import sys
 
 import numpy as np
 
-from brats_jax import metrics, outputs, postprocess, predict
+from brats_jax import outputs, postprocess, predict
 from brats_jax.data import brats
-from experiments.postprocessing_ablation import KEYS, REGIONS, load_scored_case
+from experiments.postprocessing_ablation import REGIONS, load_scored_case, score_case
 from experiments.segmentation_ablation import run_dir
 
 LARGEST = postprocess.PostprocessConfig(largest_component_only=True)
@@ -50,8 +50,7 @@ def scores_by_threshold(probs, label, spacing, thresholds, hd95_mode="max") -> d
     out = {}
     for t in thresholds:
         pred = postprocess.apply(outputs.regions_to_labels(probs, t).astype(np.uint8), LARGEST)
-        res = metrics.evaluate_volume(pred, label, spacing=spacing, hd95_mode=hd95_mode)
-        out[t] = {k: float(res[k]) for k in KEYS}
+        out[t] = score_case(pred, label, spacing, hd95_mode)
     return out
 
 

@@ -51,7 +51,7 @@ import numpy as np
 from brats_jax import augment, fileio, metrics, postprocess, runtime
 from brats_jax.data import brats
 from brats_jax.data.folds import fold_cases
-from experiments.postprocessing_ablation import KEYS, REGIONS, predict_all
+from experiments.postprocessing_ablation import KEYS, REGIONS, predict_all, score_case
 
 # Training variants: fields set on top of `configs/unet.py:cpu`.
 VARIANTS: dict[str, dict] = {
@@ -239,11 +239,6 @@ def predict(args, folds, cases) -> None:
             print(f.result(), flush=True)
 
 
-def _score_case(pred, gt, spacing, hd95_mode) -> dict:
-    res = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
-    return {k: float(res[k]) for k in KEYS}
-
-
 def _tune(preds, gts) -> postprocess.PostprocessConfig:
     return postprocess.tune_postprocessing(preds, gts).config
 
@@ -304,7 +299,7 @@ def score(args, folds, cases) -> dict:
                 if key not in jobs:
                     pred = postprocess.apply(predictions[r["variant"]][r["tta"]][cid], cfg)
                     jobs[key] = pool.submit(
-                        _score_case, pred, gts[cid], spacings[cid], args.hd95_mode
+                        score_case, pred, gts[cid], spacings[cid], args.hd95_mode
                     )
         done = {k: f.result() for k, f in jobs.items()}
     for r in rows:
