@@ -310,6 +310,8 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
         ),
         # twice the `cpu` budget's steps (EXPERIMENTS.md, declared 2026-12-06 14:49 UTC)
         ("cb_long", [("train.num_steps", 2500, 5000)]),
+        # InstanceNorm where `cpu_best` has none (EXPERIMENTS.md, declared 2026-12-06 19:30 UTC)
+        ("cb_instance_norm", [("model.norm", "none", "instance")]),
     ],
 )  # fmt: skip
 def test_a_candidate_on_cpu_best_changes_only_its_fields(part, changed):
