@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.split_seed = 0
     d.num_folds = 0  # > 1: cross-validation over the non-test cases (data/folds.py); 0 = off
     d.fold = 0  # this run's validation fold, 0..num_folds-1
+    # > 0: train on only this many of the training cases (a seeded subset, smaller ones
+    # nested in larger ones: learning curves); 0 = all
+    d.max_train_cases = 0
     d.random_flip = False
     # 2.5D input: k > 0 feeds slices z-k..z+k of the 4 modalities as 4(2k+1) channels,
     # slice-major, edges clamped (brats_jax/data/context.py); 0 = the study's 2D slices

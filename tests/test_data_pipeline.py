@@ -122,6 +122,28 @@ def test_split_by_ids():
         build_splits(_cases_src(2), cfg(val_cases="c0", test_cases="c1"))
 
 
+def test_max_train_cases_takes_nested_subsets_of_the_training_cases_only():
+    src = _cases_src(10)
+    full = build_splits(src, cfg(test_cases="c0,c1", val_cases="c2"))
+    assert full.cases["train"] == [f"c{k}" for k in range(3, 10)]
+    subsets = []
+    for k in (1, 3, 5, 7):
+        s = build_splits(src, cfg(test_cases="c0,c1", val_cases="c2", max_train_cases=k))
+        assert len(s.cases["train"]) == k
+        assert s.cases["test"] == ["c0", "c1"] and s.cases["val"] == ["c2"]
+        assert set(src.table.case_id[s.train].tolist()) == set(s.cases["train"])
+        subsets.append(set(s.cases["train"]))
+    assert subsets[0] < subsets[1] < subsets[2] < subsets[3] == set(full.cases["train"])
+    # a fold's training cases are subset the same way; the fold's validation cases stay
+    f = build_splits(src, cfg(test_cases="c0", num_folds=3, fold=1, max_train_cases=2))
+    f_all = build_splits(src, cfg(test_cases="c0", num_folds=3, fold=1))
+    assert f.cases["val"] == f_all.cases["val"]
+    assert len(f.cases["train"]) == 2 and set(f.cases["train"]) < set(f_all.cases["train"])
+    for bad in (8, -1):
+        with pytest.raises(DataError, match=rf"max_train_cases={bad}: expected 0 \(all\) or 1..7"):
+            build_splits(src, cfg(test_cases="c0,c1", val_cases="c2", max_train_cases=bad))
+
+
 def test_split_folds_cross_validate_the_non_test_cases():
     src = _cases_src(8)
     vals = []

@@ -177,9 +177,23 @@ def _split_case_ids(cases: list, data_config) -> tuple[list, list, list]:
         k = _n_for(float(data_config.test_fraction), n, "test_fraction")
         test_ids, pool = sorted(pool[:k]), pool[k:]
     if num_folds:
-        train, val = fold_cases(pool, num_folds, int(data_config.fold), int(data_config.split_seed))
-        return train, val, test_ids
-    return sorted(pool), val_ids, test_ids
+        fold, seed = int(data_config.fold), int(data_config.split_seed)
+        pool, val_ids = fold_cases(pool, num_folds, fold, seed)
+    return _first_train_cases(sorted(pool), data_config), val_ids, test_ids
+
+
+def _first_train_cases(train: list, data_config) -> list:
+    """The first `data.max_train_cases` of `train` in an order seeded by `data.split_seed`
+    (sorted), so that a smaller subset lies inside a larger one; 0 keeps all."""
+    k = int(data_config.get("max_train_cases", 0))
+    if k < 0 or k > len(train):
+        raise DataError(
+            f"data.max_train_cases={k}: expected 0 (all) or 1..{len(train)}, the training cases"
+        )
+    if not k:
+        return train
+    order = np.random.default_rng(int(data_config.split_seed)).permutation(len(train))
+    return sorted(train[i] for i in order[:k])
 
 
 def build_splits(source, data_config) -> Splits:
@@ -190,9 +204,11 @@ def build_splits(source, data_config) -> Splits:
     round(fraction * number of all cases) cases (at least one when the fraction is > 0 and there
     are >= 3 cases); the rest train. With data.num_folds = N > 0 the validation cases are
     fold data.fold of N over the non-test cases instead (seeded by data.split_seed;
-    `data.folds.fold_cases`). Pruning (data.prune, data.min_brain_fraction) applies to all
-    splits; slice counts before and after are logged per split. Raises DataError on unknown
-    ids, overlapping id lists, or an empty train split.
+    `data.folds.fold_cases`). With data.max_train_cases = k > 0 only k of the training
+    cases train, a subset seeded by data.split_seed and nested in those of larger k (learning
+    curves). Pruning (data.prune, data.min_brain_fraction) applies to all splits; slice
+    counts before and after are logged per split. Raises DataError on unknown ids,
+    overlapping id lists, an empty train split or k above the number of training cases.
     """
     t = source.table
     cases = sorted(set(t.case_id.tolist()))
