@@ -142,6 +142,8 @@ def test_max_train_cases_takes_nested_subsets_of_the_training_cases_only():
     for bad in (8, -1):
         with pytest.raises(DataError, match=rf"max_train_cases={bad}: expected 0 \(all\) or 1..7"):
             build_splits(src, cfg(test_cases="c0,c1", val_cases="c2", max_train_cases=bad))
+    with pytest.raises(DataError, match="no cases left for training"):
+        build_splits(_cases_src(2), cfg(val_cases="c0", test_cases="c1", max_train_cases=1))
 
 
 def test_split_folds_cross_validate_the_non_test_cases():

@@ -186,12 +186,12 @@ def _first_train_cases(train: list, data_config) -> list:
     """The first `data.max_train_cases` of `train` in an order seeded by `data.split_seed`
     (sorted), so that a smaller subset lies inside a larger one; 0 keeps all."""
     k = int(data_config.get("max_train_cases", 0))
-    if k < 0 or k > len(train):
+    if not (k and train):  # no training cases at all: build_splits says so
+        return train
+    if not 0 < k <= len(train):
         raise DataError(
             f"data.max_train_cases={k}: expected 0 (all) or 1..{len(train)}, the training cases"
         )
-    if not k:
-        return train
     order = np.random.default_rng(int(data_config.split_seed)).permutation(len(train))
     return sorted(train[i] for i in order[:k])
 
