@@ -14,8 +14,10 @@ the label get the same spatial map (image bilinear, label nearest). Intensity pa
 are drawn per modality and shared by that modality's 2k+1 context slices; the statistics
 the transforms use (mean, min, max, std) are over the modality's whole (H, W, 2k+1) stack.
 Pixels mapped from outside the image become background: label 0 and, per channel, the
-sample's minimum, which is the normalised background (z-scored data maps raw 0 to
--mean/std, the channel minimum since raw MRI intensities are >= 0; see `data/brats.py`).
+normalised background (z-scored data maps raw 0 to -mean/std, the channel minimum since raw
+MRI intensities are >= 0; see `data/brats.py`): the batch's `background` when given (random
+crops carry their whole slice's minimum, since a crop inside the brain has no background
+pixel), else the sample's minimum.
 
 Rotation convention: a positive angle turns the content from the first (row) axis towards
 the second (column) axis, like `np.rot90` (counter-clockwise on screen with row 0 on top):
@@ -164,22 +166,27 @@ def _check(cfg: AugmentConfig) -> None:
         raise ValueError(f"augment.elastic_sigma={cfg.elastic_sigma}; expected > 0")
 
 
-def augment_batch(key, image, label, cfg: AugmentConfig):
+def augment_batch(key, image, label, cfg: AugmentConfig, background=None):
     """`(image, label)` of a batch, each sample augmented with its own key from `key`.
 
     image float32 (B, H, W, 4(2k+1)), label int32 (B, H, W); returned with the same shapes
-    and dtypes (labels stay in the input's label set plus 0). Jit- and vmap-able.
+    and dtypes (labels stay in the input's label set plus 0). `background` (B, 4(2k+1)):
+    per-channel value for pixels mapped from outside the image (None: each sample's
+    minimum). Jit- and vmap-able.
     """
     if not cfg.enabled:
         return image, label
+    if background is None:
+        background = image.min(axis=(1, 2))
     keys = jax.random.split(key, image.shape[0])
-    return jax.vmap(functools.partial(augment_sample, cfg=cfg))(keys, image, label)
+    return jax.vmap(functools.partial(augment_sample, cfg=cfg))(keys, image, label, background)
 
 
-def augment_sample(key, image, label, cfg: AugmentConfig):
-    """One sample: image (H, W, 4(2k+1)), label (H, W) -> the same, augmented."""
+def augment_sample(key, image, label, background, cfg: AugmentConfig):
+    """One sample: image (H, W, 4(2k+1)), label (H, W), background (4(2k+1),) -> image and
+    label augmented."""
     k_spatial, k_intensity, k_drop = jax.random.split(key, 3)
-    image, label = spatial_transform(k_spatial, image, label, cfg)
+    image, label = spatial_transform(k_spatial, image, label, cfg, background)
     image = intensity_transform(k_intensity, image, cfg)
     return modality_dropout(k_drop, image, cfg.modality_dropout_p), label
 
@@ -266,24 +273,25 @@ def _elastic_offsets(key, shape, cfg: AugmentConfig):
     return offsets[0], offsets[1]
 
 
-def spatial_transform(key, image, label, cfg: AugmentConfig):
+def spatial_transform(key, image, label, cfg: AugmentConfig, background=None):
     """image (H, W, C), label (H, W) through one `sampling_coordinates` map (`resample`)."""
     if not _has_spatial(cfg):
         return image, label
-    return resample(image, label, sampling_coordinates(key, label.shape, cfg))
+    return resample(image, label, sampling_coordinates(key, label.shape, cfg), background)
 
 
-def resample(image, label, coords):
+def resample(image, label, coords, background=None):
     """image (H, W, C) bilinear, label (H, W) nearest at `coords` ((rows, cols), (H, W)
     each); pixels from outside the image (beyond its half-pixel border) get label 0 and
-    each channel's minimum (the normalised background)."""
+    `background` (C,) (None: each channel's minimum, the normalised background)."""
     h, w = label.shape
     rows, cols = coords
     inside = (rows >= -0.5) & (rows <= h - 0.5) & (cols >= -0.5) & (cols <= w - 0.5)
     coords = [rows, cols]
     sample = lambda ch: ndimage.map_coordinates(ch, coords, order=1, mode="nearest")  # noqa: E731
     warped = jax.vmap(sample, in_axes=2, out_axes=2)(image)
-    warped = jnp.where(inside[..., None], warped, image.min(axis=(0, 1)))
+    fill = image.min(axis=(0, 1)) if background is None else background
+    warped = jnp.where(inside[..., None], warped, fill)
     new_label = ndimage.map_coordinates(label, coords, order=0, mode="nearest")
     return warped, jnp.where(inside, new_label, 0).astype(label.dtype)
 

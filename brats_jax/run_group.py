@@ -303,7 +303,8 @@ class RunGroup:
         batches = [next(it) for it in self.iterators]
         if self.mapping == "none":
             return steps.device_batch(self.mesh, batches[0])
-        stacked = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in ("image", "label")}
+        keys = [k for k in steps.BATCH_ARRAYS if k in batches[0]]
+        stacked = {k: np.stack([np.asarray(b[k]) for b in batches]) for k in keys}
         return steps.device_batch(self.mesh, stacked, stacked=True)
 
     def per_run(self, value) -> list[float]:

@@ -31,7 +31,8 @@ def make_train_step(model, tx, output: str = "classes", augment_cfg=None):
     the device with keys from fold_in(fold_in(state.rng, AUGMENT_STREAM), state.step), a
     stream apart from the dropout key fold_in(state.rng, state.step), which stays as it was.
 
-    `batch`: image float32 (B,H,W,4(2k+1)) (k = `data.context_slices`), label int32 (B,H,W);
+    `batch`: image float32 (B,H,W,4(2k+1)) (k = `data.context_slices`), label int32 (B,H,W),
+    optional background float32 (B,4(2k+1)) (patches: the fill for spatial augmentation);
     loss and grad norm are scalars.
     """
 
@@ -42,7 +43,9 @@ def make_train_step(model, tx, output: str = "classes", augment_cfg=None):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
         if augment_cfg.enabled:
             key = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT_STREAM), state.step)
-            image, label = augment.augment_batch(key, batch["image"], batch["label"], augment_cfg)
+            image, label = augment.augment_batch(
+                key, batch["image"], batch["label"], augment_cfg, batch.get("background")
+            )
             batch = {**batch, "image": image, "label": label}
 
         def loss_of(params):
@@ -153,6 +156,9 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+BATCH_ARRAYS = ("image", "label", "valid", "background")  # what goes to the devices
+
+
 def device_batch(mesh: Mesh, batch: dict, *, stacked: bool = False) -> dict:
     """Global jax.Arrays from this host's part of a batch, sharded along the batch axis
     (axis 1 when `stacked`: the batch of K runs, (K, B, ...))."""
@@ -160,7 +166,7 @@ def device_batch(mesh: Mesh, batch: dict, *, stacked: bool = False) -> dict:
     sharding = NamedSharding(mesh, spec)
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-        for k in ("image", "label", "valid")
+        for k in BATCH_ARRAYS
         if k in batch
     }
 
@@ -185,7 +191,7 @@ def jit_train_step(
         map_over_runs(make_train_step(model, tx, output, augment_cfg), mapping),
         in_shardings=(
             state_sharding,
-            {"image": batch_sharding, "label": batch_sharding},
+            batch_sharding,  # every array of the batch dict
             jax.tree.map(lambda _: replicated, loss_params),
         ),
         out_shardings=(state_sharding, replicated),

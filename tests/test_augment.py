@@ -4,6 +4,7 @@ transforms against their closed forms, randomness streams, the train step, predi
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -90,6 +91,45 @@ def test_outside_is_background_and_labels_stay_integers():
     for seed in range(6):
         _, lab = _aug(STRONG, image, label, jax.random.PRNGKey(seed))
         assert lab.dtype == np.int32 and set(np.unique(lab)) <= {0, 1, 2, 3}
+
+
+def test_crop_inside_the_brain_gets_its_slice_background_not_its_own_minimum():
+    """A patch with no background pixel, zoomed out by 2: the ring from outside the patch is
+    the `background` given (the whole slice's), not the patch's own minimum."""
+    image = np.linspace(0.0, 1.0, 8 * 8 * 4, dtype=np.float32).reshape(8, 8, 4)  # all brain
+    label = np.full((8, 8), 2, np.int32)
+    background = np.array([-1.5, -2.0, -2.5, -3.0], np.float32)  # -mean/std of each modality
+    zoom_out = AugmentConfig(scale_p=1, scale_min=2, scale_max=2)
+    out = jax.jit(lambda i, l, b: augment.augment_batch(KEY, i, l, zoom_out, b))(
+        jnp.asarray(image)[None], jnp.asarray(label)[None], jnp.asarray(background)[None]
+    )
+    ring = np.asarray(out[0][0])[0]  # row 0 samples row 3.5 - 2 x 3.5 = -3.5: outside
+    np.testing.assert_array_equal(ring, np.broadcast_to(background, (8, 4)))
+    assert np.all(np.asarray(out[1][0])[0] == 0)
+
+
+class _Pointwise(nn.Module):
+    """A 1x1 convolution: the loss sees every pixel the augmentation wrote."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Conv(4, (1, 1))(x)
+
+
+def test_train_step_fills_with_the_batch_background():
+    model, tx = _Pointwise(), optax.sgd(0.1)
+    state = train_state.init_state(model, tx, 0, image_size=8)
+    image, label = _sample(8, 8, c=4)
+    zoom_out = AugmentConfig(scale_p=1, scale_min=2, scale_max=2)
+    step = jax.jit(steps.make_train_step(model, tx, augment_cfg=zoom_out))
+
+    def loss(**extra):
+        batch = {"image": jnp.asarray(image)[None], "label": jnp.asarray(label)[None], **extra}
+        return float(step(state, batch, losses.loss_params("ce"))[1]["loss"])
+
+    own_minimum = jnp.asarray(image.min((0, 1)))[None]
+    assert loss() == loss(background=own_minimum)
+    assert loss(background=own_minimum - 5.0) != loss()
 
 
 def _constant(value=0.7, shape=(16, 16, 12)):

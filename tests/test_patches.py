@@ -73,6 +73,21 @@ def test_crops_are_exact_windows_of_their_slice_in_every_context_channel():
                 np.testing.assert_array_equal(lab, src[int(z)]["label"][window])
 
 
+def test_crops_carry_their_whole_slices_background():
+    """`background` is each channel's minimum over the whole slice(s) the crop came from
+    (record r's channel m: 100000 r + m at y = x = 0), which the crop itself rarely holds."""
+    src = _PositionSource(5)
+    for k in (0, 1):
+        for b in _batches(src, 4, _data(context_slices=k, random_flip=True), batch_size=5):
+            assert b["background"].shape == (5, 4 * (2 * k + 1))
+            for bg, z in zip(b["background"], b["slice_index"], strict=True):
+                records = np.clip(int(z) + np.arange(-k, k + 1), 0, len(src) - 1)
+                want = (100000 * records[:, None] + np.arange(4)).ravel()
+                np.testing.assert_array_equal(bg, want)
+    whole = _batches(src, 1, _data(patch_size=0))[0]
+    assert "background" not in whole  # whole slices hold their own background
+
+
 def test_flipped_crops_are_mirrored_windows():
     src = _PositionSource(4)
     flipped = []
@@ -201,8 +216,9 @@ def _tiny(**fields):
 
 
 def _spy_shapes(monkeypatch):
-    """Records the image shapes the train step, the eval step and the test pass see."""
-    seen = {"train": set(), "eval": set(), "test": set()}
+    """Records the image shapes the train step, the eval step and the test pass see, and
+    the background shapes (per-channel fill for spatial augmentation) the steps get."""
+    seen = {"train": set(), "eval": set(), "test": set(), "background": set()}
 
     def wrap(make, key):
         def made(*args, **kw):
@@ -210,6 +226,8 @@ def _spy_shapes(monkeypatch):
 
             def spied(state, batch, loss_params):
                 seen[key].add(tuple(batch["image"].shape[-3:]))
+                if "background" in batch:
+                    seen["background"].add((key, *batch["background"].shape[-1:]))
                 return step(state, batch, loss_params)
 
             return spied
@@ -238,7 +256,8 @@ def test_tiny_run_on_patches_validates_and_tests_whole_slices(tmp_path, monkeypa
     seen = _spy_shapes(monkeypatch)
     results = train.train_and_evaluate(_tiny(**{"train.num_steps": 3}), tmp_path / "run")
     assert 0.0 <= results["paper_dice"] <= 1.0 and results["per_case"]
-    assert seen == {"train": {(16, 16, 4)}, "eval": {(32, 32, 4)}, "test": {(32, 32, 4)}}
+    assert seen == {"train": {(16, 16, 4)}, "eval": {(32, 32, 4)}, "test": {(32, 32, 4)},
+                    "background": {("train", 4)}}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -266,7 +285,8 @@ def test_grouped_runs_with_patches_context_and_regions(tmp_path, monkeypatch):
                                                     "train.seed": 1})]  # fmt: skip
     results = train.train_runs(configs, [tmp_path / "a", tmp_path / "b"], mapping="map")
     assert len(results) == 2 and all(0.0 <= r["paper_dice"] <= 1.0 for r in results)
-    assert seen == {"train": {(16, 16, 12)}, "eval": {(32, 32, 12)}, "test": {(32, 32, 12)}}
+    assert seen == {"train": {(16, 16, 12)}, "eval": {(32, 32, 12)}, "test": {(32, 32, 12)},
+                    "background": {("train", 12)}}  # fmt: skip
 
 
 def test_grouped_runs_share_the_patch_size_not_the_fraction():

@@ -284,12 +284,17 @@ class _Records:
 
 
 def _prepare_record(rec: dict, image_size: int, flip: bool, crop=None) -> dict:
-    """Resize, then `crop(image, label) -> (image, label)` if given, then flip."""
+    """Resize, then `crop(image, label) -> (image, label)` if given, then flip. A cropped
+    record also carries `background` (C,) float32: each channel's minimum over the whole
+    slice, the normalised background that on-device spatial augmentation fills in (a crop
+    inside the brain has no background pixel of its own)."""
     image, label = rec["image"], rec["label"]
     if image_size:
         image = resize_image(image, image_size)
         label = resize_label(label, image_size)
+    extra = {}
     if crop is not None:
+        extra["background"] = np.asarray(image.min(axis=(0, 1)), np.float32)
         image, label = crop(image, label)
     if flip:  # left-right: NIfTI voxel axis 0 (x) is the first array axis of a slice
         image, label = image[::-1], label[::-1]
@@ -298,6 +303,7 @@ def _prepare_record(rec: dict, image_size: int, flip: bool, crop=None) -> dict:
         label=np.ascontiguousarray(label, np.int32),
         case_id=np.str_(rec["case_id"]),
         slice_index=np.int32(rec["slice_index"]),
+        **extra,
     )
 
 
@@ -337,7 +343,8 @@ class TrainIterator:
 
     next() -> dict(image float32 (b,S,S,4(2k+1)), label int32 (b,S,S), case_id (b,) str,
     slice_index (b,) int32), b = batch_size // shard_count, k = `context_slices`; S =
-    `patch_size` when > 0 (random crops, `data.patches`), else the (resized) slice size.
+    `patch_size` when > 0 (random crops, `data.patches`, which add background (b, 4(2k+1))
+    float32, see `_prepare_record`), else the (resized) slice size.
     `get_state()` returns a JSON-serialisable dict; `set_state(state)` resumes exactly.
     `steps_per_epoch` = len(indices) // batch_size (global).
     """
