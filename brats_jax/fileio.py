@@ -54,6 +54,25 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_nifti_like(array, like, path, *, descrip=None, display_range=(0.0, 0.0)) -> None:
+    """Write `array` atomically as NIfTI on `like`'s grid (`like.affine`, a copy of
+    `like.header`): data type `array.dtype`, no intensity scaling, `descrip` (80 bytes at
+    most; None keeps the input's), display range `(cal_min, cal_max)` ((0, 0): none, so
+    viewers show the data's range instead of the input image's)."""
+    import nibabel as nib
+    import numpy as np
+
+    array = np.asarray(array)
+    header = like.header.copy()
+    header.set_data_dtype(array.dtype)
+    header.set_slope_inter(1, 0)
+    header["cal_min"], header["cal_max"] = display_range
+    if descrip is not None:
+        header["descrip"] = descrip
+    with atomic_path(path) as tmp:
+        nib.save(nib.Nifti1Image(array, like.affine, header), str(tmp))
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise OSError naming `path` (or the file blocking its folder) now if it could not be
     written later by `atomic_path`.

@@ -2,9 +2,9 @@
 
 One compiled function serves every volume: slices are fed in batches of a fixed size (the
 last batch is padded), so a new case never triggers recompilation. A model trained on
-patches may see each slice through a sliding window of the patch size (`window`), as
-nnU-Net infers: half-overlapping tiles whose probabilities are averaged with Gaussian
-weights.
+patches may see each slice through a sliding window of the patch size (`window`), tiled as
+nnU-Net tiles (half-overlapping windows, Gaussian weights); the windows' probabilities are
+averaged (nnU-Net averages logits and takes the softmax once).
 """
 
 import math

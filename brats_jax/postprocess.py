@@ -69,6 +69,17 @@ class PostprocessConfig:
         comp = self.largest_component_only or self.min_component_voxels is not None
         return not comp and self.et_min_voxels is None
 
+    def effective(self) -> PostprocessConfig:
+        """The same post-processing with the fields that change nothing reset to their
+        defaults (`min_component_voxels` under `largest_component_only`; `connectivity`
+        with no component step), so configs that act alike compare equal."""
+        comp = self.largest_component_only or self.min_component_voxels is not None
+        return dataclasses.replace(
+            self,
+            min_component_voxels=None if self.largest_component_only else self.min_component_voxels,
+            connectivity=self.connectivity if comp else 26,
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -34,7 +34,8 @@ probabilities decoded with ET inside TC inside WT (`outputs.labels_from_probabil
 `--tta=flips` (`flips_ud`) averages over left-right (and up-down) mirrored slices.
 `--sliding_window=on` (default `auto`: the run's `eval.sliding_window`) makes a run trained on
 patches (`data.patch_size`) see each slice through half-overlapping windows of the patch
-size, their probabilities averaged with Gaussian weights (nnU-Net's inference).
+size, their probabilities averaged with Gaussian weights (nnU-Net's tiling; nnU-Net
+averages logits).
 `--uncertainty=FILE.nii.gz` (a folder for many cases) writes the voxel-wise predictive
 entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.uncertainty`:
 `X.csv` beside `X.nii.gz`, or `uncertainty.csv` in the folder).
@@ -248,10 +249,10 @@ def resolve_postprocessing(workdirs, option: str = "auto", config=None):
     """The `PostprocessConfig` predict applies.
 
     option: "none"; a JSON file written by `brats_jax.tune_postprocessing`; or "auto": each
-    run's choice (`run_postprocessing`), applied when every run of an ensemble has the same
-    one, else a one-line ValueError naming the runs that differ. `config`: the runs' configs
-    (one per run, as `Ensemble.configs`), or the first run's; a run without one given reads
-    its `config.json`.
+    run's choice (`run_postprocessing`), applied when every run of an ensemble has one that
+    acts the same (`PostprocessConfig.effective`), else a one-line ValueError naming the
+    runs that differ. `config`: the runs' configs (one per run, as `Ensemble.configs`), or
+    the first run's; a run without one given reads its `config.json`.
     """
     from brats_jax import postprocess
 
@@ -262,7 +263,7 @@ def resolve_postprocessing(workdirs, option: str = "auto", config=None):
     workdirs = split_list(workdirs)
     configs = list(config) if isinstance(config, list | tuple) else [config]
     configs += [None] * (len(workdirs) - len(configs))
-    chosen = [run_postprocessing(w, c) for w, c in zip(workdirs, configs, strict=True)]
+    chosen = [run_postprocessing(w, c).effective() for w, c in zip(workdirs, configs, strict=True)]
     if differ := [w for w, c in zip(workdirs, chosen, strict=True) if c != chosen[0]]:
         other = chosen[workdirs.index(differ[0])]
         raise ValueError(
@@ -318,26 +319,18 @@ _PROBABILITY_DESCRIPTION = {
 
 
 def _write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
-    """Write the labels in the case's release convention (and the probabilities)."""
-    import nibabel as nib
-
+    """Write the labels in the case's release convention (and the probabilities), display
+    ranges 0..the ET label and 0..1."""
     from brats_jax import fileio
     from brats_jax.data import brats
 
     labels = brats.to_release_labels(labels, data.naming).astype(np.int16)
-    header = data.header.copy()
-    header.set_data_dtype(np.int16)
-    header.set_slope_inter(1, 0)
-    _save_nifti(nib.Nifti1Image(labels, data.affine, header), output, fileio)
+    et_label = float(brats.to_release_labels(np.array([3]), data.naming)[0])
+    fileio.write_nifti_like(labels, data, output, display_range=(0.0, et_label))
     if probabilities:
-        prob_header = data.header.copy()
-        prob_header.set_data_dtype(np.float32)
-        prob_header.set_slope_inter(1, 0)
-        prob_header["descrip"] = _PROBABILITY_DESCRIPTION[probs.shape[-1]]
-        _save_nifti(
-            nib.Nifti1Image(probs.astype(np.float32), data.affine, prob_header),
-            probabilities,
-            fileio,
+        descrip = _PROBABILITY_DESCRIPTION[probs.shape[-1]]
+        fileio.write_nifti_like(
+            probs.astype(np.float32), data, probabilities, descrip=descrip, display_range=(0, 1)
         )
     return labels
 
@@ -484,13 +477,6 @@ def index_columns(labelled: Sequence[bool]) -> list[str]:
     i has a ground truth) had a ground truth."""
     volumes = [f"volume_ml_{r}" for r in ("WT", "TC", "ET")]
     return volumes + ([f"dice_{r}" for r in ("WT", "TC", "ET")] if any(labelled) else [])
-
-
-def _save_nifti(img, path, fileio) -> None:
-    import nibabel as nib
-
-    with fileio.atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
 
 
 def _is_nifti_name(path: str) -> bool:

@@ -128,15 +128,7 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
 def write_nifti(entropy_map: np.ndarray, data, path: str | os.PathLike) -> None:
     """The float32 entropy map (H, W, D) as NIfTI on the input's grid: `data` (a
     `brats.CaseData`)'s affine and header, data type float32, description :data:`DESCRIPTION`."""
-    import nibabel as nib
-
-    header = data.header.copy()
-    header.set_data_dtype(np.float32)
-    header.set_slope_inter(1, 0)
-    header["descrip"] = DESCRIPTION
-    img = nib.Nifti1Image(np.asarray(entropy_map, np.float32), data.affine, header)
-    with fileio.atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    fileio.write_nifti_like(np.asarray(entropy_map, np.float32), data, path, descrip=DESCRIPTION)
 
 
 def write_case(data, labels, probs, output: str, path, member_labels=()) -> dict:

@@ -287,6 +287,50 @@ def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_p
     assert predict.resolve_postprocessing(f"{run},{run}", "auto", config) == tuned  # agree
 
 
+def test_ensemble_runs_whose_postprocessing_acts_the_same_agree(tmp_path):
+    """Fields that change nothing do not make runs differ: connectivity without a component
+    step, min_component_voxels under largest_component_only; a field that acts still does."""
+    P = postprocess.PostprocessConfig
+    pairs = [
+        (P(et_min_voxels=100), P(et_min_voxels=100, connectivity=6), True),
+        (P(largest_component_only=True, min_component_voxels=5),
+         P(largest_component_only=True, min_component_voxels=50), True),
+        (P(min_component_voxels=5, connectivity=6), P(min_component_voxels=5), False),
+        (P(et_min_voxels=100), P(et_min_voxels=50), False),
+    ]  # fmt: skip
+    for i, (a, b, agree) in enumerate(pairs):
+        runs = [tmp_path / f"{i}{name}" for name in "ab"]
+        for run, cfg in zip(runs, (a, b), strict=True):
+            run.mkdir()
+            postprocess.save(run / postprocess.POSTPROCESSING_FILE, cfg)
+        if agree:
+            chosen = predict.resolve_postprocessing(f"{runs[0]},{runs[1]}")
+            assert chosen.effective() == a.effective() == b.effective()
+        else:
+            with pytest.raises(ValueError, match="differ in post-processing"):
+                predict.resolve_postprocessing(f"{runs[0]},{runs[1]}")
+
+
+def test_outputs_show_their_own_value_range_not_the_input_images(runs, tmp_path, monkeypatch):
+    """The input's display range (cal_min/cal_max 0..999 here) is not copied: labels 0..ET
+    (4 for 2018 names, 3 for 2023), probabilities 0..1, uncertainty unset (0, 0)."""
+    add, _ = runs
+    run = add("run")
+    labels, probs = _island_probabilities()
+    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    for naming, case_id, et in (("2018", "Brats18_A_1", 4), ("2023", "BraTS-GLI-00001-000", 3)):
+        case = _write_case(tmp_path / naming, case_id, 0, naming=naming)
+        for path in case.iterdir():
+            img = nib.load(str(path))
+            img.header["cal_min"], img.header["cal_max"] = 0, 999
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj), AFFINE, img.header), str(path))
+        out, prob, unc = (tmp_path / naming / f"{n}.nii.gz" for n in ("seg", "prob", "unc"))
+        predict.predict_case(run, case, out, probabilities=prob, uncertainty=unc)
+        for path, want in ((out, (0, et)), (prob, (0, 1)), (unc, (0, 0))):
+            header = nib.load(str(path)).header
+            assert (float(header["cal_min"]), float(header["cal_max"])) == want, path.name
+
+
 def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch):
     """cpu_best's rule: a run config with postprocess.largest_component_only=True and no
     postprocessing.json: --postprocessing=auto drops the 1-voxel island (the 27-voxel
