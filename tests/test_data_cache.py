@@ -93,6 +93,33 @@ def test_case_completed_by_another_process_is_kept(release, tmp_path):
     assert sorted(p.name for p in (out / "cases").iterdir()) == ["A", "B"]  # no temporaries
 
 
+def test_changed_or_unstamped_case_is_converted_again(release, tmp_path):
+    """A seg file rewritten after caching (new labels, new mtime) and an entry from before
+    stamps were recorded are converted again; an untouched case is skipped."""
+    import json
+
+    import nibabel as nib
+
+    out = tmp_path / "c"
+    prepare(release, out, progress=False)
+    a_stamp = (out / "cases" / "A" / "image.npy").stat().st_mtime_ns
+    seg = release / "B" / "B-seg.nii.gz"
+    old = nib.load(str(seg))
+    edited = np.where(np.asarray(old.dataobj) > 0, 2, 0).astype(np.uint8)  # all tumour = ED
+    nib.save(nib.Nifti1Image(edited, old.affine), str(seg))
+    os.utime(seg, ns=(seg.stat().st_atime_ns, seg.stat().st_mtime_ns + 10**9))
+    prepare(release, out, progress=False)
+    _, label = load_volume(NiftiCacheSource(out), "B")
+    np.testing.assert_array_equal(label, load_case(release / "B").label)
+    assert set(np.unique(label)) == {0, 2}
+    assert (out / "cases" / "A" / "image.npy").stat().st_mtime_ns == a_stamp  # skipped
+    meta = out / "cases" / "A" / "meta.json"  # as written before stamps were recorded
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                                if k != "stamps"}))  # fmt: skip
+    prepare(release, out, progress=False)
+    assert (out / "cases" / "A" / "image.npy").stat().st_mtime_ns != a_stamp
+
+
 def test_failed_case_leaves_no_entry(release, tmp_path):
     (release / "B" / "B-seg.nii.gz").write_bytes(b"garbage")
     with pytest.raises(DataError, match="B-seg"):

@@ -64,6 +64,29 @@ def test_listing_without_csv(tmp_path):
     np.testing.assert_array_equal(clone[2]["label"], lab)
 
 
+def test_stats_of_a_rewritten_slice_are_measured_again(tmp_path, monkeypatch):
+    """Without the csv: a slice rewritten after its stats were cached (new size or mtime)
+    is read again; the unchanged one is not."""
+    import os
+
+    from brats_jax.data import kaggle
+
+    write_slice(tmp_path, 1, 0, _label())
+    write_slice(tmp_path, 1, 1)
+    first = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats").table
+    assert first.class_counts[0].tolist() == [64 - 6, 1, 2, 3]
+    moved = np.where(_label() > 0, 3, 0)  # the same tumour, all ET now
+    write_slice(tmp_path, 1, 0, moved)
+    path = tmp_path / "volume_1_slice_0.h5"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    read = []
+    real = kaggle.read_slice_file
+    monkeypatch.setattr(kaggle, "read_slice_file", lambda p: read.append(p) or real(p))
+    table = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats").table
+    assert table.class_counts.tolist() == [[64 - 6, 0, 0, 6], [64, 0, 0, 0]]
+    assert [os.path.basename(p) for p in read] == ["volume_1_slice_0.h5"]
+
+
 def test_csv_rerooted_and_counts(tmp_path):
     lab = _label()
     write_slice(tmp_path, 1, 0)

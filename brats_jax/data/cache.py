@@ -8,15 +8,18 @@ converted once (`python -m brats_jax.data.prepare --src=DIR --out=CACHE`). Layou
     CACHE/cases/<ID>/label.npy           (D, H, W) uint8 training classes {0..3}
     CACHE/cases/<ID>/stats.npz           class_counts (D, 4) int64 pixels, brain_fraction (D,) f32
     CACHE/cases/<ID>/meta.json           case id, naming, shape (H, W, D), affine, source files
+                                         and their [size, mtime_ns] stamps
     CACHE/cases/<ID>/COMPLETE            written last
 
 Arrays are memory-mapped at read time, so a slice read touches only that slice's bytes. Each
 case is written into `cases/.<ID>.tmp-<host>-<pid>/`, the COMPLETE marker written last, then
 the folder is renamed into place: a half-written case is never taken as valid, and a rerun
-skips cases whose folder has the marker (resumable). Several processes may prepare the same
-cache at once (two trainings on one release, or every host of a multi-host run): a process
-removes only the temporary folders of dead processes of its own host, and a case another
-process completed first is kept. Delete the cache to rebuild after the source files change.
+skips cases whose folder has the marker (resumable) and whose source files still have the
+size and modification time recorded (a changed file, or a case cached before stamps were
+recorded, is converted again). Several processes may prepare the same cache at once (two
+trainings on one release, or every host of a multi-host run): a process removes only the
+temporary folders of dead processes of its own host, and a case another process completed
+first is kept.
 """
 
 from __future__ import annotations
@@ -53,6 +56,25 @@ def _case_dir(out: pathlib.Path, case_id: str) -> pathlib.Path:
 def is_case_complete(out: str | os.PathLike, case_id: str) -> bool:
     """True when the cache holds a finished entry for `case_id`."""
     return (_case_dir(pathlib.Path(out), case_id) / _MARKER).is_file()
+
+
+def _source_stamps(case: Case) -> dict[str, list[int]]:
+    """{path: [size in bytes, modification time in ns]} of the case's modality and seg files."""
+    paths = [*case.paths.values(), case.seg]
+    return {str(p): [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths}
+
+
+def is_case_current(out: str | os.PathLike, case: Case) -> bool:
+    """True when the cache holds a finished entry for `case` made from its files as they are
+    now (same sizes and modification times)."""
+    folder = _case_dir(pathlib.Path(out), case.case_id)
+    if not is_case_complete(out, case.case_id):
+        return False
+    try:
+        stamps = json.loads((folder / "meta.json").read_text()).get("stamps")
+    except (OSError, ValueError):
+        return False
+    return stamps == _source_stamps(case)
 
 
 def _host() -> str:
@@ -113,6 +135,7 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
+        stamps = _source_stamps(case)  # before reading: a file changed meanwhile is redone
         data = load_case(case, require_label=True)
         image = np.ascontiguousarray(np.moveaxis(data.image, 2, 0).astype(dtype))  # (D,H,W,4)
         label = np.ascontiguousarray(np.moveaxis(data.label, 2, 0).astype(np.uint8))  # (D,H,W)
@@ -131,16 +154,17 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
             shape=list(data.label.shape),
             affine=np.asarray(data.affine).tolist(),
             files={m: str(p) for m, p in case.paths.items()} | {"seg": str(case.seg)},
+            stamps=stamps,
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / _MARKER).write_text("ok\n")
-        if not is_case_complete(out, case.case_id):
-            if final.exists():  # an invalid leftover (no marker): replace it
+        if not is_case_current(out, case):
+            if final.exists():  # an invalid or outdated entry: replace it
                 shutil.rmtree(final, ignore_errors=True)
             try:
                 os.rename(tmp, final)
             except OSError:  # another process renamed its finished copy in meanwhile
-                if not is_case_complete(out, case.case_id):
+                if not is_case_current(out, case):
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,10 +181,10 @@ def prepare(
 ) -> pathlib.Path:
     """Converts the NIfTI release under `src` into a slice cache at `out` (resumable).
 
-    Cases already complete in `out` are skipped. `workers` > 1 converts cases in parallel
-    processes, which exit when this process dies. Writes `out/cache.json` last. Returns `out`
-    as a Path. Raises DataError for bad cases (naming the file and what was expected);
-    OSError when `out` is not writable.
+    Cases already complete in `out` from unchanged source files are skipped. `workers` > 1
+    converts cases in parallel processes, which exit when this process dies. Writes
+    `out/cache.json` last. Returns `out` as a Path. Raises DataError for bad cases (naming
+    the file and what was expected); OSError when `out` is not writable.
     """
     from tqdm.auto import tqdm
 
@@ -180,14 +204,14 @@ def prepare(
             )
         if old.get("src") not in (None, str(src_p)):
             logging.warning(
-                "cache %s was built from %s, now asked for %s: its complete cases are reused; "
-                "delete it if those source files differ",
+                "cache %s was built from %s, now asked for %s: cases whose files are "
+                "elsewhere now are converted again",
                 out,
                 old.get("src"),
                 src_p,
             )
     _remove_dead_temporaries(out / "cases")
-    todo = [c for c in cases if not is_case_complete(out, c.case_id)]
+    todo = [c for c in cases if not is_case_current(out, c)]
     logging.info("prepare %s -> %s: %d cases, %d to convert", src_p, out, len(cases), len(todo))
     bar = tqdm(
         total=len(cases),

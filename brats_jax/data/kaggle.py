@@ -19,7 +19,8 @@ shapes and dtypes; no arrays read), so a bad file is reported before training st
 already checked with the same size and modification time are skipped (`checked.json` in
 `stats_dir`). Reading a slice checks its values: a finite image, a one-hot mask (0/1 values,
 at most one channel per pixel). Measured statistics are cached on disk (`stats_dir`, default
-~/.cache/brats_jax/kaggle-<hash>) so they are read once per machine.
+~/.cache/brats_jax/kaggle-<hash>) so they are read once per machine (again for a file whose
+size or modification time has changed).
 
 Brain area of a z-scored slice: a pixel is brain if any channel exceeds that channel's minimum
 over the slice (raw BraTS intensities are >= 0 with background 0, and the per-slice z-score is
@@ -299,6 +300,7 @@ class KaggleH5Source:
             raise DataError(f"Kaggle slices differ in shape: {fa} is {a}, {fb} is {b}")
         if now != checked:
             self._save_checked(record, now)
+        self._stamps = np.array([now[n][:2] for n in self._files], np.int64)  # (n, 2)
         return next(iter(shapes))
 
     @staticmethod
@@ -368,17 +370,21 @@ class KaggleH5Source:
         return pathlib.Path(self.stats_dir) / "stats.npz"
 
     def _load_stats(self) -> None:
+        """Statistics measured before, for the files whose [size, mtime_ns] are unchanged
+        (a file rewritten since, or a stats file without stamps, is measured again)."""
         p = self._stats_file()
         if not p.is_file():
             return
         try:
             z = np.load(p)
             pos = {n: k for k, n in enumerate(self._files)}
-            for name, bf, cc in zip(
-                z["names"], z["brain_fraction"], z["class_counts"], strict=True
+            if "stamps" not in z:
+                return
+            for name, stamp, bf, cc in zip(
+                z["names"], z["stamps"], z["brain_fraction"], z["class_counts"], strict=True
             ):
                 k = pos.get(str(name))
-                if k is None:
+                if k is None or not np.array_equal(stamp, self._stamps[k]):
                     continue
                 if np.isfinite(bf):
                     self._table.brain_fraction[k] = bf
@@ -395,6 +401,7 @@ class KaggleH5Source:
             np.savez(
                 tmp,
                 names=np.array(self._files),
+                stamps=self._stamps,
                 brain_fraction=self._table.brain_fraction,
                 class_counts=self._table.class_counts,
             )
