@@ -28,8 +28,9 @@ Conventions (the issue left them open; chosen here):
   voxels outside the volume count as outside the mask, so mask voxels on the volume border
   are surface voxels. Distances are from surface voxels of one mask to the nearest surface
   voxel of the other, in mm (``spacing``).
-* Sensitivity = TP / (TP + FN) (1.0 when the target region is empty); specificity =
-  TN / (TN + FP) over the whole volume (1.0 when there are no negatives).
+* Sensitivity = TP / (TP + FN); when the target region is empty, 1.0 if the prediction is
+  empty too, else 0.0 (the BraTS 2023 challenge's `get_sensitivity_and_specificity`);
+  specificity = TN / (TN + FP) over the whole volume (1.0 when there are no negatives).
 """
 
 from __future__ import annotations
@@ -479,8 +480,9 @@ def region_confusion(pred: np.ndarray, target: np.ndarray) -> dict[str, tuple[in
 
 
 def sensitivity_specificity(tp: int, fp: int, fn: int, tn: int) -> tuple[float, float]:
-    """Sensitivity TP/(TP+FN) (1.0 if no positives) and specificity TN/(TN+FP) (1.0 if none)."""
-    sens = tp / (tp + fn) if tp + fn > 0 else 1.0
+    """Sensitivity TP/(TP+FN) (no target positives: 1.0 when nothing is predicted either, else
+    0.0, as the BraTS challenge scores it) and specificity TN/(TN+FP) (1.0 if no negatives)."""
+    sens = tp / (tp + fn) if tp + fn > 0 else float(fp == 0)
     spec = tn / (tn + fp) if tn + fp > 0 else 1.0
     return float(sens), float(spec)
 

@@ -23,10 +23,12 @@ AUGMENT_STREAM = 0x41554720  # folded into state.rng for the augmentation keys (
 def make_train_step(model, tx, output: str = "classes", augment_cfg=None):
     """`step(state, batch, loss_params) -> (state, {"loss", "grad_norm", "class_weights"})`;
     pure, jit it. `class_weights`: (C,) class weights the loss gave this batch (ones for
-    region outputs, which weigh no class). `output`: the config's `model.output` (static),
-    which picks the loss (`losses.loss_for_output`). A model with deep supervision returns a
-    tuple of logits in training: the loss is `losses.deep_supervision_loss` of it (class
-    weights still from the full-resolution labels). `augment_cfg`: an
+    region outputs, which weigh no class), from its full-resolution labels. `output`: the
+    config's `model.output` (static), which picks the loss (`losses.loss_for_output`). A
+    model with deep supervision returns a tuple of logits in training: the loss is
+    `losses.deep_supervision_loss` of it (each level's loss weighs classes from its own
+    down-sampled labels where the weights come from the batch, `class_counts="batch_pixels"`;
+    `class_weights` reports the full-resolution ones). `augment_cfg`: an
     `augment.AugmentConfig` (static; None = no augmentation): each sample is augmented on
     the device with keys from fold_in(fold_in(state.rng, AUGMENT_STREAM), state.step), a
     stream apart from the dropout key fold_in(state.rng, state.step), which stays as it was.

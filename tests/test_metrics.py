@@ -278,7 +278,9 @@ def test_hd95_full_size_volume():
 
 def test_sensitivity_specificity_and_evaluate_volume():
     assert M.sensitivity_specificity(3, 1, 1, 5) == (0.75, 5 / 6)
-    assert M.sensitivity_specificity(0, 2, 0, 5) == (1.0, 5 / 7)
+    # no target positives: 0 with false positives, 1 without (BraTS-2023-Metrics, GaNDLF)
+    assert M.sensitivity_specificity(0, 2, 0, 5) == (0.0, 5 / 7)
+    assert M.sensitivity_specificity(0, 0, 0, 5) == (1.0, 1.0)
     target = np.zeros((4, 4, 4), np.int32)
     pred = np.zeros_like(target)
     target[1, 1, 1:3] = 2  # ED, 2 voxels
@@ -295,7 +297,8 @@ def test_sensitivity_specificity_and_evaluate_volume():
     assert r["dice_WT"] == pytest.approx(6 / 7)
     assert r["dice_TC"] == 0.0 and r["dice_ET"] == 0.0
     assert r["sensitivity_WT"] == 1.0 and r["specificity_WT"] == pytest.approx(60 / 61)
-    assert r["sensitivity_ET"] == 1.0  # no ET in target
+    assert r["sensitivity_ET"] == 0.0  # no ET in target, one false ET voxel
+    assert r["sensitivity_TC"] == 0.0  # TC: the NCR voxel missed
     assert r["hd95_ET"] == 373.13
     # classes: bg 2*60/(61+60), NCR 0, ED 2*2/(2+3), ET 0
     np.testing.assert_allclose(
