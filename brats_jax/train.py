@@ -53,11 +53,17 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
         config_checks.check_choices(config, what=str(workdir) if len(configs) > 1 else "")
     mapping = steps.default_mapping() if mapping == "auto" else mapping
     group = RunGroup.create(configs, workdirs, mapping=mapping)
-    try:
+    try:  # the run folders stay locked until their results are written
         step = _train_loop(group)
-        tested = [group.tested_state(i, step) for i in range(len(group.runs))]
+        return _test_runs(group, step)
     finally:
         group.close()
+
+
+def _test_runs(group: RunGroup, step: int) -> list[dict]:
+    """Each run's test pass with the weights it is tested with (`tested_state`) and its
+    result files (`evaluate_and_write`); `step`: the steps trained."""
+    tested = [group.tested_state(i, step) for i in range(len(group.runs))]
     cfg = group.config
     predict = inference.make_slice_predictor(
         group.model,
@@ -101,8 +107,8 @@ class _Intervals:
 class _LossGuard:
     """Checks training losses for NaN/inf one step late (so the host never waits on the
     device) and before every log or checkpoint. A non-finite loss at step t condemns the
-    weights of step t-1 too: their checkpoints are deleted and the error names the newest
-    good one."""
+    weights of step t-1 too: the checkpoints of every run whose loss it is are deleted and
+    the error names each one's newest good one."""
 
     def __init__(self, group: RunGroup):
         self.group, self.pending = group, []
@@ -113,13 +119,14 @@ class _LossGuard:
 
     def check(self) -> None:
         for s, loss in self.pending:
-            for i, value in enumerate(self.group.per_run(loss)):
-                if not np.isfinite(value):
-                    where = self.group.drop_diverged(i, s)
-                    raise FloatingPointError(
-                        f"non-finite training loss ({value}) at step {s} of run "
-                        f"{self.group.runs[i].workdir}; stopping: {where}"
-                    )
+            bad = [(i, v) for i, v in enumerate(self.group.per_run(loss)) if not np.isfinite(v)]
+            if bad:
+                runs = "; ".join(
+                    f"({v}) at step {s} of run {self.group.runs[i].workdir}; stopping: "
+                    f"{self.group.drop_diverged(i, s)}"
+                    for i, v in bad
+                )
+                raise FloatingPointError(f"non-finite training loss {runs}")
         self.pending.clear()
 
 
@@ -161,6 +168,7 @@ def _train_loop(group: RunGroup) -> int:
             if when.save_now(step, any(v is not None for v in val)):
                 guard.check()
                 group.save(step, val)
+                weights = []  # a resumed run starts its window here too
         guard.check()
     return step
 
@@ -176,7 +184,9 @@ def _mean_weights(group: RunGroup, weights: list) -> np.ndarray:
 def _log_train(group: RunGroup, step: int, out: dict, n_steps: int, seconds: float) -> None:
     """Per-run training scalars at `step`: loss, gradient norm, learning rate, throughput
     (slices per second of all runs over the `n_steps` steps since the last log), epoch, and
-    the mean effective class weights `class_weight_c` (`losses.effective_class_weights`)."""
+    the mean effective class weights `class_weight_c` (`losses.effective_class_weights`) over
+    the steps since the last log or checkpoint (a resumed run starts at a checkpoint, so it
+    logs the same means)."""
     t = group.config.train
     rate = n_steps * t.batch_size * len(group.runs) / max(seconds, 1e-9)
     group.write(

@@ -2,7 +2,9 @@
 test_checkpoints.py): a diverged run keeps only finite checkpoints and its rerun finishes; a
 failed restore changes nothing in the run folder; a rerun after a corrupt newest checkpoint
 writes no metric row twice; a folder held by another live process is refused before anything
-is written; the lock is gone after a run. Tiny U-Net (`configs/unet.py:tiny`), 4 steps, no
+is written; the lock is held until the results are written and gone after a run; every
+grouped run that diverges loses its condemned checkpoints and class-weight rows survive a
+resume (both slow). Tiny U-Net (`configs/unet.py:tiny`), 4 steps, no
 validation or test split (no evaluation compiles)."""
 
 import json
@@ -70,16 +72,31 @@ def _template(workdir):
     return jax.eval_shape(init)
 
 
+_LOCK_HELD_WHILE_WRITING_RESULTS = []  # finished_run's observation
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished 4-step tiny run (checkpoints 2 and 4, log rows at 2 and 4)."""
+    """A finished 4-step tiny run (checkpoints 2 and 4, log rows at 2 and 4); records whether
+    its folder was locked while its results were written."""
     workdir = tmp_path_factory.mktemp("fault") / "run"
-    results = train.train_and_evaluate(_config(), workdir)
+    write = train.evaluate_and_write
+
+    def spy(run, *args, **kwargs):
+        _LOCK_HELD_WHILE_WRITING_RESULTS.append((run.workdir / workdir_lock.LOCK_NAME).exists())
+        return write(run, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "evaluate_and_write", spy)
+        results = train.train_and_evaluate(_config(), workdir)
     assert results["steps"] == 4
     return workdir
 
 
 def test_a_finished_run_leaves_no_lock_and_one_row_per_logged_step(finished_run):
+    """The folder is locked until the results are written (no second process may take it
+    during the test pass), and free afterwards."""
+    assert _LOCK_HELD_WHILE_WRITING_RESULTS == [True]
     assert not (finished_run / workdir_lock.LOCK_NAME).exists()
     assert _steps_of(finished_run, "train_loss") == [2, 4]
     ck = RunCheckpoints(finished_run, read_only=True)
@@ -194,3 +211,54 @@ def test_training_refuses_a_folder_held_by_a_live_process_before_writing(finishe
         holder.stdin.close()
         holder.wait(timeout=60)
     assert not (workdir / workdir_lock.LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_every_grouped_run_that_diverges_loses_its_condemned_checkpoints(tmp_path):
+    """Two runs at learning rate 1e6 (seeds 0, 1) both give a non-finite loss at the same
+    step t; as if trained alone, neither may keep a checkpoint of step t-1 or later, and the
+    error names both."""
+    configs = [_config(learning_rate=1e6, checkpoint_every_steps=1, seed=s) for s in (0, 1)]
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    with pytest.raises(FloatingPointError) as info:
+        train.train_runs(configs, workdirs, mapping="vmap")
+    message = str(info.value)
+    steps = [int(x) for x in re.findall(r"at step (\d+) of run", message)]
+    assert len(steps) == 2 and len(set(steps)) == 1, message
+    assert all(str(w) in message for w in workdirs) and "\n" not in message
+    for w in workdirs:
+        ck = RunCheckpoints(w, read_only=True)
+        kept = ck.all_steps()
+        ck.close()
+        assert all(s < steps[0] - 1 for s in kept), (w, kept, message)
+
+
+@pytest.mark.slow
+def test_class_weight_rows_are_the_same_after_a_resume(tmp_path, monkeypatch):
+    """Batch class-balanced CE (weights vary per batch), a row every 4 steps, a checkpoint
+    every 3: a run stopped before saving step 6 resumes from 3 and logs what the run that
+    was never stopped logs."""
+    config = lambda: _config(  # noqa: E731
+        loss="cb_ce", num_steps=8, log_every_steps=4, checkpoint_every_steps=3
+    )
+    train.train_and_evaluate(config(), tmp_path / "clean")
+    save = RunCheckpoints.save
+
+    def save_or_stop(self, step, *args, **kwargs):
+        if step == 6:
+            raise KeyboardInterrupt
+        save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(RunCheckpoints, "save", save_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config(), tmp_path / "stopped")
+    monkeypatch.setattr(RunCheckpoints, "save", save)
+    train.train_and_evaluate(config(), tmp_path / "stopped")
+
+    def weights(workdir):
+        return [{k: v for k, v in r.items() if k.startswith("class_weight")}
+                for r in _rows(workdir) if "train_loss" in r]  # fmt: skip
+
+    clean = weights(tmp_path / "clean")
+    assert len(clean) == 2 and len(clean[0]) == 4 and len(set(clean[0].values())) > 1
+    assert weights(tmp_path / "stopped") == clean
