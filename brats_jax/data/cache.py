@@ -60,8 +60,8 @@ def is_case_complete(out: str | os.PathLike, case_id: str) -> bool:
 
 def _source_stamps(case: Case) -> dict[str, list[int]]:
     """{path: [size in bytes, modification time in ns]} of the case's modality and seg files."""
-    paths = [*case.paths.values(), case.seg]
-    return {str(p): [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths}
+    stats = {str(p): os.stat(p) for p in [*case.paths.values(), case.seg]}
+    return {p: [st.st_size, st.st_mtime_ns] for p, st in stats.items()}
 
 
 def is_case_current(out: str | os.PathLike, case: Case) -> bool:
