@@ -205,6 +205,9 @@ class RunGroup:
     `state` and `loss_params` are stacked along a leading run axis unless `mapping` is
     "none" (a single run). `view(i)` is run i's own `TrainState`; `next_batch()` the device
     batch of all runs; `write`, `evaluate`, `save` act per run into each run's folder.
+    A run whose loss turns non-finite is stopped alone (`drop_diverged`): its row keeps
+    being computed (the compiled step is the group's) but it writes, validates, saves and
+    tests nothing more, and the other runs end as if trained alone.
     Build with `RunGroup.create`; `close()` when done.
     """
 
@@ -221,6 +224,8 @@ class RunGroup:
     start_step: int | None
     locks: contextlib.ExitStack  # the runs' `WorkdirLock`s, released by `close()`
     overlays: dict = dataclasses.field(default_factory=dict)  # run -> ValidationOverlays
+    # run index -> why it stopped (`drop_diverged`): it trains on, inert, writing nothing
+    diverged: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(cls, configs, workdirs, *, mapping: str) -> "RunGroup":
@@ -311,20 +316,24 @@ class RunGroup:
         """A step output (scalar, or (K,) when stacked) as one float per run."""
         return [float(v) for v in np.atleast_1d(np.asarray(value))]
 
+    def training(self) -> list[int]:
+        """The indices of the runs still training (not `diverged`)."""
+        return [i for i in range(len(self.runs)) if i not in self.diverged]
+
     def write(self, step: int, scalars: list[dict]) -> None:
-        """Write run i's `scalars[i]` at `step` to its metric writer."""
-        for writer, s in zip(self.writers, scalars, strict=True):
-            writer.write_scalars(step, s)
+        """Write run i's `scalars[i]` at `step` to its metric writer (runs still training)."""
+        for i in self.training():
+            self.writers[i].write_scalars(step, scalars[i])
 
     def evaluate(self, step: int, eval_step) -> list[dict | None]:
-        """Validation metrics of each run (None for a run without a validation split),
-        written as `val_*` scalars at `step`."""
+        """Validation metrics of each run (None for a run without a validation split or
+        stopped), written as `val_*` scalars at `step`."""
         from brats_jax.evaluation import evaluate_slices
 
         out = []
         for i, run in enumerate(self.runs):
             val = None
-            if len(run.splits.val):
+            if len(run.splits.val) and i not in self.diverged:
                 val = evaluate_slices(run, eval_step, self.view(i), run.splits.val)
                 self.writers[i].write_scalars(step, {f"val_{k}": v for k, v in val.items()})
                 self._write_overlays(i, step)
@@ -345,10 +354,11 @@ class RunGroup:
         self.writers[i].write_images(step, self.overlays[i].images(self.view(i)))
 
     def save(self, step: int, val: list[dict | None]) -> None:
-        """Checkpoint every run at `step` (state, data iterator, validation Dice if any)."""
-        for i, (it, c) in enumerate(zip(self.iterators, self.checkpoints, strict=True)):
+        """Checkpoint every run still training at `step` (state, data iterator, validation
+        Dice if any)."""
+        for i in self.training():
             m = {VAL_METRIC: val[i]["paper_dice"]} if val[i] else None
-            c.save(step, self.view(i), it.get_state(), m)
+            self.checkpoints[i].save(step, self.view(i), self.iterators[i].get_state(), m)
 
     def tested_state(self, i: int, final_step: int) -> tuple[TrainState, int, str]:
         """`(state, tested_step, selected_by)`: the weights run i is tested with, as
@@ -378,14 +388,23 @@ class RunGroup:
         finally:
             self.locks.close()
 
-    def drop_diverged(self, i: int, first_bad_loss_step: int) -> str:
-        """Deletes run i's checkpoints that a non-finite loss at `first_bad_loss_step`
-        condemns (`RunCheckpoints.drop_diverged`); returns where the newest good one is."""
+    def drop_diverged(self, i: int, first_bad_loss_step: int, loss: float) -> str:
+        """Stops run i, whose training loss `loss` at `first_bad_loss_step` is non-finite:
+        deletes the checkpoints that loss condemns (`RunCheckpoints.drop_diverged`) and
+        records in `diverged[i]` (returned) which run, when, and its newest good checkpoint."""
         c = self.checkpoints[i]
         kept = c.drop_diverged(first_bad_loss_step)
-        if kept is None:
-            return "no good checkpoint is kept; the rerun starts from scratch"
-        return f"the newest good checkpoint is step {kept} in {c.directory}"
+        where = (
+            "no good checkpoint is kept; the rerun starts from scratch"
+            if kept is None
+            else f"the newest good checkpoint is step {kept} in {c.directory}"
+        )
+        self.diverged[i] = (
+            f"({loss}) at step {first_bad_loss_step} of run {self.runs[i].workdir}; "
+            f"stopping: {where}"
+        )
+        logging.warning("non-finite training loss %s", self.diverged[i])
+        return self.diverged[i]
 
 
 def _train_iterator(run: Run):

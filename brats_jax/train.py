@@ -2,9 +2,10 @@
 `train_runs(configs, workdirs)` for K runs of one architecture in one compiled program.
 
 Data flows one way: `RunGroup.next_batch()` (grain pipeline -> device batch) -> the jitted
-train step (`steps`) -> losses checked finite -> per-run scalars to the metric writers, at
-intervals validation (`evaluation.evaluate_slices`) and checkpoints (`RunGroup.save`); after
-the last step each run is tested on whole volumes (`evaluation.evaluate_and_write`).
+train step (`steps`) -> losses checked finite (a run whose loss is not stops alone) ->
+per-run scalars to the metric writers, at intervals validation
+(`evaluation.evaluate_slices`) and checkpoints (`RunGroup.save`); after the last step each
+run is tested on whole volumes (`evaluation.evaluate_and_write`).
 
 Grouped runs (sweeps) have their states stacked along a leading run axis and the step is
 mapped over runs with `jax.lax.map` (default) or `jax.vmap` (`steps.default_mapping`). Each
@@ -48,6 +49,11 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
 
     Returns:
       Each run's results dict, as `train_and_evaluate` returns it.
+
+    Raises:
+      RunsDiverged: some runs stopped on a non-finite loss; the others trained to the end
+        and were tested (their results are in the exception).
+      FloatingPointError: every run stopped on a non-finite loss.
     """
     for config, workdir in zip(configs, workdirs, strict=True):  # misspelt names fail first
         config_checks.check_choices(config, what=str(workdir) if len(configs) > 1 else "")
@@ -55,15 +61,35 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
     group = RunGroup.create(configs, workdirs, mapping=mapping)
     try:  # the run folders stay locked until their results are written
         step = _train_loop(group)
-        return _test_runs(group, step)
+        results = _test_runs(group, step)
     finally:
         group.close()
+    if group.diverged:
+        raise RunsDiverged(
+            f"non-finite training loss {'; '.join(group.diverged.values())}; the group's "
+            f"other {len(group.training())} run(s) finished",
+            results,
+        )
+    return results
+
+
+class RunsDiverged(FloatingPointError):
+    """Some runs of a group stopped on a non-finite training loss and the others finished.
+
+    The message names each stopped run, the step and its newest good checkpoint;
+    `results[i]` is run i's results dict, None for a stopped run. A run that stops alone
+    (or a group whose runs all stop) raises a plain FloatingPointError.
+    """
+
+    def __init__(self, message: str, results: list[dict | None]):
+        super().__init__(message)
+        self.results = results
 
 
 def _test_runs(group: RunGroup, step: int) -> list[dict]:
     """Each run's test pass with the weights it is tested with (`tested_state`) and its
-    result files (`evaluate_and_write`); `step`: the steps trained."""
-    tested = [group.tested_state(i, step) for i in range(len(group.runs))]
+    result files (`evaluate_and_write`), None for a stopped run; `step`: the steps trained."""
+    tested = {i: group.tested_state(i, step) for i in group.training()}
     cfg = group.config
     predict = inference.make_slice_predictor(
         group.model,
@@ -72,14 +98,13 @@ def _test_runs(group: RunGroup, step: int) -> list[dict]:
         output=outputs.of_config(cfg.model),
         window=inference_window(cfg),
     )
-    results = []
-    for run, (s, tested_step, selected_by) in zip(group.runs, tested, strict=True):
+    results = [None] * len(group.runs)
+    for i, (s, tested_step, selected_by) in tested.items():
         variables = {"params": s.params, **s.model_state}
-        results.append(
-            evaluate_and_write(
-                run, predict, variables, step, tested_step=tested_step, selected_by=selected_by
-            )
-        )
+        results[i] = evaluate_and_write(
+            group.runs[i], predict, variables, step, tested_step=tested_step,
+            selected_by=selected_by,
+        )  # fmt: skip
     return results
 
 
@@ -107,8 +132,9 @@ class _Intervals:
 class _LossGuard:
     """Checks training losses for NaN/inf one step late (so the host never waits on the
     device) and before every log or checkpoint. A non-finite loss at step t condemns the
-    weights of step t-1 too: the checkpoints of every run whose loss it is are deleted and
-    the error names each one's newest good one."""
+    weights of step t-1 too: each run whose loss it is loses those checkpoints and stops
+    (`RunGroup.drop_diverged`) while the others train on; when no run is left, raises
+    FloatingPointError naming each run's newest good checkpoint."""
 
     def __init__(self, group: RunGroup):
         self.group, self.pending = group, []
@@ -119,15 +145,14 @@ class _LossGuard:
 
     def check(self) -> None:
         for s, loss in self.pending:
-            bad = [(i, v) for i, v in enumerate(self.group.per_run(loss)) if not np.isfinite(v)]
-            if bad:
-                runs = "; ".join(
-                    f"({v}) at step {s} of run {self.group.runs[i].workdir}; stopping: "
-                    f"{self.group.drop_diverged(i, s)}"
-                    for i, v in bad
-                )
-                raise FloatingPointError(f"non-finite training loss {runs}")
+            for i, v in enumerate(self.group.per_run(loss)):
+                if not np.isfinite(v) and i not in self.group.diverged:
+                    self.group.drop_diverged(i, s, v)
         self.pending.clear()
+        if not self.group.training():
+            raise FloatingPointError(
+                f"non-finite training loss {'; '.join(self.group.diverged.values())}"
+            )
 
 
 def _train_loop(group: RunGroup) -> int:
@@ -160,7 +185,8 @@ def _train_loop(group: RunGroup) -> int:
                 guard.check()
                 out = {**jax.device_get(out), "class_weights": _mean_weights(group, weights)}
                 _log_train(group, step, out, n_log, time.perf_counter() - t_log)
-                bar.set_postfix(loss=f"{float(np.mean(out['loss'])):.4f}")
+                loss = np.mean([group.per_run(out["loss"])[i] for i in group.training()])
+                bar.set_postfix(loss=f"{loss:.4f}")
                 t_log, n_log, weights = time.perf_counter(), 0, []
             val = [None] * len(group.runs)
             if when.eval_now(step):

@@ -377,34 +377,39 @@ def _train_locked_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[Ru
         )
         _write_run_info(spec, status="running")
     t0 = time.perf_counter()
-    outcomes = []
+    error, finished = None, [True] * len(unit)
     try:
         if len(unit) == 1:
             train_fn(unit[0].config, unit[0].workdir)
         else:
             train_group_fn([s.config for s in unit], [s.workdir for s in unit], mapping)
     except Exception as e:  # noqa: BLE001 - one failing run must not stop the sweep
-        seconds = time.perf_counter() - t0
-        msg = f"{type(e).__name__}: {e}".splitlines()[0]
-        for spec in unit:
-            fileio.write_text(spec.workdir / ERROR, traceback.format_exc())
-            _write_run_info(spec, status="failed", seconds=seconds)
-            _log(
-                out,
-                f"{tags[id(spec)]}: FAILED after {seconds:.1f}s: {msg} "
-                f"(see {spec.workdir / ERROR})",
-            )
-            outcomes.append(RunOutcome(spec.name, "failed", seconds, msg))
-    else:
-        seconds = time.perf_counter() - t0
-        for spec in unit:
-            (spec.workdir / ERROR).unlink(missing_ok=True)
-            _write_run_info(spec, status="done", seconds=seconds, trained_with=len(unit))
-            _log(out, f"{tags[id(spec)]}: done in {seconds:.1f}s")
-            outcomes.append(RunOutcome(spec.name, "done", seconds))
+        error = (f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc())
+        # brats_jax.train.RunsDiverged: the runs with results finished, the others stopped
+        finished = [r is not None for r in getattr(e, "results", [None] * len(unit))]
     finally:
+        seconds = time.perf_counter() - t0
         _release_memory()
-    return outcomes
+    return [
+        _record_outcome(spec, tags[id(spec)], seconds, len(unit), None if done else error)
+        for spec, done in zip(unit, finished, strict=True)
+    ]
+
+
+def _record_outcome(spec, tag, seconds, trained_with, error) -> RunOutcome:
+    """Log and record a trained run: "done", or "failed" with `error` = (one-line message,
+    traceback), the traceback in `<workdir>/error.txt`."""
+    out = spec.workdir.parent
+    if error is None:
+        (spec.workdir / ERROR).unlink(missing_ok=True)
+        _write_run_info(spec, status="done", seconds=seconds, trained_with=trained_with)
+        _log(out, f"{tag}: done in {seconds:.1f}s")
+        return RunOutcome(spec.name, "done", seconds)
+    msg, trace = error
+    fileio.write_text(spec.workdir / ERROR, trace)
+    _write_run_info(spec, status="failed", seconds=seconds)
+    _log(out, f"{tag}: FAILED after {seconds:.1f}s: {msg} (see {spec.workdir / ERROR})")
+    return RunOutcome(spec.name, "failed", seconds, msg)
 
 
 def _release_memory() -> None:

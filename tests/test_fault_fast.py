@@ -3,9 +3,10 @@ test_checkpoints.py): a diverged run keeps only finite checkpoints and its rerun
 failed restore changes nothing in the run folder; a rerun after a corrupt newest checkpoint
 writes no metric row twice; a folder held by another live process is refused before anything
 is written; the lock is held until the results are written and gone after a run; every
-grouped run that diverges loses its condemned checkpoints and class-weight rows survive a
-resume (both slow). Tiny U-Net (`configs/unet.py:tiny`), 4 steps, no
-validation or test split (no evaluation compiles)."""
+grouped run that diverges loses its condemned checkpoints, a run that diverges in a group
+stops alone while the others train on, and class-weight rows survive a resume (all slow).
+Tiny U-Net (`configs/unet.py:tiny`), 4 steps, no validation or test split (no evaluation
+compiles)."""
 
 import json
 import os
@@ -231,6 +232,44 @@ def test_every_grouped_run_that_diverges_loses_its_condemned_checkpoints(tmp_pat
         kept = ck.all_steps()
         ck.close()
         assert all(s < steps[0] - 1 for s in kept), (w, kept, message)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_alone_and_the_group_trains_on(finished_run, tmp_path):
+    """A sweep unit of two runs, one at learning rate 1e6: that run stops at its first
+    non-finite loss (step t) keeping no checkpoint of step t-1 or later and no row from t
+    on; the other trains to the end as it does alone (`finished_run`: the same config) and
+    is "done". The rerun skips the finished run and trains the stopped one alone: it fails
+    on its own loss again, not because the two runs' checkpoints share no step."""
+    from experiments import run as exp_run
+
+    specs = [
+        exp_run.PlannedRun("bad", _config(learning_rate=1e6), tmp_path / "bad"),
+        exp_run.PlannedRun("good", _config(), tmp_path / "good"),
+    ]
+    first = exp_run.execute(specs, group_size=2, mapping="vmap")
+    assert [o.status for o in first] == ["failed", "done"], first
+    step = int(re.search(r"at step (\d+) of run (\S+);", first[0].message)[1])
+    assert str(specs[0].workdir) in first[0].message
+    assert str(specs[1].workdir) not in first[0].message
+    bad, good = (s.workdir for s in specs)
+    ck = RunCheckpoints(bad, read_only=True)
+    assert all(s < step - 1 for s in ck.all_steps()), (ck.all_steps(), step)
+    ck.close()
+    assert all(s < step for s in _steps_of(bad, "train_loss"))
+    assert not (bad / "results.json").exists() and (bad / "error.txt").exists()
+    assert _steps_of(good, "train_loss") == _steps_of(finished_run, "train_loss") == [2, 4]
+    np.testing.assert_allclose(
+        [r["train_loss"] for r in _rows(good) if "train_loss" in r],
+        [r["train_loss"] for r in _rows(finished_run) if "train_loss" in r],
+        rtol=2e-3,
+    )
+    assert json.loads((good / "results.json").read_text())["steps"] == 4
+    assert not (good / "error.txt").exists()
+
+    second = exp_run.execute(specs, group_size=2, mapping="vmap")
+    assert [o.status for o in second] == ["failed", "skipped"], second
+    assert "non-finite training loss" in second[0].message, second[0].message
 
 
 @pytest.mark.slow

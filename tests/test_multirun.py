@@ -106,6 +106,30 @@ def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
     assert all(o.status == "done" for o in outcomes)
 
 
+def test_a_unit_with_a_diverged_run_fails_only_that_run(tmp_path):
+    """`train_runs` raising `RunsDiverged` (run r0 stopped, r1 trained to the end and was
+    tested): r1 is done, r0 failed with the message and its traceback in error.txt; a plain
+    exception fails both."""
+    from experiments import run as exp_run
+
+    specs = [exp_run.PlannedRun(f"r{i}", RUNS[0], tmp_path / f"r{i}") for i in range(2)]
+
+    def diverged(configs, workdirs, mapping):
+        raise train.RunsDiverged("non-finite training loss (nan) at step 3 of r0", [None, {}])
+
+    outcomes = exp_run.execute(specs, group_size=2, train_group_fn=diverged)
+    assert [(o.name, o.status) for o in outcomes] == [("r0", "failed"), ("r1", "done")]
+    assert outcomes[0].message == "RunsDiverged: non-finite training loss (nan) at step 3 of r0"
+    assert "RunsDiverged" in (tmp_path / "r0" / "error.txt").read_text()
+    assert not (tmp_path / "r1" / "error.txt").exists()
+
+    def broken(configs, workdirs, mapping):
+        raise OSError("disk full")
+
+    outcomes = exp_run.execute(specs, group_size=2, train_group_fn=broken)
+    assert [o.status for o in outcomes] == ["failed", "failed"]
+
+
 @pytest.mark.slow
 def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monkeypatch):
     """Stopped after run 0 saved step 4 but before run 1 did: the rerun redoes step 4 for both
