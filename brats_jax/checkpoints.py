@@ -277,7 +277,7 @@ def restore_runs(
                 + ", ".join(
                     f"{c.directory}: {sorted(s)}" for c, s in zip(ckpts, per_run, strict=True)
                 )
-                + "; resume them one by one (without --vmap)"
+                + "; resume them one by one (experiments.run --group-size=1)"
             )
         steps = sorted((s for s in common if at_most is None or s <= at_most), reverse=True)
     failures = []

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -21,7 +22,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from brats_jax import augment, config_utils, data, fileio, losses, outputs, steps
-from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints, UnreadableCheckpoint, restore_runs
+from brats_jax.checkpoints import (
+    VAL_METRIC,
+    RunCheckpoints,
+    UnreadableCheckpoint,
+    all_finite,
+    restore_runs,
+)
 from brats_jax.data.patches import check_patch_config, inference_window
 from brats_jax.metric_writer import MetricWriter
 from brats_jax.runtime import resolve_ops
@@ -164,6 +171,9 @@ def _build_runs(configs, workdirs) -> list[Run]:
     """`build_run` of each config, sharing one data source among equal `data` sections."""
     if len(configs) != len(workdirs) or not configs:
         raise ValueError("train_runs needs one workdir per config, and at least one config")
+    folders = [os.path.abspath(w) for w in workdirs]  # a/../b is b
+    if dup := sorted({w for w in folders if folders.count(w) > 1}):
+        raise ValueError(f"runs trained together need their own folders; {dup[0]} is given twice")
     if len({group_key(c) for c in configs}) > 1:
         i = next(i for i, c in enumerate(configs) if group_key(c) != group_key(configs[0]))
         raise ValueError(
@@ -360,6 +370,14 @@ class RunGroup:
             m = {VAL_METRIC: val[i]["paper_dice"]} if val[i] else None
             self.checkpoints[i].save(step, self.view(i), self.iterators[i].get_state(), m)
 
+    def stop_non_finite(self, step: int) -> None:
+        """Stops (`drop_diverged`) each run still training whose weights or optimizer state
+        at `step` are non-finite while its loss was not (that loss came from the weights of
+        step - 1, whose update went wrong)."""
+        for i in self.training():
+            if not all_finite(self.view(i)):
+                self.drop_diverged(i, step, f"non-finite weights at step {step}")
+
     def tested_state(self, i: int, final_step: int) -> tuple[TrainState, int, str]:
         """`(state, tested_step, selected_by)`: the weights run i is tested with, as
         `predict` uses them. With a validation split, the checkpoint with the best validation
@@ -388,10 +406,11 @@ class RunGroup:
         finally:
             self.locks.close()
 
-    def drop_diverged(self, i: int, first_bad_loss_step: int, loss: float) -> str:
-        """Stops run i, whose training loss `loss` at `first_bad_loss_step` is non-finite:
-        deletes the checkpoints that loss condemns (`RunCheckpoints.drop_diverged`) and
-        records in `diverged[i]` (returned) which run, when, and its newest good checkpoint."""
+    def drop_diverged(self, i: int, first_bad_loss_step: int, reason: str) -> str:
+        """Stops run i, whose training loss at `first_bad_loss_step` is (or, from non-finite
+        weights, will be) non-finite: deletes the checkpoints that loss condemns
+        (`RunCheckpoints.drop_diverged`) and records in `diverged[i]` (returned) the
+        `reason` ("non-finite ... at step t"), the run and its newest good checkpoint."""
         c = self.checkpoints[i]
         kept = c.drop_diverged(first_bad_loss_step)
         where = (
@@ -399,11 +418,8 @@ class RunGroup:
             if kept is None
             else f"the newest good checkpoint is step {kept} in {c.directory}"
         )
-        self.diverged[i] = (
-            f"({loss}) at step {first_bad_loss_step} of run {self.runs[i].workdir}; "
-            f"stopping: {where}"
-        )
-        logging.warning("non-finite training loss %s", self.diverged[i])
+        self.diverged[i] = f"{reason} of run {self.runs[i].workdir}; stopping: {where}"
+        logging.warning("%s", self.diverged[i])
         return self.diverged[i]
 
 

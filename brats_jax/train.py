@@ -66,8 +66,8 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
         group.close()
     if group.diverged:
         raise RunsDiverged(
-            f"non-finite training loss {'; '.join(group.diverged.values())}; the group's "
-            f"other {len(group.training())} run(s) finished",
+            f"{'; '.join(group.diverged.values())}; the group's other "
+            f"{len(group.training())} run(s) finished",
             results,
         )
     return results
@@ -133,8 +133,9 @@ class _LossGuard:
     """Checks training losses for NaN/inf one step late (so the host never waits on the
     device) and before every log or checkpoint. A non-finite loss at step t condemns the
     weights of step t-1 too: each run whose loss it is loses those checkpoints and stops
-    (`RunGroup.drop_diverged`) while the others train on; when no run is left, raises
-    FloatingPointError naming each run's newest good checkpoint."""
+    (`RunGroup.drop_diverged`; so does a run whose weights are non-finite at a validation
+    or a save) while the others train on; when no run is left, raises FloatingPointError
+    naming each run's newest good checkpoint."""
 
     def __init__(self, group: RunGroup):
         self.group, self.pending = group, []
@@ -143,16 +144,18 @@ class _LossGuard:
         self.check()
         self.pending.append((step, loss))
 
-    def check(self) -> None:
+    def check(self, weights_step: int | None = None) -> None:
+        """Checks the queued losses, and with `weights_step` the state of that step
+        (`RunGroup.stop_non_finite`: before a validation or a save)."""
         for s, loss in self.pending:
             for i, v in enumerate(self.group.per_run(loss)):
                 if not np.isfinite(v) and i not in self.group.diverged:
-                    self.group.drop_diverged(i, s, v)
+                    self.group.drop_diverged(i, s, f"non-finite training loss ({v}) at step {s}")
         self.pending.clear()
+        if weights_step is not None:
+            self.group.stop_non_finite(weights_step)
         if not self.group.training():
-            raise FloatingPointError(
-                f"non-finite training loss {'; '.join(self.group.diverged.values())}"
-            )
+            raise FloatingPointError("; ".join(self.group.diverged.values()))
 
 
 def _train_loop(group: RunGroup) -> int:
@@ -190,9 +193,10 @@ def _train_loop(group: RunGroup) -> int:
                 t_log, n_log, weights = time.perf_counter(), 0, []
             val = [None] * len(group.runs)
             if when.eval_now(step):
+                guard.check(weights_step=step)  # a diverged run is not validated
                 val = group.evaluate(step, eval_step)
             if when.save_now(step, any(v is not None for v in val)):
-                guard.check()
+                guard.check(weights_step=step)
                 group.save(step, val)
                 weights = []  # a resumed run starts its window here too
         guard.check()

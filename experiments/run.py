@@ -366,8 +366,21 @@ def _train_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[RunOutcom
         return _train_locked_unit(unit, tags, train_fn, train_group_fn, mapping)
 
 
+def _saved_steps(workdir: pathlib.Path) -> set[int]:
+    """The checkpoint steps in `workdir/checkpoints` (folder names; none: empty)."""
+    folder = workdir / "checkpoints"
+    return {int(p.name) for p in folder.iterdir() if p.name.isdigit()} if folder.is_dir() else set()
+
+
 def _train_locked_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[RunOutcome]:
     out = unit[0].workdir.parent
+    saved = [_saved_steps(spec.workdir) for spec in unit]
+    if len(unit) > 1 and any(saved) and not set.intersection(*saved):
+        # e.g. a run that diverged in this group kept older checkpoints than the others
+        names = ", ".join(tags[id(s)] for s in unit)
+        _log(out, f"{names}: their checkpoints share no step; each resumes alone")
+        alone = (_train_locked_unit([s], tags, train_fn, train_group_fn, mapping) for s in unit)
+        return [o for outcomes in alone for o in outcomes]
     for spec in unit:
         resume = (spec.workdir / "checkpoints").exists()
         _log(

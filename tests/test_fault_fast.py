@@ -4,7 +4,8 @@ failed restore changes nothing in the run folder; a rerun after a corrupt newest
 writes no metric row twice; a folder held by another live process is refused before anything
 is written; the lock is held until the results are written and gone after a run; every
 grouped run that diverges loses its condemned checkpoints, a run that diverges in a group
-stops alone while the others train on, and class-weight rows survive a resume (all slow).
+(by its loss or, first, its weights) stops alone while the others train on, and
+class-weight rows survive a resume (all slow).
 Tiny U-Net (`configs/unet.py:tiny`), 4 steps, no validation or test split (no evaluation
 compiles)."""
 
@@ -270,6 +271,46 @@ def test_a_diverging_run_stops_alone_and_the_group_trains_on(finished_run, tmp_p
     second = exp_run.execute(specs, group_size=2, mapping="vmap")
     assert [o.status for o in second] == ["failed", "skipped"], second
     assert "non-finite training loss" in second[0].message, second[0].message
+
+
+@pytest.mark.slow
+def test_a_run_whose_weights_turn_non_finite_first_stops_alone(tmp_path, monkeypatch):
+    """Run 1's update of step 2 makes its weights NaN while its loss of step 2 (from the
+    weights of step 1) is finite: at step 2's validation and save it is stopped unvalidated
+    and unsaved (not the whole group failing in the checkpoint writer); run 0 finishes."""
+    import jax.numpy as jnp
+
+    from brats_jax import steps
+
+    make_step, calls = steps.jit_train_step, []
+
+    def poisoning_step(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+
+        def run(state, batch, loss_params):
+            state, out = step(state, batch, loss_params)
+            calls.append(1)
+            if len(calls) == 2:  # run 1's row of every parameter
+                nan_row = lambda x: x.at[1].set(jnp.nan)  # noqa: E731
+                state = state.replace(params=jax.tree.map(nan_row, state.params))
+            return state, out
+
+        return run
+
+    monkeypatch.setattr(steps, "jit_train_step", poisoning_step)
+    configs = [_config(eval_every_steps=2) for _ in range(2)]
+    for c in configs:
+        c.data.val_fraction = 0.2
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    with pytest.raises(train.RunsDiverged, match=r"non-finite weights at step 2 of run") as info:
+        train.train_runs(configs, workdirs, mapping="vmap")
+    assert str(workdirs[1]) in str(info.value) and str(workdirs[0]) not in str(info.value)
+    assert info.value.results[1] is None and info.value.results[0]["steps"] == 4
+    assert _steps_of(workdirs[0], "val_loss") == [2, 4]
+    assert _steps_of(workdirs[1], "val_loss") == []  # step 2's weights were NaN
+    ck = RunCheckpoints(workdirs[1], read_only=True)
+    assert ck.all_steps() == []  # step 2 not saved; nothing older was
+    ck.close()
 
 
 @pytest.mark.slow

@@ -130,6 +130,41 @@ def test_a_unit_with_a_diverged_run_fails_only_that_run(tmp_path):
     assert [o.status for o in outcomes] == ["failed", "failed"]
 
 
+def test_a_unit_whose_checkpoints_share_no_step_resumes_run_by_run(tmp_path):
+    """A unit whose runs saved different steps (one stopped early: it diverged) cannot
+    resume as a group: its runs are trained alone, one after the other; a unit sharing a
+    step, or new, is trained together."""
+    from experiments import run as exp_run
+
+    def unit(name, steps_per_run):
+        specs = []
+        for i, steps in enumerate(steps_per_run):
+            spec = exp_run.PlannedRun(f"{name}{i}", RUNS[0], tmp_path / f"{name}{i}")
+            for s in steps:
+                (spec.workdir / "checkpoints" / str(s)).mkdir(parents=True)
+            specs.append(spec)
+        return specs
+
+    seen = []
+    for specs in (
+        unit("apart", [[2], [4, 6]]),
+        unit("shared", [[2, 4], [4]]),
+        unit("new", [[], []]),
+    ):
+        exp_run.execute(
+            specs,
+            group_size=2,
+            train_fn=lambda c, w: seen.append([w.name]),
+            train_group_fn=lambda cs, ws, mapping: seen.append([w.name for w in ws]),
+        )
+    assert seen == [["apart0"], ["apart1"], ["shared0", "shared1"], ["new0", "new1"]]
+
+
+def test_runs_trained_together_need_their_own_folders(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'a'} is given twice"):
+        train.train_runs(RUNS[:2], [tmp_path / "a", tmp_path / "b" / ".." / "a"])
+
+
 @pytest.mark.slow
 def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monkeypatch):
     """Stopped after run 0 saved step 4 but before run 1 did: the rerun redoes step 4 for both
