@@ -126,8 +126,12 @@ def find_ground_truth(gt_dir: pathlib.Path) -> dict[str, tuple[pathlib.Path, str
     """Map case ID -> (GT seg file, naming-from-file-name or None).
 
     Case folders are found at any depth (e.g. the 2018-2019 releases' ``HGG/<ID>/``,
-    ``LGG/<ID>/``); files named like predictions count at the top level of ``gt_dir``.
+    ``LGG/<ID>/``), ``gt_dir`` itself included (then its modality images are not cases);
+    files named like predictions count at the top level of ``gt_dir``.
     """
+    gt_dir = pathlib.Path(os.path.abspath(gt_dir))  # "." has its folder's name
+    if (found := _case_folder_seg(gt_dir)) is not None and found[1] is not None:  # <ID>_seg
+        return {gt_dir.name: found}
     out: dict[str, tuple[pathlib.Path, str | None]] = {}
 
     def add(cid: str, found: tuple[pathlib.Path, str | None]) -> None:

@@ -56,9 +56,11 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def write_nifti_like(array, like, path, *, descrip=None, display_range=(0.0, 0.0)) -> None:
     """Write `array` atomically as NIfTI on `like`'s grid (`like.affine`, a copy of
-    `like.header`): data type `array.dtype`, no intensity scaling, `descrip` (80 bytes at
-    most; None keeps the input's), display range `(cal_min, cal_max)` ((0, 0): none, so
-    viewers show the data's range instead of the input image's)."""
+    `like.header`), in the voxel order of the file `like` was read from (`like.to_file`,
+    `brats.CaseData`'s; None or absent: as given): data type `array.dtype`, no intensity
+    scaling, `descrip` (80 bytes at most; None keeps the input's), display range
+    `(cal_min, cal_max)` ((0, 0): none, so viewers show the data's range instead of the
+    input image's)."""
     import nibabel as nib
     import numpy as np
 
@@ -69,8 +71,11 @@ def write_nifti_like(array, like, path, *, descrip=None, display_range=(0.0, 0.0
     header["cal_min"], header["cal_max"] = display_range
     if descrip is not None:
         header["descrip"] = descrip
+    image = nib.Nifti1Image(array, like.affine, header)
+    if getattr(like, "to_file", None) is not None:
+        image = image.as_reoriented(like.to_file)
     with atomic_path(path) as tmp:
-        nib.save(nib.Nifti1Image(array, like.affine, header), str(tmp))
+        nib.save(image, str(tmp))
 
 
 def check_writable(path: str | os.PathLike) -> None:

@@ -142,8 +142,9 @@ def write_index(
     *,
     extra_columns: Mapping[str, Mapping] | None = None,
     title: str = "brats_jax cases",
+    name: str = "index.html",
 ) -> pathlib.Path:
-    """Write `out_dir/index.html` (atomically): a static table, worst first by `dice_WT`
+    """Write `out_dir/<name>` (atomically): a static table, worst first by `dice_WT`
     where a row has it (then by case ID), of each row's `case_id`, its picture
     (`<case_id>.png` beside it, linked when the file exists), its `columns` (floats to 4
     decimals) and `extra_columns[case_id]` (column -> value, e.g. uncertainties), then the
@@ -166,8 +167,8 @@ def write_index(
         ])  # fmt: skip
         lines.append(f"<tr>{cells}</tr>")
     page = _PAGE.format(title=html.escape(title), n=len(rows), table="\n".join(lines))
-    fileio.write_text(out_dir / "index.html", page)
-    return out_dir / "index.html"
+    fileio.write_text(out_dir / name, page)
+    return out_dir / name
 
 
 _PAGE = """<!DOCTYPE html>
@@ -218,12 +219,14 @@ class CasePictures:
             self.log(f"warning: case {case_id}: {note}")
         self.add(case_id, pred, label, images, note=note)
 
-    def write_index(self, rows, columns, *, extra_columns=None, title="") -> pathlib.Path:
-        """`write_index` of `rows` (one dict per case), each with the note its picture got
-        ("no picture" for a row without one, e.g. a case without prediction)."""
+    def write_index(
+        self, rows, columns, *, extra_columns=None, title="", name="index.html"
+    ) -> pathlib.Path:
+        """`write_index` of `rows` (one dict per case) as `name`, each with the note its
+        picture got ("no picture" for a row without one, e.g. a case without prediction)."""
         rows = [{**r, "note": self.notes.get(str(r["case_id"]), "no picture")} for r in rows]
         path = write_index(self.out_dir, rows, columns, extra_columns=extra_columns,
-                           title=title or f"brats_jax: {self.out_dir.name}")  # fmt: skip
+                           title=title or f"brats_jax: {self.out_dir.name}", name=name)  # fmt: skip
         self.log(f"wrote {len(rows)} case(s) to {path}")
         return path
 

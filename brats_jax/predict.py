@@ -25,7 +25,8 @@ list of case folders, with `--output` a folder (a name not ending in .nii/.nii.g
 `<ID>.nii.gz` per case (`--probabilities` is then a folder too), one load and compilation
 for all, a progress bar. `--num_parts=N --part_id=i` (nnU-Net's flags) segments only part i
 of the cases sorted by case ID, round-robin (`brats_jax.work_split`): N processes with
-i = 0..N-1 on one `--output` folder write every case once. Several comma-separated
+i = 0..N-1 on one `--output` folder write every case once (each part its own
+`uncertainty-part<i>-of-<N>.csv` and `index-part<i>-of-<N>.html`). Several comma-separated
 `--workdir`s form an ensemble: their
 probabilities are averaged (they must share `data.image_size`, input normalization and
 `model.output`; each run gets the slice context it was trained with, its own
@@ -59,7 +60,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from brats_jax import MODALITIES, cli, fileio, runtime, work_split
 
@@ -300,7 +301,9 @@ def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None, memb
         require_label=False,
         normalization=input_normalization(ensemble.config.data.source),
         allow_missing=ensemble.missing_ok,  # a missing modality's channel is 0
+        ignore_bad_label=True,  # only the pictures use it
     )
+    _warn_unlike_brats(data)
     probs = predict_probabilities(
         ensemble, data.image, batch_size=batch_size, member_labels=member_labels
     )
@@ -308,6 +311,20 @@ def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None, memb
     if postprocessing is not None:
         labels = postprocess.apply(labels, postprocessing)
     return data, labels, probs
+
+
+def _warn_unlike_brats(data) -> None:
+    """Warn when a case's voxels are not BraTS's 1 mm isotropic (what every model here is
+    trained on): its structures then appear at another scale. Reorientation is done when
+    reading (`brats.read_volume`); resampling is left to the user."""
+    zooms = tuple(round(float(z), 3) for z in data.header.get_zooms()[:3])
+    if not np.allclose(zooms, 1.0, atol=0.05):
+        logging.warning(
+            "case %s: voxel size %s mm, but BraTS (what the model was trained on) is 1 mm "
+            "isotropic; resample the case to 1 mm first (e.g. nibabel.processing."
+            "resample_to_output(image, voxel_sizes=1), or as BraTS does, co-register to SRI24)",
+            data.case_id, zooms,
+        )  # fmt: skip
 
 
 # The probability NIfTI's header description (80 bytes at most), by channel count
@@ -320,7 +337,10 @@ _PROBABILITY_DESCRIPTION = {
 
 def _write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
     """Write the labels in the case's release convention (and the probabilities), display
-    ranges 0..the ET label and 0..1."""
+    ranges 0..the ET label and 0..1, in the input files' voxel order; returns the labels
+    written, in that order."""
+    from nibabel.orientations import apply_orientation
+
     from brats_jax import fileio
     from brats_jax.data import brats
 
@@ -332,7 +352,7 @@ def _write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
         fileio.write_nifti_like(
             probs.astype(np.float32), data, probabilities, descrip=descrip, display_range=(0, 1)
         )
-    return labels
+    return labels if data.to_file is None else apply_orientation(labels, data.to_file)
 
 
 def predict_case(
@@ -360,7 +380,8 @@ def predict_case(
     `index.html` there (`case_pictures`), with the uncertainty row's columns when both are
     asked for.
 
-    Returns the written label array, int16 (H, W, D), in the release's label convention.
+    Returns the written label array, int16 (H, W, D), in the release's label convention and
+    the input files' voxel order.
     """
     from brats_jax import outputs
     from brats_jax import uncertainty as unc
@@ -403,6 +424,7 @@ def predict_cases(
     uncertainty_dir=None,
     overlays_dir=None,
     extra_columns=None,
+    part="",
 ) -> list[pathlib.Path]:
     """Predict many cases into `output_dir/<case ID>.nii.gz`, loading and compiling once.
 
@@ -411,7 +433,10 @@ def predict_cases(
     `uncertainty_dir/<case ID>.nii.gz` and their summary rows to
     `uncertainty_dir/uncertainty.csv`. With `overlays_dir`, a picture per case and an
     `index.html` (`overlays.write_index`; its `extra_columns`: case ID -> {column: value}; the
-    uncertainty rows are added) there. Shows a progress bar. Returns the written label files.
+    uncertainty rows are added) there. `part` (e.g. "-part0-of-4") goes into those two
+    summaries' names (`uncertainty-part0-of-4.csv`, `index-part0-of-4.html`), so processes
+    that share the folders each keep theirs. Shows a progress bar. Returns the written label
+    files.
     """
     from tqdm import tqdm
 
@@ -445,10 +470,12 @@ def predict_cases(
             picture_rows.append(case_picture(pictures, data, labels))
             labelled.append(data.label is not None)
     if uncertainty_dir:
-        unc.write_csv(rows, pathlib.Path(uncertainty_dir) / unc.CSV_FILE)
+        csv_name = unc.CSV_FILE.replace(".csv", f"{part}.csv")
+        unc.write_csv(rows, pathlib.Path(uncertainty_dir) / csv_name)
     if pictures is not None:
         extra = {**unc.by_case(rows), **(extra_columns or {})}
-        pictures.write_index(picture_rows, index_columns(labelled), extra_columns=extra or None)
+        pictures.write_index(picture_rows, index_columns(labelled), extra_columns=extra or None,
+                             name=f"index{part}.html")  # fmt: skip
     return written
 
 
@@ -481,6 +508,17 @@ def index_columns(labelled: Sequence[bool]) -> list[str]:
 
 def _is_nifti_name(path: str) -> bool:
     return path.endswith((".nii", ".nii.gz"))
+
+
+def _check_distinct_outputs(names) -> None:
+    """UsageError when two of the flags `names` name the same file or folder (one output
+    would overwrite the other)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if value := getattr(FLAGS, name):
+            other = seen.setdefault(os.path.abspath(value), name)
+            if other != name:
+                raise app.UsageError(f"--{other} and --{name} are both {value}; give each its own")
 
 
 def _cases_from_input(value: str, allow_missing: bool = False) -> list:
@@ -543,6 +581,7 @@ def main(argv) -> None:
         sliding_window={"auto": None, "on": True, "off": False}[FLAGS.sliding_window],
         postprocessing=FLAGS.postprocessing,
     )
+    _check_distinct_outputs(("output", "probabilities", "uncertainty"))
     if not _is_nifti_name(FLAGS.output):
         if not FLAGS.input:
             raise app.UsageError(f"--output {FLAGS.output}: give a .nii or .nii.gz file name")
@@ -561,14 +600,16 @@ def main(argv) -> None:
             probabilities_dir=FLAGS.probabilities,
             uncertainty_dir=FLAGS.uncertainty,
             overlays_dir=FLAGS.overlays,
+            part=f"-part{FLAGS.part_id}-of-{FLAGS.num_parts}" if FLAGS.num_parts > 1 else "",
             **options,
         )
         print(f"wrote {len(written)} segmentation(s) to {FLAGS.output}")
         return
     if FLAGS.input and "," in FLAGS.input:
         raise app.UsageError(f"--output {FLAGS.output} is one file; give a folder for many cases")
-    if FLAGS.uncertainty and not _is_nifti_name(FLAGS.uncertainty):
-        raise app.UsageError(f"--uncertainty {FLAGS.uncertainty}: give a .nii or .nii.gz file")
+    for name in ("probabilities", "uncertainty"):  # checked before the model loads
+        if getattr(FLAGS, name) and not _is_nifti_name(getattr(FLAGS, name)):
+            raise app.UsageError(f"--{name} {getattr(FLAGS, name)}: give a .nii or .nii.gz file")
     if FLAGS.num_parts != 1:
         raise app.UsageError("--num_parts splits a folder of cases; give --output a folder")
     labels = predict_case(

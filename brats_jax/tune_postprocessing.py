@@ -16,6 +16,7 @@ on test cases make test scores optimistic (a warning says so). Several comma-sep
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -61,6 +62,22 @@ def resolve_cases(cases: list[str], data_root: str) -> list:
     return out
 
 
+def _tested_cases(ensemble) -> set[str]:
+    """The case IDs any run of `ensemble` is tested on: its `data.test_cases`, and the cases
+    its `results.json` scores (the split it drew, e.g. by `data.test_fraction`)."""
+    from brats_jax import predict
+
+    tested = set()
+    configs = ensemble.configs or [ensemble.config]
+    for workdir, config in zip(ensemble.workdirs, configs, strict=True):
+        tested |= set(predict.split_list(config.data.get("test_cases", "")))
+        results = pathlib.Path(workdir) / "results.json"
+        if results.is_file():
+            per_case = json.loads(results.read_text()).get("per_case", [])
+            tested |= {str(row["case_id"]) for row in per_case}
+    return tested
+
+
 def tune_run(
     workdirs,
     cases,
@@ -91,7 +108,7 @@ def tune_run(
         gts.append(data.label)
         ids.append(data.case_id)
         log(f"predicted {data.case_id}")
-    if overlap := sorted(set(predict.split_list(config.data.get("test_cases", ""))) & set(ids)):
+    if overlap := sorted(_tested_cases(ensemble) & set(ids)):
         log(f"warning: tuning on the run's test case(s) {overlap}: their test scores are biased")
     tuned = postprocess.tune_postprocessing(preds, gts, candidates, log=log)
     tuning = {

@@ -210,7 +210,10 @@ def predict_run(out: str, variant: str, fold: int, cases: dict, ttas) -> str:
     runtime.setup()
     path = predictions_path(pathlib.Path(out), variant, fold)
     if path.is_file():
-        return f"{variant} fold {fold}: kept {path}"
+        with np.load(path) as z:
+            if {f"{t}__{c}" for t in ttas for c in cases} <= set(z.files):
+                return f"{variant} fold {fold}: kept {path}"
+        # made with fewer TTA settings: predicted again, whole
     start = time.perf_counter()
     workdir = run_dir(pathlib.Path(out), variant, fold)
     window = variant_fields(variant).get("eval.sliding_window")  # None: the run's own
@@ -277,7 +280,13 @@ def score(args, folds, cases) -> dict:
     for v in args.variants:
         by_tta: dict = {t: {} for t in args.ttas}
         for i in range(len(folds)):
-            with np.load(predictions_path(args.out, v, i)) as z:
+            path = predictions_path(args.out, v, i)
+            with np.load(path) as z:
+                if missing := sorted({f"{t}__{c}" for t in args.ttas for c in folds[i]} - set(z.files)):
+                    raise SystemExit(
+                        f"error: {path} lacks {missing[0]} (and {len(missing) - 1} more); "
+                        "run the predict stage with these --ttas"
+                    )
                 for t in args.ttas:
                     by_tta[t].update({c: z[f"{t}__{c}"] for c in folds[i]})
         predictions[v] = by_tta
@@ -285,7 +294,7 @@ def score(args, folds, cases) -> dict:
     for cid, case in cases.items():  # the label file alone: scoring needs no modality
         if case.seg is None:
             raise SystemExit(f"error: case {cid} ({case.directory}) has no label file")
-        label, _, header = brats.read_nifti(case.seg)
+        label, _, header, _ = brats.read_volume(case.seg)  # as the predictions: ORIENTATION
         gts[cid] = brats.to_train_labels(label, case.naming, where=str(case.seg)).astype(np.uint8)
         spacings[cid] = tuple(float(z) for z in header.get_zooms()[:3])
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
@@ -567,6 +576,17 @@ def merge_records(records: list[dict]) -> dict:
     return {**first, "rows": rows}
 
 
+def _check_same_folds(path: pathlib.Path, folds) -> None:
+    """SystemExit when `path` (an earlier call's folds.json) holds other folds: that folder's
+    runs and predictions were made for them (a run would be scored on cases it trained on)."""
+    if path.is_file() and (old := json.loads(path.read_text())["folds"]) != folds:
+        raise SystemExit(
+            f"error: {path} holds other folds ({len(old)}, seed "
+            f"{json.loads(path.read_text()).get('seed')}) than these: --folds, --fold_seed, "
+            "--test_cases or the cases under --data_root changed; use another --out"
+        )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stages", help="all, or some of train,predict,score (comma-separated), or table")
@@ -610,6 +630,7 @@ def main(argv=None) -> int:
     else:
         folds = folds_of(list(cases), args.folds, args.fold_seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    _check_same_folds(args.out / "folds.json", folds)
     fileio.write_json(args.out / "folds.json", {"seed": args.fold_seed, "folds": folds})
     start = time.perf_counter()
     if "train" in stages:

@@ -45,9 +45,14 @@ def _write_case(root, cid, label):
     rng = np.random.default_rng(0)
     for mod in ("t1", "t1ce", "t2", "flair"):
         img = rng.normal(100, 10, SHAPE).astype(np.float32)
-        nib.save(nib.Nifti1Image(img, np.eye(4)), str(folder / f"{cid}_{mod}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(img, np.diag([-1.0, -1.0, 1.0, 1.0])),
+            str(folder / f"{cid}_{mod}.nii.gz"),
+        )
     release = np.where(label == 3, 4, label).astype(np.int16)  # BraTS 2018: ET is 4
-    nib.save(nib.Nifti1Image(release, np.eye(4)), str(folder / f"{cid}_seg.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(release, np.diag([-1.0, -1.0, 1.0, 1.0])), str(folder / f"{cid}_seg.nii.gz")
+    )
 
 
 def _setup(tmp_path):
@@ -126,3 +131,15 @@ def test_the_fixed_split_scores_its_test_cases_without_a_tuned_row(tmp_path):
     assert "2 test cases" in (out / "ablation.md").read_text()
     with pytest.raises(SystemExit, match="not under"):
         A.main(_args(root, out, "--test_cases=Brats18_T_9_1"))
+
+
+def test_an_output_folder_of_other_folds_or_fewer_ttas_is_refused(tmp_path):
+    """The output folder's runs and predictions belong to its folds.json: other folds (a
+    changed --fold_seed) would score runs on cases they trained on; predictions made
+    without a TTA setting cannot be scored with it."""
+    root, out, _, _ = _setup(tmp_path)
+    with pytest.raises(SystemExit, match="lacks flips__Brats18_T_"):
+        A.main(_args(root, out, "--folds=2", "--ttas=none,flips"))
+    with pytest.raises(SystemExit, match=r"folds\.json holds other folds \(2, seed 0\)"):
+        A.main(_args(root, out, "--folds=2", "--fold_seed=1"))
+    assert A.main(_args(root, out, "--folds=2")) == 0  # the same folds: scored

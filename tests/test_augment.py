@@ -333,7 +333,10 @@ def _case_without_t1ce(root):
     for s in ("_flair", "_t1", "_t2"):
         vol = rng.normal(100, 20, (12, 12, 4)).astype(np.float32)  # = image_size: no resizing
         vol[:2] = 0
-        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(folder / f"Brats18_X_1{s}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0])),
+            str(folder / f"Brats18_X_1{s}.nii.gz"),
+        )
     return folder
 
 

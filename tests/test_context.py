@@ -252,7 +252,7 @@ def test_widened_pretrained_transunet_computes_the_2d_model(tmp_path, root_conv)
     assert np.abs(other - want).max() > 1e-2
 
 
-AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order
 
 
 @pytest.mark.slow

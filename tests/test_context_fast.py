@@ -84,7 +84,10 @@ def test_predict_is_the_argmax_of_hand_stacked_windows(context_run, tmp_path):
     rng, shape = np.random.default_rng(0), (40, 36, 5)
     for mod in ("t1", "t1ce", "t2", "flair"):
         vol = rng.normal(100, 20, shape).astype(np.float32)
-        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(case / f"Brats18_X_1_1_{mod}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0])),
+            str(case / f"Brats18_X_1_1_{mod}.nii.gz"),
+        )
     written = predict.predict_case(
         workdir, case, tmp_path / "seg.nii.gz", probabilities=tmp_path / "p.nii.gz"
     )

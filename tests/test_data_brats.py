@@ -41,7 +41,7 @@ def write_case(root, case_id, naming="2018", ext=".nii.gz", seg_name=None, affin
     d = pathlib.Path(root) / case_id
     d.mkdir(parents=True, exist_ok=True)
     names = NAMES_2018 if naming == "2018" else NAMES_2023
-    affine = np.eye(4) if affine is None else affine
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) if affine is None else affine  # BraTS's LPS
     raws = {}
     for k, m in enumerate(("flair", "t1", "t1ce", "t2")):
         arr = over.get(m, _raw(k))
@@ -110,7 +110,7 @@ def test_shape_and_affine_mismatch(tmp_path):
     write_case(tmp_path / "a", "C1", t2=np.ones((16, 16, 7), np.int16))
     with pytest.raises(DataError, match=r"C1_t2\.nii\.gz has shape \(16, 16, 7\)"):
         load_case(tmp_path / "a" / "C1")
-    aff = np.eye(4)
+    aff = np.diag([-1.0, -1.0, 1.0, 1.0])
     aff[0, 3] = 5.0
     write_case(tmp_path / "b", "C2", t1_affine=aff)
     with pytest.raises(DataError, match=r"C2_t1\.nii\.gz affine differs"):
@@ -213,3 +213,10 @@ def test_slice_normalization_closed_form(tmp_path):
     assert not np.array_equal(load_case(d).image, img)
     with pytest.raises(ValueError, match="normalization 'volume'"):
         load_case(d, normalization="volume")
+
+
+def test_a_case_folder_given_as_dot_is_named_after_the_folder(tmp_path, monkeypatch):
+    d, _, _ = write_case(tmp_path, "C1")
+    monkeypatch.chdir(d)
+    assert load_case(".").case_id == "C1"
+    assert [c.case_id for c in find_cases(".")] == ["C1"]

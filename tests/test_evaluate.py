@@ -162,6 +162,21 @@ def test_nested_case_folders_hgg_lgg(tmp_path):
         E.find_ground_truth(tmp_path / "gt")
 
 
+def test_gt_given_as_one_case_folder_scores_that_case_alone(tmp_path, monkeypatch):
+    """`--gt=<ID>/` (or `.` inside it): the folder is the case; its modality images are not
+    ground truths of cases without predictions (which would score Dice 0 each)."""
+    gt, pred = _volumes(4)
+    case = tmp_path / "Brats18_H"
+    _save(case / "Brats18_H_seg.nii.gz", gt)
+    for m in ("flair", "t1", "t1ce", "t2"):
+        _save(case / f"Brats18_H_{m}.nii.gz", gt)
+    _save(tmp_path / "pred" / "Brats18_H.nii.gz", pred)
+    rows = E.evaluate_folder(tmp_path / "pred", case)
+    assert [(r["case_id"], r["dice_WT"]) for r in rows] == [("Brats18_H", pytest.approx(2 / 3))]
+    monkeypatch.chdir(case)
+    assert list(E.find_ground_truth(pathlib.Path("."))) == ["Brats18_H"]
+
+
 def test_value_based_convention_without_enhancing_tumour(tmp_path):
     """A GT with no ET (common in LGG) has neither 3 nor 4: a 2018-convention prediction with
     a false-positive ET voxel (4) is scored, not rejected; its ET Dice is 0 (GT ET empty)."""

@@ -15,7 +15,7 @@ import pytest
 
 from brats_jax import inference, postprocess, predict, train
 
-AFFINE = np.eye(4)
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order (brats.ORIENTATION)
 
 
 class _ScaleModel:
@@ -264,9 +264,22 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
     assert stored["tuning"]["score_after"] == pytest.approx(1.0)
     # with the NCR island: WT Dice 2*27/(27+28), TC 0 (GT has none), ET absent from both: 1
     assert stored["tuning"]["score_before"] == pytest.approx((54 / 55 + 0 + 1) / 3)
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "warning" not in printed
     out = predict.predict_case(run, data / "Brats18_A_1", tmp_path / "seg.nii.gz")
     assert out[10, 8, 5] == 0 and (out > 0).sum() == 27
+    # the run was tested on Brats18_B_1 (its results.json; no data.test_cases: a drawn split)
+    (tmp_path / "run" / "results.json").write_text(
+        json.dumps({"per_case": [{"case_id": "Brats18_B_1"}]})
+    )
+    tune.FLAGS(
+        ["tune", f"--workdir={run}", "--cases=Brats18_A_1,Brats18_B_1", f"--data_root={data}"]
+    )
+    try:
+        tune.main(["tune"])
+    finally:
+        tune.FLAGS.unparse_flags()
+    assert "warning: tuning on the run's test case(s) ['Brats18_B_1']" in capsys.readouterr().out
 
 
 def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_path):
@@ -379,3 +392,81 @@ def test_ensemble_labels_are_the_argmax_of_the_mean_probabilities(runs, tmp_path
     case = _write_case(tmp_path, "Brats18_A_1", 0)
     labels = predict.predict_case(f"{r1},{r2}", case, tmp_path / "e.nii.gz")
     np.testing.assert_array_equal(labels, expected)
+
+
+def _stored_as(folder, case_id, transform, affine):
+    """A copy of case folder `folder` as `case_id` with every volume's voxels reordered by
+    the numpy function `transform` and stored with `affine` (the same anatomy)."""
+    out = folder.parent / case_id
+    out.mkdir()
+    for path in folder.iterdir():
+        data = transform(np.asarray(nib.load(str(path)).dataobj))
+        name = path.name.replace(folder.name, case_id)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), str(out / name))
+    return out
+
+
+def test_cases_stored_in_another_voxel_order_get_the_same_segmentation(runs, tmp_path):
+    """The same anatomy stored in BraTS's LPS order, in RAS (axes 0, 1 flipped, as MONAI's
+    `Orientationd("RAS")` writes it) and sagittally (axes 0, 2 swapped): a position-
+    dependent stand-in sees the same LPS input, so the three outputs coincide voxel for
+    voxel in world space, and each is written on its input's grid (shape, affine)."""
+    add, _ = runs
+    run = add("run", scale=0.5, model=_RampModel(), image_size=0)
+    lps = _write_case(tmp_path, "Brats18_A_1", 0)
+    ras_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    ras_affine[:3, 3] = (-11, -9, 0)  # voxel (11, 9, 0) in RAS is voxel (0, 0, 0) in LPS
+    ras = _stored_as(lps, "Brats18_R_1", lambda a: a[::-1, ::-1], ras_affine)
+    sag_affine = np.array([[0, 0, -1.0, 0], [0, -1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    sag = _stored_as(lps, "Brats18_S_1", lambda a: np.swapaxes(a, 0, 2), sag_affine)
+    in_lps = {}
+    for folder in (lps, ras, sag):
+        out = tmp_path / f"{folder.name}_seg.nii.gz"
+        labels = predict.predict_case(run, folder, out)
+        written, given = nib.load(str(out)), nib.load(str(folder / f"{folder.name}_t1.nii.gz"))
+        assert written.shape == given.shape and np.allclose(written.affine, given.affine)
+        np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
+        in_lps[folder.name] = np.asarray(written.dataobj)
+    assert len(np.unique(in_lps["Brats18_A_1"])) > 1  # the ramp gives several labels
+    np.testing.assert_array_equal(in_lps["Brats18_R_1"][::-1, ::-1], in_lps["Brats18_A_1"])
+    np.testing.assert_array_equal(np.swapaxes(in_lps["Brats18_S_1"], 0, 2), in_lps["Brats18_A_1"])
+
+
+def test_a_label_file_of_another_convention_does_not_stop_prediction(runs, tmp_path):
+    """A new patient's folder may hold a seg file predict does not need (here with label 3,
+    not a BraTS 2018 label): the case is segmented, as without it."""
+    add, _ = runs
+    run = add("run")
+    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    without = predict.predict_case(run, case, tmp_path / "a.nii.gz")
+    seg = np.zeros((12, 10, 6), np.int16)
+    seg[5, 5, 3] = 3
+    nib.save(nib.Nifti1Image(seg, AFFINE), str(case / "Brats18_A_1_seg.nii.gz"))
+    np.testing.assert_array_equal(predict.predict_case(run, case, tmp_path / "b.nii.gz"), without)
+
+
+def test_parts_sharing_a_folder_keep_every_case_in_their_summaries(runs, tmp_path):
+    """`--num_parts=2` on one `--uncertainty` and `--overlays` folder: each part's summary
+    has its own name, so together they hold both cases (one file each would keep one)."""
+    import csv
+
+    add, _ = runs
+    run = add("run")
+    data = tmp_path / "data"
+    for i, cid in enumerate(("Brats18_A_1", "Brats18_B_1")):
+        _write_case(data, cid, i)
+    unc, pics = tmp_path / "unc", tmp_path / "pics"
+    for part in (0, 1):
+        predict.FLAGS.unparse_flags()
+        predict.FLAGS(["predict", f"--workdir={run}", f"--input={data}", "--num_parts=2",
+                       f"--part_id={part}", f"--output={tmp_path / 'out'}",
+                       f"--uncertainty={unc}", f"--overlays={pics}"])  # fmt: skip
+        try:
+            predict.main(["predict"])
+        finally:
+            predict.FLAGS.unparse_flags()
+    rows = [r["case_id"] for f in sorted(unc.glob("*.csv")) for r in csv.DictReader(open(f))]
+    assert rows == ["Brats18_A_1", "Brats18_B_1"]
+    pages = sorted(p.name for p in pics.glob("*.html"))
+    assert pages == ["index-part0-of-2.html", "index-part1-of-2.html"]
+    assert "Brats18_B_1" in (pics / "index-part1-of-2.html").read_text()

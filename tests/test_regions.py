@@ -316,7 +316,7 @@ def test_eval_step_scores_decoded_region_labels_and_the_region_loss():
 # Training through brats_jax.train, prediction from the run folder
 # --------------------------------------------------------------------------------------------
 
-AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order
 
 
 def _write_case(root, case_id="Brats18_R_1_1", shape=(36, 32, 5)):

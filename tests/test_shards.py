@@ -82,7 +82,12 @@ def test_predict_parts_cover_every_case_once(tmp_path, monkeypatch):
     "args, match",
     [(["--num_parts=0"], "--num_parts=0; expected at least 1"),
      (["--num_parts=2", "--part_id=2"], "--part_id=2 with --num_parts=2"),
-     (["--num_parts=2", "--output=seg.nii.gz"], "--num_parts splits a folder of cases")],
+     (["--num_parts=2", "--output=seg.nii.gz"], "--num_parts splits a folder of cases"),
+     (["--output=seg.nii.gz", "--probabilities=probs"], "--probabilities probs: give a .nii"),
+     (["--output=seg.nii.gz", "--uncertainty=./seg.nii.gz"],
+      r"--output and --uncertainty are both \./seg\.nii\.gz; give each its own"),
+     (["--output=o", "--probabilities=p", "--uncertainty=p/"],
+      "--probabilities and --uncertainty are both p/")],
 )  # fmt: skip
 def test_predict_bad_parts_are_usage_errors(tmp_path, args, match):
     _case_folders(tmp_path, ["Brats18_A_1"])

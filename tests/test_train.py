@@ -169,7 +169,7 @@ def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch):
         run_group.build_run(tiny_config(), tmp_path)
 
 
-AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order
 AFFINE[:3, 3] = (-120, -120, 0)
 
 

@@ -17,7 +17,7 @@ from brats_jax import inference, predict, train
 from brats_jax import uncertainty as U
 
 SHAPE = (12, 10, 6)
-AFFINE = np.array([[2.0, 0, 0, -10], [0, 1.0, 0, 5], [0, 0, 1.0, 3], [0, 0, 0, 1]])
+AFFINE = np.array([[-2.0, 0, 0, -10], [0, -1.0, 0, 5], [0, 0, 1.0, 3], [0, 0, 0, 1]])  # LPS
 
 
 class _ScaleModel:

@@ -7,8 +7,13 @@ Two namings are recognised inside a case folder `<ID>/`:
   accepted as that case's label file (so is any single `*_Segm.nii[.gz]` when `<ID>_seg` is absent).
 - "2023" (BraTS 2023 GLI): `<ID>-{t1n,t1c,t2w,t2f,seg}.nii.gz`, labels {0,1,2,3}.
 
-Arrays keep NIfTI voxel order (no reorientation): slice `s` of a case is `volume[:, :, s]`,
-the same slicing as the Kaggle sliced release.
+Arrays are in the voxel order every BraTS release stores (`ORIENTATION`, LPS: axes
+towards left, posterior, superior): slice `s` of a case is `volume[:, :, s]`, an axial slice,
+the same slicing as the Kaggle sliced release. A file stored otherwise (e.g. RAS after
+MONAI's `Orientationd` or nibabel's `as_closest_canonical`, or a sagittal acquisition) is
+reoriented when read (flips and axis swaps, no resampling; `read_volume`), so models see
+what they were trained on; `CaseData.to_file` maps outputs back to the files' voxel order
+(`fileio.write_nifti_like` applies it).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ _SUFFIXES = {
 }
 _RELEASE_LABELS = {"2018": (0, 1, 2, 4), "2023": (0, 1, 2, 3)}
 _EXTS = (".nii.gz", ".nii")
+ORIENTATION = ("L", "P", "S")  # nibabel axis codes of BraTS's stored voxel order
 _SEGM_QUIRK = re.compile(r".*_Segm\.nii(\.gz)?$")
 
 
@@ -56,6 +62,9 @@ class CaseData:
       With `load_case(..., normalization="slice")`: z-scored per axial slice instead.
     label: int32 (H, W, D) in {0..3} (ET = 3), or None when the case has no label file.
     brain: bool (H, W, D), voxels where any raw modality is non-zero.
+    affine, header: of these arrays (in `ORIENTATION`).
+    to_file: nibabel orientation transform from these arrays to the files' voxel order, or
+      None when the files are stored in `ORIENTATION` (every BraTS release).
     """
 
     case_id: str
@@ -65,6 +74,7 @@ class CaseData:
     affine: np.ndarray
     header: object
     naming: str
+    to_file: np.ndarray | None = None
 
 
 def _find_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
@@ -79,7 +89,7 @@ def _case_from_dir(directory: pathlib.Path, allow_missing: bool = False) -> Case
     """Returns the Case in `directory`, None if it is not a case folder; DataError if partial
     (with `allow_missing`: if more than one modality file is missing; a missing one's path
     is None)."""
-    case_id = directory.name
+    case_id = pathlib.Path(os.path.abspath(directory)).name  # "." and ".." have names too
     names = os.listdir(directory)
     for naming, suffixes in _SUFFIXES.items():
         stems = {m: f"{case_id}{suffixes[m]}" for m in MODALITIES}
@@ -255,26 +265,37 @@ def to_release_labels(label_0123: np.ndarray, naming: str = "2018") -> np.ndarra
     return out
 
 
-def _read_volume(path) -> tuple[np.ndarray, np.ndarray, object]:
-    """``read_nifti(path)`` with a trailing singleton 4th axis dropped; DataError unless 3-D."""
+def read_volume(path) -> tuple[np.ndarray, np.ndarray, object, np.ndarray | None]:
+    """A 3-D NIfTI volume in `ORIENTATION` -> (array (H, W, D), its affine, its header,
+    `to_file`: the orientation transform back to the file's voxel order, None when the file
+    is stored in `ORIENTATION`). A trailing singleton 4th axis is dropped; DataError unless
+    3-D or when the file cannot be read (`read_nifti`)."""
+    import nibabel as nib
+    from nibabel import orientations
+
     arr, aff, hdr = read_nifti(path)
     if arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 3:
         raise DataError(f"{path}: expected a 3-D volume, got shape {arr.shape}")
-    return arr, aff, hdr
+    stored, wanted = nib.io_orientation(aff), orientations.axcodes2ornt(ORIENTATION)
+    if np.array_equal(stored, wanted):
+        return arr, aff, hdr, None
+    img = nib.Nifti1Image(arr, aff, hdr).as_reoriented(orientations.ornt_transform(stored, wanted))
+    back = orientations.ornt_transform(wanted, stored)
+    return np.asarray(img.dataobj), np.asarray(img.affine, np.float64), img.header, back
 
 
-def _read_modalities(case: Case, present) -> tuple[list[np.ndarray], np.ndarray, object]:
-    """The raw volumes of ``present`` modalities of ``case`` (each (H,W,D), as stored), the
-    first one's affine and header; DataError when shapes or affines differ between files or a
-    float volume has non-finite voxels."""
-    raws, affine0, header0, first = [], None, None, None
+def _read_modalities(case: Case, present) -> tuple[list, np.ndarray, object, np.ndarray | None]:
+    """The raw volumes of ``present`` modalities of ``case`` (each (H,W,D), in
+    `ORIENTATION`), the first one's affine, header and `to_file` (`read_volume`); DataError
+    when shapes or affines differ between files or a float volume has non-finite voxels."""
+    raws, affine0, header0, first, to_file0 = [], None, None, None, None
     for m in present:
         p = case.paths[m]
-        arr, aff, hdr = _read_volume(p)
+        arr, aff, hdr, to_file = read_volume(p)
         if first is None:
-            affine0, header0, first = aff, hdr, p
+            affine0, header0, first, to_file0 = aff, hdr, p, to_file
         elif arr.shape != raws[0].shape:
             raise DataError(
                 f"case {case.case_id}: {p.name} has shape {arr.shape} but {first.name} has "
@@ -289,7 +310,22 @@ def _read_modalities(case: Case, present) -> tuple[list[np.ndarray], np.ndarray,
             n = int(np.size(arr) - np.isfinite(arr).sum())
             raise DataError(f"{p}: {n} non-finite voxel(s) (NaN/inf); expected finite intensities")
         raws.append(arr)
-    return raws, affine0, header0
+    return raws, affine0, header0, to_file0
+
+
+def _read_label(case: Case, shape, affine) -> np.ndarray:
+    """The case's label file in `ORIENTATION` as training classes {0..3}; DataError when its
+    grid differs from the modalities' (`shape`, `affine`) or a value is outside the
+    release's label set."""
+    lab, aff, _, _ = read_volume(case.seg)
+    if lab.shape != shape:
+        raise DataError(
+            f"case {case.case_id}: label {case.seg.name} has shape {lab.shape}, expected "
+            f"{shape} like the modalities"
+        )
+    if not np.allclose(aff, affine, atol=1e-3):
+        raise DataError(f"case {case.case_id}: label {case.seg.name} affine differs")
+    return to_train_labels(lab, case.naming, where=f"case {case.case_id} ({case.seg})")
 
 
 def load_case(
@@ -298,17 +334,21 @@ def load_case(
     require_label: bool = False,
     normalization: str = "brain",
     allow_missing: bool = False,
+    ignore_bad_label: bool = False,
 ) -> CaseData:
     """Loads a case folder (or Case): all four modalities + label, validated.
 
-    Returns CaseData (image float32 (H,W,D,4), label int32 (H,W,D) {0..3} or None). The image
+    Returns CaseData (image float32 (H,W,D,4), label int32 (H,W,D) {0..3} or None), in
+    `ORIENTATION` whatever the files' voxel order (`read_volume`). The image
     is z-scored per modality over the volume's brain voxels (`normalization="brain"`, see
     `zscore_brain`) or per axial slice over all pixels as in the Kaggle release ("slice",
     see `zscore_slices`). Raises DataError on missing files, mismatched shapes/affines
     between files, non-finite voxels, label values outside the release's set, or corrupt
-    files; ValueError on an unknown `normalization`. `allow_missing`: one missing modality
-    file is accepted (a warning names it) and its channel is 0 (what modality dropout,
-    `augment.modality_dropout_p`, trains the model on).
+    files (with `ignore_bad_label`, a label file that fails these checks is only warned
+    about and dropped: for prediction, where a new patient's folder may hold a seg file of
+    another convention); ValueError on an unknown `normalization`. `allow_missing`: one
+    missing modality file is accepted (a warning names it) and its channel is 0 (what
+    modality dropout, `augment.modality_dropout_p`, trains the model on).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization {normalization!r}: expected one of {NORMALIZATIONS}")
@@ -327,7 +367,7 @@ def load_case(
         expected = f"{case.case_id}{_SUFFIXES[case.naming]['seg']}.nii[.gz]"
         raise DataError(f"case {case.case_id} ({case.directory}): missing label file {expected}")
     present = [m for m in MODALITIES if case.paths.get(m) is not None]
-    raws, affine0, header0 = _read_modalities(case, present)
+    raws, affine0, header0, to_file = _read_modalities(case, present)
     shape0 = raws[0].shape
     brain = np.zeros(shape0, bool)
     for r in raws:
@@ -341,16 +381,13 @@ def load_case(
     image = np.stack([normalized.get(m, zeros) for m in MODALITIES], axis=-1)
     label = None
     if case.seg is not None:
-        lab, aff, _ = _read_volume(case.seg)
-        if lab.shape != shape0:
-            raise DataError(
-                f"case {case.case_id}: label {case.seg.name} has shape {lab.shape}, expected "
-                f"{shape0} like the modalities"
-            )
-        if not np.allclose(aff, affine0, atol=1e-3):
-            raise DataError(f"case {case.case_id}: label {case.seg.name} affine differs")
-        label = to_train_labels(lab, case.naming, where=f"case {case.case_id} ({case.seg})")
-    return CaseData(case.case_id, image, label, brain, affine0, header0, case.naming)
+        try:
+            label = _read_label(case, shape0, affine0)
+        except DataError as e:
+            if not ignore_bad_label:
+                raise
+            logging.warning("%s; the label file is not needed here, so it is ignored", e)
+    return CaseData(case.case_id, image, label, brain, affine0, header0, case.naming, to_file)
 
 
 class NiftiDecodedSource:
