@@ -16,6 +16,7 @@ Faults a run meets are kept out of the checkpoints or skipped when reading them 
   `restore_for_inference` skip it with a one-line warning and use the next older one.
 """
 
+import json
 import os
 import pathlib
 
@@ -64,6 +65,19 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def _unreadable_metrics(directory: pathlib.Path) -> str:
+    """The message for a step whose metrics file is not JSON (a cut or emptied file)."""
+    for path in sorted(directory.glob("*/metrics/metrics")):
+        try:
+            json.loads(path.read_text())
+        except ValueError:
+            return (
+                f"{path}: not JSON (a cut write?), so no checkpoint of {directory} can be "
+                f"listed; delete {path.parent.parent} to use the others"
+            )
+    return f"{directory}: a checkpoint's metrics file is not JSON"
+
+
 class RunCheckpoints:
     """Checkpoints of one run in `workdir/checkpoints`."""
 
@@ -87,9 +101,12 @@ class RunCheckpoints:
             create=not read_only,
             read_only=read_only,
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
-        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "data")
+            )
+        except json.JSONDecodeError as e:  # orbax reads every step's metrics here
+            raise UnreadableCheckpoint(_unreadable_metrics(self.directory)) from e
 
     def all_steps(self) -> list[int]:
         """The saved steps, oldest first."""

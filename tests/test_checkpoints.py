@@ -4,6 +4,7 @@ checkpoint it was computed from, and unreadable checkpoints are skipped in one l
 import json
 import pathlib
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,19 @@ def test_drop_diverged_deletes_the_step_the_bad_loss_came_from(tmp_path):
     assert float(state["params"]["w"][0, 0]) == 3.0 and data == {"position": 3}
     assert ck.drop_diverged(3) is None  # loss of step 3 bad: step 2 is gone too
     assert ck.all_steps() == []
+    ck.close()
+
+
+def test_a_cut_metrics_file_is_named_in_one_line(tmp_path):
+    ck = _save_steps(tmp_path, [1, 2], metrics={2: {C.VAL_METRIC: 0.5}})
+    ck.close()
+    cut = tmp_path / "checkpoints" / "2" / "metrics" / "metrics"
+    cut.write_text("")
+    with pytest.raises(UnreadableCheckpoint, match=f"^{cut}: not JSON .*delete {cut.parents[1]}"):
+        RunCheckpoints(tmp_path)
+    shutil.rmtree(cut.parents[1])  # as the message says
+    ck = RunCheckpoints(tmp_path)
+    assert ck.all_steps() == [1]
     ck.close()
 
 
