@@ -184,8 +184,11 @@ class RunCheckpoints:
         """Restore `(state, data_state)` of `step`; `template` gives structure and shardings.
 
         Raises UnreadableCheckpoint (one line: step, folder, reason) when the step's files
-        cannot be read or do not match `template`.
+        cannot be read or do not match `template`; ValueError listing the saved steps when
+        there is no checkpoint of `step`.
         """
+        if not (self.directory / str(step)).exists():
+            raise ValueError(f"no checkpoint {step} in {self.directory}; saved: {self.all_steps()}")
         abstract = jax.tree.map(
             lambda x: (
                 x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)

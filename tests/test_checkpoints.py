@@ -89,6 +89,8 @@ def test_a_cut_metrics_file_is_named_in_one_line(tmp_path):
     shutil.rmtree(cut.parents[1])  # as the message says
     ck = RunCheckpoints(tmp_path)
     assert ck.all_steps() == [1]
+    with pytest.raises(ValueError, match=r"^no checkpoint 2 in .*; saved: \[1\]$"):
+        ck.restore(2, _state(0.0))  # e.g. predict --step=2
     ck.close()
 
 
