@@ -10,8 +10,9 @@ the test-time mirror views), in **nats** (natural log):
 Per case (:func:`case_row`, one CSV row): the predicted tumour's volume in **ml**
 (voxels times the header's voxel size in mm^3, / 1000), the mean entropy inside the predicted
 tumour (labels > 0, after post-processing), the share of uncertain brain voxels (entropy
-above ``UNCERTAIN_FRACTION`` = 0.5 of the maximum entropy, among the voxels where any input
-modality is non-zero, `CaseData.brain`), and for ensembles of >= 2 runs the mean pairwise
+at least ``UNCERTAIN_NATS`` = log 2, a coin flip between two classes or on one region, the
+same bar for both output kinds; among the voxels where any input modality is non-zero,
+`CaseData.brain`), and for ensembles of >= 2 runs the mean pairwise
 whole-tumour Dice between the runs' own labels (each run's probabilities decoded alone,
 without post-processing; 1 when both are empty). Empty cells: no tumour, no brain, or one run.
 """
@@ -30,8 +31,10 @@ from scipy import special
 
 from brats_jax import fileio, outputs
 
-UNCERTAIN_FRACTION = 0.5
-"""A voxel is uncertain when its entropy exceeds this fraction of the maximum entropy."""
+UNCERTAIN_NATS = math.log(2)
+"""A voxel is uncertain when its entropy is at least this (nats): a 50/50 split between two
+classes, or one region at p = 0.5 (a fraction of the maximum entropy would set a higher bar
+for regions, 3 log 2, than for classes, log 4)."""
 CSV_FILE = "uncertainty.csv"
 COLUMNS = (
     "case_id",
@@ -101,7 +104,7 @@ def case_row(
     tumour = np.asarray(labels) > 0
     brain = np.asarray(brain, bool)
     voxel_ml = float(np.prod(np.asarray(spacing, np.float64))) / 1000.0
-    uncertain = entropy_map > UNCERTAIN_FRACTION * max_entropy(output)
+    uncertain = entropy_map >= UNCERTAIN_NATS * (1 - 1e-6)  # float32 log 2 counts too
     return {
         "case_id": case_id,
         "tumour_volume_ml": float(tumour.sum()) * voxel_ml,

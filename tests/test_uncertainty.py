@@ -177,7 +177,7 @@ def test_region_runs_write_the_summed_binary_entropy(runs, tmp_path):
 
 def test_case_row_uncertain_share_and_pairwise_dice_by_hand():
     h = np.zeros((4, 1, 1), np.float32)
-    h[:, 0, 0] = [0.1, 0.8, 0.7, 1.0]  # threshold 0.5 * log 4 = 0.693: 0.8, 0.7, 1.0 above
+    h[:, 0, 0] = [0.1, 0.8, 0.7, 1.0]  # threshold log 2 = 0.693: 0.8, 0.7, 1.0 above
     brain = np.array([True, True, False, True]).reshape(4, 1, 1)
     labels = np.array([0, 2, 2, 0]).reshape(4, 1, 1)
     m1 = np.array([0, 1, 1, 0]).reshape(4, 1, 1)
@@ -193,6 +193,17 @@ def test_case_row_uncertain_share_and_pairwise_dice_by_hand():
     assert U.pairwise_wt_dice([m1]) is None
     empty = U.case_row("e", h, m3, brain, (1, 1, 1), "classes")
     assert empty["mean_entropy_tumour"] is None and empty["tumour_volume_ml"] == 0.0
+
+
+def test_a_coin_flip_is_uncertain_for_both_output_kinds():
+    """Entropy log 2 is the bar: classes split 50/50 between two labels, or WT at 0.5 with
+    TC, ET certain, count; WT at 0.4 (binary entropy 0.673 nats) does not."""
+    classes = np.array([[0.5, 0.5, 0, 0], [0.9, 0.1, 0, 0]], np.float32)
+    regions = np.array([[0.5, 0.0, 0.0], [0.4, 0.0, 0.0]], np.float32)
+    for probs, output in ((classes, "classes"), (regions, "regions")):
+        h = U.entropy(probs, output).reshape(2, 1, 1)
+        row = U.case_row("c", h, np.zeros((2, 1, 1)), np.ones((2, 1, 1), bool), (1, 1, 1), output)
+        assert row["uncertain_share_brain"] == 0.5, output
 
 
 def test_cli_uncertainty_must_match_the_output_kind(runs, tmp_path):
