@@ -447,6 +447,12 @@ def _initial_states(runs, model, tx, ckpts, iterators) -> tuple[list, int | None
     ]
     restored = restore_runs(ckpts, states)  # newest step all runs can read, or None
     start = None if restored is None else restored[0]
+    if start is not None and start > runs[0].total_steps:
+        raise ValueError(
+            f"{runs[0].workdir}: checkpoint {start} is past the {runs[0].total_steps} steps "
+            "configured now (train.num_steps or num_epochs lowered?); raise them, or train "
+            "into another --workdir"
+        )
     if restored is not None:
         for i, (r, c) in enumerate(zip(runs, ckpts, strict=True)):
             if discarded := c.discard_after(start):

@@ -164,6 +164,17 @@ def _truncate_newest(workdir) -> tuple[int, int]:
     return older, newest
 
 
+def test_a_rerun_with_fewer_steps_than_its_checkpoint_is_refused(finished_run, tmp_path):
+    """Checkpoint 4 of a run now configured for 2 steps: a one-line error, nothing changed
+    (it used to be restored, trained no further and reported as 4 steps)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    before = _tree(workdir)
+    with pytest.raises(ValueError, match=r"checkpoint 4 is past the 2 steps configured now"):
+        train.train_and_evaluate(_config(num_steps=2), workdir)
+    assert _tree(workdir) == before
+
+
 def test_rerun_after_a_corrupt_newest_checkpoint_writes_no_row_twice(finished_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
