@@ -282,7 +282,8 @@ def score(args, folds, cases) -> dict:
         for i in range(len(folds)):
             path = predictions_path(args.out, v, i)
             with np.load(path) as z:
-                if missing := sorted({f"{t}__{c}" for t in args.ttas for c in folds[i]} - set(z.files)):
+                wanted = {f"{t}__{c}" for t in args.ttas for c in folds[i]}
+                if missing := sorted(wanted - set(z.files)):
                     raise SystemExit(
                         f"error: {path} lacks {missing[0]} (and {len(missing) - 1} more); "
                         "run the predict stage with these --ttas"
