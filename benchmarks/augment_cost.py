@@ -17,7 +17,7 @@ from brats_jax import runtime
 
 def full_augmentation():
     """An `AugmentConfig` with every transform on for every sample."""
-    from brats_jax import augment
+    from brats_jax.data import augment
 
     on = {k: 1.0 for k in augment.OFF_FIELDS if k.endswith("_p")}
     return augment.AugmentConfig(
@@ -34,7 +34,8 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from brats_jax import bench, losses, steps
+    from brats_jax import bench, losses
+    from brats_jax.training import steps
 
     model, tx, init, batch = bench.cpu_preset_step_setup()
     loss_params = losses.loss_params("dice_ce", dice_weight=0.5)

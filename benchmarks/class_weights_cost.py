@@ -13,7 +13,8 @@ def main() -> None:
     runtime.setup()  # fast XLA:CPU flags before JAX starts
     import numpy as np
 
-    from brats_jax import bench, losses, steps
+    from brats_jax import bench, losses
+    from brats_jax.training import steps
 
     model, tx, init, batch = bench.cpu_preset_step_setup()
     loss_params = losses.loss_params("cb_ce", beta=0.99, class_counts="batch_pixels")

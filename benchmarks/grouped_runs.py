@@ -1,6 +1,6 @@
 """K batch-1 runs in one program vs K single-run steps, per mapping (issue 20).
 
-The library's own train step (``brats_jax.steps.make_train_step``: the study's losses, Adam
+The library's own train step (``brats_jax.training.steps.make_train_step``: the study's losses, Adam
 with a per-run learning rate) for K runs with different learning rates, losses and seeds:
 
 * ``single``: one run's step (the baseline: K single steps take K times its median);
@@ -48,8 +48,9 @@ def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dty
     import jax
     import jax.numpy as jnp
 
-    from brats_jax import bench, losses, train_state
-    from brats_jax import steps as train_steps
+    from brats_jax import bench, losses
+    from brats_jax.runs import train_state
+    from brats_jax.training import steps as train_steps
     from configs import default as default_config
 
     cfg = default_config.base_config().train

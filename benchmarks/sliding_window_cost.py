@@ -1,6 +1,6 @@
 """Cost of sliding-window inference (`eval.sliding_window`) against one whole-slice call.
 
-Times `inference.make_slice_predictor` for the `cpu` preset's U-Net (base 16, depth 4) on a
+Times `whole_volume.make_slice_predictor` for the `cpu` preset's U-Net (base 16, depth 4) on a
 batch of native 240 px slices, once whole and once through 128 px windows (offsets 0, 56,
 112: 9 tiles), each compiled once in one process, interleaved repeats; prints each
 repeat's median seconds per batch, the ratio of the medians and its spread (min..max of the
@@ -26,7 +26,8 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from brats_jax import inference, models
+    from brats_jax import models
+    from brats_jax.inference import whole_volume
     from configs import unet
 
     config = unet.get_config("cpu")
@@ -34,8 +35,8 @@ def main() -> None:
     x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, 240, 240, 4)), jnp.float32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
     predictors = {
-        "whole": inference.make_slice_predictor(model, image_size=240),
-        "window128": inference.make_slice_predictor(model, image_size=240, window=128),
+        "whole": whole_volume.make_slice_predictor(model, image_size=240),
+        "window128": whole_volume.make_slice_predictor(model, image_size=240, window=128),
     }
     for name, fn in predictors.items():  # compile (and warm up) once each
         t = time.perf_counter()

@@ -5,7 +5,7 @@ usage:
       [--base-features=F] [--preset=r50_vit_b16|small|tiny] [--dtype=float32|bfloat16]
       [--conv-impl=auto|cpu_fast|gpu_fast|xla]
   python -m brats_jax.bench eval  --model=unet --batch-size=B [--volumes=2] [--depth=155]
-  python -m brats_jax.bench data  [flags of brats_jax.bench_data]
+  python -m brats_jax.bench data  [flags of brats_jax.benchmarking.data_pipeline]
   (any subcommand: --no-cpu-flags keeps XLA_FLAGS as they are; by default the fast XLA:CPU
   convolution flags of ``brats_jax.ops.flags.CPU_XLA_FLAGS`` are added, see BENCHMARKS.md)
 
@@ -112,7 +112,7 @@ def make_train_step(model, tx: optax.GradientTransformation):
 
     A plain Adam + mean-CE step, the exact twin of `benchmarks/torch_unet.py`'s, so the
     framework comparison times the same arithmetic; `bench multirun` times the library's own
-    `brats_jax.steps.make_train_step`.
+    `brats_jax.training.steps.make_train_step`.
 
     ``state`` is a dict ``{"params", "rest" (non-param collections), "opt_state", "rng"}``;
     loss is the mean softmax cross-entropy over pixels (a deep-supervised U-Net: its weighted
@@ -167,7 +167,7 @@ def cpu_preset_step_setup(image_size: int = 128, batch_size: int = 8):
     train step (`steps.make_train_step`) with `configs/unet.py:cpu`'s U-Net and optimizer;
     ``init(seed)`` is a fresh jitted `TrainState` at ``image_size``; ``batch`` is
     ``{"image": (B,S,S,4) f32, "label": (B,S,S) int32}`` from :func:`random_batch`."""
-    from brats_jax import train_state
+    from brats_jax.runs import train_state
     from configs import unet
 
     config = unet.get_config("cpu")
@@ -358,12 +358,13 @@ def bench_multirun(
     mapping: str = "auto",
     **model_fields,
 ) -> dict:
-    """Times the library's own multi-run train step (`brats_jax.train.train_runs`' program):
+    """Times the library's own multi-run train step (`brats_jax.training.train.train_runs`' program):
     K = `runs` stacked runs with different learning rates and losses in one compiled step,
     against one run's step, on identical random batches. Returns a dict with both median
     step times and `speedup` = K * single / stacked (> 1: stacking pays off)."""
-    from brats_jax import losses, train_state
-    from brats_jax import steps as step_fns  # `steps` is the step count here
+    from brats_jax import losses
+    from brats_jax.runs import train_state
+    from brats_jax.training import steps as step_fns  # `steps` is the step count here
 
     mapping = step_fns.default_mapping() if mapping == "auto" else mapping
     fields = model_choice(**model_fields)
@@ -422,18 +423,18 @@ def bench_eval(
     **model_fields,
 ) -> dict:
     """Predicts ``volumes`` random (volume_size, volume_size, depth_slices, 4) volumes with
-    ``inference.predict_volume`` (one compiled function, fixed slice batches). Returns a dict
+    ``whole_volume.predict_volume`` (one compiled function, fixed slice batches). Returns a dict
     with compile_s (first call of one batch minus a second call), volume_s (median seconds per
     volume, all volumes after compilation), slices_per_s, compilations (jit cache entries after
     all volumes; 1 = no recompilation) and recompiled (bool: a volume added a cache entry)."""
-    from brats_jax import inference
+    from brats_jax.inference import whole_volume
 
     if volumes < 2:
         raise ValueError(f"volumes={volumes}; need >= 2 to check for recompilation")
     fields = model_choice(**model_fields)
     net = build_model(**fields)
     variables = init_variables(net, image_size)
-    predict = inference.make_slice_predictor(net, image_size=image_size)
+    predict = whole_volume.make_slice_predictor(net, image_size=image_size)
     batch = jnp.zeros((batch_size, volume_size, volume_size, 4), jnp.float32)
     t = time.perf_counter()
     jax.block_until_ready(predict(variables, batch))  # compile + one batch
@@ -447,7 +448,7 @@ def bench_eval(
     for _ in range(volumes):
         vol = rng.standard_normal((volume_size, volume_size, depth_slices, 4), dtype=np.float32)
         t = time.perf_counter()
-        probs = inference.predict_volume(predict, variables, vol, batch_size=batch_size)
+        probs = whole_volume.predict_volume(predict, variables, vol, batch_size=batch_size)
         times.append(time.perf_counter() - t)
         sizes.append(predict._cache_size())
     if probs.shape != (volume_size, volume_size, depth_slices, NUM_CLASSES):
@@ -499,7 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--no-cpu-flags"]
     runtime.setup(cpu_flags=cpu_flags)  # before the first JAX computation
     if argv and argv[0] == "data":
-        from brats_jax.bench_data import run_data_bench  # lazy: data developer's module
+        from brats_jax.benchmarking.data_pipeline import (
+            run_data_bench,  # lazy: data developer's module
+        )
 
         run_data_bench(argv[1:])
         return
@@ -518,7 +521,9 @@ def main(argv: list[str] | None = None) -> None:
     pm.add_argument("--runs", type=int, default=8)
     pm.add_argument("--steps", type=int, default=5)
     pm.add_argument("--mapping", default="auto", choices=["auto", "vmap", "map"])
-    sub.add_parser("data", help="input-pipeline benchmark (brats_jax.bench_data flags)")
+    sub.add_parser(
+        "data", help="input-pipeline benchmark (brats_jax.benchmarking.data_pipeline flags)"
+    )
     a = parser.parse_args(argv)
     common = dict(
         model=a.model,

@@ -10,7 +10,7 @@ import threading
 
 from absl import app, flags, logging
 
-from brats_jax import config_utils
+from brats_jax import config_fields
 
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
 
@@ -64,7 +64,7 @@ def unknown_config_fields(argv: list[str]) -> list[str]:
         if arg.startswith("--config."):
             field = arg[len("--config.") :].partition("=")[0]
             try:
-                config_utils.get_field(config, field)
+                config_fields.get_field(config, field)
             except KeyError as e:
                 out.append(f"unknown config field --config.{field}: {e.args[0]}")
     return out

@@ -23,16 +23,16 @@ Usage::
 * Voxel spacing comes from the GT header zooms.
 
 ``--apply_postprocessing=FILE.json`` (a run's ``postprocessing.json`` from
-``brats_jax.tune_postprocessing``, or any file ``brats_jax.postprocess.save`` wrote) applies
+``brats_jax.tune_postprocessing``, or any file ``brats_jax.inference.postprocess.save`` wrote) applies
 that 3D post-processing to each prediction before it is scored.
 
 ``--metrics=lesionwise`` adds the BraTS 2023 lesion-wise Dice and HD95 per region
-(:mod:`brats_jax.lesionwise`; ``--lesion_dilation``, ``--lesion_dilation_neighbours``,
+(:mod:`brats_jax.metrics.lesionwise`; ``--lesion_dilation``, ``--lesion_dilation_neighbours``,
 ``--lesion_neighbours`` and ``--lesion_min_volume`` change the challenge's GLI constants):
 ``lesionwise_*`` columns in the CSV and a second table in the printout. The default
 ``standard`` writes today's columns only.
 
-``--overlays=DIR`` draws each scored case (`brats_jax.overlays`: axial, coronal and sagittal
+``--overlays=DIR`` draws each scored case (`brats_jax.figures.overlays`: axial, coronal and sagittal
 slices through the predicted tumour's centre, ground truth beside prediction, over FLAIR and
 T1ce read from the ground truth's case folder, labels only when they are not there) into
 ``DIR/<ID>.png`` and writes ``DIR/index.html``, worst whole-tumour Dice first.
@@ -57,14 +57,15 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from brats_jax import fileio, lesionwise, metrics, postprocess, runtime
+from brats_jax import fileio, labels, metrics, runtime
+from brats_jax.inference import postprocess
+from brats_jax.metrics import lesionwise
 
-CONVENTIONS = ("brats2018", "brats2023")
+CONVENTIONS = tuple(labels.CONVENTION_FLAGS)
 _NIFTI = re.compile(r"^(?P<stem>.+?)(?P<sep>[_-]seg)?\.nii(\.gz)?$", re.IGNORECASE)
 # release label -> training class; other values are errors
-_TO_TRAIN = {"brats2018": {0: 0, 1: 1, 2: 2, 4: 3}, "brats2023": {0: 0, 1: 1, 2: 2, 3: 3}}
 
-REGION_NAMES = tuple(metrics.REGIONS)
+REGION_NAMES = tuple(labels.REGIONS)
 COLUMNS = (
     ["case_id"]
     + [f"{m}_{r}" for m in ("dice", "hd95", "sensitivity", "specificity") for r in REGION_NAMES]
@@ -166,27 +167,17 @@ def _convention_from_values(gt: np.ndarray, pred: np.ndarray | None) -> str:
 
 
 def to_training_classes(label: np.ndarray, convention: str, what: str) -> np.ndarray:
-    """Release labels -> training classes {0..3} (uint8); unknown values raise naming ``what``."""
-    if convention not in _TO_TRAIN:
+    """Release labels (`convention`: brats2018 / brats2023) -> training classes {0..3} uint8;
+    unknown values raise EvaluationError naming ``what``."""
+    if convention not in CONVENTIONS:
         raise EvaluationError(f"unknown label convention {convention!r}; expected {CONVENTIONS}")
-    label = np.asarray(label)
-    if not np.issubdtype(label.dtype, np.integer):
-        if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
-            raise EvaluationError(f"{what}: labels are not integers (dtype {label.dtype})")
-        label = label.astype(np.int64)
-    mapping = _TO_TRAIN[convention]
-    values = np.unique(label)
-    bad = [int(v) for v in values if int(v) not in mapping]
-    if bad:
+    try:
+        classes = labels.to_train_labels(label, labels.CONVENTION_FLAGS[convention], where=what)
+    except labels.LabelError as e:
         raise EvaluationError(
-            f"{what}: unknown label values {bad} for the {convention} convention "
-            f"(expected a subset of {sorted(mapping)}); set --labels/--pred_labels if the "
-            f"convention is different"
-        )
-    lut = np.zeros(max(mapping) + 1, np.uint8)
-    for k, v in mapping.items():
-        lut[k] = v
-    return lut[label]
+            f"{e}; set --labels/--pred_labels if the convention is different"
+        ) from None
+    return classes.astype(np.uint8)
 
 
 def _load(path: pathlib.Path):
@@ -327,7 +318,7 @@ def evaluate_folder(
         or ``skip``.
       postprocessing: a `postprocess.PostprocessConfig` applied to each prediction first.
       lesion_options: None (standard metrics only) or a dict of
-        :func:`brats_jax.lesionwise.region_scores` options ({} = the challenge's): adds the
+        :func:`brats_jax.metrics.lesionwise.region_scores` options ({} = the challenge's): adds the
         ``lesionwise_*`` scores.
       log: called with progress/warning lines.
       on_case: called as ``on_case(case_id, pred, gt, gt_path)`` with each scored case's
@@ -474,7 +465,7 @@ def main(argv: Sequence[str]) -> None:
         pp = postprocess.load(FLAGS.apply_postprocessing) if FLAGS.apply_postprocessing else None
         pictures = None
         if FLAGS.overlays:
-            from brats_jax import overlays
+            from brats_jax.figures import overlays
 
             pictures = overlays.CasePictures(FLAGS.overlays)
         rows = evaluate_folder(

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written output."""
+"""Files that survive a crash: atomic writes (a reader never sees a half-written output), the
+NIfTI writer of every output, and whether a lock file's holder still runs."""
 
 import contextlib
 import errno
@@ -119,3 +120,27 @@ def drop_jsonl_rows_after(path: str | os.PathLike, step: int) -> int:
     if len(kept) != len(lines):
         write_text(path, "".join(kept))
     return len(lines) - len(kept)
+
+
+# Lock files (`runs.workdir_lock`, the NIfTI cache's conversion lock) name their holder by
+# host, pid and start time; these tell whether that holder still runs.
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux /proc; None elsewhere or when it is gone)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime), after "pid (comm)"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

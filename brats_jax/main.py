@@ -38,10 +38,10 @@ def main(argv) -> None:
     runtime.setup(distributed=FLAGS.distributed)  # before JAX computes anything
     import jax
 
-    from brats_jax import config_checks, train
+    from brats_jax.training import config_choices, train
 
     config = FLAGS.config
-    config_checks.check_choices(config)  # a misspelt name fails before any data or model work
+    config_choices.check_choices(config)  # a misspelt name fails before any data or model work
     workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir(config.name)
     if config.data.source == "synthetic":
         print(

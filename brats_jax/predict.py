@@ -24,7 +24,7 @@ Many cases: `--input` a folder holding case folders (at any depth) or a comma-se
 list of case folders, with `--output` a folder (a name not ending in .nii/.nii.gz): one
 `<ID>.nii.gz` per case (`--probabilities` is then a folder too), one load and compilation
 for all, a progress bar. `--num_parts=N --part_id=i` (nnU-Net's flags) segments only part i
-of the cases sorted by case ID, round-robin (`brats_jax.work_split`): N processes with
+of the cases sorted by case ID, round-robin (`brats_jax.inference.work_split`): N processes with
 i = 0..N-1 on one `--output` folder write every case once (each part its own
 `uncertainty-part<i>-of-<N>.csv` and `index-part<i>-of-<N>.html`). Several comma-separated
 `--workdir`s form an ensemble: their
@@ -38,12 +38,12 @@ patches (`data.patch_size`) see each slice through half-overlapping windows of t
 size, their probabilities averaged with Gaussian weights (nnU-Net's tiling; nnU-Net
 averages logits).
 `--uncertainty=FILE.nii.gz` (a folder for many cases) writes the voxel-wise predictive
-entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.uncertainty`:
+entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.inference.uncertainty`:
 `X.csv` beside `X.nii.gz`, or `uncertainty.csv` in the folder).
-`--overlays=DIR` draws each case (`brats_jax.overlays`: axial, coronal and sagittal slices
+`--overlays=DIR` draws each case (`brats_jax.figures.overlays`: axial, coronal and sagittal slices
 through the predicted tumour's centre over FLAIR and T1ce, beside the ground truth when the
 case folder has one) into `DIR/<ID>.png` and lists them in `DIR/index.html`.
-Post-processing (`brats_jax.postprocess`): by default the run's `postprocessing.json` (made by
+Post-processing (`brats_jax.inference.postprocess`): by default the run's `postprocessing.json` (made by
 `python -m brats_jax.tune_postprocessing`) is applied when present, else its config's
 `postprocess` fields; an ensemble applies its runs' choice when they all agree and stops
 with a one-line error naming the runs that differ otherwise; `--postprocessing=none`
@@ -62,7 +62,9 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags, logging
 
-from brats_jax import MODALITIES, cli, fileio, runtime, work_split
+from brats_jax import MODALITIES, cli, fileio, runtime
+from brats_jax.inference import work_split
+from brats_jax.labels import et_label, to_release_labels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run folder (holds config.json, checkpoints/).")
@@ -166,8 +168,11 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none", sliding_window=None
     keeps its own `data.context_slices` (runs with different ones may be mixed). Runs with
     the same model config share one compiled predictor (the variables are its argument).
     """
-    from brats_jax import data, inference, outputs, train
+    from brats_jax import data
     from brats_jax.data.patches import inference_window
+    from brats_jax.inference import whole_volume
+    from brats_jax.models import outputs
+    from brats_jax.training import train
 
     workdirs = tuple(split_list(workdirs))
     if not workdirs:
@@ -192,7 +197,7 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none", sliding_window=None
         window = inference_window(config, sliding_window)
         key = (json.dumps(config.model.to_dict(), sort_keys=True), window)
         if key not in by_model:
-            by_model[key] = inference.make_slice_predictor(
+            by_model[key] = whole_volume.make_slice_predictor(
                 model,
                 image_size=config.data.image_size,
                 tta=tta,
@@ -217,13 +222,13 @@ def load_ensemble(workdirs, *, step=None, tta: str = "none", sliding_window=None
 def member_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0):
     """Yield each run's own (H, W, D, C) probabilities of a (H, W, D, 4) volume (test-time
     mirror views already averaged), one run at a time."""
-    from brats_jax import inference
+    from brats_jax.inference import whole_volume
 
     batch_size = batch_size or ensemble.config.eval.batch_size
     contexts = ensemble.context_slices or (0,) * len(ensemble.predictors)
     runs = zip(ensemble.predictors, ensemble.variables, contexts, strict=True)
     for predict, variables, k in runs:
-        yield inference.predict_volume(
+        yield whole_volume.predict_volume(
             predict, variables, image, batch_size=batch_size, context_slices=k
         )
 
@@ -234,7 +239,7 @@ def predict_probabilities(
     """(H, W, D, C) probabilities (4 classes or 3 regions: `model.output`) of a (H, W, D, 4)
     volume, averaged over the runs. A list `member_labels` gets each run's own labels
     (H, W, D) int32 appended (its probabilities decoded alone, no post-processing)."""
-    from brats_jax import outputs
+    from brats_jax.models import outputs
 
     total = None
     for probs in member_probabilities(ensemble, image, batch_size=batch_size):
@@ -255,7 +260,7 @@ def resolve_postprocessing(workdirs, option: str = "auto", config=None):
     runs that differ. `config`: the runs' configs (one per run, as `Ensemble.configs`), or
     the first run's; a run without one given reads its `config.json`.
     """
-    from brats_jax import postprocess
+    from brats_jax.inference import postprocess
 
     if option == "none":
         return postprocess.PostprocessConfig()
@@ -279,22 +284,26 @@ def run_postprocessing(workdir, config=None):
     """One run's `PostprocessConfig`: its `postprocessing.json` when present, else the
     `postprocess` fields of `config` (its config; None: read from its `config.json`), else
     the identity (no config.json)."""
-    from brats_jax import config_utils, postprocess
+    from brats_jax import config_fields
+    from brats_jax.inference import postprocess
 
     workdir = pathlib.Path(workdir)
     if (workdir / postprocess.POSTPROCESSING_FILE).is_file():
         return postprocess.load(workdir / postprocess.POSTPROCESSING_FILE)
     if config is None:
         path = workdir / "config.json"
-        config = config_utils.upgrade_legacy(json.loads(path.read_text())) if path.is_file() else {}
+        config = (
+            config_fields.upgrade_legacy(json.loads(path.read_text())) if path.is_file() else {}
+        )
     return postprocess.from_config(config)
 
 
 def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None, member_labels=None):
     """Predict a case (folder or `brats.Case`) -> (CaseData, labels {0..3} int, probabilities);
     `member_labels`: see `predict_probabilities`."""
-    from brats_jax import outputs, postprocess
     from brats_jax.data import brats
+    from brats_jax.inference import postprocess
+    from brats_jax.models import outputs
 
     data = brats.load_case(
         case,
@@ -342,11 +351,10 @@ def _write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
     from nibabel.orientations import apply_orientation
 
     from brats_jax import fileio
-    from brats_jax.data import brats
 
-    labels = brats.to_release_labels(labels, data.naming).astype(np.int16)
-    et_label = float(brats.to_release_labels(np.array([3]), data.naming)[0])
-    fileio.write_nifti_like(labels, data, output, display_range=(0.0, et_label))
+    labels = to_release_labels(labels, data.naming).astype(np.int16)
+    et_value = float(et_label(data.naming))
+    fileio.write_nifti_like(labels, data, output, display_range=(0.0, et_value))
     if probabilities:
         descrip = _PROBABILITY_DESCRIPTION[probs.shape[-1]]
         fileio.write_nifti_like(
@@ -372,10 +380,10 @@ def predict_case(
     """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
 
     `workdir` may name several runs (comma-separated or a list): their probabilities are
-    averaged. `tta`: see `inference.make_slice_predictor`; `sliding_window`: see
+    averaged. `tta`: see `whole_volume.make_slice_predictor`; `sliding_window`: see
     `load_ensemble`; `postprocessing`: see `resolve_postprocessing`. Writes the label NIfTI
     `output` (and the class probabilities, before post-processing, to `probabilities`; the
-    entropy NIfTI to `uncertainty` and its `brats_jax.uncertainty` summary row to the CSV
+    entropy NIfTI to `uncertainty` and its `brats_jax.inference.uncertainty` summary row to the CSV
     beside it, `uncertainty.csv_path`); with `overlays_dir`, the case's picture and an
     `index.html` there (`case_pictures`), with the uncertainty row's columns when both are
     asked for.
@@ -383,8 +391,8 @@ def predict_case(
     Returns the written label array, int16 (H, W, D), in the release's label convention and
     the input files' voxel order.
     """
-    from brats_jax import outputs
-    from brats_jax import uncertainty as unc
+    from brats_jax.inference import uncertainty as unc
+    from brats_jax.models import outputs
 
     csv_path = unc.csv_path(uncertainty) if uncertainty else None
     for path in (output, probabilities, uncertainty, csv_path):  # before the model loads
@@ -440,8 +448,8 @@ def predict_cases(
     """
     from tqdm import tqdm
 
-    from brats_jax import outputs
-    from brats_jax import uncertainty as unc
+    from brats_jax.inference import uncertainty as unc
+    from brats_jax.models import outputs
 
     ids = [c.case_id if hasattr(c, "case_id") else pathlib.Path(c).name for c in cases]
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
@@ -483,7 +491,7 @@ def _case_pictures(overlays_dir):
     """`overlays.CasePictures` of `overlays_dir` (checked writable now), or None."""
     if not overlays_dir:
         return None
-    from brats_jax import overlays
+    from brats_jax.figures import overlays
 
     return overlays.CasePictures(overlays_dir)
 
@@ -492,7 +500,7 @@ def case_picture(pictures, data, labels) -> dict:
     """Draw a predicted case (`brats.CaseData`, labels {0..3}) over its FLAIR and T1ce,
     beside its ground truth when the case folder has one; returns its index row
     (`overlays.region_summary`: predicted volumes in mL, Dice with a ground truth)."""
-    from brats_jax import overlays
+    from brats_jax.figures import overlays
 
     pictures.add(data.case_id, labels, data.label, overlays.modality_images(data.image))
     spacing = tuple(float(z) for z in data.header.get_zooms()[:3])

@@ -73,7 +73,7 @@ def resolve_ops(config) -> str:
     """The ops implementation a run uses: `config.runtime.ops` ("auto" when the config has
     none), with "auto" resolved here, once, to "cpu_fast" | "cpu_fast_ynn" | "gpu_fast" | "xla"
     for the default backend and XLA_FLAGS (`ops.impls.resolve_impl`). (Old run folders'
-    `model.conv_impl` is renamed on reading them: `config_utils.upgrade_legacy`.)"""
+    `model.conv_impl` is renamed on reading them: `config_fields.upgrade_legacy`.)"""
     from brats_jax.ops.impls import resolve_impl
 
     runtime = config.get("runtime") or {}

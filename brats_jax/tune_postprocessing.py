@@ -92,7 +92,8 @@ def tune_run(
 ):
     """Predict `cases` (folders or IDs, see `resolve_cases`; empty: the run's
     `data.val_cases`) with the run(s), tune, and write `output`. Returns `postprocess.Tuned`."""
-    from brats_jax import postprocess, predict
+    from brats_jax import predict
+    from brats_jax.inference import postprocess
 
     ensemble = predict.load_ensemble(workdirs, step=step, tta=tta)
     config = ensemble.config
@@ -131,7 +132,8 @@ def main(argv) -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
-    from brats_jax import postprocess, predict
+    from brats_jax import predict
+    from brats_jax.inference import postprocess
 
     workdirs = predict.split_list(FLAGS.workdir)
     output = FLAGS.output_json

@@ -9,7 +9,8 @@ Every field can be overridden on the command line, e.g. `--config.train.learning
 
 import ml_collections
 
-from brats_jax import augment, config_utils
+from brats_jax import config_fields
+from brats_jax.data import augment
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -106,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     # half-overlapping, Gaussian-weighted tiles) instead of one whole-slice call
     e.sliding_window = False
 
-    # 3D post-processing of the test pass and of `predict` (brats_jax/postprocess.py); a run's
+    # 3D post-processing of the test pass and of `predict` (brats_jax/inference/postprocess.py); a run's
     # postprocessing.json (python -m brats_jax.tune_postprocessing) takes precedence in predict.
     c.postprocess = pp = ml_collections.ConfigDict()
     pp.largest_component_only = False  # keep only the largest whole-tumour component
@@ -114,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     pp.connectivity = 26  # of the components: 26 (faces, edges, corners) | 6 (faces)
     pp.et_min_voxels = 0  # relabel ET as NCR when the volume has fewer ET voxels (0 = off)
 
-    # Augmentation on the device, per sample in the train step (brats_jax/augment.py). Each
+    # Augmentation on the device, per sample in the train step (brats_jax/data/augment.py). Each
     # *_p is a per-sample probability, all 0 (off); ranges are nnU-Net's 2D values; a preset
     # can take augment.NNUNET_2D (nnU-Net's 2D probabilities) as {"augment.<k>": v}.
     c.augment = a = ml_collections.ConfigDict()
@@ -276,14 +277,14 @@ def with_preset(
     "smoke" (the sweeps' smoke scale).
     """
     if preset not in PRESET_FIELDS:
-        hint = config_utils.suggest(preset, PRESETS[1:])
+        hint = config_fields.suggest(preset, PRESETS[1:])
         raise ValueError(
             f"unknown preset {preset!r}; "
             + (f"{hint} " if hint else "")
             + f"expected one of {', '.join(PRESETS[1:])} or nothing"
         )
-    config_utils.apply_overrides(c, PRESET_FIELDS[preset])
-    config_utils.apply_overrides(c, (model_fields or {}).get(preset, {}))
+    config_fields.apply_overrides(c, PRESET_FIELDS[preset])
+    config_fields.apply_overrides(c, (model_fields or {}).get(preset, {}))
     c.name = f"{c.model.name}-{preset}" if preset else c.model.name
     c.lock()
     return c

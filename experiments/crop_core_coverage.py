@@ -4,7 +4,7 @@
         [--crops=500] [--seed=0]
 
 For every case under `--data_root` (native 240 px slices, labels only), `--crops` times: a
-slice holding tumour core (TC = necrosis or enhancing, `metrics.REGIONS`) is drawn uniformly,
+slice holding tumour core (TC = necrosis or enhancing, `labels.REGIONS`) is drawn uniformly,
 then a foreground crop (`patches.crop_offset` with fraction 1) by each
 `data.foreground_sampling` rule; the share of the slice's TC voxels inside the crop is
 recorded. Prints, per rule, the mean share, the share of crops holding all of the slice's
@@ -21,7 +21,7 @@ import numpy as np
 
 from brats_jax.data import brats
 from brats_jax.data.patches import FOREGROUND_SAMPLING, crop_offset
-from brats_jax.metrics import REGIONS
+from brats_jax.labels import REGIONS, to_train_labels
 
 
 def core_shares(label: np.ndarray, patch: int, crops: int, rng, sampling: str) -> np.ndarray:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     shares: dict[str, list[np.ndarray]] = {s: [] for s in FOREGROUND_SAMPLING}
     for case in brats.find_cases(args.data_root):
         raw, _, _ = brats.read_nifti(case.seg)
-        label = brats.to_train_labels(raw, case.naming, where=str(case.seg))
+        label = to_train_labels(raw, case.naming, where=str(case.seg))
         for s in FOREGROUND_SAMPLING:
             shares[s].append(core_shares(label, args.patch_size, args.crops, rng, s))
     for s, per_case in shares.items():

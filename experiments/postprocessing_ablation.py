@@ -31,11 +31,13 @@ import time
 
 import numpy as np
 
-from brats_jax import fileio, metrics, outputs, postprocess, predict, runtime
+from brats_jax import fileio, labels, metrics, predict, runtime
 from brats_jax.data import brats
+from brats_jax.inference import postprocess
+from brats_jax.models import outputs
 
 TTAS = ("none", "flips", "flips_ud")
-REGIONS = tuple(metrics.REGIONS)
+REGIONS = tuple(labels.REGIONS)
 KEYS = tuple(f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS)  # the scores tabled
 # which post-processing steps a row tunes on the tuning cases
 STEP_CANDIDATES = {

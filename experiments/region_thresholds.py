@@ -23,8 +23,10 @@ import sys
 
 import numpy as np
 
-from brats_jax import outputs, postprocess, predict
+from brats_jax import predict
 from brats_jax.data import brats
+from brats_jax.inference import postprocess
+from brats_jax.models import outputs
 from experiments.postprocessing_ablation import REGIONS, load_scored_case, score_case
 from experiments.segmentation_ablation import run_dir
 

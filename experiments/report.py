@@ -39,7 +39,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brats_jax import fileio, plots  # noqa: E402
+from brats_jax import fileio  # noqa: E402
+from brats_jax.figures import plots
 from experiments import sweeps  # noqa: E402
 from experiments.run import ERROR, RESULTS, RUN_INFO  # noqa: E402
 

@@ -42,8 +42,9 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from brats_jax import cli, config_utils, fileio, runtime, work_split
-from brats_jax.workdir_lock import WorkdirBusy, WorkdirLock
+from brats_jax import cli, config_fields, fileio, runtime
+from brats_jax.inference import work_split
+from brats_jax.runs.workdir_lock import WorkdirBusy, WorkdirLock
 from experiments import sweeps
 
 RESULTS = "results.json"
@@ -55,7 +56,7 @@ SWEEP_LOG = "sweep.log"
 @dataclasses.dataclass
 class PlannedRun:
     """One training run, planned: its full config and folder (`sweeps.SweepRun` is where it
-    sits in a sweep; `brats_jax.run_group.Run` is the run while it trains).
+    sits in a sweep; `brats_jax.training.run_group.Run` is the run while it trains).
 
     Attributes:
       name: run name (= folder name under the output folder).
@@ -124,7 +125,7 @@ def _check_field(config: ml_collections.ConfigDict, field: str) -> Any:
     """The current value of a settable field; a ValueError names an unknown field (with the
     group's known fields) or a group."""
     try:
-        value = config_utils.get_field(config, field)
+        value = config_fields.get_field(config, field)
     except KeyError as e:
         raise ValueError(f"unknown config field --config.{field}: {e.args[0]}") from None
     if isinstance(value, dict):
@@ -146,7 +147,7 @@ def _parse_value(template: ml_collections.ConfigDict, field: str, text: str, cur
             f"--config.{field}={text!r}: expected a {type(current).__name__} "
             f"(the field's current value is {current!r}; {e})"
         ) from None
-    return config_utils.get_field(flag_values.config, field)
+    return config_fields.get_field(flag_values.config, field)
 
 
 def infer_data_source(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -239,26 +240,26 @@ def _write_run_info(spec: PlannedRun, **extra) -> None:
 
 
 def _default_train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    from brats_jax import train
+    from brats_jax.training import train
 
     return train.train_and_evaluate(config, workdir)
 
 
 def _default_train_group(configs, workdirs, mapping: str) -> list[dict]:
-    from brats_jax import train
+    from brats_jax.training import train
 
     return train.train_runs(configs, workdirs, mapping=mapping)
 
 
 def _group_key(config: ml_collections.ConfigDict) -> str:
-    from brats_jax import run_group
+    from brats_jax.training import run_group
 
     return run_group.group_key(config)
 
 
 def plan_units(runs: Sequence[PlannedRun], group_size: int) -> list[list[PlannedRun]]:
     """Split runs into units trained together: runs sharing architecture, image size, batch
-    size and step budget (`brats_jax.run_group.group_key`), at most `group_size` per unit, in sweep
+    size and step budget (`brats_jax.training.run_group.group_key`), at most `group_size` per unit, in sweep
     order. `group_size <= 1` gives one run per unit."""
     if group_size <= 1:
         return [[r] for r in runs]
@@ -297,9 +298,9 @@ def execute(
     Skips a run whose `results.json` exists; refuses (status "failed") to resume a workdir
     whose `config.json` differs from the planned config. A raising run gets its traceback
     in `<workdir>/error.txt`. Progress goes to stdout and `<out>/sweep.log`.
-    `train_fn(config, workdir)` defaults to `brats_jax.train.train_and_evaluate`.
+    `train_fn(config, workdir)` defaults to `brats_jax.training.train.train_and_evaluate`.
     With `group_size=K > 1`, runs that share architecture, image size and batch size are
-    trained K at a time in one compiled program (`brats_jax.train.train_runs` with
+    trained K at a time in one compiled program (`brats_jax.training.train.train_runs` with
     `mapping`); each still gets its own outputs.
     """
     train_fn = train_fn or _default_train
@@ -327,9 +328,9 @@ def _triage(spec: PlannedRun, tag: str) -> RunOutcome | None:
     diff = []
     if saved_path.exists():
         try:
-            saved = config_utils.upgrade_legacy(json.loads(saved_path.read_text()))
-            diff = config_utils.format_diff(
-                config_utils.config_diff(saved, _config_json(spec.config))
+            saved = config_fields.upgrade_legacy(json.loads(saved_path.read_text()))
+            diff = config_fields.format_diff(
+                config_fields.config_diff(saved, _config_json(spec.config))
             )
         except json.JSONDecodeError:
             diff = []
@@ -398,7 +399,7 @@ def _train_locked_unit(unit, tags, train_fn, train_group_fn, mapping) -> list[Ru
             train_group_fn([s.config for s in unit], [s.workdir for s in unit], mapping)
     except Exception as e:  # noqa: BLE001 - one failing run must not stop the sweep
         error = (f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc())
-        # brats_jax.train.RunsDiverged: the runs with results finished, the others stopped
+        # brats_jax.training.train.RunsDiverged: the runs with results finished, the others stopped
         finished = [r is not None for r in getattr(e, "results", [None] * len(unit))]
     finally:
         seconds = time.perf_counter() - t0
@@ -505,10 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, x) for x in patterns)]
             if not runs:
                 raise ValueError(f"--only={args.only!r} matches none of the sweep's runs")
-        from brats_jax import config_checks  # imports JAX: after runtime.setup
+        from brats_jax.training import config_choices  # imports JAX: after runtime.setup
 
         for spec in runs:
-            config_checks.check_choices(spec.config, what=spec.name)
+            config_choices.check_choices(spec.config, what=spec.name)
         shard = ""
         if args.shard:
             i, n = work_split.parse_shard(args.shard)

@@ -48,9 +48,11 @@ import time
 
 import numpy as np
 
-from brats_jax import augment, fileio, metrics, postprocess, runtime
-from brats_jax.data import brats
+from brats_jax import fileio, metrics, runtime
+from brats_jax.data import augment, brats
 from brats_jax.data.folds import fold_cases
+from brats_jax.inference import postprocess
+from brats_jax.labels import to_train_labels
 from experiments.postprocessing_ablation import KEYS, REGIONS, predict_all, score_case
 
 # Training variants: fields set on top of `configs/unet.py:cpu`.
@@ -296,7 +298,7 @@ def score(args, folds, cases) -> dict:
         if case.seg is None:
             raise SystemExit(f"error: case {cid} ({case.directory}) has no label file")
         label, _, header, _ = brats.read_volume(case.seg)  # as the predictions: ORIENTATION
-        gts[cid] = brats.to_train_labels(label, case.naming, where=str(case.seg)).astype(np.uint8)
+        gts[cid] = to_train_labels(label, case.naming, where=str(case.seg)).astype(np.uint8)
         spacings[cid] = tuple(float(z) for z in header.get_zooms()[:3])
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
     jobs, done = {}, {}

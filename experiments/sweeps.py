@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from brats_jax import config_utils
+from brats_jax import config_fields
 from configs import default as default_config
 from configs import transunet as transunet_config
 from configs import unet as unet_config
@@ -93,7 +93,7 @@ STUDY_TABLES = {"unet": STUDY_TABLE1, "transunet": STUDY_TABLE2}
 @dataclasses.dataclass(frozen=True)
 class SweepRun:
     """One training run of a sweep (one cell of its table); `experiments.run.PlannedRun` is
-    the same run with its full config and folder, `brats_jax.run_group.Run` while it trains.
+    the same run with its full config and folder, `brats_jax.training.run_group.Run` while it trains.
 
     Attributes:
       name: run name = folder name under the sweep's output folder.
@@ -353,8 +353,8 @@ def cell_config(
     `train.num_epochs=30` at paper scale) shows in it.
     """
     c = base_config(cell.model, scale)
-    config_utils.apply_overrides(c, cell.settings)
-    config_utils.apply_overrides(c, overrides or {})
+    config_fields.apply_overrides(c, cell.settings)
+    config_fields.apply_overrides(c, overrides or {})
     if cell.epochs != 10:
         if c.train.num_steps > 0:
             c.train.num_steps = int(math.ceil(c.train.num_steps * cell.epochs / 10))

@@ -1,4 +1,4 @@
-"""On-device augmentation (brats_jax/augment.py): spatial maps against numpy, intensity
+"""On-device augmentation (brats_jax/data/augment.py): spatial maps against numpy, intensity
 transforms against their closed forms, randomness streams, the train step, predict."""
 
 import dataclasses
@@ -13,10 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from brats_jax import augment, config_utils, inference, losses, predict, steps, train, train_state
-from brats_jax.augment import AugmentConfig
-from brats_jax.data import brats
+from brats_jax import config_fields, losses, predict
+from brats_jax.data import augment, brats
+from brats_jax.data.augment import AugmentConfig
 from brats_jax.data.common import DataError
+from brats_jax.inference import whole_volume
+from brats_jax.runs import train_state
+from brats_jax.training import steps, train
 from configs import default, unet
 
 KEY = jax.random.PRNGKey(0)
@@ -304,7 +307,7 @@ def test_config_fields_defaults_and_errors():
     assert dict(c.augment) == augment.OFF_FIELDS
     assert not augment.from_config(c).enabled and augment.from_config({}) == AugmentConfig()
     assert set(augment.NNUNET_2D) == set(augment.OFF_FIELDS)
-    old = config_utils.upgrade_legacy({"model": {"name": "unet"}})
+    old = config_fields.upgrade_legacy({"model": {"name": "unet"}})
     assert old["augment"] == augment.OFF_FIELDS  # runs from before the section: all off
     for field, value, words in (
         ("rotation_p", 1.5, "augment.rotation_p=1.5; expected a probability"),
@@ -350,7 +353,7 @@ def stand_in_runs(tmp_path, monkeypatch):
         return ml_collections.ConfigDict(saved), _ScaleModel(), {"scale": np.float32(1)}
 
     monkeypatch.setattr(train, "load_trained", load_trained)
-    monkeypatch.setattr(inference, "make_slice_predictor", inference.make_slice_predictor)
+    monkeypatch.setattr(whole_volume, "make_slice_predictor", whole_volume.make_slice_predictor)
 
     def add(name, dropout):
         run = tmp_path / name

@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from brats_jax import checkpoints as C
-from brats_jax.checkpoints import RunCheckpoints, UnreadableCheckpoint
+from brats_jax.runs import checkpoints as C
+from brats_jax.runs.checkpoints import RunCheckpoints, UnreadableCheckpoint
 
 
 def _state(value: float) -> dict:
@@ -113,7 +113,7 @@ def test_diverging_run_keeps_no_diverged_checkpoint_and_a_rerun_finishes(tmp_pat
     """Learning rate 1e6: the loss of step t is NaN, and the finite checkpoint of step t-1
     (weights ~1e6) is what produced it. It must not be kept as "good": the rerun with a sane
     learning rate then finishes instead of failing the same way."""
-    from brats_jax import train
+    from brats_jax.training import train
     from configs import unet
 
     c = unet.get_config("tiny")
@@ -203,7 +203,7 @@ def test_inference_falls_back_from_an_unreadable_best_to_the_newest_readable(tmp
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from brats_jax import train
+    from brats_jax.training import train
     from configs import unet
 
     c = unet.get_config("tiny")
@@ -221,7 +221,7 @@ def _tiny_template(workdir):
 
     import ml_collections
 
-    from brats_jax import train_state
+    from brats_jax.runs import train_state
 
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     model = train_state.create_model(config)
@@ -261,7 +261,7 @@ def test_real_run_resumes_from_the_older_checkpoint(tiny_run, tmp_path, damage, 
     assert step == older and int(state.step) == older
     ck.close()
     # the same command again: resumes from the older step, finishes, no step written twice
-    from brats_jax import train
+    from brats_jax.training import train
 
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     results = train.train_and_evaluate(config, workdir)
@@ -276,7 +276,7 @@ def test_a_run_whose_checkpoints_are_all_unreadable_stops_without_touching_confi
     """The failed rerun must not rewrite config.json before the restore succeeded."""
     import shutil
 
-    from brats_jax import train
+    from brats_jax.training import train
 
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from brats_jax import losses as L
-from brats_jax import train, train_state
+from brats_jax.runs import train_state
+from brats_jax.training import train
 
 # One (1, 4, 5) slice: 12 background, 5 NCR, 2 ED, 1 ET pixels.
 LABELS = jnp.asarray(
@@ -188,7 +189,7 @@ def test_split_pixels_counts_only_the_training_slices(tmp_path):
     """`build_run` computes split_pixels weights from the training split's slices alone: at
     beta 0.99999 the ~10^4 pixels of the tiny data give weights far from 1, and those of
     all slices (or of the validation / test slices) differ."""
-    from brats_jax import run_group
+    from brats_jax.training import run_group
     from configs import unet as unet_config
 
     c = unet_config.get_config("tiny")
@@ -248,7 +249,7 @@ def test_logged_class_weights_are_the_mean_over_the_steps_the_class_was_in(tmp_p
     `batch_class_balanced_weights` of the two training batches (recorded from the run's own
     pipeline) over the batches holding class c. Seed 1: NCR is absent from the first batch,
     so its logged weight is the second batch's alone (a plain mean would halve it)."""
-    from brats_jax import run_group
+    from brats_jax.training import run_group
     from configs import unet as unet_config
 
     c = unet_config.get_config("tiny")

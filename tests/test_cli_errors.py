@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from brats_jax import config_checks, losses, train_state
+from brats_jax import losses
+from brats_jax.runs import train_state
+from brats_jax.training import config_choices
 from configs import default, transunet, unet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +95,7 @@ def test_sweep_misspelt_field_and_bad_choice_are_one_line(tmp_path):
 @pytest.mark.parametrize("preset", default.PRESETS)
 def test_every_shipped_config_passes(preset):
     for module in (unet, transunet):
-        assert config_checks.choice_errors(module.get_config(preset)) == []
+        assert config_choices.choice_errors(module.get_config(preset)) == []
 
 
 def _with(field: str, value):
@@ -104,23 +106,23 @@ def _with(field: str, value):
     return c
 
 
-@pytest.mark.parametrize("field", sorted(config_checks.CHOICES))
+@pytest.mark.parametrize("field", sorted(config_choices.CHOICES))
 def test_each_field_refuses_a_value_outside_its_choices(field):
     with pytest.raises(ValueError, match=f"^{field}='no_such_value' is not one of "):
-        config_checks.check_choices(_with(field, "no_such_value"))
+        config_choices.check_choices(_with(field, "no_such_value"))
 
 
 def test_region_outputs_allow_only_the_region_losses():
     c = _with("model.output", "regions")
     c.train.loss = "focal"
-    assert config_checks.choice_errors(c) == ["train.loss='focal' is not one of ce, dice, dice_ce"]
+    assert config_choices.choice_errors(c) == ["train.loss='focal' is not one of ce, dice, dice_ce"]
 
 
 def test_a_field_the_config_lacks_is_not_checked():
     c = unet.get_config("tiny")
     c.unlock()
     del c.eval["tta"]  # an old run's config
-    assert config_checks.choice_errors(c) == []
+    assert config_choices.choice_errors(c) == []
 
 
 def test_the_choices_are_what_the_code_accepts():
@@ -128,17 +130,17 @@ def test_the_choices_are_what_the_code_accepts():
     them, and a value outside is refused there too (the table is not a stale copy)."""
     t = unet.get_config("tiny").train
     counts = [[10, 5, 3, 2]]
-    for name in config_checks.CHOICES["train.loss"](unet.get_config("tiny")):
+    for name in config_choices.CHOICES["train.loss"](unet.get_config("tiny")):
         t.loss = name
         train_state.create_loss_params(t, counts)
     t.loss = "cb_ce"
-    for mode in config_checks.CHOICES["train.class_counts"]:
+    for mode in config_choices.CHOICES["train.class_counts"]:
         t.class_counts = mode
         train_state.create_loss_params(t, counts)
-    for opt in config_checks.CHOICES["train.optimizer"]:
+    for opt in config_choices.CHOICES["train.optimizer"]:
         t.optimizer = opt
         train_state.create_optimizer(t, 10)
-    for schedule in config_checks.CHOICES["train.schedule"]:
+    for schedule in config_choices.CHOICES["train.schedule"]:
         t.schedule = schedule
         train_state.create_optimizer(t, 10)
     assert set(losses.CLASS_COUNTS) == {"batch_pixels", "split_pixels", "split_slices"}

@@ -1,9 +1,9 @@
-"""`brats_jax.config_utils` and the configs' presets: dotted fields, diffs, locked presets."""
+"""`brats_jax.config_fields` and the configs' presets: dotted fields, diffs, locked presets."""
 
 import ml_collections
 import pytest
 
-from brats_jax import config_utils
+from brats_jax import config_fields
 from configs import default, transunet, unet
 
 
@@ -13,26 +13,26 @@ def _config():
 
 def test_get_and_set_dotted_fields():
     c = _config()
-    assert config_utils.get_field(c, "train.lr") == 0.1
-    assert config_utils.get_field(c, "train") == {"lr": 0.1, "seed": 0}  # a group as a dict
-    config_utils.set_field(c, "train.seed", 3)
-    config_utils.apply_overrides(c, {"name": "y", "train.lr": 0.5})
+    assert config_fields.get_field(c, "train.lr") == 0.1
+    assert config_fields.get_field(c, "train") == {"lr": 0.1, "seed": 0}  # a group as a dict
+    config_fields.set_field(c, "train.seed", 3)
+    config_fields.apply_overrides(c, {"name": "y", "train.lr": 0.5})
     assert (c.train.seed, c.name, c.train.lr) == (3, "y", 0.5)
     with pytest.raises(KeyError, match="train has no field 'lr2'; known: lr, seed"):
-        config_utils.get_field(c, "train.lr2")
+        config_fields.get_field(c, "train.lr2")
     with pytest.raises(KeyError, match="no group 'trian'"):
-        config_utils.set_field(c, "trian.lr", 1.0)
+        config_fields.set_field(c, "trian.lr", 1.0)
     with pytest.raises(KeyError, match="unknown config field 'train.nope'"):
-        config_utils.set_field(c, "train.nope", 1.0)
+        config_fields.set_field(c, "train.nope", 1.0)
 
 
 def test_config_diff_lists_changed_added_and_removed_fields():
     old = {"train": {"lr": 0.1, "seed": 0}, "name": "x"}
     new = {"train": {"lr": 0.2, "seed": 0}, "eval": {"bs": 4}}
-    diff = config_utils.config_diff(old, new)
+    diff = config_fields.config_diff(old, new)
     assert diff == [("eval.bs", None, 4), ("name", "x", None), ("train.lr", 0.1, 0.2)]
-    assert config_utils.format_diff(diff)[2] == "train.lr: 0.1 -> 0.2"
-    assert config_utils.config_diff(old, old) == []
+    assert config_fields.format_diff(diff)[2] == "train.lr: 0.1 -> 0.2"
+    assert config_fields.config_diff(old, old) == []
 
 
 def test_presets_are_field_dicts_on_a_locked_config():
@@ -54,7 +54,7 @@ def test_cpu_best_is_the_cpu_budget_plus_the_segmentation_options():
     """`cpu_best` trains on the `cpu` preset's budget (same steps, batch, size, schedule,
     network): it differs from it only in issue 19's options and issue 24's choice (deep
     supervision, nnU-Net's 2D intensity augmentation probabilities)."""
-    diff = config_utils.config_diff(
+    diff = config_fields.config_diff(
         unet.get_config("cpu").to_dict(), unet.get_config("cpu_best").to_dict()
     )
     assert diff == [

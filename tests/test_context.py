@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_pretrained import TINY, write_vit_npz
 
-from brats_jax import inference, predict, train, train_state
+from brats_jax import predict
 from brats_jax.data import (
     SliceTable,
     SyntheticSource,
@@ -23,8 +23,11 @@ from brats_jax.data import (
     resize_image,
     stack_context,
 )
+from brats_jax.inference import whole_volume
 from brats_jax.models import TransUNet, load_pretrained
 from brats_jax.models.pretrained import widen_root_kernel
+from brats_jax.runs import train_state
+from brats_jax.training import train
 from configs import unet as unet_config
 
 
@@ -169,8 +172,8 @@ def test_predict_volume_with_context_equals_hand_stacked_volume():
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(12, 10, 7, 4)).astype(np.float32)
     variables = {"w": jnp.asarray(rng.normal(size=(12, 4)).astype(np.float32))}
-    predict = inference.make_slice_predictor(_LinearModel(), image_size=8)
-    got = inference.predict_volume(predict, variables, volume, batch_size=3, context_slices=1)
+    predict = whole_volume.make_slice_predictor(_LinearModel(), image_size=8)
+    got = whole_volume.predict_volume(predict, variables, volume, batch_size=3, context_slices=1)
     stacked = np.stack([_hand_stacked(volume, z, 1) for z in range(7)])  # (D, H, W, 12)
     want = np.moveaxis(np.asarray(predict(variables, stacked)), 0, 2)
     assert got.shape == (12, 10, 7, 4)
@@ -182,7 +185,7 @@ def test_ensemble_members_use_their_own_context():
     volume = rng.normal(size=(8, 8, 5, 4)).astype(np.float32)
     w4 = {"w": jnp.asarray(rng.normal(size=(4, 4)).astype(np.float32))}
     w12 = {"w": jnp.asarray(rng.normal(size=(12, 4)).astype(np.float32))}
-    fn = inference.make_slice_predictor(_LinearModel(), image_size=0)
+    fn = whole_volume.make_slice_predictor(_LinearModel(), image_size=0)
     config = ml_collections.ConfigDict({"eval": {"batch_size": 2}})
     ens = predict.Ensemble(("a", "b"), config, (fn, fn), (w4, w12), (0, 1))
     got = predict.predict_probabilities(ens, volume)

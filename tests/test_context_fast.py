@@ -1,5 +1,5 @@
 """2.5D end to end (`data.context_slices` = 1), fast: a 2-step tiny run's test pass and
-`predict` give the argmax of `inference.predict_volume` run as a plain 2D model on windows
+`predict` give the argmax of `whole_volume.predict_volume` run as a plain 2D model on windows
 stacked here by hand with numpy (slices z-1, z, z+1, indices clamped at the volume's ends,
 slice-major channels: `brats_jax.data.context`)."""
 
@@ -7,8 +7,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import inference, metrics, outputs, predict, train, train_state
+from brats_jax import metrics, predict
 from brats_jax.data import brats, load_volume, make_source
+from brats_jax.inference import whole_volume
+from brats_jax.labels import to_release_labels
+from brats_jax.models import outputs
+from brats_jax.runs import train_state
+from brats_jax.training import train
 from configs import unet
 
 
@@ -36,7 +41,7 @@ def context_run(tmp_path_factory):
     config.train.checkpoint_every_steps = 2
     workdir = tmp_path_factory.mktemp("context") / "run"
     seen = {"probs": [], "labels": []}
-    predict_volume, evaluate_volume = inference.predict_volume, metrics.evaluate_volume
+    predict_volume, evaluate_volume = whole_volume.predict_volume, metrics.evaluate_volume
 
     def record_probs(*args, **kwargs):
         seen["probs"].append(predict_volume(*args, **kwargs))
@@ -47,7 +52,7 @@ def context_run(tmp_path_factory):
         return evaluate_volume(pred, label, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(inference, "predict_volume", record_probs)
+        mp.setattr(whole_volume, "predict_volume", record_probs)
         mp.setattr(metrics, "evaluate_volume", record_labels)
         results = train.train_and_evaluate(config, workdir)
     return config, workdir, results, seen
@@ -56,7 +61,7 @@ def context_run(tmp_path_factory):
 def _plain_2d(workdir):
     """The run's model as a 2D predictor of 12-channel slices, and its variables."""
     config, model, variables = train_state.load_trained(workdir)
-    fn = inference.make_slice_predictor(
+    fn = whole_volume.make_slice_predictor(
         model, image_size=config.data.image_size, output=outputs.of_config(config.model)
     )
     return fn, variables, config.eval.batch_size
@@ -70,10 +75,10 @@ def test_test_pass_is_the_argmax_of_hand_stacked_windows(context_run):
     source = make_source(config.data)
     for cid, probs, labels in zip(case_ids, seen["probs"], seen["labels"], strict=True):
         image, _ = load_volume(source, cid)
-        want = inference.predict_volume(fn, variables, _hand_stacked(image), batch_size=batch)
+        want = whole_volume.predict_volume(fn, variables, _hand_stacked(image), batch_size=batch)
         np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(labels, np.argmax(want, axis=-1))
-        wrong = inference.predict_volume(fn, variables, _modality_major(image), batch_size=batch)
+        wrong = whole_volume.predict_volume(fn, variables, _modality_major(image), batch_size=batch)
         assert np.abs(wrong - want).max() > 1e-4  # the order matters to this model
 
 
@@ -97,10 +102,10 @@ def test_predict_is_the_argmax_of_hand_stacked_windows(context_run, tmp_path):
         case, require_label=False, normalization=predict.input_normalization(ens.config.data.source)
     )
     image = loaded.image
-    want = inference.predict_volume(fn, variables, _hand_stacked(image), batch_size=batch)
+    want = whole_volume.predict_volume(fn, variables, _hand_stacked(image), batch_size=batch)
     probs = np.asarray(nib.load(str(tmp_path / "p.nii.gz")).dataobj)
     np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)
     labels = np.argmax(want, axis=-1)
-    np.testing.assert_array_equal(written, brats.to_release_labels(labels, loaded.naming))
+    np.testing.assert_array_equal(written, to_release_labels(labels, loaded.naming))
     saved = np.asarray(nib.load(str(tmp_path / "seg.nii.gz")).dataobj)
     np.testing.assert_array_equal(saved, written)

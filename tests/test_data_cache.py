@@ -130,14 +130,14 @@ def test_failed_case_leaves_no_entry(release, tmp_path):
 
 
 def test_missing_cache_message(tmp_path):
-    with pytest.raises(DataError, match="brats_jax.data.prepare"):
+    with pytest.raises(DataError, match="brats_jax.prepare"):
         NiftiCacheSource(tmp_path)
 
 
 def _prepare(src, out) -> subprocess.CompletedProcess:
-    """`python -m brats_jax.data.prepare --src=SRC --out=OUT` as a user runs it."""
+    """`python -m brats_jax.prepare --src=SRC --out=OUT` as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "brats_jax.data.prepare", f"--src={src}", f"--out={out}"],
+        [sys.executable, "-m", "brats_jax.prepare", f"--src={src}", f"--out={out}"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -242,7 +242,7 @@ def test_cli_writes_csv_and_fails_with_one_line(tmp_path):
 
 
 def test_postprocessing_file_applied_before_scoring(tmp_path):
-    from brats_jax import postprocess
+    from brats_jax.inference import postprocess
 
     gt, pred = _volumes(4)
     pred[5, 4, 3] = 2  # a far island: WT HD95 grows to its distance, Dice drops
@@ -281,7 +281,7 @@ def test_et_relabel_rule_finds_et_in_the_2018_convention(tmp_path):
     voxel becomes NCR (1) before scoring. By hand (`_volumes`): WT unchanged 2/3; TC
     {NCR, ET} of GT is {(2,1,1), (2,2,1)}, the prediction's TC still {(2,2,1)}: 2/3; ET:
     GT has 1 voxel, the prediction none after the rule: Dice 0 (1 without it)."""
-    from brats_jax import postprocess
+    from brats_jax.inference import postprocess
 
     gt, pred = _volumes(4)
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"

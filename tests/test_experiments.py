@@ -338,7 +338,7 @@ def test_report_without_runs_is_a_clear_error(tmp_path, capsys):
 
 def _train_stack_ready() -> bool:
     try:
-        from brats_jax import data, models, train  # noqa: F401
+        from brats_jax import data, models  # noqa: F401
 
         return hasattr(data, "make_source") and hasattr(models, "create_model")
     except Exception:  # noqa: BLE001

@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from brats_jax import checkpoints, train, workdir_lock
-from brats_jax.checkpoints import RunCheckpoints, UnreadableCheckpoint
+from brats_jax.runs import checkpoints, workdir_lock
+from brats_jax.runs.checkpoints import RunCheckpoints, UnreadableCheckpoint
+from brats_jax.training import train
 from configs import unet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def _template(workdir):
     """The abstract TrainState of the run in `workdir` (for restoring its checkpoints)."""
     import functools
 
-    from brats_jax import train_state
+    from brats_jax.runs import train_state
 
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     model = train_state.create_model(config)
@@ -194,7 +195,7 @@ def test_rerun_after_a_corrupt_newest_checkpoint_writes_no_row_twice(finished_ru
 _HOLD = textwrap.dedent(
     """
     import sys
-    from brats_jax.workdir_lock import WorkdirLock
+    from brats_jax.runs.workdir_lock import WorkdirLock
     with WorkdirLock(sys.argv[1]):
         print("locked", flush=True)
         sys.stdin.readline()  # hold until told to go
@@ -291,7 +292,7 @@ def test_a_run_whose_weights_turn_non_finite_first_stops_alone(tmp_path, monkeyp
     and unsaved (not the whole group failing in the checkpoint writer); run 0 finishes."""
     import jax.numpy as jnp
 
-    from brats_jax import steps
+    from brats_jax.training import steps
 
     make_step, calls = steps.jit_train_step, []
 

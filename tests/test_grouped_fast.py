@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from brats_jax import train
-from brats_jax.checkpoints import RunCheckpoints
+from brats_jax.runs.checkpoints import RunCheckpoints
+from brats_jax.training import train
 from configs import unet
 
 STEPS = 2

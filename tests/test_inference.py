@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from brats_jax import inference
 from brats_jax.data import resize_image
+from brats_jax.inference import whole_volume
 
 
 class _ScaleModel:
@@ -28,7 +28,7 @@ def test_slice_predictor_resizes_as_training_does(native, size):
     rng = np.random.default_rng(0)
     # a checkerboard-rich input: antialiasing (which training does not do) would change it
     images = rng.normal(0, 2, (3, *native, 4)).astype(np.float32)
-    predict = inference.make_slice_predictor(_ScaleModel(), image_size=size)
+    predict = whole_volume.make_slice_predictor(_ScaleModel(), image_size=size)
     got = np.asarray(predict({"scale": 1.5}, images))
     ref = _reference(images, 1.5, size or native)
     np.testing.assert_allclose(got, ref, atol=2e-5)
@@ -36,19 +36,19 @@ def test_slice_predictor_resizes_as_training_does(native, size):
 
 def test_predict_volume_batches_pad_and_compile_once():
     rng = np.random.default_rng(1)
-    predict = inference.make_slice_predictor(_ScaleModel(), image_size=16)
+    predict = whole_volume.make_slice_predictor(_ScaleModel(), image_size=16)
     variables = {"scale": 1.0}
     for depth in (7, 3, 12):  # a new depth must not recompile: the batch size is fixed
         volume = rng.normal(size=(20, 18, depth, 4)).astype(np.float32)
-        got = inference.predict_volume(predict, variables, volume, batch_size=5)
+        got = whole_volume.predict_volume(predict, variables, volume, batch_size=5)
         assert got.shape == (20, 18, depth, 4)
         ref = _reference(np.moveaxis(volume, 2, 0), 1.0, 16)
         np.testing.assert_allclose(got, np.moveaxis(ref, 0, 2), atol=2e-5)
     assert predict._cache_size() == 1
     with pytest.raises(ValueError, match="batch_size 0"):
-        inference.predict_volume(predict, variables, volume, batch_size=0)
+        whole_volume.predict_volume(predict, variables, volume, batch_size=0)
     with pytest.raises(ValueError, match=r"\(H, W, D, 4\)"):
-        inference.predict_volume(predict, variables, volume[..., 0], batch_size=5)
+        whole_volume.predict_volume(predict, variables, volume[..., 0], batch_size=5)
 
 
 class _RampModel:
@@ -75,8 +75,8 @@ def test_tta_equals_plain_for_a_mirror_symmetric_input_and_model(tta):
     sym = np.concatenate([half, half[:, ::-1]], axis=1)  # left-right symmetric
     if tta == "flips_ud":
         sym = np.concatenate([sym, sym[:, :, ::-1]], axis=2)  # up-down too
-    plain = inference.make_slice_predictor(_ScaleModel(), image_size=16)
-    flipped = inference.make_slice_predictor(_ScaleModel(), image_size=16, tta=tta)
+    plain = whole_volume.make_slice_predictor(_ScaleModel(), image_size=16)
+    flipped = whole_volume.make_slice_predictor(_ScaleModel(), image_size=16, tta=tta)
     for images in (sym, rng.normal(0, 2, sym.shape).astype(np.float32)):
         np.testing.assert_allclose(
             flipped({"scale": 1.5}, images), plain({"scale": 1.5}, images), atol=1e-6
@@ -90,7 +90,7 @@ def test_tta_averages_the_mirrored_predictions_mirrored_back(tta):
     (H-1-i, j) (left-right) or (i, W-1-j) (up-down)."""
     h, w, a, b = 6, 5, 0.7, -0.4
     images = np.zeros((2, h, w, 4), np.float32)
-    predict = inference.make_slice_predictor(_RampModel(a, b), image_size=0, tta=tta)
+    predict = whole_volume.make_slice_predictor(_RampModel(a, b), image_size=0, tta=tta)
     got = np.asarray(predict({}, images))[..., 1]
 
     def p1(i, j):
@@ -108,12 +108,12 @@ def test_tta_averages_the_mirrored_predictions_mirrored_back(tta):
 
 def test_tta_predict_volume_compiles_once():
     rng = np.random.default_rng(3)
-    predict = inference.make_slice_predictor(_ScaleModel(), image_size=16, tta="flips_ud")
+    predict = whole_volume.make_slice_predictor(_ScaleModel(), image_size=16, tta="flips_ud")
     for depth in (7, 3, 12):
         volume = rng.normal(size=(20, 18, depth, 4)).astype(np.float32)
-        got = inference.predict_volume(predict, {"scale": 1.0}, volume, batch_size=5)
+        got = whole_volume.predict_volume(predict, {"scale": 1.0}, volume, batch_size=5)
         ref = _reference(np.moveaxis(volume, 2, 0), 1.0, 16)
         np.testing.assert_allclose(got, np.moveaxis(ref, 0, 2), atol=2e-5)
     assert predict._cache_size() == 1
     with pytest.raises(ValueError, match="tta 'mirror'"):
-        inference.make_slice_predictor(_ScaleModel(), image_size=16, tta="mirror")
+        whole_volume.make_slice_predictor(_ScaleModel(), image_size=16, tta="mirror")

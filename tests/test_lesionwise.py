@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brats_jax import lesionwise as L
+from brats_jax.metrics import lesionwise as L
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 W = L.HD95_WORST  # 374 mm
@@ -260,7 +260,8 @@ def _kept_lesions(mask):
 
 @pytest.mark.parametrize("perfect", [True, False])
 def test_training_test_pass_has_lesionwise_block_and_columns(tmp_path, monkeypatch, perfect):
-    from brats_jax import data, evaluation, run_group
+    from brats_jax import data
+    from brats_jax.training import evaluation, run_group
     from configs import unet as unet_config
 
     run = run_group.build_run(unet_config.get_config("tiny"), tmp_path)

@@ -3,7 +3,7 @@
 import json
 import math
 
-from brats_jax.metric_writer import MetricWriter
+from brats_jax.training.metric_writer import MetricWriter
 
 
 def test_write_scalars_appends_jsonl_rows_with_null_for_non_finite(tmp_path):

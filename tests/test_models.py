@@ -337,7 +337,7 @@ def test_conv_padding_modes(padding, np_mode):
 
 
 def test_flops_per_slice_matches_conv_arithmetic():
-    from brats_jax.model_flops import flops_per_slice
+    from brats_jax.benchmarking.flops import flops_per_slice
 
     s, f, cin, ncls = 32, 4, 4, 4
     r = flops_per_slice(UNet(features=f, depth=2), s, batch_size=2)
@@ -360,7 +360,7 @@ def test_flops_per_slice_counts_the_deep_supervision_heads_in_training_only():
     """A deep-supervised U-Net's eval forward is the plain U-Net's (heads only in training);
     its train step also runs and differentiates the auxiliary 1x1 heads, so it costs more
     (a loss of the full-resolution output alone would let XLA drop them: equal counts)."""
-    from brats_jax.model_flops import flops_per_slice
+    from brats_jax.benchmarking.flops import flops_per_slice
 
     plain = flops_per_slice(UNet(features=4, depth=3), 32)
     deep = flops_per_slice(UNet(features=4, depth=3, deep_supervision=True), 32)

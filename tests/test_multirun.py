@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from brats_jax import train, train_state
+from brats_jax.runs import train_state
+from brats_jax.training import train
 from configs import unet as unet_config
 
 
@@ -169,7 +170,7 @@ def test_runs_trained_together_need_their_own_folders(tmp_path):
 def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monkeypatch):
     """Stopped after run 0 saved step 4 but before run 1 did: the rerun redoes step 4 for both
     (run 0's step-4 checkpoint is replaced) and ends as the uninterrupted runs do."""
-    from brats_jax.checkpoints import RunCheckpoints
+    from brats_jax.runs.checkpoints import RunCheckpoints
 
     root, expected = alone
     workdirs = [tmp_path / "0", tmp_path / "1"]

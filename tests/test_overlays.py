@@ -1,4 +1,4 @@
-"""Pictures to review (brats_jax.overlays): label colours at known voxels in the case PNGs,
+"""Pictures to review (brats_jax.figures.overlays): label colours at known voxels in the case PNGs,
 evaluate's index.html against its per_case.csv, TensorBoard images of fixed validation
 slices, and a headless-browser screenshot of the index where Chromium is installed."""
 
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brats_jax import config_utils, overlays
-from brats_jax.metric_writer import MetricWriter
+from brats_jax import config_fields
+from brats_jax.figures import overlays
+from brats_jax.training.metric_writer import MetricWriter
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (40, 48, 30)  # X, Y, D
@@ -269,7 +270,8 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path):
     prediction. (A real group: the slow test below.) Random weights."""
     import jax
 
-    from brats_jax import run_group, train_state
+    from brats_jax.runs import train_state
+    from brats_jax.training import run_group
 
     config = _tiny_config()
     run = run_group.build_run(config, tmp_path)
@@ -296,7 +298,7 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path):
 @pytest.mark.slow
 def test_training_writes_validation_images(tmp_path):
     """The same through training: the tiny preset validates at steps 3 and 6."""
-    from brats_jax import train
+    from brats_jax.training import train
 
     train.train_and_evaluate(_tiny_config(), tmp_path)
     _check_validation_images(tmp_path, _tiny_config())
@@ -328,11 +330,11 @@ def _check_validation_images(tmp_path, config):
 
 def test_old_runs_get_no_overlays():
     old = {"eval": {"batch_size": 4}}
-    assert config_utils.upgrade_legacy(old)["eval"]["num_overlay_slices"] == 0
+    assert config_fields.upgrade_legacy(old)["eval"]["num_overlay_slices"] == 0
 
 
 def test_negative_overlay_count_is_an_error(tmp_path):
-    from brats_jax import run_group
+    from brats_jax.training import run_group
 
     config = _tiny_config()
     config.eval.num_overlay_slices = -1

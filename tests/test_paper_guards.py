@@ -50,7 +50,7 @@ def test_sweep_skips_a_run_folder_another_process_holds(tmp_path):
     workdir = tmp_path / "out" / "unet-ce-lr1e-4"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from brats_jax.workdir_lock import WorkdirLock; "
+         "import sys, time; from brats_jax.runs.workdir_lock import WorkdirLock; "
          "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
          str(workdir)],
         stdout=subprocess.PIPE, text=True,

@@ -7,9 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from brats_jax import inference, run_group, steps, train
 from brats_jax.data import DataError, SliceTable, make_train_iterator
 from brats_jax.data.patches import check_patch_config, crop_offset
+from brats_jax.inference import whole_volume
+from brats_jax.training import run_group, steps, train
 from configs import transunet as transunet_config
 from configs import unet as unet_config
 
@@ -236,7 +237,7 @@ def _spy_shapes(monkeypatch):
 
     monkeypatch.setattr(steps, "make_train_step", wrap(steps.make_train_step, "train"))
     monkeypatch.setattr(steps, "make_eval_step", wrap(steps.make_eval_step, "eval"))
-    make_predictor = inference.make_slice_predictor
+    make_predictor = whole_volume.make_slice_predictor
 
     def predictor(*args, **kw):
         f = make_predictor(*args, **kw)
@@ -247,7 +248,7 @@ def _spy_shapes(monkeypatch):
 
         return spied
 
-    monkeypatch.setattr(inference, "make_slice_predictor", predictor)
+    monkeypatch.setattr(whole_volume, "make_slice_predictor", predictor)
     return seen
 
 
@@ -264,13 +265,13 @@ def test_tiny_run_on_patches_validates_and_tests_whole_slices(tmp_path, monkeypa
 def test_tiny_run_with_sliding_window_tests_through_patch_windows(tmp_path, monkeypatch):
     """eval.sliding_window: the test pass slides 16 px windows over the 32 px slices."""
     windows = []
-    make = inference.make_slice_predictor
+    make = whole_volume.make_slice_predictor
 
     def recording(*args, **kw):
         windows.append(kw.get("window", 0))
         return make(*args, **kw)
 
-    monkeypatch.setattr(inference, "make_slice_predictor", recording)
+    monkeypatch.setattr(whole_volume, "make_slice_predictor", recording)
     fields = {"train.num_steps": 2, "eval.sliding_window": True}
     results = train.train_and_evaluate(_tiny(**fields), tmp_path / "run")
     assert 0.0 <= results["paper_dice"] <= 1.0 and 16 in windows

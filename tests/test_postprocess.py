@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from brats_jax import postprocess as pp
+from brats_jax.inference import postprocess as pp
 
 
 def _tumour_with_islands():

@@ -13,7 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import inference, postprocess, predict, train
+from brats_jax import predict
+from brats_jax.inference import postprocess, whole_volume
+from brats_jax.training import train
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order (brats.ORIENTATION)
 
@@ -58,14 +60,14 @@ def runs(tmp_path, monkeypatch):
         config, scale, model = table[str(workdir)]
         return config, model, {"scale": np.float32(scale)}
 
-    real = inference.make_slice_predictor
+    real = whole_volume.make_slice_predictor
 
     def make_slice_predictor(model, **kw):
         made.append(real(model, **kw))
         return made[-1]
 
     monkeypatch.setattr(train, "load_trained", load_trained)
-    monkeypatch.setattr(inference, "make_slice_predictor", make_slice_predictor)
+    monkeypatch.setattr(whole_volume, "make_slice_predictor", make_slice_predictor)
 
     def add(name, scale=1.0, model=None, **config):
         path = tmp_path / name
@@ -205,7 +207,7 @@ def test_postprocessing_json_in_the_run_is_applied_unless_disabled(runs, tmp_pat
     run, other = add("run"), add("other")
     case = _write_case(tmp_path, "Brats18_A_1", 0)
     labels, probs = _island_probabilities()
-    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     island_free = labels.copy()
     island_free[10, 8, 5] = 0
     out = tmp_path / "seg.nii.gz"
@@ -235,7 +237,7 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
     add, _ = runs
     run = add("run")
     labels, probs = _island_probabilities()
-    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     data = tmp_path / "data"
     for cid in ("Brats18_A_1", "Brats18_B_1"):
         folder = _write_case(data, cid, 0)
@@ -283,7 +285,7 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
 
 
 def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_path):
-    from brats_jax import postprocess
+    from brats_jax.inference import postprocess
     from configs import unet
 
     config = unet.get_config("tiny")
@@ -330,7 +332,7 @@ def test_outputs_show_their_own_value_range_not_the_input_images(runs, tmp_path,
     add, _ = runs
     run = add("run")
     labels, probs = _island_probabilities()
-    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     for naming, case_id, et in (("2018", "Brats18_A_1", 4), ("2023", "BraTS-GLI-00001-000", 3)):
         case = _write_case(tmp_path / naming, case_id, 0, naming=naming)
         for path in case.iterdir():
@@ -354,7 +356,7 @@ def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch):
     run = add("run", postprocess=fields)
     case = _write_case(tmp_path, "Brats18_A_1", 0)
     labels, probs = _island_probabilities()
-    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     assert not (tmp_path / "run" / postprocess.POSTPROCESSING_FILE).exists()
     out = tmp_path / "seg.nii.gz"
     auto = predict.predict_case(run, case, out)
@@ -386,7 +388,7 @@ def test_ensemble_labels_are_the_argmax_of_the_mean_probabilities(runs, tmp_path
         member[1.0][voxel], member[2.0][voxel] = a, b
         expected[voxel] = label
     monkeypatch.setattr(
-        inference, "predict_volume", lambda f, v, *a, **k: member[float(v["scale"])]
+        whole_volume, "predict_volume", lambda f, v, *a, **k: member[float(v["scale"])]
     )
     r1, r2 = add("r1", scale=1.0), add("r2", scale=2.0)
     case = _write_case(tmp_path, "Brats18_A_1", 0)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from brats_jax import postprocess
+from brats_jax.inference import postprocess
 from experiments import postprocessing_ablation as ablation
 
 

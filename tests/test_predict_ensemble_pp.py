@@ -2,7 +2,7 @@
 
 Run folders hold a hand-made `config.json` (and maybe a `postprocessing.json`); the stand-in
 `train.load_trained` reads that config.json as the real one does and serves a pointwise
-model, and `inference.predict_volume` returns fixed probabilities whose argmax is a 27-voxel
+model, and `whole_volume.predict_volume` returns fixed probabilities whose argmax is a 27-voxel
 ED tumour plus a 1-voxel NCR island (`test_predict._island_probabilities`).
 """
 
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from test_predict import _island_probabilities, _ScaleModel, _write_case
 
-from brats_jax import config_utils, inference, postprocess, predict, train
+from brats_jax import config_fields, predict
+from brats_jax.inference import postprocess, whole_volume
+from brats_jax.training import train
 
 
 def _member(root, name, largest_only, tuned=None):
@@ -40,12 +42,12 @@ def case(tmp_path, monkeypatch):
 
     def load_trained(workdir, step=None):
         saved = json.loads((pathlib.Path(workdir) / "config.json").read_text())
-        config = ml_collections.ConfigDict(config_utils.upgrade_legacy(saved))
+        config = ml_collections.ConfigDict(config_fields.upgrade_legacy(saved))
         return config, _ScaleModel(), {"scale": np.float32(1.0)}
 
     labels, probs = _island_probabilities()
     monkeypatch.setattr(train, "load_trained", load_trained)
-    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     island_free = labels.copy()
     island_free[10, 8, 5] = 0
     return _write_case(tmp_path, "Brats18_A_1", 0), labels, island_free

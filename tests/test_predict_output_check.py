@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from brats_jax import predict, train
+from brats_jax import predict
+from brats_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

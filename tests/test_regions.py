@@ -1,5 +1,5 @@
 """Region outputs (`model.output="regions"`): targets, BCE + Dice loss, decoding to labels,
-inference, the train/eval steps, training through `brats_jax.train` and prediction."""
+inference, the train/eval steps, training through `brats_jax.training.train` and prediction."""
 
 import json
 import math
@@ -11,18 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import (
-    config_utils,
-    inference,
-    losses,
-    metrics,
-    models,
-    outputs,
-    predict,
-    steps,
-    train,
-)
-from brats_jax.train_state import TrainState, create_loss_params
+from brats_jax import config_fields, losses, metrics, models, predict
+from brats_jax.inference import whole_volume
+from brats_jax.models import outputs
+from brats_jax.runs.train_state import TrainState, create_loss_params
+from brats_jax.training import steps, train
 from configs import unet as unet_config
 
 # --------------------------------------------------------------------------------------------
@@ -230,11 +223,13 @@ class _FirstThreeModel:
 def test_slice_predictor_gives_sigmoid_probabilities_for_regions():
     rng = np.random.default_rng(3)
     images = rng.normal(0, 2, (2, 6, 5, 4)).astype(np.float32)
-    predict_fn = inference.make_slice_predictor(_FirstThreeModel(), image_size=0, output="regions")
+    predict_fn = whole_volume.make_slice_predictor(
+        _FirstThreeModel(), image_size=0, output="regions"
+    )
     got = np.asarray(predict_fn({"scale": 1.5}, images))
     np.testing.assert_allclose(got, 1 / (1 + np.exp(-1.5 * images[..., :3])), rtol=1e-5)
     with pytest.raises(ValueError, match="model.output 'softmax'"):
-        inference.make_slice_predictor(_FirstThreeModel(), image_size=0, output="softmax")
+        whole_volume.make_slice_predictor(_FirstThreeModel(), image_size=0, output="softmax")
 
 
 class _RampModel:
@@ -271,8 +266,8 @@ def test_tta_is_the_mean_over_mirrored_back_views_for_regions(tta, views):
     )
     plain_want = sigmoid(x[..., :3] * 1.5 + ramp)
     kw = dict(image_size=0, output="regions")
-    plain = inference.make_slice_predictor(_RampModel(), **kw)({"scale": 1.5}, x)
-    got = inference.make_slice_predictor(_RampModel(), tta=tta, **kw)({"scale": 1.5}, x)
+    plain = whole_volume.make_slice_predictor(_RampModel(), **kw)({"scale": 1.5}, x)
+    got = whole_volume.make_slice_predictor(_RampModel(), tta=tta, **kw)({"scale": 1.5}, x)
     np.testing.assert_allclose(plain, plain_want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(got) - plain_want).max() > 0.05
@@ -313,7 +308,7 @@ def test_eval_step_scores_decoded_region_labels_and_the_region_loss():
 
 
 # --------------------------------------------------------------------------------------------
-# Training through brats_jax.train, prediction from the run folder
+# Training through brats_jax.training.train, prediction from the run folder
 # --------------------------------------------------------------------------------------------
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order
@@ -381,7 +376,8 @@ def _region_logits(model, variables, image):
 def test_regions_test_pass_scores_the_tested_checkpoint(regions_run, tmp_path):
     """results.json's per-case scores, recomputed here from the tested checkpoint's logits:
     sigmoid, `outputs.regions_to_labels`, `metrics.evaluate_volume` per test case."""
-    from brats_jax import data, run_group
+    from brats_jax import data
+    from brats_jax.training import run_group
 
     workdir, _ = regions_run
     saved = json.loads((workdir / "results.json").read_text())
@@ -458,7 +454,7 @@ def test_runs_with_different_model_outputs_are_not_trained_together(tmp_path):
     regions = _regions_config("ce", 0)
     classes = _regions_config("ce", 0)
     classes.model.output = "classes"
-    assert [k for k, _, _ in config_utils.config_diff(classes.to_dict(), regions.to_dict())] == [
+    assert [k for k, _, _ in config_fields.config_diff(classes.to_dict(), regions.to_dict())] == [
         "model.output"
     ]
     with pytest.raises(

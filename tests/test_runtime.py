@@ -38,7 +38,7 @@ CLIS = {
     "brats_jax.predict": ["--workdir=WORK", "--input=WORK", "--output=WORK/seg.nii.gz"],
     "brats_jax.evaluate": ["--pred=WORK", "--gt=WORK", "--out=WORK/x.csv"],
     "brats_jax.bench": ["train", "--steps=1"],
-    "brats_jax.data.prepare": ["--src=WORK", "--out=WORK/cache"],
+    "brats_jax.prepare": ["--src=WORK", "--out=WORK/cache"],
     "experiments.run": ["table1", "--out=WORK", "--dry-run"],
     "brats_jax.tune_postprocessing": ["--workdir=WORK", "--cases=WORK"],
     "experiments.segmentation_ablation": ["score", "--data_root=WORK", "--out=WORK/abl"],
@@ -87,7 +87,8 @@ def test_setup_sets_fast_cpu_flags_and_keeps_users_choice():
 def test_resolve_ops_and_the_legacy_conv_impl_field():
     import ml_collections
 
-    from brats_jax import augment, config_utils
+    from brats_jax import config_fields
+    from brats_jax.data import augment
 
     new = ml_collections.ConfigDict({"runtime": {"ops": "xla"}, "model": {}})
     assert runtime.resolve_ops(new) == "xla"
@@ -99,7 +100,7 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
         "data": {"image_size": 32},
         "train": {"seed": 1},
     }
-    assert config_utils.upgrade_legacy(old) == {
+    assert config_fields.upgrade_legacy(old) == {
         "model": {
             "name": "unet",
             "output": "classes",
@@ -145,7 +146,7 @@ def test_an_old_run_config_json_resumes_with_an_empty_config_diff(tmp_path):
     is reported, so an old run resumes as itself."""
     import json
 
-    from brats_jax import run_group
+    from brats_jax.training import run_group
     from configs import unet
 
     new = json.loads(unet.get_config("tiny").to_json_best_effort())

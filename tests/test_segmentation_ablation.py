@@ -8,7 +8,8 @@ import types
 import numpy as np
 import pytest
 
-from brats_jax import metrics, postprocess
+from brats_jax import metrics
+from brats_jax.inference import postprocess
 from experiments import segmentation_ablation as A
 
 IDS = [f"case{i:02d}" for i in range(18)]
@@ -88,7 +89,9 @@ def test_issue24_variants_are_issue19_options_plus_one_part_each():
     and nothing else: its config diff against them is exactly the fields named here (values
     by hand from nnU-Net's 2D defaults), and it passes the run's own checks (a misspelt or
     out-of-range field would raise)."""
-    from brats_jax import augment, config_checks, config_utils
+    from brats_jax import config_fields
+    from brats_jax.data import augment
+    from brats_jax.training import config_choices
     from configs import unet
 
     expected = {
@@ -109,13 +112,13 @@ def test_issue24_variants_are_issue19_options_plus_one_part_each():
         "cb_deep_supervision": {"model.deep_supervision": True},
     }  # fmt: skip
     issue19 = unet.get_config("cpu")
-    config_utils.apply_overrides(issue19, {"data.context_slices": 1, "model.output": "regions"})
+    config_fields.apply_overrides(issue19, {"data.context_slices": 1, "model.output": "regions"})
     for name, fields in expected.items():
         c = unet.get_config("cpu")
-        config_utils.apply_overrides(c, A.VARIANTS[name])
-        diff = {f: new for f, _, new in config_utils.config_diff(issue19.to_dict(), c.to_dict())}
+        config_fields.apply_overrides(c, A.VARIANTS[name])
+        diff = {f: new for f, _, new in config_fields.config_diff(issue19.to_dict(), c.to_dict())}
         assert diff == fields, name
-        config_checks.check_choices(c)
+        config_choices.check_choices(c)
         augment.from_config(c)
 
 
@@ -208,12 +211,12 @@ def test_train_stage_trains_a_shared_run_once(tmp_path, monkeypatch):
 def test_preset_trains_the_measured_row(preset, row):
     """`configs/unet.py:<preset>` trains exactly what its ablation row measured
     (EXPERIMENTS.md), with the largest-component rule of the `largest` row on."""
-    from brats_jax import config_utils
+    from brats_jax import config_fields
     from configs import unet
 
     measured = unet.get_config("cpu")
-    config_utils.apply_overrides(measured, A.variant_fields(row))
-    diff = config_utils.config_diff(measured.to_dict(), unet.get_config(preset).to_dict())
+    config_fields.apply_overrides(measured, A.variant_fields(row))
+    diff = config_fields.config_diff(measured.to_dict(), unet.get_config(preset).to_dict())
     assert sorted(diff) == [
         ("name", "unet-cpu", f"unet-{preset}"),
         ("postprocess.largest_component_only", False, True),
@@ -317,13 +320,13 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
 def test_a_candidate_on_cpu_best_changes_only_its_fields(part, changed):
     """Each candidate declared on top of `cpu_best` is `cpu_best`'s training fields with the
     declared change and nothing else, and the replicate rule holds it against `cpu_best`."""
-    from brats_jax import config_utils
+    from brats_jax import config_fields
     from configs import unet
 
     candidate = A.CPU_BEST_VARIANT + "+" + part
     c = unet.get_config("cpu")
-    config_utils.apply_overrides(c, A.variant_fields(candidate))
-    diff = config_utils.config_diff(unet.get_config("cpu_best").to_dict(), c.to_dict())
+    config_fields.apply_overrides(c, A.variant_fields(candidate))
+    diff = config_fields.config_diff(unet.get_config("cpu_best").to_dict(), c.to_dict())
     assert sorted(diff) == sorted(
         changed
         + [

@@ -1,4 +1,4 @@
-"""Work split over machines (`brats_jax.work_split`): `predict --num_parts/--part_id` and
+"""Work split over machines (`brats_jax.inference.work_split`): `predict --num_parts/--part_id` and
 `experiments.run --shard=i/N|slurm` partition the cases / runs (groups kept whole), and two
 processes on one `--out` train every run of a sweep once."""
 
@@ -11,7 +11,8 @@ import sys
 import pytest
 from absl import app
 
-from brats_jax import predict, work_split
+from brats_jax import predict
+from brats_jax.inference import work_split
 from experiments import report, run
 
 # ----------------------------------------------------------------------------- parts

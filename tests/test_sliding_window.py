@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brats_jax import config_utils, inference, predict, train
+from brats_jax import config_fields, predict
 from brats_jax.data.common import DataError
 from brats_jax.data.patches import inference_window
+from brats_jax.inference import whole_volume
 from brats_jax.models.unet import UNet
+from brats_jax.training import train
 from configs import unet as unet_config
 
 
@@ -49,13 +51,13 @@ def _p0(m):
     ],
 )
 def test_window_starts_are_nnunets_half_overlapping_steps(size, window, starts):
-    assert inference.window_starts(size, window) == starts
+    assert whole_volume.window_starts(size, window) == starts
 
 
 @pytest.mark.parametrize("size, window", [(8, 12), (8, 0)])
 def test_a_window_larger_than_the_slice_or_empty_is_an_error(size, window):
     with pytest.raises(ValueError, match=f"sliding window of {window} px over {size} px"):
-        inference.window_starts(size, window)
+        whole_volume.window_starts(size, window)
 
 
 @pytest.mark.parametrize("window", [9, 17])
@@ -63,13 +65,13 @@ def test_gaussian_weights_equal_nnunets_filtered_delta(window):
     delta = np.zeros((window, window))
     delta[window // 2, window // 2] = 1
     peer = ndimage.gaussian_filter(delta, window / 8, mode="constant", cval=0)
-    np.testing.assert_allclose(inference.gaussian_weights(window), peer / peer.max(), rtol=1e-5)
+    np.testing.assert_allclose(whole_volume.gaussian_weights(window), peer / peer.max(), rtol=1e-5)
 
 
 def test_overlapping_tiles_average_with_gaussian_weights():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 12, 12, 4)).astype(np.float32)
-    predict_fn = inference.make_slice_predictor(_TileMeanModel(), image_size=0, window=8)
+    predict_fn = whole_volume.make_slice_predictor(_TileMeanModel(), image_size=0, window=8)
     got = np.asarray(predict_fn({}, jnp.asarray(x)))[0, ..., 0]
     # tiles at rows/columns {0, 4} x {0, 4}; m[a, b] = mean of the tile at (4a, 4b)
     m = np.array([[x[0, 4 * a : 4 * a + 8, 4 * b : 4 * b + 8].mean() for b in (0, 1)]
@@ -88,8 +90,8 @@ def test_a_window_the_size_of_the_slice_is_whole_slice_inference():
     model = UNet(features=2, depth=2)
     variables = model.init(jax.random.PRNGKey(0), x)
     for tta in ("none", "flips"):
-        whole = inference.make_slice_predictor(model, image_size=0, tta=tta)
-        one_tile = inference.make_slice_predictor(model, image_size=0, tta=tta, window=16)
+        whole = whole_volume.make_slice_predictor(model, image_size=0, tta=tta)
+        one_tile = whole_volume.make_slice_predictor(model, image_size=0, tta=tta, window=16)
         np.testing.assert_allclose(one_tile(variables, x), whole(variables, x), atol=1e-6)
 
 
@@ -118,13 +120,13 @@ def test_predict_slides_the_runs_patch_when_asked(tmp_path, monkeypatch):
 
     def load_trained(workdir, step=None):
         config = json.loads((run / "config.json").read_text())
-        return ml_collections.ConfigDict(config_utils.upgrade_legacy(config)), _TileMeanModel(), {}
+        return ml_collections.ConfigDict(config_fields.upgrade_legacy(config)), _TileMeanModel(), {}
 
     monkeypatch.setattr(train, "load_trained", load_trained)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 12, 12, 4)), jnp.float32)
-    whole = np.asarray(inference.make_slice_predictor(_TileMeanModel(), image_size=12)({}, x))
+    whole = np.asarray(whole_volume.make_slice_predictor(_TileMeanModel(), image_size=12)({}, x))
     tiled = np.asarray(
-        inference.make_slice_predictor(_TileMeanModel(), image_size=12, window=8)({}, x)
+        whole_volume.make_slice_predictor(_TileMeanModel(), image_size=12, window=8)({}, x)
     )
     assert np.abs(tiled - whole).max() > 1e-3  # the stand-in tells the two apart
     for option, want in ((None, tiled), (True, tiled), (False, whole)):
@@ -133,7 +135,7 @@ def test_predict_slides_the_runs_patch_when_asked(tmp_path, monkeypatch):
 
 
 def test_a_run_asking_for_sliding_windows_without_patches_stops_before_training():
-    from brats_jax import run_group
+    from brats_jax.training import run_group
 
     run_group._check_config(_config(16, True))  # patches: fine
     with pytest.raises(DataError, match="eval.sliding_window=True needs data.patch_size > 0"):

@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import evaluation, run_group, steps, train, train_state
+from brats_jax.runs import train_state
+from brats_jax.training import evaluation, run_group, steps, train
 from configs import unet as unet_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +63,7 @@ def test_outputs_written(tiny_run):
 
 def test_best_checkpoint_is_the_best_validation_step(tiny_run):
     """Validation at steps 3 and 6: the best of them is kept (with its metric) and chosen."""
-    from brats_jax.checkpoints import VAL_METRIC, RunCheckpoints
+    from brats_jax.runs.checkpoints import VAL_METRIC, RunCheckpoints
 
     workdir, _ = tiny_run
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -242,13 +243,14 @@ def test_predict_cli_takes_modality_files_of_any_name(tiny_run, tmp_path):
 def test_predict_cli_label_convention_follows_naming(tiny_run, tmp_path, monkeypatch):
     """The written labels are the release's: a folder named the 2018 way gets ET = 4, files
     given with --naming=2023 get ET = 3 (model output replaced by known probabilities)."""
-    from brats_jax import inference, predict
+    from brats_jax import predict
+    from brats_jax.inference import whole_volume
 
     workdir, _ = tiny_run
     case, _, shape = _write_case_2018(tmp_path)
     classes = np.arange(np.prod(shape)).reshape(shape) % 4  # every class present
     probs = np.eye(4, dtype=np.float32)[classes] * 0.7 + 0.075
-    monkeypatch.setattr(inference, "predict_volume", lambda *a, **k: probs)
+    monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     files = [f"--{m}={case}/Brats18_X_1_1_{m}.nii.gz" for m in ("flair", "t1", "t1ce", "t2")]
     runs = {
         "folder": ([f"--input={case}"], np.array([0, 1, 2, 4])[classes]),
@@ -271,7 +273,8 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
     NIfTI- or synthetic-trained run the volume's brain z-score."""
     import shutil
 
-    from brats_jax import inference, predict
+    from brats_jax import predict
+    from brats_jax.inference import whole_volume
 
     workdir, _ = tiny_run
     case, _, _ = _write_case_2018(tmp_path)
@@ -281,7 +284,7 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
         seen.append(volume)
         return np.full(volume.shape[:3] + (4,), 0.25, np.float32)
 
-    monkeypatch.setattr(inference, "predict_volume", fake_predict_volume)
+    monkeypatch.setattr(whole_volume, "predict_volume", fake_predict_volume)
     kaggle_run = tmp_path / "kaggle_run"
     shutil.copytree(workdir, kaggle_run)
     config = json.loads((kaggle_run / "config.json").read_text())
@@ -366,7 +369,7 @@ def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch):
 def test_cut_metrics_line_is_skipped_and_results_come_last(tmp_path, monkeypatch):
     """A line cut by a killed run does not break the curves; results.json (the sweep's
     "finished" mark) is written only after the other outputs."""
-    from brats_jax import plots
+    from brats_jax.figures import plots
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(
@@ -435,16 +438,17 @@ def _recomputed_test_metrics(workdir, step, tmp_path) -> dict:
     """The test pass's slice metrics recomputed with numpy from checkpoint `step`'s
     predictions: paper_dice (absent classes 1), its absent-excluded reading, the pooled
     per-class Dice and the number of test slices."""
-    from brats_jax import data, inference
+    from brats_jax import data
+    from brats_jax.inference import whole_volume
 
     config, model, variables = train.load_trained(workdir, step=step)
     run = run_group.build_run(config, tmp_path)
-    predict = inference.make_slice_predictor(model, image_size=config.data.image_size)
+    predict = whole_volume.make_slice_predictor(model, image_size=config.data.image_size)
     kept = set(run.splits.test.tolist())
     one, excluded, confusion = [], [], np.zeros((4, 4), np.int64)
     for case_id in run.splits.cases["test"]:
         image, label = data.load_volume(run.source, case_id)
-        pred = np.argmax(inference.predict_volume(predict, variables, image, batch_size=4), -1)
+        pred = np.argmax(whole_volume.predict_volume(predict, variables, image, batch_size=4), -1)
         for z, idx in enumerate(data.case_indices(run.source, case_id)):
             if int(idx) in kept:
                 p, t = pred[..., z], label[..., z]
@@ -465,7 +469,7 @@ def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_p
     """The test pass scores the best-validation checkpoint (the one `predict` uses): its
     step is in results.json, and the study's metric and its two readings, recomputed here
     from that checkpoint's predictions with numpy, match."""
-    from brats_jax.checkpoints import RunCheckpoints
+    from brats_jax.runs.checkpoints import RunCheckpoints
 
     workdir, _ = tiny_run
     saved = json.loads((workdir / "results.json").read_text())
@@ -506,7 +510,7 @@ def early_best_run(tmp_path_factory):
 def test_an_early_best_step_is_tested_kept_and_predicted_with(early_best_run, tmp_path):
     """best (3) != final (6): results.json names step 3 and its metrics are step 3's
     recomputed, not step 6's; checkpoint 3 survived "last 1" deletion; predict loads it."""
-    from brats_jax.checkpoints import RunCheckpoints
+    from brats_jax.runs.checkpoints import RunCheckpoints
 
     workdir, results = early_best_run
     saved = json.loads((workdir / "results.json").read_text())
@@ -664,7 +668,9 @@ def test_test_pass_applies_the_config_postprocessing(tiny_run, tmp_path):
     `postprocess.apply`, and results.json records the thresholds."""
     from scipy import ndimage
 
-    from brats_jax import data, evaluation, inference, metrics, postprocess
+    from brats_jax import data, metrics
+    from brats_jax.inference import postprocess, whole_volume
+    from brats_jax.training import evaluation
 
     workdir, _ = tiny_run
     config, model, variables = train.load_trained(workdir)
@@ -672,7 +678,7 @@ def test_test_pass_applies_the_config_postprocessing(tiny_run, tmp_path):
         config.postprocess.min_component_voxels = 40
         config.postprocess.et_min_voxels = 30
     run = run_group.build_run(config, tmp_path)
-    predict = inference.make_slice_predictor(model, image_size=config.data.image_size)
+    predict = whole_volume.make_slice_predictor(model, image_size=config.data.image_size)
     results, _ = evaluation.evaluate_test_volumes(run, predict, variables)
     assert results["postprocessing"] == {
         "min_component_voxels": 40,
@@ -683,7 +689,7 @@ def test_test_pass_applies_the_config_postprocessing(tiny_run, tmp_path):
     changed = 0
     for row, case_id in zip(results["per_case"], run.splits.cases["test"], strict=True):
         image, label = data.load_volume(run.source, case_id)
-        raw = np.argmax(inference.predict_volume(predict, variables, image, batch_size=4), -1)
+        raw = np.argmax(whole_volume.predict_volume(predict, variables, image, batch_size=4), -1)
         cleaned = raw.copy()
         wt = raw > 0  # hand-written rule: components of WT (26-conn.) under 40 voxels go
         comps, n = ndimage.label(wt, structure=np.ones((3, 3, 3)))
@@ -713,7 +719,7 @@ def test_old_run_folder_without_model_output_loads_as_classes(tiny_run, tmp_path
     assert saved["model"].pop("output") == "classes"
     (old / "config.json").write_text(json.dumps(saved))
     config, _, v_old = train.load_trained(old, step=6)
-    assert config.model.output == "classes"  # config_utils.ADDED_FIELDS: what it trained as
+    assert config.model.output == "classes"  # config_fields.ADDED_FIELDS: what it trained as
     _, _, v_new = train.load_trained(workdir, step=6)
     for x, y in zip(jax.tree.leaves(v_old), jax.tree.leaves(v_new), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,7 +1,7 @@
 """predict --uncertainty: entropy maps and per-case summaries against closed forms.
 
 Stand-in runs as in tests/test_predict.py (`train.load_trained` patched): a pointwise model
-whose logits are its input times `variables["scale"]`, or `inference.predict_volume`
+whose logits are its input times `variables["scale"]`, or `whole_volume.predict_volume`
 patched to return hand-made per-run probabilities.
 """
 
@@ -13,8 +13,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import inference, predict, train
-from brats_jax import uncertainty as U
+from brats_jax import predict
+from brats_jax.inference import uncertainty as U
+from brats_jax.inference import whole_volume
+from brats_jax.training import train
 
 SHAPE = (12, 10, 6)
 AFFINE = np.array([[-2.0, 0, 0, -10], [0, -1.0, 0, 5], [0, 0, 1.0, 3], [0, 0, 0, 1]])  # LPS
@@ -114,7 +116,7 @@ def test_two_disagreeing_members_closed_form_and_csv(runs, tmp_path, monkeypatch
     a, b = _slab_labels()
     by_scale = {1.0: np.eye(4, dtype=np.float32)[a], 2.0: np.eye(4, dtype=np.float32)[b]}
     monkeypatch.setattr(
-        inference, "predict_volume", lambda p, v, *x, **k: by_scale[float(v["scale"])]
+        whole_volume, "predict_volume", lambda p, v, *x, **k: by_scale[float(v["scale"])]
     )
     data = tmp_path / "data"
     _write_case(data, "Brats18_A_1")
@@ -246,7 +248,7 @@ def test_cli_writes_the_uncertainty_folder(runs, tmp_path):
 def test_by_case_keys_rows_by_case_id_without_repeating_it():
     """The index page's extra columns: one entry per case, the case ID not repeated as a
     column (a plain `{r["case_id"]: r}` would show it twice)."""
-    from brats_jax import uncertainty
+    from brats_jax.inference import uncertainty
 
     rows = [{"case_id": "A", "members": 2, "member_wt_dice": 0.5}, {"case_id": "B", "members": 1}]
     assert uncertainty.by_case(rows) == {

@@ -13,8 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from brats_jax import config_utils, losses, models, steps, train, train_state
+from brats_jax import config_fields, losses, models
 from brats_jax.models.unet import ConvBlock, UNet
+from brats_jax.runs import train_state
+from brats_jax.training import steps, train
 from configs import default
 from configs import unet as unet_config
 
@@ -204,7 +206,7 @@ def test_config_fields_reach_the_model_and_old_runs_keep_their_network():
     assert (m.norm, m.activation, m.deep_supervision) == ("instance", "leaky_relu", True)
     old = json.loads(unet_config.get_config("tiny").to_json_best_effort())
     del old["model"]["activation"], old["model"]["deep_supervision"]
-    upgraded = config_utils.upgrade_legacy(old)["model"]
+    upgraded = config_fields.upgrade_legacy(old)["model"]
     assert (upgraded["activation"], upgraded["deep_supervision"]) == ("relu", False)
     t = default.base_config()
     t.model.name, t.model.preset, t.model.deep_supervision = "transunet", "tiny", True
@@ -222,7 +224,7 @@ def test_tiny_run_with_deep_supervision_instance_norm_and_regions(tmp_path):
         "model.output": "regions", "train.loss": "dice_ce", "model.activation": "leaky_relu",
         "train.num_steps": 4, "train.eval_every_steps": 4, "train.checkpoint_every_steps": 4,
     }.items():  # fmt: skip
-        config_utils.set_field(c, dotted, value)
+        config_fields.set_field(c, dotted, value)
     results = train.train_and_evaluate(c, tmp_path)
     assert results["steps"] == 4 and 0.0 <= results["paper_dice"] <= 1.0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -10,14 +10,14 @@ import textwrap
 
 import pytest
 
-from brats_jax import workdir_lock as L
+from brats_jax.runs import workdir_lock as L
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _HOLD = textwrap.dedent(
     """
     import sys, time
-    from brats_jax.workdir_lock import WorkdirLock
+    from brats_jax.runs.workdir_lock import WorkdirLock
     with WorkdirLock(sys.argv[1]):
         print("locked", flush=True)
         sys.stdin.readline()  # hold until told to go

@@ -7,8 +7,6 @@ from brats_jax.data.brats import (
     case_from_files,
     find_cases,
     load_case,
-    to_release_labels,
-    to_train_labels,
 )
 from brats_jax.data.cache import NiftiCacheSource, default_cache_dir, prepare
 from brats_jax.data.common import DataError, SliceTable, resize_image, resize_label
@@ -67,6 +65,4 @@ __all__ = [
     "resize_label",
     "resolve_cache_dir",
     "stack_context",
-    "to_release_labels",
-    "to_train_labels",
 ]

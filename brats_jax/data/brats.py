@@ -1,4 +1,4 @@
-"""BraTS NIfTI releases: case discovery (both namings), label conventions, loading, z-scoring.
+"""BraTS NIfTI releases: case discovery (both namings), loading, z-scoring.
 
 Two namings are recognised inside a case folder `<ID>/`:
 
@@ -29,13 +29,13 @@ from absl import logging
 
 from brats_jax import MODALITIES
 from brats_jax.data.common import DataError
+from brats_jax.labels import LabelError, to_train_labels
 
 # Modality -> file stem suffix, per naming. Channel order is MODALITIES (flair, t1, t1ce, t2).
 _SUFFIXES = {
     "2018": {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"},
     "2023": {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"},
 }
-_RELEASE_LABELS = {"2018": (0, 1, 2, 4), "2023": (0, 1, 2, 3)}
 _EXTS = (".nii.gz", ".nii")
 ORIENTATION = ("L", "P", "S")  # nibabel axis codes of BraTS's stored voxel order
 _SEGM_QUIRK = re.compile(r".*_Segm\.nii(\.gz)?$")
@@ -225,46 +225,6 @@ def zscore_slices(volume: np.ndarray) -> np.ndarray:
 NORMALIZATIONS = ("brain", "slice")
 
 
-def to_train_labels(label: np.ndarray, naming: str, *, where: str = "label") -> np.ndarray:
-    """Release labels -> training classes int32 {0..3}: 2018-2021 {0,1,2,4}->{0,1,2,3}; 2023 same.
-
-    Raises DataError naming `where` when a value is outside the release's set.
-    """
-    allowed = _RELEASE_LABELS[naming]
-    lab = np.asarray(label)
-    if lab.dtype.kind == "f":
-        if not np.all(np.isfinite(lab)):
-            raise DataError(f"{where}: non-finite label values; expected {allowed}")
-        if np.any(lab != np.round(lab)):
-            raise DataError(f"{where}: non-integer label values; expected {allowed}")
-    values = np.unique(lab)
-    bad = [v.item() for v in values if v not in allowed]
-    if bad:
-        raise DataError(
-            f"{where}: label values {bad[:10]} outside the BraTS {naming} label set {allowed}"
-        )
-    lab = lab.astype(np.int32)
-    if naming == "2018":
-        lab = np.where(lab == 4, 3, lab).astype(np.int32)
-    return lab
-
-
-def to_release_labels(label_0123: np.ndarray, naming: str = "2018") -> np.ndarray:
-    """Training classes {0..3} -> the release convention (ET=4 for "2018" naming, 3 for "2023").
-
-    Returns uint8 with the input's shape.
-    """
-    lab = np.asarray(label_0123)
-    if naming not in _RELEASE_LABELS:
-        raise DataError(f"unknown naming {naming!r}; expected '2018' or '2023'")
-    if lab.size and (lab.min() < 0 or lab.max() > 3):
-        raise DataError(f"training labels must be in 0..3, got range {lab.min()}..{lab.max()}")
-    out = lab.astype(np.uint8)
-    if naming == "2018":
-        out = np.where(out == 3, 4, out).astype(np.uint8)
-    return out
-
-
 def read_volume(path) -> tuple[np.ndarray, np.ndarray, object, np.ndarray | None]:
     """A 3-D NIfTI volume in `ORIENTATION` -> (array (H, W, D), its affine, its header,
     `to_file`: the orientation transform back to the file's voxel order, None when the file
@@ -325,7 +285,10 @@ def _read_label(case: Case, shape, affine) -> np.ndarray:
         )
     if not np.allclose(aff, affine, atol=1e-3):
         raise DataError(f"case {case.case_id}: label {case.seg.name} affine differs")
-    return to_train_labels(lab, case.naming, where=f"case {case.case_id} ({case.seg})")
+    try:
+        return to_train_labels(lab, case.naming, where=f"case {case.case_id} ({case.seg})")
+    except LabelError as e:
+        raise DataError(str(e)) from None
 
 
 def load_case(

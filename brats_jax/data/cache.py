@@ -1,7 +1,7 @@
 """NIfTI release -> slice-addressable cache, and the source that reads it.
 
 Decoding four gzip'd volumes per slice read is far too slow for training, so a release is
-converted once (`python -m brats_jax.data.prepare --src=DIR --out=CACHE`). Layout:
+converted once (`python -m brats_jax.prepare --src=DIR --out=CACHE`). Layout:
 
     CACHE/cache.json                     {"format", "version", "src", "dtype", "cases": [...]}
     CACHE/cases/<ID>/image.npy           (D, H, W, 4) float32 (or float16), slice-major, z-scored
@@ -41,7 +41,7 @@ from absl import logging
 
 from brats_jax.data.brats import Case, find_cases, load_case
 from brats_jax.data.common import DataError, SliceTable
-from brats_jax.workdir_lock import process_alive
+from brats_jax.fileio import process_alive
 
 FORMAT = "brats_jax.slice_cache"
 VERSION = 1
@@ -276,7 +276,7 @@ class NiftiCacheSource:
         if not meta_path.is_file():
             raise DataError(
                 f"{meta_path} not found; build the cache first with "
-                f"`python -m brats_jax.data.prepare --src=NIFTI_DIR --out={cache_dir}`"
+                f"`python -m brats_jax.prepare --src=NIFTI_DIR --out={cache_dir}`"
             )
         info = json.loads(meta_path.read_text())
         if info.get("format") != FORMAT or info.get("version") != VERSION:

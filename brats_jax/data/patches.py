@@ -9,7 +9,7 @@ crop must hold tumour: its centre is a tumour voxel of the slice, drawn as
 
 * "voxels": uniformly from the label > 0 voxels, so large oedema dominates the draws;
 * "regions": nnU-Net's choice for region-based training (BraTS): first one of the BraTS
-  regions WT, TC, ET (`metrics.REGIONS`) that the slice holds, uniformly, then a voxel of
+  regions WT, TC, ET (`labels.REGIONS`) that the slice holds, uniformly, then a voxel of
   it uniformly (nnU-Net v2 `nnUNetDataLoaderBase.get_bbox` draws among the classes or
   regions present in the case), so a small core is a crop centre as often as the oedema.
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from brats_jax.data.common import DataError
-from brats_jax.metrics import REGIONS
+from brats_jax.labels import REGIONS
 
 FOREGROUND_SAMPLING = ("voxels", "regions")  # `data.foreground_sampling`, see the docstring
 
@@ -41,7 +41,7 @@ def check_patch_config(config, image_size: int) -> int:
     one-line DataError for a negative patch, a patch larger than the slice, a U-Net slice
     or patch size not divisible by 2**depth, a TransUNet patch that differs from the slice
     (its position grid is tied to the input size) or a fraction outside [0, 1]
-    (`data.foreground_sampling` is one of `config_checks.CHOICES`).
+    (`data.foreground_sampling` is one of `config_choices.CHOICES`).
     """
     d = config.data
     patch, fraction = d.get("patch_size", 0), d.get("foreground_fraction", 0.33)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from brats_jax import outputs
+from brats_jax.models import outputs
 from brats_jax.models.pretrained import LoadReport, load_pretrained
 from brats_jax.models.transunet import (
     PRESETS,
@@ -60,7 +60,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 def from_config(model_config, *, ops: str = "auto") -> nn.Module:
     """The network of a config's `model` section (`configs/default.py`), with 4 class or 3
-    region output channels (`model.output`, `brats_jax.outputs`).
+    region output channels (`model.output`, `brats_jax.models.outputs`).
 
     ``model_config``: fields name, dtype, base_features, depth, norm, padding, activation,
     deep_supervision (U-Net), preset, n_skip (TransUNet; deep_supervision must be off).

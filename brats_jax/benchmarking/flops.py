@@ -1,6 +1,6 @@
 """FLOPs per slice of the models from XLA's cost analysis.
 
-usage: python -m brats_jax.model_flops [--image_size=240] [--batch_size=1] [--markdown]
+usage: python -m brats_jax.benchmarking.flops [--image_size=240] [--batch_size=1] [--markdown]
 
 Numbers come from ``jax.jit(f).lower(...).compile().cost_analysis()["flops"]`` on the local
 backend, divided by the batch size. "forward" is an eval-mode forward pass; "train step" is

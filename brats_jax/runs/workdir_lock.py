@@ -20,31 +20,13 @@ import time
 
 from absl import logging
 
+from brats_jax.fileio import process_alive, process_start_time
+
 LOCK_NAME = ".lock"
 
 
 class WorkdirBusy(ValueError):
     """Another process holds the folder's lock (message names it and the lock file)."""
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (Linux /proc; None elsewhere or when it is gone)."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime), after "pid (comm)"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _holder_is_gone(holder: dict) -> bool:
@@ -54,7 +36,7 @@ def _holder_is_gone(holder: dict) -> bool:
     pid = holder["pid"]
     if not process_alive(pid):
         return True
-    start = _start_time(pid)  # a reused pid: same number, another start time
+    start = process_start_time(pid)  # a reused pid: same number, another start time
     return holder.get("start") is not None and start is not None and start != holder["start"]
 
 
@@ -62,7 +44,7 @@ def _is_this_process(holder: dict) -> bool:
     return (
         holder.get("host") == socket.gethostname()
         and holder.get("pid") == os.getpid()
-        and holder.get("start") == _start_time(os.getpid())
+        and holder.get("start") == process_start_time(os.getpid())
     )
 
 
@@ -92,7 +74,7 @@ class WorkdirLock:
         holder = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "start": _start_time(os.getpid()),
+            "start": process_start_time(os.getpid()),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
         return json.dumps(holder) + "\n"

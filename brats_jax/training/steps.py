@@ -14,8 +14,10 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from brats_jax import augment, losses, metrics, outputs
-from brats_jax.train_state import TrainState
+from brats_jax import losses, metrics
+from brats_jax.data import augment
+from brats_jax.models import outputs
+from brats_jax.runs.train_state import TrainState
 
 AUGMENT_STREAM = 0x41554720  # folded into state.rng for the augmentation keys ("AUG ")
 

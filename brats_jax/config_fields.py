@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 from flax import traverse_util
 
-from brats_jax.augment import OFF_FIELDS
+from brats_jax.data.augment import OFF_FIELDS
 
 
 def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:

@@ -1,6 +1,6 @@
 """Data-loading benchmark: slices/s of each source through the grain training pipeline.
 
-    python -m brats_jax.bench_data [--root=../shared/data/brats_sample] [--seconds=5]
+    python -m brats_jax.benchmarking.data_pipeline [--root=../shared/data/brats_sample] [--seconds=5]
         [--workers=2] [--batch_size=8] [--cache_dir=DIR] [--cases=2]
 
 Sources: synthetic (240 px), kaggle_h5 (the sample's 20 slices), nifti cache (a slice cache of
@@ -26,7 +26,7 @@ DEFAULT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" /
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m brats_jax.bench_data",
+        prog="python -m brats_jax.benchmarking.data_pipeline",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brats_jax import outputs
 from brats_jax.data.context import context_positions, stack_context
 from brats_jax.data.pipeline import pad_batch
+from brats_jax.models import outputs
 
 SliceFn = Callable[[dict, jax.Array], jax.Array]
 

@@ -16,8 +16,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from brats_jax import MODALITIES, NUM_CLASSES, fileio, plots
-from brats_jax.plots import plt
+from brats_jax import MODALITIES, NUM_CLASSES, fileio
+from brats_jax.figures import plots
+from brats_jax.figures.plots import plt
+from brats_jax.labels import REGIONS
 
 LABEL_NAMES = ("background", "NCR/NET", "ED", "ET")
 _RGBA = np.asarray(plots.LABEL_CMAP.colors, np.float64)  # (4, 4): one definition, plots'
@@ -263,7 +265,7 @@ def region_summary(pred: np.ndarray, label=None, spacing=(1.0, 1.0, 1.0)) -> dic
 
     ml = float(np.prod(spacing)) / 1000.0
     out = {}
-    for name, classes in metrics.REGIONS.items():
+    for name, classes in REGIONS.items():
         out[f"volume_ml_{name}"] = float(np.isin(pred, classes).sum() * ml)
     if label is not None:
         for name, (tp, fp, fn, _) in metrics.region_confusion(pred, label).items():
@@ -305,7 +307,9 @@ class ValidationOverlays:
     """
 
     def __init__(self, run, model, predict=None):
-        from brats_jax import data, inference, outputs
+        from brats_jax import data
+        from brats_jax.inference import whole_volume
+        from brats_jax.models import outputs
 
         cfg = run.config
         self.output = outputs.of_config(cfg.model)
@@ -316,13 +320,13 @@ class ValidationOverlays:
             run.source, self.slices, batch_size=len(self.slices),
             image_size=cfg.data.image_size, context_slices=k,
         ))) if len(self.slices) else None  # fmt: skip
-        self.predict = predict or inference.make_slice_predictor(
+        self.predict = predict or whole_volume.make_slice_predictor(
             model, image_size=0, output=self.output
         )
 
     def images(self, state) -> dict[str, np.ndarray]:
         """The pictures of the slices with `state`'s (a `TrainState`) predictions."""
-        from brats_jax import outputs
+        from brats_jax.models import outputs
 
         if self.batch is None:
             return {}

@@ -5,7 +5,7 @@ Two kinds:
 * ``"classes"`` (the study's): 4 softmax channels, the training classes {0 background,
   1 NCR/NET, 2 ED, 3 ET}; labels are the argmax.
 * ``"regions"`` (nnU-Net's way of training BraTS): 3 independent sigmoid channels, the BraTS
-  regions in `metrics.REGIONS` order (WT, TC, ET); labels are decoded by
+  regions in `labels.REGIONS` order (WT, TC, ET); labels are decoded by
   :func:`regions_to_labels` with ET inside TC inside WT.
 
 Every function here works on numpy arrays (host) and on jax arrays (inside ``jit``).
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brats_jax import NUM_CLASSES
-from brats_jax.metrics import REGIONS
+from brats_jax.labels import REGIONS
 
 OUTPUTS = ("classes", "regions")
 REGION_CHANNELS = tuple(REGIONS)  # ("WT", "TC", "ET"): the channel order of region outputs

@@ -8,15 +8,17 @@ from collections.abc import Callable
 
 import ml_collections
 
-from brats_jax import config_utils, inference, losses, metrics, models, outputs, train_state
+from brats_jax import config_fields, losses, metrics, models
 from brats_jax.data import patches, pipeline
-from brats_jax.models import pretrained, transunet, unet
+from brats_jax.inference import whole_volume
+from brats_jax.models import outputs, pretrained, transunet, unet
 from brats_jax.ops import impls
+from brats_jax.runs import train_state
 
 
 def _losses(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Region outputs train only the region losses (`losses.region_loss_params`)."""
-    regions = config_utils.get_field(config, "model.output") == "regions"
+    regions = config_fields.get_field(config, "model.output") == "regions"
     return losses.REGION_LOSS_NAMES if regions else losses.LOSS_NAMES
 
 
@@ -37,7 +39,7 @@ CHOICES: dict[str, tuple | Callable[[ml_collections.ConfigDict], tuple]] = {
     "train.class_counts": losses.CLASS_COUNTS,
     "train.optimizer": train_state.OPTIMIZERS,
     "train.schedule": train_state.SCHEDULES,
-    "eval.tta": inference.TTA_MODES,
+    "eval.tta": whole_volume.TTA_MODES,
     "eval.hd95_mode": metrics.HD95_MODES,
 }
 
@@ -48,12 +50,12 @@ def choice_errors(config: ml_collections.ConfigDict) -> list[str]:
     errors = []
     for field, allowed in CHOICES.items():
         try:
-            value = config_utils.get_field(config, field)
+            value = config_fields.get_field(config, field)
         except KeyError:
             continue
         allowed = allowed(config) if callable(allowed) else allowed
         if value not in allowed:
-            hint = config_utils.suggest(value, allowed)
+            hint = config_fields.suggest(value, allowed)
             errors.append(
                 f"{field}={value!r} is not one of {', '.join(map(str, allowed))}"
                 + (f"; {hint}" if hint else "")

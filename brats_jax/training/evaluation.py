@@ -6,18 +6,13 @@ eval step over sharded batches), whole-volume test metrics, and the run's result
 import jax
 import numpy as np
 
-from brats_jax import (
-    NUM_CLASSES,
-    data,
-    fileio,
-    inference,
-    lesionwise,
-    metrics,
-    outputs,
-    plots,
-    postprocess,
-)
-from brats_jax.steps import data_mesh, device_batch
+from brats_jax import NUM_CLASSES, data, fileio, metrics
+from brats_jax.figures import plots
+from brats_jax.inference import postprocess, whole_volume
+from brats_jax.labels import REGIONS
+from brats_jax.metrics import lesionwise
+from brats_jax.models import outputs
+from brats_jax.training.steps import data_mesh, device_batch
 
 
 def evaluate_slices(run, eval_step, state, indices) -> dict:
@@ -108,7 +103,7 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
     readings = {"absent_one": [], "absent_excluded": [], "confusion": 0}
     for case_id in run.splits.cases["test"]:
         image, label = data.load_volume(run.source, case_id)
-        probs = inference.predict_volume(
+        probs = whole_volume.predict_volume(
             predict, variables, image, batch_size=run.config.eval.batch_size,
             context_slices=data.context_slices(run.config),
         )  # fmt: skip
@@ -137,7 +132,7 @@ def _summarise(per_case: list[dict], readings: dict) -> dict:
     """The results dict: case means of the per-case scores, the slice-mean paper Dice and
     the two readings the study leaves open (EXPERIMENTS.md): absent classes left out of each
     slice's mean; one Dice per class pooled over all test slices' pixels."""
-    regions = tuple(metrics.REGIONS)
+    regions = tuple(REGIONS)
     slice_scores, excluded = readings["absent_one"], readings["absent_excluded"]
     pooled = readings["confusion"]
     return {

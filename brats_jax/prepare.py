@@ -1,6 +1,6 @@
 """CLI: convert a NIfTI BraTS release into the slice cache read by NiftiCacheSource.
 
-    python -m brats_jax.data.prepare --src=DIR --out=CACHE [--dtype=float32] [--workers=2]
+    python -m brats_jax.prepare --src=DIR --out=CACHE [--dtype=float32] [--workers=2]
 
 Resumable (finished cases are skipped), atomic per case; see brats_jax.data.cache. Bad data
 and file-system errors (a full disk, an unwritable --out) end in one `error: ...` line; the

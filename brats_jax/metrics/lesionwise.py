@@ -4,7 +4,7 @@ The procedure and its constants follow the challenge's own evaluation code,
 github.com/rachitsaluja/BraTS-2023-Metrics, ``metrics.py`` (``get_LesionWiseScores``,
 ``get_LesionWiseResults``) and its README:
 
-* Regions WT, TC, ET as :data:`brats_jax.metrics.REGIONS` (training classes {0..3}).
+* Regions WT, TC, ET as :data:`brats_jax.labels.REGIONS` (training classes {0..3}).
 * Components: ``cc3d.connected_components(..., connectivity=26)`` for both the ground truth
   (GT) and the prediction -> ``component_neighbours=26`` here.
 * GT lesions: the GT is dilated with ``scipy.ndimage.generate_binary_structure(3, 2)``
@@ -40,6 +40,8 @@ import numpy as np
 from scipy import ndimage
 
 from brats_jax import NUM_CLASSES, metrics
+from brats_jax.labels import REGIONS
+from brats_jax.metrics import volumes
 
 __all__ = [
     "COLUMNS",
@@ -61,7 +63,7 @@ NEIGHBOURS = {6: 1, 18: 2, 26: 3}
 """Neighbourhood size -> `scipy.ndimage.generate_binary_structure(3, c)` connectivity c."""
 
 _KEYS = ("dice", "hd95", "tp", "fn", "fp")
-COLUMNS = [f"lesionwise_{k}_{r}" for k in _KEYS for r in metrics.REGIONS]
+COLUMNS = [f"lesionwise_{k}_{r}" for k in _KEYS for r in REGIONS]
 """Per-case columns of :func:`evaluate_volume`: Dice, HD95 (mm), and the counts of detected
 (TP) and missed (FN) kept lesions and of false-positive components (FP), per region."""
 
@@ -144,7 +146,7 @@ def region_scores(
         raise ValueError(f"pred and gt masks must be equal (H, W, D); got {pred.shape}, {gt.shape}")
     if int(dilation_iterations) != dilation_iterations or dilation_iterations < 0:
         raise ValueError(f"dilation_iterations {dilation_iterations!r}: expected an integer >= 0")
-    spacing = metrics._check_spacing(spacing, 3)
+    spacing = volumes._check_spacing(spacing, 3)
     pred, gt = _crop(pred, gt)
     dil_s = _structure(dilation_neighbours, "dilation_neighbours")
     cc_s = _structure(component_neighbours, "component_neighbours")
@@ -191,10 +193,10 @@ def evaluate_volume(
     ``options`` go to :func:`region_scores`. Returns the flat :data:`COLUMNS` dict:
     ``lesionwise_{dice,hd95,tp,fn,fp}_{WT,TC,ET}`` (Dice and HD95 float, counts int).
     """
-    pred = metrics._class_map("pred", pred)
-    target = metrics._class_map("target", target)
+    pred = volumes._class_map("pred", pred)
+    target = volumes._class_map("target", target)
     out: dict[str, float | int] = {}
-    for name, classes in metrics.REGIONS.items():
+    for name, classes in REGIONS.items():
         lut = np.zeros(NUM_CLASSES, bool)
         lut[list(classes)] = True
         scores = region_scores(lut[pred], lut[target], spacing, **options)
@@ -209,7 +211,7 @@ def summarise(rows: Sequence[dict]) -> dict:
     out: dict[str, dict] = {}
     for k in _KEYS:
         block = {}
-        for r in metrics.REGIONS:
+        for r in REGIONS:
             v = [row.get(f"lesionwise_{k}_{r}") for row in rows]
             v = [x for x in v if isinstance(x, int | float) and np.isfinite(x)]
             if not v:
@@ -230,7 +232,7 @@ def summary_table(rows: Sequence[dict]) -> str:
         f"{'metric':<20}{'mean':>10}{'std':>10}{'median':>10}",
     ]
     for k in ("dice", "hd95"):
-        for r in metrics.REGIONS:
+        for r in REGIONS:
             v = np.array([row[f"lesionwise_{k}_{r}"] for row in rows], np.float64)
             key = f"lesionwise_{k}_{r}"
             lines.append(f"{key:<20}{v.mean():>10.4f}{v.std():>10.4f}{np.median(v):>10.4f}")
@@ -238,8 +240,7 @@ def summary_table(rows: Sequence[dict]) -> str:
     lines.append(
         "lesions "
         + "  ".join(
-            f"{r}: TP {counts['tp'][r]} FN {counts['fn'][r]} FP {counts['fp'][r]}"
-            for r in metrics.REGIONS
+            f"{r}: TP {counts['tp'][r]} FN {counts['fn'][r]} FP {counts['fp'][r]}" for r in REGIONS
         )
     )
     return "\n".join(lines)

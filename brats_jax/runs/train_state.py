@@ -14,8 +14,10 @@ import optax
 from absl import logging
 from flax import struct
 
-from brats_jax import NUM_CLASSES, config_utils, data, losses, models, outputs, runtime
-from brats_jax.checkpoints import RunCheckpoints
+from brats_jax import NUM_CLASSES, data, losses, models, runtime
+from brats_jax import config_fields
+from brats_jax.models import outputs
+from brats_jax.runs.checkpoints import RunCheckpoints
 
 
 class TrainState(struct.PyTreeNode):
@@ -206,14 +208,14 @@ def with_pretrained(state: TrainState, tx, config, image_size: int) -> TrainStat
 def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
     """`(config, model, variables)` from a run's best checkpoint (or `step`) for inference.
 
-    Reads run folders of every version (`config_utils.upgrade_legacy`: an old `config.json`
+    Reads run folders of every version (`config_fields.upgrade_legacy`: an old `config.json`
     with `model.conv_impl` keeps its ops as `runtime.ops`).
     """
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"no training run in {workdir}: {config_path.name} is missing")
-    saved = config_utils.upgrade_legacy(json.loads(config_path.read_text()))
+    saved = config_fields.upgrade_legacy(json.loads(config_path.read_text()))
     config = ml_collections.ConfigDict(saved)
     ckpts = RunCheckpoints(workdir, read_only=True)
     if ckpts.latest_step() is None:

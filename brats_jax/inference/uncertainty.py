@@ -29,7 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import special
 
-from brats_jax import fileio, outputs
+from brats_jax import fileio
+from brats_jax.models import outputs
 
 UNCERTAIN_NATS = math.log(2)
 """A voxel is uncertain when its entropy is at least this (nats): a 50/50 split between two

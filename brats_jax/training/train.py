@@ -22,11 +22,14 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from brats_jax import augment, config_checks, inference, outputs, steps
+from brats_jax.data import augment
 from brats_jax.data.patches import inference_window
-from brats_jax.evaluation import evaluate_and_write
-from brats_jax.run_group import RunGroup
-from brats_jax.train_state import learning_rate_at, load_trained  # noqa: F401 (predict.py)
+from brats_jax.inference import whole_volume
+from brats_jax.models import outputs
+from brats_jax.runs.train_state import learning_rate_at, load_trained  # noqa: F401 (predict.py)
+from brats_jax.training import config_choices, steps
+from brats_jax.training.evaluation import evaluate_and_write
+from brats_jax.training.run_group import RunGroup
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -56,7 +59,7 @@ def train_runs(configs, workdirs, *, mapping: str = "auto") -> list[dict]:
       FloatingPointError: every run stopped on a non-finite loss.
     """
     for config, workdir in zip(configs, workdirs, strict=True):  # misspelt names fail first
-        config_checks.check_choices(config, what=str(workdir) if len(configs) > 1 else "")
+        config_choices.check_choices(config, what=str(workdir) if len(configs) > 1 else "")
     mapping = steps.default_mapping() if mapping == "auto" else mapping
     group = RunGroup.create(configs, workdirs, mapping=mapping)
     try:  # the run folders stay locked until their results are written
@@ -91,7 +94,7 @@ def _test_runs(group: RunGroup, step: int) -> list[dict]:
     result files (`evaluate_and_write`), None for a stopped run; `step`: the steps trained."""
     tested = {i: group.tested_state(i, step) for i in group.training()}
     cfg = group.config
-    predict = inference.make_slice_predictor(
+    predict = whole_volume.make_slice_predictor(
         group.model,
         image_size=cfg.data.image_size,
         tta=cfg.eval.get("tta", "none"),

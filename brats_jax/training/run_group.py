@@ -21,18 +21,18 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from brats_jax import augment, config_utils, data, fileio, losses, outputs, steps
-from brats_jax.checkpoints import (
+from brats_jax import config_fields, data, fileio, losses
+from brats_jax.data import augment
+from brats_jax.data.patches import check_patch_config, inference_window
+from brats_jax.models import outputs
+from brats_jax.runs.checkpoints import (
     VAL_METRIC,
     RunCheckpoints,
     UnreadableCheckpoint,
     all_finite,
     restore_runs,
 )
-from brats_jax.data.patches import check_patch_config, inference_window
-from brats_jax.metric_writer import MetricWriter
-from brats_jax.runtime import resolve_ops
-from brats_jax.train_state import (
+from brats_jax.runs.train_state import (
     TrainState,
     create_loss_params,
     create_model,
@@ -41,7 +41,10 @@ from brats_jax.train_state import (
     set_learning_rate,
     with_pretrained,
 )
-from brats_jax.workdir_lock import WorkdirLock
+from brats_jax.runs.workdir_lock import WorkdirLock
+from brats_jax.runtime import resolve_ops
+from brats_jax.training import steps
+from brats_jax.training.metric_writer import MetricWriter
 
 # Fields that runs trained together must share (they may differ in everything else:
 # learning rate, loss and its parameters, seed, data split and order).
@@ -71,7 +74,7 @@ SHARED_FIELDS = (
 def group_key(config: ml_collections.ConfigDict) -> str:
     """Runs with equal keys can be trained together (`RunGroup`)."""
     fields = [f for f in SHARED_FIELDS if f.split(".")[0] in config]
-    values = [config_utils.get_field(config, f) for f in fields]
+    values = [config_fields.get_field(config, f) for f in fields]
     return json.dumps(values, sort_keys=True, default=str)
 
 
@@ -81,9 +84,9 @@ def shared_field_diff(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict
     for f in SHARED_FIELDS:
         if f.split(".")[0] not in a and f.split(".")[0] not in b:
             continue
-        va, vb = (config_utils.get_field(c, f) if f.split(".")[0] in c else None for c in (a, b))
+        va, vb = (config_fields.get_field(c, f) if f.split(".")[0] in c else None for c in (a, b))
         if isinstance(va, dict) and isinstance(vb, dict):
-            diff += [f"{f}.{k}" for k, _, _ in config_utils.config_diff(va, vb)]
+            diff += [f"{f}.{k}" for k, _, _ in config_fields.config_diff(va, vb)]
         elif va != vb:
             diff.append(f)
     return diff
@@ -113,14 +116,14 @@ def _check_config(config) -> None:
     inference_window(config)  # eval.sliding_window without patches fails before training
     augment.from_config(config)  # so does a bad augment.* field
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
-        value = config_utils.get_field(config, field)
+        value = config_fields.get_field(config, field)
         if value < 1:
             raise ValueError(f"{field}={value}; expected at least 1")
     if (k := config.eval.get("num_overlay_slices", 0)) < 0:
         raise ValueError(f"eval.num_overlay_slices={k}; expected 0 (off) or more slices")
     n = jax.device_count()
     for field in ("train.batch_size", "eval.batch_size"):
-        value = config_utils.get_field(config, field)
+        value = config_fields.get_field(config, field)
         if value % n:
             raise ValueError(
                 f"{field}={value} does not divide by the {n} devices; "
@@ -154,15 +157,15 @@ def _warn_config_changes(path: pathlib.Path, new: dict) -> list[str]:
     if not path.exists():
         return []
     try:
-        old = config_utils.upgrade_legacy(json.loads(path.read_text()))
+        old = config_fields.upgrade_legacy(json.loads(path.read_text()))
     except (OSError, ValueError):
         return []
-    diff = config_utils.config_diff(old, new)
+    diff = config_fields.config_diff(old, new)
     if diff:
         logging.warning(
             "%s: resuming with a changed config: %s",
             path.parent,
-            ", ".join(config_utils.format_diff(diff)),
+            ", ".join(config_fields.format_diff(diff)),
         )
     return [k for k, _, _ in diff]
 
@@ -338,7 +341,7 @@ class RunGroup:
     def evaluate(self, step: int, eval_step) -> list[dict | None]:
         """Validation metrics of each run (None for a run without a validation split or
         stopped), written as `val_*` scalars at `step`."""
-        from brats_jax.evaluation import evaluate_slices
+        from brats_jax.training.evaluation import evaluate_slices
 
         out = []
         for i, run in enumerate(self.runs):
@@ -353,7 +356,7 @@ class RunGroup:
     def _write_overlays(self, i: int, step: int) -> None:
         """Run i's fixed validation slices with its predictions to TensorBoard
         (`eval.num_overlay_slices`; one host: the forward runs where the writer writes)."""
-        from brats_jax.overlays import ValidationOverlays
+        from brats_jax.figures.overlays import ValidationOverlays
 
         run = self.runs[i]
         if not run.config.eval.get("num_overlay_slices", 0) or jax.process_count() > 1:

@@ -1,0 +1,1 @@
+"""Benchmarks of the train step, evaluation, the input pipeline and FLOP counts (commands: `python -m brats_jax.bench`)."""

@@ -1,0 +1,1 @@
+"""Figures: learning curves, test slices and the overlays to review."""

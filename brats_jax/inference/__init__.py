@@ -1,0 +1,1 @@
+"""Inference: whole-volume slice prediction, ensembles, post-processing, uncertainty, work splitting."""
