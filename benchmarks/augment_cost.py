@@ -34,10 +34,12 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from brats_jax import bench, losses
+    from brats_jax import losses
+    from brats_jax.benchmarking import workload
+    from brats_jax.benchmarking.timing import time_steps
     from brats_jax.training import steps
 
-    model, tx, init, batch = bench.cpu_preset_step_setup()
+    model, tx, init, batch = workload.cpu_preset_step_setup()
     loss_params = losses.loss_params("dice_ce", dice_weight=0.5)
     variants = {
         "off": steps.make_train_step(model, tx),
@@ -45,7 +47,7 @@ def main() -> None:
     }
     compiled, states = {}, {}
     for name, fn in variants.items():  # compile once each (and one warm-up step)
-        timing = bench.time_steps(fn, init(0), (batch, loss_params), 1, count_flops=False)
+        timing = time_steps(fn, init(0), (batch, loss_params), 1, count_flops=False)
         compiled[name], states[name] = timing.compiled, timing.state
         print(f"{name:5s} compile {timing.compile_s:.1f} s")
     medians = {name: [] for name in variants}

@@ -13,10 +13,11 @@ def main() -> None:
     runtime.setup()  # fast XLA:CPU flags before JAX starts
     import numpy as np
 
-    from brats_jax import bench, losses
+    from brats_jax import losses
+    from brats_jax.benchmarking import timing, workload
     from brats_jax.training import steps
 
-    model, tx, init, batch = bench.cpu_preset_step_setup()
+    model, tx, init, batch = workload.cpu_preset_step_setup()
     loss_params = losses.loss_params("cb_ce", beta=0.99, class_counts="batch_pixels")
     full = steps.make_train_step(model, tx)
 
@@ -27,7 +28,7 @@ def main() -> None:
     medians = {"with": [], "without": []}
     for _ in range(3):
         for name, fn in (("with", full), ("without", without_weights)):
-            medians[name].append(bench.time_steps(fn, init(0), (batch, loss_params), 8).median_s)
+            medians[name].append(timing.time_steps(fn, init(0), (batch, loss_params), 8).median_s)
     for name, values in medians.items():
         print(name, [f"{v:.3f}" for v in values])
     ratio = np.median(medians["with"]) / np.median(medians["without"])

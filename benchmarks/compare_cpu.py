@@ -64,11 +64,11 @@ def main(argv=None) -> dict:
     import torch
 
     from benchmarks.torch_unet import UNET_PARAMS, TorchUNet, make_train_step, num_params
-    from brats_jax import bench
+    from brats_jax.benchmarking import timing, workload
 
-    threads = a.threads or bench._cpu_count()
+    threads = a.threads or timing.cpu_count()
     torch.set_num_threads(threads)
-    image, label = bench.random_batch(a.batch_size, a.image_size)
+    image, label = workload.random_batch(a.batch_size, a.image_size)
     runners = {}
     if a.only != "jax":
         torch.manual_seed(0)
@@ -83,19 +83,19 @@ def main(argv=None) -> dict:
     tx = optax.adam(1e-4)
     info = {}
     for impl in [] if a.only == "torch" else a.impls.split(","):
-        net = bench.build_model("unet", base_features=a.base_features, conv_impl=impl)
-        state = bench.init_train_state(net, a.image_size, tx)
+        net = workload.build_model("unet", base_features=a.base_features, conv_impl=impl)
+        state = workload.init_train_state(net, a.image_size, tx)
         if a.base_features == 64:
-            assert bench.num_params(state["params"]) == UNET_PARAMS
+            assert workload.num_params(state["params"]) == UNET_PARAMS
         t0 = time.perf_counter()
         compiled = (
-            jax.jit(bench.make_train_step(net, tx), donate_argnums=0)
+            jax.jit(workload.make_train_step(net, tx), donate_argnums=0)
             .lower(state, image, label)
             .compile()
         )
         info[impl] = {
             "compile_s": round(time.perf_counter() - t0, 2),
-            "flops_per_step": bench.cost_flops(compiled),
+            "flops_per_step": timing.cost_flops(compiled),
         }
         box = {"state": state}
 
@@ -137,7 +137,7 @@ def _summary(a, median_s: dict, min_s: dict, info: dict, xla_flags: str, **field
     map "torch" and each of ``a.impls`` to seconds."""
     import jax
 
-    from brats_jax import bench
+    from brats_jax.benchmarking import timing
 
     tm, tmin = median_s["torch"], min_s["torch"]
     res = {
@@ -159,7 +159,7 @@ def _summary(a, median_s: dict, min_s: dict, info: dict, xla_flags: str, **field
             **info[k],
         }
     res.update(
-        {kk: v for kk, v in bench.machine_info().items() if kk != "jax"}, jax=jax.__version__
+        {kk: v for kk, v in timing.machine_info().items() if kk != "jax"}, jax=jax.__version__
     )
     res["xla_flags"] = xla_flags  # of the process(es) that ran JAX
     return res

@@ -14,7 +14,7 @@
 # used); optional: a CUDA build of torch for the twin.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (<= ~8 min)
 # STAGES picks parts (default "unet transunet grouped torch"); "ablation" trains and predicts
-# issue 19's cross-validated ablation (experiments/segmentation_ablation.py, data in
+# issue 19's cross-validated ablation (experiments/analyses/segmentation_ablation.py, data in
 # NIFTI_ROOT; <= ~7 min, results in $OUT/ablation.tar.gz); "multirun" runs the old bench
 # multirun K=8 vmap row, "unscanned" the per-block TransUNet compile time; "explore" runs
 # benchmarks/gpu_explore.py (op variants + profiler trace of the U-Net step, <= ~5 min);
@@ -105,10 +105,10 @@ if has torch; then  # PyTorch twin at its strongest; rows say "skipped" without 
 fi
 if has ablation; then  # issue 19: the cross-validated ablation's GPU part (train + predict)
   # NIFTI_ROOT: the 18-case real sample, unpacked; scoring runs afterwards on any machine:
-  # python -m experiments.segmentation_ablation score --data_root=... --out=<unpacked>
+  # python -m experiments.analyses.segmentation_ablation score --data_root=... --out=<unpacked>
   ABL=/tmp/ablation
-  timeout "${ABLATION_TIMEOUT_S:-420}" $PY -m experiments.segmentation_ablation train,predict \
-    --data_root="$NIFTI_ROOT" --out=$ABL --parallel="${ABLATION_PARALLEL:-12}" \
+  timeout "${ABLATION_TIMEOUT_S:-420}" $PY -m experiments.analyses.segmentation_ablation \
+    train,predict --data_root="$NIFTI_ROOT" --out=$ABL --parallel="${ABLATION_PARALLEL:-12}" \
     2>&1 | tee "$OUT/ablation_log.txt" | grep -E "^(started|finished|train|predict|error|.*wrote)"
   (cd $ABL && tar czf "$OUT/ablation.tar.gz" folds.json predictions runs/*.log \
     runs/*/results.json runs/*/metrics.jsonl runs/*/config.json runs/*/per_case.csv)

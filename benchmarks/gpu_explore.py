@@ -4,7 +4,7 @@ One process (so XLA's in-memory autotuning cache is shared by every variant): bu
 default U-Net (bfloat16 compute, 240x240, batch B) with the plain XLA ops, then with one
 operation at a time swapped for its ``gpu_fast`` version (:mod:`brats_jax.ops.impls`),
 then the swaps that helped together and whole implementations (``--impls``), then the best
-so far with the train state in XLA-chosen layouts (``bench.time_steps(state_layouts="auto")``,
+so far with the train state in XLA-chosen layouts (``time_steps(state_layouts="auto")``,
 ``--no-auto-layouts`` to skip). It times each train step and writes per-variant JSON lines,
 plus a profiler trace (Chrome trace.json.gz) and the optimised HLO of the fastest variant
 with ``--profile``; ``--pad-micro`` first times the reflection pads alone (forward +
@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from brats_jax import bench
+from brats_jax.benchmarking import workload
+from brats_jax.benchmarking.timing import time_steps
 from brats_jax.models import create_model
 from brats_jax.ops import impls
 
@@ -74,18 +75,22 @@ def run_variant(
 ):
     """Compile and time one variant; returns its result dict (see the module docstring).
     ``flops_per_slice``: the FLOPs used for TFLOP/s and MFU (default: this variant's own,
-    :func:`brats_jax.bench.step_flops`), so variants that compute the same model are scored
-    on the same count. Timing: :func:`brats_jax.bench.time_steps`."""
+    :func:`brats_jax.benchmarking.timing.step_flops`), so variants that compute the same model
+    are scored on the same count. Timing: :func:`brats_jax.benchmarking.timing.time_steps`."""
     fields = {k: SWAPS[k] for k in swaps}
     with plain_ops_replaced(**fields):  # the step is traced inside time_steps
         net = create_model(
-            "unet", num_classes=4, dtype=bench.DTYPES["bfloat16"], conv_impl=impl, padding=padding
+            "unet",
+            num_classes=4,
+            dtype=workload.DTYPES["bfloat16"],
+            conv_impl=impl,
+            padding=padding,
         )
         tx = optax.adam(1e-4)
-        state = bench.init_train_state(net, size, tx)
-        image, label = bench.random_batch(batch, size)
-        timing = bench.time_steps(
-            bench.make_train_step(net, tx),
+        state = workload.init_train_state(net, size, tx)
+        image, label = workload.random_batch(batch, size)
+        timing = time_steps(
+            workload.make_train_step(net, tx),
             state,
             (image, label),
             steps,

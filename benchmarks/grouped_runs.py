@@ -28,10 +28,10 @@ MAPPINGS = ("single", "vmap", "map", "gemm")
 def build(model: str, conv_impl: str, dtype: str, smoke: bool, unet_kw: dict | None = None):
     """The benchmarked module (study sizes, tiny ones with ``smoke``; ``unet_kw`` overrides
     the U-Net's fields, e.g. features/depth)."""
-    from brats_jax import bench
+    from brats_jax.benchmarking import workload
     from brats_jax.models import create_model
 
-    kw = {"num_classes": 4, "dtype": bench.DTYPES[dtype], "conv_impl": conv_impl}
+    kw = {"num_classes": 4, "dtype": workload.DTYPES[dtype], "conv_impl": conv_impl}
     if model == "unet":
         kw.update({"features": 4, "depth": 2} if smoke else (unet_kw or {}))
     elif model == "transunet":
@@ -48,7 +48,8 @@ def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dty
     import jax
     import jax.numpy as jnp
 
-    from brats_jax import bench, losses
+    from brats_jax import losses
+    from brats_jax.benchmarking import timing, workload
     from brats_jax.runs import train_state
     from brats_jax.training import steps as train_steps
     from configs import default as default_config
@@ -57,7 +58,7 @@ def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dty
     tx = train_state.create_optimizer(cfg, 1000)
     names = ["ce", "focal", "dice_ce", "dice"]
     lps = [losses.loss_params(names[k % len(names)]) for k in range(runs)]
-    image, label = bench.random_batch(batch_size, image_size)
+    image, label = workload.random_batch(batch_size, image_size)
     batch = {"image": image, "label": label}
     kbatch = jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), batch)
     out, single_s = [], None
@@ -68,14 +69,14 @@ def run(model: str, runs: int, image_size: int, batch_size: int, steps: int, dty
         )
         step = train_steps.make_train_step(net, tx)
         if mapping == "single":
-            t = bench.time_steps(step, init(0), (batch, lps[0]), steps)
+            t = timing.time_steps(step, init(0), (batch, lps[0]), steps)
         else:
             state = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(k) for k in range(runs)])
             state = state.replace(
                 opt_state=train_state.set_learning_rate(state.opt_state, jnp.logspace(-5, -3, runs))
             )
             fn = train_steps.map_over_runs(step, "map" if mapping == "map" else "vmap")
-            t = bench.time_steps(fn, state, (kbatch, losses.stack_loss_params(lps)), steps)
+            t = timing.time_steps(fn, state, (kbatch, losses.stack_loss_params(lps)), steps)
         k = 1 if mapping == "single" else runs
         single_s = t.median_s if mapping == "single" else single_s
         out.append({

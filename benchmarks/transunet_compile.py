@@ -31,17 +31,17 @@ def compile_times(
     import jax
     import optax
 
-    from brats_jax import bench
+    from brats_jax.benchmarking import workload
     from brats_jax.models import create_model
 
-    kw = {"num_classes": 4, "preset": preset, "dtype": bench.DTYPES[dtype]}
+    kw = {"num_classes": 4, "preset": preset, "dtype": workload.DTYPES[dtype]}
     if scan is not None:
         kw["scan"] = scan
     net = create_model("transunet", **kw)
     tx = optax.adam(1e-4)
-    state = bench.init_train_state(net, image_size, tx)
-    image, label = bench.random_batch(batch_size, image_size)
-    step = bench.make_train_step(net, tx)
+    state = workload.init_train_state(net, image_size, tx)
+    image, label = workload.random_batch(batch_size, image_size)
+    step = workload.make_train_step(net, tx)
     t0 = time.perf_counter()
     lowered = jax.jit(step, donate_argnums=0).lower(state, image, label)
     t1 = time.perf_counter()
@@ -67,18 +67,18 @@ def per_block_flops(preset: str, image_size: int, batch_size: int, dtype: str) -
     import jax
     import optax
 
-    from brats_jax import bench
+    from brats_jax.benchmarking import timing, workload
     from brats_jax.models import create_model
 
     net = create_model(
-        "transunet", num_classes=4, preset=preset, dtype=bench.DTYPES[dtype], scan=False
+        "transunet", num_classes=4, preset=preset, dtype=workload.DTYPES[dtype], scan=False
     )
     tx = optax.adam(1e-4)
-    state = jax.eval_shape(lambda: bench.init_train_state(net, image_size, tx))
-    image, label = bench.random_batch(batch_size, image_size)
-    step = bench.make_train_step(net, tx)
+    state = jax.eval_shape(lambda: workload.init_train_state(net, image_size, tx))
+    image, label = workload.random_batch(batch_size, image_size)
+    step = workload.make_train_step(net, tx)
     lowered = jax.jit(step).trace(state, image, label).lower(lowering_platforms=("cpu",))
-    return bench.cost_flops(lowered)
+    return timing.cost_flops(lowered)
 
 
 def fix_rows(lines, out=None) -> None:

@@ -25,12 +25,28 @@ def run_app(main, **run_kwargs) -> None:
     in one line naming the path and the cause (:func:`describe_failure`).
     """
     run_kwargs.setdefault("flags_parser", parse_flags)
+    _help_of_module(main)
     try:
         app.run(main, **run_kwargs)
     except (*USER_ERRORS, OSError) as e:
         if os.environ.get("BRATS_JAX_DEBUG"):
             raise
         _fail(describe_failure(e))
+
+
+def _help_of_module(main) -> None:
+    """Give a console script (`brats-train`, `[project.scripts]`) the `--help` of
+    `python -m MODULE --help`: absl takes the text from `__main__`'s docstring and lists the
+    flags of the module named `sys.argv[0]`, both the generated script's (no docstring, no
+    flags) when `main`'s module is not `__main__`."""
+    module = sys.modules.get(getattr(main, "__module__", None) or "")
+    script = sys.modules.get("__main__")
+    if module is None or script is None or module is script:
+        return
+    if not getattr(script, "__doc__", None):
+        script.__doc__ = module.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -170,10 +186,31 @@ def _quiet_shutdown() -> None:
 _FS_ERROR_TEXT = ("RESOURCE_EXHAUSTED", "os_error_code", "No space left on device")
 
 
+# orbax's warnings that only repeat what this library asked for: a checkpoint opened
+# read-only for inference (`RunCheckpoints(read_only=True)`) and epoch-end checkpoints saved
+# without validation metrics, by design
+_ORBAX_EXPECTED_WARNINGS = ("Given directory is read only", "did not provide metrics")
+
+
+def _is_missing_tpu_line(r: pylogging.LogRecord) -> bool:
+    """JAX's INFO line "Unable to initialize backend 'tpu': ... libtpu.so ..." that every
+    process without a TPU logs when it starts its backends. (A machine whose TPU is present
+    but cannot be used still gets JAX's own WARNING, "A Google TPU may be present ...".)"""
+    return (
+        r.name == "jax._src.xla_bridge"
+        and r.levelno < pylogging.WARNING
+        and r.getMessage().startswith("Unable to initialize backend 'tpu'")
+    )
+
+
 def keep_log_record(r: pylogging.LogRecord) -> bool:
-    """False for orbax's per-save INFO lines, for its warning about checkpoints saved
-    without metrics (the epoch-end checkpoints have no validation Dice, by design) and for
-    its save threads' errors of a file-system failure (full disk: the save raises it)."""
+    """False for JAX's "Unable to initialize backend 'tpu'" line on a machine without a
+    TPU, for orbax's per-save INFO lines, for its warnings that a checkpoint was opened
+    read-only (inference) or saved without metrics (the epoch-end checkpoints have no
+    validation Dice, by design) and for its save threads' errors of a file-system failure
+    (full disk: the save raises it). Every other warning is kept."""
+    if _is_missing_tpu_line(r):
+        return False
     if "orbax" not in r.pathname.replace("\\", "/"):
         return True
     if r.levelno < pylogging.WARNING:
@@ -181,7 +218,7 @@ def keep_log_record(r: pylogging.LogRecord) -> bool:
     message = r.getMessage()
     if r.levelno >= pylogging.ERROR and any(t in message for t in _FS_ERROR_TEXT):
         return False
-    return "did not provide metrics" not in message
+    return not any(t in message for t in _ORBAX_EXPECTED_WARNINGS)
 
 
 def is_closed_loop_callback(unraisable) -> bool:

@@ -23,8 +23,8 @@ Usage::
 * Voxel spacing comes from the GT header zooms.
 
 ``--apply_postprocessing=FILE.json`` (a run's ``postprocessing.json`` from
-``brats_jax.tune_postprocessing``, or any file ``brats_jax.inference.postprocess.save`` wrote) applies
-that 3D post-processing to each prediction before it is scored.
+``brats_jax.tune_postprocessing``, or any file ``brats_jax.inference.postprocess.save``
+wrote) applies that 3D post-processing to each prediction before it is scored.
 
 ``--metrics=lesionwise`` adds the BraTS 2023 lesion-wise Dice and HD95 per region
 (:mod:`brats_jax.metrics.lesionwise`; ``--lesion_dilation``, ``--lesion_dilation_neighbours``,
@@ -47,361 +47,25 @@ one-line message and exit status 1.
 
 from __future__ import annotations
 
-import csv
-import os
-import pathlib
-import re
+import functools
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 from absl import app, flags
 
-from brats_jax import fileio, labels, metrics, runtime
+from brats_jax import cli, runtime
+from brats_jax.figures import overlays
 from brats_jax.inference import postprocess
-from brats_jax.metrics import lesionwise
-
-CONVENTIONS = tuple(labels.CONVENTION_FLAGS)
-_NIFTI = re.compile(r"^(?P<stem>.+?)(?P<sep>[_-]seg)?\.nii(\.gz)?$", re.IGNORECASE)
-# release label -> training class; other values are errors
-
-REGION_NAMES = tuple(labels.REGIONS)
-COLUMNS = (
-    ["case_id"]
-    + [f"{m}_{r}" for m in ("dice", "hd95", "sensitivity", "specificity") for r in REGION_NAMES]
-    + ["volume_dice_4class"]
-    + [f"class_dice_{c}" for c in range(4)]
+from brats_jax.metrics import lesionwise, volumes
+from brats_jax.metrics.folder import (
+    CONVENTIONS,
+    METRIC_SETS,
+    MISSING_MODES,
+    REGION_NAMES,
+    evaluate_folder,
+    summarize,
+    write_csv,
 )
-
-
-MISSING_MODES = ("worst", "skip")
-METRIC_SETS = ("standard", "lesionwise")
-
-
-class EvaluationError(ValueError):
-    """Bad input for the evaluation (message names the case/file and what was expected)."""
-
-
-def _case_id(path: pathlib.Path) -> tuple[str, str | None] | None:
-    """(ID, naming) of a segmentation file name, naming in {'brats2018','brats2023',None}."""
-    m = _NIFTI.match(path.name)
-    if not m:
-        return None
-    sep = (m.group("sep") or "").lower()
-    naming = {"_seg": "brats2018", "-seg": "brats2023"}.get(sep)
-    return m.group("stem"), naming
-
-
-def find_predictions(pred_dir: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Map case ID -> prediction file for ``<ID>[_seg|-seg].nii[.gz]`` files in ``pred_dir``."""
-    out: dict[str, pathlib.Path] = {}
-    for p in sorted(pred_dir.iterdir()):
-        parsed = _case_id(p) if p.is_file() else None
-        if parsed is None:
-            continue
-        cid = parsed[0]
-        if cid in out:
-            raise EvaluationError(f"two prediction files for case {cid}: {out[cid]} and {p}")
-        out[cid] = p
-    return out
-
-
-def _case_folder_seg(folder: pathlib.Path) -> tuple[pathlib.Path, str | None] | None:
-    """(seg file, naming) of a case folder ``<ID>/<ID>[_-]seg.nii[.gz]`` (or its single other
-    ``*seg*`` NIfTI, the case-355 quirk); None when ``folder`` is not a case folder."""
-    cid = folder.name
-    for sep, naming in (("_seg", "brats2018"), ("-seg", "brats2023")):
-        for ext in (".nii.gz", ".nii"):
-            f = folder / f"{cid}{sep}{ext}"
-            if f.is_file():
-                return f, naming
-    others = [
-        f
-        for f in sorted(folder.iterdir())
-        if f.is_file() and "seg" in f.name.lower() and _NIFTI.match(f.name)
-    ]
-    return (others[0], None) if len(others) == 1 else None
-
-
-def find_ground_truth(gt_dir: pathlib.Path) -> dict[str, tuple[pathlib.Path, str | None]]:
-    """Map case ID -> (GT seg file, naming-from-file-name or None).
-
-    Case folders are found at any depth (e.g. the 2018-2019 releases' ``HGG/<ID>/``,
-    ``LGG/<ID>/``), ``gt_dir`` itself included (then its modality images are not cases);
-    files named like predictions count at the top level of ``gt_dir``.
-    """
-    gt_dir = pathlib.Path(os.path.abspath(gt_dir))  # "." has its folder's name
-    if (found := _case_folder_seg(gt_dir)) is not None and found[1] is not None:  # <ID>_seg
-        return {gt_dir.name: found}
-    out: dict[str, tuple[pathlib.Path, str | None]] = {}
-
-    def add(cid: str, found: tuple[pathlib.Path, str | None]) -> None:
-        if cid in out:
-            raise EvaluationError(
-                f"two ground-truth files for case {cid}: {out[cid][0]}, {found[0]}"
-            )
-        out[cid] = found
-
-    for dirpath, dirnames, filenames in os.walk(gt_dir, followlinks=True):
-        folder = pathlib.Path(dirpath)
-        dirnames.sort()
-        if folder == gt_dir:  # flat files: top level only
-            for name in sorted(filenames):
-                path = folder / name
-                if path.is_file() and (parsed := _case_id(path)) is not None:
-                    add(parsed[0], (path, parsed[1]))
-        elif (found := _case_folder_seg(folder)) is not None:
-            add(folder.name, found)
-            dirnames[:] = []
-    return out
-
-
-def _convention_from_values(gt: np.ndarray, pred: np.ndarray | None) -> str:
-    """A 4 in the GT means brats2018, a 3 brats2023; a GT with neither (no enhancing tumour)
-    says nothing, so the prediction decides when it shares the GT's convention."""
-    if np.any(gt == 4):
-        return "brats2018"
-    if np.any(gt == 3):
-        return "brats2023"
-    return "brats2018" if pred is not None and np.any(pred == 4) else "brats2023"
-
-
-def to_training_classes(label: np.ndarray, convention: str, what: str) -> np.ndarray:
-    """Release labels (`convention`: brats2018 / brats2023) -> training classes {0..3} uint8;
-    unknown values raise EvaluationError naming ``what``."""
-    if convention not in CONVENTIONS:
-        raise EvaluationError(f"unknown label convention {convention!r}; expected {CONVENTIONS}")
-    try:
-        classes = labels.to_train_labels(label, labels.CONVENTION_FLAGS[convention], where=what)
-    except labels.LabelError as e:
-        raise EvaluationError(
-            f"{e}; set --labels/--pred_labels if the convention is different"
-        ) from None
-    return classes.astype(np.uint8)
-
-
-def _load(path: pathlib.Path):
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        return np.asanyarray(img.dataobj), img.header.get_zooms()[:3], img.affine
-    except Exception as e:  # nibabel raises many types
-        raise EvaluationError(f"cannot read NIfTI {path}: {e}") from e
-
-
-def _check_options(
-    pred_dir: pathlib.Path,
-    gt_dir: pathlib.Path,
-    labels: str,
-    pred_labels: str,
-    hd95_mode: str,
-    missing: str,
-) -> None:
-    """Raise EvaluationError for a missing folder or an unknown option value."""
-    for name, d in (("--pred", pred_dir), ("--gt", gt_dir)):
-        if not d.is_dir():
-            raise EvaluationError(f"{name} folder {d} does not exist")
-    if labels not in ("auto", *CONVENTIONS):
-        raise EvaluationError(f"--labels={labels!r}; expected auto, {', '.join(CONVENTIONS)}")
-    if pred_labels not in ("same", *CONVENTIONS):
-        raise EvaluationError(
-            f"--pred_labels={pred_labels!r}; expected same, {', '.join(CONVENTIONS)}"
-        )
-    if hd95_mode not in metrics.HD95_MODES:
-        raise EvaluationError(f"--hd95_mode={hd95_mode!r}; expected one of {metrics.HD95_MODES}")
-    if missing not in MISSING_MODES:
-        raise EvaluationError(f"--missing={missing!r}; expected one of {MISSING_MODES}")
-
-
-def _match_cases(
-    preds: dict, gts: dict, pred_dir: pathlib.Path, gt_dir: pathlib.Path, missing: str, log
-) -> tuple[list[str], list[str]]:
-    """Pair predictions with GT cases; returns (matched ids, GT ids without prediction).
-
-    Logs a warning for either kind of unmatched case; raises EvaluationError when none match.
-    """
-    ids = sorted(set(preds) & set(gts))
-    if not ids:
-        raise EvaluationError(
-            f"no matching cases: {len(preds)} prediction file(s) in {pred_dir}, "
-            f"{len(gts)} ground-truth case(s) in {gt_dir}"
-        )
-    if absent := sorted(set(gts) - set(preds)):
-        what = (
-            "skipped (--missing=skip)"
-            if missing == "skip"
-            else "scored Dice 0 / HD95 373.13 (--missing=skip leaves them out)"
-        )
-        log(f"warning: {len(absent)} GT case(s) without prediction {what}: {_some(absent)}")
-    if extra := sorted(set(preds) - set(gts)):
-        log(f"warning: {len(extra)} prediction(s) without GT skipped: {extra[:5]}")
-    return ids, absent
-
-
-def _evaluate_case(
-    cid: str,
-    pred_path: pathlib.Path,
-    gt_path: pathlib.Path,
-    naming: str | None,
-    *,
-    labels: str,
-    pred_labels: str,
-    hd95_mode: str,
-    log,
-    postprocessing=None,
-    lesion_options=None,
-    on_case=None,
-) -> dict[str, float]:
-    """Load, convert and score one case; returns :func:`metrics.evaluate_volume`'s dict
-    (plus :func:`lesionwise.evaluate_volume`'s with ``lesion_options``, its keyword dict).
-    `on_case(cid, pred, gt, gt_path)` (training classes) is called with the scored maps.
-
-    Dice per region and HD95 in mm (spacing from the GT header's zooms). Raises
-    EvaluationError on a shape mismatch; warns when the affines differ.
-    """
-    gt_raw, zooms, gt_affine = _load(gt_path)
-    pred_raw, _, pred_affine = _load(pred_path)
-    if gt_raw.shape != pred_raw.shape:
-        raise EvaluationError(
-            f"case {cid}: prediction shape {pred_raw.shape} ({pred_path.name}) != "
-            f"ground-truth shape {gt_raw.shape} ({gt_path.name})"
-        )
-    if not np.allclose(pred_affine, gt_affine, atol=1e-3):
-        log(
-            f"warning: case {cid}: the prediction's affine differs from the ground truth's; "
-            "scored voxel by voxel, as if both were on the ground truth's grid"
-        )
-    conv = labels
-    if conv == "auto":
-        conv = naming or _convention_from_values(
-            gt_raw, pred_raw if pred_labels == "same" else None
-        )
-    gt = to_training_classes(gt_raw, conv, f"case {cid} ground truth {gt_path}")
-    pconv = conv if pred_labels == "same" else pred_labels
-    pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {pred_path}")
-    if postprocessing is not None:
-        pred = postprocess.apply(pred, postprocessing)
-    if on_case is not None:
-        on_case(cid, pred, gt, gt_path)
-    spacing = tuple(float(z) for z in zooms)
-    scores = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
-    if lesion_options is not None:
-        scores.update(
-            lesionwise.evaluate_volume(pred, gt, spacing, hd95_mode=hd95_mode, **lesion_options)
-        )
-    return scores
-
-
-def evaluate_folder(
-    pred_dir: str | os.PathLike,
-    gt_dir: str | os.PathLike,
-    *,
-    labels: str = "auto",
-    pred_labels: str = "same",
-    hd95_mode: str = "max",
-    missing: str = "worst",
-    postprocessing=None,
-    lesion_options=None,
-    log=print,
-    on_case=None,
-) -> list[dict[str, float | str]]:
-    """Evaluate every prediction with a matching GT case; returns one row dict per case.
-
-    Args:
-      pred_dir, gt_dir: folders as described in the module docstring.
-      labels: GT convention, ``auto`` | ``brats2018`` | ``brats2023``.
-      pred_labels: prediction convention, ``same`` (as the case's GT) | ``brats2018`` |
-        ``brats2023``.
-      hd95_mode: ``max`` (MONAI) or ``pooled`` (medpy), see :func:`brats_jax.metrics.hd95`.
-      missing: a GT case without prediction: ``worst`` (scored by :func:`missing_case_row`)
-        or ``skip``.
-      postprocessing: a `postprocess.PostprocessConfig` applied to each prediction first.
-      lesion_options: None (standard metrics only) or a dict of
-        :func:`brats_jax.metrics.lesionwise.region_scores` options ({} = the challenge's): adds the
-        ``lesionwise_*`` scores.
-      log: called with progress/warning lines.
-      on_case: called as ``on_case(case_id, pred, gt, gt_path)`` with each scored case's
-        maps in the training classes (e.g. `overlays.CasePictures.add_evaluated`).
-
-    Raises:
-      EvaluationError: missing folders, no matching cases, shape mismatch, unknown labels.
-    """
-    pred_dir, gt_dir = pathlib.Path(pred_dir), pathlib.Path(gt_dir)
-    _check_options(pred_dir, gt_dir, labels, pred_labels, hd95_mode, missing)
-    preds = find_predictions(pred_dir)
-    gts = find_ground_truth(gt_dir)
-    ids, absent = _match_cases(preds, gts, pred_dir, gt_dir, missing, log)
-    rows = []
-    for i, cid in enumerate(ids):
-        gt_path, naming = gts[cid]
-        res = _evaluate_case(
-            cid,
-            preds[cid],
-            gt_path,
-            naming,
-            labels=labels,
-            pred_labels=pred_labels,
-            hd95_mode=hd95_mode,
-            log=log,
-            postprocessing=postprocessing,
-            lesion_options=lesion_options,
-            on_case=on_case,
-        )
-        rows.append({"case_id": cid, **res})
-        log(
-            f"[{i + 1}/{len(ids)}] {cid}: "
-            + " ".join(f"{r}={res[f'dice_{r}']:.4f}" for r in REGION_NAMES)
-        )
-    if missing == "worst":
-        worst = [missing_case_row(cid, lesion_options is not None) for cid in absent]
-        rows = sorted(rows + worst, key=lambda r: r["case_id"])
-    return rows
-
-
-def missing_case_row(case_id: str, with_lesionwise: bool = False) -> dict[str, float | str]:
-    """The BraTS challenge's score of a case without prediction: Dice 0 and HD95 373.13 mm in
-    every region, sensitivity and specificity 0, the study's and per-class Dice 0; with
-    ``with_lesionwise`` also lesion-wise Dice 0 and HD95 374 mm (lesion counts left empty)."""
-    row: dict[str, float | str] = {"case_id": case_id}
-    for col in COLUMNS[1:]:
-        row[col] = metrics.HD95_EMPTY if col.startswith("hd95_") else 0.0
-    if with_lesionwise:
-        for r in REGION_NAMES:
-            row[f"lesionwise_dice_{r}"] = 0.0
-            row[f"lesionwise_hd95_{r}"] = lesionwise.HD95_WORST
-    return row
-
-
-def _some(ids: Sequence[str], n: int = 10) -> str:
-    """The first `n` ids, comma-separated, and how many more."""
-    more = f" and {len(ids) - n} more" if len(ids) > n else ""
-    return ", ".join(ids[:n]) + more
-
-
-def write_csv(rows: Sequence[dict], out: str | os.PathLike) -> None:
-    """Write per-case rows to ``out`` atomically (temporary file in the same folder + replace);
-    the ``lesionwise_*`` columns follow :data:`COLUMNS` when the rows have them."""
-    lesion = any("lesionwise_dice_WT" in r for r in rows)
-    fields = COLUMNS + (lesionwise.COLUMNS if lesion else [])
-    with fileio.atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
-def summarize(rows: Sequence[dict]) -> str:
-    """Mean, std and median per region for Dice and HD95 (plus the 4-class volume Dice), as text."""
-    lines = [f"{len(rows)} case(s)", f"{'metric':<20}{'mean':>10}{'std':>10}{'median':>10}"]
-    keys = [f"dice_{r}" for r in REGION_NAMES] + [f"hd95_{r}" for r in REGION_NAMES]
-    for k in [*keys, "volume_dice_4class"]:
-        v = np.array([r[k] for r in rows], np.float64)
-        lines.append(f"{k:<20}{v.mean():>10.4f}{v.std():>10.4f}{np.median(v):>10.4f}")
-    if rows and all("lesionwise_dice_WT" in r for r in rows):
-        lines.append(lesionwise.summary_table(rows))
-    return "\n".join(lines)
-
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pred", None, "Folder of predicted segmentation NIfTIs.")
@@ -409,7 +73,7 @@ flags.DEFINE_string("gt", None, "Ground-truth folder (case folders or flat seg f
 flags.DEFINE_string("out", None, "Per-case CSV to write.")
 flags.DEFINE_enum("labels", "auto", ["auto", *CONVENTIONS], "Ground-truth label convention.")
 flags.DEFINE_enum("pred_labels", "same", ["same", *CONVENTIONS], "Prediction convention.")
-flags.DEFINE_enum("hd95_mode", "max", list(metrics.HD95_MODES), "HD95 definition.")
+flags.DEFINE_enum("hd95_mode", "max", list(volumes.HD95_MODES), "HD95 definition.")
 flags.DEFINE_enum(
     "missing", "worst", list(MISSING_MODES), "GT case without prediction: score 0 or skip."
 )
@@ -434,6 +98,10 @@ flags.DEFINE_float(
     "lesion_min_volume", lesionwise.MIN_VOLUME, "Lesion-wise: GT lesions <= this (mm^3) ignored."
 )
 
+flags.DEFINE_string(  # predict and evaluate share it (both may be imported: tests)
+    "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
+)
+
 
 def _lesion_options() -> dict | None:
     """`evaluate_folder`'s lesion_options from the flags (None for --metrics=standard)."""
@@ -447,9 +115,6 @@ def _lesion_options() -> dict | None:
     )
 
 
-flags.DEFINE_string(  # predict and evaluate share it (both may be imported: tests)
-    "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
-)
 # The per-case scores the pictures' index.html shows (all are in --out's CSV).
 INDEX_COLUMNS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGION_NAMES]
 
@@ -462,12 +127,12 @@ def main(argv: Sequence[str]) -> None:
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
     try:
-        pp = postprocess.load(FLAGS.apply_postprocessing) if FLAGS.apply_postprocessing else None
-        pictures = None
-        if FLAGS.overlays:
-            from brats_jax.figures import overlays
-
-            pictures = overlays.CasePictures(FLAGS.overlays)
+        pp = None
+        if FLAGS.apply_postprocessing:
+            pp = functools.partial(
+                postprocess.apply, config=postprocess.load(FLAGS.apply_postprocessing)
+            )
+        pictures = overlays.CasePictures(FLAGS.overlays) if FLAGS.overlays else None
         rows = evaluate_folder(
             FLAGS.pred,
             FLAGS.gt,
@@ -488,5 +153,10 @@ def main(argv: Sequence[str]) -> None:
     print(f"wrote {FLAGS.out}", file=sys.stderr)
 
 
+def run() -> None:
+    """Console entry (as ``python -m brats_jax.evaluate``): a user mistake ends in one line."""
+    cli.run_app(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -43,31 +43,33 @@ entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.infe
 `--overlays=DIR` draws each case (`brats_jax.figures.overlays`: axial, coronal and sagittal slices
 through the predicted tumour's centre over FLAIR and T1ce, beside the ground truth when the
 case folder has one) into `DIR/<ID>.png` and lists them in `DIR/index.html`.
-Post-processing (`brats_jax.inference.postprocess`): by default the run's `postprocessing.json` (made by
-`python -m brats_jax.tune_postprocessing`) is applied when present, else its config's
-`postprocess` fields; an ensemble applies its runs' choice when they all agree and stops
-with a one-line error naming the runs that differ otherwise; `--postprocessing=none`
-turns it off, `--postprocessing=FILE` applies another tuned choice.
+Post-processing (`brats_jax.inference.postprocess`): by default the run's
+`postprocessing.json` (made by `python -m brats_jax.tune_postprocessing`) is applied when
+present, else its config's `postprocess` fields; an ensemble applies its runs' choice when
+they all agree and stops with a one-line error naming the runs that differ otherwise;
+`--postprocessing=none` turns it off, `--postprocessing=FILE` applies another tuned choice.
 A case folder may lack one modality file when every run was trained with modality dropout
 (`augment.modality_dropout_p` > 0): that channel is 0 and a warning names it; otherwise a
 missing file is an error.
 """
 
-import json
 import os
-import pathlib
-from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from brats_jax import MODALITIES, cli, fileio, runtime
-from brats_jax.inference import work_split
-from brats_jax.labels import et_label, to_release_labels
+from brats_jax import MODALITIES, cli, runtime
+from brats_jax.data import brats
+from brats_jax.inference import case_lists, case_prediction, ensembles, work_split
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training run folder (holds config.json, checkpoints/).")
+# Flags shared with other commands are defined alike in each, with allow_override so that
+# one process may import several commands (the tests do; the last definition is kept):
+# --workdir (tune_postprocessing, main), --tta, --step, --batch_size (tune_postprocessing)
+# and --overlays (evaluate).
+flags.DEFINE_string(
+    "workdir", None, "Training run folder (holds config.json, checkpoints/).", allow_override=True
+)
 flags.DEFINE_string(
     "input", None, "Case folder, folder of case folders, or comma-separated case folders."
 )
@@ -83,7 +85,10 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "uncertainty", None, "Optional predictive-entropy NIfTI (nats) + summary CSV (folder: many)."
 )
-flags.DEFINE_enum("tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.")
+flags.DEFINE_enum(
+    "tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.",
+    allow_override=True,
+)  # fmt: skip
 flags.DEFINE_enum(
     "sliding_window", "auto", ["auto", "on", "off"],
     "Slide a window of the run's data.patch_size over each slice (nnU-Net's Gaussian-weighted "
@@ -95,423 +100,19 @@ flags.DEFINE_string(
     "auto (each run's postprocessing.json, else its config; an ensemble's runs must agree), "
     "none, or a JSON file.",
 )
-flags.DEFINE_integer("step", None, "Checkpoint step to use instead of the best one.")
-flags.DEFINE_integer("batch_size", 0, "Slices per model call (0: the run's eval.batch_size).")
+flags.DEFINE_integer(
+    "step", None, "Checkpoint step to use instead of the best one.", allow_override=True
+)
+flags.DEFINE_integer(
+    "batch_size", 0, "Slices per model call (0: the run's eval.batch_size).", allow_override=True
+)
 flags.DEFINE_integer("num_parts", 1, "Split a folder of cases into this many parts (machines).")
 flags.DEFINE_integer(
     "part_id", 0, "The part this process segments, 0..num_parts-1 (round-robin over case IDs)."
 )
-flags.DEFINE_string(  # predict and evaluate share it (both may be imported: tests)
+flags.DEFINE_string(
     "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
 )
-
-
-def input_normalization(source: str) -> str:
-    """`brats.load_case` normalization matching what a run trained on `source` saw.
-
-    Kaggle slices come z-scored per slice over all pixels ("slice"); NIfTI cases are
-    z-scored over the brain of the whole volume ("brain"), the closest match too for the
-    synthetic phantoms (z-scored per slice over the brain; demo models are not meant for
-    real scans).
-    """
-    return "slice" if source == "kaggle_h5" else "brain"
-
-
-class Ensemble(NamedTuple):
-    """Trained runs loaded for prediction; `predictors[i]` serves `variables[i]`."""
-
-    workdirs: tuple[str, ...]
-    config: object  # the first run's ConfigDict (image size, data source)
-    predictors: tuple
-    variables: tuple
-    context_slices: tuple = ()  # each run's data.context_slices (() = all 0)
-    configs: tuple = ()  # each run's ConfigDict (post-processing: `resolve_postprocessing`)
-    missing_ok: bool = False  # every run trained with modality dropout: one file may be missing
-
-
-def split_list(value: str | os.PathLike | Sequence) -> list[str]:
-    """A comma-separated flag value (or a sequence of paths) as a list of non-empty items."""
-    if isinstance(value, str | os.PathLike):
-        return [v.strip() for v in str(value).split(",") if v.strip()]
-    return [str(v) for v in value]
-
-
-def trained_with_modality_dropout(configs) -> bool:
-    """True when every run config (dicts or ConfigDicts) has `augment.modality_dropout_p`
-    > 0: its model saw a modality set to 0, so predict accepts a case lacking one file."""
-    configs = list(configs)
-    return bool(configs) and all(
-        float(dict(c.get("augment") or {}).get("modality_dropout_p", 0)) > 0 for c in configs
-    )
-
-
-def _saved_configs(workdirs) -> list[dict]:
-    """The runs' config.json dicts ({} for one that cannot be read: load_ensemble says why)."""
-    out = []
-    for w in split_list(workdirs):
-        try:
-            out.append(json.loads((pathlib.Path(w) / "config.json").read_text()))
-        except (OSError, ValueError):
-            out.append({})
-    return out
-
-
-def load_ensemble(workdirs, *, step=None, tta: str = "none", sliding_window=None) -> Ensemble:
-    """Load one run or several (an ensemble) for prediction.
-
-    `sliding_window`: None = each run's `eval.sliding_window`; True / False for all runs
-    (True: each run slides a window of its `data.patch_size`, `patches.inference_window`).
-
-    Runs of an ensemble must share `data.image_size`, the input normalization (the data
-    source's, `input_normalization`) and `model.output` (averaging class and region
-    probabilities means nothing); ValueError names the first run that differs. Each run
-    keeps its own `data.context_slices` (runs with different ones may be mixed). Runs with
-    the same model config share one compiled predictor (the variables are its argument).
-    """
-    from brats_jax import data
-    from brats_jax.data.patches import inference_window
-    from brats_jax.inference import whole_volume
-    from brats_jax.models import outputs
-    from brats_jax.training import train
-
-    workdirs = tuple(split_list(workdirs))
-    if not workdirs:
-        raise ValueError("--workdir: expected a run folder (or several, comma-separated)")
-    predictors, variables, contexts, configs, by_model = [], [], [], [], {}
-    first = None
-    for w in workdirs:
-        config, model, v = train.load_trained(w, step=step)
-        configs.append(config)
-        if first is None:
-            first = config
-        for what, get in (
-            ("data.image_size", lambda c: c.data.image_size),
-            ("input normalization", lambda c: input_normalization(c.data.source)),
-            ("model.output", lambda c: outputs.of_config(c.model)),
-        ):
-            if get(config) != get(first):
-                raise ValueError(
-                    f"--workdir {w}: {what} {get(config)!r} differs from {workdirs[0]}'s "
-                    f"{get(first)!r}; an ensemble's runs must share it"
-                )
-        window = inference_window(config, sliding_window)
-        key = (json.dumps(config.model.to_dict(), sort_keys=True), window)
-        if key not in by_model:
-            by_model[key] = whole_volume.make_slice_predictor(
-                model,
-                image_size=config.data.image_size,
-                tta=tta,
-                output=outputs.of_config(config.model),
-                window=window,
-            )
-        predictors.append(by_model[key])
-        variables.append(v)
-        contexts.append(data.context_slices(config))  # each run gets its own context window
-    missing_ok = trained_with_modality_dropout(configs)
-    return Ensemble(
-        workdirs,
-        first,
-        tuple(predictors),
-        tuple(variables),
-        tuple(contexts),
-        tuple(configs),
-        missing_ok,
-    )
-
-
-def member_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0):
-    """Yield each run's own (H, W, D, C) probabilities of a (H, W, D, 4) volume (test-time
-    mirror views already averaged), one run at a time."""
-    from brats_jax.inference import whole_volume
-
-    batch_size = batch_size or ensemble.config.eval.batch_size
-    contexts = ensemble.context_slices or (0,) * len(ensemble.predictors)
-    runs = zip(ensemble.predictors, ensemble.variables, contexts, strict=True)
-    for predict, variables, k in runs:
-        yield whole_volume.predict_volume(
-            predict, variables, image, batch_size=batch_size, context_slices=k
-        )
-
-
-def predict_probabilities(
-    ensemble: Ensemble, image: np.ndarray, *, batch_size=0, member_labels=None
-) -> np.ndarray:
-    """(H, W, D, C) probabilities (4 classes or 3 regions: `model.output`) of a (H, W, D, 4)
-    volume, averaged over the runs. A list `member_labels` gets each run's own labels
-    (H, W, D) int32 appended (its probabilities decoded alone, no post-processing)."""
-    from brats_jax.models import outputs
-
-    total = None
-    for probs in member_probabilities(ensemble, image, batch_size=batch_size):
-        if member_labels is not None:
-            member_labels.append(
-                outputs.labels_from_probabilities(probs, outputs.of_config(ensemble.config.model))
-            )
-        total = probs if total is None else total + probs
-    return total / len(ensemble.predictors)
-
-
-def resolve_postprocessing(workdirs, option: str = "auto", config=None):
-    """The `PostprocessConfig` predict applies.
-
-    option: "none"; a JSON file written by `brats_jax.tune_postprocessing`; or "auto": each
-    run's choice (`run_postprocessing`), applied when every run of an ensemble has one that
-    acts the same (`PostprocessConfig.effective`), else a one-line ValueError naming the
-    runs that differ. `config`: the runs' configs (one per run, as `Ensemble.configs`), or
-    the first run's; a run without one given reads its `config.json`.
-    """
-    from brats_jax.inference import postprocess
-
-    if option == "none":
-        return postprocess.PostprocessConfig()
-    if option != "auto":
-        return postprocess.load(option)
-    workdirs = split_list(workdirs)
-    configs = list(config) if isinstance(config, list | tuple) else [config]
-    configs += [None] * (len(workdirs) - len(configs))
-    chosen = [run_postprocessing(w, c).effective() for w, c in zip(workdirs, configs, strict=True)]
-    if differ := [w for w, c in zip(workdirs, chosen, strict=True) if c != chosen[0]]:
-        other = chosen[workdirs.index(differ[0])]
-        raise ValueError(
-            f"--postprocessing=auto: ensemble runs {', '.join(differ)} differ in post-processing "
-            f"from {workdirs[0]} ({other.to_dict()} vs {chosen[0].to_dict()}); give one with "
-            f"--postprocessing=FILE (or none)"
-        )
-    return chosen[0]
-
-
-def run_postprocessing(workdir, config=None):
-    """One run's `PostprocessConfig`: its `postprocessing.json` when present, else the
-    `postprocess` fields of `config` (its config; None: read from its `config.json`), else
-    the identity (no config.json)."""
-    from brats_jax import config_fields
-    from brats_jax.inference import postprocess
-
-    workdir = pathlib.Path(workdir)
-    if (workdir / postprocess.POSTPROCESSING_FILE).is_file():
-        return postprocess.load(workdir / postprocess.POSTPROCESSING_FILE)
-    if config is None:
-        path = workdir / "config.json"
-        config = (
-            config_fields.upgrade_legacy(json.loads(path.read_text())) if path.is_file() else {}
-        )
-    return postprocess.from_config(config)
-
-
-def segment(ensemble: Ensemble, case, *, batch_size=0, postprocessing=None, member_labels=None):
-    """Predict a case (folder or `brats.Case`) -> (CaseData, labels {0..3} int, probabilities);
-    `member_labels`: see `predict_probabilities`."""
-    from brats_jax.data import brats
-    from brats_jax.inference import postprocess
-    from brats_jax.models import outputs
-
-    data = brats.load_case(
-        case,
-        require_label=False,
-        normalization=input_normalization(ensemble.config.data.source),
-        allow_missing=ensemble.missing_ok,  # a missing modality's channel is 0
-        ignore_bad_label=True,  # only the pictures use it
-    )
-    _warn_unlike_brats(data)
-    probs = predict_probabilities(
-        ensemble, data.image, batch_size=batch_size, member_labels=member_labels
-    )
-    labels = outputs.labels_from_probabilities(probs, outputs.of_config(ensemble.config.model))
-    if postprocessing is not None:
-        labels = postprocess.apply(labels, postprocessing)
-    return data, labels, probs
-
-
-def _warn_unlike_brats(data) -> None:
-    """Warn when a case's voxels are not BraTS's 1 mm isotropic (what every model here is
-    trained on): its structures then appear at another scale. Reorientation is done when
-    reading (`brats.read_volume`); resampling is left to the user."""
-    zooms = tuple(round(float(z), 3) for z in data.header.get_zooms()[:3])
-    if not np.allclose(zooms, 1.0, atol=0.05):
-        logging.warning(
-            "case %s: voxel size %s mm, but BraTS (what the model was trained on) is 1 mm "
-            "isotropic; resample the case to 1 mm first (e.g. nibabel.processing."
-            "resample_to_output(image, voxel_sizes=1), or as BraTS does, co-register to SRI24)",
-            data.case_id, zooms,
-        )  # fmt: skip
-
-
-# The probability NIfTI's header description (80 bytes at most), by channel count
-# (`outputs.num_channels`: 4 classes, 3 regions).
-_PROBABILITY_DESCRIPTION = {
-    4: "brats_jax classes softmax: bg,NCR/NET,ED,ET",
-    3: "brats_jax regions sigmoid: WT,TC,ET",
-}
-
-
-def _write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
-    """Write the labels in the case's release convention (and the probabilities), display
-    ranges 0..the ET label and 0..1, in the input files' voxel order; returns the labels
-    written, in that order."""
-    from nibabel.orientations import apply_orientation
-
-    from brats_jax import fileio
-
-    labels = to_release_labels(labels, data.naming).astype(np.int16)
-    et_value = float(et_label(data.naming))
-    fileio.write_nifti_like(labels, data, output, display_range=(0.0, et_value))
-    if probabilities:
-        descrip = _PROBABILITY_DESCRIPTION[probs.shape[-1]]
-        fileio.write_nifti_like(
-            probs.astype(np.float32), data, probabilities, descrip=descrip, display_range=(0, 1)
-        )
-    return labels if data.to_file is None else apply_orientation(labels, data.to_file)
-
-
-def predict_case(
-    workdir,
-    case,
-    output,
-    *,
-    probabilities=None,
-    step=None,
-    batch_size=0,
-    tta="none",
-    sliding_window=None,
-    postprocessing="auto",
-    uncertainty=None,
-    overlays_dir=None,
-):
-    """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
-
-    `workdir` may name several runs (comma-separated or a list): their probabilities are
-    averaged. `tta`: see `whole_volume.make_slice_predictor`; `sliding_window`: see
-    `load_ensemble`; `postprocessing`: see `resolve_postprocessing`. Writes the label NIfTI
-    `output` (and the class probabilities, before post-processing, to `probabilities`; the
-    entropy NIfTI to `uncertainty` and its `brats_jax.inference.uncertainty` summary row to the CSV
-    beside it, `uncertainty.csv_path`); with `overlays_dir`, the case's picture and an
-    `index.html` there (`case_pictures`), with the uncertainty row's columns when both are
-    asked for.
-
-    Returns the written label array, int16 (H, W, D), in the release's label convention and
-    the input files' voxel order.
-    """
-    from brats_jax.inference import uncertainty as unc
-    from brats_jax.models import outputs
-
-    csv_path = unc.csv_path(uncertainty) if uncertainty else None
-    for path in (output, probabilities, uncertainty, csv_path):  # before the model loads
-        if path:
-            fileio.check_writable(path)
-    pictures = _case_pictures(overlays_dir)
-    ensemble = load_ensemble(workdir, step=step, tta=tta, sliding_window=sliding_window)
-    pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
-    members = [] if uncertainty else None
-    data, labels, probs = segment(
-        ensemble, case, batch_size=batch_size, postprocessing=pp, member_labels=members
-    )
-    extra = None
-    if uncertainty:
-        kind = outputs.of_config(ensemble.config.model)
-        row = unc.write_case(data, labels, probs, kind, uncertainty, members)
-        unc.write_csv([row], csv_path)
-        extra = unc.by_case([row])
-    written = _write_case(data, labels, probs, output, probabilities)
-    if pictures is not None:
-        row = case_picture(pictures, data, labels)
-        pictures.write_index([row], index_columns([data.label is not None]), extra_columns=extra)
-    return written
-
-
-def predict_cases(
-    workdir,
-    cases,
-    output_dir,
-    *,
-    probabilities_dir=None,
-    step=None,
-    batch_size=0,
-    tta="none",
-    sliding_window=None,
-    postprocessing="auto",
-    uncertainty_dir=None,
-    overlays_dir=None,
-    extra_columns=None,
-    part="",
-) -> list[pathlib.Path]:
-    """Predict many cases into `output_dir/<case ID>.nii.gz`, loading and compiling once.
-
-    Arguments as `predict_case`; `cases` are case folders or `brats.Case`s; the
-    probabilities go to `probabilities_dir/<case ID>.nii.gz` when given, the entropy maps to
-    `uncertainty_dir/<case ID>.nii.gz` and their summary rows to
-    `uncertainty_dir/uncertainty.csv`. With `overlays_dir`, a picture per case and an
-    `index.html` (`overlays.write_index`; its `extra_columns`: case ID -> {column: value}; the
-    uncertainty rows are added) there. `part` (e.g. "-part0-of-4") goes into those two
-    summaries' names (`uncertainty-part0-of-4.csv`, `index-part0-of-4.html`), so processes
-    that share the folders each keep theirs. Shows a progress bar. Returns the written label
-    files.
-    """
-    from tqdm import tqdm
-
-    from brats_jax.inference import uncertainty as unc
-    from brats_jax.models import outputs
-
-    ids = [c.case_id if hasattr(c, "case_id") else pathlib.Path(c).name for c in cases]
-    if dup := sorted({i for i in ids if ids.count(i) > 1}):
-        raise ValueError(f"--input: case ID(s) {dup[:5]} given twice; outputs would collide")
-    for folder in (output_dir, probabilities_dir, uncertainty_dir):  # before the model loads
-        if folder and ids:
-            fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
-    pictures = _case_pictures(overlays_dir)
-    ensemble = load_ensemble(workdir, step=step, tta=tta, sliding_window=sliding_window)
-    pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
-    written, rows, picture_rows, labelled = [], [], [], []
-    for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):
-        members = [] if uncertainty_dir else None
-        data, labels, probs = segment(
-            ensemble, case, batch_size=batch_size, postprocessing=pp, member_labels=members
-        )
-        out = pathlib.Path(output_dir) / f"{cid}.nii.gz"
-        prob_out = pathlib.Path(probabilities_dir) / f"{cid}.nii.gz" if probabilities_dir else None
-        _write_case(data, labels, probs, out, prob_out)
-        written.append(out)
-        if uncertainty_dir:
-            kind = outputs.of_config(ensemble.config.model)
-            path = pathlib.Path(uncertainty_dir) / f"{cid}.nii.gz"
-            rows.append(unc.write_case(data, labels, probs, kind, path, members))
-        if pictures is not None:
-            picture_rows.append(case_picture(pictures, data, labels))
-            labelled.append(data.label is not None)
-    if uncertainty_dir:
-        csv_name = unc.CSV_FILE.replace(".csv", f"{part}.csv")
-        unc.write_csv(rows, pathlib.Path(uncertainty_dir) / csv_name)
-    if pictures is not None:
-        extra = {**unc.by_case(rows), **(extra_columns or {})}
-        pictures.write_index(picture_rows, index_columns(labelled), extra_columns=extra or None,
-                             name=f"index{part}.html")  # fmt: skip
-    return written
-
-
-def _case_pictures(overlays_dir):
-    """`overlays.CasePictures` of `overlays_dir` (checked writable now), or None."""
-    if not overlays_dir:
-        return None
-    from brats_jax.figures import overlays
-
-    return overlays.CasePictures(overlays_dir)
-
-
-def case_picture(pictures, data, labels) -> dict:
-    """Draw a predicted case (`brats.CaseData`, labels {0..3}) over its FLAIR and T1ce,
-    beside its ground truth when the case folder has one; returns its index row
-    (`overlays.region_summary`: predicted volumes in mL, Dice with a ground truth)."""
-    from brats_jax.figures import overlays
-
-    pictures.add(data.case_id, labels, data.label, overlays.modality_images(data.image))
-    spacing = tuple(float(z) for z in data.header.get_zooms()[:3])
-    return {"case_id": data.case_id, **overlays.region_summary(labels, data.label, spacing)}
-
-
-def index_columns(labelled: Sequence[bool]) -> list[str]:
-    """The index's columns: predicted volumes, and Dice when some case (`labelled[i]`: case
-    i has a ground truth) had a ground truth."""
-    volumes = [f"volume_ml_{r}" for r in ("WT", "TC", "ET")]
-    return volumes + ([f"dice_{r}" for r in ("WT", "TC", "ET")] if any(labelled) else [])
 
 
 def _is_nifti_name(path: str) -> bool:
@@ -529,24 +130,10 @@ def _check_distinct_outputs(names) -> None:
                 raise app.UsageError(f"--{other} and --{name} are both {value}; give each its own")
 
 
-def _cases_from_input(value: str, allow_missing: bool = False) -> list:
-    """The `brats.Case`s of `--input`: case folders, found at any depth under each item
-    (`allow_missing`: a folder may lack one modality file)."""
-    from brats_jax.data import brats
-
-    items = split_list(value)
-    for item in items:
-        if not pathlib.Path(item).is_dir():
-            raise FileNotFoundError(f"--input {item}: not a folder of NIfTI files or case folders")
-    return [case for item in items for case in brats.find_cases(item, allow_missing=allow_missing)]
-
-
 def _single_case(files: dict):
     """The one case of `--input` (a case folder) or of the modality files."""
-    from brats_jax.data import brats
-
     if FLAGS.input:
-        if not pathlib.Path(FLAGS.input).is_dir():
+        if not os.path.isdir(FLAGS.input):
             raise FileNotFoundError(f"--input {FLAGS.input}: not a folder of NIfTI files")
         return FLAGS.input
     missing = [f"--{m}" for m in MODALITIES if m not in files]
@@ -555,14 +142,55 @@ def _single_case(files: dict):
     return brats.case_from_files(files, naming=FLAGS.naming or "2018")
 
 
-def _case_part(cases: list) -> list:
-    """Part `--part_id` of `--num_parts` of `cases` sorted by case ID (round-robin); a case
-    ID found twice is an error here, before the parts could hide it from each other."""
-    ids = [c.case_id for c in cases]
-    if dup := sorted({i for i in ids if ids.count(i) > 1}):
-        raise ValueError(f"--input: case ID(s) {dup[:5]} given twice; outputs would collide")
-    cases = sorted(cases, key=lambda c: c.case_id)
-    return work_split.part_of(cases, FLAGS.part_id, FLAGS.num_parts)
+def _predict_folder(options: dict) -> None:
+    """`--output` a folder: segment the cases of `--input` (this process's part of them)."""
+    if not FLAGS.input:
+        raise app.UsageError(f"--output {FLAGS.output}: give a .nii or .nii.gz file name")
+    for name in ("probabilities", "uncertainty"):
+        if getattr(FLAGS, name) and _is_nifti_name(getattr(FLAGS, name)):
+            raise app.UsageError(f"--{name}: give a folder when --output is a folder")
+    missing_ok = ensembles.trained_with_modality_dropout(ensembles.saved_configs(FLAGS.workdir))
+    cases = case_lists.cases_from_input(FLAGS.input, missing_ok)
+    cases = case_lists.case_part(cases, FLAGS.part_id, FLAGS.num_parts)
+    if not cases:
+        print(f"part {FLAGS.part_id} of {FLAGS.num_parts}: no cases to segment")
+        return
+    written = case_prediction.predict_cases(
+        FLAGS.workdir,
+        cases,
+        FLAGS.output,
+        probabilities_dir=FLAGS.probabilities,
+        uncertainty_dir=FLAGS.uncertainty,
+        overlays_dir=FLAGS.overlays,
+        part=f"-part{FLAGS.part_id}-of-{FLAGS.num_parts}" if FLAGS.num_parts > 1 else "",
+        **options,
+    )
+    print(f"wrote {len(written)} segmentation(s) to {FLAGS.output}")
+
+
+def _predict_file(files: dict, options: dict) -> None:
+    """`--output` a NIfTI file: segment the one case of `--input` or of the modality files."""
+    if FLAGS.input and "," in FLAGS.input:
+        raise app.UsageError(f"--output {FLAGS.output} is one file; give a folder for many cases")
+    for name in ("probabilities", "uncertainty"):  # checked before the model loads
+        if getattr(FLAGS, name) and not _is_nifti_name(getattr(FLAGS, name)):
+            raise app.UsageError(f"--{name} {getattr(FLAGS, name)}: give a .nii or .nii.gz file")
+    if FLAGS.num_parts != 1:
+        raise app.UsageError("--num_parts splits a folder of cases; give --output a folder")
+    labels = case_prediction.predict_case(
+        FLAGS.workdir,
+        _single_case(files),
+        FLAGS.output,
+        probabilities=FLAGS.probabilities,
+        uncertainty=FLAGS.uncertainty,
+        overlays_dir=FLAGS.overlays,
+        **options,
+    )
+    values, counts = np.unique(labels, return_counts=True)
+    print(
+        f"wrote {FLAGS.output}: shape {labels.shape}, voxels per label "
+        + ", ".join(f"{v}: {c}" for v, c in zip(values, counts, strict=True))
+    )
 
 
 def main(argv) -> None:
@@ -590,50 +218,10 @@ def main(argv) -> None:
         postprocessing=FLAGS.postprocessing,
     )
     _check_distinct_outputs(("output", "probabilities", "uncertainty"))
-    if not _is_nifti_name(FLAGS.output):
-        if not FLAGS.input:
-            raise app.UsageError(f"--output {FLAGS.output}: give a .nii or .nii.gz file name")
-        for name in ("probabilities", "uncertainty"):
-            if getattr(FLAGS, name) and _is_nifti_name(getattr(FLAGS, name)):
-                raise app.UsageError(f"--{name}: give a folder when --output is a folder")
-        missing_ok = trained_with_modality_dropout(_saved_configs(FLAGS.workdir))
-        cases = _case_part(_cases_from_input(FLAGS.input, missing_ok))
-        if not cases:
-            print(f"part {FLAGS.part_id} of {FLAGS.num_parts}: no cases to segment")
-            return
-        written = predict_cases(
-            FLAGS.workdir,
-            cases,
-            FLAGS.output,
-            probabilities_dir=FLAGS.probabilities,
-            uncertainty_dir=FLAGS.uncertainty,
-            overlays_dir=FLAGS.overlays,
-            part=f"-part{FLAGS.part_id}-of-{FLAGS.num_parts}" if FLAGS.num_parts > 1 else "",
-            **options,
-        )
-        print(f"wrote {len(written)} segmentation(s) to {FLAGS.output}")
-        return
-    if FLAGS.input and "," in FLAGS.input:
-        raise app.UsageError(f"--output {FLAGS.output} is one file; give a folder for many cases")
-    for name in ("probabilities", "uncertainty"):  # checked before the model loads
-        if getattr(FLAGS, name) and not _is_nifti_name(getattr(FLAGS, name)):
-            raise app.UsageError(f"--{name} {getattr(FLAGS, name)}: give a .nii or .nii.gz file")
-    if FLAGS.num_parts != 1:
-        raise app.UsageError("--num_parts splits a folder of cases; give --output a folder")
-    labels = predict_case(
-        FLAGS.workdir,
-        _single_case(files),
-        FLAGS.output,
-        probabilities=FLAGS.probabilities,
-        uncertainty=FLAGS.uncertainty,
-        overlays_dir=FLAGS.overlays,
-        **options,
-    )
-    values, counts = np.unique(labels, return_counts=True)
-    print(
-        f"wrote {FLAGS.output}: shape {labels.shape}, voxels per label "
-        + ", ".join(f"{v}: {c}" for v, c in zip(values, counts, strict=True))
-    )
+    if _is_nifti_name(FLAGS.output):
+        _predict_file(files, options)
+    else:
+        _predict_folder(options)
 
 
 def run() -> None:

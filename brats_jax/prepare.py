@@ -30,5 +30,10 @@ def main(argv):
     print(f"{src!r}: {len(src.case_ids)} cases, {len(src)} slices")
 
 
+def run() -> None:
+    """Console entry: bad data and file-system errors end in one line."""
+    cli.run_app(main)
+
+
 if __name__ == "__main__":
-    cli.run_app(main)  # bad data and file-system errors end in one line
+    run()

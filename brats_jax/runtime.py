@@ -6,7 +6,9 @@ what every command line should do alike:
 * the fast XLA:CPU flags (:data:`brats_jax.ops.flags.CPU_XLA_FLAGS`; XLA reads ``XLA_FLAGS``
   once, when the CPU backend starts, so a later call cannot change them);
 * TensorFlow/XLA C++ log level (``TF_CPP_MIN_LOG_LEVEL=3`` unless set);
-* the log filter for routine library lines (:func:`brats_jax.cli.quiet_library_logs`);
+* the log filter for routine library lines (:func:`brats_jax.cli.quiet_library_logs`: JAX's
+  "Unable to initialize backend 'tpu'" on a machine without one, orbax's notes on
+  read-only and metric-less checkpoints; other warnings still show);
 * JAX's persistent compilation cache (optional folder);
 * ``jax.distributed.initialize()`` for multi-host runs (optional).
 
@@ -36,7 +38,7 @@ def setup(
         name wins; no effect on GPU/TPU backends).
       compile_cache: folder of JAX's persistent compilation cache (None: no cache).
       distributed: call ``jax.distributed.initialize()`` (multi-host runs).
-      quiet_logs: filter orbax's routine log lines out of absl's handler.
+      quiet_logs: filter JAX's and orbax's routine log lines out of absl's handler.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if cpu_flags:

@@ -11,21 +11,40 @@ under `--data_root` (default: the run's `data.root`); default: the run's `data.v
 Tune on cases the run did not train on and that are not its test cases: thresholds tuned
 on test cases make test scores optimistic (a warning says so). Several comma-separated
 `--workdir`s tune for their ensemble; `--output_json` is then required. `--workdir`, `--tta`,
-`--step` and `--batch_size` are `brats_jax.predict`'s flags (same meaning).
+`--step` and `--batch_size` mean what they mean to `brats_jax.predict`. The work is
+`brats_jax.inference.postprocess_tuning.tune_run`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 from absl import app, flags
 
 from brats_jax import cli, runtime
-from brats_jax import predict as _predict  # noqa: F401  (defines --workdir, --tta, --step, --batch_size)
+from brats_jax.inference import postprocess
+from brats_jax.inference.case_lists import split_list
+from brats_jax.inference.postprocess_tuning import tune_run
 
 FLAGS = flags.FLAGS
+# --workdir, --tta, --step and --batch_size are defined alike in brats_jax.predict (and
+# --workdir in brats_jax.main), with allow_override so that one process may import several
+# commands (the tests do; the last definition is kept).
+flags.DEFINE_string(
+    "workdir", None, "Training run folder(s), comma-separated for an ensemble.",
+    allow_override=True,
+)  # fmt: skip
+flags.DEFINE_enum(
+    "tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.",
+    allow_override=True,
+)  # fmt: skip
+flags.DEFINE_integer(
+    "step", None, "Checkpoint step to use instead of the best one.", allow_override=True
+)
+flags.DEFINE_integer(
+    "batch_size", 0, "Slices per model call (0: the run's eval.batch_size).", allow_override=True
+)
 flags.DEFINE_string("cases", "", "Comma-separated case folders or IDs (default data.val_cases).")
 flags.DEFINE_string("data_root", "", "Where case IDs are looked up (default: the run's data.root).")
 flags.DEFINE_string("output_json", "", "JSON to write (default: WORKDIR/postprocessing.json).")
@@ -42,100 +61,13 @@ def _ints(value: str, flag: str) -> tuple[int, ...]:
         raise ValueError(f"--{flag}={value!r}: expected comma-separated whole numbers") from None
 
 
-def resolve_cases(cases: list[str], data_root: str) -> list:
-    """Case folders as given, IDs looked up among the `brats.find_cases` of `data_root`."""
-    from brats_jax.data import brats
-
-    by_id = None
-    out = []
-    for c in cases:
-        if pathlib.Path(c).is_dir():
-            out.append(c)
-            continue
-        if by_id is None:
-            if not data_root:
-                raise ValueError(f"--cases {c}: not a folder, and no --data_root to look it up")
-            by_id = {k.case_id: k for k in brats.find_cases(data_root)}
-        if c not in by_id:
-            raise ValueError(f"--cases {c}: no such case folder or case ID under {data_root}")
-        out.append(by_id[c])
-    return out
-
-
-def _tested_cases(ensemble) -> set[str]:
-    """The case IDs any run of `ensemble` is tested on: its `data.test_cases`, and the cases
-    its `results.json` scores (the split it drew, e.g. by `data.test_fraction`)."""
-    from brats_jax import predict
-
-    tested = set()
-    configs = ensemble.configs or [ensemble.config]
-    for workdir, config in zip(ensemble.workdirs, configs, strict=True):
-        tested |= set(predict.split_list(config.data.get("test_cases", "")))
-        results = pathlib.Path(workdir) / "results.json"
-        if results.is_file():
-            per_case = json.loads(results.read_text()).get("per_case", [])
-            tested |= {str(row["case_id"]) for row in per_case}
-    return tested
-
-
-def tune_run(
-    workdirs,
-    cases,
-    output,
-    *,
-    candidates,
-    data_root="",
-    tta="none",
-    step=None,
-    batch_size=0,
-    log=print,
-):
-    """Predict `cases` (folders or IDs, see `resolve_cases`; empty: the run's
-    `data.val_cases`) with the run(s), tune, and write `output`. Returns `postprocess.Tuned`."""
-    from brats_jax import predict
-    from brats_jax.inference import postprocess
-
-    ensemble = predict.load_ensemble(workdirs, step=step, tta=tta)
-    config = ensemble.config
-    cases = predict.split_list(cases) or predict.split_list(config.data.get("val_cases", ""))
-    if not cases:
-        raise ValueError("--cases: give the tuning cases (the run has no data.val_cases)")
-    preds, gts, ids = [], [], []
-    for case in resolve_cases(cases, data_root or config.data.get("root", "")):
-        data, labels, _ = predict.segment(ensemble, case, batch_size=batch_size)
-        if data.label is None:
-            raise FileNotFoundError(f"case {data.case_id}: no label file; tuning needs labels")
-        preds.append(labels)
-        gts.append(data.label)
-        ids.append(data.case_id)
-        log(f"predicted {data.case_id}")
-    if overlap := sorted(_tested_cases(ensemble) & set(ids)):
-        log(f"warning: tuning on the run's test case(s) {overlap}: their test scores are biased")
-    tuned = postprocess.tune_postprocessing(preds, gts, candidates, log=log)
-    tuning = {
-        "cases": ids,
-        "workdirs": list(ensemble.workdirs),
-        "tta": tta,
-        "step": step,
-        "objective": "mean over cases of the mean of the WT, TC and ET Dice",
-        "score_before": tuned.score_before,
-        "score_after": tuned.score_after,
-        "trials": [{"config": c, "score": s} for c, s in tuned.trials],
-    }
-    postprocess.save(output, tuned.config, tuning)
-    return tuned
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
-    from brats_jax import predict
-    from brats_jax.inference import postprocess
-
-    workdirs = predict.split_list(FLAGS.workdir)
+    workdirs = split_list(FLAGS.workdir)
     output = FLAGS.output_json
     if not output:
         if len(workdirs) > 1:

@@ -102,13 +102,14 @@ def base_config() -> ml_collections.ConfigDict:
     e.hd95_mode = "max"  # max (MONAI: max of directed 95th percentiles) | pooled (medpy)
     e.num_figure_slices = 6
     e.num_overlay_slices = 4  # TensorBoard label overlays of this many fixed val slices (0 = off)
-    e.tta = "none"  # test-time flips of the test pass: none | flips | flips_ud (inference.py)
+    e.tta = "none"  # test-time flips of the test pass: none | flips | flips_ud (whole_volume.py)
     # test pass and predict: slide a data.patch_size window over each slice (nnU-Net's
     # half-overlapping, Gaussian-weighted tiles) instead of one whole-slice call
     e.sliding_window = False
 
-    # 3D post-processing of the test pass and of `predict` (brats_jax/inference/postprocess.py); a run's
-    # postprocessing.json (python -m brats_jax.tune_postprocessing) takes precedence in predict.
+    # 3D post-processing of the test pass and of `predict` (brats_jax/inference/postprocess.py);
+    # a run's postprocessing.json (python -m brats_jax.tune_postprocessing) takes precedence in
+    # predict.
     c.postprocess = pp = ml_collections.ConfigDict()
     pp.largest_component_only = False  # keep only the largest whole-tumour component
     pp.min_component_voxels = 0  # drop whole-tumour components below this size (0 = off)
@@ -240,9 +241,9 @@ PRESET_FIELDS["smoke"] = {
 }
 # nnU-Net's 2D intensity augmentation (augment.NNUNET_2D without mirroring, rotation, scaling).
 _INTENSITY_AUGMENT = {f"augment.{k}": v for k, v in augment.NNUNET_2D_INTENSITY.items()}
-# cpu_best: issue 19's options (EXPERIMENTS.md, "Segmentation options": 2.5D input, WT/TC/ET
+# cpu_best: the segmentation options (EXPERIMENTS.md, "Segmentation options": 2.5D input, WT/TC/ET
 # region outputs, the largest whole-tumour component; cpu_best until 2026-12-06) plus the two
-# recipe parts the issue-24 rule chose on two 3-fold replicates over the 18 sample cases: deep
+# recipe parts the recipe rule chose on two 3-fold replicates over the 18 sample cases: deep
 # supervision and intensity augmentation (whole 128 px slices, no patches; EXPERIMENTS.md,
 # "Generalisation recipe").
 PRESET_FIELDS["cpu_best"] = {
@@ -254,7 +255,7 @@ PRESET_FIELDS["cpu_best"] = {
     **_INTENSITY_AUGMENT,
 }
 # cpu_best plus 128 px patches of native 240 px slices (a third centred on tumour): the
-# issue-24 combination. Not cpu_best: on two replicates it predicts no tumour core on one
+# recipe's full combination (EXPERIMENTS.md, "Generalisation recipe"). Not cpu_best: on two replicates it predicts no tumour core on one
 # case (BraTS2021_00014) both times; EXPERIMENTS.md.
 PRESET_FIELDS["cpu_recipe"] = {
     **PRESET_FIELDS["cpu_best"],

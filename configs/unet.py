@@ -4,7 +4,7 @@ Presets: `configs/unet.py:paper` (LR 1e-4, the study's baseline), `:demo`, `:tin
 `:cpu_best` (`:cpu` with the options chosen by cross-validation on the real sample: 2.5D
 input, region outputs, the largest component, deep supervision, intensity augmentation;
 EXPERIMENTS.md), `:cpu_recipe` (`:cpu_best` with nnU-Net's native-resolution patches: the
-issue-24 combination, EXPERIMENTS.md), `:smoke`.
+combination of nnU-Net's parts in EXPERIMENTS.md, "Generalisation recipe"), `:smoke`.
 """
 
 import ml_collections

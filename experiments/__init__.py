@@ -1,1 +1,2 @@
-"""The study's sweeps (`sweeps`), running them (`run`) and their report (`report`)."""
+"""The study's sweeps (`sweeps`), running them (`run`) and their report (`report`); the
+one-off analyses of EXPERIMENTS.md are in `experiments.analyses`."""

@@ -259,8 +259,8 @@ def _group_key(config: ml_collections.ConfigDict) -> str:
 
 def plan_units(runs: Sequence[PlannedRun], group_size: int) -> list[list[PlannedRun]]:
     """Split runs into units trained together: runs sharing architecture, image size, batch
-    size and step budget (`brats_jax.training.run_group.group_key`), at most `group_size` per unit, in sweep
-    order. `group_size <= 1` gives one run per unit."""
+    size and step budget (`brats_jax.training.run_group.group_key`), at most `group_size` per
+    unit, in sweep order. `group_size <= 1` gives one run per unit."""
     if group_size <= 1:
         return [[r] for r in runs]
     groups: dict[str, list[PlannedRun]] = {}

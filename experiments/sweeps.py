@@ -93,7 +93,8 @@ STUDY_TABLES = {"unet": STUDY_TABLE1, "transunet": STUDY_TABLE2}
 @dataclasses.dataclass(frozen=True)
 class SweepRun:
     """One training run of a sweep (one cell of its table); `experiments.run.PlannedRun` is
-    the same run with its full config and folder, `brats_jax.training.run_group.Run` while it trains.
+    the same run with its full config and folder, `brats_jax.training.run_group.Run` while it
+    trains.
 
     Attributes:
       name: run name = folder name under the sweep's output folder.

@@ -1,4 +1,4 @@
-"""experiments/segmentation_ablation.py `score` on hand-made predictions and labels: a case of
+"""experiments/analyses/segmentation_ablation.py `score` on hand-made predictions, labels: a case of
 fold i is scored with the post-processing tuned for fold i (on the other fold), and the fixed
 split (--test_cases) gives the `none` and `largest` rows of its test cases only.
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from brats_jax.metrics import HD95_EMPTY
-from experiments import segmentation_ablation as A
+from experiments.analyses import segmentation_ablation as A
 
 SHAPE = (16, 16, 8)
 IDS = [f"Brats18_T_{i}_1" for i in range(4)]

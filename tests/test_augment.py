@@ -13,13 +13,13 @@ import numpy as np
 import optax
 import pytest
 
-from brats_jax import config_fields, losses, predict
+from brats_jax import config_fields, losses
 from brats_jax.data import augment, brats
 from brats_jax.data.augment import AugmentConfig
 from brats_jax.data.common import DataError
-from brats_jax.inference import whole_volume
+from brats_jax.inference import case_lists, case_prediction, ensembles, whole_volume
 from brats_jax.runs import train_state
-from brats_jax.training import steps, train
+from brats_jax.training import steps
 from configs import default, unet
 
 KEY = jax.random.PRNGKey(0)
@@ -352,7 +352,7 @@ def stand_in_runs(tmp_path, monkeypatch):
         saved = json.loads((tmp_path / workdir / "config.json").read_text())
         return ml_collections.ConfigDict(saved), _ScaleModel(), {"scale": np.float32(1)}
 
-    monkeypatch.setattr(train, "load_trained", load_trained)
+    monkeypatch.setattr(train_state, "load_trained", load_trained)
     monkeypatch.setattr(whole_volume, "make_slice_predictor", whole_volume.make_slice_predictor)
 
     def add(name, dropout):
@@ -372,16 +372,16 @@ def test_predict_missing_modality_only_after_modality_dropout(stand_in_runs, tmp
     case = _case_without_t1ce(tmp_path / "data")
     out = tmp_path / "seg.nii.gz"
     with pytest.raises(DataError, match=r"missing modality file\(s\) \['t1ce'\]") as err:
-        predict.predict_case(stand_in_runs("plain", 0.0), case, out)
+        case_prediction.predict_case(stand_in_runs("plain", 0.0), case, out)
     assert "\n" not in str(err.value) and "Brats18_X_1_t1ce.nii[.gz]" in str(err.value)
     with pytest.raises(DataError, match="t1ce"):
-        predict._cases_from_input(str(case.parent), False)
+        case_lists.cases_from_input(str(case.parent), False)
 
     run = stand_in_runs("dropout", 0.2)
-    assert predict.trained_with_modality_dropout(predict._saved_configs(run))
-    assert [c.paths["t1ce"] for c in predict._cases_from_input(str(case.parent), True)] == [None]
+    assert ensembles.trained_with_modality_dropout(ensembles.saved_configs(run))
+    assert [c.paths["t1ce"] for c in case_lists.cases_from_input(str(case.parent), True)] == [None]
     probs_out = tmp_path / "probs.nii.gz"
-    predict.predict_case(run, case, out, probabilities=probs_out, postprocessing="none")
+    case_prediction.predict_case(run, case, out, probabilities=probs_out, postprocessing="none")
     assert any("no t1ce file" in r.getMessage() for r in caplog.records)
     data = brats.load_case(case, allow_missing=True)
     assert np.all(data.image[..., 2] == 0)  # the missing modality is 0 (as trained)

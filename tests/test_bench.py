@@ -5,6 +5,7 @@ import json
 import pytest
 
 from brats_jax import bench
+from brats_jax.benchmarking import timing, train, workload
 
 TRAIN_FIELDS = {
     "model",
@@ -66,16 +67,16 @@ def test_step_flops_falls_back_to_the_cpu_lowering(monkeypatch):
 
     a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
     lowered = jax.jit(f).lower(a, b)
-    assert bench.step_flops(f, lowered, a, b) == 2 * 8 * 16 * 4
-    real = bench.cost_flops
+    assert timing.step_flops(f, lowered, a, b) == 2 * 8 * 16 * 4
+    real = timing.cost_flops
     calls = []
 
     def nan_first(x):
         calls.append(x)
         return float("nan") if len(calls) == 1 else real(x)
 
-    monkeypatch.setattr(bench, "cost_flops", nan_first)
-    assert bench.step_flops(f, lowered, a, b) == 2 * 8 * 16 * 4
+    monkeypatch.setattr(timing, "cost_flops", nan_first)
+    assert timing.step_flops(f, lowered, a, b) == 2 * 8 * 16 * 4
     assert len(calls) == 2 and calls[1] is not lowered
 
 
@@ -101,16 +102,14 @@ def test_bench_eval_no_recompilation(capsys):
 
 def test_bench_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unet only"):
-        bench.build_model("transunet", base_features=8)
+        workload.build_model("transunet", base_features=8)
     with pytest.raises(ValueError, match="dtype"):
-        bench.build_model("unet", dtype="float16")
+        workload.build_model("unet", dtype="float16")
 
 
 @pytest.mark.slow  # ~50 s of CPU compiles: benchmark harness, run with -m slow
 def test_bench_multirun_reports_both_step_times():
-    from brats_jax import bench
-
-    r = bench.bench_multirun(
+    r = train.bench_multirun(
         image_size=32, batch_size=2, runs=2, steps=1, base_features=4, depth=2, mapping="map"
     )
     assert r["runs"] == 2 and r["mapping"] == "map" and r["params_per_run"] > 0
@@ -127,13 +126,13 @@ def test_time_steps_with_auto_state_layouts_computes_the_same_steps():
     import numpy as np
     import optax
 
-    net = bench.build_model("unet", base_features=2, depth=1, conv_impl="xla")
+    net = workload.build_model("unet", base_features=2, depth=1, conv_impl="xla")
     tx = optax.adam(1e-3)
-    image, label = bench.random_batch(2, 16)
-    step = bench.make_train_step(net, tx)
+    image, label = workload.random_batch(2, 16)
+    step = workload.make_train_step(net, tx)
     runs = {
-        lay: bench.time_steps(step, bench.init_train_state(net, 16, tx), (image, label), 2, lay)
-        for lay in bench.STATE_LAYOUTS
+        lay: timing.time_steps(step, workload.init_train_state(net, 16, tx), (image, label), 2, lay)
+        for lay in timing.STATE_LAYOUTS
     }
     assert float(runs["auto"].out) == pytest.approx(float(runs["default"].out), rel=1e-6)
     jax.tree.map(
@@ -142,10 +141,10 @@ def test_time_steps_with_auto_state_layouts_computes_the_same_steps():
         runs["default"].state["params"],
     )
     with pytest.raises(ValueError, match="state_layouts='tiled'"):
-        bench.time_steps(step, bench.init_train_state(net, 16, tx), (image, label), 1, "tiled")
+        timing.time_steps(step, workload.init_train_state(net, 16, tx), (image, label), 1, "tiled")
     assert runs["default"].flops > 0
-    unscored = bench.time_steps(
-        step, bench.init_train_state(net, 16, tx), (image, label), 1, count_flops=False
+    unscored = timing.time_steps(
+        step, workload.init_train_state(net, 16, tx), (image, label), 1, count_flops=False
     )
     assert unscored.flops != unscored.flops  # nan: not counted
 

@@ -66,15 +66,15 @@ def test_fix_rows_counts_the_scanned_transunet_flops_per_block():
     import optax
 
     from benchmarks.transunet_compile import fix_rows
-    from brats_jax import bench
+    from brats_jax.benchmarking import timing, workload
     from brats_jax.models import TransUNet
 
     net = TransUNet(preset="tiny", num_classes=4)  # scanned, 2 transformer blocks
     tx = optax.adam(1e-4)
-    state = jax.eval_shape(lambda: bench.init_train_state(net, 32, tx))
-    image, label = bench.random_batch(1, 32)
-    step = bench.make_train_step(net, tx)
-    scanned = bench.step_flops(step, jax.jit(step).lower(state, image, label), state, image, label)
+    state = jax.eval_shape(lambda: workload.init_train_state(net, 32, tx))
+    image, label = workload.random_batch(1, 32)
+    step = workload.make_train_step(net, tx)
+    scanned = timing.step_flops(step, jax.jit(step).lower(state, image, label), state, image, label)
     row = {"model": "transunet", "preset": "tiny", "image_size": 32, "batch_size": 1,
            "dtype": "float32", "step_s_median": 2.0, "flops_per_step": scanned}  # fmt: skip
     out = io.StringIO()

@@ -1,7 +1,9 @@
 """The CLI boundary: file-system errors end in one line naming the path and the cause."""
 
 import errno
+import logging as pylogging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -101,3 +103,118 @@ def test_full_disk_ends_in_one_line_at_the_cli(tmp_path, debug):
     assert lines[0].startswith(f"error: {tmp_path}/.results.json.")
     assert lines[0].endswith(f": {NOSPACE}")
     assert os.listdir(tmp_path) == []  # the atomic writer left no temporary file
+
+
+def _record(name, level, message, pathname="x.py"):
+    return pylogging.LogRecord(name, level, pathname, 1, message, None, None)
+
+
+def test_log_filter_drops_routine_library_lines_and_keeps_real_problems():
+    orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    tpu = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so"
+    dropped = [
+        _record("jax._src.xla_bridge", pylogging.INFO, tpu),
+        _record("absl", pylogging.WARNING, "Given directory is read only=/run/ckpt", orbax),
+        _record("absl", pylogging.WARNING, "`tracked_metric`; did not provide metrics.", orbax),
+        _record("absl", pylogging.INFO, "Saved checkpoint 2", orbax),
+    ]
+    kept = [
+        _record("jax._src.xla_bridge", pylogging.WARNING, "A Google TPU may be present on this"),
+        _record("jax._src.xla_bridge", pylogging.INFO, "Unable to initialize backend 'cuda': x"),
+        _record("absl", pylogging.WARNING, "Given directory is read only=/run/ckpt"),  # not orbax
+        _record("absl", pylogging.WARNING, "Item 'state' was not found", orbax),
+    ]
+    assert [cli.keep_log_record(r) for r in dropped] == [False] * len(dropped)
+    assert [cli.keep_log_record(r) for r in kept] == [True] * len(kept)
+
+
+def _quiet_env():
+    """The environment a user's shell gives a command: no JAX_PLATFORMS (the tests' `cpu`
+    keeps JAX from trying the TPU backend at all), no debug tracebacks."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    for name in ("JAX_PLATFORMS", "BRATS_JAX_DEBUG", "TF_CPP_MIN_LOG_LEVEL"):
+        env.pop(name, None)
+    return env
+
+
+_TPU_LINE = "Unable to initialize backend 'tpu'"
+# an absl warning/error line: W1207 09:21:55.283520 139860765842304 checkpoint_manager.py:849]
+_ABSL_WARNING = re.compile(r"^[WEF]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\]")
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory):
+    """A tiny run trained by the command line (`python -m brats_jax.main`) -> (workdir,
+    the command's stdout + stderr)."""
+    workdir = tmp_path_factory.mktemp("tiny_cli") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "brats_jax.main", "--config=configs/unet.py:tiny",
+         f"--workdir={workdir}", "--config.train.num_steps=2"],
+        cwd=REPO, env=_quiet_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc.stdout + proc.stderr
+
+
+def test_training_on_a_machine_without_tpu_logs_no_tpu_backend_line(tiny_trained):
+    _, output = tiny_trained
+    assert "devices: [" in output  # the INFO lines are shown
+    assert _TPU_LINE not in output
+
+
+def test_predict_on_a_trained_run_logs_no_orbax_warning(tiny_trained, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    workdir, _ = tiny_trained
+    case = tmp_path / "Brats18_A_1"
+    case.mkdir()
+    rng = np.random.default_rng(0)
+    for suffix in ("_flair", "_t1", "_t1ce", "_t2"):
+        vol = rng.normal(100, 20, (12, 10, 6)).astype(np.float32)
+        image = nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0]))
+        nib.save(image, case / f"{case.name}{suffix}.nii.gz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "brats_jax.predict", f"--workdir={workdir}", f"--input={case}",
+         f"--output={tmp_path / 'seg.nii.gz'}"],
+        cwd=REPO, env=_quiet_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'seg.nii.gz'}")
+    warnings = [ln for ln in proc.stderr.splitlines() if _ABSL_WARNING.match(ln)]
+    assert warnings == [], proc.stderr
+    assert "read only" not in proc.stderr and _TPU_LINE not in proc.stderr, proc.stderr
+
+
+def test_every_console_script_names_a_function():
+    """pyproject.toml's `[project.scripts]` (`brats-train`, ...) point at functions that
+    exist (a missing one fails only when the script is run). Read, not imported: the
+    commands define flags of the same names."""
+    import ast
+    import importlib.util
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert "brats-train" in scripts
+    missing = []
+    for name, target in sorted(scripts.items()):
+        module, _, function = target.partition(":")
+        with open(importlib.util.find_spec(module).origin) as f:
+            tree = ast.parse(f.read())
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        if function not in defined:
+            missing.append(f"{name} = {target!r}")
+    assert missing == []
+
+
+def test_a_console_scripts_help_lists_its_flags_as_python_m_does():
+    # what pip's generated `brats-train` does: __main__ is the script, without flags or doc
+    code = "import sys; sys.argv[0] = 'brats-train'; from brats_jax.main import run; run()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--help"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.stdout.startswith("Train and evaluate: `python -m brats_jax.main"), proc.stdout
+    assert "--config: Config file" in proc.stdout and "--workdir:" in proc.stdout

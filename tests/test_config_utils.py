@@ -52,8 +52,8 @@ def test_presets_are_field_dicts_on_a_locked_config():
 
 def test_cpu_best_is_the_cpu_budget_plus_the_segmentation_options():
     """`cpu_best` trains on the `cpu` preset's budget (same steps, batch, size, schedule,
-    network): it differs from it only in issue 19's options and issue 24's choice (deep
-    supervision, nnU-Net's 2D intensity augmentation probabilities)."""
+    network): it differs from it only in the segmentation options and the generalisation
+    recipe's choice (deep supervision, nnU-Net's 2D intensity augmentation probabilities)."""
     diff = config_fields.config_diff(
         unet.get_config("cpu").to_dict(), unet.get_config("cpu_best").to_dict()
     )

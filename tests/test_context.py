@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from test_pretrained import TINY, write_vit_npz
 
-from brats_jax import predict
 from brats_jax.data import (
     SliceTable,
     SyntheticSource,
@@ -23,7 +22,7 @@ from brats_jax.data import (
     resize_image,
     stack_context,
 )
-from brats_jax.inference import whole_volume
+from brats_jax.inference import case_prediction, ensembles, whole_volume
 from brats_jax.models import TransUNet, load_pretrained
 from brats_jax.models.pretrained import widen_root_kernel
 from brats_jax.runs import train_state
@@ -187,8 +186,8 @@ def test_ensemble_members_use_their_own_context():
     w12 = {"w": jnp.asarray(rng.normal(size=(12, 4)).astype(np.float32))}
     fn = whole_volume.make_slice_predictor(_LinearModel(), image_size=0)
     config = ml_collections.ConfigDict({"eval": {"batch_size": 2}})
-    ens = predict.Ensemble(("a", "b"), config, (fn, fn), (w4, w12), (0, 1))
-    got = predict.predict_probabilities(ens, volume)
+    ens = ensembles.Ensemble(("a", "b"), config, (fn, fn), (w4, w12), (0, 1))
+    got = ensembles.predict_probabilities(ens, volume)
     plain = np.moveaxis(np.asarray(fn(w4, np.moveaxis(volume, 2, 0))), 0, 2)
     stacked = np.stack([_hand_stacked(volume, z, 1) for z in range(5)])
     wide = np.moveaxis(np.asarray(fn(w12, stacked)), 0, 2)
@@ -275,7 +274,7 @@ def test_train_and_predict_with_context(tmp_path):
     for mod in ("t1", "t1ce", "t2", "flair"):
         vol = rng.normal(100, 20, shape).astype(np.float32)
         nib.save(nib.Nifti1Image(vol, AFFINE), str(case / f"Brats18_X_1_1_{mod}.nii.gz"))
-    labels = predict.predict_case(workdir, case, tmp_path / "seg.nii.gz")
+    labels = case_prediction.predict_case(workdir, case, tmp_path / "seg.nii.gz")
     assert labels.shape == shape
-    ens = predict.load_ensemble(str(workdir))
+    ens = ensembles.load_ensemble(str(workdir))
     assert ens.context_slices == (1,)

@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import metrics, predict
+from brats_jax import metrics
 from brats_jax.data import brats, load_volume, make_source
-from brats_jax.inference import whole_volume
+from brats_jax.inference import case_prediction, ensembles, whole_volume
 from brats_jax.labels import to_release_labels
 from brats_jax.models import outputs
 from brats_jax.runs import train_state
@@ -93,13 +93,15 @@ def test_predict_is_the_argmax_of_hand_stacked_windows(context_run, tmp_path):
             nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0])),
             str(case / f"Brats18_X_1_1_{mod}.nii.gz"),
         )
-    written = predict.predict_case(
+    written = case_prediction.predict_case(
         workdir, case, tmp_path / "seg.nii.gz", probabilities=tmp_path / "p.nii.gz"
     )
     fn, variables, batch = _plain_2d(workdir)
-    ens = predict.load_ensemble(str(workdir))
+    ens = ensembles.load_ensemble(str(workdir))
     loaded = brats.load_case(
-        case, require_label=False, normalization=predict.input_normalization(ens.config.data.source)
+        case,
+        require_label=False,
+        normalization=ensembles.input_normalization(ens.config.data.source),
     )
     image = loaded.image
     want = whole_volume.predict_volume(fn, variables, _hand_stacked(image), batch_size=batch)

@@ -1,6 +1,7 @@
 """Tests for the brats_jax.evaluate CLI with tiny NIfTIs of hand-known Dice."""
 
 import csv
+import functools
 import os
 import pathlib
 import subprocess
@@ -10,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import evaluate as E
+from brats_jax import evaluate
+from brats_jax.metrics import folder as E
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -290,7 +292,8 @@ def test_et_relabel_rule_finds_et_in_the_2018_convention(tmp_path):
     raw = E.evaluate_folder(pred_dir, gt_dir)[0]
     assert raw["dice_ET"] == pytest.approx(1.0)
     rule = postprocess.PostprocessConfig(et_min_voxels=2)
-    row = E.evaluate_folder(pred_dir, gt_dir, postprocessing=rule)[0]
+    apply_rule = functools.partial(postprocess.apply, config=rule)
+    row = E.evaluate_folder(pred_dir, gt_dir, postprocessing=apply_rule)[0]
     assert row["dice_WT"] == pytest.approx(2 / 3)
     assert row["dice_TC"] == pytest.approx(2 / 3)
     assert row["dice_ET"] == pytest.approx(0.0)
@@ -298,18 +301,18 @@ def test_et_relabel_rule_finds_et_in_the_2018_convention(tmp_path):
     cfg = tmp_path / "postprocessing.json"
     postprocess.save(cfg, rule)
     out = tmp_path / "m.csv"
-    E.FLAGS.unparse_flags()
-    E.FLAGS(["evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}", f"--out={out}",
-             f"--apply_postprocessing={cfg}"])  # fmt: skip
+    evaluate.FLAGS.unparse_flags()
+    evaluate.FLAGS(["evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}", f"--out={out}",
+                    f"--apply_postprocessing={cfg}"])  # fmt: skip
     try:
-        E.main(["evaluate"])
+        evaluate.main(["evaluate"])
     finally:
-        E.FLAGS.unparse_flags()
+        evaluate.FLAGS.unparse_flags()
     written = _rows(out)["Brats18_A"]
     assert float(written["dice_ET"]) == pytest.approx(0.0)
     assert float(written["dice_TC"]) == pytest.approx(2 / 3)
     # a 2-voxel ET meets the threshold and stays ET
     pred[1, 2, 1] = 4
     _save(pred_dir / "Brats18_A.nii.gz", pred)
-    kept = E.evaluate_folder(pred_dir, gt_dir, postprocessing=rule)[0]
+    kept = E.evaluate_folder(pred_dir, gt_dir, postprocessing=apply_rule)[0]
     assert kept["dice_ET"] == pytest.approx(2 * 1 / (1 + 2))

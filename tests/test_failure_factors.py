@@ -1,11 +1,12 @@
-"""experiments/failure_factors.py: a case's size and oedema contrast, and the scores it reads."""
+"""experiments/analyses/failure_factors.py: a case's size and oedema contrast, the scores it
+reads."""
 
 import json
 
 import numpy as np
 import pytest
 
-from experiments import failure_factors as F
+from experiments.analyses import failure_factors as F
 
 
 def test_case_factors_by_hand():

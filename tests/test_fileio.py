@@ -5,7 +5,8 @@ import stat
 
 import pytest
 
-from brats_jax import evaluate, fileio
+from brats_jax import fileio
+from brats_jax.metrics import folder
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def test_permissions_follow_umask(tmp_path, umask, mask):
     with open(plain, "w") as f:  # what a non-atomic writer would have produced
         f.write("x")
     fileio.write_text(tmp_path / "a.txt", "x")
-    evaluate.write_csv([], tmp_path / "scores.csv")
+    folder.write_csv([], tmp_path / "scores.csv")
     expected = 0o666 & ~mask
     assert stat.S_IMODE(plain.stat().st_mode) == expected
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == expected

@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax import lax
 
-from brats_jax import bench
+from brats_jax.benchmarking import workload
 from brats_jax.models import UNet
 from brats_jax.ops.gemm import conv2d_gemm, im2col
 
@@ -102,16 +102,16 @@ def test_vmapped_unet_step_equals_the_single_runs():
     tx = optax.sgd(0.1)
     ref_net = UNet(features=4, depth=2, conv_impl="xla")
     net = UNet(features=4, depth=2, conv_impl="gemm")
-    states = [bench.init_train_state(ref_net, size, tx, seed=s) for s in range(runs)]
-    batches = [bench.random_batch(1, size, seed=10 + s) for s in range(runs)]
-    single = jax.jit(bench.make_train_step(ref_net, tx))
+    states = [workload.init_train_state(ref_net, size, tx, seed=s) for s in range(runs)]
+    batches = [workload.random_batch(1, size, seed=10 + s) for s in range(runs)]
+    single = jax.jit(workload.make_train_step(ref_net, tx))
     expected = [single(st, *b) for st, b in zip(states, batches, strict=True)]
     stack = lambda *xs: jnp.stack(xs)
-    grouped = jax.jit(jax.vmap(bench.make_train_step(net, tx)))
+    grouped = jax.jit(jax.vmap(workload.make_train_step(net, tx)))
     k_state = jax.tree.map(stack, *states)
     k_image, k_label = (jnp.stack(xs) for xs in zip(*batches, strict=True))
     new_state, losses = grouped(k_state, k_image, k_label)
-    prims = _primitives(jax.make_jaxpr(jax.vmap(bench.make_train_step(net, tx)))(
+    prims = _primitives(jax.make_jaxpr(jax.vmap(workload.make_train_step(net, tx)))(
         k_state, k_image, k_label
     ).jaxpr)  # fmt: skip
     assert "conv_general_dilated" not in prims

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from brats_jax.runs import train_state
 from brats_jax.runs.checkpoints import RunCheckpoints
 from brats_jax.training import train
 from configs import unet
@@ -53,8 +54,8 @@ def _assert_same_as_alone(alone, workdirs, got):
         assert g["paper_dice"] == pytest.approx(e["paper_dice"], abs=2e-3)
         for r in ("WT", "TC", "ET"):
             assert g["dice"][r] == pytest.approx(e["dice"][r], abs=2e-2)
-        _, _, v_alone = train.load_trained(root / str(i), step=STEPS)
-        _, _, v_group = train.load_trained(workdirs[i], step=STEPS)
+        _, _, v_alone = train_state.load_trained(root / str(i), step=STEPS)
+        _, _, v_group = train_state.load_trained(workdirs[i], step=STEPS)
         for x, y in zip(jax.tree.leaves(v_alone), jax.tree.leaves(v_group), strict=True):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-5)
 

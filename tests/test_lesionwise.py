@@ -277,7 +277,7 @@ def test_training_test_pass_has_lesionwise_block_and_columns(tmp_path, monkeypat
         return np.eye(4, dtype=np.float32)[label]
 
     monkeypatch.setattr(evaluation.data, "load_volume", load_volume)
-    monkeypatch.setattr(evaluation.inference, "predict_volume", predict_volume)
+    monkeypatch.setattr(evaluation.whole_volume, "predict_volume", predict_volume)
     results, _ = evaluation.evaluate_test_volumes(run, None, None)
     assert len(results["per_case"]) >= 1
     kept = {r: [] for r in ("WT", "TC", "ET")}

@@ -60,8 +60,8 @@ def test_stacked_runs_match_runs_alone(alone, tmp_path, mapping):
         for name in ("results.json", "per_case.csv", "config.json", "checkpoints"):
             assert (workdirs[i] / name).exists()
     # Params of the stacked run's checkpoint equal the lone run's (same seed, data, loss).
-    _, _, v_alone = train.load_trained(root / "1", step=4)
-    _, _, v_group = train.load_trained(workdirs[1], step=4)
+    _, _, v_alone = train_state.load_trained(root / "1", step=4)
+    _, _, v_group = train_state.load_trained(workdirs[1], step=4)
     for x, y in zip(jax.tree.leaves(v_alone), jax.tree.leaves(v_group), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
@@ -190,8 +190,8 @@ def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monk
     got = train.train_runs(RUNS[:2], workdirs, mapping="map")
     for i in range(2):
         assert got[i]["paper_dice"] == pytest.approx(expected[i]["paper_dice"], abs=2e-3)
-        _, _, v_alone = train.load_trained(root / str(i), step=4)
-        _, _, v_group = train.load_trained(workdirs[i], step=4)
+        _, _, v_alone = train_state.load_trained(root / str(i), step=4)
+        _, _, v_group = train_state.load_trained(workdirs[i], step=4)
         for x, y in zip(jax.tree.leaves(v_alone), jax.tree.leaves(v_group), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 

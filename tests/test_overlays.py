@@ -343,10 +343,10 @@ def test_negative_overlay_count_is_an_error(tmp_path):
 
 
 def test_predict_overlays_index_with_extra_columns(tmp_path, monkeypatch):
-    """predict_cases with a stand-in model (ET where the z-scored FLAIR is high): case A
-    has a label file (Dice 1 beside its volume), B none (volume only); the extra column
-    (as the uncertainty CSV's helper would give it) is listed."""
-    from brats_jax import predict
+    """case_prediction.predict_cases with a stand-in model (ET where the z-scored FLAIR is
+    high): case A has a label file (Dice 1 beside its volume), B none (volume only); the extra
+    column (as the uncertainty CSV's helper would give it) is listed."""
+    from brats_jax.inference import case_lists, case_prediction, ensembles
 
     rng = np.random.default_rng(1)
     seg = np.zeros(SHAPE, np.int16)
@@ -362,10 +362,10 @@ def test_predict_overlays_index_with_extra_columns(tmp_path, monkeypatch):
         return np.eye(4, dtype=np.float32)[np.where(np.asarray(images)[..., 0] > 1, 3, 0)]
 
     config = _tiny_config()
-    ensemble = predict.Ensemble(("run",), config, (fake_predict,), ({},), (0,))
-    monkeypatch.setattr(predict, "load_ensemble", lambda *a, **k: ensemble)
-    cases = predict._cases_from_input(str(tmp_path / "in"))
-    predict.predict_cases("run", cases, tmp_path / "out", postprocessing="none",
+    ensemble = ensembles.Ensemble(("run",), config, (fake_predict,), ({},), (0,))
+    monkeypatch.setattr(ensembles, "load_ensemble", lambda *a, **k: ensemble)
+    cases = case_lists.cases_from_input(str(tmp_path / "in"))
+    case_prediction.predict_cases("run", cases, tmp_path / "out", postprocessing="none",
                           overlays_dir=tmp_path / "pics",
                           extra_columns={"B": {"mean_entropy": 0.5}})  # fmt: skip
     parser = _Index()

@@ -371,7 +371,7 @@ def test_patch_errors_at_run_build_and_for_transunet(tmp_path):
 
 
 def test_core_coverage_counts_the_share_of_the_slices_core_in_each_crop():
-    from experiments.crop_core_coverage import core_shares
+    from experiments.analyses.crop_core_coverage import core_shares
 
     label = np.zeros((S, S, 3), np.int32)
     label[2, 2, 0], label[21, 21, 0] = 1, 3  # two core voxels 19 px apart: an 8 px crop holds one

@@ -1,11 +1,14 @@
 """predict: many cases in one call, ensembles, test-time flips and tuned post-processing.
 
-The trained run is replaced by a stand-in (`train.load_trained` patched): a pointwise
+The trained run is replaced by a stand-in (`train_state.load_trained` patched): a pointwise
 model whose logits are its input times `variables["scale"]`, so the tests need no
 training and their expected values follow from the input.
 """
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -14,8 +17,14 @@ import numpy as np
 import pytest
 
 from brats_jax import predict
-from brats_jax.inference import postprocess, whole_volume
-from brats_jax.training import train
+from brats_jax.inference import (
+    case_prediction,
+    ensembles,
+    postprocess,
+    postprocess_choice,
+    whole_volume,
+)
+from brats_jax.runs import train_state
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order (brats.ORIENTATION)
 
@@ -66,7 +75,7 @@ def runs(tmp_path, monkeypatch):
         made.append(real(model, **kw))
         return made[-1]
 
-    monkeypatch.setattr(train, "load_trained", load_trained)
+    monkeypatch.setattr(train_state, "load_trained", load_trained)
     monkeypatch.setattr(whole_volume, "make_slice_predictor", make_slice_predictor)
 
     def add(name, scale=1.0, model=None, **config):
@@ -104,11 +113,11 @@ def test_many_cases_one_output_each_compiled_once(runs, tmp_path):
         _write_case(data, "BraTS-GLI-00001-000", 2, naming="2023", shape=(12, 10, 9)),
     ]
     out = tmp_path / "out"
-    written = predict.predict_cases(run, [str(f) for f in folders], out)
+    written = case_prediction.predict_cases(run, [str(f) for f in folders], out)
     assert [p.name for p in written] == [f"{f.name}.nii.gz" for f in folders]
     assert len(made) == 1 and made[0]._cache_size() == 1  # depths 6 and 9: one compilation
     for folder, path in zip(folders, written, strict=True):
-        alone = predict.predict_case(run, folder, tmp_path / "alone.nii.gz")
+        alone = case_prediction.predict_case(run, folder, tmp_path / "alone.nii.gz")
         np.testing.assert_array_equal(_read(path), alone)
     assert set(np.unique(_read(written[2]))) <= {0, 1, 2, 3}  # the 2023 case keeps ET = 3
 
@@ -137,10 +146,12 @@ def test_ensemble_averages_probabilities_and_shares_the_compiled_function(runs, 
     r1, r2 = add("r1", scale=1.0), add("r2", scale=3.0)
     case = _write_case(tmp_path, "Brats18_A_1", 0)
     p1, p2, pe = (tmp_path / f"{n}.nii.gz" for n in ("p1", "p2", "pe"))
-    predict.predict_case(r1, case, tmp_path / "s1.nii.gz", probabilities=p1)
-    predict.predict_case(r2, case, tmp_path / "s2.nii.gz", probabilities=p2)
+    case_prediction.predict_case(r1, case, tmp_path / "s1.nii.gz", probabilities=p1)
+    case_prediction.predict_case(r2, case, tmp_path / "s2.nii.gz", probabilities=p2)
     made.clear()
-    labels = predict.predict_case(f"{r1},{r2}", case, tmp_path / "e.nii.gz", probabilities=pe)
+    labels = case_prediction.predict_case(
+        f"{r1},{r2}", case, tmp_path / "e.nii.gz", probabilities=pe
+    )
     assert len(made) == 1  # same model config: one predictor serves both runs' variables
     mean = (_read(p1) + _read(p2)) / 2
     np.testing.assert_allclose(_read(pe), mean, atol=1e-6)
@@ -153,9 +164,9 @@ def test_ensemble_runs_must_share_image_size_and_normalization(runs, tmp_path):
     add, _ = runs
     r1, r2, r3 = add("r1"), add("r2", image_size=32), add("r3", source="kaggle_h5")
     with pytest.raises(ValueError, match=r"r2: data.image_size 32 differs from .*r1's 16"):
-        predict.load_ensemble(f"{r1},{r2}")
+        ensembles.load_ensemble(f"{r1},{r2}")
     with pytest.raises(ValueError, match="r3: input normalization 'slice' differs"):
-        predict.load_ensemble([r1, r3])
+        ensembles.load_ensemble([r1, r3])
 
 
 def _softmax(z):
@@ -172,10 +183,10 @@ def test_tta_flag_reaches_the_predictor(runs, tmp_path):
     add, _ = runs
     run = add("run", scale=0.5, model=_RampModel(), image_size=0)
     case = _write_case(tmp_path, "Brats18_A_1", 0)
-    plain = predict.predict_case(
+    plain = case_prediction.predict_case(
         run, case, tmp_path / "a.nii.gz", probabilities=tmp_path / "pa.nii.gz"
     )
-    tta = predict.predict_case(
+    tta = case_prediction.predict_case(
         run, case, tmp_path / "b.nii.gz", probabilities=tmp_path / "pb.nii.gz", tta="flips_ud"
     )
     image = brats.load_case(case, require_label=False, normalization="brain").image
@@ -212,18 +223,18 @@ def test_postprocessing_json_in_the_run_is_applied_unless_disabled(runs, tmp_pat
     island_free[10, 8, 5] = 0
     out = tmp_path / "seg.nii.gz"
     # no postprocessing.json yet: nothing changes
-    np.testing.assert_array_equal(predict.predict_case(run, case, out), labels)
+    np.testing.assert_array_equal(case_prediction.predict_case(run, case, out), labels)
     cfg = postprocess.PostprocessConfig(min_component_voxels=2)
     postprocess.save(f"{run}/{postprocess.POSTPROCESSING_FILE}", cfg)
-    np.testing.assert_array_equal(predict.predict_case(run, case, out), island_free)
+    np.testing.assert_array_equal(case_prediction.predict_case(run, case, out), island_free)
     np.testing.assert_array_equal(_read(out), island_free)
     np.testing.assert_array_equal(
-        predict.predict_case(run, case, out, postprocessing="none"), labels
+        case_prediction.predict_case(run, case, out, postprocessing="none"), labels
     )
     # an ensemble whose runs differ (`other` has no choice) is an error unless given the file
     with pytest.raises(ValueError, match=r"ensemble runs .*other differ in post-processing"):
-        predict.predict_case(f"{run},{other}", case, out)
-    given = predict.predict_case(
+        case_prediction.predict_case(f"{run},{other}", case, out)
+    given = case_prediction.predict_case(
         f"{run},{other}", case, out, postprocessing=f"{run}/{postprocess.POSTPROCESSING_FILE}"
     )
     np.testing.assert_array_equal(given, island_free)
@@ -268,7 +279,7 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
     assert stored["tuning"]["score_before"] == pytest.approx((54 / 55 + 0 + 1) / 3)
     printed = capsys.readouterr().out
     assert "wrote" in printed and "warning" not in printed
-    out = predict.predict_case(run, data / "Brats18_A_1", tmp_path / "seg.nii.gz")
+    out = case_prediction.predict_case(run, data / "Brats18_A_1", tmp_path / "seg.nii.gz")
     assert out[10, 8, 5] == 0 and (out > 0).sum() == 27
     # the run was tested on Brats18_B_1 (its results.json; no data.test_cases: a drawn split)
     (tmp_path / "run" / "results.json").write_text(
@@ -293,13 +304,14 @@ def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_p
         config.postprocess.largest_component_only = True
     run = tmp_path / "run"
     run.mkdir()
-    fields = predict.resolve_postprocessing(str(run), "auto", config)
+    fields = postprocess_choice.resolve_postprocessing(str(run), "auto", config)
     assert fields == postprocess.PostprocessConfig(largest_component_only=True)
-    assert predict.resolve_postprocessing(str(run), "none", config).is_identity
+    assert postprocess_choice.resolve_postprocessing(str(run), "none", config).is_identity
     tuned = postprocess.PostprocessConfig(min_component_voxels=7)
     postprocess.save(run / postprocess.POSTPROCESSING_FILE, tuned)
-    assert predict.resolve_postprocessing(str(run), "auto", config) == tuned
-    assert predict.resolve_postprocessing(f"{run},{run}", "auto", config) == tuned  # agree
+    assert postprocess_choice.resolve_postprocessing(str(run), "auto", config) == tuned
+    both = f"{run},{run}"  # two runs that agree
+    assert postprocess_choice.resolve_postprocessing(both, "auto", config) == tuned
 
 
 def test_ensemble_runs_whose_postprocessing_acts_the_same_agree(tmp_path):
@@ -319,11 +331,11 @@ def test_ensemble_runs_whose_postprocessing_acts_the_same_agree(tmp_path):
             run.mkdir()
             postprocess.save(run / postprocess.POSTPROCESSING_FILE, cfg)
         if agree:
-            chosen = predict.resolve_postprocessing(f"{runs[0]},{runs[1]}")
+            chosen = postprocess_choice.resolve_postprocessing(f"{runs[0]},{runs[1]}")
             assert chosen.effective() == a.effective() == b.effective()
         else:
             with pytest.raises(ValueError, match="differ in post-processing"):
-                predict.resolve_postprocessing(f"{runs[0]},{runs[1]}")
+                postprocess_choice.resolve_postprocessing(f"{runs[0]},{runs[1]}")
 
 
 def test_outputs_show_their_own_value_range_not_the_input_images(runs, tmp_path, monkeypatch):
@@ -340,7 +352,7 @@ def test_outputs_show_their_own_value_range_not_the_input_images(runs, tmp_path,
             img.header["cal_min"], img.header["cal_max"] = 0, 999
             nib.save(nib.Nifti1Image(np.asarray(img.dataobj), AFFINE, img.header), str(path))
         out, prob, unc = (tmp_path / naming / f"{n}.nii.gz" for n in ("seg", "prob", "unc"))
-        predict.predict_case(run, case, out, probabilities=prob, uncertainty=unc)
+        case_prediction.predict_case(run, case, out, probabilities=prob, uncertainty=unc)
         for path, want in ((out, (0, et)), (prob, (0, 1)), (unc, (0, 0))):
             header = nib.load(str(path)).header
             assert (float(header["cal_min"]), float(header["cal_max"])) == want, path.name
@@ -359,10 +371,10 @@ def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     assert not (tmp_path / "run" / postprocess.POSTPROCESSING_FILE).exists()
     out = tmp_path / "seg.nii.gz"
-    auto = predict.predict_case(run, case, out)
+    auto = case_prediction.predict_case(run, case, out)
     assert auto[10, 8, 5] == 0 and (auto == 2).sum() == 27 and (auto > 0).sum() == 27
     np.testing.assert_array_equal(_read(out), auto)
-    kept = predict.predict_case(run, case, out, postprocessing="none")
+    kept = case_prediction.predict_case(run, case, out, postprocessing="none")
     np.testing.assert_array_equal(kept, labels)
     assert kept[10, 8, 5] == 1
 
@@ -392,7 +404,7 @@ def test_ensemble_labels_are_the_argmax_of_the_mean_probabilities(runs, tmp_path
     )
     r1, r2 = add("r1", scale=1.0), add("r2", scale=2.0)
     case = _write_case(tmp_path, "Brats18_A_1", 0)
-    labels = predict.predict_case(f"{r1},{r2}", case, tmp_path / "e.nii.gz")
+    labels = case_prediction.predict_case(f"{r1},{r2}", case, tmp_path / "e.nii.gz")
     np.testing.assert_array_equal(labels, expected)
 
 
@@ -424,7 +436,7 @@ def test_cases_stored_in_another_voxel_order_get_the_same_segmentation(runs, tmp
     in_lps = {}
     for folder in (lps, ras, sag):
         out = tmp_path / f"{folder.name}_seg.nii.gz"
-        labels = predict.predict_case(run, folder, out)
+        labels = case_prediction.predict_case(run, folder, out)
         written, given = nib.load(str(out)), nib.load(str(folder / f"{folder.name}_t1.nii.gz"))
         assert written.shape == given.shape and np.allclose(written.affine, given.affine)
         np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
@@ -440,11 +452,13 @@ def test_a_label_file_of_another_convention_does_not_stop_prediction(runs, tmp_p
     add, _ = runs
     run = add("run")
     case = _write_case(tmp_path, "Brats18_A_1", 0)
-    without = predict.predict_case(run, case, tmp_path / "a.nii.gz")
+    without = case_prediction.predict_case(run, case, tmp_path / "a.nii.gz")
     seg = np.zeros((12, 10, 6), np.int16)
     seg[5, 5, 3] = 3
     nib.save(nib.Nifti1Image(seg, AFFINE), str(case / "Brats18_A_1_seg.nii.gz"))
-    np.testing.assert_array_equal(predict.predict_case(run, case, tmp_path / "b.nii.gz"), without)
+    np.testing.assert_array_equal(
+        case_prediction.predict_case(run, case, tmp_path / "b.nii.gz"), without
+    )
 
 
 def test_parts_sharing_a_folder_keep_every_case_in_their_summaries(runs, tmp_path):
@@ -472,3 +486,16 @@ def test_parts_sharing_a_folder_keep_every_case_in_their_summaries(runs, tmp_pat
     pages = sorted(p.name for p in pics.glob("*.html"))
     assert pages == ["index-part0-of-2.html", "index-part1-of-2.html"]
     assert "Brats18_B_1" in (pics / "index-part1-of-2.html").read_text()
+
+
+def test_every_command_imports_into_one_process():
+    """Commands that share flags (--workdir, --tta, --step, --batch_size, --overlays) can be
+    imported into one process, in either order, with no DuplicateFlagError."""
+    names = ["predict", "evaluate", "tune_postprocessing", "main"]
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    for order in (names, names[::-1]):
+        code = "import " + ", ".join(f"brats_jax.{n}" for n in order)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,10 +1,11 @@
-"""experiments/postprocessing_ablation: tuning on tuning cases only, rows scored on test cases."""
+"""experiments/analyses/postprocessing_ablation: tuning on tuning cases only, rows scored on
+test cases."""
 
 import numpy as np
 import pytest
 
 from brats_jax.inference import postprocess
-from experiments import postprocessing_ablation as ablation
+from experiments.analyses import postprocessing_ablation as ablation
 
 
 def _volumes():

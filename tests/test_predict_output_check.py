@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from brats_jax import predict
-from brats_jax.training import train
+from brats_jax.inference import case_prediction
+from brats_jax.runs import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,12 +17,12 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, w
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the outputs were checked")
 
-    monkeypatch.setattr(train, "load_trained", no_model)
+    monkeypatch.setattr(train_state, "load_trained", no_model)
     (tmp_path / "a_file").write_text("")
     bad = tmp_path / "a_file" / "x.nii.gz"  # under a file: not writable, even for root
     paths = {"output": tmp_path / "ok.nii.gz", "probabilities": None, which: bad}
     with pytest.raises(OSError) as e:
-        predict.predict_case(tmp_path / "run", tmp_path / "case", **paths)
+        case_prediction.predict_case(tmp_path / "run", tmp_path / "case", **paths)
     assert e.value.filename == str(tmp_path / "a_file")
     assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing written, not even ok.nii.gz
 

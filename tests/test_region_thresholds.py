@@ -1,4 +1,5 @@
-"""experiments/region_thresholds: out-of-fold scores of region probabilities per threshold."""
+"""experiments/analyses/region_thresholds: out-of-fold scores of region probabilities per
+threshold."""
 
 import json
 import types
@@ -6,9 +7,9 @@ import types
 import numpy as np
 import pytest
 
-from brats_jax import predict
 from brats_jax.data import brats
-from experiments import region_thresholds as R
+from brats_jax.inference import ensembles
+from experiments.analyses import region_thresholds as R
 
 
 def _case():
@@ -59,8 +60,8 @@ def _fold_ablation(tmp_path, monkeypatch, output="regions"):
     def load_ensemble(workdir, **_):
         return types.SimpleNamespace(config=config, probs=runs[workdir.rsplit("-", 1)[1]])
 
-    monkeypatch.setattr(predict, "load_ensemble", load_ensemble)
-    monkeypatch.setattr(predict, "predict_probabilities", lambda ens, image: ens.probs)
+    monkeypatch.setattr(ensembles, "load_ensemble", load_ensemble)
+    monkeypatch.setattr(ensembles, "predict_probabilities", lambda ens, image: ens.probs)
     monkeypatch.setattr(brats, "find_cases", lambda root: [types.SimpleNamespace(case_id=c)
                                                              for c in "ab"])  # fmt: skip
     monkeypatch.setattr(R, "load_scored_case", lambda case, source: (None, label, (1, 1, 1)))

@@ -11,9 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import config_fields, losses, metrics, models, predict
-from brats_jax.inference import whole_volume
+from brats_jax import config_fields, losses, metrics, models
+from brats_jax.inference import case_prediction, ensembles, whole_volume
 from brats_jax.models import outputs
+from brats_jax.runs import train_state
 from brats_jax.runs.train_state import TrainState, create_loss_params
 from brats_jax.training import steps, train
 from configs import unet as unet_config
@@ -351,7 +352,7 @@ def test_predict_from_a_regions_run_writes_decoded_labels(regions_run, tmp_path)
     workdir, _ = regions_run
     case, shape = _write_case(tmp_path)
     out, probs_out = tmp_path / "seg.nii.gz", tmp_path / "probs.nii.gz"
-    labels = predict.predict_case(workdir, case, out, probabilities=probs_out)
+    labels = case_prediction.predict_case(workdir, case, out, probabilities=probs_out)
     img = nib.load(str(out))
     assert img.shape == shape
     written = np.asarray(img.dataobj)
@@ -381,7 +382,7 @@ def test_regions_test_pass_scores_the_tested_checkpoint(regions_run, tmp_path):
 
     workdir, _ = regions_run
     saved = json.loads((workdir / "results.json").read_text())
-    config, model, variables = train.load_trained(workdir, step=saved["tested_step"])
+    config, model, variables = train_state.load_trained(workdir, step=saved["tested_step"])
     run = run_group.build_run(config, tmp_path)
     assert [r["case_id"] for r in saved["per_case"]] == list(run.splits.cases["test"])
     for row, case_id in zip(saved["per_case"], run.splits.cases["test"], strict=True):
@@ -399,10 +400,10 @@ def test_predict_writes_the_sigmoid_of_the_region_logits(regions_run, tmp_path):
 
     workdir, _ = regions_run
     case, shape = _write_case(tmp_path, shape=(32, 32, 5))
-    labels = predict.predict_case(
+    labels = case_prediction.predict_case(
         workdir, case, tmp_path / "s.nii.gz", probabilities=tmp_path / "p.nii.gz"
     )
-    config, model, variables = train.load_trained(workdir)
+    config, model, variables = train_state.load_trained(workdir)
     image = brats.load_case(case, require_label=False, normalization="brain").image
     want = 1 / (1 + np.exp(-_region_logits(model, variables, image)))
     got = np.asarray(nib.load(str(tmp_path / "p.nii.gz")).dataobj)
@@ -431,14 +432,14 @@ def test_ensemble_of_a_classes_and_a_regions_run_is_an_error(tmp_path, monkeypat
         )
         return config, _StandIn(), {"channels": outputs.num_channels(output)}
 
-    monkeypatch.setattr(train, "load_trained", load_trained)
+    monkeypatch.setattr(train_state, "load_trained", load_trained)
     for name in ("c", "r"):
         (tmp_path / name).mkdir()
         table[str(tmp_path / name)] = {"c": "classes", "r": "regions"}[name]
     c, r = str(tmp_path / "c"), str(tmp_path / "r")
     with pytest.raises(ValueError, match=r"r: model.output 'regions' differs from .*c's 'classes'"):
-        predict.load_ensemble(f"{c},{r}")
-    assert len(predict.load_ensemble(f"{r},{r}").variables) == 2
+        ensembles.load_ensemble(f"{c},{r}")
+    assert len(ensembles.load_ensemble(f"{r},{r}").variables) == 2
 
 
 def _regions_config(loss: str, seed: int):

@@ -41,8 +41,8 @@ CLIS = {
     "brats_jax.prepare": ["--src=WORK", "--out=WORK/cache"],
     "experiments.run": ["table1", "--out=WORK", "--dry-run"],
     "brats_jax.tune_postprocessing": ["--workdir=WORK", "--cases=WORK"],
-    "experiments.segmentation_ablation": ["score", "--data_root=WORK", "--out=WORK/abl"],
-    "experiments.postprocessing_ablation": [
+    "experiments.analyses.segmentation_ablation": ["score", "--data_root=WORK", "--out=WORK/abl"],
+    "experiments.analyses.postprocessing_ablation": [
         "--workdir=WORK",
         "--data_root=WORK",
         "--tune_cases=A",

@@ -1,4 +1,5 @@
-"""experiments.segmentation_ablation: folds, run commands, cross-fold tuning, row choice."""
+"""experiments.analyses.segmentation_ablation: folds, run commands, cross-fold tuning, row
+choice."""
 
 import concurrent.futures
 import json
@@ -10,7 +11,7 @@ import pytest
 
 from brats_jax import metrics
 from brats_jax.inference import postprocess
-from experiments import segmentation_ablation as A
+from experiments.analyses import segmentation_ablation as A
 
 IDS = [f"case{i:02d}" for i in range(18)]
 
@@ -83,12 +84,12 @@ def test_best_row_is_the_lowest_hd95_without_losing_dice():
     assert "Per case, b / TTA none / none" in md and "| c1 | 0.900 | 0.900 | 0.900 | 5.0" in md
 
 
-def test_issue24_variants_are_issue19_options_plus_one_part_each():
-    """Each issue-24 row is issue 19's options (`cpu` + 2.5D input + region outputs,
-    `cpu_best`'s training fields until 2026-12-06) with one part of nnU-Net's recipe changed,
-    and nothing else: its config diff against them is exactly the fields named here (values
-    by hand from nnU-Net's 2D defaults), and it passes the run's own checks (a misspelt or
-    out-of-range field would raise)."""
+def test_recipe_variants_are_the_segmentation_options_plus_one_part_each():
+    """Each generalisation-recipe row is the segmentation options (`cpu` + 2.5D input + region
+    outputs, `cpu_best`'s training fields until 2026-12-06) with one part of nnU-Net's recipe
+    changed, and nothing else: its config diff against them is exactly the fields named here
+    (values by hand from nnU-Net's 2D defaults), and it passes the run's own checks (a misspelt
+    or out-of-range field would raise)."""
     from brats_jax import config_fields
     from brats_jax.data import augment
     from brats_jax.training import config_choices
@@ -111,12 +112,12 @@ def test_issue24_variants_are_issue19_options_plus_one_part_each():
         "cb_instance_norm": {"model.norm": "instance"},
         "cb_deep_supervision": {"model.deep_supervision": True},
     }  # fmt: skip
-    issue19 = unet.get_config("cpu")
-    config_fields.apply_overrides(issue19, {"data.context_slices": 1, "model.output": "regions"})
+    options = unet.get_config("cpu")
+    config_fields.apply_overrides(options, {"data.context_slices": 1, "model.output": "regions"})
     for name, fields in expected.items():
         c = unet.get_config("cpu")
         config_fields.apply_overrides(c, A.VARIANTS[name])
-        diff = {f: new for f, _, new in config_fields.config_diff(issue19.to_dict(), c.to_dict())}
+        diff = {f: new for f, _, new in config_fields.config_diff(options.to_dict(), c.to_dict())}
         assert diff == fields, name
         config_choices.check_choices(c)
         augment.from_config(c)
@@ -131,7 +132,7 @@ def _scored_row(variant, dice, hd95, tta="none", pp="largest"):
     return dict(variant=variant, tta=tta, pp=pp, per_case=cases)
 
 
-def test_issue24_rule_keeps_combines_and_chooses_as_declared():
+def test_recipe_rule_keeps_combines_and_chooses_as_declared():
     rows = [
         _scored_row("context_regions", 0.70, 10.0),
         _scored_row("context_regions", 0.60, 5.0, pp="none"),  # other rows are not the rule's
@@ -141,13 +142,13 @@ def test_issue24_rule_keeps_combines_and_chooses_as_declared():
         _scored_row("cb_d", 0.72, 9.0),  # kept, the best single row
         _scored_row("cb_b", 0.90, 1.0, tta="flips"),  # TTA rows are not the rule's
     ]
-    c = A.issue24_choice(rows)
+    c = A.recipe_choice(rows)
     assert c["kept"] == ["cb_a", "cb_d"] and c["combination"] == "cb_a+cb_d"
     assert c["choice"] == "cb_d"  # the combination is not scored yet
-    assert A.issue24_choice(rows + [_scored_row("cb_a+cb_d", 0.716, 10.9)])["choice"] == "cb_a+cb_d"
-    assert A.issue24_choice(rows + [_scored_row("cb_a+cb_d", 0.714, 9.0)])["choice"] == "cb_d"
-    assert A.issue24_choice(rows + [_scored_row("cb_a+cb_d", 0.73, 11.1)])["choice"] == "cb_d"
-    assert A.issue24_choice(rows[:2] + rows[3:5])["choice"] == "context_regions"
+    assert A.recipe_choice(rows + [_scored_row("cb_a+cb_d", 0.716, 10.9)])["choice"] == "cb_a+cb_d"
+    assert A.recipe_choice(rows + [_scored_row("cb_a+cb_d", 0.714, 9.0)])["choice"] == "cb_d"
+    assert A.recipe_choice(rows + [_scored_row("cb_a+cb_d", 0.73, 11.1)])["choice"] == "cb_d"
+    assert A.recipe_choice(rows[:2] + rows[3:5])["choice"] == "context_regions"
 
 
 def test_combined_variant_is_the_union_of_its_parts(monkeypatch):
@@ -255,22 +256,22 @@ def test_brats_win_fraction_counts_wins_and_half_ties_by_hand():
 def _replicate_rows(cand):
     row = lambda v, pc, **kw: dict(variant=v, tta="none", pp="largest", per_case=pc, **kw)
     return [
-        row(A.ISSUE24_BASELINE, BASE),
-        dict(row(A.ISSUE24_CANDIDATE, BASE), pp="none"),  # not the rule's row
-        row(A.ISSUE24_CANDIDATE, cand),
+        row(A.RECIPE_BASELINE, BASE),
+        dict(row(A.RECIPE_CANDIDATE, BASE), pp="none"),  # not the rule's row
+        row(A.RECIPE_CANDIDATE, cand),
     ]
 
 
 def test_replicate_rule_needs_all_four_conditions():
     c = A.replicate_choice(_replicate_rows(CAND))
     # mean Dice: candidate (0.925 + 0.65 + 0.55) / 3, baseline (0.85 + 0.6 + 0.55) / 3
-    assert c["stats"][A.ISSUE24_CANDIDATE][:2] == pytest.approx((2.125 / 3, 13.0))
-    assert c["passed"] == [True, True, True, True] and c["choice"] == A.ISSUE24_CANDIDATE
+    assert c["stats"][A.RECIPE_CANDIDATE][:2] == pytest.approx((2.125 / 3, 13.0))
+    assert c["passed"] == [True, True, True, True] and c["choice"] == A.RECIPE_CANDIDATE
     empty = [CAND[0], dict(CAND[1], hd95_ET=metrics.HD95_EMPTY)]  # ET missed in c1
     c = A.replicate_choice(_replicate_rows(empty))
-    assert c["stats"][A.ISSUE24_CANDIDATE][3] == 1 and c["passed"] == [True, True, True, False]
-    assert c["choice"] == A.ISSUE24_BASELINE
-    low = [dict(CAND[0], dice_WT=0.74), CAND[1]]  # a case under the issue's WT 0.75
+    assert c["stats"][A.RECIPE_CANDIDATE][3] == 1 and c["passed"] == [True, True, True, False]
+    assert c["choice"] == A.RECIPE_BASELINE
+    low = [dict(CAND[0], dice_WT=0.74), CAND[1]]  # a case under the rule's WT 0.75
     assert A.replicate_choice(_replicate_rows(low))["passed"] == [True, True, False, True]
     # one case much better, every other pair slightly worse: Dice up, rank down
     rare = [
@@ -289,7 +290,7 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
     rows = [dict(r, configs=[]) for r in _replicate_rows(CAND)]
     table = A.markdown(dict(rows=rows, folds=[["c0", "c1"]]))
     assert "candidate wins 0.625 of (case, metric) pairs" in table
-    assert f"conditions [True, True, True, True]; choice: {A.ISSUE24_CANDIDATE}." in table
+    assert f"conditions [True, True, True, True]; choice: {A.RECIPE_CANDIDATE}." in table
     assert "choice: context_regions." not in table.split("Replicate rule")[1]
     # one verdict per combination: another one gets its own line
     other = "cb_intensity+cb_patches"
@@ -297,7 +298,7 @@ def test_the_table_ends_with_the_replicate_rules_verdict():
     empty = [CAND[0], dict(CAND[1], hd95_TC=metrics.HD95_EMPTY)]
     more[1]["per_case"] = empty
     lines = A.markdown(dict(rows=rows + more, folds=[["c0", "c1"]])).split("Replicate rule")
-    assert len(lines) == 3 and f"choice: {A.ISSUE24_CANDIDATE}." in lines[1]
+    assert len(lines) == 3 and f"choice: {A.RECIPE_CANDIDATE}." in lines[1]
     assert f"{other} 0.708 / " in lines[2]  # Dice 2.125 / 3, as above
     assert " mm / 0 WT < 0.75 / 1 empty;" in lines[2]
     assert "conditions [True, True, True, False]; choice: context_regions." in lines[2]
@@ -349,7 +350,7 @@ def test_a_combination_on_top_of_cpu_best_is_held_against_it_too():
     ]  # does not add to cpu_best
     assert A.replicate_baselines(A.CPU_BEST_VARIANT, {A.CPU_BEST_VARIANT}) == ["context_regions"]
     row = lambda v, pc: dict(variant=v, tta="none", pp="largest", per_case=pc, configs=[])
-    # the candidate scores what cpu_best scores: it beats issue 19's options (CAND against
+    # the candidate scores what cpu_best scores: it beats the segmentation options (CAND against
     # BASE, as above) and ties cpu_best on every pair (win share 0.5, no Dice gain)
     rows = [row("context_regions", BASE), row(A.CPU_BEST_VARIANT, CAND), row(spatial, CAND)]
     c = A.replicate_choice(rows, spatial, A.CPU_BEST_VARIANT)
@@ -357,7 +358,7 @@ def test_a_combination_on_top_of_cpu_best_is_held_against_it_too():
     assert c["choice"] == A.CPU_BEST_VARIANT
     lines = A.markdown(dict(rows=rows, folds=[["c0", "c1"]])).split("Replicate rule")[1:]
     verdicts = [ln.split("choice: ")[1].split(".")[0] for ln in lines]
-    # cpu_best against issue 19's options; the candidate against both
+    # cpu_best against the segmentation options; the candidate against both
     assert verdicts == [A.CPU_BEST_VARIANT, spatial, A.CPU_BEST_VARIANT]
     assert "wins 0.500 of" in lines[2] and "wins 0.625 of" in lines[1]
 
@@ -411,7 +412,7 @@ def test_table_merges_records_of_the_same_folds(tmp_path, capsys):
     merged = A.merge_records([dict(base, rows=rows[:1]), dict(base, rows=rows[1:])])
     assert [r["per_case"] for r in merged["rows"]] == [r["per_case"] for r in rows]
     assert A.main(["table", f"--records={tmp_path / 'a.json'},{tmp_path / 'b.json'}"]) == 0
-    assert f"choice: {A.ISSUE24_CANDIDATE}." in capsys.readouterr().out  # needs both records
+    assert f"choice: {A.RECIPE_CANDIDATE}." in capsys.readouterr().out  # needs both records
     with pytest.raises(SystemExit, match=r"differ in folds"):
         A.merge_records([dict(base, rows=rows[:1]), dict(base, folds=[["c0"], ["c1"]], rows=[])])
     with pytest.raises(SystemExit, match=r"row \('context_regions', 'none', 'largest'\) is in two"):

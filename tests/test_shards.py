@@ -12,7 +12,7 @@ import pytest
 from absl import app
 
 from brats_jax import predict
-from brats_jax.inference import work_split
+from brats_jax.inference import case_prediction, work_split
 from experiments import report, run
 
 # ----------------------------------------------------------------------------- parts
@@ -66,7 +66,7 @@ def test_predict_parts_cover_every_case_once(tmp_path, monkeypatch):
         got.extend(c.case_id for c in cases)
         return []
 
-    monkeypatch.setattr(predict, "predict_cases", fake_predict_cases)
+    monkeypatch.setattr(case_prediction, "predict_cases", fake_predict_cases)
     for num_parts in (1, 2, 3, 7):
         seen = []
         for part_id in range(num_parts):

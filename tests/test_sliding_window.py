@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brats_jax import config_fields, predict
+from brats_jax import config_fields
 from brats_jax.data.common import DataError
 from brats_jax.data.patches import inference_window
-from brats_jax.inference import whole_volume
+from brats_jax.inference import ensembles, whole_volume
 from brats_jax.models.unet import UNet
-from brats_jax.training import train
+from brats_jax.runs import train_state
 from configs import unet as unet_config
 
 
@@ -122,7 +122,7 @@ def test_predict_slides_the_runs_patch_when_asked(tmp_path, monkeypatch):
         config = json.loads((run / "config.json").read_text())
         return ml_collections.ConfigDict(config_fields.upgrade_legacy(config)), _TileMeanModel(), {}
 
-    monkeypatch.setattr(train, "load_trained", load_trained)
+    monkeypatch.setattr(train_state, "load_trained", load_trained)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 12, 12, 4)), jnp.float32)
     whole = np.asarray(whole_volume.make_slice_predictor(_TileMeanModel(), image_size=12)({}, x))
     tiled = np.asarray(
@@ -130,7 +130,7 @@ def test_predict_slides_the_runs_patch_when_asked(tmp_path, monkeypatch):
     )
     assert np.abs(tiled - whole).max() > 1e-3  # the stand-in tells the two apart
     for option, want in ((None, tiled), (True, tiled), (False, whole)):
-        ens = predict.load_ensemble(str(run), sliding_window=option)
+        ens = ensembles.load_ensemble(str(run), sliding_window=option)
         np.testing.assert_allclose(ens.predictors[0]({}, x), want, rtol=1e-6)
 
 

@@ -35,7 +35,7 @@ def test_slice_dice_readings_rejects_bad_input():
 def test_volume_dice_is_not_called_paper_dice():
     """The per-case (whole-volume) 4-class Dice has its own name (results.json's paper_dice
     is the mean over slices)."""
-    from brats_jax import evaluate as E
+    from brats_jax.metrics import folder as E
 
     r = M.evaluate_volume(np.zeros((2, 2, 2), int), np.zeros((2, 2, 2), int))
     assert "paper_dice" not in r and r["volume_dice_4class"] == 1.0

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from benchmarks import compare_cpu  # noqa: E402
 from benchmarks.torch_unet import TorchUNet, make_train_step  # noqa: E402
-from brats_jax import bench  # noqa: E402
+from brats_jax.benchmarking import workload  # noqa: E402
 
 F = 4  # base features of the small twin pair
 
@@ -50,10 +50,10 @@ def _twin_kernels(tmodel) -> dict:
 
 
 def test_twin_forward_and_adam_step_match_brats_jax():
-    net = bench.build_model("unet", base_features=F, conv_impl="xla")
+    net = workload.build_model("unet", base_features=F, conv_impl="xla")
     tx = optax.adam(1e-4)
-    state = bench.init_train_state(net, 32, tx)
-    image, label = bench.random_batch(2, 32)
+    state = workload.init_train_state(net, 32, tx)
+    image, label = workload.random_batch(2, 32)
     tmodel = TorchUNet(base_features=F)
     _load_jax_params(tmodel, jax.device_get(state["params"]))
 
@@ -63,7 +63,7 @@ def test_twin_forward_and_adam_step_match_brats_jax():
         tlogits.detach().numpy().transpose(0, 2, 3, 1), np.asarray(logits), atol=1e-4, rtol=1e-4
     )
 
-    new_state, loss = jax.jit(bench.make_train_step(net, tx))(state, image, label)
+    new_state, loss = jax.jit(workload.make_train_step(net, tx))(state, image, label)
     tloss = make_train_step(tmodel)(
         torch.from_numpy(np.array(image)), torch.from_numpy(np.asarray(label).astype(np.int64))
     )

@@ -84,7 +84,7 @@ def test_rerun_of_finished_run_resumes_without_training(tiny_run, tmp_path):
 
 
 def _final_params(workdir):
-    _, _, variables = train.load_trained(workdir, step=None)
+    _, _, variables = train_state.load_trained(workdir, step=None)
     return variables
 
 
@@ -189,13 +189,13 @@ def _write_case_2018(root):
 
 def test_predict_writes_nifti_in_release_convention(tiny_run, tmp_path):
     """Predict a tiny 2018-style case: input shape, affine and label set {0,1,2,4} survive."""
-    from brats_jax import predict
+    from brats_jax.inference import case_prediction
 
     workdir, _ = tiny_run
     case, affine, shape = _write_case_2018(tmp_path)
     out = tmp_path / "pred" / "seg.nii.gz"
     probs_out = tmp_path / "pred" / "probs.nii.gz"
-    labels = predict.predict_case(workdir, case, out, probabilities=probs_out)
+    labels = case_prediction.predict_case(workdir, case, out, probabilities=probs_out)
     img = nib.load(str(out))
     assert img.shape == shape
     np.testing.assert_allclose(img.affine, affine)
@@ -214,11 +214,11 @@ def test_predict_writes_nifti_in_release_convention(tiny_run, tmp_path):
 
 def test_predict_cli_takes_modality_files_of_any_name(tiny_run, tmp_path):
     """`--flair/--t1/--t1ce/--t2` files named freely predict as the folder does."""
-    from brats_jax import predict
+    from brats_jax.inference import case_prediction
 
     workdir, _ = tiny_run
     case, _, _ = _write_case_2018(tmp_path)
-    from_folder = predict.predict_case(workdir, case, tmp_path / "folder.nii.gz")
+    from_folder = case_prediction.predict_case(workdir, case, tmp_path / "folder.nii.gz")
     files = []
     for mod in ("flair", "t1", "t1ce", "t2"):
         renamed = tmp_path / f"scan_{mod.upper()}.nii.gz"
@@ -273,8 +273,7 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
     NIfTI- or synthetic-trained run the volume's brain z-score."""
     import shutil
 
-    from brats_jax import predict
-    from brats_jax.inference import whole_volume
+    from brats_jax.inference import case_prediction, whole_volume
 
     workdir, _ = tiny_run
     case, _, _ = _write_case_2018(tmp_path)
@@ -290,8 +289,8 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
     config = json.loads((kaggle_run / "config.json").read_text())
     config["data"]["source"] = "kaggle_h5"
     (kaggle_run / "config.json").write_text(json.dumps(config))
-    predict.predict_case(workdir, case, tmp_path / "a.nii.gz")
-    predict.predict_case(kaggle_run, case, tmp_path / "b.nii.gz")
+    case_prediction.predict_case(workdir, case, tmp_path / "a.nii.gz")
+    case_prediction.predict_case(kaggle_run, case, tmp_path / "b.nii.gz")
     raw = np.asarray(nib.load(str(case / "Brats18_X_1_1_t1ce.nii.gz")).dataobj, np.float64)
     brain = np.zeros(raw.shape, bool)
     for mod in ("flair", "t1", "t1ce", "t2"):
@@ -313,8 +312,8 @@ def test_resume_uses_the_configured_learning_rate(tmp_path):
     # without a validation split the final step's weights are tested, and said so
     assert results["tested_step"] == 8 and results["selected_by"].startswith("final step")
     assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 0.0
-    _, _, at4 = train.load_trained(tmp_path, step=4)
-    _, _, at8 = train.load_trained(tmp_path, step=8)
+    _, _, at4 = train_state.load_trained(tmp_path, step=4)
+    _, _, at8 = train_state.load_trained(tmp_path, step=8)
     for x, y in zip(jax.tree.leaves(at4), jax.tree.leaves(at8), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -393,7 +392,7 @@ def test_validation_paper_dice_is_the_mean_over_slices(tiny_run, tmp_path):
     from brats_jax import data
 
     workdir, _ = tiny_run
-    config, model, variables = train.load_trained(workdir)
+    config, model, variables = train_state.load_trained(workdir)
     run = run_group.build_run(config, tmp_path)
     state = train_state.TrainState(
         step=0, params=variables["params"], model_state={}, opt_state=None, rng=None
@@ -441,7 +440,7 @@ def _recomputed_test_metrics(workdir, step, tmp_path) -> dict:
     from brats_jax import data
     from brats_jax.inference import whole_volume
 
-    config, model, variables = train.load_trained(workdir, step=step)
+    config, model, variables = train_state.load_trained(workdir, step=step)
     run = run_group.build_run(config, tmp_path)
     predict = whole_volume.make_slice_predictor(model, image_size=config.data.image_size)
     kept = set(run.splits.test.tolist())
@@ -526,15 +525,15 @@ def test_an_early_best_step_is_tested_kept_and_predicted_with(early_best_run, tm
         assert saved[key] == pytest.approx(at3[key], abs=1e-6), key
         assert saved[key] != pytest.approx(at6[key], abs=1e-6), key
     assert saved["pooled_class_dice"] == pytest.approx(at3["pooled_class_dice"], abs=1e-6)
-    _, _, chosen = train.load_trained(workdir)
-    _, _, v3 = train.load_trained(workdir, step=3)
+    _, _, chosen = train_state.load_trained(workdir)
+    _, _, v3 = train_state.load_trained(workdir, step=3)
     for x, y in zip(jax.tree.leaves(chosen), jax.tree.leaves(v3), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_predict_missing_checkpoint_is_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        train.load_trained(tmp_path)
+        train_state.load_trained(tmp_path)
 
 
 def _run_main(workdir, *overrides: str) -> subprocess.CompletedProcess:
@@ -650,9 +649,9 @@ def test_old_run_folder_with_model_conv_impl_resumes_and_predicts(tiny_run, tmp_
     saved = json.loads((old / "config.json").read_text())
     saved["model"]["conv_impl"] = saved.pop("runtime")["ops"]
     (old / "config.json").write_text(json.dumps(saved))
-    config, _, v_old = train.load_trained(old, step=6)
+    config, _, v_old = train_state.load_trained(old, step=6)
     assert config.runtime.ops == "auto" and "conv_impl" not in config.model
-    _, _, v_new = train.load_trained(workdir, step=6)
+    _, _, v_new = train_state.load_trained(workdir, step=6)
     for x, y in zip(jax.tree.leaves(v_old), jax.tree.leaves(v_new), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     results = train.train_and_evaluate(tiny_config(**{"train.num_steps": 8}), old)
@@ -673,7 +672,7 @@ def test_test_pass_applies_the_config_postprocessing(tiny_run, tmp_path):
     from brats_jax.training import evaluation
 
     workdir, _ = tiny_run
-    config, model, variables = train.load_trained(workdir)
+    config, model, variables = train_state.load_trained(workdir)
     with config.unlocked():
         config.postprocess.min_component_voxels = 40
         config.postprocess.et_min_voxels = 30
@@ -718,15 +717,15 @@ def test_old_run_folder_without_model_output_loads_as_classes(tiny_run, tmp_path
     saved = json.loads((old / "config.json").read_text())
     assert saved["model"].pop("output") == "classes"
     (old / "config.json").write_text(json.dumps(saved))
-    config, _, v_old = train.load_trained(old, step=6)
+    config, _, v_old = train_state.load_trained(old, step=6)
     assert config.model.output == "classes"  # config_fields.ADDED_FIELDS: what it trained as
-    _, _, v_new = train.load_trained(workdir, step=6)
+    _, _, v_new = train_state.load_trained(workdir, step=6)
     for x, y in zip(jax.tree.leaves(v_old), jax.tree.leaves(v_new), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     case, _, _ = _write_case_2018(tmp_path)
-    from brats_jax import predict
+    from brats_jax.inference import case_prediction
 
-    labels = predict.predict_case(old, case, tmp_path / "old.nii.gz")
+    labels = case_prediction.predict_case(old, case, tmp_path / "old.nii.gz")
     np.testing.assert_array_equal(
-        labels, predict.predict_case(workdir, case, tmp_path / "n.nii.gz")
+        labels, case_prediction.predict_case(workdir, case, tmp_path / "n.nii.gz")
     )

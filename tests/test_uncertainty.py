@@ -1,6 +1,6 @@
 """predict --uncertainty: entropy maps and per-case summaries against closed forms.
 
-Stand-in runs as in tests/test_predict.py (`train.load_trained` patched): a pointwise model
+Stand-in runs as in tests/test_predict.py (`train_state.load_trained` patched): a pointwise model
 whose logits are its input times `variables["scale"]`, or `whole_volume.predict_volume`
 patched to return hand-made per-run probabilities.
 """
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from brats_jax import predict
+from brats_jax.inference import case_lists, case_prediction, whole_volume
 from brats_jax.inference import uncertainty as U
-from brats_jax.inference import whole_volume
-from brats_jax.training import train
+from brats_jax.runs import train_state
 
 SHAPE = (12, 10, 6)
 AFFINE = np.array([[-2.0, 0, 0, -10], [0, -1.0, 0, 5], [0, 0, 1.0, 3], [0, 0, 0, 1]])  # LPS
@@ -42,7 +42,7 @@ def _config(output="classes"):
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
-    """add(name, scale, output) -> a run folder that `train.load_trained` serves."""
+    """add(name, scale, output) -> a run folder that `train_state.load_trained` serves."""
     table = {}
 
     def load_trained(workdir, step=None):
@@ -50,7 +50,7 @@ def runs(tmp_path, monkeypatch):
         model = _ScaleModel(3 if config.model.output == "regions" else 4)
         return config, model, {"scale": np.float32(scale)}
 
-    monkeypatch.setattr(train, "load_trained", load_trained)
+    monkeypatch.setattr(train_state, "load_trained", load_trained)
 
     def add(name, scale=1.0, output="classes"):
         path = tmp_path / name
@@ -90,9 +90,11 @@ def _hand_entropy(p):
 def test_identical_members_give_one_members_entropy(runs, tmp_path):
     r1, r2 = runs("r1", scale=2.0), runs("r2", scale=2.0)
     case = _write_case(tmp_path, "Brats18_A_1")
-    predict.predict_case(r1, case, tmp_path / "a.nii.gz", probabilities=tmp_path / "p.nii.gz")
+    case_prediction.predict_case(
+        r1, case, tmp_path / "a.nii.gz", probabilities=tmp_path / "p.nii.gz"
+    )
     out = tmp_path / "u" / "ent.nii.gz"
-    predict.predict_case(f"{r1},{r2}", case, tmp_path / "b.nii.gz", uncertainty=out)
+    case_prediction.predict_case(f"{r1},{r2}", case, tmp_path / "b.nii.gz", uncertainty=out)
     h = _read(out)
     assert h.dtype == np.float32 and h.shape == SHAPE
     expected = _hand_entropy(_read(tmp_path / "p.nii.gz"))
@@ -121,9 +123,9 @@ def test_two_disagreeing_members_closed_form_and_csv(runs, tmp_path, monkeypatch
     data = tmp_path / "data"
     _write_case(data, "Brats18_A_1")
     _write_case(data, "Brats18_B_1", seed=1)
-    cases = predict._cases_from_input(str(data))
+    cases = case_lists.cases_from_input(str(data))
     udir = tmp_path / "unc"
-    predict.predict_cases(
+    case_prediction.predict_cases(
         f"{r1},{r2}", cases, tmp_path / "seg", uncertainty_dir=udir, postprocessing="none"
     )
     img = nib.load(str(udir / "Brats18_A_1.nii.gz"))
@@ -168,7 +170,9 @@ def test_region_runs_write_the_summed_binary_entropy(runs, tmp_path):
     run = runs("r", scale=1.5, output="regions")
     case = _write_case(tmp_path, "Brats18_A_1")
     out, probs = tmp_path / "u.nii.gz", tmp_path / "p.nii.gz"
-    predict.predict_case(run, case, tmp_path / "s.nii.gz", probabilities=probs, uncertainty=out)
+    case_prediction.predict_case(
+        run, case, tmp_path / "s.nii.gz", probabilities=probs, uncertainty=out
+    )
     p = _read(probs).astype(np.float64)
     assert p.shape == (*SHAPE, 3) and 0.01 < p.min() and p.max() < 0.99  # not saturated
     expected = _hand_entropy(np.stack([p, 1 - p], -1)).sum(-1)

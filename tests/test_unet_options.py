@@ -1,4 +1,5 @@
-"""U-Net options of issue 24: instance norm, leaky ReLU, deep supervision (nnU-Net's choices).
+"""U-Net options of the generalisation recipe: instance norm, leaky ReLU, deep supervision
+(nnU-Net's choices).
 
 Expected values come from hand arithmetic (parameter counts), numpy (instance norm, leaky
 ReLU) and the per-level losses called one by one (deep supervision), never from the code
@@ -229,6 +230,6 @@ def test_tiny_run_with_deep_supervision_instance_norm_and_regions(tmp_path):
     assert results["steps"] == 4 and 0.0 <= results["paper_dice"] <= 1.0
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train_loss"]) for r in logged if "train_loss" in r)
-    config, model, variables = train.load_trained(tmp_path)
+    config, model, variables = train_state.load_trained(tmp_path)
     assert config.model.deep_supervision and "ds_head_1" in variables["params"]
     assert model.apply(variables, jnp.zeros((1, 32, 32, 4)), train=False).shape == (1, 32, 32, 3)

@@ -96,7 +96,7 @@ def test_lock_of_a_reused_pid_is_stale_and_of_another_host_is_kept(tmp_path):
     lock = tmp_path / ".lock"
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": "not-my-start"}
     lock.write_text(json.dumps(me))
-    if L._start_time(os.getpid()) is not None:  # Linux: same pid, other start time = reused
+    if L.process_start_time(os.getpid()) is not None:  # Linux: same pid, other start time = reused
         with L.WorkdirLock(tmp_path):
             pass
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "x"}))

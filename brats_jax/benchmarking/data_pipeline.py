@@ -1,7 +1,7 @@
 """Data-loading benchmark: slices/s of each source through the grain training pipeline.
 
-    python -m brats_jax.benchmarking.data_pipeline [--root=../shared/data/brats_sample] [--seconds=5]
-        [--workers=2] [--batch_size=8] [--cache_dir=DIR] [--cases=2]
+    python -m brats_jax.benchmarking.data_pipeline [--root=../shared/data/brats_sample]
+        [--seconds=5] [--workers=2] [--batch_size=8] [--cache_dir=DIR] [--cases=2]
 
 Sources: synthetic (240 px), kaggle_h5 (the sample's 20 slices), nifti cache (a slice cache of
 the first `--cases` sample cases, prepared into --cache_dir or a temp folder), and "nifti
@@ -19,7 +19,18 @@ import sys
 import tempfile
 import time
 
+import ml_collections
 import numpy as np
+from absl import logging
+
+from brats_jax.data import (
+    KaggleH5Source,
+    NiftiCacheSource,
+    NiftiDecodedSource,
+    SyntheticSource,
+    make_train_iterator,
+    prepare,
+)
 
 DEFAULT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "brats_sample"
 
@@ -43,10 +54,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _throughput(source, *, workers: int, batch_size: int, seconds: float) -> float:
-    import ml_collections
-
-    from brats_jax.data import make_train_iterator
-
     cfg = ml_collections.ConfigDict(dict(image_size=0, random_flip=False, num_workers=workers))
     it = make_train_iterator(source, np.arange(len(source)), cfg, batch_size=batch_size, seed=0)
     try:
@@ -68,21 +75,11 @@ def run_data_bench(argv_or_args=None) -> list[dict]:
     Prints one line per (source, workers) and returns a list of dicts with keys source,
     workers, batch_size, slices_per_s.
     """
-    from absl import logging
-
     logging.set_verbosity(logging.WARNING)
     if isinstance(argv_or_args, argparse.Namespace):
         args = argv_or_args
     else:
         args = _parser().parse_args(list(argv_or_args or []))
-    from brats_jax.data import (
-        KaggleH5Source,
-        NiftiCacheSource,
-        NiftiDecodedSource,
-        SyntheticSource,
-        prepare,
-    )
-
     root = pathlib.Path(args.root)
     wanted = [s.strip() for s in args.sources.split(",") if s.strip()]
     tmp = None

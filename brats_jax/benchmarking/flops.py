@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from brats_jax import losses
-from brats_jax.bench import mean_ce
+from brats_jax.benchmarking.workload import mean_ce
 from brats_jax.models import create_model
 
 

@@ -1,1 +1,1 @@
-"""Figures: learning curves, test slices and the overlays to review."""
+"""Figures: learning curves and test slices (`plots`), pictures to review (`overlays`)."""

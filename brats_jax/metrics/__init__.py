@@ -8,6 +8,10 @@ Two families:
 * Volume metrics on the host (numpy/scipy, float64): :func:`hd95`, :func:`region_confusion`,
   :func:`evaluate_volume`.
 
+The BraTS 2023 lesion-wise scores are in :mod:`brats_jax.metrics.lesionwise`; the scores of a
+folder of saved predictions against a ground-truth folder (``python -m brats_jax.evaluate``)
+in :mod:`brats_jax.metrics.folder` (neither is imported here).
+
 Class maps use the training classes {0 background, 1 NCR/NET, 2 ED, 3 ET}. BraTS regions:
 WT = {1,2,3}, TC = {1,3}, ET = {3}.
 

@@ -100,6 +100,8 @@ class RunCheckpoints:
             enable_async_checkpointing=False,
             create=not read_only,
             read_only=read_only,
+            # orbax warns when it turns the default 1 into the 0 of a read-only manager
+            save_interval_steps=0 if read_only else 1,
         )
         try:
             self.manager = ocp.CheckpointManager(

@@ -14,8 +14,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from brats_jax import NUM_CLASSES, data, losses, models, runtime
-from brats_jax import config_fields
+from brats_jax import NUM_CLASSES, config_fields, data, losses, models, runtime
 from brats_jax.models import outputs
 from brats_jax.runs.checkpoints import RunCheckpoints
 

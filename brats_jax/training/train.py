@@ -26,7 +26,7 @@ from brats_jax.data import augment
 from brats_jax.data.patches import inference_window
 from brats_jax.inference import whole_volume
 from brats_jax.models import outputs
-from brats_jax.runs.train_state import learning_rate_at, load_trained  # noqa: F401 (predict.py)
+from brats_jax.runs.train_state import learning_rate_at
 from brats_jax.training import config_choices, steps
 from brats_jax.training.evaluation import evaluate_and_write
 from brats_jax.training.run_group import RunGroup

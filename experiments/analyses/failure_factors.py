@@ -1,7 +1,7 @@
 """Which case properties go with a poor whole-tumour Dice: tumour size and oedema contrast.
 
-    python -m experiments.failure_factors --data_root=NIFTI_ROOT [--scores=PER_CASE.csv]
-    python -m experiments.failure_factors --data_root=NIFTI_ROOT --scores=ablation.json \\
+    python -m experiments.analyses.failure_factors --data_root=NIFTI_ROOT [--scores=PER_CASE.csv]
+    python -m experiments.analyses.failure_factors --data_root=NIFTI_ROOT --scores=ablation.json \\
         --variant=VARIANT
 
 For every case under `--data_root`, z-scored over its brain as training sees it
@@ -25,7 +25,7 @@ from scipy import stats
 
 from brats_jax import MODALITIES
 from brats_jax.data import brats
-from experiments import segmentation_ablation
+from experiments.analyses import segmentation_ablation
 
 OEDEMA = 2  # training label of the peritumoral oedema (brats.to_train_labels)
 

@@ -1,6 +1,6 @@
 """How much of a slice's tumour core a foreground training crop holds, per sampling rule.
 
-    python -m experiments.crop_core_coverage --data_root=NIFTI_ROOT [--patch_size=128] \\
+    python -m experiments.analyses.crop_core_coverage --data_root=NIFTI_ROOT [--patch_size=128] \\
         [--crops=500] [--seed=0]
 
 For every case under `--data_root` (native 240 px slices, labels only), `--crops` times: a

@@ -1,6 +1,6 @@
 """Post-processing and test-time flips, measured on a trained run's test cases.
 
-    python -m experiments.postprocessing_ablation --workdir=RUN --data_root=NIFTI_ROOT \\
+    python -m experiments.analyses.postprocessing_ablation --workdir=RUN --data_root=NIFTI_ROOT \\
         --tune_cases=ID,... [--test_cases=ID,...] --out=DIR
 
 Every tuning and test case is predicted once per test-time augmentation setting (none,
@@ -31,9 +31,10 @@ import time
 
 import numpy as np
 
-from brats_jax import fileio, labels, metrics, predict, runtime
+from brats_jax import fileio, labels, metrics, runtime
 from brats_jax.data import brats
-from brats_jax.inference import postprocess
+from brats_jax.inference import ensembles, postprocess
+from brats_jax.inference.case_lists import split_list
 from brats_jax.models import outputs
 
 TTAS = ("none", "flips", "flips_ud")
@@ -58,7 +59,7 @@ def load_scored_case(case, source: str) -> tuple[np.ndarray, np.ndarray, tuple]:
     """A labelled case as a run trained on `source` sees it: the (H, W, D, 4) normalised
     image, the (H, W, D) uint8 training labels and the voxel spacing (mm, header zooms)."""
     data = brats.load_case(
-        case, require_label=True, normalization=predict.input_normalization(source)
+        case, require_label=True, normalization=ensembles.input_normalization(source)
     )
     spacing = tuple(float(z) for z in data.header.get_zooms()[:3])
     return data.image, data.label.astype(np.uint8), spacing
@@ -69,19 +70,19 @@ def predict_all(
 ) -> tuple[dict, dict, dict]:
     """`({tta: {case_id: labels uint8 (H, W, D)}}, {case_id: ground truth}, {case_id:
     spacing mm})`, each case loaded once and predicted once per TTA setting.
-    `sliding_window`: as `predict.load_ensemble` (None = the run's `eval.sliding_window`)."""
-    ensembles = {
-        t: predict.load_ensemble(workdir, step=step, tta=t, sliding_window=sliding_window)
+    `sliding_window`: as `ensembles.load_ensemble` (None = the run's `eval.sliding_window`)."""
+    by_tta = {
+        t: ensembles.load_ensemble(workdir, step=step, tta=t, sliding_window=sliding_window)
         for t in ttas
     }
-    source = next(iter(ensembles.values())).config.data.source
+    source = next(iter(by_tta.values())).config.data.source
     labels: dict = {t: {} for t in ttas}
     gts, spacings = {}, {}
     for cid, case in cases.items():
         image, gts[cid], spacings[cid] = load_scored_case(case, source)
-        for t, ens in ensembles.items():
+        for t, ens in by_tta.items():
             start = time.perf_counter()
-            probs = predict.predict_probabilities(ens, image)
+            probs = ensembles.predict_probabilities(ens, image)
             output = outputs.of_config(ens.config.model)
             labels[t][cid] = outputs.labels_from_probabilities(probs, output).astype(np.uint8)
             log(f"predicted {cid} tta={t} ({time.perf_counter() - start:.1f} s)")
@@ -196,8 +197,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     runtime.setup()  # fast XLA:CPU flags, as for every entry point, before JAX computes
     config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text())
-    test_ids = predict.split_list(args.test_cases or config["data"]["test_cases"])
-    tune_ids = predict.split_list(args.tune_cases)
+    test_ids = split_list(args.test_cases or config["data"]["test_cases"])
+    tune_ids = split_list(args.tune_cases)
     if overlap := sorted(set(test_ids) & set(tune_ids)):
         raise SystemExit(f"error: tuning and test cases overlap: {overlap}")
     found = {c.case_id: c for c in brats.find_cases(args.data_root)}
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: case(s) {missing} not under {args.data_root}")
     cases = {c: found[c] for c in tune_ids + test_ids}
     start = time.perf_counter()
-    ttas = predict.split_list(args.ttas)
+    ttas = split_list(args.ttas)
     if ttas[0] != "none" or not set(ttas) <= set(TTAS):
         raise SystemExit(f"error: --ttas={args.ttas}: expected 'none' first, then of {TTAS}")
     labels, gts, spacings = predict_all(args.workdir, cases, ttas=ttas, step=args.step)

@@ -1,6 +1,6 @@
 """Would a lower region threshold recover the tumour a model misses? Out of fold, per threshold.
 
-    python -m experiments.region_thresholds --ablation=runs/cv3 --data_root=NIFTI_ROOT \\
+    python -m experiments.analyses.region_thresholds --ablation=runs/cv3 --data_root=NIFTI_ROOT \\
         --variant=cb_deep_supervision+cb_intensity [--thresholds=0.2,0.3,0.4,0.5]
 
 For each fold run `<ablation>/runs/<variant>-fold<k>` of a `segmentation_ablation --folds`
@@ -23,12 +23,11 @@ import sys
 
 import numpy as np
 
-from brats_jax import predict
 from brats_jax.data import brats
-from brats_jax.inference import postprocess
+from brats_jax.inference import ensembles, postprocess
 from brats_jax.models import outputs
-from experiments.postprocessing_ablation import REGIONS, load_scored_case, score_case
-from experiments.segmentation_ablation import run_dir
+from experiments.analyses.postprocessing_ablation import REGIONS, load_scored_case, score_case
+from experiments.analyses.segmentation_ablation import run_dir
 
 LARGEST = postprocess.PostprocessConfig(largest_component_only=True)
 
@@ -87,13 +86,13 @@ def main(argv=None) -> int:
     per_case = []
     for k, ids in enumerate(folds):
         run = run_dir(pathlib.Path(args.ablation), args.variant, k)
-        ensemble = predict.load_ensemble(str(run))
+        ensemble = ensembles.load_ensemble(str(run))
         if ensemble.config.model.output != "regions":
             raise SystemExit(f"error: {run}: model.output is {ensemble.config.model.output!r}; "
                              "expected 'regions' (thresholds of region probabilities)")  # fmt: skip
         for cid in ids:
             image, label, spacing = load_scored_case(cases[cid], ensemble.config.data.source)
-            probs = predict.predict_probabilities(ensemble, image)
+            probs = ensembles.predict_probabilities(ensemble, image)
             scores = scores_by_threshold(probs, label, spacing, thresholds, args.hd95_mode)
             missed, unseen = missed_whole_tumour(probs[..., 0], label)
             per_case.append(scores)

@@ -1,6 +1,8 @@
-"""Cross-validated ablation of the segmentation options (issue 19) on real NIfTI cases.
+"""Cross-validated ablation of the segmentation options and the generalisation recipe on real
+NIfTI cases (EXPERIMENTS.md, "Segmentation options on the real sample" and "Generalisation
+recipe").
 
-    python -m experiments.segmentation_ablation all|train,predict|score \\
+    python -m experiments.analyses.segmentation_ablation all|train,predict|score \\
         --data_root=NIFTI_ROOT --out=DIR \\
         [--folds=3] [--variants=baseline,context,regions,context_regions] [--parallel=4] \\
         [--set=FIELD=VALUE ...]
@@ -25,9 +27,9 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   predictions, never on fold i's labels. Dice and HD95 per region per case
   (`metrics.evaluate_volume`, HD95 as `eval.hd95_mode`), mean and standard deviation over
   all cases, and each fold's mean. Writes `DIR/ablation.json` and `DIR/ablation.md`; with
-  issue 24's rows (`cb_*`) the table ends with its declared rules' verdicts (`issue24_choice`,
-  `replicate_choice` for each combination, and `diagnosis_candidate` when the combination's
-  leave-one-out rows are scored on BraTS2021_00014).
+  the generalisation recipe's rows (`cb_*`) the table ends with its declared rules' verdicts
+  (`recipe_choice`, `replicate_choice` for each combination, and `diagnosis_candidate` when
+  the combination's leave-one-out rows are scored on BraTS2021_00014).
 
 `table --records=A.json,B.json` prints the table and verdicts of records already scored
 (rows of the same folds, e.g. those kept in `experiments/results/` and a variant scored
@@ -53,7 +55,7 @@ from brats_jax.data import augment, brats
 from brats_jax.data.folds import fold_cases
 from brats_jax.inference import postprocess
 from brats_jax.labels import to_train_labels
-from experiments.postprocessing_ablation import KEYS, REGIONS, predict_all, score_case
+from experiments.analyses.postprocessing_ablation import KEYS, REGIONS, predict_all, score_case
 
 # Training variants: fields set on top of `configs/unet.py:cpu`.
 VARIANTS: dict[str, dict] = {
@@ -62,23 +64,26 @@ VARIANTS: dict[str, dict] = {
     "regions": {"model.output": "regions"},
     "context_regions": {"data.context_slices": 1, "model.output": "regions"},
 }
-ISSUE19_VARIANTS = tuple(VARIANTS)  # the default `--variants` (EXPERIMENTS.md's table)
-# Issue 24's rows: each of nnU-Net's recipe parts alone on top of issue 19's options
+# The segmentation options' rows, the default `--variants` (EXPERIMENTS.md, "Segmentation
+# options on the real sample")
+OPTION_VARIANTS = tuple(VARIANTS)
+# The generalisation recipe's rows (EXPERIMENTS.md, "Generalisation recipe"): each of
+# nnU-Net's recipe parts alone on top of the segmentation options
 # (context_regions: `cpu_best`'s training fields until 2026-12-06; its largest-component rule
 # is the `largest` row of `score`).
-_ISSUE19 = VARIANTS["context_regions"]
+_CONTEXT_REGIONS = VARIANTS["context_regions"]
 _AUGMENT = {f"augment.{k}": v for k, v in augment.NNUNET_2D.items()}
 _SPATIAL = tuple(augment.NNUNET_2D_SPATIAL)
 VARIANTS.update(
     {
         # native 240 px slices, 128 px training crops (the cpu budget's pixels per step)
-        "cb_patches": {**_ISSUE19, "data.image_size": 240, "data.patch_size": 128},
+        "cb_patches": {**_CONTEXT_REGIONS, "data.image_size": 240, "data.patch_size": 128},
         "cb_spatial": {
-            **_ISSUE19,
+            **_CONTEXT_REGIONS,
             **{k: v for k, v in _AUGMENT.items() if k[8:] in _SPATIAL},
         },
         "cb_intensity": {
-            **_ISSUE19,
+            **_CONTEXT_REGIONS,
             **{k: v for k, v in _AUGMENT.items() if k[8:] not in _SPATIAL and k.endswith("_p")},
         },
         # nnU-Net's contrast transform at nnUNetTrainerDA5's range, (0.5, 2) instead of
@@ -88,7 +93,7 @@ VARIANTS.update(
         # p_per_channel 0.5); p stays nnU-Net's default 0.15 (per modality, so a modality is
         # changed at least as often as DA5's 0.1) and adds to "cb_intensity" without conflict
         "cb_wide_contrast": {
-            **_ISSUE19,
+            **_CONTEXT_REGIONS,
             "augment.contrast_p": augment.NNUNET_2D_INTENSITY["contrast_p"],
             "augment.contrast_min": 0.5,
             "augment.contrast_max": 2.0,
@@ -96,19 +101,19 @@ VARIANTS.update(
         # twice the `cpu` budget's steps (5,000; the cosine schedule spans them): nnU-Net
         # trains 1,000 x 250 steps, `cpu_best` ~20 passes over a fold's 981 slices; adds to
         # `cpu_best`'s parts without conflict
-        "cb_long": {**_ISSUE19, "train.num_steps": 5000},
-        "cb_instance_norm": {**_ISSUE19, "model.norm": "instance"},
-        "cb_deep_supervision": {**_ISSUE19, "model.deep_supervision": True},
+        "cb_long": {**_CONTEXT_REGIONS, "train.num_steps": 5000},
+        "cb_instance_norm": {**_CONTEXT_REGIONS, "model.norm": "instance"},
+        "cb_deep_supervision": {**_CONTEXT_REGIONS, "model.deep_supervision": True},
         # inference only (eval.* fields): "x+sliding_window" predicts with x's own runs
         "sliding_window": {"eval.sliding_window": True},
     }
 )
 CONFIG = "configs/unet.py:cpu"
-ISSUE24_BASELINE = "context_regions"  # issue 19's options (cpu_best until 2026-12-06)
+RECIPE_BASELINE = "context_regions"  # the segmentation options (cpu_best until 2026-12-06)
 
 
 def variant_fields(name: str) -> dict:
-    """The fields of a variant; "a+b" is variants a and b together (issue 24's combination,
+    """The fields of a variant; "a+b" is variants a and b together (the recipe's combination,
     e.g. "cb_spatial+cb_intensity"); a field set differently by two parts is an error."""
     fields: dict = {}
     for part in name.split("+"):
@@ -359,26 +364,27 @@ def _means(row: dict) -> tuple[float, float]:
 
 
 def _rule_rows(rows: list[dict]) -> dict[str, dict]:
-    """The rows issue 24's rules compare, by variant: no TTA, largest whole-tumour component."""
+    """The rows the recipe's rules compare, by variant: no TTA, largest whole-tumour
+    component."""
     return {r["variant"]: r for r in rows if r["tta"] == "none" and r["pp"] == "largest"}
 
 
-def issue24_choice(rows: list[dict], dice_gain=0.005, hd95_slack=1.0) -> dict:
-    """EXPERIMENTS.md's declared rule (issue 24) on the rows without TTA after the largest
-    whole-tumour component: an addition ("cb_*") is kept when its mean Dice is at least the
-    baseline's + `dice_gain` and its mean HD95 at most the baseline's + `hd95_slack` mm; the
-    combination is the baseline plus every kept addition ("a+b"); the choice is the
+def recipe_choice(rows: list[dict], dice_gain=0.005, hd95_slack=1.0) -> dict:
+    """EXPERIMENTS.md's declared rule ("Generalisation recipe") on the rows without TTA after
+    the largest whole-tumour component: an addition ("cb_*") is kept when its mean Dice is at
+    least the baseline's + `dice_gain` and its mean HD95 at most the baseline's + `hd95_slack`
+    mm; the combination is the baseline plus every kept addition ("a+b"); the choice is the
     combination when it was scored, is within `dice_gain` of the best kept single row and
     within `hd95_slack` of the baseline's HD95, else the best kept single row, else the
     baseline. Returns {means: {variant: (dice, hd95)}, kept, combination, choice}."""
     means = {v: _means(r) for v, r in _rule_rows(rows).items()}
-    if ISSUE24_BASELINE not in means:
-        raise SystemExit(f"error: no {ISSUE24_BASELINE} row (tta none, largest) to compare with")
-    d0, h0 = means[ISSUE24_BASELINE]
+    if RECIPE_BASELINE not in means:
+        raise SystemExit(f"error: no {RECIPE_BASELINE} row (tta none, largest) to compare with")
+    d0, h0 = means[RECIPE_BASELINE]
     singles = [v for v in means if v.startswith("cb_") and "+" not in v]
     kept = [v for v in singles if means[v][0] >= d0 + dice_gain and means[v][1] <= h0 + hd95_slack]
     combination = "+".join(sorted(kept)) if len(kept) > 1 else (kept[0] if kept else None)
-    choice = ISSUE24_BASELINE
+    choice = RECIPE_BASELINE
     if kept:
         best = max(kept, key=lambda v: means[v][0])
         choice = best
@@ -389,7 +395,7 @@ def issue24_choice(rows: list[dict], dice_gain=0.005, hd95_slack=1.0) -> dict:
     return dict(means=means, kept=kept, combination=combination, choice=choice)
 
 
-ISSUE24_CANDIDATE = "cb_deep_supervision+cb_intensity+cb_patches"  # cpu_recipe's fields
+RECIPE_CANDIDATE = "cb_deep_supervision+cb_intensity+cb_patches"  # cpu_recipe's fields
 CPU_BEST_VARIANT = "cb_deep_supervision+cb_intensity"  # cpu_best's training since 2026-12-06
 
 
@@ -412,10 +418,11 @@ def brats_win_fraction(a: list[dict], b: list[dict]) -> float:
 
 
 def replicate_choice(
-    rows, candidate=ISSUE24_CANDIDATE, baseline=ISSUE24_BASELINE, dice_gain=0.005, low_wt=0.75
+    rows, candidate=RECIPE_CANDIDATE, baseline=RECIPE_BASELINE, dice_gain=0.005, low_wt=0.75
 ) -> dict:
-    """EXPERIMENTS.md's replicate rule (issue 24, declared 2026-12-04) on the rows without TTA
-    after the largest whole-tumour component: `candidate` replaces `baseline` when (1) its
+    """EXPERIMENTS.md's replicate rule ("A replicate with new folds and seeds, and a rule that
+    counts failures", declared 2026-12-04) on the rows without TTA after the largest
+    whole-tumour component: `candidate` replaces `baseline` when (1) its
     mean Dice is at least the baseline's + `dice_gain`, (2) it wins over half of the (case,
     metric) pairs (`brats_win_fraction`), (3) it has no more cases with WT Dice < `low_wt`
     and (4) no more (case, region) HD95s at `metrics.HD95_EMPTY` (a region missed or
@@ -438,15 +445,15 @@ def replicate_choice(
 
 
 def replicate_baselines(candidate: str, scored) -> list[str]:
-    """The rows a combination is held against by the replicate rule: issue 19's options
-    (`ISSUE24_BASELINE`) and, when `candidate` adds parts to it and it was scored (a name in
-    `scored`), today's `cpu_best` row (`CPU_BEST_VARIANT`)."""
+    """The rows a combination is held against by the replicate rule: the segmentation
+    options (`RECIPE_BASELINE`) and, when `candidate` adds parts to it and it was scored (a
+    name in `scored`), today's `cpu_best` row (`CPU_BEST_VARIANT`)."""
     extends = set(CPU_BEST_VARIANT.split("+")) < set(candidate.split("+"))
     on_cpu_best = extends and CPU_BEST_VARIANT in scored
-    return [ISSUE24_BASELINE] + ([CPU_BEST_VARIANT] if on_cpu_best else [])
+    return [RECIPE_BASELINE] + ([CPU_BEST_VARIANT] if on_cpu_best else [])
 
 
-def leave_one_out(combination: str = ISSUE24_CANDIDATE) -> list[str]:
+def leave_one_out(combination: str = RECIPE_CANDIDATE) -> list[str]:
     """The variants that drop one part of `combination` ("a+b+c" -> "b+c", "a+c", "a+b",
     parts kept in their order)."""
     parts = combination.split("+")
@@ -456,9 +463,10 @@ def leave_one_out(combination: str = ISSUE24_CANDIDATE) -> list[str]:
 DIAGNOSIS_CASE = "BraTS2021_00014"  # the case whose core the combination misses
 
 
-def diagnosis_candidate(rows, case=DIAGNOSIS_CASE, combination=ISSUE24_CANDIDATE) -> str | None:
-    """EXPERIMENTS.md's diagnosis rule (issue 24, declared 2026-12-04) on the rows without TTA
-    after the largest whole-tumour component: among `combination`'s leave-one-out rows, those
+def diagnosis_candidate(rows, case=DIAGNOSIS_CASE, combination=RECIPE_CANDIDATE) -> str | None:
+    """EXPERIMENTS.md's diagnosis rule ("Which part of the combination misses
+    BraTS2021_00014's core?", declared 2026-12-04) on the rows without TTA after the largest
+    whole-tumour component: among `combination`'s leave-one-out rows, those
     that predict a TC and an ET on `case` (HD95 below `metrics.HD95_EMPTY`), and of those the
     one with the highest mean Dice over its scored cases; None when no row does."""
     pick = _rule_rows(rows)
@@ -476,7 +484,7 @@ def diagnosis_candidate(rows, case=DIAGNOSIS_CASE, combination=ISSUE24_CANDIDATE
 
 def markdown(record: dict) -> str:
     """The ablation table (mean ± SD [min, max] over cases), each fold's mean when there are
-    several folds, issue 24's verdicts (`issue24_choice`; `replicate_choice` of each
+    several folds, the recipe rules' verdicts (`recipe_choice`; `replicate_choice` of each
     combination "a+cb_b" against the baseline) and the per-case scores of the baseline and
     the best row."""
     rows, folds = record["rows"], record["folds"]
@@ -514,12 +522,12 @@ def markdown(record: dict) -> str:
         out += ["", "Fold means (" + " / ".join(f"fold {i}" for i in range(len(folds))) + "):"]
         out += ["", *fold_lines]
     names = {r["variant"] for r in rows}
-    if ISSUE24_BASELINE in names and any(v.startswith("cb_") for v in names):
-        c = issue24_choice(rows)
+    if RECIPE_BASELINE in names and any(v.startswith("cb_") for v in names):
+        c = recipe_choice(rows)
         cells = ", ".join(f"{v} {d:.3f} / {h:.1f} mm" for v, (d, h) in c["means"].items())
         out += [
             "",
-            f"Issue 24's rule (mean Dice / mean HD95, no TTA, largest): {cells}.",
+            f"Recipe rule (mean Dice / mean HD95, no TTA, largest): {cells}.",
             f"Kept: {c['kept'] or 'none'}; combination: {c['combination']}; choice: {c['choice']}.",
         ]
     combinations = [v for v in dict.fromkeys(r["variant"] for r in rows) if "+cb_" in v]
@@ -599,7 +607,7 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--fold_seed", type=int, default=0, help="shuffles the cases into folds")
     p.add_argument("--test_cases", default="", help="a fixed split instead of folds: IDs")
-    p.add_argument("--variants", default=",".join(ISSUE19_VARIANTS), help=f"of {list(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(OPTION_VARIANTS), help=f"of {list(VARIANTS)}")
     p.add_argument("--ttas", default="none,flips", help="TTA settings, comma-separated")
     p.add_argument("--parallel", type=int, default=2, help="processes at a time")
     p.add_argument("--config", default=CONFIG)
