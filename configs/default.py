@@ -255,8 +255,8 @@ PRESET_FIELDS["cpu_best"] = {
     **_INTENSITY_AUGMENT,
 }
 # cpu_best plus 128 px patches of native 240 px slices (a third centred on tumour): the
-# recipe's full combination (EXPERIMENTS.md, "Generalisation recipe"). Not cpu_best: on two replicates it predicts no tumour core on one
-# case (BraTS2021_00014) both times; EXPERIMENTS.md.
+# recipe's full combination (EXPERIMENTS.md, "Generalisation recipe"). Not cpu_best: on two
+# replicates it predicts no tumour core on one case (BraTS2021_00014) both times.
 PRESET_FIELDS["cpu_recipe"] = {
     **PRESET_FIELDS["cpu_best"],
     "data.image_size": 240,
