@@ -11,18 +11,19 @@ import pathlib
 import numpy as np
 from absl import logging
 
+from brats_jax.data.cache import NiftiCacheSource, default_cache_dir, prepare
 from brats_jax.data.common import DataError, resize_image, resize_label
 from brats_jax.data.context import check_context_slices, neighbour_records, stack_records
 from brats_jax.data.folds import fold_cases
+from brats_jax.data.kaggle import KaggleH5Source
 from brats_jax.data.patches import random_crop
+from brats_jax.data.synthetic import SyntheticSource
 
 
 # --------------------------------------------------------------------------------------------
 # sources
 def resolve_cache_dir(data_config) -> pathlib.Path:
     """data.cache_dir, or ~/.cache/brats_jax/<hash of data.root> when empty."""
-    from brats_jax.data.cache import default_cache_dir
-
     cache_dir = data_config.cache_dir
     return pathlib.Path(cache_dir) if cache_dir else default_cache_dir(data_config.root)
 
@@ -41,8 +42,6 @@ def make_source(data_config):
     kind = data_config.source
     root = data_config.root
     if kind == "synthetic":
-        from brats_jax.data.synthetic import SyntheticSource
-
         return SyntheticSource(
             num_cases=data_config.synthetic_num_cases,
             slices_per_case=data_config.synthetic_slices_per_case,
@@ -56,11 +55,7 @@ def make_source(data_config):
     if not os.path.exists(root):
         raise DataError(f"data.root {root} does not exist")
     if kind == "kaggle_h5":
-        from brats_jax.data.kaggle import KaggleH5Source
-
         return KaggleH5Source(root)
-    from brats_jax.data.cache import NiftiCacheSource, prepare
-
     if (pathlib.Path(root) / "cache.json").is_file():
         return NiftiCacheSource(root)
     cache_dir = resolve_cache_dir(data_config)

@@ -1,5 +1,6 @@
-"""Pictures to review: label overlays on FLAIR / T1ce for TensorBoard (fixed validation slices,
-at every validation) and per-case PNGs with a static `index.html` for `predict` and `evaluate`.
+"""Pictures to review: label overlays on FLAIR / T1ce, as slice strips for TensorBoard (fixed
+validation slices at every validation: `training.validation_overlays`) and per-case PNGs with
+a static `index.html` for `predict` and `evaluate`.
 
 Colours are `plots.LABEL_CMAP` (NCR/NET red, ED green, ET yellow), blended over the grey
 image with each colour's alpha. Panels are drawn at the volume's native resolution (one
@@ -16,7 +17,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from brats_jax import MODALITIES, NUM_CLASSES, fileio
+from brats_jax import MODALITIES, NUM_CLASSES, fileio, metrics
+from brats_jax.data import DataError, brats
 from brats_jax.figures import plots
 from brats_jax.figures.plots import plt
 from brats_jax.labels import REGIONS
@@ -238,8 +240,6 @@ def images_beside(label_path, case_id: str, shape) -> tuple[dict[str, np.ndarray
     folder holding `label_path` (`data.brats` file names, both namings); `({}, why)` when
     the folder is not case `case_id`'s, a file is missing or unreadable, or a shape differs
     from the label's `shape`."""
-    from brats_jax.data import DataError, brats
-
     folder = pathlib.Path(label_path).parent
     if folder.name != case_id:
         return {}, f"labels only: {label_path} is not in a case folder {case_id}/ with images"
@@ -261,8 +261,6 @@ def _as_3d(volume: np.ndarray) -> np.ndarray:
 def region_summary(pred: np.ndarray, label=None, spacing=(1.0, 1.0, 1.0)) -> dict[str, float]:
     """Per-region predicted volume in mL (`volume_ml_WT` ...) and, with a ground truth,
     region Dice (`dice_WT` ..., 1.0 where the region is empty in both): `predict`'s columns."""
-    from brats_jax import metrics
-
     ml = float(np.prod(spacing)) / 1000.0
     out = {}
     for name, classes in REGIONS.items():
@@ -278,15 +276,6 @@ def modality_images(image: np.ndarray) -> dict[str, np.ndarray]:
     return {m: image[..., MODALITIES.index(m)] for m in SHOWN_MODALITIES}
 
 
-def validation_slices(source, indices, n: int) -> np.ndarray:
-    """The `n` records of `indices` (source record numbers) with the most tumour pixels
-    (`source.table.class_counts` classes 1..3), ties by position in `indices`: the same
-    slices every validation of a run, so their pictures show the model improving."""
-    idx = np.asarray(indices, np.int64)
-    tumour = source.table.class_counts[idx, 1:].sum(axis=1)
-    return idx[np.argsort(-tumour, kind="stable")[: max(int(n), 0)]]
-
-
 def slice_strip(flair: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """uint8 (W, 3H + 2 gap, 3) of one (H, W) slice: FLAIR, FLAIR + ground truth, FLAIR +
     prediction side by side (rotated as the case pictures)."""
@@ -295,48 +284,3 @@ def slice_strip(flair: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.nd
     panels = [blend(gray, None), blend(gray, np.rot90(label)), blend(gray, np.rot90(pred))]
     gap = np.zeros((gray.shape[0], _GAP, 3), np.uint8)
     return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
-
-
-class ValidationOverlays:
-    """TensorBoard pictures of one run's fixed validation slices (`validation_slices`,
-    `eval.num_overlay_slices` of them): one forward of those slices per validation.
-
-    `images(state)` -> {"val_overlays/<case>_z<slice>": uint8 (S, 3S + gaps, 3)}
-    (`slice_strip`), for `MetricWriter.write_images`. `predict`: another instance's
-    `predict` (same model and `model.output`) to share its compilation.
-    """
-
-    def __init__(self, run, model, predict=None):
-        from brats_jax import data
-        from brats_jax.inference import whole_volume
-        from brats_jax.models import outputs
-
-        cfg = run.config
-        self.output = outputs.of_config(cfg.model)
-        self.slices = validation_slices(run.source, run.splits.val, cfg.eval.num_overlay_slices)
-        k = data.context_slices(cfg)
-        self.flair_channel = 4 * k + MODALITIES.index("flair")  # the centre slice's FLAIR
-        self.batch = next(iter(data.eval_batches(
-            run.source, self.slices, batch_size=len(self.slices),
-            image_size=cfg.data.image_size, context_slices=k,
-        ))) if len(self.slices) else None  # fmt: skip
-        self.predict = predict or whole_volume.make_slice_predictor(
-            model, image_size=0, output=self.output
-        )
-
-    def images(self, state) -> dict[str, np.ndarray]:
-        """The pictures of the slices with `state`'s (a `TrainState`) predictions."""
-        from brats_jax.models import outputs
-
-        if self.batch is None:
-            return {}
-        variables = {"params": state.params, **state.model_state}
-        probs = np.asarray(self.predict(variables, self.batch["image"]))
-        pred = np.asarray(outputs.labels_from_probabilities(probs, self.output))
-        b = self.batch
-        return {
-            f"val_overlays/{b['case_id'][i]}_z{int(b['slice_index'][i]):03d}": slice_strip(
-                b["image"][i, ..., self.flair_channel], b["label"][i], pred[i]
-            )
-            for i in range(len(self.slices))
-        }

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from brats_jax import fileio
+from brats_jax import fileio, metrics
 
 POSTPROCESSING_FILE = "postprocessing.json"
 """Name of the tuned choice inside a run folder."""
@@ -228,8 +228,6 @@ class Tuned:
 
 def mean_region_dice(pred: np.ndarray, target: np.ndarray) -> float:
     """Mean of the WT, TC and ET Dice of one volume (class maps {0..3}; both empty -> 1)."""
-    from brats_jax import metrics
-
     dice = []
     for tp, fp, fn, _ in metrics.region_confusion(pred, target).values():
         dice.append(2.0 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)

@@ -44,7 +44,9 @@ from brats_jax.runs.train_state import (
 from brats_jax.runs.workdir_lock import WorkdirLock
 from brats_jax.runtime import resolve_ops
 from brats_jax.training import steps
+from brats_jax.training.evaluation import evaluate_slices
 from brats_jax.training.metric_writer import MetricWriter
+from brats_jax.training.validation_overlays import ValidationOverlays
 
 # Fields that runs trained together must share (they may differ in everything else:
 # learning rate, loss and its parameters, seed, data split and order).
@@ -341,8 +343,6 @@ class RunGroup:
     def evaluate(self, step: int, eval_step) -> list[dict | None]:
         """Validation metrics of each run (None for a run without a validation split or
         stopped), written as `val_*` scalars at `step`."""
-        from brats_jax.training.evaluation import evaluate_slices
-
         out = []
         for i, run in enumerate(self.runs):
             val = None
@@ -356,8 +356,6 @@ class RunGroup:
     def _write_overlays(self, i: int, step: int) -> None:
         """Run i's fixed validation slices with its predictions to TensorBoard
         (`eval.num_overlay_slices`; one host: the forward runs where the writer writes)."""
-        from brats_jax.figures.overlays import ValidationOverlays
-
         run = self.runs[i]
         if not run.config.eval.get("num_overlay_slices", 0) or jax.process_count() > 1:
             return
