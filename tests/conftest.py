@@ -1,7 +1,13 @@
-"""Test setup: JAX on the CPU, tiny shapes, real-sample fixtures that skip when absent."""
+"""Test setup: JAX on the CPU, tiny shapes, real-sample fixtures that skip when absent, and the
+helpers the test folders share (tiny configs, a tiny trained run, NIfTI cases, ViT checkpoints).
 
+The test folders mirror the package (tests/data/ for brats_jax/data/, ...); they hold no
+`__init__.py`, so each test file's basename is unique across the tree."""
+
+import math
 import os
 import pathlib
+import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -12,7 +18,12 @@ from brats_jax import runtime  # noqa: E402
 
 runtime.setup(quiet_logs=False)
 
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import scipy.ndimage  # noqa: E402
+
+from brats_jax.models.transunet import per_block_params  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "brats_sample"
@@ -24,3 +35,200 @@ def brats_sample() -> pathlib.Path:
     if not (SAMPLE / "nifti").is_dir():
         pytest.skip(f"real BraTS sample not found at {SAMPLE}")
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """`tiny_config(**{"train.num_steps": 2, ...})`: a fresh `configs/unet.py:tiny` config with
+    the given dotted fields set (`preset=` picks another U-Net preset)."""
+    from configs import unet as unet_config
+
+    def make(preset="tiny", **overrides):
+        c = unet_config.get_config(preset)
+        for dotted, value in overrides.items():
+            node = c
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return c
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_config):
+    """A `configs/unet.py:tiny` run trained in-process (`train.train_and_evaluate`), once per
+    session -> (workdir, results)."""
+    from brats_jax.training import train
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    results = train.train_and_evaluate(tiny_config(), workdir)
+    return workdir, results
+
+
+LABELLED_CASE_SHAPE = (16, 16, 8)
+_NAMES_2018 = {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"}
+_NAMES_2023 = {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"}
+
+
+def _raw(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, 1000, LABELLED_CASE_SHAPE).astype(np.int16)
+    x[:4] = 0  # background
+    return x
+
+
+def _label(naming):
+    lab = np.zeros(LABELLED_CASE_SHAPE, np.uint8)
+    lab[6:8, 6:8, 2] = 1
+    lab[8:10, 6:8, 2] = 2
+    lab[10:12, 6:8, 3] = 4 if naming == "2018" else 3
+    return lab
+
+
+def _write_labelled_case(
+    root, case_id, naming="2018", ext=".nii.gz", seg_name=None, affine=None, **over
+):
+    """Writes a tiny labelled case; returns (case dir, raw arrays by modality, label)."""
+    d = pathlib.Path(root) / case_id
+    d.mkdir(parents=True, exist_ok=True)
+    names = _NAMES_2018 if naming == "2018" else _NAMES_2023
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) if affine is None else affine  # BraTS's LPS
+    raws = {}
+    for k, m in enumerate(("flair", "t1", "t1ce", "t2")):
+        arr = over.get(m, _raw(k))
+        raws[m] = arr
+        nib.save(
+            nib.Nifti1Image(arr, over.get(f"{m}_affine", affine)), d / f"{case_id}{names[m]}{ext}"
+        )
+    lab = over.get("seg", _label(naming))
+    if lab is not None:
+        name = seg_name or f"{case_id}{names['seg']}{ext}"
+        nib.save(nib.Nifti1Image(lab, affine), d / name)
+    return d, raws, lab
+
+
+_write_labelled_case.shape = LABELLED_CASE_SHAPE
+_write_labelled_case.label = _label  # the default label of a naming
+
+
+@pytest.fixture(scope="session")
+def write_labelled_case():
+    """`write_labelled_case(root, case_id, naming="2018", ext=".nii.gz", seg_name=None,
+    affine=None, **over)`: a (16, 16, 8) case (its `.shape`) of integer modalities (x < 4 is
+    background) and a 3-class label, BraTS's LPS affine unless given; `over` replaces a
+    modality's array (`flair=`), its affine (`t1_affine=`) or the label (`seg=`; None: none);
+    `.label(naming)` is the default label.
+    Returns (case dir, raw arrays by modality, label)."""
+    return _write_labelled_case
+
+
+def _official_shapes(
+    units=(3, 4, 9),
+    width=64,
+    hidden=768,
+    layers=12,
+    heads=12,
+    mlp=3072,
+    grid=14,
+    n_cls=21843,
+    gn4d=False,
+):
+    """Key -> shape of the official checkpoint (transcribed from make_fake_vit_npz.py)."""
+    d = {}
+
+    def g(k, c):
+        d[k + "/scale"] = (1, 1, 1, c) if gn4d else (c,)
+        d[k + "/bias"] = (1, 1, 1, c) if gn4d else (c,)
+
+    d["conv_root/kernel"] = (7, 7, 3, width)
+    g("gn_root", width)
+    cin = width
+    for b, n_units in enumerate(units, 1):
+        mid = width * 2 ** (b - 1)
+        out = mid * 4
+        for u in range(1, n_units + 1):
+            pre = f"block{b}/unit{u}/"
+            d[pre + "conv1/kernel"] = (1, 1, cin, mid)
+            g(pre + "gn1", mid)
+            d[pre + "conv2/kernel"] = (3, 3, mid, mid)
+            g(pre + "gn2", mid)
+            d[pre + "conv3/kernel"] = (1, 1, mid, out)
+            g(pre + "gn3", out)
+            if u == 1:
+                d[pre + "conv_proj/kernel"] = (1, 1, cin, out)
+                g(pre + "gn_proj", out)
+            cin = out
+    d["embedding/kernel"] = (1, 1, cin, hidden)
+    d["embedding/bias"] = (hidden,)
+    d["cls"] = (1, 1, hidden)
+    d["Transformer/posembed_input/pos_embedding"] = (1, 1 + grid * grid, hidden)
+    g("Transformer/encoder_norm", hidden)
+    hd = hidden // heads
+    for i in range(layers):
+        pre = f"Transformer/encoderblock_{i}/"
+        g(pre + "LayerNorm_0", hidden)
+        g(pre + "LayerNorm_2", hidden)
+        for n in ("query", "key", "value"):
+            d[pre + f"MultiHeadDotProductAttention_1/{n}/kernel"] = (hidden, heads, hd)
+            d[pre + f"MultiHeadDotProductAttention_1/{n}/bias"] = (heads, hd)
+        d[pre + "MultiHeadDotProductAttention_1/out/kernel"] = (heads, hd, hidden)
+        d[pre + "MultiHeadDotProductAttention_1/out/bias"] = (hidden,)
+        d[pre + "MlpBlock_3/Dense_0/kernel"] = (hidden, mlp)
+        d[pre + "MlpBlock_3/Dense_0/bias"] = (mlp,)
+        d[pre + "MlpBlock_3/Dense_1/kernel"] = (mlp, hidden)
+        d[pre + "MlpBlock_3/Dense_1/bias"] = (hidden,)
+    d["head/kernel"] = (hidden, n_cls)
+    d["head/bias"] = (n_cls,)
+    return d
+
+
+def _write_vit_npz(path, seed=0, **sizes):
+    """Write a random checkpoint with ``_official_shapes(**sizes)``; returns the arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for k, s in _official_shapes(**sizes).items():
+        base = 1.0 if k.endswith("/scale") else 0.0
+        arrays[k] = (base + rng.standard_normal(s) * 0.1).astype(np.float32)
+    np.savez(path, **arrays)
+    return arrays
+
+
+_VIT_TINY = dict(units=(1, 1, 1), width=8, hidden=32, layers=2, heads=2, mlp=64, grid=3, n_cls=10)
+
+
+def _get(tree, key):
+    """The array at checkpoint key ``key`` (per-block names; a scanned tree is viewed per block)."""
+    tree = per_block_params(tree)
+    for part in key.split("/"):
+        tree = tree[part]
+    return np.asarray(tree)
+
+
+def _expected_value(key, arr, grid, cin):
+    """The array the model should hold for checkpoint key ``key``, computed independently."""
+    if key == "Transformer/posembed_input/pos_embedding":
+        s = math.isqrt(arr.shape[1] - 1)
+        g = arr[0, 1:].reshape(s, s, -1).astype(np.float64)
+        z = scipy.ndimage.zoom(g, (grid / s, grid / s, 1), order=1)  # official loader's resize
+        return z.reshape(1, grid * grid, -1)
+    if key == "conv_root/kernel" and cin != 3:
+        return np.repeat(arr.mean(axis=2, keepdims=True), cin, axis=2) * 3 / cin
+    if key.split("/")[-2].startswith("gn") or "norm" in key or "LayerNorm" in key:
+        return arr.reshape(-1)
+    return arr
+
+
+@pytest.fixture(scope="session")
+def vit_checkpoint():
+    """The R50+ViT checkpoint helpers: `write_npz(path, seed=0, **sizes)` (a random .npz with
+    `official_shapes(**sizes)`; returns the arrays), `TINY` (the tiny preset's sizes), `get`,
+    `expected_value`, `official_shapes`."""
+    return types.SimpleNamespace(
+        official_shapes=_official_shapes,
+        write_npz=_write_vit_npz,
+        TINY=_VIT_TINY,
+        get=_get,
+        expected_value=_expected_value,
+    )

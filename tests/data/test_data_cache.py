@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from test_data_brats import SHAPE, write_case
 
 from brats_jax.data import (
     DataError,
@@ -23,36 +22,38 @@ from brats_jax.data import (
 )
 from brats_jax.data.cache import _temp_suffix, _write_case, is_case_complete
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def release(tmp_path):
-    write_case(tmp_path / "src", "A", "2018", ".nii.gz")
-    write_case(tmp_path / "src", "B", "2023", ".nii.gz")
+def release(tmp_path, write_labelled_case):
+    write_labelled_case(tmp_path / "src", "A", "2018", ".nii.gz")
+    write_labelled_case(tmp_path / "src", "B", "2023", ".nii.gz")
     return tmp_path / "src"
 
 
-def test_cache_matches_load_case(release, tmp_path):
+def test_cache_matches_load_case(release, tmp_path, write_labelled_case):
     src = NiftiCacheSource(prepare(release, tmp_path / "c", progress=False))
-    assert len(src) == 2 * SHAPE[2] and src.case_ids == ["A", "B"]
+    assert len(src) == 2 * write_labelled_case.shape[2] and src.case_ids == ["A", "B"]
     data = load_case(release / "B")
-    for s in range(SHAPE[2]):
-        rec = src[SHAPE[2] + s]
+    for s in range(write_labelled_case.shape[2]):
+        rec = src[write_labelled_case.shape[2] + s]
         assert rec["case_id"] == "B" and rec["slice_index"] == s
         np.testing.assert_array_equal(rec["image"], data.image[:, :, s])
         np.testing.assert_array_equal(rec["label"], data.label[:, :, s])
         # table: pixel counts per class and brain fraction (any modality non-zero; rows :4 zero)
         np.testing.assert_array_equal(
-            src.table.class_counts[SHAPE[2] + s],
+            src.table.class_counts[write_labelled_case.shape[2] + s],
             np.bincount(data.label[:, :, s].ravel(), minlength=4),
         )
-        assert src.table.brain_fraction[SHAPE[2] + s] == pytest.approx(12 / 16)
+        assert src.table.brain_fraction[write_labelled_case.shape[2] + s] == pytest.approx(12 / 16)
     # hand-written label: slice 2 has 4 NCR and 4 ED pixels, slice 3 has 4 ET pixels
     assert src.table.class_counts[2].tolist() == [256 - 8, 4, 4, 0]
     assert src.table.class_counts[3].tolist() == [256 - 4, 0, 0, 4]
     image, label = load_volume(src, "A")
-    assert image.shape == SHAPE + (4,) and label.shape == SHAPE
+    assert (
+        image.shape == write_labelled_case.shape + (4,) and label.shape == write_labelled_case.shape
+    )
     np.testing.assert_array_equal(case_indices(src, "B"), np.arange(8, 16))
     clone = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(clone[5]["image"], src[5]["image"])
@@ -236,11 +237,11 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_workers_exit_when_prepare_is_killed(release, tmp_path):
+def test_workers_exit_when_prepare_is_killed(release, tmp_path, write_labelled_case):
     import signal
     import time
 
-    write_case(release, "C", "2018", ".nii.gz")
+    write_labelled_case(release, "C", "2018", ".nii.gz")
     pids = tmp_path / "pids"
     pids.mkdir()
     parent = subprocess.Popen(

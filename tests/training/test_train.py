@@ -14,27 +14,8 @@ import pytest
 
 from brats_jax.runs import train_state
 from brats_jax.training import evaluation, run_group, steps, train
-from configs import unet as unet_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**overrides):
-    c = unet_config.get_config("tiny")
-    for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    results = train.train_and_evaluate(tiny_config(), workdir)
-    return workdir, results
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_outputs_written(tiny_run):
@@ -76,7 +57,7 @@ def test_best_checkpoint_is_the_best_validation_step(tiny_run):
     assert ckpts.manager.metrics(best)[VAL_METRIC] == pytest.approx(val[best])
 
 
-def test_rerun_of_finished_run_resumes_without_training(tiny_run, tmp_path):
+def test_rerun_of_finished_run_resumes_without_training(tiny_run, tmp_path, tiny_config):
     workdir, results = tiny_run
     again = train.train_and_evaluate(tiny_config(), workdir)
     assert again["steps"] == results["steps"]
@@ -88,7 +69,7 @@ def _final_params(workdir):
     return variables
 
 
-def test_killed_run_resumes_to_identical_result(tmp_path):
+def test_killed_run_resumes_to_identical_result(tmp_path, tiny_config):
     """SIGKILL mid-training, rerun: same final parameters and metrics as one clean run."""
     overrides = {
         "train.num_steps": 30,
@@ -133,13 +114,13 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
     assert resumed["paper_dice"] == pytest.approx(expected["paper_dice"], abs=1e-5)
 
 
-def test_non_finite_loss_stops_with_step(tmp_path):
+def test_non_finite_loss_stops_with_step(tmp_path, tiny_config):
     config = tiny_config(**{"train.learning_rate": 1e30, "train.num_steps": 20})
     with pytest.raises(FloatingPointError, match=r"at step \d+"):
         train.train_and_evaluate(config, tmp_path)
 
 
-def test_bad_intervals_and_distributed_without_workdir_are_errors(tmp_path):
+def test_bad_intervals_and_distributed_without_workdir_are_errors(tmp_path, tiny_config):
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
         with pytest.raises(ValueError, match=rf"{field}=0; expected at least 1"):
             run_group.build_run(tiny_config(**{field: 0}), tmp_path)
@@ -150,7 +131,7 @@ def test_bad_intervals_and_distributed_without_workdir_are_errors(tmp_path):
     assert proc.returncode != 0 and "--distributed needs --workdir" in proc.stderr
 
 
-def test_resuming_with_a_changed_config_names_the_changes(tmp_path):
+def test_resuming_with_a_changed_config_names_the_changes(tmp_path, tiny_config):
     old = tiny_config()
     (tmp_path / "config.json").write_text(old.to_json_best_effort())
     new = json.loads(tiny_config(**{"train.learning_rate": 0.5}).to_json_best_effort())
@@ -162,7 +143,7 @@ def test_resuming_with_a_changed_config_names_the_changes(tmp_path):
     assert run_group._warn_config_changes(tmp_path / "none.json", new) == []
 
 
-def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch):
+def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch, tiny_config):
     import jax
 
     monkeypatch.setattr(jax, "device_count", lambda *a: 3)
@@ -301,7 +282,7 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
     np.testing.assert_allclose(seen[1][..., 2], by_slice, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_uses_the_configured_learning_rate(tmp_path):
+def test_resume_uses_the_configured_learning_rate(tmp_path, tiny_config):
     """Resumed with train.learning_rate=0 (as config.json then says), the parameters stay
     those of the checkpoint: the rate restored with the optimizer state is replaced."""
     keep = {"train.keep_checkpoints": 10, "data.val_fraction": 0.0, "data.test_fraction": 0.0}
@@ -318,15 +299,13 @@ def test_resume_uses_the_configured_learning_rate(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch):
+def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch, tiny_config, vit_checkpoint):
     """model.pretrained_path loads the R50+ViT npz into the initial state (position embedding
     resized to the 2x2 grid of 32 px inputs), with a fresh optimizer state; train_runs uses
     it on a fresh start."""
-    from test_pretrained import TINY, expected_value, get, write_vit_npz
-
     from configs import transunet as transunet_config
 
-    arrays = write_vit_npz(tmp_path / "vit.npz", seed=3, **TINY)
+    arrays = vit_checkpoint.write_npz(tmp_path / "vit.npz", seed=3, **vit_checkpoint.TINY)
     c = transunet_config.get_config("tiny")
     c.model.pretrained_path = str(tmp_path / "vit.npz")
     model, tx = train_state.create_model(c), train_state.create_optimizer(c.train, 10)
@@ -339,7 +318,8 @@ def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch):
         "block2/unit1/gn2/scale",
     ):
         np.testing.assert_allclose(
-            get(loaded.params, key), expected_value(key, arrays[key], 2, 4),
+            vit_checkpoint.get(loaded.params, key),
+            vit_checkpoint.expected_value(key, arrays[key], 2, 4),
             rtol=1e-5, atol=1e-6, err_msg=key,
         )  # fmt: skip
     # a fresh optimizer state: Adam's moments are zeros of the parameters' shapes
@@ -365,7 +345,7 @@ def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch):
     assert e.value.args == (str(tmp_path / "vit.npz"), 32)
 
 
-def test_cut_metrics_line_is_skipped_and_results_come_last(tmp_path, monkeypatch):
+def test_cut_metrics_line_is_skipped_and_results_come_last(tmp_path, monkeypatch, tiny_config):
     """A line cut by a killed run does not break the curves; results.json (the sweep's
     "finished" mark) is written only after the other outputs."""
     from brats_jax.figures import plots
@@ -485,7 +465,7 @@ def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_p
 
 
 @pytest.fixture(scope="module")
-def early_best_run(tmp_path_factory):
+def early_best_run(tmp_path_factory, tiny_config):
     """A tiny run (validation at steps 3 and 6, checkpoints at 2, 3, 4, 6, only the newest
     kept by "last K") whose validation paper_dice is patched to 0.9 at step 3 and 0.1 at
     step 6: the best step is an early one, not the final one."""
@@ -598,7 +578,7 @@ def test_two_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(curves[1], curves[2], rtol=2e-4, atol=1e-5)
 
 
-def test_eval_batches_split_across_hosts_cover_every_slice_once(tmp_path, monkeypatch):
+def test_eval_batches_split_across_hosts_cover_every_slice_once(tmp_path, monkeypatch, tiny_config):
     """Each of 2 hosts yields the same number of batches; together they hold each slice once."""
     import jax
 
@@ -638,7 +618,7 @@ def test_main_log_filter_drops_only_routine_orbax_lines():
     assert keep_log_record(rec("/work/brats_jax/train.py", logging.INFO, "step 5"))
 
 
-def test_old_run_folder_with_model_conv_impl_resumes_and_predicts(tiny_run, tmp_path):
+def test_old_run_folder_with_model_conv_impl_resumes_and_predicts(tiny_run, tmp_path, tiny_config):
     """Run folders written before `model.conv_impl` became `runtime.ops` still load for
     prediction (same weights) and resume training from their last checkpoint."""
     import shutil

@@ -29,7 +29,7 @@ from brats_jax.runs.checkpoints import RunCheckpoints, UnreadableCheckpoint
 from brats_jax.training import train
 from configs import unet
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config(**train_fields) -> ml_collections.ConfigDict:

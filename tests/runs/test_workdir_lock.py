@@ -12,7 +12,7 @@ import pytest
 
 from brats_jax.runs import workdir_lock as L
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _HOLD = textwrap.dedent(
     """

@@ -10,7 +10,7 @@ import pytest
 from brats_jax import runtime
 from brats_jax.ops.flags import CPU_XLA_FLAGS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Replaces runtime.setup, then runs MODULE as `python -m MODULE ARGS`: the fake setup prints
 # how many JAX backends exist when it is called and ends the process (so nothing else runs).

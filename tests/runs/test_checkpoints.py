@@ -202,7 +202,7 @@ def test_inference_falls_back_from_an_unreadable_best_to_the_newest_readable(tmp
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def checkpointed_run(tmp_path_factory):
     from brats_jax.training import train
     from configs import unet
 
@@ -235,11 +235,11 @@ def _tiny_template(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "no_metadata"])
-def test_real_run_resumes_from_the_older_checkpoint(tiny_run, tmp_path, damage, caplog):
+def test_real_run_resumes_from_the_older_checkpoint(checkpointed_run, tmp_path, damage, caplog):
     import shutil
 
     workdir = tmp_path / "run"
-    shutil.copytree(tiny_run, workdir)
+    shutil.copytree(checkpointed_run, workdir)
     ck = RunCheckpoints(workdir)
     older, newest = ck.all_steps()[-2:]
     if damage == "truncate":
@@ -271,7 +271,7 @@ def test_real_run_resumes_from_the_older_checkpoint(tiny_run, tmp_path, damage, 
 
 @pytest.mark.slow
 def test_a_run_whose_checkpoints_are_all_unreadable_stops_without_touching_config(
-    tiny_run, tmp_path
+    checkpointed_run, tmp_path
 ):
     """The failed rerun must not rewrite config.json before the restore succeeded."""
     import shutil
@@ -279,7 +279,7 @@ def test_a_run_whose_checkpoints_are_all_unreadable_stops_without_touching_confi
     from brats_jax.training import train
 
     workdir = tmp_path / "run"
-    shutil.copytree(tiny_run, workdir)
+    shutil.copytree(checkpointed_run, workdir)
     for step_dir in (workdir / "checkpoints").iterdir():
         if step_dir.name.isdigit():
             (step_dir / "state" / "_METADATA").unlink()

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_jax import predict
+from brats_jax import config_fields, predict
 from brats_jax.inference import (
     case_prediction,
     ensembles,
@@ -492,10 +492,81 @@ def test_every_command_imports_into_one_process():
     """Commands that share flags (--workdir, --tta, --step, --batch_size, --overlays) can be
     imported into one process, in either order, with no DuplicateFlagError."""
     names = ["predict", "evaluate", "tune_postprocessing", "main"]
-    repo = pathlib.Path(__file__).resolve().parents[1]
+    repo = pathlib.Path(__file__).resolve().parents[2]
     for order in (names, names[::-1]):
         code = "import " + ", ".join(f"brats_jax.{n}" for n in order)
         proc = subprocess.run(
             [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _member(root, name, largest_only, tuned=None):
+    """A run folder: config.json with `postprocess.largest_component_only`, optional tuned file."""
+    folder = root / name
+    folder.mkdir()
+    config = {
+        "data": {"image_size": 16, "source": "nifti"},
+        "eval": {"batch_size": 4},
+        "model": {"name": "unet", "base_features": 8},
+        "postprocess": {"largest_component_only": largest_only, "min_component_voxels": 0,
+                        "connectivity": 26, "et_min_voxels": 0},
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    if tuned is not None:
+        postprocess.save(folder / postprocess.POSTPROCESSING_FILE, tuned)
+    return str(folder)
+
+
+@pytest.fixture
+def case(tmp_path, monkeypatch):
+    """(case folder, labels with the island, labels without it)."""
+
+    def load_trained(workdir, step=None):
+        saved = json.loads((pathlib.Path(workdir) / "config.json").read_text())
+        config = ml_collections.ConfigDict(config_fields.upgrade_legacy(saved))
+        return config, _ScaleModel(), {"scale": np.float32(1.0)}
+
+    labels, probs = _island_probabilities()
+    monkeypatch.setattr(train_state, "load_trained", load_trained)
+    monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
+    island_free = labels.copy()
+    island_free[10, 8, 5] = 0
+    return _write_case(tmp_path, "Brats18_A_1", 0), labels, island_free
+
+
+def test_agreeing_config_fields_are_applied_to_the_ensemble(case, tmp_path):
+    folder, labels, island_free = case
+    f0, f1 = _member(tmp_path, "f0", True), _member(tmp_path, "f1", True)
+    out = tmp_path / "seg.nii.gz"
+    got = case_prediction.predict_case(f"{f0},{f1}", folder, out)  # auto
+    np.testing.assert_array_equal(got, island_free)
+    kept = case_prediction.predict_case(f"{f0},{f1}", folder, out, postprocessing="none")
+    np.testing.assert_array_equal(kept, labels)
+
+
+def test_members_that_differ_are_a_one_line_error_naming_them(case, tmp_path):
+    folder, _, _ = case
+    f0, f1, f2 = (_member(tmp_path, n, v) for n, v in (("f0", True), ("f1", False), ("f2", True)))
+    with pytest.raises(ValueError) as e:
+        case_prediction.predict_case(f"{f0},{f1},{f2}", folder, tmp_path / "seg.nii.gz")
+    msg = str(e.value)
+    assert "\n" not in msg and "--postprocessing=FILE" in msg
+    assert f"runs {f1} differ" in msg and f"from {f0}" in msg and f2 not in msg
+
+
+def test_equal_postprocessing_files_are_applied_over_differing_config_fields(case, tmp_path):
+    folder, labels, island_free = case
+    tuned = postprocess.PostprocessConfig(min_component_voxels=2)  # drops the 1-voxel island
+    f0 = _member(tmp_path, "f0", False, tuned=tuned)
+    f1 = _member(tmp_path, "f1", True, tuned=tuned)
+    got = case_prediction.predict_case([f0, f1], folder, tmp_path / "seg.nii.gz")
+    np.testing.assert_array_equal(got, island_free)
+    assert postprocess_choice.resolve_postprocessing([f0, f1], "auto") == tuned
+
+
+def test_a_tuned_file_equal_to_the_other_runs_config_fields_agrees(tmp_path):
+    tuned = postprocess.PostprocessConfig(largest_component_only=True)
+    f0 = _member(tmp_path, "f0", False, tuned=tuned)
+    f1 = _member(tmp_path, "f1", True)  # no file: its config's fields, the same thresholds
+    assert postprocess_choice.resolve_postprocessing(f"{f0},{f1}", "auto") == tuned

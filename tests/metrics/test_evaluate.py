@@ -14,7 +14,7 @@ import pytest
 from brats_jax import evaluate
 from brats_jax.metrics import folder as E
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _save(path: pathlib.Path, arr, zooms=(1.0, 1.0, 1.0), dtype=np.uint8):

@@ -1,8 +1,8 @@
 """predict --uncertainty: entropy maps and per-case summaries against closed forms.
 
-Stand-in runs as in tests/test_predict.py (`train_state.load_trained` patched): a pointwise model
-whose logits are its input times `variables["scale"]`, or `whole_volume.predict_volume`
-patched to return hand-made per-run probabilities.
+Stand-in runs as in tests/inference/test_predict.py (`train_state.load_trained` patched): a
+pointwise model whose logits are its input times `variables["scale"]`, or
+`whole_volume.predict_volume` patched to return hand-made per-run probabilities.
 """
 
 import csv

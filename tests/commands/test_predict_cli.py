@@ -9,7 +9,7 @@ import pytest
 from brats_jax.inference import case_prediction
 from brats_jax.runs import train_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("which", ["output", "probabilities"])

@@ -1,13 +1,12 @@
 """Round trip of Google's R50+ViT-B_16.npz layout into TransUNet parameters.
 
-The real checkpoint cannot be downloaded here; ``write_vit_npz`` writes a random .npz with the
-official key names, following ``make_fake_vit_npz.py`` (the script the official PyTorch
-TransUNet loader accepts) with the sizes as arguments, so small variants fit the tiny preset.
+The real checkpoint cannot be downloaded here; conftest's ``vit_checkpoint.write_npz`` writes a
+random .npz with the official key names, following ``make_fake_vit_npz.py`` (the script the
+official PyTorch TransUNet loader accepts) with the sizes as arguments, so small variants fit
+the tiny preset.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,85 +17,11 @@ import scipy.special
 
 from brats_jax.models import TransUNet, load_pretrained
 from brats_jax.models.pretrained import adapt_root_kernel, resize_grid_align_corners
-from brats_jax.models.transunet import Encoder, per_block_params
+from brats_jax.models.transunet import Encoder
 
 FULL = dict(
     units=(3, 4, 9), width=64, hidden=768, layers=12, heads=12, mlp=3072, grid=14, n_cls=21843
 )
-
-
-def official_shapes(
-    units=(3, 4, 9),
-    width=64,
-    hidden=768,
-    layers=12,
-    heads=12,
-    mlp=3072,
-    grid=14,
-    n_cls=21843,
-    gn4d=False,
-):
-    """Key -> shape of the official checkpoint (transcribed from make_fake_vit_npz.py)."""
-    d = {}
-
-    def g(k, c):
-        d[k + "/scale"] = (1, 1, 1, c) if gn4d else (c,)
-        d[k + "/bias"] = (1, 1, 1, c) if gn4d else (c,)
-
-    d["conv_root/kernel"] = (7, 7, 3, width)
-    g("gn_root", width)
-    cin = width
-    for b, n_units in enumerate(units, 1):
-        mid = width * 2 ** (b - 1)
-        out = mid * 4
-        for u in range(1, n_units + 1):
-            pre = f"block{b}/unit{u}/"
-            d[pre + "conv1/kernel"] = (1, 1, cin, mid)
-            g(pre + "gn1", mid)
-            d[pre + "conv2/kernel"] = (3, 3, mid, mid)
-            g(pre + "gn2", mid)
-            d[pre + "conv3/kernel"] = (1, 1, mid, out)
-            g(pre + "gn3", out)
-            if u == 1:
-                d[pre + "conv_proj/kernel"] = (1, 1, cin, out)
-                g(pre + "gn_proj", out)
-            cin = out
-    d["embedding/kernel"] = (1, 1, cin, hidden)
-    d["embedding/bias"] = (hidden,)
-    d["cls"] = (1, 1, hidden)
-    d["Transformer/posembed_input/pos_embedding"] = (1, 1 + grid * grid, hidden)
-    g("Transformer/encoder_norm", hidden)
-    hd = hidden // heads
-    for i in range(layers):
-        pre = f"Transformer/encoderblock_{i}/"
-        g(pre + "LayerNorm_0", hidden)
-        g(pre + "LayerNorm_2", hidden)
-        for n in ("query", "key", "value"):
-            d[pre + f"MultiHeadDotProductAttention_1/{n}/kernel"] = (hidden, heads, hd)
-            d[pre + f"MultiHeadDotProductAttention_1/{n}/bias"] = (heads, hd)
-        d[pre + "MultiHeadDotProductAttention_1/out/kernel"] = (heads, hd, hidden)
-        d[pre + "MultiHeadDotProductAttention_1/out/bias"] = (hidden,)
-        d[pre + "MlpBlock_3/Dense_0/kernel"] = (hidden, mlp)
-        d[pre + "MlpBlock_3/Dense_0/bias"] = (mlp,)
-        d[pre + "MlpBlock_3/Dense_1/kernel"] = (mlp, hidden)
-        d[pre + "MlpBlock_3/Dense_1/bias"] = (hidden,)
-    d["head/kernel"] = (hidden, n_cls)
-    d["head/bias"] = (n_cls,)
-    return d
-
-
-def write_vit_npz(path, seed=0, **sizes):
-    """Write a random checkpoint with ``official_shapes(**sizes)``; returns the arrays."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for k, s in official_shapes(**sizes).items():
-        base = 1.0 if k.endswith("/scale") else 0.0
-        arrays[k] = (base + rng.standard_normal(s) * 0.1).astype(np.float32)
-    np.savez(path, **arrays)
-    return arrays
-
-
-TINY = dict(units=(1, 1, 1), width=8, hidden=32, layers=2, heads=2, mlp=64, grid=3, n_cls=10)
 
 
 def abstract_params(model, size, cin=4):
@@ -104,29 +29,7 @@ def abstract_params(model, size, cin=4):
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), v)
 
 
-def get(tree, key):
-    """The array at checkpoint key ``key`` (per-block names; a scanned tree is viewed per block)."""
-    tree = per_block_params(tree)
-    for part in key.split("/"):
-        tree = tree[part]
-    return np.asarray(tree)
-
-
-def expected_value(key, arr, grid, cin):
-    """The array the model should hold for checkpoint key ``key``, computed independently."""
-    if key == "Transformer/posembed_input/pos_embedding":
-        s = math.isqrt(arr.shape[1] - 1)
-        g = arr[0, 1:].reshape(s, s, -1).astype(np.float64)
-        z = scipy.ndimage.zoom(g, (grid / s, grid / s, 1), order=1)  # official loader's resize
-        return z.reshape(1, grid * grid, -1)
-    if key == "conv_root/kernel" and cin != 3:
-        return np.repeat(arr.mean(axis=2, keepdims=True), cin, axis=2) * 3 / cin
-    if key.split("/")[-2].startswith("gn") or "norm" in key or "LayerNorm" in key:
-        return arr.reshape(-1)
-    return arr
-
-
-def check_round_trip(variables, arrays, report, grid, cin):
+def check_round_trip(variables, arrays, report, grid, cin, vit_checkpoint):
     params = variables["params"]
     dropped = {k for k in arrays if k == "cls" or k.startswith("head/")}
     assert set(report.dropped) == dropped
@@ -134,23 +37,29 @@ def check_round_trip(variables, arrays, report, grid, cin):
     assert set(report.loaded) == set(arrays) - dropped  # every other key was placed
     for k in report.loaded:
         np.testing.assert_allclose(
-            get(params, k), expected_value(k, arrays[k], grid, cin), rtol=1e-5, atol=1e-6, err_msg=k
+            vit_checkpoint.get(params, k),
+            vit_checkpoint.expected_value(k, arrays[k], grid, cin),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=k,
         )
     # Only the decoder and the segmentation head are left at init.
     assert {k.split("/")[0] for k in report.not_in_checkpoint} == {"decoder", "segmentation_head"}
 
 
 @pytest.mark.parametrize("gn4d", [False, True])
-def test_tiny_npz_round_trip(tmp_path, gn4d):
-    arrays = write_vit_npz(tmp_path / "vit.npz", gn4d=gn4d, **TINY)
-    model = TransUNet(preset="tiny")  # tiny preset = the TINY sizes above
+def test_tiny_npz_round_trip(tmp_path, gn4d, vit_checkpoint):
+    arrays = vit_checkpoint.write_npz(tmp_path / "vit.npz", gn4d=gn4d, **vit_checkpoint.TINY)
+    model = TransUNet(preset="tiny")  # tiny preset = conftest's TINY sizes
     variables = abstract_params(model, 64)  # 4x4 token grid; checkpoint has 3x3 (+ class token)
     new, report = load_pretrained(variables, tmp_path / "vit.npz")
-    check_round_trip(new, arrays, report, grid=4, cin=4)
+    check_round_trip(new, arrays, report, grid=4, cin=4, vit_checkpoint=vit_checkpoint)
     # params-only input works too and leaves its argument untouched.
     new_p, _ = load_pretrained(variables["params"], tmp_path / "vit.npz")
-    np.testing.assert_array_equal(get(new_p, "embedding/kernel"), arrays["embedding/kernel"])
-    assert not np.any(get(variables["params"], "embedding/kernel"))
+    np.testing.assert_array_equal(
+        vit_checkpoint.get(new_p, "embedding/kernel"), arrays["embedding/kernel"]
+    )
+    assert not np.any(vit_checkpoint.get(variables["params"], "embedding/kernel"))
     y = jax.jit(model.apply)(new, jnp.ones((1, 64, 64, 4)))
     assert y.shape == (1, 64, 64, 4) and bool(jnp.all(jnp.isfinite(y)))
 
@@ -183,10 +92,10 @@ def numpy_vit_encoder(tokens, a, layers, heads, pos):
     return _ln(x, a["Transformer/encoder_norm/scale"], a["Transformer/encoder_norm/bias"])
 
 
-def test_loaded_transformer_computes_the_reference_vit(tmp_path):
+def test_loaded_transformer_computes_the_reference_vit(tmp_path, vit_checkpoint):
     """Names mean what they say: query/key/value/out, LayerNorm_0/2, Dense_0/1 are used in
     the checkpoint's roles (a swap would change the output)."""
-    arrays = write_vit_npz(tmp_path / "vit.npz", **TINY)
+    arrays = vit_checkpoint.write_npz(tmp_path / "vit.npz", **vit_checkpoint.TINY)
     model = TransUNet(preset="tiny")
     new, _ = load_pretrained(abstract_params(model, 48), tmp_path / "vit.npz")  # 3x3 grid
     tokens = np.random.default_rng(5).standard_normal((2, 9, 32)).astype(np.float32)
@@ -197,21 +106,23 @@ def test_loaded_transformer_computes_the_reference_vit(tmp_path):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_root_conv_methods_and_strict_mode(tmp_path):
-    arrays = write_vit_npz(tmp_path / "vit.npz", **TINY)
+def test_root_conv_methods_and_strict_mode(tmp_path, vit_checkpoint):
+    arrays = vit_checkpoint.write_npz(tmp_path / "vit.npz", **vit_checkpoint.TINY)
     model = TransUNet(preset="tiny")
     v = abstract_params(model, 48)
     rgb = arrays["conv_root/kernel"]
     new, rep = load_pretrained(v, tmp_path / "vit.npz", root_conv="repeat")
     np.testing.assert_allclose(
-        get(new["params"], "conv_root/kernel"), rgb[:, :, [0, 1, 2, 0]] * 0.75, rtol=1e-6
+        vit_checkpoint.get(new["params"], "conv_root/kernel"),
+        rgb[:, :, [0, 1, 2, 0]] * 0.75,
+        rtol=1e-6,
     )
     new, rep = load_pretrained(v, tmp_path / "vit.npz", root_conv="init")
     assert "conv_root/kernel" in rep.dropped and "conv_root/kernel" in rep.not_in_checkpoint
     # 3-channel model: copied unchanged.
     v3 = abstract_params(model, 48, cin=3)
     new, rep = load_pretrained(v3, tmp_path / "vit.npz")
-    np.testing.assert_array_equal(get(new["params"], "conv_root/kernel"), rgb)
+    np.testing.assert_array_equal(vit_checkpoint.get(new["params"], "conv_root/kernel"), rgb)
     # A model that does not match (one transformer layer, other MLP width) -> every misfit named.
     other = abstract_params(TransUNet(preset="tiny", num_layers=1, mlp_dim=48), 48)
     with pytest.raises(ValueError, match="encoderblock_1") as e:
@@ -225,7 +136,7 @@ def test_root_conv_methods_and_strict_mode(tmp_path):
         load_pretrained(v, tmp_path / "vit.npz", root_conv="zeros")
 
 
-def test_grid_resize_matches_scipy_zoom_and_official_layout_size():
+def test_grid_resize_matches_scipy_zoom_and_official_layout_size(vit_checkpoint):
     g = np.random.default_rng(0).standard_normal((14, 14, 5))
     np.testing.assert_allclose(
         resize_grid_align_corners(g, (15, 15)),
@@ -237,30 +148,30 @@ def test_grid_resize_matches_scipy_zoom_and_official_layout_size():
         scipy.ndimage.zoom(g, (7 / 14, 20 / 14, 1), order=1),
         atol=1e-12,
     )
-    shapes = official_shapes(**FULL)
+    shapes = vit_checkpoint.official_shapes(**FULL)
     assert len(shapes) == 356  # make_fake_vit_npz.py: "356 arrays"
     assert shapes["block3/unit9/conv3/kernel"] == (1, 1, 256, 1024)
     assert shapes["Transformer/posembed_input/pos_embedding"] == (1, 197, 768)
 
 
 @pytest.mark.slow
-def test_full_size_npz_round_trip(tmp_path):
-    arrays = write_vit_npz(tmp_path / "vit.npz", gn4d=True, **FULL)
+def test_full_size_npz_round_trip(tmp_path, vit_checkpoint):
+    arrays = vit_checkpoint.write_npz(tmp_path / "vit.npz", gn4d=True, **FULL)
     variables = abstract_params(TransUNet(), 240)
     new, report = load_pretrained(variables, tmp_path / "vit.npz")
     assert len(report.loaded) == 353
-    check_round_trip(new, arrays, report, grid=15, cin=4)
+    check_round_trip(new, arrays, report, grid=15, cin=4, vit_checkpoint=vit_checkpoint)
 
 
-def test_scanned_and_per_block_models_load_the_same_arrays(tmp_path):
+def test_scanned_and_per_block_models_load_the_same_arrays(tmp_path, vit_checkpoint):
     """Stage units 2..N and the transformer blocks of the scanned model (stacked) receive the
     checkpoint's unit{u} / encoderblock_{i} arrays at index u-2 / i; the per-block model
     (scan=False) loads them under their own names."""
-    sizes = {**TINY, "units": (1, 2, 3), "layers": 3}
-    arrays = write_vit_npz(tmp_path / "vit.npz", **sizes)
+    sizes = {**vit_checkpoint.TINY, "units": (1, 2, 3), "layers": 3}
+    arrays = vit_checkpoint.write_npz(tmp_path / "vit.npz", **sizes)
     kw = dict(preset="tiny", resnet_units=(1, 2, 3), num_layers=3)
     new, report = load_pretrained(abstract_params(TransUNet(**kw), 48), tmp_path / "vit.npz")
-    check_round_trip(new, arrays, report, grid=3, cin=4)
+    check_round_trip(new, arrays, report, grid=3, cin=4, vit_checkpoint=vit_checkpoint)
     stacked = new["params"]["block3"]["repeated_units"]["conv2"]["kernel"]
     np.testing.assert_array_equal(stacked[1], arrays["block3/unit3/conv2/kernel"])
     enc = new["params"]["Transformer"]["encoderblock"]
@@ -273,7 +184,7 @@ def test_scanned_and_per_block_models_load_the_same_arrays(tmp_path):
     )
     assert old_report.loaded == report.loaded
     assert "unit3" in old["params"]["block3"] and "encoderblock_2" in old["params"]["Transformer"]
-    check_round_trip(old, arrays, old_report, grid=3, cin=4)
+    check_round_trip(old, arrays, old_report, grid=3, cin=4, vit_checkpoint=vit_checkpoint)
 
 
 def test_root_conv_rgb_mean_keeps_rgb_for_flair_t1ce_t2_and_means_t1():
@@ -290,13 +201,13 @@ def test_root_conv_rgb_mean_keeps_rgb_for_flair_t1ce_t2_and_means_t1():
         adapt_root_kernel(rgb, 5, "rgb_mean")
 
 
-def test_load_pretrained_root_conv_rgb_mean(tmp_path):
-    arrays = write_vit_npz(tmp_path / "vit.npz", **TINY)
+def test_load_pretrained_root_conv_rgb_mean(tmp_path, vit_checkpoint):
+    arrays = vit_checkpoint.write_npz(tmp_path / "vit.npz", **vit_checkpoint.TINY)
     rgb = arrays["conv_root/kernel"]
     new, rep = load_pretrained(
         abstract_params(TransUNet(preset="tiny"), 48), tmp_path / "vit.npz", root_conv="rgb_mean"
     )
-    k = get(new["params"], "conv_root/kernel")
+    k = vit_checkpoint.get(new["params"], "conv_root/kernel")
     np.testing.assert_allclose(k[:, :, 0], rgb[:, :, 0] * 0.75, rtol=1e-6)  # flair = R
     np.testing.assert_allclose(k[:, :, 2], rgb[:, :, 1] * 0.75, rtol=1e-6)  # t1ce = G
     np.testing.assert_allclose(k[:, :, 3], rgb[:, :, 2] * 0.75, rtol=1e-6)  # t2 = B

@@ -12,7 +12,7 @@ from brats_jax.runs import train_state
 from brats_jax.training import config_choices
 from configs import default, transunet, unet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cli(module: str, *args: str, cwd=REPO) -> subprocess.CompletedProcess:

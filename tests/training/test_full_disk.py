@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FREE_KIB = 450  # one tiny-model checkpoint (~200 KiB) fits, the next does not
 STEPS = 12
 

@@ -257,10 +257,8 @@ def test_make_source_errors(tmp_path):
     assert len(make_source(cfg())) == 36
 
 
-def test_make_source_nifti_builds_cache(tmp_path):
-    from test_data_brats import write_case
-
-    write_case(tmp_path / "src", "A")
+def test_make_source_nifti_builds_cache(tmp_path, write_labelled_case):
+    write_labelled_case(tmp_path / "src", "A")
     c = cfg(source="nifti", root=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache"))
     src = make_source(c)
     assert len(src) == 8 and (tmp_path / "cache" / "cache.json").is_file()

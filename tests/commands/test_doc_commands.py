@@ -26,7 +26,7 @@ import tomllib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "EXPERIMENTS.md")
 
 # extra arguments of a dry run, for the modules that have one: it checks more than `--help`

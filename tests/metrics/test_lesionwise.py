@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from brats_jax.metrics import lesionwise as L
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 W = L.HD95_WORST  # 374 mm
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "experiments" / "colab_tpu.ipynb"
 SKIP_TAG = "colab-only"  # cells needing Colab, Drive or Kaggle
 

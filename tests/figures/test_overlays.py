@@ -21,7 +21,7 @@ from brats_jax import config_fields
 from brats_jax.figures import overlays
 from brats_jax.training.metric_writer import MetricWriter
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SHAPE = (40, 48, 30)  # X, Y, D
 BLOCK = (slice(10, 14), slice(20, 28), slice(8, 20))  # 4 x 8 x 12 voxels
 # The block's bounding box (rows, columns) in each view as displayed (rot90: rows are the

@@ -13,7 +13,7 @@ import pytest
 from brats_jax import cli
 from brats_jax.data.common import DataError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOSPACE = "No space left on device (ENOSPC); free some space or write elsewhere"
 
 # shortened from a real run on a full 300 KiB tmpfs: orbax's save fails in tensorstore, then
