@@ -43,8 +43,7 @@ from brats_jax.runs.train_state import (
 )
 from brats_jax.runs.workdir_lock import WorkdirLock
 from brats_jax.runtime import resolve_ops
-from brats_jax.training import steps
-from brats_jax.training.evaluation import evaluate_slices
+from brats_jax.training import evaluation, steps
 from brats_jax.training.metric_writer import MetricWriter
 from brats_jax.training.validation_overlays import ValidationOverlays
 
@@ -347,7 +346,7 @@ class RunGroup:
         for i, run in enumerate(self.runs):
             val = None
             if len(run.splits.val) and i not in self.diverged:
-                val = evaluate_slices(run, eval_step, self.view(i), run.splits.val)
+                val = evaluation.evaluate_slices(run, eval_step, self.view(i), run.splits.val)
                 self.writers[i].write_scalars(step, {f"val_{k}": v for k, v in val.items()})
                 self._write_overlays(i, step)
             out.append(val)
