@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 
-from brats_jax import runtime
+from brats_jax import cli, runtime
 from brats_jax.benchmarking.data_pipeline import run_data_bench
 from brats_jax.benchmarking.evaluation import bench_eval
 from brats_jax.benchmarking.train import bench_multirun, bench_train
@@ -57,7 +57,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     """The train / eval / multirun subcommands (``data`` has its own parser)."""
-    parser = argparse.ArgumentParser(prog="python -m brats_jax.bench")
+    parser = cli.ArgumentParser(prog="python -m brats_jax.bench")
     sub = parser.add_subparsers(dest="cmd", required=True)
     pt = sub.add_parser("train", help="time the train step")
     _add_model_flags(pt)

@@ -1,6 +1,7 @@
 """Console entry points: user mistakes end with a one-line error, not a traceback, and
 library log lines that are routine stay out of the terminal."""
 
+import argparse
 import errno
 import logging as pylogging
 import os
@@ -13,6 +14,25 @@ from absl import app, flags, logging
 from brats_jax import config_fields
 
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose options may also be spelt with underscores, as the absl
+    commands spell theirs: `--group_size=4` is `--group-size=4` (bench, experiments). Only
+    a spelling that names one of this parser's options is rewritten; anything else (e.g.
+    `--config.data.cache_dir=...`, passed on to a config) is left as it is."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        known = set(self._option_string_actions)
+        out = []
+        for arg in args:
+            name, eq, value = arg.partition("=")
+            dashed = name.replace("_", "-")
+            if name.startswith("--") and name not in known and dashed in known:
+                arg = dashed + eq + value
+            out.append(arg)
+        return super().parse_known_args(out, namespace)
 
 
 def run_app(main, **run_kwargs) -> None:

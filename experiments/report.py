@@ -23,7 +23,6 @@ All files are written atomically.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -39,7 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from brats_jax import fileio  # noqa: E402
+from brats_jax import cli, fileio  # noqa: E402
 from brats_jax.figures import plots
 from experiments import sweeps  # noqa: E402
 from experiments.run import ERROR, RESULTS, RUN_INFO  # noqa: E402
@@ -745,7 +744,7 @@ def make_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: `python -m experiments.report DIR [--out=R]`; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split(
+    p = cli.ArgumentParser(prog="python -m experiments.report", description=__doc__.split(
         "\n")[0])  # fmt: skip
     p.add_argument("root", metavar="DIR", help="the --out folder of experiments.run")
     p.add_argument("--out", default=None, help="report folder (default DIR/report)")

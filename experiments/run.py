@@ -437,7 +437,7 @@ def _release_memory() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m experiments.run",
         description="Run the study's sweeps. Any --config.a.b=value applies to every run.",
         epilog=f"sweeps: {', '.join(sweeps.SWEEPS)}",

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from brats_jax import cli
 from brats_jax.data import (
     KaggleH5Source,
     NiftiCacheSource,
@@ -36,7 +37,7 @@ DEFAULT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" /
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m brats_jax.benchmarking.data_pipeline",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

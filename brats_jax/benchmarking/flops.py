@@ -11,12 +11,10 @@ XLA counts a multiply-add as 2 FLOPs.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 
-from brats_jax import losses
+from brats_jax import cli, losses
 from brats_jax.benchmarking.workload import mean_ce
 from brats_jax.models import create_model
 
@@ -75,7 +73,7 @@ def flops_per_slice(
 
 def main(argv=None) -> None:
     """Print forward / train-step GFLOPs per slice of UNet and TransUNet."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image_size", type=int, default=240)
     ap.add_argument("--batch_size", type=int, default=1)
     ap.add_argument("--models", default="unet,transunet")

@@ -14,11 +14,11 @@ show the network more core than voxel sampling at a given patch size.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
+from brats_jax import cli
 from brats_jax.data import brats
 from brats_jax.data.patches import FOREGROUND_SAMPLING, crop_offset
 from brats_jax.labels import REGIONS, to_train_labels
@@ -38,7 +38,7 @@ def core_shares(label: np.ndarray, patch: int, crops: int, rng, sampling: str) -
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
     p.add_argument("--patch_size", type=int, default=128)
     p.add_argument("--crops", type=int, default=500, help="crops per case and rule")

@@ -16,14 +16,13 @@ the Spearman rank correlation of WT Dice with each factor (`scipy.stats.spearman
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 
 import numpy as np
 from scipy import stats
 
-from brats_jax import MODALITIES
+from brats_jax import MODALITIES, cli
 from brats_jax.data import brats
 from experiments.analyses import segmentation_ablation
 
@@ -70,7 +69,7 @@ def read_wt_dice(path: str, variant: str | None = None) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
     p.add_argument("--scores", help="per-case CSV, or an ablation record (.json) with --variant")
     p.add_argument("--variant", help="the record's row (e.g. cb_deep_supervision+cb_intensity)")

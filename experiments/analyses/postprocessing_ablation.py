@@ -23,7 +23,6 @@ predictions made the same way (same TTA setting), never on the test cases. Write
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -31,7 +30,7 @@ import time
 
 import numpy as np
 
-from brats_jax import fileio, labels, metrics, runtime
+from brats_jax import cli, fileio, labels, metrics, runtime
 from brats_jax.data import brats
 from brats_jax.inference import ensembles, postprocess
 from brats_jax.inference.case_lists import split_list
@@ -186,7 +185,7 @@ def _describe(cfg: postprocess.PostprocessConfig) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
     p.add_argument("--tune_cases", required=True, help="comma-separated case IDs")

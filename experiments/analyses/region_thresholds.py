@@ -16,13 +16,13 @@ most 0.1 (`missed_whole_tumour`): near 1, the model does not see that tumour and
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
 import numpy as np
 
+from brats_jax import cli
 from brats_jax.data import brats
 from brats_jax.inference import ensembles, postprocess
 from brats_jax.models import outputs
@@ -70,7 +70,7 @@ def _summary(per_case: list[dict], thresholds) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ablation", required=True, help="a segmentation_ablation --folds directory")
     p.add_argument("--data_root", required=True, help="folder of the NIfTI case folders")
     p.add_argument("--variant", required=True, help="a region-output variant with fold runs")

@@ -38,7 +38,6 @@ later), without their run folders.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import multiprocessing
@@ -50,7 +49,7 @@ import time
 
 import numpy as np
 
-from brats_jax import fileio, metrics, runtime
+from brats_jax import cli, fileio, metrics, runtime
 from brats_jax.data import augment, brats
 from brats_jax.data.folds import fold_cases
 from brats_jax.inference import postprocess
@@ -599,7 +598,7 @@ def _check_same_folds(path: pathlib.Path, folds) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stages", help="all, or some of train,predict,score (comma-separated), or table")
     p.add_argument("--data_root", help="folder of the NIfTI case folders")
     p.add_argument("--out", type=pathlib.Path)
