@@ -7,7 +7,9 @@ Usage::
       [--overlays=DIR]
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
-  ``--pred``.
+  ``--pred``. Files there that are not label maps - ``predict``'s ``--uncertainty`` and
+  ``--probabilities`` maps (4-D, non-integer floats, or floats named ``<ID>_unc``,
+  ``<ID>_probs``, ...) - are skipped with a note naming them.
 * Ground truth ``--gt``: case folders at any depth (``<ID>/<ID>_seg.nii.gz``, BraTS
   2018-2021, also under ``HGG/`` and ``LGG/``; ``<ID>/<ID>-seg.nii.gz``, BraTS 2023; a case
   folder with no such file but exactly one other ``*seg*.nii[.gz]`` file - e.g.
@@ -39,10 +41,10 @@ T1ce read from the ground truth's case folder, labels only when they are not the
 
 Cases are matched by ID. A GT case without a prediction is scored as the BraTS challenge
 scores it: Dice 0 and HD95 373.13 mm in every region (sensitivity and specificity 0, the
-study's and the per-class Dice 0), with a warning naming the cases; ``--missing=skip`` leaves
-them out instead. Predictions without GT are reported and skipped. Writes one CSV row per case
-(atomically) and prints mean / std / median per region for Dice and HD95. Errors end with a
-one-line message and exit status 1.
+study's and the per-class Dice 0), with a warning naming the cases and their count in the
+summary's first line; ``--missing=skip`` leaves them out instead. Predictions without GT are
+reported and skipped. Writes one CSV row per case (atomically) and prints mean / std /
+median per region for Dice and HD95. Errors end with a one-line message and exit status 1.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ NUM_CLASSES = 4
 """Training classes: 0 background, 1 NCR/NET, 2 ED, 3 ET."""
 
 CLASS_NAMES = ("background", "NCR", "ED", "ET")
-"""Names of the training classes, by class number."""
+"""Names of the training classes, by class number (keys of `class_dice` in results)."""
+
+CLASS_LEGEND = ("background", "NCR/NET", "ED", "ET")
+"""The classes as figures' legends name them."""
 
 REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 """BraTS evaluation regions as sets of training classes (nested: ET in TC in WT)."""

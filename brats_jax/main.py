@@ -53,14 +53,30 @@ def main(argv) -> None:
     logging.info("workdir: %s; devices: %s", workdir, jax.devices())
     results = train.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
-        print(f"workdir: {workdir}")
+        print("\n".join(final_lines(workdir, results)))
+
+
+def final_lines(workdir, results: dict) -> list[str]:
+    """The run's last lines: its folder, the test scores (or that there was no test pass)
+    and where the result files are."""
+    workdir = pathlib.Path(workdir)
+    lines = [f"workdir: {workdir}"]
+    if results.get("per_case"):
         dice = results.get("dice") or {}
-        if results.get("paper_dice") is not None:
-            print(
-                "test: paper Dice {:.4f} | WT {} TC {} ET {}".format(
-                    results["paper_dice"], *(_f(dice.get(r)) for r in ("WT", "TC", "ET"))
-                )
+        lines.append(
+            "test: paper Dice {} | WT {} TC {} ET {} ({} case(s), weights of step {})".format(
+                *(_f(v) for v in (results.get("paper_dice"), *map(dice.get, ("WT", "TC", "ET")))),
+                len(results["per_case"]),
+                results.get("tested_step", "?"),
             )
+        )
+    else:
+        lines.append(
+            "test: none - no test cases (data.test_fraction=0, data.test_cases empty); "
+            "results.json has no test scores"
+        )
+    lines.append(f"results: {workdir / 'results.json'}, per case: {workdir / 'per_case.csv'}")
+    return lines
 
 
 def _f(v) -> str:

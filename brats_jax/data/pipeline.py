@@ -169,7 +169,14 @@ def _split_case_ids(cases: list, data_config) -> tuple[list, list, list]:
         k = _n_for(float(data_config.val_fraction), n, "val_fraction")
         val_ids, pool = sorted(pool[:k]), pool[k:]
     if not test_ids:
-        k = _n_for(float(data_config.test_fraction), n, "test_fraction")
+        frac = float(data_config.test_fraction)
+        k = _n_for(frac, n, "test_fraction")
+        if frac > 0 and not k:  # asked for a test split, got none: say so before training
+            raise DataError(
+                f"data.test_fraction={frac:g} of {n} case{'s' * (n != 1)} gives no test case; "
+                "set data.test_fraction=0 to train without a test pass, or name the test "
+                "cases in data.test_cases=ID,..."
+            )
         test_ids, pool = sorted(pool[:k]), pool[k:]
     if num_folds:
         fold, seed = int(data_config.fold), int(data_config.split_seed)
@@ -202,8 +209,10 @@ def build_splits(source, data_config) -> Splits:
     `data.folds.fold_cases`). With data.max_train_cases = k > 0 only k of the training
     cases train, a subset seeded by data.split_seed and nested in those of larger k (learning
     curves). Pruning (data.prune, data.min_brain_fraction) applies to all splits; slice
-    counts before and after are logged per split. Raises DataError on unknown ids,
-    overlapping id lists, an empty train split or k above the number of training cases.
+    counts before and after are logged per split, and so is an empty test split
+    (data.test_fraction=0: the run has no test pass). Raises DataError on unknown ids,
+    overlapping id lists, an empty train split, k above the number of training cases or a
+    data.test_fraction > 0 that gives no test case (1 or 2 cases).
     """
     t = source.table
     cases = sorted(set(t.case_id.tolist()))
@@ -238,6 +247,11 @@ def build_splits(source, data_config) -> Splits:
             len(idx),
             prune,
             min_bf,
+        )
+    if not test_ids:
+        logging.info(
+            "no test cases (data.test_fraction=0, data.test_cases empty): no test pass will "
+            "run; results.json will hold no test scores"
         )
     if not len(out["train"]):
         raise DataError(

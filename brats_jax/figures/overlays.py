@@ -21,9 +21,8 @@ from brats_jax import MODALITIES, NUM_CLASSES, fileio, metrics
 from brats_jax.data import DataError, brats
 from brats_jax.figures import plots
 from brats_jax.figures.plots import plt
-from brats_jax.labels import REGIONS
+from brats_jax.labels import CLASS_LEGEND, REGIONS
 
-LABEL_NAMES = ("background", "NCR/NET", "ED", "ET")
 _RGBA = np.asarray(plots.LABEL_CMAP.colors, np.float64)  # (4, 4): one definition, plots'
 VIEWS = ("axial", "coronal", "sagittal")
 # The modalities drawn under the labels (rows of a case picture), as channels of MODALITIES.
@@ -131,7 +130,7 @@ def save_case_png(
     for name, y in row_tops:
         name = _DISPLAY_NAMES.get(name, name)
         fig.text(4 / fig_w, 1 - (top + y + 10) / fig_h, name, fontsize=9, va="top")
-    handles = [Patch(color=_RGBA[c], label=LABEL_NAMES[c]) for c in range(1, NUM_CLASSES)]
+    handles = [Patch(color=_RGBA[c], label=CLASS_LEGEND[c]) for c in range(1, NUM_CLASSES)]
     fig.legend(handles=handles, loc="lower left", ncol=3, fontsize=8, frameon=False,
                bbox_to_anchor=(left / fig_w, 0))  # fmt: skip
     with fileio.atomic_path(path) as tmp:

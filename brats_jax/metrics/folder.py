@@ -2,7 +2,8 @@ r"""Scores of a folder of saved predictions against a ground-truth folder (the l
 ``python -m brats_jax.evaluate``, whose docstring describes the command).
 
 * Predictions: ``<ID>.nii.gz``, ``<ID>_seg.nii.gz`` or ``<ID>-seg.nii.gz`` (``.nii`` too) in
-  the prediction folder (:func:`find_predictions`).
+  the prediction folder (:func:`find_predictions`; files that are not label maps, such as
+  ``predict``'s uncertainty and probability maps, are skipped: :func:`not_a_label_map`).
 * Ground truth: case folders at any depth (``<ID>/<ID>_seg.nii.gz``, BraTS 2018-2021, also
   under ``HGG/`` and ``LGG/``; ``<ID>/<ID>-seg.nii.gz``, BraTS 2023; a case folder with no such
   file but exactly one other ``*seg*.nii[.gz]`` file - e.g. BraTS20_Training_355's
@@ -22,8 +23,9 @@ r"""Scores of a folder of saved predictions against a ground-truth folder (the l
 Cases are matched by ID. A GT case without a prediction is scored as the BraTS challenge
 scores it (:func:`missing_case_row`) or left out (``missing="skip"``); predictions without GT
 are reported and skipped. :func:`write_csv` writes the per-case rows atomically and
-:func:`summarize` gives mean / std / median per region. Bad input raises
-:class:`EvaluationError` with a message naming the case or file.
+:func:`summarize` gives mean / std / median per region (and how many cases were scored 0
+for a missing prediction). Bad input raises :class:`EvaluationError` with a message naming
+the case or file.
 """
 
 from __future__ import annotations
@@ -71,17 +73,72 @@ def _case_id(path: pathlib.Path) -> tuple[str, str | None] | None:
     return m.group("stem"), naming
 
 
-def find_predictions(pred_dir: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Map case ID -> prediction file for ``<ID>[_seg|-seg].nii[.gz]`` files in ``pred_dir``."""
+# Names `predict --uncertainty/--probabilities` files are often given beside the labels
+# (`<ID>_unc.nii.gz`, `<ID>_probs.nii.gz`): with a floating-point data type such a file is
+# skipped without reading its values.
+_COMPANION_NAME = re.compile(
+    r"[_-](unc|uncertainty|entropy|prob|probs|probabilities|softmax)$", re.IGNORECASE
+)
+
+
+def not_a_label_map(path: pathlib.Path) -> str | None:
+    """Why the NIfTI ``path`` is not a label map, or None when it may be one (or cannot be
+    read: scoring it then names the error).
+
+    Not label maps: more than three dimensions of size > 1 (``predict --probabilities``:
+    (H, W, D, C) probabilities); a header description ``brats_jax ...`` (what ``predict``
+    gives its entropy and probability maps; its label maps keep the input's); a
+    floating-point volume named like an uncertainty or probability map (``<ID>_unc``,
+    ``<ID>_probs``, ...) or whose values are not all whole numbers. A label map stored as
+    floats (e.g. MONAI's default) is kept.
+    """
+    try:
+        img = nib.load(str(path))
+        shape, dtype = img.shape, img.get_data_dtype()
+        descrip = np.asarray(img.header["descrip"]).item().decode("latin-1")
+    except Exception:  # nibabel raises many types; _load reports them when the case is scored
+        return None
+    if any(n > 1 for n in shape[3:]):
+        return f"{len(shape)}-D {tuple(shape)}, a probability map"
+    if descrip.startswith("brats_jax "):
+        return f"predict's {descrip!r}"
+    if not np.issubdtype(dtype, np.floating):
+        return None
+    if _COMPANION_NAME.search((_case_id(path) or (path.name,))[0]):
+        return f"{dtype} values named like an uncertainty or probability map"
+    try:
+        values = np.asanyarray(img.dataobj)
+    except Exception:
+        return None
+    if not np.array_equal(values, np.round(values)):
+        return f"non-integer {dtype} values, an uncertainty or probability map"
+    return None
+
+
+def find_predictions(pred_dir: pathlib.Path, log=None) -> dict[str, pathlib.Path]:
+    """Map case ID -> prediction file for ``<ID>[_seg|-seg].nii[.gz]`` files in ``pred_dir``.
+
+    Files that are not label maps (:func:`not_a_label_map`: ``predict``'s uncertainty and
+    probability maps written into the same folder) are left out, named in one ``log`` line.
+    """
     out: dict[str, pathlib.Path] = {}
+    skipped = []
     for p in sorted(pred_dir.iterdir()):
         parsed = _case_id(p) if p.is_file() else None
         if parsed is None:
+            continue
+        if why := not_a_label_map(p):
+            skipped.append(f"{p.name} ({why})")
             continue
         cid = parsed[0]
         if cid in out:
             raise EvaluationError(f"two prediction files for case {cid}: {out[cid]} and {p}")
         out[cid] = p
+    if skipped and log is not None:
+        log(
+            f"note: {len(skipped)} file(s) in {pred_dir} are not label maps and are not "
+            f"scored: {_some(skipped, 5)}"
+        )
     return out
 
 
@@ -270,6 +327,18 @@ def _evaluate_case(
     return scores
 
 
+class ScoredRows(list):
+    """:func:`evaluate_folder`'s rows (a list of per-case dicts) with ``absent``, the GT case
+    IDs without a prediction, and ``missing``, how they were treated (``worst``: scored by
+    :func:`missing_case_row`, among the rows; ``skip``: left out); :func:`summarize` says so.
+    """
+
+    def __init__(self, rows=(), *, absent: Sequence[str] = (), missing: str = "worst"):
+        super().__init__(rows)
+        self.absent = list(absent)
+        self.missing = missing
+
+
 def evaluate_folder(
     pred_dir: str | os.PathLike,
     gt_dir: str | os.PathLike,
@@ -282,8 +351,9 @@ def evaluate_folder(
     lesion_options=None,
     log=print,
     on_case=None,
-) -> list[dict[str, float | str]]:
-    """Evaluate every prediction with a matching GT case; returns one row dict per case.
+) -> ScoredRows:
+    """Evaluate every prediction with a matching GT case; returns one row dict per case (a
+    :class:`ScoredRows` list, which also names the GT cases without a prediction).
 
     Args:
       pred_dir, gt_dir: folders as described in this module's docstring.
@@ -308,7 +378,7 @@ def evaluate_folder(
     """
     pred_dir, gt_dir = pathlib.Path(pred_dir), pathlib.Path(gt_dir)
     _check_options(pred_dir, gt_dir, labels, pred_labels, hd95_mode, missing)
-    preds = find_predictions(pred_dir)
+    preds = find_predictions(pred_dir, log)
     gts = find_ground_truth(gt_dir)
     ids, absent = _match_cases(preds, gts, pred_dir, gt_dir, missing, log)
     rows = []
@@ -335,7 +405,7 @@ def evaluate_folder(
     if missing == "worst":
         worst = [missing_case_row(cid, lesion_options is not None) for cid in absent]
         rows = sorted(rows + worst, key=lambda r: r["case_id"])
-    return rows
+    return ScoredRows(rows, absent=absent, missing=missing)
 
 
 def missing_case_row(case_id: str, with_lesionwise: bool = False) -> dict[str, float | str]:
@@ -371,8 +441,22 @@ def write_csv(rows: Sequence[dict], out: str | os.PathLike) -> None:
 
 
 def summarize(rows: Sequence[dict]) -> str:
-    """Mean, std and median per region for Dice and HD95 (plus the 4-class volume Dice), as text."""
-    lines = [f"{len(rows)} case(s)", f"{'metric':<20}{'mean':>10}{'std':>10}{'median':>10}"]
+    """Mean, std and median per region for Dice and HD95 (plus the 4-class volume Dice), as text.
+
+    The first line counts the cases; for :class:`ScoredRows` with GT cases without a
+    prediction it says, in that line, how many were scored 0 (and how to leave them out) or
+    left out.
+    """
+    absent = len(getattr(rows, "absent", ()))
+    count = f"{len(rows)} case(s)"
+    if absent and getattr(rows, "missing", "worst") == "worst":
+        count += (
+            f", {absent} of them without a prediction and scored Dice 0 / HD95 373.13 "
+            f"(--missing=skip leaves them out: {len(rows) - absent} case(s))"
+        )
+    elif absent:
+        count += f" ({absent} GT case(s) without a prediction left out: --missing=skip)"
+    lines = [count, f"{'metric':<20}{'mean':>10}{'std':>10}{'median':>10}"]
     keys = [f"dice_{r}" for r in REGION_NAMES] + [f"hd95_{r}" for r in REGION_NAMES]
     for k in [*keys, "volume_dice_4class"]:
         v = np.array([r[k] for r in rows], np.float64)

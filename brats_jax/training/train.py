@@ -198,12 +198,31 @@ def _train_loop(group: RunGroup) -> int:
             if when.eval_now(step):
                 guard.check(weights_step=step)  # a diverged run is not validated
                 val = group.evaluate(step, eval_step)
+                for line in _validation_lines(group, step, val) if is_main else ():
+                    bar.write(line)  # above the progress bar, which stays whole
             if when.save_now(step, any(v is not None for v in val)):
                 guard.check(weights_step=step)
                 group.save(step, val)
                 weights = []  # a resumed run starts its window here too
         guard.check()
     return step
+
+
+def _validation_lines(group: RunGroup, step: int, val: list) -> list[str]:
+    """The console line of each run validated at `step` (`RunGroup.evaluate`'s metrics):
+    its paper Dice (the one that picks the tested checkpoint), the pooled region Dice and
+    the loss; a group's runs are named by their folders."""
+    lines = []
+    for run, v in zip(group.runs, val, strict=True):
+        if v is None:
+            continue
+        who = f"{run.workdir.name}: " if len(group.runs) > 1 else ""
+        regions = " ".join(f"{r} {v[f'dice_{r}']:.4f}" for r in ("WT", "TC", "ET"))
+        lines.append(
+            f"{who}step {step}: val paper Dice {v['paper_dice']:.4f} | {regions} | "
+            f"loss {v['loss']:.4f}"
+        )
+    return lines
 
 
 def _mean_weights(group: RunGroup, weights: list) -> np.ndarray:
