@@ -193,13 +193,15 @@ def find_ground_truth(gt_dir: pathlib.Path) -> dict[str, tuple[pathlib.Path, str
 
 
 def _convention_from_values(gt: np.ndarray, pred: np.ndarray | None) -> str:
-    """A 4 in the GT means brats2018, a 3 brats2023; a GT with neither (no enhancing tumour)
-    says nothing, so the prediction decides when it shares the GT's convention."""
-    if np.any(gt == 4):
+    """The GT's ET value names its convention (4: brats2018, 3: brats2023); a GT with
+    neither (no enhancing tumour) says nothing, so the prediction decides when it shares the
+    GT's convention."""
+    et_2018, et_2023 = labels.et_label("2018"), labels.et_label("2023")
+    if np.any(gt == et_2018):
         return "brats2018"
-    if np.any(gt == 3):
+    if np.any(gt == et_2023):
         return "brats2023"
-    return "brats2018" if pred is not None and np.any(pred == 4) else "brats2023"
+    return "brats2018" if pred is not None and np.any(pred == et_2018) else "brats2023"
 
 
 def to_training_classes(label: np.ndarray, convention: str, what: str) -> np.ndarray:
