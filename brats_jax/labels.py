@@ -187,7 +187,8 @@ def _one_of(name, table: dict, what: str, where: str):
     words = _words(name)
     hits = [k for k, (exact, prefixes) in table.items() if _matches(words, exact, prefixes)]
     if len(hits) != 1:
-        why = f"it reads as {' and '.join(map(str, hits))}" if hits else "no known name"
+        shown = [CLASS_NAMES[k] if isinstance(k, int) else k for k in hits]
+        why = f"it reads as {' and '.join(shown)}" if hits else "no known name"
         raise LabelError(f"{where} labels: cannot tell which {what} {name!r} is ({why}); "
                          f"{_NAMES_HINT}")  # fmt: skip
     return hits[0]

@@ -145,6 +145,7 @@ def test_label_maps_follow_what_each_label_is_not_its_number():
     "spec, message",
     [
         ({"background": 0, "edema": 1, "tumor": 2, "ET": 3}, "which class 'tumor'"),
+        ({"background": 0, "ED/ET": 1, "NCR": 2, "ET": 3}, r"'ED/ET' is \(it reads as ED and ET\)"),
         ({"background": 0, "edema": 1, "ET": 3}, "no value for NCR"),
         ({"background": 0, "ED": 1, "NCR": 1, "ET": 3}, "value 1 is given two classes"),
         ({**REGION_LABELS, "tumor core": [2, 3, 4]}, "value 4 is in TC only"),
@@ -282,8 +283,10 @@ def test_a_dataset_json_unlike_the_files_fails_in_one_line(
 
 
 def test_data_source_choices_and_layout_hints(tmp_path, write_labelled_case):
+    from brats_jax.inference import postprocess_tuning
     from brats_jax.training import config_choices
     from configs import unet
+    from experiments import run
 
     config = unet.get_config("tiny")
     config.data.source = "nnunet"
@@ -294,6 +297,10 @@ def test_data_source_choices_and_layout_hints(tmp_path, write_labelled_case):
         _source(ds, "nifti", tmp_path / "c")
     with pytest.raises(DataError, match="not an nnU-Net raw dataset folder"):
         _source(tmp_path / "brats", "nnunet", tmp_path / "c")
+    # a root given alone is recognised; tune_postprocessing looks case IDs up in the dataset
+    assert run.infer_data_source({"data.root": str(ds)})["data.source"] == "nnunet"
+    (case,) = postprocess_tuning.resolve_cases(["A"], str(ds))
+    assert case.naming == "nnunet" and case.seg == ds / "labelsTr" / "A.nii.gz"
 
 
 # ----------------------------------------------------------------------------- predict
