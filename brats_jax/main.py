@@ -46,7 +46,7 @@ def main(argv) -> None:
     if config.data.source == "synthetic":
         print(
             "Note: data.source=synthetic - training on the built-in synthetic phantoms. "
-            "Point at real data with --config.data.source=kaggle_h5|nifti "
+            "Point at real data with --config.data.source=kaggle_h5|nifti|nnunet "
             "--config.data.root=PATH.",
             flush=True,
         )

@@ -48,6 +48,11 @@ Post-processing (`brats_jax.inference.postprocess`): by default the run's
 present, else its config's `postprocess` fields; an ensemble applies its runs' choice when
 they all agree and stops with a one-line error naming the runs that differ otherwise;
 `--postprocessing=none` turns it off, `--postprocessing=FILE` applies another tuned choice.
+nnU-Net raw data: `--input` an images folder (`DatasetXXX_Name/imagesTs`, or any folder of
+`<ID>_0000.nii.gz` .. `<ID>_0003.nii.gz` files with a dataset.json in it or its parent, which
+says which file is which modality: `brats_jax.data.nnunet`) and `--output` a folder: one
+`<ID>.nii.gz` per case in the dataset's own label values (its dataset.json `labels`: the
+region form of nnU-Net's BraTS conversion writes ED 1, NCR 2, ET 3), as nnU-Net does.
 A case folder may lack one modality file when every run was trained with modality dropout
 (`augment.modality_dropout_p` > 0): that channel is 0 and a warning names it; otherwise a
 missing file is an error.
@@ -59,7 +64,7 @@ import numpy as np
 from absl import app, flags
 
 from brats_jax import MODALITIES, cli, runtime
-from brats_jax.data import brats
+from brats_jax.data import brats, nnunet
 from brats_jax.inference import case_lists, case_prediction, ensembles, work_split
 
 FLAGS = flags.FLAGS
@@ -71,7 +76,10 @@ flags.DEFINE_string(
     "workdir", None, "Training run folder (holds config.json, checkpoints/).", allow_override=True
 )
 flags.DEFINE_string(
-    "input", None, "Case folder, folder of case folders, or comma-separated case folders."
+    "input",
+    None,
+    "Case folder, folder of case folders, comma-separated case folders, or an nnU-Net images "
+    "folder (imagesTs; its dataset.json in it or its parent).",
 )
 for _m in MODALITIES:
     flags.DEFINE_string(_m, None, f"{_m} NIfTI file of any name (instead of --input).")
@@ -135,6 +143,17 @@ def _single_case(files: dict):
     if FLAGS.input:
         if not os.path.isdir(FLAGS.input):
             raise FileNotFoundError(f"--input {FLAGS.input}: not a folder of NIfTI files")
+        if nnunet.is_images_folder(FLAGS.input):  # an nnU-Net images folder of one case
+            missing_ok = ensembles.trained_with_modality_dropout(
+                ensembles.saved_configs(FLAGS.workdir)
+            )
+            cases = nnunet.cases_in_folder(FLAGS.input, allow_missing=missing_ok)
+            if len(cases) != 1:
+                raise app.UsageError(
+                    f"--input {FLAGS.input} holds {len(cases)} nnU-Net cases; give --output a "
+                    "folder"
+                )
+            return cases[0]
         return FLAGS.input
     missing = [f"--{m}" for m in MODALITIES if m not in files]
     if missing:

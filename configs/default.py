@@ -19,8 +19,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "default"
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "synthetic"  # synthetic | kaggle_h5 | nifti
-    d.root = ""  # Kaggle slice folder or raw NIfTI release folder
+    d.source = "synthetic"  # synthetic | kaggle_h5 | nifti | nnunet
+    d.root = ""  # Kaggle slice folder, raw NIfTI release folder or nnU-Net DatasetXXX_Name
     d.cache_dir = ""  # NIfTI slice cache; "" -> ~/.cache/brats_jax/<hash of root>
     d.image_size = 240  # slices are resized to image_size x image_size; 0 = native size
     d.prune = True  # the study's pruning of near-empty background slices

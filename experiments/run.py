@@ -152,7 +152,8 @@ def _parse_value(template: ml_collections.ConfigDict, field: str, text: str, cur
 
 def infer_data_source(overrides: dict[str, Any]) -> dict[str, Any]:
     """Add `data.source` when only `data.root` was given: kaggle_h5 for a folder with .h5
-    slices or meta_data.csv, else nifti (a note is printed). Returns a new dict."""
+    slices or meta_data.csv, nnunet for an nnU-Net dataset folder (dataset.json, imagesTr/),
+    else nifti (a note is printed). Returns a new dict."""
     out = dict(overrides)
     root = out.get("data.root")
     if root and out.get("data.source", "synthetic") == "synthetic" and "data.source" not in out:
@@ -160,7 +161,8 @@ def infer_data_source(overrides: dict[str, Any]) -> dict[str, Any]:
         if not p.is_dir():
             raise ValueError(f"--config.data.root={root!r}: no such folder")
         kaggle = (p / "meta_data.csv").exists() or next(p.glob("*.h5"), None) is not None
-        out["data.source"] = "kaggle_h5" if kaggle else "nifti"
+        nnunet_dataset = (p / "dataset.json").is_file() and (p / "imagesTr").is_dir()
+        out["data.source"] = "kaggle_h5" if kaggle else "nnunet" if nnunet_dataset else "nifti"
         print(f"note: --config.data.root given without data.source; using {out['data.source']}")
     return out
 

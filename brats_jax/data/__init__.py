@@ -1,4 +1,5 @@
-"""brats_jax.data: slice sources (synthetic, Kaggle HDF5, NIfTI cache), splits, grain pipelines."""
+"""brats_jax.data: slice sources (synthetic, Kaggle HDF5, NIfTI cache of BraTS folders or nnU-Net
+raw datasets), splits, grain pipelines."""
 
 from brats_jax.data.brats import (
     Case,

@@ -29,7 +29,7 @@ from absl import logging
 
 from brats_jax import MODALITIES
 from brats_jax.data.common import DataError
-from brats_jax.labels import LabelError, to_train_labels
+from brats_jax.labels import LabelError, LabelMap, label_map, to_train_labels
 
 # Modality -> file stem suffix, per naming. Channel order is MODALITIES (flair, t1, t1ce, t2).
 _SUFFIXES = {
@@ -43,13 +43,24 @@ _SEGM_QUIRK = re.compile(r".*_Segm\.nii(\.gz)?$")
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One case folder: `paths` maps each of MODALITIES to a file; `seg` may be None."""
+    """One case: `paths` maps each of MODALITIES to a file; `seg` may be None.
+
+    `naming` is the file naming ("2018", "2023", or "nnunet": `data.nnunet`); the label
+    convention is the release's of the naming, or `label_map` when given (an nnU-Net
+    dataset's own, from its dataset.json): `convention`.
+    """
 
     case_id: str
     directory: pathlib.Path
-    naming: str  # "2018" | "2023"
+    naming: str  # "2018" | "2023" | "nnunet"
     paths: dict
     seg: pathlib.Path | None
+    label_map: LabelMap | None = None
+
+    @property
+    def convention(self) -> LabelMap:
+        """The label convention of the case's files (`labels.LabelMap`)."""
+        return self.label_map or label_map(self.naming)
 
 
 @dataclasses.dataclass
@@ -63,6 +74,8 @@ class CaseData:
     label: int32 (H, W, D) in {0..3} (ET = 3), or None when the case has no label file.
     brain: bool (H, W, D), voxels where any raw modality is non-zero.
     affine, header: of these arrays (in `ORIENTATION`).
+    naming, label_map: the case's (`Case`); `convention` the label convention of its files,
+      what a prediction for it is written in.
     to_file: nibabel orientation transform from these arrays to the files' voxel order, or
       None when the files are stored in `ORIENTATION` (every BraTS release).
     """
@@ -75,6 +88,12 @@ class CaseData:
     header: object
     naming: str
     to_file: np.ndarray | None = None
+    label_map: LabelMap | None = None
+
+    @property
+    def convention(self) -> LabelMap:
+        """The label convention of the case's files (`labels.LabelMap`)."""
+        return self.label_map or label_map(self.naming)
 
 
 def _find_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
@@ -286,7 +305,7 @@ def _read_label(case: Case, shape, affine) -> np.ndarray:
     if not np.allclose(aff, affine, atol=1e-3):
         raise DataError(f"case {case.case_id}: label {case.seg.name} affine differs")
     try:
-        return to_train_labels(lab, case.naming, where=f"case {case.case_id} ({case.seg})")
+        return to_train_labels(lab, case.convention, where=f"case {case.case_id} ({case.seg})")
     except LabelError as e:
         raise DataError(str(e)) from None
 
@@ -327,7 +346,8 @@ def load_case(
             )
         case = c
     if require_label and case.seg is None:
-        expected = f"{case.case_id}{_SUFFIXES[case.naming]['seg']}.nii[.gz]"
+        suffix = _SUFFIXES.get(case.naming, {}).get("seg", "")  # nnU-Net: labelsTr/<ID>
+        expected = f"{case.case_id}{suffix}.nii[.gz]"
         raise DataError(f"case {case.case_id} ({case.directory}): missing label file {expected}")
     present = [m for m in MODALITIES if case.paths.get(m) is not None]
     raws, affine0, header0, to_file = _read_modalities(case, present)
@@ -350,7 +370,9 @@ def load_case(
             if not ignore_bad_label:
                 raise
             logging.warning("%s; the label file is not needed here, so it is ignored", e)
-    return CaseData(case.case_id, image, label, brain, affine0, header0, case.naming, to_file)
+    return CaseData(
+        case.case_id, image, label, brain, affine0, header0, case.naming, to_file, case.label_map
+    )
 
 
 class NiftiDecodedSource:

@@ -8,8 +8,13 @@ converted once (`python -m brats_jax.prepare --src=DIR --out=CACHE`). Layout:
     CACHE/cases/<ID>/label.npy           (D, H, W) uint8 training classes {0..3}
     CACHE/cases/<ID>/stats.npz           class_counts (D, 4) int64 pixels, brain_fraction (D,) f32
     CACHE/cases/<ID>/meta.json           case id, naming, shape (H, W, D), affine, source files
-                                         and their [size, mtime_ns] stamps
+                                         and their [size, mtime_ns] stamps (nnU-Net cases:
+                                         and dataset.json's channels and label map)
     CACHE/cases/<ID>/COMPLETE            written last
+
+An nnU-Net raw dataset (`data.nnunet`; `prepare(..., layout="nnunet")`) enters the same
+cache: its cases are read through its dataset.json (channels, label values) and stored in
+training classes like any other.
 
 Arrays are memory-mapped at read time, so a slice read touches only that slice's bytes. Each
 case is written into `cases/.<ID>.tmp-<host>-<pid>/`, the COMPLETE marker written last, then
@@ -39,6 +44,7 @@ import time
 import numpy as np
 from absl import logging
 
+from brats_jax.data import nnunet
 from brats_jax.data.brats import Case, find_cases, load_case
 from brats_jax.data.common import DataError, SliceTable
 from brats_jax.fileio import process_alive
@@ -47,6 +53,7 @@ FORMAT = "brats_jax.slice_cache"
 VERSION = 1
 _MARKER = "COMPLETE"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LAYOUTS = ("brats", "nnunet")  # what `prepare` reads: case folders, or an nnU-Net dataset
 
 
 def _case_dir(out: pathlib.Path, case_id: str) -> pathlib.Path:
@@ -58,10 +65,17 @@ def is_case_complete(out: str | os.PathLike, case_id: str) -> bool:
     return (_case_dir(pathlib.Path(out), case_id) / _MARKER).is_file()
 
 
-def _source_stamps(case: Case) -> dict[str, list[int]]:
-    """{path: [size in bytes, modification time in ns]} of the case's modality and seg files."""
+def _source_stamps(case: Case) -> dict:
+    """{path: [size in bytes, modification time in ns]} of the case's modality and seg files;
+    for a case with its own label map (an nnU-Net dataset's), also {"dataset.json":
+    {"channels": file name by modality, "labels": [[file value, class], ...]}}, so that an
+    edited dataset.json converts the case again."""
     stats = {str(p): os.stat(p) for p in [*case.paths.values(), case.seg]}
-    return {p: [st.st_size, st.st_mtime_ns] for p, st in stats.items()}
+    stamps: dict = {p: [st.st_size, st.st_mtime_ns] for p, st in stats.items()}
+    if case.label_map is not None:
+        channels = {m: pathlib.Path(p).name for m, p in case.paths.items()}
+        stamps["dataset.json"] = {"channels": channels, "labels": case.label_map.pairs()}
+    return stamps
 
 
 def is_case_current(out: str | os.PathLike, case: Case) -> bool:
@@ -178,8 +192,12 @@ def prepare(
     dtype: str = "float32",
     workers: int = 1,
     progress: bool = True,
+    layout: str = "brats",
 ) -> pathlib.Path:
     """Converts the NIfTI release under `src` into a slice cache at `out` (resumable).
+
+    `layout`: "brats" (case folders, `brats.find_cases`) or "nnunet" (`src` an nnU-Net raw
+    dataset folder, its training cases read through its dataset.json: `nnunet.find_cases`).
 
     Cases already complete in `out` from unchanged source files are skipped. `workers` > 1
     converts cases in parallel processes, which exit when this process dies. Writes
@@ -192,7 +210,9 @@ def prepare(
         raise DataError(f"cache dtype must be 'float32' or 'float16', got {dtype!r}")
     src_p = pathlib.Path(src).resolve() if pathlib.Path(src).exists() else pathlib.Path(src)
     out = pathlib.Path(out)
-    cases = find_cases(src_p)
+    if layout not in LAYOUTS:
+        raise DataError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    cases = nnunet.find_cases(src_p) if layout == "nnunet" else find_cases(src_p)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     meta_path = out / "cache.json"
     if meta_path.is_file():

@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 from absl import logging
 
+from brats_jax.data import nnunet
 from brats_jax.data.cache import NiftiCacheSource, default_cache_dir, prepare
 from brats_jax.data.common import DataError, resize_image, resize_label
 from brats_jax.data.context import check_context_slices, neighbour_records, stack_records
@@ -28,14 +29,17 @@ def resolve_cache_dir(data_config) -> pathlib.Path:
     return pathlib.Path(cache_dir) if cache_dir else default_cache_dir(data_config.root)
 
 
-SOURCES = ("synthetic", "kaggle_h5", "nifti")  # data.source
+SOURCES = ("synthetic", "kaggle_h5", "nifti", "nnunet")  # data.source
 
 
 def make_source(data_config):
-    """Builds the slice source named by data_config.source ("synthetic", "kaggle_h5", "nifti").
+    """Builds the slice source named by data_config.source ("synthetic", "kaggle_h5", "nifti",
+    "nnunet").
 
     "nifti": data.root is a NIfTI release (converted on first use into data.cache_dir, default
     ~/.cache/brats_jax/<hash of root>; resumable) or an already prepared cache (has cache.json).
+    "nnunet": data.root is an nnU-Net raw dataset folder (DatasetXXX_Name: dataset.json,
+    imagesTr/, labelsTr/; `data.nnunet`), its training cases converted into the same cache.
     "kaggle_h5": data.root is the folder of volume_<v>_slice_<s>.h5 files.
     "synthetic": data.synthetic_{num_cases,slices_per_case,image_size} (+ synthetic_seed, 0).
     """
@@ -58,8 +62,13 @@ def make_source(data_config):
         return KaggleH5Source(root)
     if (pathlib.Path(root) / "cache.json").is_file():
         return NiftiCacheSource(root)
+    if kind == "nifti" and nnunet.is_dataset(root):
+        raise DataError(
+            f"data.root {root} is an nnU-Net raw dataset (dataset.json, imagesTr/); read it "
+            "with data.source=nnunet"
+        )
     cache_dir = resolve_cache_dir(data_config)
-    prepare(root, cache_dir)
+    prepare(root, cache_dir, layout="nnunet" if kind == "nnunet" else "brats")
     return NiftiCacheSource(cache_dir)
 
 

@@ -17,7 +17,7 @@ from brats_jax.figures import overlays
 from brats_jax.inference import ensembles, postprocess
 from brats_jax.inference import uncertainty as unc
 from brats_jax.inference.postprocess_choice import resolve_postprocessing
-from brats_jax.labels import et_label, to_release_labels
+from brats_jax.labels import to_release_labels
 from brats_jax.models import outputs
 
 # The probability NIfTI's header description (80 bytes at most), by channel count
@@ -65,12 +65,13 @@ def _warn_unlike_brats(data) -> None:
 
 
 def write_case(data, labels, probs, output, probabilities=None) -> np.ndarray:
-    """Write the labels in the case's release convention (and the probabilities), display
-    ranges 0..the ET label and 0..1, in the input files' voxel order; returns the labels
+    """Write the labels in the case's label convention (`CaseData.convention`: its release's,
+    or its nnU-Net dataset's) and the probabilities, display ranges 0..the largest label value
+    (ET's in BraTS releases) and 0..1, in the input files' voxel order; returns the labels
     written, in that order."""
-    labels = to_release_labels(labels, data.naming).astype(np.int16)
-    et_value = float(et_label(data.naming))
-    fileio.write_nifti_like(labels, data, output, display_range=(0.0, et_value))
+    labels = to_release_labels(labels, data.convention).astype(np.int16)
+    top = float(max(data.convention.release))
+    fileio.write_nifti_like(labels, data, output, display_range=(0.0, top))
     if probabilities:
         descrip = _PROBABILITY_DESCRIPTION[probs.shape[-1]]
         fileio.write_nifti_like(

@@ -5,14 +5,15 @@ the choice predict then applies (`postprocess.save`)."""
 import json
 import pathlib
 
-from brats_jax.data import brats
+from brats_jax.data import brats, nnunet
 from brats_jax.inference import ensembles, postprocess
 from brats_jax.inference.case_lists import split_list
 from brats_jax.inference.case_prediction import segment
 
 
 def resolve_cases(cases: list[str], data_root: str) -> list:
-    """Case folders as given, IDs looked up among the `brats.find_cases` of `data_root`."""
+    """Case folders as given, IDs looked up among the `brats.find_cases` of `data_root` (the
+    training cases of an nnU-Net dataset folder: `nnunet.find_cases`)."""
     by_id = None
     out = []
     for c in cases:
@@ -22,7 +23,8 @@ def resolve_cases(cases: list[str], data_root: str) -> list:
         if by_id is None:
             if not data_root:
                 raise ValueError(f"--cases {c}: not a folder, and no --data_root to look it up")
-            by_id = {k.case_id: k for k in brats.find_cases(data_root)}
+            find = nnunet.find_cases if nnunet.is_dataset(data_root) else brats.find_cases
+            by_id = {k.case_id: k for k in find(data_root)}
         if c not in by_id:
             raise ValueError(f"--cases {c}: no such case folder or case ID under {data_root}")
         out.append(by_id[c])
