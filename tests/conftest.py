@@ -1,9 +1,11 @@
 """Test setup: JAX on the CPU, tiny shapes, real-sample fixtures that skip when absent, and the
-helpers the test folders share (tiny configs, a tiny trained run, NIfTI cases, ViT checkpoints).
+helpers the test folders share (tiny configs, stand-in run configs, a tiny trained run, NIfTI
+cases, ViT checkpoints).
 
 The test folders mirror the package (tests/data/ for brats_jax/data/, ...); they hold no
 `__init__.py`, so each test file's basename is unique across the tree."""
 
+import importlib
 import math
 import os
 import pathlib
@@ -18,11 +20,13 @@ from brats_jax import runtime  # noqa: E402
 
 runtime.setup(quiet_logs=False)
 
+import ml_collections  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import scipy.ndimage  # noqa: E402
 
+from brats_jax import MODALITIES  # noqa: E402
 from brats_jax.models.transunet import per_block_params  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,21 +41,46 @@ def brats_sample() -> pathlib.Path:
     return SAMPLE
 
 
+def _set_fields(tree, fields):
+    """Sets each dotted field (`"train.num_steps"`) of `fields` in the nested `tree` (a
+    ConfigDict, or a plain dict whose missing sections are added); returns `tree`."""
+    for dotted, value in fields.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node, dict) else node[p]
+        node[leaf] = value
+    return tree
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     """`tiny_config(**{"train.num_steps": 2, ...})`: a fresh `configs/unet.py:tiny` config with
-    the given dotted fields set (`preset=` picks another U-Net preset)."""
-    from configs import unet as unet_config
+    the given dotted fields set (`preset=` picks another preset, `model="transunet"` the
+    presets of configs/transunet.py). A file's own defaults are a plain dict merged in front:
+    `tiny_config(**DEFAULTS | {"train.seed": 1})`."""
 
-    def make(preset="tiny", **overrides):
-        c = unet_config.get_config(preset)
-        for dotted, value in overrides.items():
-            node = c
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-        return c
+    def make(preset="tiny", model="unet", **overrides):
+        module = importlib.import_module(f"configs.{model}")
+        return _set_fields(module.get_config(preset), overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stand_in_config():
+    """`stand_in_config(**{"model.output": "regions", ...})`: the hand-written config of a
+    stand-in run (a patched `train_state.load_trained` serves it with a stand-in model): a
+    16-pixel NIfTI U-Net evaluated 4 slices at a time, as a fresh ConfigDict; dotted fields
+    are set or added, an undotted one (`postprocess=`) is a whole section."""
+
+    def make(**fields):
+        config = {
+            "data": {"image_size": 16, "source": "nifti"},
+            "eval": {"batch_size": 4},
+            "model": {"name": "unet"},
+        }
+        return ml_collections.ConfigDict(_set_fields(config, fields))
 
     return make
 
@@ -68,6 +97,7 @@ def tiny_run(tmp_path_factory, tiny_config):
 
 
 LABELLED_CASE_SHAPE = (16, 16, 8)
+BRATS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's LPS voxel order (brats.ORIENTATION)
 _NAMES_2018 = {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"}
 _NAMES_2023 = {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"}
 
@@ -94,7 +124,7 @@ def _write_labelled_case(
     d = pathlib.Path(root) / case_id
     d.mkdir(parents=True, exist_ok=True)
     names = _NAMES_2018 if naming == "2018" else _NAMES_2023
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) if affine is None else affine  # BraTS's LPS
+    affine = BRATS_AFFINE if affine is None else affine
     raws = {}
     for k, m in enumerate(("flair", "t1", "t1ce", "t2")):
         arr = over.get(m, _raw(k))
@@ -122,6 +152,47 @@ def write_labelled_case():
     `.label(naming)` is the default label.
     Returns (case dir, raw arrays by modality, label)."""
     return _write_labelled_case
+
+
+def _write_nifti_case(
+    root,
+    case_id,
+    *,
+    shape=(12, 10, 6),
+    seed=0,
+    mean=100.0,
+    std=20.0,
+    background_rows=0,
+    modalities=MODALITIES,
+    naming="2018",
+    affine=BRATS_AFFINE,
+    seg=None,
+):
+    """Writes case folder `root/case_id` of random-normal float32 modalities; returns it."""
+    folder = pathlib.Path(root) / case_id
+    folder.mkdir(parents=True)
+    names = _NAMES_2018 if naming == "2018" else _NAMES_2023
+    rng = np.random.default_rng(seed)
+    for m in modalities:
+        vol = rng.normal(mean, std, shape).astype(np.float32)
+        vol[:background_rows] = 0
+        nib.save(nib.Nifti1Image(vol, affine), str(folder / f"{case_id}{names[m]}.nii.gz"))
+    if seg is not None:
+        nib.save(nib.Nifti1Image(seg, affine), str(folder / f"{case_id}{names['seg']}.nii.gz"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_nifti_case():
+    """`write_nifti_case(root, case_id, *, shape=(12, 10, 6), seed=0, mean=100.0, std=20.0,
+    background_rows=0, modalities=MODALITIES, naming="2018", affine=BRATS_AFFINE, seg=None)`:
+    writes folder `root/case_id` (parents made; it must not exist) of `.nii.gz` modalities,
+    each `rng.normal(mean, std, shape)` as float32 with its first `background_rows` x rows 0,
+    drawn from one `np.random.default_rng(seed)` in the order of `modalities` (a subset
+    leaves files out), named as BraTS 2018 (`<id>_t1ce`) or 2023 (`<id>-t1c`); `seg`, an
+    array, is written as given as the label file. Every file has `affine` (default: BraTS's
+    LPS voxel order). Returns the folder."""
+    return _write_nifti_case
 
 
 def _official_shapes(

@@ -162,18 +162,9 @@ def test_training_on_a_machine_without_tpu_logs_no_tpu_backend_line(tiny_trained
     assert _TPU_LINE not in output
 
 
-def test_predict_on_a_trained_run_logs_no_orbax_warning(tiny_trained, tmp_path):
-    import nibabel as nib
-    import numpy as np
-
+def test_predict_on_a_trained_run_logs_no_orbax_warning(tiny_trained, tmp_path, write_nifti_case):
     workdir, _ = tiny_trained
-    case = tmp_path / "Brats18_A_1"
-    case.mkdir()
-    rng = np.random.default_rng(0)
-    for suffix in ("_flair", "_t1", "_t1ce", "_t2"):
-        vol = rng.normal(100, 20, (12, 10, 6)).astype(np.float32)
-        image = nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0]))
-        nib.save(image, case / f"{case.name}{suffix}.nii.gz")
+    case = write_nifti_case(tmp_path, "Brats18_A_1", shape=(12, 10, 6))
     proc = subprocess.run(
         [sys.executable, "-m", "brats_jax.predict", f"--workdir={workdir}", f"--input={case}",
          f"--output={tmp_path / 'seg.nii.gz'}"],

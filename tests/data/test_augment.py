@@ -329,22 +329,8 @@ class _ScaleModel:
         return x * variables["scale"]
 
 
-def _case_without_t1ce(root):
-    folder = root / "Brats18_X_1"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for s in ("_flair", "_t1", "_t2"):
-        vol = rng.normal(100, 20, (12, 12, 4)).astype(np.float32)  # = image_size: no resizing
-        vol[:2] = 0
-        nib.save(
-            nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0])),
-            str(folder / f"Brats18_X_1{s}.nii.gz"),
-        )
-    return folder
-
-
 @pytest.fixture
-def stand_in_runs(tmp_path, monkeypatch):
+def stand_in_runs(tmp_path, monkeypatch, stand_in_config):
     """Run folders with a config.json; `load_trained` serves a pointwise stand-in model
     (logits = input), so the class probabilities show the channels the model was given."""
 
@@ -358,18 +344,20 @@ def stand_in_runs(tmp_path, monkeypatch):
     def add(name, dropout):
         run = tmp_path / name
         run.mkdir()
-        config = {
-            "data": {"image_size": 12, "source": "nifti"}, "eval": {"batch_size": 4},
-            "model": {"name": "unet"}, "augment": {"modality_dropout_p": dropout},
-        }  # fmt: skip
-        (run / "config.json").write_text(json.dumps(config))
+        config = stand_in_config(**{"data.image_size": 12, "augment.modality_dropout_p": dropout})
+        (run / "config.json").write_text(json.dumps(config.to_dict()))
         return str(run)
 
     return add
 
 
-def test_predict_missing_modality_only_after_modality_dropout(stand_in_runs, tmp_path, caplog):
-    case = _case_without_t1ce(tmp_path / "data")
+def test_predict_missing_modality_only_after_modality_dropout(
+    stand_in_runs, tmp_path, caplog, write_nifti_case
+):
+    case = write_nifti_case(  # 12 x 12 = image_size: no resizing
+        tmp_path / "data", "Brats18_X_1", shape=(12, 12, 4), background_rows=2,
+        modalities=("flair", "t1", "t2"),
+    )  # fmt: skip
     out = tmp_path / "seg.nii.gz"
     with pytest.raises(DataError, match=r"missing modality file\(s\) \['t1ce'\]") as err:
         case_prediction.predict_case(stand_in_runs("plain", 0.0), case, out)

@@ -11,8 +11,6 @@ from brats_jax.data import DataError, SliceTable, make_train_iterator
 from brats_jax.data.patches import check_patch_config, crop_offset
 from brats_jax.inference import whole_volume
 from brats_jax.training import run_group, steps, train
-from configs import transunet as transunet_config
-from configs import unet as unet_config
 
 S = 24  # slice size of the hand-made sources
 
@@ -204,16 +202,7 @@ def test_patch_size_zero_is_the_whole_slice_pipeline_of_before():
         assert got == [r for batch in BEFORE_PATCHES for r in batch]
 
 
-def _tiny(**fields):
-    config = unet_config.get_config("tiny")
-    config.data.patch_size = 16
-    for k, v in fields.items():
-        config_path, leaf = k.rsplit(".", 1)
-        node = config
-        for part in config_path.split("."):
-            node = node[part]
-        node[leaf] = v
-    return config
+PATCHES = {"data.patch_size": 16}  # `tiny` trained on 16 x 16 patches of its 32 px slices
 
 
 def _spy_shapes(monkeypatch):
@@ -253,16 +242,20 @@ def _spy_shapes(monkeypatch):
 
 
 @pytest.mark.slow
-def test_tiny_run_on_patches_validates_and_tests_whole_slices(tmp_path, monkeypatch):
+def test_tiny_run_on_patches_validates_and_tests_whole_slices(tmp_path, monkeypatch, tiny_config):
     seen = _spy_shapes(monkeypatch)
-    results = train.train_and_evaluate(_tiny(**{"train.num_steps": 3}), tmp_path / "run")
+    results = train.train_and_evaluate(
+        tiny_config(**PATCHES | {"train.num_steps": 3}), tmp_path / "run"
+    )
     assert 0.0 <= results["paper_dice"] <= 1.0 and results["per_case"]
     assert seen == {"train": {(16, 16, 4)}, "eval": {(32, 32, 4)}, "test": {(32, 32, 4)},
                     "background": {("train", 4)}}  # fmt: skip
 
 
 @pytest.mark.slow
-def test_tiny_run_with_sliding_window_tests_through_patch_windows(tmp_path, monkeypatch):
+def test_tiny_run_with_sliding_window_tests_through_patch_windows(
+    tmp_path, monkeypatch, tiny_config
+):
     """eval.sliding_window: the test pass slides 16 px windows over the 32 px slices."""
     windows = []
     make = whole_volume.make_slice_predictor
@@ -273,27 +266,28 @@ def test_tiny_run_with_sliding_window_tests_through_patch_windows(tmp_path, monk
 
     monkeypatch.setattr(whole_volume, "make_slice_predictor", recording)
     fields = {"train.num_steps": 2, "eval.sliding_window": True}
-    results = train.train_and_evaluate(_tiny(**fields), tmp_path / "run")
+    results = train.train_and_evaluate(tiny_config(**PATCHES | fields), tmp_path / "run")
     assert 0.0 <= results["paper_dice"] <= 1.0 and 16 in windows
 
 
 @pytest.mark.slow
-def test_grouped_runs_with_patches_context_and_regions(tmp_path, monkeypatch):
+def test_grouped_runs_with_patches_context_and_regions(tmp_path, monkeypatch, tiny_config):
     seen = _spy_shapes(monkeypatch)
     fields = {"train.num_steps": 3, "data.context_slices": 1, "model.output": "regions",
               "train.loss": "dice_ce"}  # fmt: skip
-    configs = [_tiny(**fields), _tiny(**fields, **{"data.foreground_fraction": 1.0,
-                                                    "train.seed": 1})]  # fmt: skip
+    other = {"data.foreground_fraction": 1.0, "train.seed": 1}
+    configs = [tiny_config(**PATCHES | fields), tiny_config(**PATCHES | fields | other)]
     results = train.train_runs(configs, [tmp_path / "a", tmp_path / "b"], mapping="map")
     assert len(results) == 2 and all(0.0 <= r["paper_dice"] <= 1.0 for r in results)
     assert seen == {"train": {(16, 16, 12)}, "eval": {(32, 32, 12)}, "test": {(32, 32, 12)},
                     "background": {("train", 12)}}  # fmt: skip
 
 
-def test_grouped_runs_share_the_patch_size_not_the_fraction():
-    a, b = _tiny(), _tiny(**{"data.foreground_fraction": 1.0})
+def test_grouped_runs_share_the_patch_size_not_the_fraction(tiny_config):
+    a = tiny_config(**PATCHES)
+    b = tiny_config(**PATCHES | {"data.foreground_fraction": 1.0})
     assert run_group.group_key(a) == run_group.group_key(b)
-    assert run_group.group_key(a) != run_group.group_key(_tiny(**{"data.patch_size": 8}))
+    assert run_group.group_key(a) != run_group.group_key(tiny_config(**{"data.patch_size": 8}))
 
 
 def _core_and_oedema(size=64):
@@ -348,24 +342,23 @@ def test_region_sampling_reaches_the_training_batches():
         ({"data.foreground_fraction": 1.5}, 32, "data.foreground_fraction=1.5; expected"),
     ],
 )  # fmt: skip
-def test_bad_patch_fields_are_one_line_errors(fields, size, match):
+def test_bad_patch_fields_are_one_line_errors(fields, size, match, tiny_config):
     with pytest.raises(DataError, match=match) as e:
-        check_patch_config(_tiny(**fields), size)
+        check_patch_config(tiny_config(**PATCHES | fields), size)
     assert "\n" not in str(e.value)
 
 
-def test_patch_errors_at_run_build_and_for_transunet(tmp_path):
+def test_patch_errors_at_run_build_and_for_transunet(tmp_path, tiny_config):
     with pytest.raises(DataError, match="data.patch_size=48 is larger") as e:
-        run_group.build_run(_tiny(**{"data.patch_size": 48}), tmp_path)
+        run_group.build_run(tiny_config(**{"data.patch_size": 48}), tmp_path)
     assert "\n" not in str(e.value)
-    config = transunet_config.get_config("tiny")
-    config.data.patch_size = 16
+    config = tiny_config(model="transunet", **PATCHES)
     with pytest.raises(DataError, match="TransUNet's position grid") as e:
         run_group.build_run(config, tmp_path)
     assert "\n" not in str(e.value)
     config.data.patch_size = config.data.image_size  # a whole-slice "patch" is allowed
     assert check_patch_config(config, config.data.image_size) == config.data.image_size
-    native = _tiny(**{"data.image_size": 0, "data.patch_size": 48})  # native 32 px slices
+    native = tiny_config(**{"data.image_size": 0, "data.patch_size": 48})  # native 32 px slices
     with pytest.raises(DataError, match="larger than the 32-pixel slices"):
         run_group.build_run(native, tmp_path)
 

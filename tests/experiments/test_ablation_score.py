@@ -16,7 +16,6 @@ on one component: Dice 1, HD95 0 for them in every row.
 
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -39,23 +38,8 @@ def _label(et_voxels: int) -> np.ndarray:
     return lab
 
 
-def _write_case(root, cid, label):
-    folder = root / cid
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for mod in ("t1", "t1ce", "t2", "flair"):
-        img = rng.normal(100, 10, SHAPE).astype(np.float32)
-        nib.save(
-            nib.Nifti1Image(img, np.diag([-1.0, -1.0, 1.0, 1.0])),
-            str(folder / f"{cid}_{mod}.nii.gz"),
-        )
-    release = np.where(label == 3, 4, label).astype(np.int16)  # BraTS 2018: ET is 4
-    nib.save(
-        nib.Nifti1Image(release, np.diag([-1.0, -1.0, 1.0, 1.0])), str(folder / f"{cid}_seg.nii.gz")
-    )
-
-
-def _setup(tmp_path):
+@pytest.fixture
+def cases(tmp_path, write_nifti_case):
     """Cases of fold 0 are "spurious", of fold 1 "true"; returns (root, out, folds, kind)."""
     root, out = tmp_path / "data", tmp_path / "out"
     folds = A.folds_of(IDS, 2)
@@ -67,7 +51,9 @@ def _setup(tmp_path):
         else:
             label = pred = _label(80)
         assert (label > 0).sum() == (pred > 0).sum() == 216
-        _write_case(root, c, label)
+        release = np.where(label == 3, 4, label).astype(np.int16)  # BraTS 2018: ET is 4
+        write_nifti_case(root, c, shape=SHAPE, std=10.0, modalities=("t1", "t1ce", "t2", "flair"),
+                         seg=release)  # fmt: skip
         preds[c] = pred
     for i, fold in enumerate(folds):
         path = A.predictions_path(out, "baseline", i)
@@ -90,8 +76,8 @@ def _et(row) -> dict:
     return {c["case_id"]: (c["dice_ET"], c["hd95_ET"]) for c in row["per_case"]}
 
 
-def test_a_case_of_fold_i_is_scored_with_fold_is_tuned_choice(tmp_path):
-    root, out, folds, kind = _setup(tmp_path)
+def test_a_case_of_fold_i_is_scored_with_fold_is_tuned_choice(cases):
+    root, out, folds, kind = cases
     assert A.main(_args(root, out, "--folds=2")) == 0
     record, rows = _rows(out)
     assert record["folds"] == folds and sorted(rows) == ["largest", "none", "tuned"]
@@ -113,8 +99,8 @@ def test_a_case_of_fold_i_is_scored_with_fold_is_tuned_choice(tmp_path):
     assert "2 folds over 4 cases" in md
 
 
-def test_the_fixed_split_scores_its_test_cases_without_a_tuned_row(tmp_path):
-    root, out, _, kind = _setup(tmp_path)
+def test_the_fixed_split_scores_its_test_cases_without_a_tuned_row(cases):
+    root, out, _, kind = cases
     test = [next(c for c in IDS if kind[c] == k) for k in ("spurious", "true")]
     fold = sorted(test)  # the one "fold" of a fixed split: its prediction file, these cases
     path = A.predictions_path(out, "baseline", 0)
@@ -133,11 +119,11 @@ def test_the_fixed_split_scores_its_test_cases_without_a_tuned_row(tmp_path):
         A.main(_args(root, out, "--test_cases=Brats18_T_9_1"))
 
 
-def test_an_output_folder_of_other_folds_or_fewer_ttas_is_refused(tmp_path):
+def test_an_output_folder_of_other_folds_or_fewer_ttas_is_refused(cases):
     """The output folder's runs and predictions belong to its folds.json: other folds (a
     changed --fold_seed) would score runs on cases they trained on; predictions made
     without a TTA setting cannot be scored with it."""
-    root, out, _, _ = _setup(tmp_path)
+    root, out, _, _ = cases
     with pytest.raises(SystemExit, match="lacks flips__Brats18_T_"):
         A.main(_args(root, out, "--folds=2", "--ttas=none,flips"))
     with pytest.raises(SystemExit, match=r"folds\.json holds other folds \(2, seed 0\)"):

@@ -255,15 +255,10 @@ def test_write_images_goes_to_tensorboard_not_jsonl(tmp_path):
     np.testing.assert_array_equal(_read_png(tmp_path / "back.png"), img)
 
 
-def _tiny_config():
-    from configs import unet as unet_config
-
-    config = unet_config.get_config("tiny")
-    config.eval.num_overlay_slices = 2
-    return config
+TWO_OVERLAYS = {"eval.num_overlay_slices": 2}  # `tiny` with 2 validation pictures
 
 
-def test_validation_images_are_the_same_slices_every_time(tmp_path):
+def test_validation_images_are_the_same_slices_every_time(tmp_path, tiny_config):
     """Two validations' pictures (the run group's overlay writer at steps 3 and 6, on a
     group of one tiny run whose weights change in between): the 2 validation slices with
     the most tumour pixels (counted here from the labels) both times, as FLAIR | truth |
@@ -273,7 +268,7 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path):
     from brats_jax.runs import train_state
     from brats_jax.training import run_group
 
-    config = _tiny_config()
+    config = tiny_config(**TWO_OVERLAYS)
     run = run_group.build_run(config, tmp_path)
     model = train_state.create_model(config)
     shapes = jax.eval_shape(  # model.init itself compiles for a minute on a busy CPU
@@ -296,12 +291,12 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_writes_validation_images(tmp_path):
+def test_training_writes_validation_images(tmp_path, tiny_config):
     """The same through training: the tiny preset validates at steps 3 and 6."""
     from brats_jax.training import train
 
-    train.train_and_evaluate(_tiny_config(), tmp_path)
-    _check_validation_images(tmp_path, _tiny_config())
+    train.train_and_evaluate(tiny_config(**TWO_OVERLAYS), tmp_path)
+    _check_validation_images(tmp_path, tiny_config(**TWO_OVERLAYS))
 
 
 def _check_validation_images(tmp_path, config):
@@ -333,16 +328,15 @@ def test_old_runs_get_no_overlays():
     assert config_fields.upgrade_legacy(old)["eval"]["num_overlay_slices"] == 0
 
 
-def test_negative_overlay_count_is_an_error(tmp_path):
+def test_negative_overlay_count_is_an_error(tmp_path, tiny_config):
     from brats_jax.training import run_group
 
-    config = _tiny_config()
-    config.eval.num_overlay_slices = -1
+    config = tiny_config(**{"eval.num_overlay_slices": -1})
     with pytest.raises(ValueError, match="eval.num_overlay_slices=-1"):
         run_group.build_run(config, tmp_path)
 
 
-def test_predict_overlays_index_with_extra_columns(tmp_path, monkeypatch):
+def test_predict_overlays_index_with_extra_columns(tmp_path, monkeypatch, tiny_config):
     """case_prediction.predict_cases with a stand-in model (ET where the z-scored FLAIR is
     high): case A has a label file (Dice 1 beside its volume), B none (volume only); the extra
     column (as the uncertainty CSV's helper would give it) is listed."""
@@ -361,7 +355,7 @@ def test_predict_overlays_index_with_extra_columns(tmp_path, monkeypatch):
     def fake_predict(variables, images):  # (B, H, W, 4) -> class probabilities
         return np.eye(4, dtype=np.float32)[np.where(np.asarray(images)[..., 0] > 1, 3, 0)]
 
-    config = _tiny_config()
+    config = tiny_config(**TWO_OVERLAYS)
     ensemble = ensembles.Ensemble(("run",), config, (fake_predict,), ({},), (0,))
     monkeypatch.setattr(ensembles, "load_ensemble", lambda *a, **k: ensemble)
     cases = case_lists.cases_from_input(str(tmp_path / "in"))

@@ -26,7 +26,7 @@ from brats_jax.inference import (
 )
 from brats_jax.runs import train_state
 
-AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order (brats.ORIENTATION)
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order, as write_nifti_case writes
 
 
 class _ScaleModel:
@@ -48,19 +48,8 @@ def _ramp(h, w):
     return (ramp[..., None] * np.array([1.0, -0.5, 2.0, 0.75])).astype(np.float32)
 
 
-def _config(image_size=16, source="nifti", base_features=8, postprocess=None):
-    fields = {
-        "data": {"image_size": image_size, "source": source},
-        "eval": {"batch_size": 4},
-        "model": {"name": "unet", "base_features": base_features},
-    }
-    if postprocess is not None:
-        fields["postprocess"] = postprocess
-    return ml_collections.ConfigDict(fields)
-
-
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
+def runs(tmp_path, monkeypatch, stand_in_config):
     """Run folders -> (config, scale); `load_trained` serves them; predictors are recorded."""
     table = {}
     made = []
@@ -78,39 +67,32 @@ def runs(tmp_path, monkeypatch):
     monkeypatch.setattr(train_state, "load_trained", load_trained)
     monkeypatch.setattr(whole_volume, "make_slice_predictor", make_slice_predictor)
 
-    def add(name, scale=1.0, model=None, **config):
+    def add(name, scale=1.0, model=None, image_size=16, source="nifti", postprocess=None):
         path = tmp_path / name
         path.mkdir()
-        table[str(path)] = (_config(**config), scale, model or _ScaleModel())
+        fields = {"data.image_size": image_size, "data.source": source, "model.base_features": 8}
+        if postprocess is not None:
+            fields["postprocess"] = postprocess
+        table[str(path)] = (stand_in_config(**fields), scale, model or _ScaleModel())
         return str(path)
 
     return add, made
-
-
-def _write_case(root, case_id, seed, naming="2018", shape=(12, 10, 6)):
-    folder = root / case_id
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    suffix = {"2018": ("_flair", "_t1", "_t1ce", "_t2"), "2023": ("-t2f", "-t1n", "-t1c", "-t2w")}
-    for s in suffix[naming]:
-        vol = rng.normal(100, 20, shape).astype(np.float32)
-        vol[:2] = 0
-        nib.save(nib.Nifti1Image(vol, AFFINE), str(folder / f"{case_id}{s}.nii.gz"))
-    return folder
 
 
 def _read(path):
     return np.asarray(nib.load(str(path)).dataobj)
 
 
-def test_many_cases_one_output_each_compiled_once(runs, tmp_path):
+def test_many_cases_one_output_each_compiled_once(runs, tmp_path, write_nifti_case):
     add, made = runs
     run = add("run")
     data = tmp_path / "data"
     folders = [
-        _write_case(data / "HGG", "Brats18_A_1", 0),
-        _write_case(data / "HGG", "Brats18_B_1", 1),
-        _write_case(data, "BraTS-GLI-00001-000", 2, naming="2023", shape=(12, 10, 9)),
+        write_nifti_case(data / "HGG", "Brats18_A_1", background_rows=2),
+        write_nifti_case(data / "HGG", "Brats18_B_1", seed=1, background_rows=2),
+        write_nifti_case(
+            data, "BraTS-GLI-00001-000", seed=2, background_rows=2, naming="2023", shape=(12, 10, 9)
+        ),
     ]
     out = tmp_path / "out"
     written = case_prediction.predict_cases(run, [str(f) for f in folders], out)
@@ -122,12 +104,12 @@ def test_many_cases_one_output_each_compiled_once(runs, tmp_path):
     assert set(np.unique(_read(written[2]))) <= {0, 1, 2, 3}  # the 2023 case keeps ET = 3
 
 
-def test_cli_folder_of_cases_and_a_comma_separated_list(runs, tmp_path):
+def test_cli_folder_of_cases_and_a_comma_separated_list(runs, tmp_path, write_nifti_case):
     add, _ = runs
     run = add("run")
     data = tmp_path / "data"
-    a = _write_case(data / "HGG", "Brats18_A_1", 0)
-    b = _write_case(data / "LGG", "Brats18_B_1", 1)
+    a = write_nifti_case(data / "HGG", "Brats18_A_1", background_rows=2)
+    b = write_nifti_case(data / "LGG", "Brats18_B_1", seed=1, background_rows=2)
     for given, out in ((str(data), tmp_path / "o1"), (f"{a},{b}", tmp_path / "o2")):
         predict.FLAGS.unparse_flags()
         predict.FLAGS(["predict", f"--workdir={run}", f"--input={given}", f"--output={out}"])
@@ -141,10 +123,12 @@ def test_cli_folder_of_cases_and_a_comma_separated_list(runs, tmp_path):
     )
 
 
-def test_ensemble_averages_probabilities_and_shares_the_compiled_function(runs, tmp_path):
+def test_ensemble_averages_probabilities_and_shares_the_compiled_function(
+    runs, tmp_path, write_nifti_case
+):
     add, made = runs
     r1, r2 = add("r1", scale=1.0), add("r2", scale=3.0)
-    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
     p1, p2, pe = (tmp_path / f"{n}.nii.gz" for n in ("p1", "p2", "pe"))
     case_prediction.predict_case(r1, case, tmp_path / "s1.nii.gz", probabilities=p1)
     case_prediction.predict_case(r2, case, tmp_path / "s2.nii.gz", probabilities=p2)
@@ -174,7 +158,7 @@ def _softmax(z):
     return e / e.sum(-1, keepdims=True)
 
 
-def test_tta_flag_reaches_the_predictor(runs, tmp_path):
+def test_tta_flag_reaches_the_predictor(runs, tmp_path, write_nifti_case):
     """predict_case(tta="flips_ud") with a position-dependent stand-in at native size: the
     written probabilities are the mean of the 4 views' softmax mirrored back, by hand in
     numpy on the case's normalised input, and differ from the plain ones."""
@@ -182,7 +166,7 @@ def test_tta_flag_reaches_the_predictor(runs, tmp_path):
 
     add, _ = runs
     run = add("run", scale=0.5, model=_RampModel(), image_size=0)
-    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
     plain = case_prediction.predict_case(
         run, case, tmp_path / "a.nii.gz", probabilities=tmp_path / "pa.nii.gz"
     )
@@ -213,10 +197,12 @@ def _island_probabilities(shape=(12, 10, 6)):
     return labels, (np.eye(4, dtype=np.float32)[labels] * 0.6 + 0.1)
 
 
-def test_postprocessing_json_in_the_run_is_applied_unless_disabled(runs, tmp_path, monkeypatch):
+def test_postprocessing_json_in_the_run_is_applied_unless_disabled(
+    runs, tmp_path, monkeypatch, write_nifti_case
+):
     add, _ = runs
     run, other = add("run"), add("other")
-    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
     labels, probs = _island_probabilities()
     monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     island_free = labels.copy()
@@ -241,7 +227,7 @@ def test_postprocessing_json_in_the_run_is_applied_unless_disabled(runs, tmp_pat
 
 
 def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
-    runs, tmp_path, monkeypatch, capsys
+    runs, tmp_path, monkeypatch, capsys, write_nifti_case
 ):
     from brats_jax import tune_postprocessing as tune
 
@@ -250,11 +236,10 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
     labels, probs = _island_probabilities()
     monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     data = tmp_path / "data"
+    gt = labels.astype(np.int16)
+    gt[10, 8, 5] = 0  # the island is a false positive
     for cid in ("Brats18_A_1", "Brats18_B_1"):
-        folder = _write_case(data, cid, 0)
-        gt = labels.copy()
-        gt[10, 8, 5] = 0  # the island is a false positive
-        nib.save(nib.Nifti1Image(gt.astype(np.int16), AFFINE), str(folder / f"{cid}_seg.nii.gz"))
+        write_nifti_case(data, cid, background_rows=2, seg=gt)
     tune.FLAGS.unparse_flags()
     tune.FLAGS(
         ["tune", f"--workdir={run}", f"--cases=Brats18_A_1,{data / 'Brats18_B_1'}",
@@ -295,13 +280,10 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
     assert "warning: tuning on the run's test case(s) ['Brats18_B_1']" in capsys.readouterr().out
 
 
-def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_path):
+def test_auto_postprocessing_prefers_the_tuned_file_then_the_config_fields(tmp_path, tiny_config):
     from brats_jax.inference import postprocess
-    from configs import unet
 
-    config = unet.get_config("tiny")
-    with config.unlocked():
-        config.postprocess.largest_component_only = True
+    config = tiny_config(**{"postprocess.largest_component_only": True})
     run = tmp_path / "run"
     run.mkdir()
     fields = postprocess_choice.resolve_postprocessing(str(run), "auto", config)
@@ -338,7 +320,9 @@ def test_ensemble_runs_whose_postprocessing_acts_the_same_agree(tmp_path):
                 postprocess_choice.resolve_postprocessing(f"{runs[0]},{runs[1]}")
 
 
-def test_outputs_show_their_own_value_range_not_the_input_images(runs, tmp_path, monkeypatch):
+def test_outputs_show_their_own_value_range_not_the_input_images(
+    runs, tmp_path, monkeypatch, write_nifti_case
+):
     """The input's display range (cal_min/cal_max 0..999 here) is not copied: labels 0..ET
     (4 for 2018 names, 3 for 2023), probabilities 0..1, uncertainty unset (0, 0)."""
     add, _ = runs
@@ -346,7 +330,7 @@ def test_outputs_show_their_own_value_range_not_the_input_images(runs, tmp_path,
     labels, probs = _island_probabilities()
     monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     for naming, case_id, et in (("2018", "Brats18_A_1", 4), ("2023", "BraTS-GLI-00001-000", 3)):
-        case = _write_case(tmp_path / naming, case_id, 0, naming=naming)
+        case = write_nifti_case(tmp_path / naming, case_id, background_rows=2, naming=naming)
         for path in case.iterdir():
             img = nib.load(str(path))
             img.header["cal_min"], img.header["cal_max"] = 0, 999
@@ -358,7 +342,7 @@ def test_outputs_show_their_own_value_range_not_the_input_images(runs, tmp_path,
             assert (float(header["cal_min"]), float(header["cal_max"])) == want, path.name
 
 
-def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch):
+def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch, write_nifti_case):
     """cpu_best's rule: a run config with postprocess.largest_component_only=True and no
     postprocessing.json: --postprocessing=auto drops the 1-voxel island (the 27-voxel
     tumour is the largest component), none keeps it."""
@@ -366,7 +350,7 @@ def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch):
     fields = {"largest_component_only": True, "min_component_voxels": 0,
               "connectivity": 26, "et_min_voxels": 0}  # fmt: skip
     run = add("run", postprocess=fields)
-    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
     labels, probs = _island_probabilities()
     monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     assert not (tmp_path / "run" / postprocess.POSTPROCESSING_FILE).exists()
@@ -379,7 +363,9 @@ def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch):
     assert kept[10, 8, 5] == 1
 
 
-def test_ensemble_labels_are_the_argmax_of_the_mean_probabilities(runs, tmp_path, monkeypatch):
+def test_ensemble_labels_are_the_argmax_of_the_mean_probabilities(
+    runs, tmp_path, monkeypatch, write_nifti_case
+):
     """Two members whose argmaxes disagree at known voxels (probabilities given by hand):
     the ensemble's label is the argmax of their mean, written in the 2018 convention."""
     add, _ = runs
@@ -403,7 +389,7 @@ def test_ensemble_labels_are_the_argmax_of_the_mean_probabilities(runs, tmp_path
         whole_volume, "predict_volume", lambda f, v, *a, **k: member[float(v["scale"])]
     )
     r1, r2 = add("r1", scale=1.0), add("r2", scale=2.0)
-    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
     labels = case_prediction.predict_case(f"{r1},{r2}", case, tmp_path / "e.nii.gz")
     np.testing.assert_array_equal(labels, expected)
 
@@ -420,14 +406,16 @@ def _stored_as(folder, case_id, transform, affine):
     return out
 
 
-def test_cases_stored_in_another_voxel_order_get_the_same_segmentation(runs, tmp_path):
+def test_cases_stored_in_another_voxel_order_get_the_same_segmentation(
+    runs, tmp_path, write_nifti_case
+):
     """The same anatomy stored in BraTS's LPS order, in RAS (axes 0, 1 flipped, as MONAI's
     `Orientationd("RAS")` writes it) and sagittally (axes 0, 2 swapped): a position-
     dependent stand-in sees the same LPS input, so the three outputs coincide voxel for
     voxel in world space, and each is written on its input's grid (shape, affine)."""
     add, _ = runs
     run = add("run", scale=0.5, model=_RampModel(), image_size=0)
-    lps = _write_case(tmp_path, "Brats18_A_1", 0)
+    lps = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
     ras_affine = np.diag([1.0, 1.0, 1.0, 1.0])
     ras_affine[:3, 3] = (-11, -9, 0)  # voxel (11, 9, 0) in RAS is voxel (0, 0, 0) in LPS
     ras = _stored_as(lps, "Brats18_R_1", lambda a: a[::-1, ::-1], ras_affine)
@@ -446,12 +434,14 @@ def test_cases_stored_in_another_voxel_order_get_the_same_segmentation(runs, tmp
     np.testing.assert_array_equal(np.swapaxes(in_lps["Brats18_S_1"], 0, 2), in_lps["Brats18_A_1"])
 
 
-def test_a_label_file_of_another_convention_does_not_stop_prediction(runs, tmp_path):
+def test_a_label_file_of_another_convention_does_not_stop_prediction(
+    runs, tmp_path, write_nifti_case
+):
     """A new patient's folder may hold a seg file predict does not need (here with label 3,
     not a BraTS 2018 label): the case is segmented, as without it."""
     add, _ = runs
     run = add("run")
-    case = _write_case(tmp_path, "Brats18_A_1", 0)
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
     without = case_prediction.predict_case(run, case, tmp_path / "a.nii.gz")
     seg = np.zeros((12, 10, 6), np.int16)
     seg[5, 5, 3] = 3
@@ -461,7 +451,9 @@ def test_a_label_file_of_another_convention_does_not_stop_prediction(runs, tmp_p
     )
 
 
-def test_parts_sharing_a_folder_keep_every_case_in_their_summaries(runs, tmp_path):
+def test_parts_sharing_a_folder_keep_every_case_in_their_summaries(
+    runs, tmp_path, write_nifti_case
+):
     """`--num_parts=2` on one `--uncertainty` and `--overlays` folder: each part's summary
     has its own name, so together they hold both cases (one file each would keep one)."""
     import csv
@@ -470,7 +462,7 @@ def test_parts_sharing_a_folder_keep_every_case_in_their_summaries(runs, tmp_pat
     run = add("run")
     data = tmp_path / "data"
     for i, cid in enumerate(("Brats18_A_1", "Brats18_B_1")):
-        _write_case(data, cid, i)
+        write_nifti_case(data, cid, seed=i, background_rows=2)
     unc, pics = tmp_path / "unc", tmp_path / "pics"
     for part in (0, 1):
         predict.FLAGS.unparse_flags()
@@ -501,25 +493,29 @@ def test_every_command_imports_into_one_process():
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def _member(root, name, largest_only, tuned=None):
-    """A run folder: config.json with `postprocess.largest_component_only`, optional tuned file."""
-    folder = root / name
-    folder.mkdir()
-    config = {
-        "data": {"image_size": 16, "source": "nifti"},
-        "eval": {"batch_size": 4},
-        "model": {"name": "unet", "base_features": 8},
-        "postprocess": {"largest_component_only": largest_only, "min_component_voxels": 0,
-                        "connectivity": 26, "et_min_voxels": 0},
-    }  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
-    if tuned is not None:
-        postprocess.save(folder / postprocess.POSTPROCESSING_FILE, tuned)
-    return str(folder)
+@pytest.fixture
+def member(tmp_path, stand_in_config):
+    """`member(name, largest_only, tuned=None)`: a run folder in tmp_path: config.json with
+    `postprocess.largest_component_only`, an optional tuned file."""
+
+    def make(name, largest_only, tuned=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = stand_in_config(**{
+            "model.base_features": 8,
+            "postprocess": {"largest_component_only": largest_only, "min_component_voxels": 0,
+                            "connectivity": 26, "et_min_voxels": 0},
+        })  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(config.to_dict()))
+        if tuned is not None:
+            postprocess.save(folder / postprocess.POSTPROCESSING_FILE, tuned)
+        return str(folder)
+
+    return make
 
 
 @pytest.fixture
-def case(tmp_path, monkeypatch):
+def case(tmp_path, monkeypatch, write_nifti_case):
     """(case folder, labels with the island, labels without it)."""
 
     def load_trained(workdir, step=None):
@@ -532,12 +528,12 @@ def case(tmp_path, monkeypatch):
     monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
     island_free = labels.copy()
     island_free[10, 8, 5] = 0
-    return _write_case(tmp_path, "Brats18_A_1", 0), labels, island_free
+    return write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2), labels, island_free
 
 
-def test_agreeing_config_fields_are_applied_to_the_ensemble(case, tmp_path):
+def test_agreeing_config_fields_are_applied_to_the_ensemble(case, member, tmp_path):
     folder, labels, island_free = case
-    f0, f1 = _member(tmp_path, "f0", True), _member(tmp_path, "f1", True)
+    f0, f1 = member("f0", True), member("f1", True)
     out = tmp_path / "seg.nii.gz"
     got = case_prediction.predict_case(f"{f0},{f1}", folder, out)  # auto
     np.testing.assert_array_equal(got, island_free)
@@ -545,9 +541,9 @@ def test_agreeing_config_fields_are_applied_to_the_ensemble(case, tmp_path):
     np.testing.assert_array_equal(kept, labels)
 
 
-def test_members_that_differ_are_a_one_line_error_naming_them(case, tmp_path):
+def test_members_that_differ_are_a_one_line_error_naming_them(case, member, tmp_path):
     folder, _, _ = case
-    f0, f1, f2 = (_member(tmp_path, n, v) for n, v in (("f0", True), ("f1", False), ("f2", True)))
+    f0, f1, f2 = (member(n, v) for n, v in (("f0", True), ("f1", False), ("f2", True)))
     with pytest.raises(ValueError) as e:
         case_prediction.predict_case(f"{f0},{f1},{f2}", folder, tmp_path / "seg.nii.gz")
     msg = str(e.value)
@@ -555,18 +551,20 @@ def test_members_that_differ_are_a_one_line_error_naming_them(case, tmp_path):
     assert f"runs {f1} differ" in msg and f"from {f0}" in msg and f2 not in msg
 
 
-def test_equal_postprocessing_files_are_applied_over_differing_config_fields(case, tmp_path):
+def test_equal_postprocessing_files_are_applied_over_differing_config_fields(
+    case, member, tmp_path
+):
     folder, labels, island_free = case
     tuned = postprocess.PostprocessConfig(min_component_voxels=2)  # drops the 1-voxel island
-    f0 = _member(tmp_path, "f0", False, tuned=tuned)
-    f1 = _member(tmp_path, "f1", True, tuned=tuned)
+    f0 = member("f0", False, tuned=tuned)
+    f1 = member("f1", True, tuned=tuned)
     got = case_prediction.predict_case([f0, f1], folder, tmp_path / "seg.nii.gz")
     np.testing.assert_array_equal(got, island_free)
     assert postprocess_choice.resolve_postprocessing([f0, f1], "auto") == tuned
 
 
-def test_a_tuned_file_equal_to_the_other_runs_config_fields_agrees(tmp_path):
+def test_a_tuned_file_equal_to_the_other_runs_config_fields_agrees(member):
     tuned = postprocess.PostprocessConfig(largest_component_only=True)
-    f0 = _member(tmp_path, "f0", False, tuned=tuned)
-    f1 = _member(tmp_path, "f1", True)  # no file: its config's fields, the same thresholds
+    f0 = member("f0", False, tuned=tuned)
+    f1 = member("f1", True)  # no file: its config's fields, the same thresholds
     assert postprocess_choice.resolve_postprocessing(f"{f0},{f1}", "auto") == tuned

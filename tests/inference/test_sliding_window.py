@@ -22,7 +22,6 @@ from brats_jax.data.patches import inference_window
 from brats_jax.inference import ensembles, whole_volume
 from brats_jax.models.unet import UNet
 from brats_jax.runs import train_state
-from configs import unet as unet_config
 
 
 class _TileMeanModel:
@@ -95,19 +94,16 @@ def test_a_window_the_size_of_the_slice_is_whole_slice_inference():
         np.testing.assert_allclose(one_tile(variables, x), whole(variables, x), atol=1e-6)
 
 
-def _config(patch_size, sliding_window):
-    c = unet_config.get_config("tiny")
-    c.data.patch_size, c.eval.sliding_window = patch_size, sliding_window
-    return c
-
-
-def test_inference_window_is_the_patch_size_when_sliding():
-    assert inference_window(_config(64, True)) == 64
-    assert inference_window(_config(64, False)) == 0
-    assert inference_window(_config(64, False), sliding_window=True) == 64
-    assert inference_window(_config(64, True), sliding_window=False) == 0
+def test_inference_window_is_the_patch_size_when_sliding(tiny_config):
+    sliding = tiny_config(**{"data.patch_size": 64, "eval.sliding_window": True})
+    whole = tiny_config(**{"data.patch_size": 64, "eval.sliding_window": False})
+    assert inference_window(sliding) == 64
+    assert inference_window(whole) == 0
+    assert inference_window(whole, sliding_window=True) == 64
+    assert inference_window(sliding, sliding_window=False) == 0
+    no_patches = tiny_config(**{"data.patch_size": 0, "eval.sliding_window": True})
     with pytest.raises(DataError, match=r"eval.sliding_window=True needs data.patch_size > 0"):
-        inference_window(_config(0, True))
+        inference_window(no_patches)
 
 
 def test_predict_slides_the_runs_patch_when_asked(tmp_path, monkeypatch):
@@ -134,9 +130,11 @@ def test_predict_slides_the_runs_patch_when_asked(tmp_path, monkeypatch):
         np.testing.assert_allclose(ens.predictors[0]({}, x), want, rtol=1e-6)
 
 
-def test_a_run_asking_for_sliding_windows_without_patches_stops_before_training():
+def test_a_run_asking_for_sliding_windows_without_patches_stops_before_training(tiny_config):
     from brats_jax.training import run_group
 
-    run_group._check_config(_config(16, True))  # patches: fine
+    patches = tiny_config(**{"data.patch_size": 16, "eval.sliding_window": True})
+    run_group._check_config(patches)  # fine
+    no_patches = tiny_config(**{"data.patch_size": 0, "eval.sliding_window": True})
     with pytest.raises(DataError, match="eval.sliding_window=True needs data.patch_size > 0"):
-        run_group._check_config(_config(0, True))
+        run_group._check_config(no_patches)

@@ -8,7 +8,6 @@ pointwise model whose logits are its input times `variables["scale"]`, or
 import csv
 import math
 
-import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
@@ -20,6 +19,8 @@ from brats_jax.runs import train_state
 
 SHAPE = (12, 10, 6)
 AFFINE = np.array([[-2.0, 0, 0, -10], [0, -1.0, 0, 5], [0, 0, 1.0, 3], [0, 0, 0, 1]])  # LPS
+# The cases' `write_nifti_case` arguments: N(0.5, 1) modalities, x 0, 1 outside the brain.
+CASE = {"shape": SHAPE, "mean": 0.5, "std": 1.0, "background_rows": 2, "affine": AFFINE}
 
 
 class _ScaleModel:
@@ -30,18 +31,8 @@ class _ScaleModel:
         return x[..., : self.channels] * variables["scale"]
 
 
-def _config(output="classes"):
-    return ml_collections.ConfigDict(
-        {
-            "data": {"image_size": 16, "source": "nifti"},
-            "eval": {"batch_size": 4},
-            "model": {"name": "unet", "base_features": 8, "output": output},
-        }
-    )
-
-
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
+def runs(tmp_path, monkeypatch, stand_in_config):
     """add(name, scale, output) -> a run folder that `train_state.load_trained` serves."""
     table = {}
 
@@ -55,21 +46,11 @@ def runs(tmp_path, monkeypatch):
     def add(name, scale=1.0, output="classes"):
         path = tmp_path / name
         path.mkdir()
-        table[str(path)] = (_config(output), scale)
+        config = stand_in_config(**{"model.base_features": 8, "model.output": output})
+        table[str(path)] = (config, scale)
         return str(path)
 
     return add
-
-
-def _write_case(root, case_id, seed=0):
-    folder = root / case_id
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for s in ("_flair", "_t1", "_t1ce", "_t2"):
-        vol = rng.normal(0.5, 1.0, SHAPE).astype(np.float32)
-        vol[:2] = 0  # x 0, 1: outside the brain
-        nib.save(nib.Nifti1Image(vol, AFFINE), str(folder / f"{case_id}{s}.nii.gz"))
-    return folder
 
 
 def _read(path):
@@ -87,9 +68,9 @@ def _hand_entropy(p):
     return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1)
 
 
-def test_identical_members_give_one_members_entropy(runs, tmp_path):
+def test_identical_members_give_one_members_entropy(runs, tmp_path, write_nifti_case):
     r1, r2 = runs("r1", scale=2.0), runs("r2", scale=2.0)
-    case = _write_case(tmp_path, "Brats18_A_1")
+    case = write_nifti_case(tmp_path, "Brats18_A_1", **CASE)
     case_prediction.predict_case(
         r1, case, tmp_path / "a.nii.gz", probabilities=tmp_path / "p.nii.gz"
     )
@@ -113,7 +94,7 @@ def _slab_labels():
     return a, b
 
 
-def test_two_disagreeing_members_closed_form_and_csv(runs, tmp_path, monkeypatch):
+def test_two_disagreeing_members_closed_form_and_csv(runs, tmp_path, monkeypatch, write_nifti_case):
     r1, r2 = runs("r1", scale=1.0), runs("r2", scale=2.0)
     a, b = _slab_labels()
     by_scale = {1.0: np.eye(4, dtype=np.float32)[a], 2.0: np.eye(4, dtype=np.float32)[b]}
@@ -121,8 +102,8 @@ def test_two_disagreeing_members_closed_form_and_csv(runs, tmp_path, monkeypatch
         whole_volume, "predict_volume", lambda p, v, *x, **k: by_scale[float(v["scale"])]
     )
     data = tmp_path / "data"
-    _write_case(data, "Brats18_A_1")
-    _write_case(data, "Brats18_B_1", seed=1)
+    write_nifti_case(data, "Brats18_A_1", **CASE)
+    write_nifti_case(data, "Brats18_B_1", seed=1, **CASE)
     cases = case_lists.cases_from_input(str(data))
     udir = tmp_path / "unc"
     case_prediction.predict_cases(
@@ -166,9 +147,9 @@ def test_region_entropy_closed_form():
         U.entropy(np.ones((2, 4)) / 4, "regions")
 
 
-def test_region_runs_write_the_summed_binary_entropy(runs, tmp_path):
+def test_region_runs_write_the_summed_binary_entropy(runs, tmp_path, write_nifti_case):
     run = runs("r", scale=1.5, output="regions")
-    case = _write_case(tmp_path, "Brats18_A_1")
+    case = write_nifti_case(tmp_path, "Brats18_A_1", **CASE)
     out, probs = tmp_path / "u.nii.gz", tmp_path / "p.nii.gz"
     case_prediction.predict_case(
         run, case, tmp_path / "s.nii.gz", probabilities=probs, uncertainty=out
@@ -212,9 +193,9 @@ def test_a_coin_flip_is_uncertain_for_both_output_kinds():
         assert row["uncertain_share_brain"] == 0.5, output
 
 
-def test_cli_uncertainty_must_match_the_output_kind(runs, tmp_path):
+def test_cli_uncertainty_must_match_the_output_kind(runs, tmp_path, write_nifti_case):
     run = runs("r")
-    case = _write_case(tmp_path, "Brats18_A_1")
+    case = write_nifti_case(tmp_path, "Brats18_A_1", **CASE)
     for output, unc, message in (
         (tmp_path / "s.nii.gz", tmp_path / "udir", "give a .nii or .nii.gz file"),
         (tmp_path / "segs", tmp_path / "u.nii.gz", "give a folder when --output is a folder"),
@@ -231,10 +212,10 @@ def test_cli_uncertainty_must_match_the_output_kind(runs, tmp_path):
             predict.FLAGS.unparse_flags()
 
 
-def test_cli_writes_the_uncertainty_folder(runs, tmp_path):
+def test_cli_writes_the_uncertainty_folder(runs, tmp_path, write_nifti_case):
     run = runs("r")
     data = tmp_path / "data"
-    _write_case(data, "Brats18_A_1")
+    write_nifti_case(data, "Brats18_A_1", **CASE)
     udir = tmp_path / "udir"
     predict.FLAGS.unparse_flags()
     predict.FLAGS(

@@ -257,28 +257,23 @@ def test_widened_pretrained_transunet_computes_the_2d_model(tmp_path, root_conv,
     assert np.abs(other - want).max() > 1e-2
 
 
-AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order
+# The predicted case's `write_nifti_case` arguments (its modalities drawn from t1 on).
+CASE = {"shape": (40, 36, 5), "modalities": ("t1", "t1ce", "t2", "flair")}
 
 
 @pytest.mark.slow
-def test_train_and_predict_with_context(tmp_path):
+def test_train_and_predict_with_context(tmp_path, tiny_config, write_nifti_case):
     """configs/unet.py:tiny with data.context_slices = 1: trains, tests, predicts a case."""
-    config = unet_config.get_config("tiny")
-    config.data.context_slices = 1
+    config = tiny_config(**{"data.context_slices": 1})
     workdir = tmp_path / "run"
     results = train.train_and_evaluate(config, workdir)
     assert 0.0 <= results["paper_dice"] <= 1.0
     _, _, variables = train_state.load_trained(workdir)
     kernels_in = {x.shape[2] for x in jax.tree.leaves(variables) if x.ndim == 4}
     assert 12 in kernels_in  # the first 3x3 conv sees 4 (2k+1) channels (base_features 4)
-    case = tmp_path / "Brats18_X_1_1"
-    case.mkdir()
-    rng, shape = np.random.default_rng(0), (40, 36, 5)
-    for mod in ("t1", "t1ce", "t2", "flair"):
-        vol = rng.normal(100, 20, shape).astype(np.float32)
-        nib.save(nib.Nifti1Image(vol, AFFINE), str(case / f"Brats18_X_1_1_{mod}.nii.gz"))
+    case = write_nifti_case(tmp_path, "Brats18_X_1_1", **CASE)
     labels = case_prediction.predict_case(workdir, case, tmp_path / "seg.nii.gz")
-    assert labels.shape == shape
+    assert labels.shape == CASE["shape"]
     ens = ensembles.load_ensemble(str(workdir))
     assert ens.context_slices == (1,)
 
@@ -298,13 +293,10 @@ def _modality_major(volume: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def context_run(tmp_path_factory):
+def context_run(tmp_path_factory, tiny_config):
     """A 2-step tiny run with k = 1 (no validation split); what its test pass saw."""
-    config = unet_config.get_config("tiny")
-    config.data.context_slices = 1
-    config.data.val_fraction = 0.0
-    config.train.num_steps = 2
-    config.train.checkpoint_every_steps = 2
+    config = tiny_config(**{"data.context_slices": 1, "data.val_fraction": 0.0,
+                            "train.num_steps": 2, "train.checkpoint_every_steps": 2})  # fmt: skip
     workdir = tmp_path_factory.mktemp("context") / "run"
     seen = {"probs": [], "labels": []}
     predict_volume, evaluate_volume = whole_volume.predict_volume, metrics.evaluate_volume
@@ -348,17 +340,9 @@ def test_test_pass_is_the_argmax_of_hand_stacked_windows(context_run):
         assert np.abs(wrong - want).max() > 1e-4  # the order matters to this model
 
 
-def test_predict_is_the_argmax_of_hand_stacked_windows(context_run, tmp_path):
+def test_predict_is_the_argmax_of_hand_stacked_windows(context_run, tmp_path, write_nifti_case):
     _, workdir, _, _ = context_run
-    case = tmp_path / "Brats18_X_1_1"
-    case.mkdir()
-    rng, shape = np.random.default_rng(0), (40, 36, 5)
-    for mod in ("t1", "t1ce", "t2", "flair"):
-        vol = rng.normal(100, 20, shape).astype(np.float32)
-        nib.save(
-            nib.Nifti1Image(vol, np.diag([-1.0, -1.0, 1.0, 1.0])),
-            str(case / f"Brats18_X_1_1_{mod}.nii.gz"),
-        )
+    case = write_nifti_case(tmp_path, "Brats18_X_1_1", **CASE)
     written = case_prediction.predict_case(
         workdir, case, tmp_path / "seg.nii.gz", probabilities=tmp_path / "p.nii.gz"
     )

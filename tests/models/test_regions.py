@@ -312,25 +312,13 @@ def test_eval_step_scores_decoded_region_labels_and_the_region_loss():
 # Training through brats_jax.training.train, prediction from the run folder
 # --------------------------------------------------------------------------------------------
 
-AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order
-
-
-def _write_case(root, case_id="Brats18_R_1_1", shape=(36, 32, 5)):
-    case = root / case_id
-    case.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for mod in ("t1", "t1ce", "t2", "flair"):
-        vol = rng.normal(100, 20, shape).astype(np.float32)
-        vol[:4] = 0
-        nib.save(nib.Nifti1Image(vol, AFFINE), str(case / f"{case_id}_{mod}.nii.gz"))
-    return case, shape
+# The predicted case's `write_nifti_case` arguments (its modalities drawn from t1 on).
+CASE = {"background_rows": 4, "modalities": ("t1", "t1ce", "t2", "flair")}
 
 
 @pytest.fixture(scope="module")
-def regions_run(tmp_path_factory):
-    config = unet_config.get_config("tiny")
-    config.model.output = "regions"
-    config.train.loss = "dice_ce"
+def regions_run(tmp_path_factory, tiny_config):
+    config = tiny_config(**{"model.output": "regions", "train.loss": "dice_ce"})
     workdir = tmp_path_factory.mktemp("regions_run")
     return workdir, train.train_and_evaluate(config, workdir)
 
@@ -348,9 +336,10 @@ def test_tiny_regions_run_trains_validates_and_tests(regions_run):
     assert train_rows and all(r["class_weight_0"] == 1.0 for r in train_rows)
 
 
-def test_predict_from_a_regions_run_writes_decoded_labels(regions_run, tmp_path):
+def test_predict_from_a_regions_run_writes_decoded_labels(regions_run, tmp_path, write_nifti_case):
     workdir, _ = regions_run
-    case, shape = _write_case(tmp_path)
+    shape = (36, 32, 5)
+    case = write_nifti_case(tmp_path, "Brats18_R_1_1", shape=shape, **CASE)
     out, probs_out = tmp_path / "seg.nii.gz", tmp_path / "probs.nii.gz"
     labels = case_prediction.predict_case(workdir, case, out, probabilities=probs_out)
     img = nib.load(str(out))
@@ -393,13 +382,14 @@ def test_regions_test_pass_scores_the_tested_checkpoint(regions_run, tmp_path):
             assert row[key] == pytest.approx(want[key], abs=1e-6), (case_id, key)
 
 
-def test_predict_writes_the_sigmoid_of_the_region_logits(regions_run, tmp_path):
+def test_predict_writes_the_sigmoid_of_the_region_logits(regions_run, tmp_path, write_nifti_case):
     """At the model's own size (no resizing) the written probabilities are the sigmoid of the
     logits of the case's normalised input, and the labels their nested decoding."""
     from brats_jax.data import brats
 
     workdir, _ = regions_run
-    case, shape = _write_case(tmp_path, shape=(32, 32, 5))
+    shape = (32, 32, 5)
+    case = write_nifti_case(tmp_path, "Brats18_R_1_1", shape=shape, **CASE)
     labels = case_prediction.predict_case(
         workdir, case, tmp_path / "s.nii.gz", probabilities=tmp_path / "p.nii.gz"
     )
@@ -418,18 +408,14 @@ class _StandIn:
         return x[..., : variables["channels"]]
 
 
-def test_ensemble_of_a_classes_and_a_regions_run_is_an_error(tmp_path, monkeypatch):
+def test_ensemble_of_a_classes_and_a_regions_run_is_an_error(
+    tmp_path, monkeypatch, stand_in_config
+):
     table = {}
 
     def load_trained(workdir, step=None):
         output = table[str(workdir)]
-        config = ml_collections.ConfigDict(
-            {
-                "data": {"image_size": 16, "source": "nifti"},
-                "eval": {"batch_size": 4},
-                "model": {"name": "unet", "output": output},
-            }
-        )
+        config = stand_in_config(**{"model.output": output})
         return config, _StandIn(), {"channels": outputs.num_channels(output)}
 
     monkeypatch.setattr(train_state, "load_trained", load_trained)
@@ -442,19 +428,14 @@ def test_ensemble_of_a_classes_and_a_regions_run_is_an_error(tmp_path, monkeypat
     assert len(ensembles.load_ensemble(f"{r},{r}").variables) == 2
 
 
-def _regions_config(loss: str, seed: int):
-    c = unet_config.get_config("tiny")
-    c.model.output = "regions"
-    c.train.loss, c.train.seed = loss, seed
-    c.train.num_steps, c.train.eval_every_steps = 2, 2
-    return c
+# Tiny region runs of 2 steps, validated at the end.
+REGIONS = {"model.output": "regions", "train.num_steps": 2, "train.eval_every_steps": 2}
 
 
-def test_runs_with_different_model_outputs_are_not_trained_together(tmp_path):
+def test_runs_with_different_model_outputs_are_not_trained_together(tmp_path, tiny_config):
     """Two configs equal but for model.output: refused, and the message names that field."""
-    regions = _regions_config("ce", 0)
-    classes = _regions_config("ce", 0)
-    classes.model.output = "classes"
+    regions = tiny_config(**REGIONS)
+    classes = tiny_config(**REGIONS | {"model.output": "classes"})
     assert [k for k, _, _ in config_fields.config_diff(classes.to_dict(), regions.to_dict())] == [
         "model.output"
     ]
@@ -465,10 +446,11 @@ def test_runs_with_different_model_outputs_are_not_trained_together(tmp_path):
 
 
 @pytest.mark.slow
-def test_vmapped_region_runs_match_the_run_alone(tmp_path):
+def test_vmapped_region_runs_match_the_run_alone(tmp_path, tiny_config):
     """Two region runs with different losses in one vmapped program: the first one's
     training and validation losses equal those of the same run trained alone."""
-    configs = [_regions_config("ce", 0), _regions_config("dice_ce", 1)]
+    dice_ce = {"train.loss": "dice_ce", "train.seed": 1}
+    configs = [tiny_config(**REGIONS), tiny_config(**REGIONS | dice_ce)]
     alone = train.train_and_evaluate(configs[0], tmp_path / "alone")
     group = train.train_runs(configs, [tmp_path / "g0", tmp_path / "g1"], mapping="vmap")
 

@@ -27,23 +27,21 @@ import pytest
 from brats_jax.runs import checkpoints, workdir_lock
 from brats_jax.runs.checkpoints import RunCheckpoints, UnreadableCheckpoint
 from brats_jax.training import train
-from configs import unet
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _config(**train_fields) -> ml_collections.ConfigDict:
-    """`tiny` with 4 steps, a log row and a checkpoint every 2 steps, train split only."""
-    c = unet.get_config("tiny")
-    c.data.val_fraction = 0.0
-    c.data.test_fraction = 0.0
-    c.train.num_steps = 4
-    c.train.log_every_steps = 2
-    c.train.checkpoint_every_steps = 2
-    c.train.keep_checkpoints = 3
-    for k, v in train_fields.items():
-        setattr(c.train, k, v)
-    return c
+# `tiny` with 4 steps, a log row and a checkpoint every 2 steps, train split only.
+FOUR_STEPS = {
+    "data.val_fraction": 0.0,
+    "data.test_fraction": 0.0,
+    "train.num_steps": 4,
+    "train.log_every_steps": 2,
+    "train.checkpoint_every_steps": 2,
+    "train.keep_checkpoints": 3,
+}
+# Learning rate 1e6 (the loss turns non-finite within the 4 steps), a checkpoint every step.
+DIVERGING = {"train.learning_rate": 1e6, "train.checkpoint_every_steps": 1}
 
 
 def _rows(workdir) -> list[dict]:
@@ -79,7 +77,7 @@ _LOCK_HELD_WHILE_WRITING_RESULTS = []  # finished_run's observation
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, tiny_config):
     """A finished 4-step tiny run (checkpoints 2 and 4, log rows at 2 and 4); records whether
     its folder was locked while its results were written."""
     workdir = tmp_path_factory.mktemp("fault") / "run"
@@ -91,7 +89,7 @@ def finished_run(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train, "evaluate_and_write", spy)
-        results = train.train_and_evaluate(_config(), workdir)
+        results = train.train_and_evaluate(tiny_config(**FOUR_STEPS), workdir)
     assert results["steps"] == 4
     return workdir
 
@@ -107,13 +105,13 @@ def test_a_finished_run_leaves_no_lock_and_one_row_per_logged_step(finished_run)
     ck.close()
 
 
-def test_diverged_run_keeps_only_finite_checkpoints_and_its_rerun_finishes(tmp_path):
+def test_diverged_run_keeps_only_finite_checkpoints_and_its_rerun_finishes(tmp_path, tiny_config):
     """Learning rate 1e6: the first non-finite loss at step t comes from the weights of step
     t-1; only checkpoints before t-1 may be kept, each with finite weights; the rerun with a
     sane rate resumes from them and finishes, each step logged once."""
     workdir = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"at step (\d+)") as info:
-        train.train_and_evaluate(_config(learning_rate=1e6, checkpoint_every_steps=1), workdir)
+        train.train_and_evaluate(tiny_config(**FOUR_STEPS | DIVERGING), workdir)
     bad = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     ck = RunCheckpoints(workdir, read_only=True)
     kept = ck.all_steps()
@@ -124,21 +122,26 @@ def test_diverged_run_keeps_only_finite_checkpoints_and_its_rerun_finishes(tmp_p
     ck.close()
     assert all(s < bad - 1 for s in kept), (kept, bad)
     assert not (workdir / workdir_lock.LOCK_NAME).exists()
-    results = train.train_and_evaluate(_config(learning_rate=1e-3), workdir)
+    results = train.train_and_evaluate(
+        tiny_config(**FOUR_STEPS | {"train.learning_rate": 1e-3}), workdir
+    )
     assert results["steps"] == 4
     train_steps = _steps_of(workdir, "train_loss")
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 4
     assert all(np.isfinite(r["train_loss"]) for r in _rows(workdir) if "train_loss" in r)
 
 
-def test_a_failed_restore_leaves_config_metrics_and_lock_as_they_were(finished_run, tmp_path):
+def test_a_failed_restore_leaves_config_metrics_and_lock_as_they_were(
+    finished_run, tmp_path, tiny_config
+):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
     for step_dir in (workdir / "checkpoints").iterdir():
         if step_dir.name.isdigit():
             (step_dir / "state" / "_METADATA").unlink()
     before = _tree(workdir)
-    config = _config(learning_rate=0.5)  # a changed config that must not be written
+    # a changed config that must not be written
+    config = tiny_config(**FOUR_STEPS | {"train.learning_rate": 0.5})
     with pytest.raises(UnreadableCheckpoint, match="no readable checkpoint"):
         train.train_and_evaluate(config, workdir)
     after = _tree(workdir)
@@ -165,23 +168,27 @@ def _truncate_newest(workdir) -> tuple[int, int]:
     return older, newest
 
 
-def test_a_rerun_with_fewer_steps_than_its_checkpoint_is_refused(finished_run, tmp_path):
+def test_a_rerun_with_fewer_steps_than_its_checkpoint_is_refused(
+    finished_run, tmp_path, tiny_config
+):
     """Checkpoint 4 of a run now configured for 2 steps: a one-line error, nothing changed
     (it used to be restored, trained no further and reported as 4 steps)."""
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
     before = _tree(workdir)
     with pytest.raises(ValueError, match=r"checkpoint 4 is past the 2 steps configured now"):
-        train.train_and_evaluate(_config(num_steps=2), workdir)
+        train.train_and_evaluate(tiny_config(**FOUR_STEPS | {"train.num_steps": 2}), workdir)
     assert _tree(workdir) == before
 
 
-def test_rerun_after_a_corrupt_newest_checkpoint_writes_no_row_twice(finished_run, tmp_path):
+def test_rerun_after_a_corrupt_newest_checkpoint_writes_no_row_twice(
+    finished_run, tmp_path, tiny_config
+):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
     older, newest = _truncate_newest(workdir)
     assert (older, newest) == (2, 4)
-    results = train.train_and_evaluate(_config(), workdir)
+    results = train.train_and_evaluate(tiny_config(**FOUR_STEPS), workdir)
     assert results["steps"] == 4
     assert _steps_of(workdir, "train_loss") == [2, 4]  # step 4 redone, logged once
     ck = RunCheckpoints(workdir, read_only=True)
@@ -203,7 +210,9 @@ _HOLD = textwrap.dedent(
 )
 
 
-def test_training_refuses_a_folder_held_by_a_live_process_before_writing(finished_run, tmp_path):
+def test_training_refuses_a_folder_held_by_a_live_process_before_writing(
+    finished_run, tmp_path, tiny_config
+):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
     holder = subprocess.Popen(
@@ -217,7 +226,9 @@ def test_training_refuses_a_folder_held_by_a_live_process_before_writing(finishe
         assert holder.stdout.readline().strip() == "locked"
         before = _tree(workdir)
         with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {holder.pid} on host"):
-            train.train_and_evaluate(_config(learning_rate=0.5), workdir)
+            train.train_and_evaluate(
+                tiny_config(**FOUR_STEPS | {"train.learning_rate": 0.5}), workdir
+            )
         assert _tree(workdir) == before  # config, metrics, checkpoints and the lock untouched
         lock = json.loads((workdir / workdir_lock.LOCK_NAME).read_text())
         assert (lock["pid"], lock["host"]) == (holder.pid, socket.gethostname())
@@ -228,11 +239,11 @@ def test_training_refuses_a_folder_held_by_a_live_process_before_writing(finishe
 
 
 @pytest.mark.slow
-def test_every_grouped_run_that_diverges_loses_its_condemned_checkpoints(tmp_path):
+def test_every_grouped_run_that_diverges_loses_its_condemned_checkpoints(tmp_path, tiny_config):
     """Two runs at learning rate 1e6 (seeds 0, 1) both give a non-finite loss at the same
     step t; as if trained alone, neither may keep a checkpoint of step t-1 or later, and the
     error names both."""
-    configs = [_config(learning_rate=1e6, checkpoint_every_steps=1, seed=s) for s in (0, 1)]
+    configs = [tiny_config(**FOUR_STEPS | DIVERGING | {"train.seed": s}) for s in (0, 1)]
     workdirs = [tmp_path / "0", tmp_path / "1"]
     with pytest.raises(FloatingPointError) as info:
         train.train_runs(configs, workdirs, mapping="vmap")
@@ -248,7 +259,7 @@ def test_every_grouped_run_that_diverges_loses_its_condemned_checkpoints(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_diverging_run_stops_alone_and_the_group_trains_on(finished_run, tmp_path):
+def test_a_diverging_run_stops_alone_and_the_group_trains_on(finished_run, tmp_path, tiny_config):
     """A sweep unit of two runs, one at learning rate 1e6: that run stops at its first
     non-finite loss (step t) keeping no checkpoint of step t-1 or later and no row from t
     on; the other trains to the end as it does alone (`finished_run`: the same config) and
@@ -257,8 +268,10 @@ def test_a_diverging_run_stops_alone_and_the_group_trains_on(finished_run, tmp_p
     from experiments import run as exp_run
 
     specs = [
-        exp_run.PlannedRun("bad", _config(learning_rate=1e6), tmp_path / "bad"),
-        exp_run.PlannedRun("good", _config(), tmp_path / "good"),
+        exp_run.PlannedRun(
+            "bad", tiny_config(**FOUR_STEPS | {"train.learning_rate": 1e6}), tmp_path / "bad"
+        ),
+        exp_run.PlannedRun("good", tiny_config(**FOUR_STEPS), tmp_path / "good"),
     ]
     first = exp_run.execute(specs, group_size=2, mapping="vmap")
     assert [o.status for o in first] == ["failed", "done"], first
@@ -286,7 +299,7 @@ def test_a_diverging_run_stops_alone_and_the_group_trains_on(finished_run, tmp_p
 
 
 @pytest.mark.slow
-def test_a_run_whose_weights_turn_non_finite_first_stops_alone(tmp_path, monkeypatch):
+def test_a_run_whose_weights_turn_non_finite_first_stops_alone(tmp_path, monkeypatch, tiny_config):
     """Run 1's update of step 2 makes its weights NaN while its loss of step 2 (from the
     weights of step 1) is finite: at step 2's validation and save it is stopped unvalidated
     and unsaved (not the whole group failing in the checkpoint writer); run 0 finishes."""
@@ -310,7 +323,7 @@ def test_a_run_whose_weights_turn_non_finite_first_stops_alone(tmp_path, monkeyp
         return run
 
     monkeypatch.setattr(steps, "jit_train_step", poisoning_step)
-    configs = [_config(eval_every_steps=2) for _ in range(2)]
+    configs = [tiny_config(**FOUR_STEPS | {"train.eval_every_steps": 2}) for _ in range(2)]
     for c in configs:
         c.data.val_fraction = 0.2
     workdirs = [tmp_path / "0", tmp_path / "1"]
@@ -326,13 +339,13 @@ def test_a_run_whose_weights_turn_non_finite_first_stops_alone(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_class_weight_rows_are_the_same_after_a_resume(tmp_path, monkeypatch):
+def test_class_weight_rows_are_the_same_after_a_resume(tmp_path, monkeypatch, tiny_config):
     """Batch class-balanced CE (weights vary per batch), a row every 4 steps, a checkpoint
     every 3: a run stopped before saving step 6 resumes from 3 and logs what the run that
     was never stopped logs."""
-    config = lambda: _config(  # noqa: E731
-        loss="cb_ce", num_steps=8, log_every_steps=4, checkpoint_every_steps=3
-    )
+    fields = {"train.loss": "cb_ce", "train.num_steps": 8, "train.log_every_steps": 4,
+              "train.checkpoint_every_steps": 3}  # fmt: skip
+    config = lambda: tiny_config(**FOUR_STEPS | fields)  # noqa: E731
     train.train_and_evaluate(config(), tmp_path / "clean")
     save = RunCheckpoints.save
 

@@ -19,7 +19,6 @@ from brats_jax.ops.gemm import conv2d_gemm, im2col
 from brats_jax.runs import train_state
 from brats_jax.runs.checkpoints import RunCheckpoints
 from brats_jax.training import train
-from configs import unet
 
 
 def _primitives(jaxpr) -> set[str]:
@@ -159,26 +158,30 @@ def test_transunet_gemm_convolutions_equal_xla_and_vmap_to_gemms():
 STEPS = 2
 
 
-def _config(loss: str, lr: float, seed: int):
-    c = unet.get_config("tiny")
-    c.data.val_fraction = 0.0
-    c.train.loss = loss
-    c.train.learning_rate = lr
-    c.train.seed = seed
-    c.train.num_steps = STEPS
-    c.train.log_every_steps = 1
-    c.train.checkpoint_every_steps = 1
-    return c
-
-
-RUNS = [_config("ce", 1e-3, 0), _config("dice_ce", 3e-3, 1)]
+# Two tiny runs of STEPS steps (a log row and a checkpoint each step, no validation split).
+GROUP = {
+    "data.val_fraction": 0.0,
+    "train.num_steps": STEPS,
+    "train.log_every_steps": 1,
+    "train.checkpoint_every_steps": 1,
+}
+RUN_FIELDS = [
+    {"train.loss": "ce", "train.learning_rate": 1e-3, "train.seed": 0},
+    {"train.loss": "dice_ce", "train.learning_rate": 3e-3, "train.seed": 1},
+]
 
 
 @pytest.fixture(scope="module")
-def alone(tmp_path_factory):
+def run_configs(tiny_config):
+    """The configs of RUN_FIELDS, shared by the module's tests."""
+    return [tiny_config(**GROUP | fields) for fields in RUN_FIELDS]
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, run_configs):
     """Each run trained by itself (plain XLA convolutions): folder and results."""
     root = tmp_path_factory.mktemp("alone")
-    return root, [train.train_and_evaluate(c, root / str(i)) for i, c in enumerate(RUNS)]
+    return root, [train.train_and_evaluate(c, root / str(i)) for i, c in enumerate(run_configs)]
 
 
 def _train_losses(workdir) -> list[float]:
@@ -202,13 +205,15 @@ def _assert_same_as_alone(alone, workdirs, got):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-5)
 
 
-def test_grouped_train_runs_equal_the_single_runs(alone, tmp_path):
-    workdirs = [tmp_path / str(i) for i in range(len(RUNS))]
-    got = train.train_runs(RUNS, workdirs, mapping="grouped")
+def test_grouped_train_runs_equal_the_single_runs(alone, run_configs, tmp_path):
+    workdirs = [tmp_path / str(i) for i in range(len(run_configs))]
+    got = train.train_runs(run_configs, workdirs, mapping="grouped")
     _assert_same_as_alone(alone, workdirs, got)
 
 
-def test_grouped_runs_resume_after_a_stop_between_two_saves(alone, tmp_path, monkeypatch):
+def test_grouped_runs_resume_after_a_stop_between_two_saves(
+    alone, run_configs, tmp_path, monkeypatch
+):
     """Stopped after run 0 saved the last step but before run 1 did: the rerun redoes that
     step for both (run 0's checkpoint of it is replaced) and ends as the runs alone do."""
     workdirs = [tmp_path / "0", tmp_path / "1"]
@@ -221,9 +226,9 @@ def test_grouped_runs_resume_after_a_stop_between_two_saves(alone, tmp_path, mon
 
     monkeypatch.setattr(RunCheckpoints, "save", save_or_stop)
     with pytest.raises(KeyboardInterrupt):
-        train.train_runs(RUNS, workdirs, mapping="grouped")
+        train.train_runs(run_configs, workdirs, mapping="grouped")
     monkeypatch.setattr(RunCheckpoints, "save", save)
     steps = [sorted(int(p.name) for p in (w / "checkpoints").iterdir()) for w in workdirs]
     assert steps == [[1, 2], [1]]
-    got = train.train_runs(RUNS, workdirs, mapping="grouped")
+    got = train.train_runs(run_configs, workdirs, mapping="grouped")
     _assert_same_as_alone(alone, workdirs, got)

@@ -8,26 +8,21 @@ import pytest
 
 from brats_jax.runs import train_state
 from brats_jax.training import train
-from configs import unet as unet_config
+
+# Tiny runs of 4 steps, validated every 2.
+SHORT = {"train.num_steps": 4, "train.eval_every_steps": 2}
+RUN_FIELDS = [
+    {"train.loss": "ce", "train.learning_rate": 1e-3, "train.seed": 0},
+    {"train.loss": "cb_focal", "train.learning_rate": 3e-3, "train.seed": 1,
+     "train.beta": 0.99, "train.gamma": 2.0},
+    {"train.loss": "dice_ce", "train.learning_rate": 1e-3, "train.seed": 2},
+]  # fmt: skip
 
 
-def _config(loss: str, lr: float, seed: int, **extra):
-    c = unet_config.get_config("tiny")
-    c.train.loss = loss
-    c.train.learning_rate = lr
-    c.train.seed = seed
-    c.train.num_steps = 4
-    c.train.eval_every_steps = 2
-    for k, v in extra.items():
-        setattr(c.train, k, v)
-    return c
-
-
-RUNS = [
-    _config("ce", 1e-3, 0),
-    _config("cb_focal", 3e-3, 1, beta=0.99, gamma=2.0),
-    _config("dice_ce", 1e-3, 2),
-]
+@pytest.fixture(scope="module")
+def run_configs(tiny_config):
+    """The configs of RUN_FIELDS, shared by the module's tests."""
+    return [tiny_config(**SHORT | fields) for fields in RUN_FIELDS]
 
 
 def _curves(workdir):
@@ -36,17 +31,17 @@ def _curves(workdir):
 
 
 @pytest.fixture(scope="module")
-def alone(tmp_path_factory):
+def alone(tmp_path_factory, run_configs):
     root = tmp_path_factory.mktemp("alone")
-    results = [train.train_and_evaluate(c, root / str(i)) for i, c in enumerate(RUNS)]
+    results = [train.train_and_evaluate(c, root / str(i)) for i, c in enumerate(run_configs)]
     return root, results
 
 
 @pytest.mark.parametrize("mapping", ["map", "vmap"])
-def test_stacked_runs_match_runs_alone(alone, tmp_path, mapping):
+def test_stacked_runs_match_runs_alone(alone, run_configs, tmp_path, mapping):
     root, expected = alone
-    workdirs = [tmp_path / str(i) for i in range(len(RUNS))]
-    got = train.train_runs(RUNS, workdirs, mapping=mapping)
+    workdirs = [tmp_path / str(i) for i in range(len(run_configs))]
+    got = train.train_runs(run_configs, workdirs, mapping=mapping)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g["steps"] == e["steps"] == 4
         a, b = _curves(root / str(i)), _curves(workdirs[i])
@@ -66,23 +61,21 @@ def test_stacked_runs_match_runs_alone(alone, tmp_path, mapping):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
 
-def test_runs_with_different_architectures_are_refused(tmp_path):
-    other = _config("ce", 1e-3, 0)
-    other.model.base_features = 8
+def test_runs_with_different_architectures_are_refused(tmp_path, tiny_config, run_configs):
+    other = tiny_config(**SHORT | {"model.base_features": 8})
     with pytest.raises(ValueError, match="must share"):
-        train.train_runs([RUNS[0], other], [tmp_path / "a", tmp_path / "b"])
+        train.train_runs([run_configs[0], other], [tmp_path / "a", tmp_path / "b"])
 
 
-def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
+def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path, tiny_config):
     """`experiments.run --group-size=K` trains runs that share a group key K at a time."""
     from experiments import run as exp_run
 
     specs = []
     for i, (loss, bs) in enumerate([("ce", 2), ("focal", 2), ("cb_ce", 4), ("dice", 2)]):
-        c = _config(loss, 1e-3, 0)
-        c.train.batch_size = bs
+        c = tiny_config(**SHORT | {"train.loss": loss, "train.batch_size": bs})
         specs.append(exp_run.PlannedRun(f"r{i}", c, tmp_path / f"r{i}"))
-    longer = _config("ce", 1e-3, 0, batch_size=2, num_steps=12)  # another step budget
+    longer = tiny_config(**SHORT | {"train.batch_size": 2, "train.num_steps": 12})  # other steps
     units = exp_run.plan_units(
         [*specs, exp_run.PlannedRun("r4", longer, tmp_path / "r4")], group_size=3
     )
@@ -107,13 +100,13 @@ def test_sweep_units_group_by_architecture_and_cap_at_k(tmp_path):
     assert all(o.status == "done" for o in outcomes)
 
 
-def test_a_unit_with_a_diverged_run_fails_only_that_run(tmp_path):
+def test_a_unit_with_a_diverged_run_fails_only_that_run(tmp_path, run_configs):
     """`train_runs` raising `RunsDiverged` (run r0 stopped, r1 trained to the end and was
     tested): r1 is done, r0 failed with the message and its traceback in error.txt; a plain
     exception fails both."""
     from experiments import run as exp_run
 
-    specs = [exp_run.PlannedRun(f"r{i}", RUNS[0], tmp_path / f"r{i}") for i in range(2)]
+    specs = [exp_run.PlannedRun(f"r{i}", run_configs[0], tmp_path / f"r{i}") for i in range(2)]
 
     def diverged(configs, workdirs, mapping):
         raise train.RunsDiverged("non-finite training loss (nan) at step 3 of r0", [None, {}])
@@ -131,7 +124,7 @@ def test_a_unit_with_a_diverged_run_fails_only_that_run(tmp_path):
     assert [o.status for o in outcomes] == ["failed", "failed"]
 
 
-def test_a_unit_whose_checkpoints_share_no_step_resumes_run_by_run(tmp_path):
+def test_a_unit_whose_checkpoints_share_no_step_resumes_run_by_run(tmp_path, run_configs):
     """A unit whose runs saved different steps (one stopped early: it diverged) cannot
     resume as a group: its runs are trained alone, one after the other; a unit sharing a
     step, or new, is trained together."""
@@ -140,7 +133,7 @@ def test_a_unit_whose_checkpoints_share_no_step_resumes_run_by_run(tmp_path):
     def unit(name, steps_per_run):
         specs = []
         for i, steps in enumerate(steps_per_run):
-            spec = exp_run.PlannedRun(f"{name}{i}", RUNS[0], tmp_path / f"{name}{i}")
+            spec = exp_run.PlannedRun(f"{name}{i}", run_configs[0], tmp_path / f"{name}{i}")
             for s in steps:
                 (spec.workdir / "checkpoints" / str(s)).mkdir(parents=True)
             specs.append(spec)
@@ -161,13 +154,15 @@ def test_a_unit_whose_checkpoints_share_no_step_resumes_run_by_run(tmp_path):
     assert seen == [["apart0"], ["apart1"], ["shared0", "shared1"], ["new0", "new1"]]
 
 
-def test_runs_trained_together_need_their_own_folders(tmp_path):
+def test_runs_trained_together_need_their_own_folders(tmp_path, run_configs):
     with pytest.raises(ValueError, match=f"{tmp_path / 'a'} is given twice"):
-        train.train_runs(RUNS[:2], [tmp_path / "a", tmp_path / "b" / ".." / "a"])
+        train.train_runs(run_configs[:2], [tmp_path / "a", tmp_path / "b" / ".." / "a"])
 
 
 @pytest.mark.slow
-def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monkeypatch):
+def test_group_resumes_after_a_stop_between_two_runs_saves(
+    alone, run_configs, tmp_path, monkeypatch
+):
     """Stopped after run 0 saved step 4 but before run 1 did: the rerun redoes step 4 for both
     (run 0's step-4 checkpoint is replaced) and ends as the uninterrupted runs do."""
     from brats_jax.runs.checkpoints import RunCheckpoints
@@ -183,11 +178,11 @@ def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monk
 
     monkeypatch.setattr(RunCheckpoints, "save", save_or_stop)
     with pytest.raises(KeyboardInterrupt):
-        train.train_runs(RUNS[:2], workdirs, mapping="map")
+        train.train_runs(run_configs[:2], workdirs, mapping="map")
     monkeypatch.setattr(RunCheckpoints, "save", save)
     steps = [sorted(int(p.name) for p in (w / "checkpoints").iterdir()) for w in workdirs]
     assert steps[0][-1] == 4 and steps[1][-1] == 2
-    got = train.train_runs(RUNS[:2], workdirs, mapping="map")
+    got = train.train_runs(run_configs[:2], workdirs, mapping="map")
     for i in range(2):
         assert got[i]["paper_dice"] == pytest.approx(expected[i]["paper_dice"], abs=2e-3)
         _, _, v_alone = train_state.load_trained(root / str(i), step=4)
@@ -196,12 +191,12 @@ def test_group_resumes_after_a_stop_between_two_runs_saves(alone, tmp_path, monk
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
 
-def test_set_learning_rate_is_the_rate_adam_applies():
+def test_set_learning_rate_is_the_rate_adam_applies(tiny_config):
     """Adam's first step moves each parameter by lr * sign(grad) (bias-corrected m/sqrt(v))."""
     import jax.numpy as jnp
     import optax
 
-    c = _config("ce", 1e-3, 0)
+    c = tiny_config(**SHORT)
     tx = train_state.create_optimizer(c.train, total_steps=10)
     params = {"w": jnp.array([1.0, -2.0])}
     state = train_state.set_learning_rate(tx.init(params), 0.5)

@@ -153,27 +153,23 @@ def test_batch_not_divisible_by_devices_is_an_error(tmp_path, monkeypatch, tiny_
 
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's voxel order
 AFFINE[:3, 3] = (-120, -120, 0)
+CASE_SHAPE = (40, 36, 5)  # not the model's size: the prediction is resized back
 
 
-def _write_case_2018(root):
-    """A random 2018-named case `Brats18_X_1_1` of shape (40, 36, 5) -> (folder, affine, shape)."""
-    case = root / "Brats18_X_1_1"
-    case.mkdir()
-    rng = np.random.default_rng(0)
-    shape = (40, 36, 5)  # not the model's size: the prediction is resized back
-    for mod in ("t1", "t1ce", "t2", "flair"):
-        vol = rng.normal(100, 20, shape).astype(np.float32)
-        vol[:4] = 0
-        nib.save(nib.Nifti1Image(vol, AFFINE), str(case / f"Brats18_X_1_1_{mod}.nii.gz"))
-    return case, AFFINE, shape
+@pytest.fixture
+def case_2018(tmp_path, write_nifti_case):
+    """A random 2018-named case folder `tmp_path/Brats18_X_1_1` of shape CASE_SHAPE, stored
+    with AFFINE."""
+    return write_nifti_case(tmp_path, "Brats18_X_1_1", shape=CASE_SHAPE, background_rows=4,
+                            modalities=("t1", "t1ce", "t2", "flair"), affine=AFFINE)  # fmt: skip
 
 
-def test_predict_writes_nifti_in_release_convention(tiny_run, tmp_path):
+def test_predict_writes_nifti_in_release_convention(tiny_run, tmp_path, case_2018):
     """Predict a tiny 2018-style case: input shape, affine and label set {0,1,2,4} survive."""
     from brats_jax.inference import case_prediction
 
     workdir, _ = tiny_run
-    case, affine, shape = _write_case_2018(tmp_path)
+    case, affine, shape = case_2018, AFFINE, CASE_SHAPE
     out = tmp_path / "pred" / "seg.nii.gz"
     probs_out = tmp_path / "pred" / "probs.nii.gz"
     labels = case_prediction.predict_case(workdir, case, out, probabilities=probs_out)
@@ -193,12 +189,12 @@ def test_predict_writes_nifti_in_release_convention(tiny_run, tmp_path):
     assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]
 
 
-def test_predict_cli_takes_modality_files_of_any_name(tiny_run, tmp_path):
+def test_predict_cli_takes_modality_files_of_any_name(tiny_run, tmp_path, case_2018):
     """`--flair/--t1/--t1ce/--t2` files named freely predict as the folder does."""
     from brats_jax.inference import case_prediction
 
     workdir, _ = tiny_run
-    case, _, _ = _write_case_2018(tmp_path)
+    case = case_2018
     from_folder = case_prediction.predict_case(workdir, case, tmp_path / "folder.nii.gz")
     files = []
     for mod in ("flair", "t1", "t1ce", "t2"):
@@ -221,14 +217,14 @@ def test_predict_cli_takes_modality_files_of_any_name(tiny_run, tmp_path):
     assert both.returncode != 0 and "either --input or the modality files" in both.stderr
 
 
-def test_predict_cli_label_convention_follows_naming(tiny_run, tmp_path, monkeypatch):
+def test_predict_cli_label_convention_follows_naming(tiny_run, tmp_path, monkeypatch, case_2018):
     """The written labels are the release's: a folder named the 2018 way gets ET = 4, files
     given with --naming=2023 get ET = 3 (model output replaced by known probabilities)."""
     from brats_jax import predict
     from brats_jax.inference import whole_volume
 
     workdir, _ = tiny_run
-    case, _, shape = _write_case_2018(tmp_path)
+    case, shape = case_2018, CASE_SHAPE
     classes = np.arange(np.prod(shape)).reshape(shape) % 4  # every class present
     probs = np.eye(4, dtype=np.float32)[classes] * 0.7 + 0.075
     monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
@@ -249,7 +245,9 @@ def test_predict_cli_label_convention_follows_naming(tiny_run, tmp_path, monkeyp
         np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), expected, name)
 
 
-def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, monkeypatch):
+def test_predict_normalizes_input_as_the_run_was_trained(
+    tiny_run, tmp_path, monkeypatch, case_2018
+):
     """A run trained on Kaggle slices gets per-slice z-scored input (the release's own), a
     NIfTI- or synthetic-trained run the volume's brain z-score."""
     import shutil
@@ -257,7 +255,7 @@ def test_predict_normalizes_input_as_the_run_was_trained(tiny_run, tmp_path, mon
     from brats_jax.inference import case_prediction, whole_volume
 
     workdir, _ = tiny_run
-    case, _, _ = _write_case_2018(tmp_path)
+    case = case_2018
     seen = []
 
     def fake_predict_volume(predict_fn, variables, volume, *, batch_size, context_slices=0):
@@ -303,11 +301,8 @@ def test_transunet_starts_from_pretrained_path(tmp_path, monkeypatch, tiny_confi
     """model.pretrained_path loads the R50+ViT npz into the initial state (position embedding
     resized to the 2x2 grid of 32 px inputs), with a fresh optimizer state; train_runs uses
     it on a fresh start."""
-    from configs import transunet as transunet_config
-
     arrays = vit_checkpoint.write_npz(tmp_path / "vit.npz", seed=3, **vit_checkpoint.TINY)
-    c = transunet_config.get_config("tiny")
-    c.model.pretrained_path = str(tmp_path / "vit.npz")
+    c = tiny_config(model="transunet", **{"model.pretrained_path": str(tmp_path / "vit.npz")})
     model, tx = train_state.create_model(c), train_state.create_optimizer(c.train, 10)
     state = jax.jit(lambda seed: train_state.init_state(model, tx, seed, image_size=32))(0)
     loaded = train_state.with_pretrained(state, tx, c, 32)
@@ -550,7 +545,7 @@ def test_main_missing_data_root_is_one_line_error(tmp_path):
 def test_two_devices_match_one_device(tmp_path):
     """Data parallel over 2 CPU devices gives the same loss curve as 1 device."""
     script = (
-        "import json,sys; from brats_jax import train; from configs import unet;"
+        "import json,sys; from brats_jax.training import train; from configs import unet;"
         "c=unet.get_config('tiny'); c.train.num_steps=8; c.train.log_every_steps=1;"
         "c.data.test_fraction=0.0; r=train.train_and_evaluate(c, sys.argv[1]);"
         "import jax; print(jax.device_count())"
@@ -686,7 +681,7 @@ def test_test_pass_applies_the_config_postprocessing(tiny_run, tmp_path):
     assert changed  # the thresholds did something on these cases
 
 
-def test_old_run_folder_without_model_output_loads_as_classes(tiny_run, tmp_path):
+def test_old_run_folder_without_model_output_loads_as_classes(tiny_run, tmp_path, case_2018):
     """Run folders written before `model.output` existed are 4-class runs: they load (same
     weights) and predict as before."""
     import shutil
@@ -702,7 +697,7 @@ def test_old_run_folder_without_model_output_loads_as_classes(tiny_run, tmp_path
     _, _, v_new = train_state.load_trained(workdir, step=6)
     for x, y in zip(jax.tree.leaves(v_old), jax.tree.leaves(v_new), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    case, _, _ = _write_case_2018(tmp_path)
+    case = case_2018
     from brats_jax.inference import case_prediction
 
     labels = case_prediction.predict_case(old, case, tmp_path / "old.nii.gz")
