@@ -224,7 +224,8 @@ def metadata(config, workdir, *, step=None, sliding_window=None) -> dict:
         "resize": (
             "slices of another size are resized to image_size x image_size before the network "
             "and the probabilities back (bilinear, half-pixel centres, edges clamped, no "
-            "antialiasing: jax.image.resize 'linear'); image_size 0: native size, no resize"
+            "antialiasing: jax.image.resize 'linear'); image_size 0 (native size): the network "
+            "was exported for the input shape's size, and predict resizes nothing"
         ),
         "sliding_window": bool(patches.inference_window(config, sliding_window)),
         "output": {
