@@ -70,8 +70,8 @@ from brats_jax.inference import case_lists, case_prediction, ensembles, work_spl
 FLAGS = flags.FLAGS
 # Flags shared with other commands are defined alike in each, with allow_override so that
 # one process may import several commands (the tests do; the last definition is kept):
-# --workdir (tune_postprocessing, main), --tta, --step, --batch_size (tune_postprocessing)
-# and --overlays (evaluate).
+# --workdir (tune_postprocessing, main, export), --tta, --step (export), --batch_size
+# (tune_postprocessing), --sliding_window (export) and --overlays (evaluate).
 flags.DEFINE_string(
     "workdir", None, "Training run folder (holds config.json, checkpoints/).", allow_override=True
 )
@@ -101,6 +101,7 @@ flags.DEFINE_enum(
     "sliding_window", "auto", ["auto", "on", "off"],
     "Slide a window of the run's data.patch_size over each slice (nnU-Net's Gaussian-weighted "
     "tiles): on, off, or auto (the run's eval.sliding_window).",
+    allow_override=True,
 )  # fmt: skip
 flags.DEFINE_string(
     "postprocessing",

@@ -32,6 +32,14 @@ _TTA_FLIPS = {
 }
 
 
+def tta_flip_axes(tta: str) -> tuple[tuple[int, ...], ...]:
+    """The mirror images a `tta` mode averages: per view, the axes of a (B, H, W, C) slice
+    batch flipped (() = the slices as they are); ValueError for an unknown mode."""
+    if tta not in _TTA_FLIPS:
+        raise ValueError(f"tta {tta!r}: expected one of {TTA_MODES}")
+    return _TTA_FLIPS[tta]
+
+
 def window_starts(size: int, window: int) -> list[int]:
     """Offsets (pixels) of the sliding windows of `window` pixels along an axis of `size`:
     the fewest windows that overlap by at least half a window (nnU-Net's tile_step_size 0.5:
@@ -98,9 +106,7 @@ def make_slice_predictor(
     model sees each (resized) slice through sliding windows of that size (`window_starts`,
     `gaussian_weights`: nnU-Net's sliding-window inference), not whole; 0 = whole slices.
     """
-    if tta not in _TTA_FLIPS:
-        raise ValueError(f"tta {tta!r}: expected one of {TTA_MODES}")
-    flips = _TTA_FLIPS[tta]
+    flips = tta_flip_axes(tta)
     outputs.check_output(output)
 
     @jax.jit

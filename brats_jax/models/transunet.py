@@ -468,7 +468,8 @@ class TransUNet(nn.Module):
             nn.GroupNorm(num_groups=cfg.gn_groups, epsilon=1e-6, dtype=dt, name="gn_root")(y)
         )
         features = [y]  # H/2, width
-        y = nn.max_pool(y, (3, 3), strides=(2, 2), padding="VALID")
+        # window_shape by keyword, as the ONNX export's max_pool takes it (ops/pool.py)
+        y = nn.max_pool(y, window_shape=(3, 3), strides=(2, 2), padding="VALID")
         for b in range(3):
             y = ResNetStage(
                 cfg.resnet_units[b],

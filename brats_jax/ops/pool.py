@@ -26,7 +26,9 @@ def _check(x: Array) -> tuple[int, int, int, int]:
 def max_pool_2x2_xla(x: Array) -> Array:
     """Plain ``flax.linen.max_pool`` 2x2 / stride 2: (B,H,W,C) -> (B,H/2,W/2,C)."""
     _check(x)
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
+    # window_shape by keyword: jax2onnx (the ONNX export) replaces nn.max_pool by a function
+    # that takes it by keyword only
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
 
 
 def _windows(x: Array) -> Array:

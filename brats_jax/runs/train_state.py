@@ -204,6 +204,15 @@ def with_pretrained(state: TrainState, tx, config, image_size: int) -> TrainStat
     return state.replace(params=params, opt_state=opt_state)
 
 
+def input_size(config) -> int:
+    """The slice size (pixels, square) a run's model takes: `data.image_size`, or for runs on
+    native-size slices (image_size 0) the source's size (`data.synthetic_image_size`, else
+    BraTS's 240)."""
+    return config.data.image_size or (
+        config.data.synthetic_image_size if config.data.source == "synthetic" else 240
+    )
+
+
 def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
     """`(config, model, variables)` from a run's best checkpoint (or `step`) for inference.
 
@@ -220,9 +229,7 @@ def load_trained(workdir: str | pathlib.Path, *, step: int | None = None):
     if ckpts.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
     model = create_model(config)
-    size = config.data.image_size or (
-        config.data.synthetic_image_size if config.data.source == "synthetic" else 240
-    )
+    size = input_size(config)
     tx = create_optimizer(config.train, max(1, config.train.num_steps))
     init = functools.partial(
         init_state, model, tx, 0, image_size=size, in_channels=data.input_channels(config)

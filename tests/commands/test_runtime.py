@@ -37,6 +37,7 @@ CLIS = {
     "brats_jax.main": ["--config=configs/unet.py:tiny", "--workdir=WORK"],
     "brats_jax.predict": ["--workdir=WORK", "--input=WORK", "--output=WORK/seg.nii.gz"],
     "brats_jax.evaluate": ["--pred=WORK", "--gt=WORK", "--out=WORK/x.csv"],
+    "brats_jax.export": ["--workdir=WORK", "--out=WORK/model.onnx"],
     "brats_jax.bench": ["train", "--steps=1"],
     "brats_jax.prepare": ["--src=WORK", "--out=WORK/cache"],
     "experiments.run": ["table1", "--out=WORK", "--dry-run"],
