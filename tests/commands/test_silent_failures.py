@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from brats_jax.data.common import DataError
+from brats_jax.labels import label_map
 from brats_jax.metrics import folder as E
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -161,7 +162,11 @@ def test_evaluate_scores_label_maps_only_not_predicts_uncertainty_and_probabilit
     d = tmp_path / "pred"
     d.mkdir()
     case = types.SimpleNamespace(
-        header=nib.Nifti1Header(), affine=np.eye(4), to_file=None, naming="2018"
+        header=nib.Nifti1Header(),
+        affine=np.eye(4),
+        to_file=None,
+        naming="2018",
+        convention=label_map("2018"),
     )
     classes = np.where(pred == 4, 3, pred)  # training classes
     probs = np.eye(4, dtype=np.float32)[classes] * 0.7 + 0.075  # (6, 5, 4, 4), sums to 1
