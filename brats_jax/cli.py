@@ -44,6 +44,7 @@ def run_app(main, **run_kwargs) -> None:
     (full disk, unwritable folder), also one wrapped by a library such as tensorstore, ends
     in one line naming the path and the cause (:func:`describe_failure`).
     """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any backend starts
     run_kwargs.setdefault("flags_parser", parse_flags)
     _help_of_module(main)
     try:

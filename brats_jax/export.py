@@ -23,8 +23,6 @@ are an error; outputs are written atomically once onnxruntime reproduces JAX's p
 (`brats_jax.inference.onnx_export`).
 """
 
-import os
-
 from absl import app, flags
 
 from brats_jax import cli, runtime
@@ -72,7 +70,6 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console entry: user mistakes end with a one-line error, not a traceback."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cli.run_app(main)
 
 

@@ -246,7 +246,6 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console entry: user mistakes end with a one-line error, not a traceback."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cli.run_app(main)
 
 

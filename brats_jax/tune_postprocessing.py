@@ -17,7 +17,6 @@ on test cases make test scores optimistic (a warning says so). Several comma-sep
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 from absl import app, flags
@@ -99,7 +98,6 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console entry: user mistakes end with a one-line error, not a traceback."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cli.run_app(main)
 
 
