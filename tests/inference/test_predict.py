@@ -104,12 +104,30 @@ def test_many_cases_one_output_each_compiled_once(runs, tmp_path, write_nifti_ca
     assert set(np.unique(_read(written[2]))) <= {0, 1, 2, 3}  # the 2023 case keeps ET = 3
 
 
+def _hand_labels(case, scales=(1.0,)):
+    """The 2018 labels of a case under ScaleModel runs of `scales` at native size, by hand:
+    argmax of the mean over the runs of softmax(scale x), x the case's brain-z-scored input
+    (H, W, D, 4); class 3 (ET) written as 4."""
+    from brats_jax.data import brats
+
+    x = brats.load_case(case, require_label=False, normalization="brain").image
+    mean = np.mean([_softmax(np.float64(s) * x) for s in scales], 0)
+    labels = np.argmax(mean, -1)
+    labels[labels == 3] = 4
+    return labels, mean
+
+
 def test_cli_folder_of_cases_and_a_comma_separated_list(runs, tmp_path, write_nifti_case):
+    """Both spellings of --input write each case's own segmentation: the argmax of the
+    stand-in's softmax(x) by hand (native size, so no resizing), not the other case's."""
     add, _ = runs
-    run = add("run")
+    run = add("run", image_size=0)
     data = tmp_path / "data"
     a = write_nifti_case(data / "HGG", "Brats18_A_1", background_rows=2)
     b = write_nifti_case(data / "LGG", "Brats18_B_1", seed=1, background_rows=2)
+    want = {f.name: _hand_labels(f)[0] for f in (a, b)}
+    assert (want["Brats18_A_1"] != want["Brats18_B_1"]).any()
+    assert all(len(np.unique(w)) == 4 for w in want.values())
     for given, out in ((str(data), tmp_path / "o1"), (f"{a},{b}", tmp_path / "o2")):
         predict.FLAGS.unparse_flags()
         predict.FLAGS(["predict", f"--workdir={run}", f"--input={given}", f"--output={out}"])
@@ -118,30 +136,31 @@ def test_cli_folder_of_cases_and_a_comma_separated_list(runs, tmp_path, write_ni
         finally:
             predict.FLAGS.unparse_flags()
         assert sorted(p.name for p in out.iterdir()) == ["Brats18_A_1.nii.gz", "Brats18_B_1.nii.gz"]
-    np.testing.assert_array_equal(
-        _read(tmp_path / "o1" / "Brats18_A_1.nii.gz"), _read(tmp_path / "o2" / "Brats18_A_1.nii.gz")
-    )
+        for case_id, labels in want.items():
+            np.testing.assert_array_equal(_read(out / f"{case_id}.nii.gz"), labels)
 
 
+@pytest.mark.parametrize("scales", [(2.0,), (1.0, 3.0, -2.0), (0.5, 1.0, 3.0, -2.0)])
 def test_ensemble_averages_probabilities_and_shares_the_compiled_function(
-    runs, tmp_path, write_nifti_case
+    runs, tmp_path, write_nifti_case, scales
 ):
+    """1, 3 and 4 runs with different weights: the written probabilities are the mean of
+    the runs' softmax(scale x), by hand in numpy (a sum over 2, the largest member, the
+    mean of logits or one member alone each differ), the labels its argmax; one predictor."""
     add, made = runs
-    r1, r2 = add("r1", scale=1.0), add("r2", scale=3.0)
+    members = [add(f"r{i}", scale=s, image_size=0) for i, s in enumerate(scales)]
     case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
-    p1, p2, pe = (tmp_path / f"{n}.nii.gz" for n in ("p1", "p2", "pe"))
-    case_prediction.predict_case(r1, case, tmp_path / "s1.nii.gz", probabilities=p1)
-    case_prediction.predict_case(r2, case, tmp_path / "s2.nii.gz", probabilities=p2)
-    made.clear()
+    pe = tmp_path / "pe.nii.gz"
     labels = case_prediction.predict_case(
-        f"{r1},{r2}", case, tmp_path / "e.nii.gz", probabilities=pe
+        ",".join(members), case, tmp_path / "e.nii.gz", probabilities=pe
     )
-    assert len(made) == 1  # same model config: one predictor serves both runs' variables
-    mean = (_read(p1) + _read(p2)) / 2
-    np.testing.assert_allclose(_read(pe), mean, atol=1e-6)
-    expected = np.argmax(mean, -1)
-    expected[expected == 3] = 4
+    assert len(made) == 1  # same model config: one predictor serves every run's variables
+    expected, mean = _hand_labels(case, scales)
+    np.testing.assert_allclose(_read(pe), mean, atol=1e-5)
     np.testing.assert_array_equal(labels, expected)
+    if len(scales) > 1:  # the members disagree: the mean is not any one of them
+        alone = [_hand_labels(case, (s,))[0] for s in scales]
+        assert all((a != expected).any() for a in alone)
 
 
 def test_ensemble_runs_must_share_image_size_and_normalization(runs, tmp_path):
@@ -366,31 +385,39 @@ def test_config_postprocess_fields_reach_predict(runs, tmp_path, monkeypatch, wr
 def test_ensemble_labels_are_the_argmax_of_the_mean_probabilities(
     runs, tmp_path, monkeypatch, write_nifti_case
 ):
-    """Two members whose argmaxes disagree at known voxels (probabilities given by hand):
-    the ensemble's label is the argmax of their mean, written in the 2018 convention."""
+    """Three members whose argmaxes disagree at known voxels (probabilities given by hand):
+    the ensemble's label is the argmax of their mean, written in the 2018 convention. Each
+    voxel is one that a wrong reduction gets wrong (named on its line)."""
     add, _ = runs
     shape = (12, 10, 6)
-    member = {1.0: np.empty((*shape, 4), np.float32), 2.0: np.empty((*shape, 4), np.float32)}
+    member = {s: np.empty((*shape, 4), np.float32) for s in (1.0, 2.0, 3.0)}
     for p in member.values():
         p[:] = (0.97, 0.01, 0.01, 0.01)
-    # voxel: (member 1, member 2) probabilities -> the label of their mean, by hand
+    # voxel: (member 1, 2, 3) probabilities -> the label of their mean, by hand
     cases = {
-        (1, 1, 1): ((0.1, 0.5, 0.4, 0.0), (0.1, 0.05, 0.35, 0.5), 2),  # votes 1, 3 -> mean ED
-        (2, 3, 4): ((0.7, 0.1, 0.1, 0.1), (0.2, 0.1, 0.1, 0.6), 0),  # votes 0, 3 -> 0.45 bg
-        (5, 5, 2): ((0.3, 0.0, 0.0, 0.7), (0.6, 0.4, 0.0, 0.0), 0),  # votes 3, 0 -> bg
-        (7, 2, 0): ((0.1, 0.2, 0.2, 0.5), (0.2, 0.1, 0.3, 0.4), 4),  # both ET -> ET = 4
-        (9, 8, 5): ((0.2, 0.45, 0.3, 0.05), (0.25, 0.05, 0.6, 0.1), 2),  # votes 1, 2 -> ED
-    }
+        # mean (.1, .2, .4, .3): ED; the classwise max (.1, .5, .45, .5) says NCR
+        (1, 1, 1): ((0.1, 0.5, 0.4, 0.0), (0.1, 0.05, 0.35, 0.5), (0.1, 0.05, 0.45, 0.4), 2),
+        # mean (.33, .1, .1, .47): ET = 4; the first two alone (.45, .1, .1, .35): background
+        (2, 3, 4): ((0.7, 0.1, 0.1, 0.1), (0.2, 0.1, 0.1, 0.6), (0.1, 0.1, 0.1, 0.7), 4),
+        # mean (.6, .4, 0, 0): background; a majority vote says NCR
+        (5, 5, 2): ((0.4, 0.6, 0.0, 0.0), (0.4, 0.6, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0), 0),
+        # mean (.60, .36, .02, .02): background; the mean of log-probabilities says NCR
+        (7, 2, 0): ((0.9, 0.09, 0.005, 0.005), (0.9, 0.09, 0.005, 0.005),
+                    (0.001, 0.9, 0.05, 0.049), 0),
+        # mean (.1, .57, .25, .08): NCR; the last member alone says ED
+        (9, 8, 5): ((0.1, 0.8, 0.05, 0.05), (0.1, 0.7, 0.1, 0.1), (0.1, 0.2, 0.6, 0.1), 1),
+    }  # fmt: skip
     expected = np.zeros(shape, np.int64)
-    for voxel, (a, b, label) in cases.items():
-        member[1.0][voxel], member[2.0][voxel] = a, b
+    for voxel, (*probs, label) in cases.items():
+        for s, p in zip((1.0, 2.0, 3.0), probs, strict=True):
+            member[s][voxel] = p
         expected[voxel] = label
     monkeypatch.setattr(
         whole_volume, "predict_volume", lambda f, v, *a, **k: member[float(v["scale"])]
     )
-    r1, r2 = add("r1", scale=1.0), add("r2", scale=2.0)
+    runs_ = ",".join(add(f"r{s:g}", scale=s) for s in (1.0, 2.0, 3.0))
     case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2)
-    labels = case_prediction.predict_case(f"{r1},{r2}", case, tmp_path / "e.nii.gz")
+    labels = case_prediction.predict_case(runs_, case, tmp_path / "e.nii.gz")
     np.testing.assert_array_equal(labels, expected)
 
 
@@ -514,18 +541,36 @@ def member(tmp_path, stand_in_config):
     return make
 
 
+def _disagreeing_members(probs, shift=0.38):
+    """Three members' (H, W, D, 4) probabilities from `probs` (rows of 0.7 / 0.1): member k
+    moves `shift` from the top class to class (top + k + 1) % 4, so each alone has another
+    argmax at every voxel (0.48 > 0.32) while their mean keeps `probs`' (top 0.32, the
+    others 0.1 + 0.38 / 3); their classwise max has no single winner (0.48 three times)."""
+    top = np.argmax(probs, -1)
+    eye = np.eye(4, dtype=np.float32)
+    return [probs + shift * (eye[(top + k + 1) % 4] - eye[top]) for k in range(3)]
+
+
 @pytest.fixture
 def case(tmp_path, monkeypatch, write_nifti_case):
-    """(case folder, labels with the island, labels without it)."""
+    """(case folder, labels with the island, labels without it). Run `f<k>` serves member k
+    of `_disagreeing_members` of the island probabilities."""
 
     def load_trained(workdir, step=None):
         saved = json.loads((pathlib.Path(workdir) / "config.json").read_text())
         config = ml_collections.ConfigDict(config_fields.upgrade_legacy(saved))
-        return config, _ScaleModel(), {"scale": np.float32(1.0)}
+        k = int(pathlib.Path(workdir).name[1:])
+        return config, _ScaleModel(), {"scale": np.float32(k)}
 
     labels, probs = _island_probabilities()
+    members = _disagreeing_members(probs)
+    for m in members:
+        assert (np.argmax(m, -1) != labels).all() and np.allclose(m.sum(-1), 1, atol=1e-6)
+    np.testing.assert_array_equal(np.argmax(np.mean(members, 0), -1), labels)
     monkeypatch.setattr(train_state, "load_trained", load_trained)
-    monkeypatch.setattr(whole_volume, "predict_volume", lambda *a, **k: probs)
+    monkeypatch.setattr(
+        whole_volume, "predict_volume", lambda f, v, *a, **k: members[int(v["scale"])]
+    )
     island_free = labels.copy()
     island_free[10, 8, 5] = 0
     return write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2), labels, island_free
@@ -533,11 +578,12 @@ def case(tmp_path, monkeypatch, write_nifti_case):
 
 def test_agreeing_config_fields_are_applied_to_the_ensemble(case, member, tmp_path):
     folder, labels, island_free = case
-    f0, f1 = member("f0", True), member("f1", True)
+    runs = ",".join(member(f"f{k}", True) for k in range(3))  # members that disagree
     out = tmp_path / "seg.nii.gz"
-    got = case_prediction.predict_case(f"{f0},{f1}", folder, out)  # auto
+    got = case_prediction.predict_case(runs, folder, out)  # auto
     np.testing.assert_array_equal(got, island_free)
-    kept = case_prediction.predict_case(f"{f0},{f1}", folder, out, postprocessing="none")
+    np.testing.assert_array_equal(_read(out), island_free)
+    kept = case_prediction.predict_case(runs, folder, out, postprocessing="none")
     np.testing.assert_array_equal(kept, labels)
 
 
@@ -558,9 +604,10 @@ def test_equal_postprocessing_files_are_applied_over_differing_config_fields(
     tuned = postprocess.PostprocessConfig(min_component_voxels=2)  # drops the 1-voxel island
     f0 = member("f0", False, tuned=tuned)
     f1 = member("f1", True, tuned=tuned)
-    got = case_prediction.predict_case([f0, f1], folder, tmp_path / "seg.nii.gz")
+    f2 = member("f2", True, tuned=tuned)
+    got = case_prediction.predict_case([f0, f1, f2], folder, tmp_path / "seg.nii.gz")
     np.testing.assert_array_equal(got, island_free)
-    assert postprocess_choice.resolve_postprocessing([f0, f1], "auto") == tuned
+    assert postprocess_choice.resolve_postprocessing([f0, f1, f2], "auto") == tuned
 
 
 def test_a_tuned_file_equal_to_the_other_runs_config_fields_agrees(member):
