@@ -182,19 +182,38 @@ def test_predict_volume_with_context_equals_hand_stacked_volume():
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_ensemble_members_use_their_own_context():
+def _np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_ensemble_members_use_their_own_context(monkeypatch, stand_in_config):
+    """Four runs loaded as an ensemble with data.context_slices 0, 1, 2, 1 and their own
+    weights: the probabilities are the mean over the runs of softmax(own window @ own w),
+    the window stacked by hand in numpy (one run's context for all, the first run's
+    weights, or a mean of logits each fail, or break the shapes)."""
     rng = np.random.default_rng(1)
-    volume = rng.normal(size=(8, 8, 5, 4)).astype(np.float32)
-    w4 = {"w": jnp.asarray(rng.normal(size=(4, 4)).astype(np.float32))}
-    w12 = {"w": jnp.asarray(rng.normal(size=(12, 4)).astype(np.float32))}
-    fn = whole_volume.make_slice_predictor(_LinearModel(), image_size=0)
-    config = ml_collections.ConfigDict({"eval": {"batch_size": 2}})
-    ens = ensembles.Ensemble(("a", "b"), config, (fn, fn), (w4, w12), (0, 1))
-    got = ensembles.predict_probabilities(ens, volume)
-    plain = np.moveaxis(np.asarray(fn(w4, np.moveaxis(volume, 2, 0))), 0, 2)
-    stacked = np.stack([_hand_stacked(volume, z, 1) for z in range(5)])
-    wide = np.moveaxis(np.asarray(fn(w12, stacked)), 0, 2)
-    np.testing.assert_allclose(got, (plain + wide) / 2, atol=1e-6)
+    volume = rng.normal(size=(8, 6, 5, 4)).astype(np.float32)
+    contexts = (0, 1, 2, 1)
+    weights = [rng.normal(size=(4 * (2 * k + 1), 4)).astype(np.float32) for k in contexts]
+    served = {
+        f"run{i}": (stand_in_config(**{"data.image_size": 0, "data.context_slices": k}),
+                    {"w": jnp.asarray(w)})
+        for i, (k, w) in enumerate(zip(contexts, weights, strict=True))
+    }  # fmt: skip
+    monkeypatch.setattr(
+        train_state, "load_trained", lambda w, step=None: (served[w][0], _LinearModel(), served[w][1])
+    )
+    ens = ensembles.load_ensemble(",".join(served))
+    assert ens.context_slices == contexts
+    got = ensembles.predict_probabilities(ens, volume, batch_size=2)
+    members = []
+    for k, w in zip(contexts, weights, strict=True):
+        window = np.stack([_hand_stacked(volume, z, k) for z in range(5)], 2)  # (H, W, D, C)
+        members.append(_np_softmax(window.astype(np.float64) @ w.astype(np.float64)))
+    want = np.mean(members, 0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert min(np.abs(m - want).max() for m in members) > 0.05  # no member is the mean
 
 
 def test_input_channels_from_config_and_old_configs():
