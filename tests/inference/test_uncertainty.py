@@ -43,14 +43,21 @@ def runs(tmp_path, monkeypatch, stand_in_config):
 
     monkeypatch.setattr(train_state, "load_trained", load_trained)
 
-    def add(name, scale=1.0, output="classes"):
+    def add(name, scale=1.0, output="classes", image_size=16):
         path = tmp_path / name
         path.mkdir()
-        config = stand_in_config(**{"model.base_features": 8, "model.output": output})
+        config = stand_in_config(
+            **{"model.base_features": 8, "model.output": output, "data.image_size": image_size}
+        )
         table[str(path)] = (config, scale)
         return str(path)
 
     return add
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 def _read(path):
@@ -83,6 +90,41 @@ def test_identical_members_give_one_members_entropy(runs, tmp_path, write_nifti_
     np.testing.assert_allclose(h, expected, atol=1e-5)
     (row,) = _rows(tmp_path / "u" / "ent.csv")  # the CSV beside the file
     assert float(row["member_wt_dice"]) == 1.0 and row["members"] == "2"
+
+
+def test_three_different_members_entropy_of_their_mean_and_pairwise_dice(
+    runs, tmp_path, write_nifti_case
+):
+    """Runs of scales 1, 2 and -1 at native size: the map is the entropy of the mean of
+    the three softmax(scale x), by hand; the CSV's member Dice is the mean WT Dice of the 3
+    pairs of the runs' own argmaxes (scales 1 and 2 agree, -1 is the argmin), by hand."""
+    from brats_jax.data import brats
+
+    scales = (1.0, 2.0, -1.0)
+    members = ",".join(runs(f"r{i}", scale=s, image_size=0) for i, s in enumerate(scales))
+    case = write_nifti_case(tmp_path, "Brats18_A_1", **CASE)
+    out = tmp_path / "u" / "ent.nii.gz"
+    labels = case_prediction.predict_case(
+        members, case, tmp_path / "b.nii.gz", uncertainty=out, postprocessing="none"
+    )
+    x = brats.load_case(case, require_label=False, normalization="brain").image
+    probs = [_softmax(np.float64(s) * x) for s in scales]
+    mean = np.mean(probs, 0)
+    h = _read(out)
+    np.testing.assert_allclose(h, _hand_entropy(mean), atol=1e-5)
+    assert np.abs(_hand_entropy(mean) - _hand_entropy(probs[0])).max() > 0.1  # not member 1's
+    wt = [np.argmax(p, -1) > 0 for p in probs]
+    pairs = ((wt[0], wt[1]), (wt[0], wt[2]), (wt[1], wt[2]))
+    dice = [2 * (a & b).sum() / (a.sum() + b.sum()) for a, b in pairs]
+    assert dice[0] == 1.0 and dice[1] < 0.9  # two agree, the third does not
+    (row,) = _rows(tmp_path / "u" / "ent.csv")
+    assert row["members"] == "3"
+    assert float(row["member_wt_dice"]) == pytest.approx(np.mean(dice), rel=1e-5)
+    tumour = labels > 0
+    assert tumour.any()
+    assert float(row["mean_entropy_tumour"]) == pytest.approx(
+        _hand_entropy(mean)[tumour].mean(), rel=1e-4
+    )
 
 
 def _slab_labels():
