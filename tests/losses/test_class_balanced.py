@@ -217,6 +217,38 @@ def test_unweighted_losses_have_all_one_effective_weights():
         np.testing.assert_array_equal(L.effective_class_weights(LABELS, p), np.ones(4))
 
 
+def _hand_dice_ce_terms(logits, labels):
+    """(CE, Dice loss) by hand in numpy float64: CE the mean over pixels of -log p_y;
+    Dice TransUNet's: one Dice per class over the whole batch, squared denominators,
+    background included, smooth 1e-5, loss = mean over classes of 1 - Dice."""
+    x = np.asarray(logits, np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    g = np.eye(4)[np.asarray(labels)]
+    ce = -np.mean(np.log(np.sum(p * g, -1)))
+    inter = (p * g).sum((0, 1, 2))
+    den = (p * p).sum((0, 1, 2)) + (g * g).sum((0, 1, 2))
+    return ce, np.mean(1 - (2 * inter + 1e-5) / (den + 1e-5))
+
+
+def test_dice_ce_at_dice_weight_0_3_is_0_7_ce_plus_0_3_dice():
+    """`train.dice_weight = 0.3` (not the default 0.5, where a swap hides): the loss is
+    0.7 CE + 0.3 Dice, both terms by hand, for class and region outputs' weights."""
+    labels = jnp.concatenate([LABELS, LABELS[:, ::-1]])  # 2 samples: the batch Dice sums both
+    logits = _logits(3, (2, 4, 5))
+    ce, dice = _hand_dice_ce_terms(logits, labels)
+    assert abs(ce - dice) > 0.5  # a swapped weight moves the loss by 0.4 |ce - dice|
+    config = _train_config(loss="dice_ce")
+    config.dice_weight = 0.3
+    p = train_state.create_loss_params(config, np.ones((2, 4)))
+    assert float(p.dice_weight) == pytest.approx(0.3) and float(p.ce_weight) == pytest.approx(0.7)
+    got = float(L.combined_loss(logits, labels, p))
+    assert got == pytest.approx(0.7 * ce + 0.3 * dice, rel=1e-5)
+    regions = train_state.create_loss_params(config, np.ones((2, 4)), output="regions")
+    assert float(regions.dice_weight) == pytest.approx(0.3)
+    assert float(regions.ce_weight) == pytest.approx(0.7)
+
+
 @pytest.mark.slow
 def test_training_logs_mean_effective_weights(tmp_path):
     """metrics.jsonl holds class_weight_0..3: ones for CE, per-batch weights for CB-CE."""
