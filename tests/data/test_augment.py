@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import optax
 import pytest
+import scipy.ndimage
 
 from brats_jax import config_fields, losses
 from brats_jax.data import augment, brats
@@ -79,6 +80,50 @@ def test_rotation_90_and_mirrors_equal_numpy():
     out_image, out_label = _aug(AugmentConfig(mirror_p=1), image, label)
     assert np.array_equal(out_image, np.flip(image, (0, 1)))
     assert np.array_equal(out_label, np.flip(label, (0, 1)))
+
+
+@pytest.mark.parametrize(
+    "degrees, scale, mirror",
+    [(30.0, 1.3, (False, True)), (0.0, 0.75, (False, False)), (-115.0, 0.9, (True, False))],
+)
+def test_between_pixel_centres_images_are_bilinear_and_labels_nearest(degrees, scale, mirror):
+    """A non-right angle / non-integer scale on a 12 x 10 slice: the image equals
+    `scipy.ndimage.affine_transform(order=1)` at the same map (written here as a matrix:
+    input = centre + scale R(angle) M (output - centre), R turning rows towards columns, M
+    the mirrors), the labels its nearest source pixel (order=0) where that is unambiguous,
+    one of the 2 x 2 source pixels around the point everywhere (never a blend), label 0
+    and each channel's minimum outside the half-pixel border. (Random draws of these maps:
+    test_augment_properties.py.)"""
+    h, w = 12, 10
+    image, label = _sample(h, w, seed=4)
+    a = np.deg2rad(degrees)
+    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    matrix = scale * rot @ np.diag([-1.0 if m else 1.0 for m in mirror])
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    offset = centre - matrix @ centre
+    coords = augment.coordinate_map((h, w), angle=np.float32(a), scale=scale, mirror=mirror)
+    got_image, got_label = (np.asarray(x) for x in augment.resample(image, label, coords))
+    # where each output pixel samples, by hand
+    out = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).astype(float)
+    r, c = np.moveaxis(out @ matrix.T + offset, -1, 0)
+    inside = (r >= -0.5) & (r <= h - 0.5) & (c >= -0.5) & (c <= w - 0.5)
+    between = np.abs(r - np.rint(r)) > 0.05
+    assert inside.mean() > 0.5 and between[inside].mean() > 0.5  # not at pixel centres
+    for ch in range(4):
+        want = scipy.ndimage.affine_transform(
+            image[..., ch].astype(np.float64), matrix, offset, order=1, mode="nearest"
+        )
+        np.testing.assert_allclose(got_image[..., ch][inside], want[inside], atol=2e-5)
+        assert np.all(got_image[..., ch][~inside] == image[..., ch].min())
+    nearest = scipy.ndimage.affine_transform(label, matrix, offset, order=0, mode="nearest")
+    sure = inside & (np.abs(r % 1 - 0.5) > 1e-3) & (np.abs(c % 1 - 0.5) > 1e-3)
+    assert got_label.dtype == np.int32 and sure.mean() > 0.5
+    np.testing.assert_array_equal(got_label[sure], nearest[sure])
+    i0, j0 = np.floor(r).astype(int), np.floor(c).astype(int)
+    around = np.stack([label[np.clip(i0 + di, 0, h - 1), np.clip(j0 + dj, 0, w - 1)]
+                       for di in (0, 1) for dj in (0, 1)], -1)  # fmt: skip
+    assert np.all((got_label[..., None] == around).any(-1)[inside])
+    assert np.all(got_label[~inside] == 0)
 
 
 @pytest.mark.slow
