@@ -262,7 +262,9 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path, tiny_config)
     """Two validations' pictures (the run group's overlay writer at steps 3 and 6, on a
     group of one tiny run whose weights change in between): the 2 validation slices with
     the most tumour pixels (counted here from the labels) both times, as FLAIR | truth |
-    prediction. (A real group: the slow test below.) Random weights."""
+    prediction, the prediction panel showing each step's own prediction in the BraTS
+    colours. (A real group: the slow test below.) Random weights, large enough (0.3)
+    for several predicted classes."""
     import jax
 
     from brats_jax.runs import train_state
@@ -275,7 +277,7 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path, tiny_config)
         lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 4)), train=False)
     )
     rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda s: 0.1 * rng.standard_normal(s.shape, np.float32), shapes)
+    variables = jax.tree.map(lambda s: 0.3 * rng.standard_normal(s.shape, np.float32), shapes)
     variables = dict(variables)
     states = [types.SimpleNamespace(params=variables.pop("params"), model_state=variables)]
     writer = MetricWriter(tmp_path)
@@ -287,7 +289,13 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path, tiny_config)
     ))  # fmt: skip
     run_group.RunGroup._write_overlays(group, 0, 6)
     writer.close()
-    _check_validation_images(tmp_path, config)
+
+    def labels_at(step, images):  # the model's own argmax with that step's weights
+        state = states[{3: 0, 6: 1}[step]]
+        variables = {"params": state.params, **state.model_state}
+        return np.argmax(np.asarray(model.apply(variables, images, train=False)), -1)
+
+    _check_validation_images(tmp_path, config, labels_at)
 
 
 @pytest.mark.slow
@@ -299,7 +307,22 @@ def test_training_writes_validation_images(tmp_path, tiny_config):
     _check_validation_images(tmp_path, tiny_config(**TWO_OVERLAYS))
 
 
-def _check_validation_images(tmp_path, config):
+# The label colours (RGB, alpha) as a reader sees them: NCR/NET red, ED green, ET yellow.
+_HAND_COLOURS = {1: ((255, 0, 0), 0.6), 2: ((0, 204, 0), 0.5), 3: ((255, 255, 0), 0.7)}
+
+
+def _blended_by_hand(grey_panel: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """int (H, W, 3): the grey panel with each label's colour blended on it by its alpha."""
+    out = grey_panel.astype(np.float64)
+    for cls, (rgb, alpha) in _HAND_COLOURS.items():
+        out[label == cls] = (1 - alpha) * out[label == cls] + alpha * np.array(rgb)
+    return np.round(out).astype(int)
+
+
+def _check_validation_images(tmp_path, config, labels_at=None):
+    """The pictures of two validations (steps 3 and 6) are the same 2 slices, each FLAIR |
+    truth | prediction; `labels_at(step, images)` -> the (B, H, W) prediction of that step,
+    to check the prediction panel pixel by pixel (None: not checked)."""
     from brats_jax import data
 
     events = _read_events(tmp_path / "tensorboard")
@@ -307,20 +330,33 @@ def _check_validation_images(tmp_path, config):
     assert sorted(steps) == [3, 6] and steps[3] == steps[6] and len(steps[3]) == 2
     source = data.make_source(config.data)
     val = data.build_splits(source, config.data).val
-    batch = next(iter(data.eval_batches(source, val, batch_size=len(val))))
+    batch = next(iter(data.eval_batches(
+        source, val, batch_size=len(val), image_size=config.data.image_size
+    )))  # fmt: skip
     tumour = (batch["label"] > 0).sum(axis=(1, 2))
     best = np.argsort(-tumour, kind="stable")[:2]  # ties: the first in validation order
     tag_of = {f"val_overlays/{batch['case_id'][i]}_z{int(batch['slice_index'][i]):03d}": i
               for i in best}  # fmt: skip
     assert steps[3] == sorted(tag_of)
-    _, tag, png = events[0]
-    (tmp_path / "strip.png").write_bytes(png)
-    strip = _read_png(tmp_path / "strip.png")
-    assert strip.shape == (32, 3 * 32 + 2 * 4, 3)
-    label = np.rot90(batch["label"][tag_of[tag]])
-    flair_panel, truth_panel = strip[:, :32], strip[:, 36:68]
-    changed = np.any(truth_panel != flair_panel, axis=-1)
-    np.testing.assert_array_equal(changed, label > 0)  # coloured exactly where labelled
+    pred_panels = {}
+    for step, tag, png in events:
+        (tmp_path / "strip.png").write_bytes(png)
+        strip = _read_png(tmp_path / "strip.png")
+        assert strip.shape == (32, 3 * 32 + 2 * 4, 3)
+        i = tag_of[tag]
+        label = np.rot90(batch["label"][i])
+        flair_panel, truth_panel, pred_panel = strip[:, :32], strip[:, 36:68], strip[:, 72:]
+        changed = np.any(truth_panel != flair_panel, axis=-1)
+        np.testing.assert_array_equal(changed, label > 0)  # coloured exactly where labelled
+        np.testing.assert_allclose(truth_panel, _blended_by_hand(flair_panel, label), atol=1)
+        if labels_at is None:
+            continue
+        pred = np.rot90(labels_at(step, batch["image"][i : i + 1])[0])
+        assert len(np.unique(pred)) >= 2 and (pred != label).any()  # not the truth again
+        np.testing.assert_allclose(pred_panel, _blended_by_hand(flair_panel, pred), atol=1)
+        pred_panels[step, tag] = pred_panel
+    if labels_at is not None:  # other weights at step 6: other pictures of the same slices
+        assert any((pred_panels[3, t] != pred_panels[6, t]).any() for t in tag_of)
 
 
 def test_old_runs_get_no_overlays():
