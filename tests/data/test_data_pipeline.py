@@ -205,11 +205,47 @@ def test_batches_shapes_flip_resize_and_sharding():
         b = next(it)
         got |= {(str(c_), int(s)) for c_, s in zip(b["case_id"], b["slice_index"], strict=True)}
     assert got <= {("synth_000", 1), ("synth_000", 3), ("synth_001", 1), ("synth_001", 3)}
-    # flips: each output equals the resized record or its left-right mirror
-    b = next(it)
-    for img, cid, s in zip(b["image"], b["case_id"], b["slice_index"], strict=True):
-        ref = resize_image(src[int(cid[-1]) * 4 + int(s)]["image"], 16)
-        assert np.allclose(img, ref) or np.allclose(img, ref[::-1])
+    # flips: each output is the resized record or its left-right mirror (axis 0), the
+    # label mirrored with its image
+    flipped = []
+    for _ in range(6):
+        b = next(it)
+        for img, lab, cid, s in zip(b["image"], b["label"], b["case_id"], b["slice_index"],
+                                    strict=True):  # fmt: skip
+            rec = src[int(cid[-1]) * 4 + int(s)]
+            ref, ref_label = resize_image(rec["image"], 16), resize_label(rec["label"], 16)
+            assert not np.allclose(ref, ref[::-1])  # the image shows which way it went
+            mirrored = np.allclose(img, ref[::-1])
+            assert mirrored or np.allclose(img, ref)
+            np.testing.assert_array_equal(lab, ref_label[::-1] if mirrored else ref_label)
+            flipped.append(mirrored and (ref_label != ref_label[::-1]).any())
+    assert any(flipped) and not all(flipped)  # both ways, with labels that show a flip
+
+
+def test_shards_partition_the_records():
+    """Two hosts' shards of a shuffled index list: disjoint, together every record exactly
+    once per epoch (each host's first epoch holds each of its records once)."""
+    src = SyntheticSource(2, 4, 16, seed=0)
+    indices = np.array([5, 0, 7, 2, 6, 1, 3, 4])
+    records = {
+        (str(src[i]["case_id"]), int(src[i]["slice_index"])): int(i) for i in range(len(src))
+    }
+    seen = []
+    for shard in (0, 1):
+        it = make_train_iterator(
+            src, indices, cfg(), batch_size=4, seed=2, shard_index=shard, shard_count=2
+        )
+        epoch = []
+        for _ in range(2):  # 4 records per shard, 2 per host batch
+            b = next(it)
+            for img, cid, z in zip(b["image"], b["case_id"], b["slice_index"], strict=True):
+                i = records[str(cid), int(z)]
+                np.testing.assert_array_equal(img, src[i]["image"])  # the record it names
+                epoch.append(i)
+        assert len(set(epoch)) == 4, epoch  # no record twice within an epoch
+        seen.append(set(epoch))
+    assert not seen[0] & seen[1]
+    assert sorted(seen[0] | seen[1]) == list(range(8))
 
 
 def test_train_iterator_workers_resume():
