@@ -9,6 +9,7 @@ import importlib
 import math
 import os
 import pathlib
+import struct
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -94,6 +95,30 @@ def tiny_run(tmp_path_factory, tiny_config):
     workdir = tmp_path_factory.mktemp("tiny_run")
     results = train.train_and_evaluate(tiny_config(), workdir)
     return workdir, results
+
+
+def _tensorboard_events(folder):
+    """Every `Event` proto of the TensorBoard event files in `folder`, in file order: the
+    TFRecord framing (8-byte length, 4-byte length CRC, data, 4-byte data CRC) read by
+    hand, each record parsed with tensorboardX's `event_pb2` (TensorFlow is not installed)."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(pathlib.Path(folder).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            out.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n]))
+            pos += 12 + n + 4
+    return out
+
+
+@pytest.fixture(scope="session")
+def tensorboard_events():
+    """`tensorboard_events(folder)` -> the `Event` protos of its TensorBoard event files
+    (`event.step`, `event.summary.value[i].tag` / `.simple_value` / `.image` / `.tensor`)."""
+    return _tensorboard_events
 
 
 LABELLED_CASE_SHAPE = (16, 16, 8)

@@ -8,12 +8,14 @@ clu's own writers need TensorFlow, which this project does not install.
 import json
 import math
 import pathlib
+import uuid
 
 import numpy as np
 
 
 class MetricWriter:
-    """Writes scalars to `workdir/tensorboard/` and appends them to `workdir/metrics.jsonl`.
+    """Writes scalars to `workdir/tensorboard/` (one event file per writer) and appends them
+    to `workdir/metrics.jsonl`.
 
     Each JSONL line is `{"step": int, name: float, ...}`; non-finite values become null.
     A disabled writer (non-zero hosts) writes nothing.
@@ -27,7 +29,11 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             workdir = pathlib.Path(workdir)
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            # tensorboardX names its file by the second and the host and opens it "wb": a
+            # second writer on the folder within a second (a run resumed at once) would
+            # truncate the first's events; a unique suffix keeps one file per writer
+            suffix = f".{uuid.uuid4().hex[:8]}"
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), filename_suffix=suffix)
             self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:

@@ -6,7 +6,6 @@ import csv
 import html.parser
 import pathlib
 import shutil
-import struct
 import subprocess
 import sys
 import types
@@ -223,25 +222,13 @@ def test_index_renders_in_a_headless_browser(evaluated, tmp_path):
     assert _colour_masks(rgb)["ET"].any()  # the case pictures are loaded, not broken links
 
 
-def _read_events(folder: pathlib.Path):
-    """(step, tag, png bytes) of the image summaries in a TensorBoard folder (TFRecords)."""
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos : pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
-            pos += 12 + n + 4
-            for v in event.summary.value:
-                if v.HasField("image"):
-                    out.append((event.step, v.tag, v.image.encoded_image_string))
-    return out
+def _images(events):
+    """(step, tag, png bytes) of the image summaries among TensorBoard `Event` protos."""
+    return [(e.step, v.tag, v.image.encoded_image_string)
+            for e in events for v in e.summary.value if v.HasField("image")]  # fmt: skip
 
 
-def test_write_images_goes_to_tensorboard_not_jsonl(tmp_path):
+def test_write_images_goes_to_tensorboard_not_jsonl(tmp_path, tensorboard_events):
     w = MetricWriter(tmp_path)
     img = np.zeros((5, 7, 3), np.uint8)
     img[1, 2] = (255, 0, 0)
@@ -249,7 +236,7 @@ def test_write_images_goes_to_tensorboard_not_jsonl(tmp_path):
     w.write_scalars(3, {"loss": 1.0})
     w.close()
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 3, "loss": 1.0}']
-    ((step, tag, png),) = _read_events(tmp_path / "tensorboard")
+    ((step, tag, png),) = _images(tensorboard_events(tmp_path / "tensorboard"))
     (tmp_path / "back.png").write_bytes(png)
     assert (step, tag) == (3, "pic")
     np.testing.assert_array_equal(_read_png(tmp_path / "back.png"), img)
@@ -258,7 +245,9 @@ def test_write_images_goes_to_tensorboard_not_jsonl(tmp_path):
 TWO_OVERLAYS = {"eval.num_overlay_slices": 2}  # `tiny` with 2 validation pictures
 
 
-def test_validation_images_are_the_same_slices_every_time(tmp_path, tiny_config):
+def test_validation_images_are_the_same_slices_every_time(
+    tmp_path, tiny_config, tensorboard_events
+):
     """Two validations' pictures (the run group's overlay writer at steps 3 and 6, on a
     group of one tiny run whose weights change in between): the 2 validation slices with
     the most tumour pixels (counted here from the labels) both times, as FLAIR | truth |
@@ -295,16 +284,18 @@ def test_validation_images_are_the_same_slices_every_time(tmp_path, tiny_config)
         variables = {"params": state.params, **state.model_state}
         return np.argmax(np.asarray(model.apply(variables, images, train=False)), -1)
 
-    _check_validation_images(tmp_path, config, labels_at)
+    _check_validation_images(tensorboard_events(tmp_path / "tensorboard"), tmp_path, config,
+                             labels_at)  # fmt: skip
 
 
 @pytest.mark.slow
-def test_training_writes_validation_images(tmp_path, tiny_config):
+def test_training_writes_validation_images(tmp_path, tiny_config, tensorboard_events):
     """The same through training: the tiny preset validates at steps 3 and 6."""
     from brats_jax.training import train
 
     train.train_and_evaluate(tiny_config(**TWO_OVERLAYS), tmp_path)
-    _check_validation_images(tmp_path, tiny_config(**TWO_OVERLAYS))
+    events = tensorboard_events(tmp_path / "tensorboard")
+    _check_validation_images(events, tmp_path, tiny_config(**TWO_OVERLAYS))
 
 
 # The label colours (RGB, alpha) as a reader sees them: NCR/NET red, ED green, ET yellow.
@@ -319,13 +310,14 @@ def _blended_by_hand(grey_panel: np.ndarray, label: np.ndarray) -> np.ndarray:
     return np.round(out).astype(int)
 
 
-def _check_validation_images(tmp_path, config, labels_at=None):
-    """The pictures of two validations (steps 3 and 6) are the same 2 slices, each FLAIR |
-    truth | prediction; `labels_at(step, images)` -> the (B, H, W) prediction of that step,
-    to check the prediction panel pixel by pixel (None: not checked)."""
+def _check_validation_images(events, tmp_path, config, labels_at=None):
+    """The pictures among TensorBoard `events` of two validations (steps 3 and 6) are the
+    same 2 slices, each FLAIR | truth | prediction; `labels_at(step, images)` -> the
+    (B, H, W) prediction of that step, to check the prediction panel pixel by pixel (None:
+    not checked)."""
     from brats_jax import data
 
-    events = _read_events(tmp_path / "tensorboard")
+    events = _images(events)
     steps = {s: sorted(t for s2, t, _ in events if s2 == s) for s, _, _ in events}
     assert sorted(steps) == [3, 6] and steps[3] == steps[6] and len(steps[3]) == 2
     source = data.make_source(config.data)

@@ -202,7 +202,9 @@ def test_ensemble_members_use_their_own_context(monkeypatch, stand_in_config):
         for i, (k, w) in enumerate(zip(contexts, weights, strict=True))
     }  # fmt: skip
     monkeypatch.setattr(
-        train_state, "load_trained", lambda w, step=None: (served[w][0], _LinearModel(), served[w][1])
+        train_state,
+        "load_trained",
+        lambda w, step=None: (served[w][0], _LinearModel(), served[w][1]),
     )
     ens = ensembles.load_ensemble(",".join(served))
     assert ens.context_slices == contexts
