@@ -128,17 +128,46 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
     assert old["model"]["conv_impl"] == "gpu_fast"  # the input is not changed
 
 
-def test_setup_again_in_a_running_process_is_quiet():
-    """An in-process call (a test calling a CLI's main) once JAX runs: flags already set, no
-    warning."""
+def test_setup_again_in_a_running_process_is_quiet(monkeypatch, capsys, caplog):
+    """An in-process call (a test calling a CLI's main) once JAX runs, the flags already in
+    XLA_FLAGS: no warning, no log record, nothing printed, XLA_FLAGS and a user's own
+    TF_CPP_MIN_LOG_LEVEL unchanged; twice with quiet_logs: one log filter, one hook. The
+    flags missing once a backend runs is not quiet: the warning, XLA_FLAGS untouched."""
+    import logging
     import warnings
 
     import jax.numpy as jnp
+    from absl import logging as absl_logging
+
+    from brats_jax import cli
 
     jnp.zeros(1).block_until_ready()  # a backend exists
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    flags = os.environ["XLA_FLAGS"]
+    assert all(f in flags.split() for f in CPU_XLA_FLAGS)  # conftest's setup set them
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")  # a user's own level
+    handler = absl_logging.get_absl_handler()
+    had_filter = cli.keep_log_record in handler.filters
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored afterwards
+    capsys.readouterr()
+    try:
+        with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.DEBUG):
+            warnings.simplefilter("always")
+            runtime.setup(quiet_logs=False)
+            runtime.setup(quiet_logs=True)
+            hook = sys.unraisablehook
+            runtime.setup(quiet_logs=True)
+        assert [str(w.message) for w in seen] == [] and caplog.records == []
+        assert capsys.readouterr() == ("", "")
+        assert os.environ["XLA_FLAGS"] == flags and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+        assert handler.filters.count(cli.keep_log_record) == 1
+        assert sys.unraisablehook is hook  # not wrapped again
+    finally:
+        if not had_filter:
+            handler.removeFilter(cli.keep_log_record)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=false")
+    with pytest.warns(UserWarning, match="backend is already initialised"):
         runtime.setup(quiet_logs=False)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_onednn=false"
 
 
 def test_an_old_run_config_json_resumes_with_an_empty_config_diff(tmp_path):
