@@ -117,27 +117,53 @@ def _hand_labels(case, scales=(1.0,)):
     return labels, mean
 
 
-def test_cli_folder_of_cases_and_a_comma_separated_list(runs, tmp_path, write_nifti_case):
+def test_cli_folder_of_cases_and_a_comma_separated_list(
+    runs, tmp_path, monkeypatch, write_nifti_case
+):
     """Both spellings of --input write each case's own segmentation: the argmax of the
-    stand-in's softmax(x) by hand (native size, so no resizing), not the other case's."""
+    stand-in's softmax(x) by hand (native size, so no resizing), not the other case's. The
+    second call also gives --probabilities (those softmaxes), --batch_size=3 and --step=7
+    (not their defaults), which reach the model call and the checkpoint loader."""
     add, _ = runs
     run = add("run", image_size=0)
     data = tmp_path / "data"
     a = write_nifti_case(data / "HGG", "Brats18_A_1", background_rows=2)
     b = write_nifti_case(data / "LGG", "Brats18_B_1", seed=1, background_rows=2)
-    want = {f.name: _hand_labels(f)[0] for f in (a, b)}
-    assert (want["Brats18_A_1"] != want["Brats18_B_1"]).any()
-    assert all(len(np.unique(w)) == 4 for w in want.values())
-    for given, out in ((str(data), tmp_path / "o1"), (f"{a},{b}", tmp_path / "o2")):
+    want = {f.name: _hand_labels(f) for f in (a, b)}
+    assert (want["Brats18_A_1"][0] != want["Brats18_B_1"][0]).any()
+    assert all(len(np.unique(w[0])) == 4 for w in want.values())
+    seen = {"step": [], "batch_size": []}
+    load, volume = train_state.load_trained, whole_volume.predict_volume
+
+    def load_trained(workdir, step=None):
+        seen["step"].append(step)
+        return load(workdir, step)
+
+    def predict_volume(*args, **kw):
+        seen["batch_size"].append(kw["batch_size"])
+        return volume(*args, **kw)
+
+    monkeypatch.setattr(train_state, "load_trained", load_trained)
+    monkeypatch.setattr(whole_volume, "predict_volume", predict_volume)
+    probs = tmp_path / "p2"
+    for given, out, extra in (
+        (str(data), tmp_path / "o1", []),
+        (f"{a},{b}", tmp_path / "o2", [f"--probabilities={probs}", "--batch_size=3", "--step=7"]),
+    ):
         predict.FLAGS.unparse_flags()
-        predict.FLAGS(["predict", f"--workdir={run}", f"--input={given}", f"--output={out}"])
+        predict.FLAGS(
+            ["predict", f"--workdir={run}", f"--input={given}", f"--output={out}", *extra]
+        )
         try:
             predict.main(["predict"])
         finally:
             predict.FLAGS.unparse_flags()
         assert sorted(p.name for p in out.iterdir()) == ["Brats18_A_1.nii.gz", "Brats18_B_1.nii.gz"]
-        for case_id, labels in want.items():
+        for case_id, (labels, _) in want.items():
             np.testing.assert_array_equal(_read(out / f"{case_id}.nii.gz"), labels)
+    for case_id, (_, mean) in want.items():
+        np.testing.assert_allclose(_read(probs / f"{case_id}.nii.gz"), mean, atol=1e-5)
+    assert seen == {"step": [None, 7], "batch_size": [4, 4, 3, 3]}  # the run's eval: 4
 
 
 @pytest.mark.parametrize("scales", [(2.0,), (1.0, 3.0, -2.0), (0.5, 1.0, 3.0, -2.0)])
