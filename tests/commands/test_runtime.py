@@ -85,6 +85,37 @@ def test_setup_sets_fast_cpu_flags_and_keeps_users_choice():
     assert out == ["--xla_cpu_use_onednn=false", CPU_XLA_FLAGS[0]]
 
 
+def test_setup_options_off_their_defaults(tmp_path, monkeypatch):
+    """cpu_flags=False leaves XLA_FLAGS alone; compile_cache=DIR creates DIR (parents too)
+    and points JAX's persistent cache at it (a fresh process: both act before JAX starts);
+    distributed=True calls jax.distributed.initialize once (replaced here)."""
+    import jax
+
+    cache = tmp_path / "a" / "cache"
+    code = textwrap.dedent(
+        f"""
+        import os
+        from brats_jax import runtime
+        runtime.setup(cpu_flags=False, compile_cache={str(cache)!r}, quiet_logs=False)
+        import jax
+        print(repr(os.environ.get("XLA_FLAGS")))
+        print(jax.config.jax_compilation_cache_dir)
+        print(jax.config.jax_persistent_cache_min_compile_time_secs)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env={**env, "PYTHONPATH": REPO},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.stdout.split() == ["None", str(cache), "0.5"], proc.stderr[-2000:]
+    assert cache.is_dir()
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    runtime.setup(distributed=True, quiet_logs=False)
+    assert calls == [((), {})]
+
+
 def test_resolve_ops_and_the_legacy_conv_impl_field():
     import ml_collections
 
