@@ -33,7 +33,8 @@ class _ScaleModel:
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch, stand_in_config):
-    """add(name, scale, output) -> a run folder that `train_state.load_trained` serves."""
+    """add(name, scale, output, image_size=16) -> a run folder that
+    `train_state.load_trained` serves."""
     table = {}
 
     def load_trained(workdir, step=None):
