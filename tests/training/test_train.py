@@ -53,7 +53,8 @@ def test_outputs_written(tiny_run):
             want = column_mean(f"{metric}_{region}")
             got = saved[metric][region]
             assert (got is None and want is None) or got == pytest.approx(want, rel=1e-5), (
-                metric, region
+                metric,
+                region,
             )
     for c in range(4):
         assert saved["class_dice"][c] == pytest.approx(column_mean(f"class_dice_{c}"), rel=1e-5)
@@ -415,51 +416,9 @@ def test_validation_paper_dice_is_the_mean_over_slices(tiny_run, tmp_path):
     assert got["pooled_dice"] == pytest.approx(np.mean(np.where(np.isnan(pooled), 1, pooled)))
 
 
-def _slice_dice(p: np.ndarray, t: np.ndarray, absent: float | None) -> float:
-    """Mean over the 4 classes of one slice's Dice; a class absent from both scores `absent`
-    (None: left out of the mean)."""
-    scores = []
-    for c in range(4):
-        n = (p == c).sum() + (t == c).sum()
-        if n:
-            scores.append(2 * ((p == c) & (t == c)).sum() / n)
-        elif absent is not None:
-            scores.append(absent)
-    return float(np.mean(scores))
-
-
-def _recomputed_test_metrics(workdir, step, tmp_path) -> dict:
-    """The test pass's slice metrics recomputed with numpy from checkpoint `step`'s
-    predictions: paper_dice (absent classes 1), its absent-excluded reading, the pooled
-    per-class Dice and the number of test slices."""
-    from brats_jax import data
-    from brats_jax.inference import whole_volume
-
-    config, model, variables = train_state.load_trained(workdir, step=step)
-    run = run_group.build_run(config, tmp_path)
-    predict = whole_volume.make_slice_predictor(model, image_size=config.data.image_size)
-    kept = set(run.splits.test.tolist())
-    one, excluded, confusion = [], [], np.zeros((4, 4), np.int64)
-    for case_id in run.splits.cases["test"]:
-        image, label = data.load_volume(run.source, case_id)
-        pred = np.argmax(whole_volume.predict_volume(predict, variables, image, batch_size=4), -1)
-        for z, idx in enumerate(data.case_indices(run.source, case_id)):
-            if int(idx) in kept:
-                p, t = pred[..., z], label[..., z]
-                one.append(_slice_dice(p, t, absent=1.0))
-                excluded.append(_slice_dice(p, t, absent=None))
-                np.add.at(confusion, (t.ravel(), p.ravel()), 1)
-    tp = np.diag(confusion)
-    return {
-        "paper_dice": float(np.mean(one)),
-        "paper_dice_absent_excluded": float(np.mean(excluded)),
-        "pooled_class_dice": (2 * tp / (confusion.sum(0) + confusion.sum(1))).tolist(),
-        "num_test_slices": len(one),
-        "num_kept": len(kept),
-    }
-
-
-def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_path):
+def test_test_metrics_come_from_the_checkpoint_validation_picked(
+    tiny_run, tmp_path, recompute_test_pass
+):
     """The test pass scores the best-validation checkpoint (the one `predict` uses): its
     step is in results.json, and the study's metric and its two readings, recomputed here
     from that checkpoint's predictions with numpy, match."""
@@ -470,7 +429,7 @@ def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_p
     ckpts = RunCheckpoints(workdir, read_only=True)
     assert saved["tested_step"] == ckpts.best_step()  # the step predict loads
     assert saved["selected_by"] == "best validation val_paper_dice"
-    want = _recomputed_test_metrics(workdir, None, tmp_path)
+    want = recompute_test_pass(workdir, tmp_path)
     assert saved["num_test_slices"] == want["num_test_slices"] == want["num_kept"] > 1
     assert saved["paper_dice"] == pytest.approx(want["paper_dice"], abs=1e-6)
     assert saved["paper_dice_absent_excluded"] == pytest.approx(
@@ -501,7 +460,9 @@ def early_best_run(tmp_path_factory, tiny_config):
     return workdir, results
 
 
-def test_an_early_best_step_is_tested_kept_and_predicted_with(early_best_run, tmp_path):
+def test_an_early_best_step_is_tested_kept_and_predicted_with(
+    early_best_run, tmp_path, recompute_test_pass
+):
     """best (3) != final (6): results.json names step 3 and its metrics are step 3's
     recomputed, not step 6's; checkpoint 3 survived "last 1" deletion; predict loads it."""
     from brats_jax.runs.checkpoints import RunCheckpoints
@@ -513,8 +474,8 @@ def test_an_early_best_step_is_tested_kept_and_predicted_with(early_best_run, tm
     ckpts = RunCheckpoints(workdir, read_only=True)
     assert ckpts.all_steps() == [3, 6]  # 2 and 4 went, the older best stayed
     assert ckpts.best_step() == 3
-    at3 = _recomputed_test_metrics(workdir, 3, tmp_path)
-    at6 = _recomputed_test_metrics(workdir, 6, tmp_path)
+    at3 = recompute_test_pass(workdir, tmp_path, step=3)
+    at6 = recompute_test_pass(workdir, tmp_path, step=6)
     assert abs(at3["paper_dice"] - at6["paper_dice"]) > 1e-4  # the two steps score apart
     for key in ("paper_dice", "paper_dice_absent_excluded"):
         assert saved[key] == pytest.approx(at3[key], abs=1e-6), key
