@@ -121,6 +121,70 @@ def tensorboard_events():
     return _tensorboard_events
 
 
+def _slice_dice(p: np.ndarray, t: np.ndarray, absent: float | None) -> float:
+    """Mean over the 4 classes of one slice's Dice; a class absent from both scores `absent`
+    (None: left out of the mean)."""
+    scores = []
+    for c in range(4):
+        n = (p == c).sum() + (t == c).sum()
+        if n:
+            scores.append(2 * ((p == c) & (t == c)).sum() / n)
+        elif absent is not None:
+            scores.append(absent)
+    return float(np.mean(scores))
+
+
+@pytest.fixture(scope="session")
+def recompute_test_pass():
+    """`recompute_test_pass(workdir, tmp_path, step=None) -> dict`: a finished run's test
+    pass recomputed here from checkpoint `step`'s (default: the best) predicted labels
+    (the library's whole-volume prediction with the run's output kind, 2.5D context, sliding
+    window and post-processing) with the slice metrics written in numpy: `paper_dice`
+    (absent classes 1), `paper_dice_absent_excluded`, `pooled_class_dice`,
+    `num_test_slices` (test slices scored) and `num_kept` (the split's test slices)."""
+    from brats_jax import data
+    from brats_jax.data import patches
+    from brats_jax.inference import postprocess, whole_volume
+    from brats_jax.models import outputs
+    from brats_jax.runs import train_state
+    from brats_jax.training import run_group
+
+    def recompute(workdir, tmp_path, step=None):
+        config, model, variables = train_state.load_trained(workdir, step=step)
+        run = run_group.build_run(config, tmp_path / f"recomputed_{step}")
+        output = outputs.of_config(config.model)
+        predict = whole_volume.make_slice_predictor(
+            model, image_size=config.data.image_size, output=output,
+            window=patches.inference_window(config),
+        )  # fmt: skip
+        kept = set(run.splits.test.tolist())
+        one, excluded, confusion = [], [], np.zeros((4, 4), np.int64)
+        for case_id in run.splits.cases["test"]:
+            image, label = data.load_volume(run.source, case_id)
+            probs = whole_volume.predict_volume(
+                predict, variables, image, batch_size=4,
+                context_slices=data.context_slices(config),
+            )  # fmt: skip
+            pred = outputs.labels_from_probabilities(probs, output)
+            pred = postprocess.apply(pred, postprocess.from_config(config))
+            for z, idx in enumerate(data.case_indices(run.source, case_id)):
+                if int(idx) in kept:
+                    p, t = pred[..., z], label[..., z]
+                    one.append(_slice_dice(p, t, absent=1.0))
+                    excluded.append(_slice_dice(p, t, absent=None))
+                    np.add.at(confusion, (t.ravel(), p.ravel()), 1)
+        tp = np.diag(confusion)
+        return {
+            "paper_dice": float(np.mean(one)),
+            "paper_dice_absent_excluded": float(np.mean(excluded)),
+            "pooled_class_dice": (2 * tp / (confusion.sum(0) + confusion.sum(1))).tolist(),
+            "num_test_slices": len(one),
+            "num_kept": len(kept),
+        }
+
+    return recompute
+
+
 LABELLED_CASE_SHAPE = (16, 16, 8)
 BRATS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # BraTS's LPS voxel order (brats.ORIENTATION)
 _NAMES_2018 = {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"}

@@ -242,19 +242,23 @@ def _spy_shapes(monkeypatch):
 
 
 @pytest.mark.slow
-def test_tiny_run_on_patches_validates_and_tests_whole_slices(tmp_path, monkeypatch, tiny_config):
+def test_tiny_run_on_patches_validates_and_tests_whole_slices(
+    tmp_path, monkeypatch, tiny_config, recompute_test_pass
+):
     seen = _spy_shapes(monkeypatch)
     results = train.train_and_evaluate(
         tiny_config(**PATCHES | {"train.num_steps": 3}), tmp_path / "run"
     )
-    assert 0.0 <= results["paper_dice"] <= 1.0 and results["per_case"]
+    assert results["per_case"]
     assert seen == {"train": {(16, 16, 4)}, "eval": {(32, 32, 4)}, "test": {(32, 32, 4)},
                     "background": {("train", 4)}}  # fmt: skip
+    want = recompute_test_pass(tmp_path / "run", tmp_path)
+    assert results["paper_dice"] == pytest.approx(want["paper_dice"], abs=1e-6)
 
 
 @pytest.mark.slow
 def test_tiny_run_with_sliding_window_tests_through_patch_windows(
-    tmp_path, monkeypatch, tiny_config
+    tmp_path, monkeypatch, tiny_config, recompute_test_pass
 ):
     """eval.sliding_window: the test pass slides 16 px windows over the 32 px slices."""
     windows = []
@@ -267,20 +271,27 @@ def test_tiny_run_with_sliding_window_tests_through_patch_windows(
     monkeypatch.setattr(whole_volume, "make_slice_predictor", recording)
     fields = {"train.num_steps": 2, "eval.sliding_window": True}
     results = train.train_and_evaluate(tiny_config(**PATCHES | fields), tmp_path / "run")
-    assert 0.0 <= results["paper_dice"] <= 1.0 and 16 in windows
+    assert 16 in windows
+    want = recompute_test_pass(tmp_path / "run", tmp_path)  # through 16 px windows too
+    assert results["paper_dice"] == pytest.approx(want["paper_dice"], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_grouped_runs_with_patches_context_and_regions(tmp_path, monkeypatch, tiny_config):
+def test_grouped_runs_with_patches_context_and_regions(
+    tmp_path, monkeypatch, tiny_config, recompute_test_pass
+):
     seen = _spy_shapes(monkeypatch)
     fields = {"train.num_steps": 3, "data.context_slices": 1, "model.output": "regions",
               "train.loss": "dice_ce"}  # fmt: skip
     other = {"data.foreground_fraction": 1.0, "train.seed": 1}
     configs = [tiny_config(**PATCHES | fields), tiny_config(**PATCHES | fields | other)]
     results = train.train_runs(configs, [tmp_path / "a", tmp_path / "b"], mapping="map")
-    assert len(results) == 2 and all(0.0 <= r["paper_dice"] <= 1.0 for r in results)
+    assert len(results) == 2
     assert seen == {"train": {(16, 16, 12)}, "eval": {(32, 32, 12)}, "test": {(32, 32, 12)},
                     "background": {("train", 12)}}  # fmt: skip
+    for name, result in zip("ab", results, strict=True):
+        want = recompute_test_pass(tmp_path / name, tmp_path)
+        assert result["paper_dice"] == pytest.approx(want["paper_dice"], abs=1e-6), name
 
 
 def test_grouped_runs_share_the_patch_size_not_the_fraction(tiny_config):

@@ -218,7 +218,7 @@ def test_config_fields_reach_the_model_and_old_runs_keep_their_network():
 
 
 @pytest.mark.slow  # a training run
-def test_tiny_run_with_deep_supervision_instance_norm_and_regions(tmp_path):
+def test_tiny_run_with_deep_supervision_instance_norm_and_regions(tmp_path, recompute_test_pass):
     c = unet_config.get_config("tiny")
     for dotted, value in {
         "model.deep_supervision": True, "model.norm": "instance", "model.depth": 3,
@@ -226,10 +226,13 @@ def test_tiny_run_with_deep_supervision_instance_norm_and_regions(tmp_path):
         "train.num_steps": 4, "train.eval_every_steps": 4, "train.checkpoint_every_steps": 4,
     }.items():  # fmt: skip
         config_fields.set_field(c, dotted, value)
-    results = train.train_and_evaluate(c, tmp_path)
-    assert results["steps"] == 4 and 0.0 <= results["paper_dice"] <= 1.0
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    workdir = tmp_path / "run"
+    results = train.train_and_evaluate(c, workdir)
+    assert results["steps"] == 4
+    want = recompute_test_pass(workdir, tmp_path)
+    assert results["paper_dice"] == pytest.approx(want["paper_dice"], abs=1e-6)
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train_loss"]) for r in logged if "train_loss" in r)
-    config, model, variables = train_state.load_trained(tmp_path)
+    config, model, variables = train_state.load_trained(workdir)
     assert config.model.deep_supervision and "ds_head_1" in variables["params"]
     assert model.apply(variables, jnp.zeros((1, 32, 32, 4)), train=False).shape == (1, 32, 32, 3)

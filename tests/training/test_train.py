@@ -1,5 +1,6 @@
 """End-to-end tests of the main job on the `tiny` preset: train, resume, test, predict."""
 
+import csv
 import json
 import os
 import signal
@@ -32,11 +33,31 @@ def test_outputs_written(tiny_run):
     saved = json.loads((workdir / "results.json").read_text())
     assert set(saved["dice"]) == {"WT", "TC", "ET"} and set(saved["hd95"]) == {"WT", "TC", "ET"}
     assert len(saved["class_dice"]) == 4
-    assert 0.0 <= saved["paper_dice"] <= 1.0
     assert saved["steps"] == 6
-    # One CSV row per test case, each with a case id the split put in test.
-    rows = (workdir / "per_case.csv").read_text().strip().splitlines()
-    assert len(rows) - 1 == len(saved["per_case"]) == saved["num_test_cases"] >= 1
+    # One CSV row per test case (each a case the split put in test); the summary's region and
+    # class scores are the means over those rows of the finite values (HD95 of an empty
+    # region is not averaged in), read back from the CSV; paper_dice itself is recomputed from
+    # the predictions in test_test_metrics_come_from_the_checkpoint_validation_picked.
+    with open(workdir / "per_case.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(saved["per_case"]) == saved["num_test_cases"] >= 1
+    assert [r["case_id"] for r in rows] == [c["case_id"] for c in saved["per_case"]]
+
+    def column_mean(key):
+        vals = [float(r[key]) for r in rows if r[key] not in ("", "None", "nan")]
+        vals = [v for v in vals if np.isfinite(v)]
+        return float(np.mean(vals)) if vals else None
+
+    for region in ("WT", "TC", "ET"):
+        for metric in ("dice", "hd95", "sensitivity", "specificity"):
+            want = column_mean(f"{metric}_{region}")
+            got = saved[metric][region]
+            assert (got is None and want is None) or got == pytest.approx(want, rel=1e-5), (
+                metric,
+                region,
+            )
+    for c in range(4):
+        assert saved["class_dice"][c] == pytest.approx(column_mean(f"class_dice_{c}"), rel=1e-5)
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert any("val_paper_dice" in r for r in logged) and any("train_loss" in r for r in logged)
     assert (workdir / "tensorboard").is_dir()
@@ -395,51 +416,9 @@ def test_validation_paper_dice_is_the_mean_over_slices(tiny_run, tmp_path):
     assert got["pooled_dice"] == pytest.approx(np.mean(np.where(np.isnan(pooled), 1, pooled)))
 
 
-def _slice_dice(p: np.ndarray, t: np.ndarray, absent: float | None) -> float:
-    """Mean over the 4 classes of one slice's Dice; a class absent from both scores `absent`
-    (None: left out of the mean)."""
-    scores = []
-    for c in range(4):
-        n = (p == c).sum() + (t == c).sum()
-        if n:
-            scores.append(2 * ((p == c) & (t == c)).sum() / n)
-        elif absent is not None:
-            scores.append(absent)
-    return float(np.mean(scores))
-
-
-def _recomputed_test_metrics(workdir, step, tmp_path) -> dict:
-    """The test pass's slice metrics recomputed with numpy from checkpoint `step`'s
-    predictions: paper_dice (absent classes 1), its absent-excluded reading, the pooled
-    per-class Dice and the number of test slices."""
-    from brats_jax import data
-    from brats_jax.inference import whole_volume
-
-    config, model, variables = train_state.load_trained(workdir, step=step)
-    run = run_group.build_run(config, tmp_path)
-    predict = whole_volume.make_slice_predictor(model, image_size=config.data.image_size)
-    kept = set(run.splits.test.tolist())
-    one, excluded, confusion = [], [], np.zeros((4, 4), np.int64)
-    for case_id in run.splits.cases["test"]:
-        image, label = data.load_volume(run.source, case_id)
-        pred = np.argmax(whole_volume.predict_volume(predict, variables, image, batch_size=4), -1)
-        for z, idx in enumerate(data.case_indices(run.source, case_id)):
-            if int(idx) in kept:
-                p, t = pred[..., z], label[..., z]
-                one.append(_slice_dice(p, t, absent=1.0))
-                excluded.append(_slice_dice(p, t, absent=None))
-                np.add.at(confusion, (t.ravel(), p.ravel()), 1)
-    tp = np.diag(confusion)
-    return {
-        "paper_dice": float(np.mean(one)),
-        "paper_dice_absent_excluded": float(np.mean(excluded)),
-        "pooled_class_dice": (2 * tp / (confusion.sum(0) + confusion.sum(1))).tolist(),
-        "num_test_slices": len(one),
-        "num_kept": len(kept),
-    }
-
-
-def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_path):
+def test_test_metrics_come_from_the_checkpoint_validation_picked(
+    tiny_run, tmp_path, recompute_test_pass
+):
     """The test pass scores the best-validation checkpoint (the one `predict` uses): its
     step is in results.json, and the study's metric and its two readings, recomputed here
     from that checkpoint's predictions with numpy, match."""
@@ -450,7 +429,7 @@ def test_test_metrics_come_from_the_checkpoint_validation_picked(tiny_run, tmp_p
     ckpts = RunCheckpoints(workdir, read_only=True)
     assert saved["tested_step"] == ckpts.best_step()  # the step predict loads
     assert saved["selected_by"] == "best validation val_paper_dice"
-    want = _recomputed_test_metrics(workdir, None, tmp_path)
+    want = recompute_test_pass(workdir, tmp_path)
     assert saved["num_test_slices"] == want["num_test_slices"] == want["num_kept"] > 1
     assert saved["paper_dice"] == pytest.approx(want["paper_dice"], abs=1e-6)
     assert saved["paper_dice_absent_excluded"] == pytest.approx(
@@ -481,7 +460,9 @@ def early_best_run(tmp_path_factory, tiny_config):
     return workdir, results
 
 
-def test_an_early_best_step_is_tested_kept_and_predicted_with(early_best_run, tmp_path):
+def test_an_early_best_step_is_tested_kept_and_predicted_with(
+    early_best_run, tmp_path, recompute_test_pass
+):
     """best (3) != final (6): results.json names step 3 and its metrics are step 3's
     recomputed, not step 6's; checkpoint 3 survived "last 1" deletion; predict loads it."""
     from brats_jax.runs.checkpoints import RunCheckpoints
@@ -493,8 +474,8 @@ def test_an_early_best_step_is_tested_kept_and_predicted_with(early_best_run, tm
     ckpts = RunCheckpoints(workdir, read_only=True)
     assert ckpts.all_steps() == [3, 6]  # 2 and 4 went, the older best stayed
     assert ckpts.best_step() == 3
-    at3 = _recomputed_test_metrics(workdir, 3, tmp_path)
-    at6 = _recomputed_test_metrics(workdir, 6, tmp_path)
+    at3 = recompute_test_pass(workdir, tmp_path, step=3)
+    at6 = recompute_test_pass(workdir, tmp_path, step=6)
     assert abs(at3["paper_dice"] - at6["paper_dice"]) > 1e-4  # the two steps score apart
     for key in ("paper_dice", "paper_dice_absent_excluded"):
         assert saved[key] == pytest.approx(at3[key], abs=1e-6), key
@@ -704,3 +685,40 @@ def test_old_run_folder_without_model_output_loads_as_classes(tiny_run, tmp_path
     np.testing.assert_array_equal(
         labels, case_prediction.predict_case(workdir, case, tmp_path / "n.nii.gz")
     )
+
+
+def test_test_summary_is_the_mean_over_cases_of_the_finite_scores():
+    """results.json's region, class and lesion-wise scores over three hand-made cases: means
+    over the cases whose score is finite (an HD95 left None/inf is not averaged in), lesion
+    counts summed, paper_dice the mean over all test slices (not a mean of case means)."""
+    nan, inf = float("nan"), float("inf")
+    rows = []
+    for i, (dice_wt, hd_et, lw_fp) in enumerate([(0.9, 3.0, 1), (0.6, inf, 0), (0.3, 9.0, 4)]):
+        row = {"case_id": f"c{i}"}
+        for r in ("WT", "TC", "ET"):
+            row |= {f"dice_{r}": dice_wt, f"hd95_{r}": hd_et if r == "ET" else 2.0 * (i + 1)}
+            row |= {f"sensitivity_{r}": 0.5 + 0.1 * i, f"specificity_{r}": 1.0 - 0.01 * i}
+            row |= {f"lesionwise_dice_{r}": dice_wt / 2, f"lesionwise_hd95_{r}": 10.0 * i}
+            row |= {f"lesionwise_{k}_{r}": n for k, n in (("tp", 2), ("fn", i), ("fp", lw_fp))}
+        row |= {f"class_dice_{c}": [1.0, 0.2, nan, 0.4][c] * (i + 1) / 3 for c in range(4)}
+        rows.append(row)
+    readings = {
+        "absent_one": [1.0, 0.5, 0.5, 0.2],  # four slices of unequal cases
+        "absent_excluded": [0.8, 0.5, 0.5, 0.2],
+        "confusion": np.array([[5, 1, 0, 0], [1, 3, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]]),
+    }
+    got = evaluation._summarise(rows, readings)
+    assert got["dice"]["WT"] == pytest.approx(0.6)
+    assert got["hd95"]["ET"] == pytest.approx(6.0)  # (3 + 9) / 2: inf is left out
+    assert got["hd95"]["TC"] == pytest.approx(4.0)  # (2 + 4 + 6) / 3
+    assert got["sensitivity"]["TC"] == pytest.approx(0.6)
+    assert got["specificity"]["ET"] == pytest.approx(0.99)
+    assert got["class_dice"][0] == pytest.approx(2 / 3) and got["class_dice"][2] is None
+    assert got["class_dice"][3] == pytest.approx(0.4 * 2 / 3)
+    assert got["paper_dice"] == pytest.approx(2.2 / 4)
+    assert got["paper_dice_absent_excluded"] == pytest.approx(2.0 / 4)
+    assert got["pooled_class_dice"] == pytest.approx([10 / 12, 6 / 8, 1.0, 1.0])
+    assert got["lesionwise"]["dice"]["ET"] == pytest.approx(0.3)
+    assert got["lesionwise"]["hd95"]["WT"] == pytest.approx(10.0)
+    assert (got["lesionwise"]["fp"]["TC"], got["lesionwise"]["fn"]["WT"]) == (5, 3)
+    assert got["num_test_cases"] == 3 and got["num_test_slices"] == 4
