@@ -138,8 +138,8 @@ def _slice_dice(p: np.ndarray, t: np.ndarray, absent: float | None) -> float:
 def recompute_test_pass():
     """`recompute_test_pass(workdir, tmp_path, step=None) -> dict`: a finished run's test
     pass recomputed here from checkpoint `step`'s (default: the best) predicted labels
-    (the library's whole-volume prediction with the run's output kind, 2.5D context, sliding
-    window and post-processing) with the slice metrics written in numpy: `paper_dice`
+    (the library's whole-volume prediction with the run's output kind, 2.5D context, test-time
+    flips, sliding window and post-processing) with the slice metrics written in numpy: `paper_dice`
     (absent classes 1), `paper_dice_absent_excluded`, `pooled_class_dice`,
     `num_test_slices` (test slices scored) and `num_kept` (the split's test slices)."""
     from brats_jax import data
@@ -155,7 +155,7 @@ def recompute_test_pass():
         output = outputs.of_config(config.model)
         predict = whole_volume.make_slice_predictor(
             model, image_size=config.data.image_size, output=output,
-            window=patches.inference_window(config),
+            tta=config.eval.get("tta", "none"), window=patches.inference_window(config),
         )  # fmt: skip
         kept = set(run.splits.test.tolist())
         one, excluded, confusion = [], [], np.zeros((4, 4), np.int64)
