@@ -20,15 +20,17 @@ dtype. Beside them the normalisation `offset`, `scale` (float64, per modality) a
 outside it `background`, the z-score of 0 (every voxel outside the box is 0 in all four
 modalities: `float32(-mean / std)`).
 
-Why blosc2 (nnU-Net v2's format; `benchmarks/cache_formats.py` measured it against zarr v3
-through tensorstore on 5 real cases, cropped int16, 2-core VM): Zstandard-1 + shuffle
-takes 0.82x the cases' .nii.gz bytes, blosc-zstd in zarr v3 0.83x (the codec is the same);
-random single-slice reads were ~4,300 slices/s through an open blosc2 array against
-1,300-2,100 through tensorstore (one thread each; tensorstore's per-read future and
-chunk-cache machinery costs more than decompressing a 200 KB slice), and one file per case
-(zarr v3 is one file per chunk unless sharded). Zstandard level 3 saves 1.5 % of the bytes
-at 2.8x the write time, level 8 2.6 % at 27x; LZ4 reads slightly faster but stores 20 %
-more.
+Why blosc2 (nnU-Net v2's format) and Zstandard level 1: `benchmarks/cache_formats.py`
+measured it against zarr v3 through tensorstore on 5 real cases cropped to int16
+(BENCHMARKS.md, "Compact slice cache"). The same codec gives the same bytes in both (blosc
+zstd + shuffle: 0.81x the cases' .nii.gz bytes), but random single-slice reads (slice +
+label, one thread, arrays open) ran at ~5,400/s through blosc2 against ~1,500-1,800/s
+through tensorstore, whose per-read future and chunk-cache machinery costs more than
+decompressing a ~200 KB slice; and a blosc2 array is one file per case (zarr v3: one file
+per chunk unless sharded). Zstandard level 3 saves 2 % of the bytes at 3x the write time,
+level 8 6 % at 40x; LZ4 reads ~1.5x faster but stores 17 % more, and decompression is a
+small part of a record's cost (normalising, un-cropping and batching 240 x 240 slices weigh
+more).
 """
 
 from __future__ import annotations
