@@ -259,19 +259,21 @@ def prepare(
         desc=f"preparing {out}",
         disable=not progress,
     )
-    if workers > 1 and len(todo) > 1:
-        with concurrent.futures.ProcessPoolExecutor(
-            workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
-        ) as pool:
-            futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
-            for f in concurrent.futures.as_completed(futs):
-                f.result()
+    try:  # the bar is closed (its line ended) before an error's one line is printed
+        if workers > 1 and len(todo) > 1:
+            with concurrent.futures.ProcessPoolExecutor(
+                workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
+            ) as pool:
+                futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
+                for f in concurrent.futures.as_completed(futs):
+                    f.result()
+                    bar.update(1)
+        else:
+            for c in todo:
+                _write_case(c, out, dtype)
                 bar.update(1)
-    else:
-        for c in todo:
-            _write_case(c, out, dtype)
-            bar.update(1)
-    bar.close()
+    finally:
+        bar.close()
     info = dict(
         format=FORMAT,
         version=VERSION,

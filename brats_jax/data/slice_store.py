@@ -160,14 +160,18 @@ def write(folder: str | os.PathLike, image: np.ndarray, label: np.ndarray) -> No
 
     cparams = dict(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE], nthreads=1)
     for name, arr in zip(FILES, (image, label), strict=True):
-        blosc2.asarray(
-            np.ascontiguousarray(arr),
-            urlpath=os.path.join(folder, name),
-            chunks=(1, *arr.shape[1:]),
-            blocks=(1, *arr.shape[1:]),
-            cparams=cparams,
-            mode="w",
+        chunks = (1, *arr.shape[1:])
+        compressed = blosc2.asarray(
+            np.ascontiguousarray(arr), chunks=chunks, blocks=chunks, cparams=cparams
         )
+        # written by Python, not blosc2: a full disk is an OSError (ENOSPC), not blosc2's
+        # bare RuntimeError, so `prepare` ends in its one-line error
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "wb") as f:
+                f.write(compressed.to_cframe())
+        except OSError as e:  # name the file: cli prints "error: <path>: <reason>"
+            raise OSError(e.errno, e.strerror, path) from e
 
 
 _OPEN: collections.OrderedDict = collections.OrderedDict()  # (path, inode, mtime) -> array
