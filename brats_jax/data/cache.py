@@ -18,7 +18,7 @@ version 2, the compact cache):
 
 A read un-crops: every slice comes back on the case's full (H, W) grid, every volume on
 (H, W, D), with the values `load_case` gives (z-scored float32, exactly; `slice_store`).
-Version 1 caches (whole float32 volumes as .npy, ~145 MB a case against ~9 MB now) are not
+Version 1 caches (whole float32 volumes as .npy, ~150 MB a case against ~7 MB now) are not
 read: `NiftiCacheSource` says in one line which `prepare` command converts them again, in
 place (a case of an older version counts as outdated).
 

@@ -4,7 +4,6 @@ whole slices, 2.5D windows, patches, labels and the table; a version-1 cache's e
 
 import json
 import os
-import pathlib
 
 import nibabel as nib
 import numpy as np
@@ -252,13 +251,14 @@ def test_real_case_equals_load_case(brats_sample, tmp_path):
     assert stored < 1.5 * sum(os.path.getsize(p) for p in case.glob("*.nii*"))
 
 
-def test_full_disk_during_prepare_is_one_line(release, tmp_path):
-    """`prepare` onto a full disk ends in cli's one-line ENOSPC error. Bug caught: the
-    arrays written by blosc2 itself, whose failure is a bare RuntimeError ("Error while
-    creating the NDArray") and a traceback."""
+def test_full_disk_during_prepare_is_an_oserror_naming_the_file(tmp_path):
+    """`prepare` onto a full disk raises OSError ENOSPC naming the file being written, which
+    the command prints as its one-line error (`cli`). Bug caught: the arrays written by
+    blosc2 itself, whose failure is a bare RuntimeError ("Error while creating the
+    NDArray") and a traceback."""
+    import errno
     import shutil
     import subprocess
-    import sys
 
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -267,24 +267,17 @@ def test_full_disk_during_prepare_is_one_line(release, tmp_path):
     mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]
     if subprocess.run(mount, capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
-    try:
+    try:  # random intensities: they compress too little for the 64 KiB disk
         big = np.random.default_rng(0).integers(1, 30000, (64, 64, 40)).astype(np.int16)
-        # written by hand: random intensities compress too little for the 64 KiB disk
         folder = tmp_path / "big" / "Z"
         folder.mkdir(parents=True)
+        affine = np.diag([-1.0, -1, 1, 1])
         for suffix in ("_flair", "_t1", "_t1ce", "_t2"):
-            nib.save(nib.Nifti1Image(big, np.diag([-1.0, -1, 1, 1])), folder / f"Z{suffix}.nii")
-        seg = np.zeros(big.shape, np.uint8)
-        nib.save(nib.Nifti1Image(seg, np.diag([-1.0, -1, 1, 1])), folder / "Z_seg.nii")
-        r = subprocess.run(
-            [sys.executable, "-m", "brats_jax.prepare", f"--src={tmp_path / 'big'}",
-             f"--out={disk / 'cache'}"],
-            cwd=pathlib.Path(__file__).resolve().parents[2], capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
+            nib.save(nib.Nifti1Image(big, affine), folder / f"Z{suffix}.nii")
+        nib.save(nib.Nifti1Image(np.zeros(big.shape, np.uint8), affine), folder / "Z_seg.nii")
+        with pytest.raises(OSError) as e:
+            prepare(tmp_path / "big", disk / "cache", progress=False)
     finally:
         subprocess.run(["umount", str(disk)], check=False)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {disk / 'cache' / 'cases'}/.Z.tmp-"), r.stderr
-    assert last.endswith("No space left on device (ENOSPC); free some space or write elsewhere")
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value.filename).startswith(str(disk / "cache" / "cases" / ".Z.tmp-"))
