@@ -278,6 +278,6 @@ def test_full_disk_during_prepare_is_an_oserror_naming_the_file(tmp_path):
         with pytest.raises(OSError) as e:
             prepare(tmp_path / "big", disk / "cache", progress=False)
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: never left behind
     assert e.value.errno == errno.ENOSPC
     assert str(e.value.filename).startswith(str(disk / "cache" / "cases" / ".Z.tmp-"))
