@@ -196,6 +196,23 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
     return case.case_id
 
 
+def _convert(todo: list, out: pathlib.Path, dtype: str, workers: int, bar) -> None:
+    """Converts the cases `todo` (`_write_case`), in `workers` processes when > 1 (they exit
+    when this process dies), updating the progress `bar` after each."""
+    if workers > 1 and len(todo) > 1:
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
+            futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
+            for f in concurrent.futures.as_completed(futs):
+                f.result()
+                bar.update(1)
+    else:
+        for c in todo:
+            _write_case(c, out, dtype)
+            bar.update(1)
+
+
 def prepare(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -260,18 +277,7 @@ def prepare(
         disable=not progress,
     )
     try:  # the bar is closed (its line ended) before an error's one line is printed
-        if workers > 1 and len(todo) > 1:
-            with concurrent.futures.ProcessPoolExecutor(
-                workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
-            ) as pool:
-                futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
-                for f in concurrent.futures.as_completed(futs):
-                    f.result()
-                    bar.update(1)
-        else:
-            for c in todo:
-                _write_case(c, out, dtype)
-                bar.update(1)
+        _convert(todo, out, dtype, workers, bar)
     finally:
         bar.close()
     info = dict(
