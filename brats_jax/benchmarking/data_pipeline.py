@@ -2,11 +2,16 @@
 
     python -m brats_jax.benchmarking.data_pipeline [--root=../shared/data/brats_sample]
         [--seconds=5] [--workers=2] [--batch_size=8] [--cache_dir=DIR] [--cases=2]
+        [--nifti_src=DIR] [--context_slices=K] [--patch_size=P] [--sources=...]
 
-Sources: synthetic (240 px), kaggle_h5 (the sample's 20 slices), nifti cache (a slice cache of
-the first `--cases` sample cases, prepared into --cache_dir or a temp folder), and "nifti
+Sources: synthetic (240 px), kaggle_h5 (the sample's 20 slices), nifti cache (a slice cache
+of the first `--cases` sample cases, or of all cases under `--nifti_src`, prepared into
+--cache_dir or a temp folder; an existing cache there is completed, not rebuilt), and "nifti
 decoded per read" (decodes the 4 gzip'd volumes + label for every slice; the baseline), each
-with 0 and N grain workers. The first batch (worker start-up) is not timed.
+with 0 and N grain workers; with 0 workers also slices per CPU second (all threads of the
+process: the reading cost, less disturbed by other jobs than slices/s). `--context_slices`
+and `--patch_size` set the data fields of the same names (2.5D windows, random crops with
+data.foreground_fraction 0.33). The first batch (worker start-up) is not timed.
 """
 
 from __future__ import annotations
@@ -50,22 +55,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--cache_dir", default="", help="slice cache folder (default: a temp folder)")
     p.add_argument("--cases", type=int, default=2, help="sample cases put in the nifti cache")
+    p.add_argument("--nifti_src", default="", help="case folders to cache (default: sample's)")
+    p.add_argument("--context_slices", type=int, default=0, help="data.context_slices")
+    p.add_argument("--patch_size", type=int, default=0, help="data.patch_size (0: whole)")
     p.add_argument("--sources", default="synthetic,kaggle_h5,nifti_cache,nifti_decoded")
     return p
 
 
-def _throughput(source, *, workers: int, batch_size: int, seconds: float) -> float:
+def _throughput(
+    source, *, workers: int, batch_size: int, seconds: float, context_slices=0, patch_size=0
+) -> tuple[float, float]:
+    """(slices/s, slices per CPU second of this process's threads: a rate that other jobs
+    on the machine disturb less; NaN with worker processes, whose CPU time is not seen)."""
     cfg = ml_collections.ConfigDict(dict(image_size=0, random_flip=False, num_workers=workers))
+    cfg.context_slices, cfg.patch_size = context_slices, patch_size
     it = make_train_iterator(source, np.arange(len(source)), cfg, batch_size=batch_size, seed=0)
     try:
         next(it)  # start-up (worker spawn, first reads) not timed
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while True:
             b = next(it)
             n += len(b["label"])
             dt = time.perf_counter() - t0
             if dt >= seconds:
-                return n / dt
+                cpu = time.process_time() - c0
+                return n / dt, (n / cpu if workers == 0 and cpu > 0 else float("nan"))
     finally:
         it.close()
 
@@ -86,18 +100,22 @@ def run_data_bench(argv_or_args=None) -> list[dict]:
     tmp = None
     sub = None
     if {"nifti_cache", "nifti_decoded"} & set(wanted):
-        cases = sorted(p for p in (root / "nifti").iterdir() if p.is_dir())[: args.cases]
         tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
-        sub = pathlib.Path(tmp.name) / "src"
-        sub.mkdir()
-        for c in cases:
-            os.symlink(c, sub / c.name)
+        if args.nifti_src:
+            sub = pathlib.Path(args.nifti_src)
+        else:
+            cases = sorted(p for p in (root / "nifti").iterdir() if p.is_dir())[: args.cases]
+            sub = pathlib.Path(tmp.name) / "src"
+            sub.mkdir()
+            for c in cases:
+                os.symlink(c, sub / c.name)
     results = []
     print(
         f"# data loading benchmark: {platform.node()} {platform.processor() or platform.machine()}"
         f", {os.cpu_count()} CPUs, python {sys.version.split()[0]}"
     )
-    print(f"{'source':<24} {'workers':>7} {'batch':>5} {'slices/s':>10}")
+    print(f"# context_slices={args.context_slices} patch_size={args.patch_size}")
+    print(f"{'source':<24} {'workers':>7} {'batch':>5} {'slices/s':>10} {'slices/cpu-s':>12}")
     for name in wanted:
         bs = args.batch_size
         seconds = args.seconds
@@ -119,9 +137,15 @@ def run_data_bench(argv_or_args=None) -> list[dict]:
         else:
             raise SystemExit(f"unknown source {name!r}")
         for w in (0, args.workers):
-            rate = _throughput(src, workers=w, batch_size=bs, seconds=seconds)
-            results.append(dict(source=name, workers=w, batch_size=bs, slices_per_s=rate))
-            print(f"{name:<24} {w:>7} {bs:>5} {rate:>10.1f}", flush=True)
+            rate, per_cpu = _throughput(
+                src, workers=w, batch_size=bs, seconds=seconds,
+                context_slices=args.context_slices, patch_size=args.patch_size,
+            )  # fmt: skip
+            results.append(
+                dict(source=name, workers=w, batch_size=bs, slices_per_s=rate,
+                     slices_per_cpu_s=per_cpu)
+            )  # fmt: skip
+            print(f"{name:<24} {w:>7} {bs:>5} {rate:>10.1f} {per_cpu:>12.1f}", flush=True)
     by = {(r["source"], r["workers"]): r["slices_per_s"] for r in results}
     for w in (0, args.workers):
         if ("nifti_cache", w) in by and ("nifti_decoded", w) in by:

