@@ -53,7 +53,6 @@ REGION_RULES = {"tc": ((NCR, ET), ED), "et": ((ET,), NCR)}
 """Per-region rule: (classes whose components are measured, the class "relabel" gives)."""
 OBJECTIVES = ("dice", "lesionwise")
 ONE_MM = (1.0, 1.0, 1.0)
-_REGION_FIELDS = ("tc_min_mm3", "tc_action", "et_min_mm3", "et_action")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +130,14 @@ class PostprocessConfig:
         )
 
     def to_dict(self) -> dict:
-        """The fields as a dict; the per-region fields only where they differ from their
-        defaults, so the files of configs without them read as before (and load in versions
-        that predate them)."""
+        """The fields as a dict; a region's `{tc,et}_min_mm3` and `{tc,et}_action` only when
+        its rule is set (threshold or a non-default action), so the files of configs without
+        them read as before (and load in versions that predate them)."""
         d = dataclasses.asdict(self)
-        defaults = PostprocessConfig()
-        return {k: v for k, v in d.items() if k not in _REGION_FIELDS or v != getattr(defaults, k)}
+        for region in REGION_RULES:
+            if d[f"{region}_min_mm3"] is None and d[f"{region}_action"] == "relabel":
+                del d[f"{region}_min_mm3"], d[f"{region}_action"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, *, where: str = "post-processing config") -> PostprocessConfig:

@@ -183,6 +183,9 @@ def test_old_json_loads_and_the_new_fields_round_trip(tmp_path):
     }
     assert pp.load(new) == cfg
     pp.save(new, pp.PostprocessConfig(et_min_mm3=12.5))
+    stored = json.loads(new.read_text())["postprocessing"]
+    assert (stored["et_min_mm3"], stored["et_action"]) == (12.5, "relabel")
+    assert "tc_min_mm3" not in stored and "tc_action" not in stored
     assert pp.load(new) == pp.PostprocessConfig(et_min_mm3=12.5)
 
 
@@ -273,7 +276,7 @@ def test_lesionwise_objective_removes_a_false_positive_et_island_dice_does_not()
     before = ((250 / 252 + 2 * 54 / 56) / 3 + 1) / 2
     assert dice.config == pp.PostprocessConfig()
     assert dice.score_before == dice.score_after == pytest.approx(before)
-    assert [c.get("et_action") for c, _ in dice.trials] == [None, None, "remove"]
+    assert [c.get("et_action") for c, _ in dice.trials] == [None, "relabel", "remove"]
     assert [s for _, s in dice.trials] == pytest.approx([
         before,
         ((250 / 252 + 54 / 56 + 1) / 3 + 2 / 3) / 2,
@@ -445,3 +448,53 @@ def test_example_script_reads_the_voxel_size_in_the_arrays_axis_order():
         nib.io_orientation(affine), nib.orientations.axcodes2ornt("LPS")
     )
     np.testing.assert_allclose(example["voxel_size"](image, to_lps), [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("objective", ["dice", "lesionwise"])
+def test_tune_command_objective_flag_and_auto_thresholds(
+    tmp_path, monkeypatch, stand_in_config, write_nifti_case, objective
+):
+    """Bug caught: --objective not passed on, "auto" region thresholds wrong (lesionwise:
+    REGION_MM3 x both actions for TC and ET; dice: none, as before), or the record without
+    the objective / the HD95s. Trials: off, one component rule, 6 x 2 TC and 6 x 2 ET
+    options (lesionwise only), one total-ET threshold."""
+    from brats_jax import tune_postprocessing as tune
+    from brats_jax.inference import whole_volume
+    from brats_jax.runs import train_state
+
+    config = stand_in_config(**{"data.image_size": 16})
+    model = types.SimpleNamespace(apply=lambda variables, x, train: x)
+    monkeypatch.setattr(train_state, "load_trained", lambda w, step=None: (config, model, {}))
+    labels, a, _ = _et_islands((12, 10, 6))
+    probs = np.eye(4, dtype=np.float32)[labels] * 0.6 + 0.1
+    monkeypatch.setattr(whole_volume, "predict_volume", lambda *args, **kw: probs)
+    gt = np.where(labels == 3, 4, labels).astype(np.int16)
+    gt[a] = 2
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=1, seg=gt)
+    (tmp_path / "run").mkdir()
+    tune.FLAGS.unparse_flags()
+    tune.FLAGS(["tune", f"--workdir={tmp_path / 'run'}", f"--cases={case}",
+                "--min_component_voxels=2", "--nolargest_component", "--connectivity=26",
+                "--et_min_voxels=5", f"--objective={objective}"])  # fmt: skip
+    try:
+        tune.main(["tune"])
+    finally:
+        tune.FLAGS.unparse_flags()
+    stored = json.loads((tmp_path / "run" / pp.POSTPROCESSING_FILE).read_text())["tuning"]
+    trials = stored["trials"]
+    region = [tuple(t["config"].get(k) for k in ("tc_min_mm3", "tc_action", "et_min_mm3",
+                                                 "et_action")) for t in trials]  # fmt: skip
+    if objective == "dice":
+        assert len(trials) == 3 and "lesion-wise" not in stored["objective"]
+        assert "hd95" not in trials[0] and "hd95_after" not in stored
+        return
+    assert "lesion-wise Dice" in stored["objective"] and len(trials) == 27
+    assert all("hd95" in t for t in trials) and stored["hd95_before"] >= stored["hd95_after"]
+    tc = [(v, act) for v, act, *_ in region[2:14]]
+    assert tc == [(v, act) for v in (10.0, 25.0, 50.0, 100.0, 200.0, 500.0)
+                  for act in ("relabel", "remove")]  # fmt: skip
+    assert [(v, act) for *_, v, act in region[14:26]] == tc
+    with pytest.raises(ValueError, match=r"--tc_min_mm3='0,5': expected auto or"):
+        tune._mm3("0,5", "tc_min_mm3")
+    with pytest.raises(ValueError, match=r"--et_actions='relabel,drop': expected relabel"):
+        tune._actions("relabel,drop", "et_actions")
