@@ -498,3 +498,28 @@ def test_tune_command_objective_flag_and_auto_thresholds(
         tune._mm3("0,5", "tc_min_mm3")
     with pytest.raises(ValueError, match=r"--et_actions='relabel,drop': expected relabel"):
         tune._actions("relabel,drop", "et_actions")
+
+
+def test_exported_json_carries_the_region_rules_the_example_applies(tmp_path, stand_in_config):
+    """Bug caught: the export's JSON without a region rule (or its action), so the example
+    would skip or misapply it. The JSON of a run whose config holds a TC and an ET rule,
+    read by the example at 2.5 mm slices, gives `postprocess.apply`'s labels."""
+    pytest.importorskip("onnxruntime", reason="the example imports onnxruntime")
+    from brats_jax.inference import onnx_export
+
+    rules = {"tc_min_mm3": 12.0, "tc_action": "remove", "et_min_mm3": 16.0}
+    config = stand_in_config(**{"postprocess": dict(rules)})
+    block = json.loads(json.dumps(onnx_export.metadata(config, tmp_path)["postprocessing"]))
+    assert {k: block[k] for k in rules} == rules and block["et_action"] == "relabel"
+    assert "mm^3" in block["rule"] and "tc_action" in block["rule"]
+    example = runpy.run_path(str(SCRIPT))
+    labels, a, b = _et_islands((10, 10, 6))
+    labels[8, 8, 5] = 1  # a 1-voxel TC island
+    # by hand at 2.5 mm slices: TC components island (2.5 mm^3) and A (10) < 12 removed, B
+    # (15) kept; then ET component B (15 mm^3) < 16 -> NCR
+    want = labels.copy()
+    want[8, 8, 5] = 0
+    want[a] = 0
+    want[b] = 1
+    np.testing.assert_array_equal(pp.apply(labels, pp.PostprocessConfig(**rules), ANISO), want)
+    np.testing.assert_array_equal(example["postprocess"](labels, block, ANISO), want)
