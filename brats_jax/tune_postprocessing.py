@@ -86,8 +86,8 @@ def _mm3(value: str, flag: str) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
-        out = (-1.0,)
-    if any(not 0 < v < float("inf") for v in out):
+        out = None
+    if out is None or any(not 0 < v < float("inf") for v in out):
         raise ValueError(f"--{flag}={value!r}: expected auto or comma-separated volumes > 0 (mm^3)")
     return out
 

@@ -232,6 +232,13 @@ def test_run_config_fields_zero_off_and_read():
     assert pp.from_config(c).et_min_mm3 == 7.5
     with pytest.raises(ValueError, match="^config postprocess: tc_action 'drop'"):
         pp.from_config({"postprocess": {"tc_min_mm3": 5, "tc_action": "drop"}})
+    # a training run refuses a bad field before it trains, not at its test pass
+    from brats_jax.training import run_group
+
+    with c.unlocked():
+        c.postprocess.et_action = "drop"
+    with pytest.raises(ValueError, match="et_action 'drop'"):
+        run_group._check_config(c)
 
 
 # ------------------------------------------------------------------------------------------
@@ -496,6 +503,8 @@ def test_tune_command_objective_flag_and_auto_thresholds(
     assert [(v, act) for *_, v, act in region[14:26]] == tc
     with pytest.raises(ValueError, match=r"--tc_min_mm3='0,5': expected auto or"):
         tune._mm3("0,5", "tc_min_mm3")
+    with pytest.raises(ValueError, match=r"--et_min_mm3='ten': expected auto or"):
+        tune._mm3("ten", "et_min_mm3")
     with pytest.raises(ValueError, match=r"--et_actions='relabel,drop': expected relabel"):
         tune._actions("relabel,drop", "et_actions")
 
