@@ -85,6 +85,10 @@ ADDED_FIELDS = {
     "postprocess.min_component_voxels": 0,
     "postprocess.connectivity": 26,
     "postprocess.et_min_voxels": 0,
+    "postprocess.tc_min_mm3": 0.0,
+    "postprocess.tc_action": "relabel",
+    "postprocess.et_min_mm3": 0.0,
+    "postprocess.et_action": "relabel",
     **{f"augment.{k}": v for k, v in OFF_FIELDS.items()},  # no augmentation
     "eval.num_overlay_slices": 0,
     "eval.sliding_window": False,

@@ -115,6 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
     pp.min_component_voxels = 0  # drop whole-tumour components below this size (0 = off)
     pp.connectivity = 26  # of the components: 26 (faces, edges, corners) | 6 (faces)
     pp.et_min_voxels = 0  # relabel ET as NCR when the volume has fewer ET voxels (0 = off)
+    # TC components (labels NCR, ET) below this volume in mm^3 (0 = off): relabel -> ED | remove
+    pp.tc_min_mm3 = 0.0
+    pp.tc_action = "relabel"
+    # ET components below this volume in mm^3 (0 = off): relabel -> NCR | remove
+    pp.et_min_mm3 = 0.0
+    pp.et_action = "relabel"
 
     # Augmentation on the device, per sample in the train step (brats_jax/data/augment.py). Each
     # *_p is a per-sample probability, all 0 (off); ranges are nnU-Net's 2D values; a preset

@@ -22,7 +22,8 @@ LPS = nib.orientations.axcodes2ornt("LPS")
 
 
 def read_case(folder):
-    """(raw volumes in LPS order, the FLAIR image, naming) of a BraTS case folder."""
+    """(raw volumes in LPS order, the FLAIR image, naming, its orientation transform to LPS)
+    of a BraTS case folder."""
     for naming, suffixes in NAMINGS.items():
         paths = [next(folder.glob(f"{folder.name}{s}.nii*"), None) for s in suffixes]
         if all(paths):
@@ -30,8 +31,14 @@ def read_case(folder):
             to_lps = nib.orientations.ornt_transform(nib.io_orientation(images[0].affine), LPS)
             lps = nib.orientations.apply_orientation
             vols = [lps(np.asanyarray(image.dataobj), to_lps) for image in images]
-            return vols, images[0], naming
+            return vols, images[0], naming, to_lps
     sys.exit(f"{folder}: expected {folder.name}_flair.nii.gz ... or {folder.name}-t2f.nii.gz ...")
+
+
+def voxel_size(image, to_lps):  # mm per axis of the LPS-ordered arrays, from the header
+    return nib.affines.voxel_sizes(
+        image.affine @ nib.orientations.inv_ornt_aff(to_lps, image.shape[:3])
+    )
 
 
 def normalise(vols, how):  # "brain": per volume over brain voxels; "slice": per axial slice
@@ -67,7 +74,7 @@ def main(model_path, case_dir, out_path, batch_size=16):
     if meta["sliding_window"]:
         sys.exit("this run predicts through sliding windows; not done here (use predict)")
     session = ort.InferenceSession(model_path, providers=ort.get_available_providers())
-    vols, flair, naming = read_case(pathlib.Path(case_dir))
+    vols, flair, naming, to_lps = read_case(pathlib.Path(case_dir))
     x = normalise(vols, meta["input"]["normalization"])
     (h, w, depth), k, size = x.shape[:3], meta["input"]["context_slices"], meta["input"]["shape"][1]
     flips, probs = [tuple(a) for a in meta["tta"]["flip_axes"]], []
@@ -84,7 +91,7 @@ def main(model_path, case_dir, out_path, batch_size=16):
         labels = np.select([(p[..., 2] > 0.5) & tc, tc, wt], [3, 1, 2], 0)  # ET in TC in WT
     else:
         labels = p.argmax(-1)
-    labels = postprocess(labels, meta["postprocessing"])
+    labels = postprocess(labels, meta["postprocessing"], voxel_size(flair, to_lps))
     labels = np.asarray(meta["labels"]["release_labels"][naming], np.int16)[labels]
     back = nib.orientations.ornt_transform(LPS, nib.io_orientation(flair.affine))
     header = flair.header.copy()
@@ -95,17 +102,18 @@ def main(model_path, case_dir, out_path, batch_size=16):
     print(f"wrote {out_path}: labels {np.unique(out).tolist()}")
 
 
-def postprocess(labels, pp):  # whole-tumour components, then small ET -> NCR
+def postprocess(labels, pp, spacing=(1.0, 1.0, 1.0)):  # pp["rule"]; spacing: voxel size, mm
     components = pp["largest_component_only"] or pp["min_component_voxels"]
-    if not (components or pp["et_min_voxels"]):
+    regions = (("tc", (1, 3), 2), ("et", (3,), 1))  # TC -> ED (2) or 0; ET -> NCR (1) or 0
+    if not (components or pp["et_min_voxels"] or any(pp.get(f"{r}_min_mm3") for r, *_ in regions)):
         return labels
     try:
         from scipy import ndimage
     except ImportError:
         print(f"warning: scipy is not installed; post-processing {pp} skipped", file=sys.stderr)
         return labels
+    structure = ndimage.generate_binary_structure(3, 1 if pp["connectivity"] == 6 else 3)
     if components:
-        structure = ndimage.generate_binary_structure(3, 1 if pp["connectivity"] == 6 else 3)
         cc, n = ndimage.label(labels > 0, structure=structure)
         sizes, keep = np.bincount(cc.ravel()), np.zeros(n + 1, bool)
         sizes[0] = 0
@@ -114,6 +122,13 @@ def postprocess(labels, pp):  # whole-tumour components, then small ET -> NCR
         elif n:
             keep[1:] = sizes[1:] >= pp["min_component_voxels"]
         labels = np.where(keep[cc], labels, 0)
+    for r, classes, relabelled in regions:  # components below {r}_min_mm3 (voxels x mm^3)
+        if pp.get(f"{r}_min_mm3"):
+            cc, _ = ndimage.label(np.isin(labels, classes), structure=structure)
+            small = np.bincount(cc.ravel()) * np.prod(spacing) < pp[f"{r}_min_mm3"]
+            small[0] = False
+            new = relabelled if pp.get(f"{r}_action", "relabel") == "relabel" else 0
+            labels = np.where(small[cc], new, labels)
     et = labels == 3
     if pp["et_min_voxels"] and 0 < et.sum() < pp["et_min_voxels"]:
         labels = np.where(et, 1, labels)

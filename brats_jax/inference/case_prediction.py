@@ -46,8 +46,13 @@ def segment(
     )
     labels = outputs.labels_from_probabilities(probs, outputs.of_config(ensemble.config.model))
     if postprocessing is not None:
-        labels = postprocess.apply(labels, postprocessing)
+        labels = postprocess.apply(labels, postprocessing, spacing(data))
     return data, labels, probs
+
+
+def spacing(data) -> tuple[float, float, float]:
+    """A loaded case's voxel size in mm per axis of its arrays (its header's zooms)."""
+    return tuple(float(z) for z in data.header.get_zooms()[:3])
 
 
 def _warn_unlike_brats(data) -> None:

@@ -252,11 +252,16 @@ def metadata(config, workdir, *, step=None, sliding_window=None) -> dict:
         },
         "postprocessing": {
             **pp.to_dict(),
+            **{k: getattr(pp, k) for k in ("tc_min_mm3", "tc_action", "et_min_mm3", "et_action")},
             "rule": (
-                "on the (H, W, D) training labels: 1. whole-tumour (label > 0) components "
-                "(scipy.ndimage.label, connectivity 6 or 26): keep the largest only, or drop "
-                "those below min_component_voxels (dropped -> 0); 2. when 0 < ET voxels < "
-                "et_min_voxels, ET (3) -> NCR (1). null / false: off"
+                "on the (H, W, D) training labels, every component by scipy.ndimage.label "
+                "with connectivity 6 or 26: 1. whole-tumour (label > 0) components: keep the "
+                "largest only, or drop those below min_component_voxels (dropped -> 0); "
+                "2. components of labels {1, 3} (TC) with voxels x the voxel volume (mm^3, "
+                "the product of the voxel size in mm from the NIfTI header) < tc_min_mm3: "
+                "tc_action 'relabel' -> ED (2), 'remove' -> 0; 3. components of label 3 "
+                "(ET) < et_min_mm3: et_action 'relabel' -> NCR (1), 'remove' -> 0; 4. when "
+                "0 < ET voxels < et_min_voxels, ET (3) -> NCR (1). null / false: off"
             ),
         },
         "labels": {

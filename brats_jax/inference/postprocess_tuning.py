@@ -8,7 +8,16 @@ import pathlib
 from brats_jax.data import brats, nnunet
 from brats_jax.inference import ensembles, postprocess
 from brats_jax.inference.case_lists import split_list
-from brats_jax.inference.case_prediction import segment
+from brats_jax.inference.case_prediction import segment, spacing
+
+OBJECTIVE_TEXT = {
+    "dice": "mean over cases of the mean of the WT, TC and ET Dice",
+    "lesionwise": (
+        "mean over cases of the mean of the WT, TC and ET lesion-wise Dice (BraTS 2023), "
+        "ties broken by the lower mean lesion-wise HD95 (mm)"
+    ),
+}
+"""The `objective` entry of the tuning record, per `--objective`."""
 
 
 def resolve_cases(cases: list[str], data_root: str) -> list:
@@ -55,16 +64,19 @@ def tune_run(
     tta="none",
     step=None,
     batch_size=0,
+    objective="dice",
     log=print,
 ):
     """Predict `cases` (folders or IDs, see `resolve_cases`; empty: the run's
-    `data.val_cases`) with the run(s), tune, and write `output`. Returns `postprocess.Tuned`."""
+    `data.val_cases`) with the run(s), tune for `objective` ("dice" | "lesionwise", see
+    `postprocess.tune_postprocessing`; each case at its header's voxel size), and write
+    `output`. Returns `postprocess.Tuned`."""
     ensemble = ensembles.load_ensemble(workdirs, step=step, tta=tta)
     config = ensemble.config
     cases = split_list(cases) or split_list(config.data.get("val_cases", ""))
     if not cases:
         raise ValueError("--cases: give the tuning cases (the run has no data.val_cases)")
-    preds, gts, ids = [], [], []
+    preds, gts, ids, spacings = [], [], [], []
     for case in resolve_cases(cases, data_root or config.data.get("root", "")):
         data, labels, _ = segment(ensemble, case, batch_size=batch_size)
         if data.label is None:
@@ -72,19 +84,26 @@ def tune_run(
         preds.append(labels)
         gts.append(data.label)
         ids.append(data.case_id)
+        spacings.append(spacing(data))
         log(f"predicted {data.case_id}")
     if overlap := sorted(tested_cases(ensemble) & set(ids)):
         log(f"warning: tuning on the run's test case(s) {overlap}: their test scores are biased")
-    tuned = postprocess.tune_postprocessing(preds, gts, candidates, log=log)
+    tuned = postprocess.tune_postprocessing(
+        preds, gts, candidates, objective=objective, spacings=spacings, log=log
+    )
     tuning = {
         "cases": ids,
         "workdirs": list(ensemble.workdirs),
         "tta": tta,
         "step": step,
-        "objective": "mean over cases of the mean of the WT, TC and ET Dice",
+        "objective": OBJECTIVE_TEXT[objective],
         "score_before": tuned.score_before,
         "score_after": tuned.score_after,
         "trials": [{"config": c, "score": s} for c, s in tuned.trials],
     }
+    if objective == "lesionwise":
+        tuning.update(hd95_before=tuned.hd95_before, hd95_after=tuned.hd95_after)
+        for trial, hd95 in zip(tuning["trials"], tuned.trials_hd95, strict=True):
+            trial["hd95"] = hd95
     postprocess.save(output, tuned.config, tuning)
     return tuned

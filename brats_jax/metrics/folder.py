@@ -55,8 +55,9 @@ COLUMNS = (
 MISSING_MODES = ("worst", "skip")
 METRIC_SETS = ("standard", "lesionwise")
 
-Postprocessing = Callable[[np.ndarray], np.ndarray]
-"""A prediction's training-class map -> the map to score (see :func:`evaluate_folder`)."""
+Postprocessing = Callable[..., np.ndarray]
+"""``(prediction's training-class map, spacing=(mm, mm, mm))`` -> the map to score (see
+:func:`evaluate_folder`)."""
 
 
 class EvaluationError(ValueError):
@@ -316,11 +317,11 @@ def _evaluate_case(
     gt = to_training_classes(gt_raw, conv, f"case {cid} ground truth {gt_path}")
     pconv = conv if pred_labels == "same" else pred_labels
     pred = to_training_classes(pred_raw, pconv, f"case {cid} prediction {pred_path}")
+    spacing = tuple(float(z) for z in zooms)
     if postprocessing is not None:
-        pred = postprocessing(pred)
+        pred = postprocessing(pred, spacing=spacing)
     if on_case is not None:
         on_case(cid, pred, gt, gt_path)
-    spacing = tuple(float(z) for z in zooms)
     scores = volumes.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
     if lesion_options is not None:
         scores.update(
@@ -365,9 +366,10 @@ def evaluate_folder(
       hd95_mode: ``max`` (MONAI) or ``pooled`` (medpy), see :func:`brats_jax.metrics.volumes.hd95`.
       missing: a GT case without prediction: ``worst`` (scored by :func:`missing_case_row`)
         or ``skip``.
-      postprocessing: called with each prediction (training classes) before it is scored;
-        returns the map to score, e.g. `brats_jax.inference.postprocess.apply` of a
-        post-processing config (``functools.partial(postprocess.apply, config=cfg)``).
+      postprocessing: called as ``postprocessing(pred, spacing=GT zooms in mm)`` with each
+        prediction (training classes) before it is scored; returns the map to score, e.g.
+        `brats_jax.inference.postprocess.apply` of a post-processing config
+        (``functools.partial(postprocess.apply, config=cfg)``).
       lesion_options: None (standard metrics only) or a dict of
         :func:`brats_jax.metrics.lesionwise.region_scores` options ({} = the challenge's): adds the
         ``lesionwise_*`` scores.

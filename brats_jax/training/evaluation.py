@@ -108,7 +108,7 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
             context_slices=data.context_slices(run.config),
         )  # fmt: skip
         pred = outputs.labels_from_probabilities(probs, outputs.of_config(run.config.model))
-        pred = postprocess.apply(pred, pp).astype(np.int32)  # the config's (identity: off)
+        pred = postprocess.apply(pred, pp, spacing).astype(np.int32)  # the config's (identity: off)
         scores = metrics.evaluate_volume(
             pred, label, spacing=spacing, hd95_mode=run.config.eval.hd95_mode
         )

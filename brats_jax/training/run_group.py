@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from brats_jax import config_fields, data, fileio, losses
 from brats_jax.data import augment
 from brats_jax.data.patches import check_patch_config, inference_window
+from brats_jax.inference import postprocess
 from brats_jax.models import outputs
 from brats_jax.runs.checkpoints import (
     VAL_METRIC,
@@ -116,6 +117,7 @@ def _check_config(config) -> None:
     check_patch_config(config, config.data.image_size)  # the native size: in build_run
     inference_window(config)  # eval.sliding_window without patches fails before training
     augment.from_config(config)  # so does a bad augment.* field
+    postprocess.from_config(config)  # and a bad postprocess.* field (test pass)
     for field in ("train.log_every_steps", "train.checkpoint_every_steps", "eval.batch_size"):
         value = config_fields.get_field(config, field)
         if value < 1:

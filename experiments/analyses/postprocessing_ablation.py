@@ -136,7 +136,7 @@ def score_rows(rows, labels, gts, spacings, test_ids, hd95_mode="max") -> list[d
         if key not in done:
             per_case = []
             for cid in test_ids:
-                pred = postprocess.apply(labels[tta][cid], cfg)
+                pred = postprocess.apply(labels[tta][cid], cfg, spacings[cid])
                 per_case.append(
                     {"case_id": cid, **score_case(pred, gts[cid], spacings[cid], hd95_mode)}
                 )
@@ -179,6 +179,10 @@ def _describe(cfg: postprocess.PostprocessConfig) -> str:
         parts.append(
             f"components < {cfg.min_component_voxels} vx removed ({cfg.connectivity}-conn.)"
         )
+    for region, into in (("tc", "ED"), ("et", "NCR")):
+        if (mm3 := getattr(cfg, f"{region}_min_mm3")) is not None:
+            action = into if getattr(cfg, f"{region}_action") == "relabel" else "removed"
+            parts.append(f"{region.upper()} components < {mm3:g} mm3 -> {action}")
     if cfg.et_min_voxels is not None:
         parts.append(f"ET < {cfg.et_min_voxels} vx -> NCR")
     return "; ".join(parts) or "none"

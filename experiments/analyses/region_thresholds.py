@@ -50,7 +50,9 @@ def scores_by_threshold(probs, label, spacing, thresholds, hd95_mode="max") -> d
     threshold t, largest whole-tumour component kept, against (H, W, D) labels {0..3}."""
     out = {}
     for t in thresholds:
-        pred = postprocess.apply(outputs.regions_to_labels(probs, t).astype(np.uint8), LARGEST)
+        pred = postprocess.apply(
+            outputs.regions_to_labels(probs, t).astype(np.uint8), LARGEST, spacing
+        )
         out[t] = score_case(pred, label, spacing, hd95_mode)
     return out
 

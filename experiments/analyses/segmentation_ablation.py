@@ -313,7 +313,9 @@ def score(args, folds, cases) -> dict:
                 cfg = r["configs"][fold_of[cid]]
                 key = (r["variant"], r["tta"], cfg, cid)
                 if key not in jobs:
-                    pred = postprocess.apply(predictions[r["variant"]][r["tta"]][cid], cfg)
+                    pred = postprocess.apply(
+                        predictions[r["variant"]][r["tta"]][cid], cfg, spacings[cid]
+                    )
                     jobs[key] = pool.submit(
                         score_case, pred, gts[cid], spacings[cid], args.hd95_mode
                     )

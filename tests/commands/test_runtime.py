@@ -153,6 +153,10 @@ def test_resolve_ops_and_the_legacy_conv_impl_field():
             "min_component_voxels": 0,
             "connectivity": 26,
             "et_min_voxels": 0,
+            "tc_min_mm3": 0.0,
+            "tc_action": "relabel",
+            "et_min_mm3": 0.0,
+            "et_action": "relabel",
         },
         "augment": augment.OFF_FIELDS,  # no augmentation
     }  # fmt: skip  (fields added later get the values old runs trained with)
