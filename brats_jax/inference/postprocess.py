@@ -452,12 +452,15 @@ def _et_total_step(chosen, preds, candidates, spacings):
 
 
 STEPS = (
-    ("components", _component_step),
-    ("TC components", _region_step("tc")),
-    ("ET components", _region_step("et")),
-    ("ET relabelling", _et_total_step),
+    ("components", _component_step, False),
+    ("TC components", _region_step("tc"), True),
+    ("ET components", _region_step("et"), True),
+    ("ET relabelling", _et_total_step, False),
 )
-"""The tuning's steps in order: (name, generator of (option, outputs) from the choice so far)."""
+"""The tuning's steps in order: (name, generator of (option, outputs) from the choice so far,
+whether the step must raise the objective to be kept: the TC / ET component rules, which
+would otherwise be adopted on cases whose small components an earlier step already took,
+and then remove small true lesions of new cases for nothing)."""
 
 
 def _best(options, objective: _Objective, trials: list):
@@ -504,10 +507,11 @@ def tune_postprocessing(
     choice so far: (1) the whole-tumour component rule (every size threshold and the
     largest-component rule, for each connectivity); (2) the TC component rule and (3) the ET
     component rule (each mm^3 threshold with each action, at the connectivity chosen so
-    far); (4) the total-ET-to-NCR relabelling threshold. A step keeps its best option when
-    that does not lower the objective (ties keep the least aggressive option, and a tie with
-    "off" adopts it: Dice barely sees a far-away island that HD95 is ruled by); otherwise
-    the step stays off. A step without candidates stays off.
+    far); (4) the total-ET-to-NCR relabelling threshold. Steps (1) and (4) keep their best
+    option when that does not lower the objective (ties keep the least aggressive option,
+    and a tie with "off" adopts it: Dice barely sees a far-away island that HD95 is ruled
+    by); steps (2) and (3) only when it raises the objective (no region rule without
+    evidence); otherwise the step stays off. A step without candidates stays off.
 
     Args:
       predictions, ground_truths: per case, (H, W, D) class maps {0..3}, same shapes.
@@ -528,9 +532,11 @@ def tune_postprocessing(
     chosen = PostprocessConfig()
     before = current = score(preds)
     trials.append((chosen.to_dict(), *before))
-    for step_name, step in STEPS:
+    for step_name, step, strict in STEPS:
         best = _best(step(chosen, preds, candidates, spacings), score, trials)
-        if best is not None and _rank(best[1]) >= _rank(current):
+        if best is not None and (
+            _rank(best[1]) > _rank(current) if strict else _rank(best[1]) >= _rank(current)
+        ):
             log(f"{step_name}: {best[0]} -> {name} {_fmt(current)} -> {_fmt(best[1])}")
             chosen, current, preds = best
         else:

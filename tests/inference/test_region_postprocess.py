@@ -301,6 +301,28 @@ def test_lesionwise_objective_removes_a_false_positive_et_island_dice_does_not()
     np.testing.assert_array_equal(outs[0], gts[0])
 
 
+def test_a_region_rule_that_changes_nothing_is_not_adopted():
+    """Bug caught: the TC / ET steps adopting a rule on a tie with "off" (as the whole-tumour
+    and total-ET steps do). Cases predicted exactly whose ET lesions are all above 20 mm^3:
+    every TC / ET option (thresholds 5 and 20 mm^3, both actions) scores what "off" scores,
+    so the region rules stay off; the whole-tumour step still adopts its tied least
+    aggressive option (min_component_voxels 50), as nnU-Net's rule does."""
+    gt = np.zeros((20, 20, 12), np.int32)
+    gt[2:7, 2:7, 2:7] = 2
+    gt[3:6, 3:6, 3:6] = 3  # 27 voxels: 67.5 mm^3 at ANISO
+    candidates = pp.TuningCandidates(
+        min_component_voxels=(50,), largest_component=False, et_min_voxels=(),
+        tc_min_mm3=(5, 20), et_min_mm3=(5, 20),
+    )  # fmt: skip
+    for objective in ("dice", "lesionwise"):
+        tuned = pp.tune_postprocessing(
+            [gt.copy()], [gt], candidates, objective=objective, spacings=[ANISO]
+        )
+        assert tuned.config == pp.PostprocessConfig(min_component_voxels=50), objective
+        assert tuned.score_before == tuned.score_after == pytest.approx(1.0)
+        assert len(tuned.trials) == 1 + 2 + 4 + 4  # off, 2 connectivities, 2 x 2 per region
+
+
 def test_lesionwise_ties_go_to_the_lower_hd95():
     """Bug caught: the HD95 tie-break missing or reversed. A stand-in objective gives four
     options (lesion-wise Dice, HD95): the best Dice is shared by the 2nd, 3rd and 4th; the 3rd
