@@ -4,12 +4,11 @@ back for `predict`.
 
 The fit (`metrics.calibration.fit_temperature`: one T for class outputs, one per region for
 region outputs) minimises the NLL of the cases' brain voxels (a seeded sample of at most
-`max_voxels` per case) under the network's logits: the logits of the run's slice predictor
-(`whole_volume.make_slice_predictor(logits=True)`: mirror views averaged, resized back to
-the case's grid). `predict` divides every model call's logits by T and then averages and
-resizes the probabilities as always, so the fitted objective and what predict writes differ
-only in that order (exactly equal for a run at the cases' own resolution without test-time
-flips or sliding windows). Labels never use the temperature (`ensembles.predict_probabilities`).
+`max_voxels` per case) under the network's logits as the run's slice predictor gives them
+(`whole_volume.make_slice_predictor(logits=True)`: mirror views and sliding windows averaged,
+resized back to the case's grid). `predict` scales exactly these logits (the same predictor
+with a temperature), so the fitted objective is the NLL of what it writes; its labels never
+use the temperature (`ensembles.predict_calibrated`).
 """
 
 from __future__ import annotations

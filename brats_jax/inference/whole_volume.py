@@ -112,12 +112,14 @@ def make_slice_predictor(
     model sees each (resized) slice through sliding windows of that size (`window_starts`,
     `gaussian_weights`: nnU-Net's sliding-window inference), not whole; 0 = whole slices.
 
+    `logits=True` returns the logits instead of probabilities: mirror views and windows
+    averaged, resized back alike (the order nnU-Net uses: it averages and resamples logits).
     Temperature scaling (`brats_jax.inference.temperature`): `f(variables, images,
-    temperature)` with a (C,) float32 array returns (B,H,W,2C): channels :C the
-    probabilities as above, channels C: those of every model call's logits divided by
-    `temperature` (per channel), from the same calls (mirror views and windows averaged
-    alike). `logits=True` returns the logits instead of probabilities (mirror views and
-    windows averaged, resized alike): the input of fitting a temperature.
+    temperature)` with a (C,) float32 array returns (B,H,W,2C) from the same model calls:
+    channels :C the probabilities as above, channels C: softmax / sigmoid of those logits
+    divided by `temperature` (per channel): exactly the probabilities a temperature fitted on
+    the `logits=True` output describes. (At T = 1 they differ from channels :C only where
+    views, windows or resizing mix neighbouring logits, i.e. at boundaries.)
     """
     flips = tta_flip_axes(tta)
     outputs.check_output(output)
@@ -141,7 +143,7 @@ def make_slice_predictor(
             p = outputs.probabilities(z, output)
             if temperature is None:
                 return p
-            return jnp.concatenate([p, outputs.probabilities(z / temperature, output)], -1)
+            return jnp.concatenate([p, z.astype(jnp.float32)], -1)  # logits: scaled at the end
 
         probs = 0.0
         for axes in flips:  # a mirror image in, its probabilities mirrored back
@@ -156,6 +158,10 @@ def make_slice_predictor(
                 method="linear",
                 antialias=False,
             )
+        if temperature is not None:  # the averaged, resized logits / T -> probabilities
+            c = probs.shape[-1] // 2
+            scaled = outputs.probabilities(probs[..., c:] / temperature, output)
+            probs = jnp.concatenate([probs[..., :c], scaled], -1)
         return probs
 
     return predict

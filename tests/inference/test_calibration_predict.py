@@ -204,3 +204,43 @@ def test_fit_run_recovers_the_temperature_that_drew_the_labels(runs, tmp_path, w
 def test_fit_run_without_cases_or_validation_cases_names_the_flag(runs):
     with pytest.raises(ValueError, match="--cases: give the fitting cases"):
         temperature.fit_run(runs("r"), [])
+
+
+class _Ramp:
+    """Position-dependent logits: the input times `scale` plus a ramp along x, one slope per
+    class, so a left-right mirror view gives other logits."""
+
+    def apply(self, variables, x, train):
+        ramp = np.arange(x.shape[1], dtype=np.float32)[:, None, None] * np.float32(0.3)
+        return x * variables["scale"] + ramp * np.array([1.0, -0.5, 2.0, 0.75], np.float32)
+
+
+def test_scaled_probabilities_are_of_the_logits_the_fit_sees_with_flips(
+    runs, tmp_path, write_nifti_case
+):
+    """tta=flips: the fit's logits are the mean of the view's and the mirror view's logits
+    (mirrored back), by hand; predict's scaled probabilities are softmax of that mean / T
+    (T = 3), not the mean of each view's softmax(z / T).
+    Catches: the temperature applied per view before averaging (then the fitted T describes
+    other probabilities than the ones written)."""
+    run = runs("r", model=_Ramp(), scale=1.5, temp=3.0)
+    seg = np.zeros((12, 10, 6), np.uint8)  # the fit reads labelled cases
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2, seg=seg)
+    x = _image(case)
+
+    def logits(v):
+        ramp = 0.3 * np.arange(v.shape[0])[:, None, None, None]
+        return 1.5 * v + ramp * np.array([1.0, -0.5, 2.0, 0.75])
+
+    mean = (logits(x) + logits(x[::-1])[::-1]) / 2
+    config, model, variables = train_state.load_trained(run)
+    predict = temperature.logit_predictor(config, model, tta="flips")
+    _, z = temperature.case_logits(predict, config, variables, case)
+    np.testing.assert_allclose(z, mean, atol=1e-4)
+    p = tmp_path / "p.nii.gz"
+    case_prediction.predict_case(run, case, tmp_path / "s.nii.gz", probabilities=p, tta="flips")
+    np.testing.assert_allclose(_read(p), special.softmax(mean / 3.0, axis=-1), atol=1e-5)
+    per_view = (
+        special.softmax(logits(x) / 3, -1) + special.softmax(logits(x[::-1])[::-1] / 3, -1)
+    ) / 2
+    assert np.abs(per_view - special.softmax(mean / 3.0, axis=-1)).max() > 1e-3  # tells apart
