@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from brats_jax import cli
+from brats_jax import cli, runtime
 from brats_jax.data import brats
 from brats_jax.figures import plots
 from brats_jax.inference import ensembles, postprocess, temperature
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSON record to write")
     p.add_argument("--figure", default="", help="PNG of the pooled reliability diagram")
     args = p.parse_args(argv)
+    runtime.setup()  # fast XLA:CPU flags etc., before JAX computes
     workdir = pathlib.Path(args.workdir)
     start = time.time()
     config, model, variables = train_state.load_trained(workdir)
