@@ -244,3 +244,38 @@ def test_scaled_probabilities_are_of_the_logits_the_fit_sees_with_flips(
         special.softmax(logits(x) / 3, -1) + special.softmax(logits(x[::-1])[::-1] / 3, -1)
     ) / 2
     assert np.abs(per_view - special.softmax(mean / 3.0, axis=-1)).max() > 1e-3  # tells apart
+
+
+def test_calibrate_command_writes_the_file_predict_then_uses(
+    runs, tmp_path, write_nifti_case, capsys
+):
+    """`python -m brats_jax.calibrate` (main, in process) on a labelled case writes
+    calibration.json, says the temperature, and `predict --probabilities` then writes
+    softmax(z / T) with that T; `--calibration=false` the plain softmax.
+    Catches: the command not saving, predict's flag not reaching predict_case."""
+    from brats_jax import calibrate, predict
+
+    run = runs("r", scale=2.0)
+    seg = np.zeros((12, 10, 6), np.uint8)
+    seg[4:8, 3:7, 2:4] = 2
+    case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2, seg=seg)
+    calibrate.FLAGS.unparse_flags()
+    calibrate.FLAGS(["calibrate", f"--workdir={run}", f"--cases={case}"])
+    try:
+        calibrate.main(["calibrate"])
+    finally:
+        calibrate.FLAGS.unparse_flags()
+    t = json.loads(calibration_file.path_of(run).read_text())["temperature"]
+    assert f"T = {t:.3f}" in capsys.readouterr().out
+    z = 2.0 * _image(case)
+    for flag, temp in (("--calibration=true", t), ("--calibration=false", 1.0)):
+        p = tmp_path / f"p{temp}.nii.gz"
+        predict.FLAGS.unparse_flags()
+        out = tmp_path / "s.nii.gz"
+        predict.FLAGS(["predict", f"--workdir={run}", f"--input={case}", f"--output={out}",
+                       f"--probabilities={p}", flag])  # fmt: skip
+        try:
+            predict.main(["predict"])
+        finally:
+            predict.FLAGS.unparse_flags()
+        np.testing.assert_allclose(_read(p), special.softmax(z / temp, axis=-1), atol=1e-5)
