@@ -8,8 +8,9 @@ non-zero; seeded) and fits the temperature that minimises their negative log-lik
 one T for a run with `model.output=classes` (softmax(z / T): the argmax cannot change), one
 per region for `regions` (sigmoid(z / T_r): the sign of z, hence the 0.5 threshold, cannot
 change). Writes `RUN/calibration.json` (atomically; a previous one is replaced): the
-temperature, the cases, and the NLL and expected calibration error (15 bins, one-vs-rest per
-class or region) before and after on those voxels. `predict --probabilities` and
+temperature, the cases, and the NLL, expected calibration error (15 bins, one-vs-rest per
+class or region) and reliability bins before and after on those voxels; and beside it
+`RUN/calibration.png`, their reliability diagram (before and after). `predict --probabilities` and
 `--uncertainty` then use it (`--calibration=false` turns it off); the labels never do.
 `--cases` are case folders or case IDs found under `--data_root` (default: the run's
 `data.root`); default: the run's validation cases (`data.val_cases`, or those its split drew
@@ -23,10 +24,12 @@ from __future__ import annotations
 from absl import app, flags
 
 from brats_jax import cli, runtime
+from brats_jax.figures import plots
 from brats_jax.inference import calibration_file, temperature
 from brats_jax.inference.case_lists import split_list
 
 FLAGS = flags.FLAGS
+FIGURE = "calibration.png"  # the fitting voxels' reliability diagram, beside calibration.json
 # --workdir, --tta, --step, --batch_size, --cases and --data_root are defined alike in
 # predict / tune_postprocessing (allow_override: one process may import several commands).
 flags.DEFINE_string(
@@ -91,8 +94,13 @@ def main(argv) -> None:
         data_root=FLAGS.data_root,
     )
     path = calibration_file.save(FLAGS.workdir, record)
+    figure = path.with_name(FIGURE)
+    plots.reliability_diagram(
+        record["after"]["reliability"], figure, before=record["before"]["reliability"],
+        title="Fitting cases' brain voxels: before / after temperature scaling",
+    )  # fmt: skip
     print(_describe(record))
-    print(f"wrote {path} ({len(record['fitted_on']['cases'])} case(s))")
+    print(f"wrote {path} ({len(record['fitted_on']['cases'])} case(s)) and {figure}")
 
 
 def run() -> None:

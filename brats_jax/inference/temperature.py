@@ -88,11 +88,17 @@ def case_logits(predict, config, variables, case, *, batch_size=0):
 
 
 def summary(logits, targets, temperature, output: str) -> dict:
-    """NLL and ECE of sampled logits / targets (N, C) at `temperature` (C,)."""
+    """NLL, ECE and reliability bins (`ReliabilityBins.to_dict`) of sampled logits / targets
+    (N, C) at `temperature` (C,)."""
     bins = cal.ReliabilityBins.empty(cal.channel_names(output))
     bins.add(cal.scaled_probabilities(logits, temperature, output), targets)
     nll = np.broadcast_to(cal.nll(logits, targets, temperature, output), (logits.shape[1],))
-    return {"nll": calibration_file.by_channel(nll, output), "ece": dict(bins.to_dict()["ece"])}
+    reliability = bins.to_dict()
+    return {
+        "nll": calibration_file.by_channel(nll, output),
+        "ece": dict(reliability["ece"]),
+        "reliability": reliability,
+    }
 
 
 def fit_run(

@@ -8,6 +8,7 @@ numpy from `brats.load_case`'s image, at the case's own size (`data.image_size` 
 """
 
 import json
+import pathlib
 
 import nibabel as nib
 import numpy as np
@@ -267,6 +268,7 @@ def test_calibrate_command_writes_the_file_predict_then_uses(
         calibrate.FLAGS.unparse_flags()
     t = json.loads(calibration_file.path_of(run).read_text())["temperature"]
     assert f"T = {t:.3f}" in capsys.readouterr().out
+    assert (pathlib.Path(run) / "calibration.png").read_bytes()[:4] == b"\x89PNG"
     z = 2.0 * _image(case)
     for flag, temp in (("--calibration=true", t), ("--calibration=false", 1.0)):
         p = tmp_path / f"p{temp}.nii.gz"
