@@ -92,6 +92,7 @@ class ReliabilityBins:
 
     @property
     def num_bins(self) -> int:
+        """Bins per channel."""
         return self.count.shape[1]
 
     def add(self, probs, targets, mask=None) -> ReliabilityBins:
