@@ -145,10 +145,11 @@ def member_probabilities(ensemble: Ensemble, image: np.ndarray, *, batch_size=0,
     channels = outputs.num_channels(outputs.of_config(ensemble.config.model))
     runs = zip(ensemble.predictors, ensemble.variables, contexts, temps, strict=True)
     for predict, variables, k, t in runs:
-        t = (np.ones(channels, np.float32) if t is None else t) if calibrated else None
+        scale = {"temperature": np.ones(channels, np.float32) if t is None else t}
         yield whole_volume.predict_volume(
-            predict, variables, image, batch_size=batch_size, context_slices=k, temperature=t
-        )
+            predict, variables, image, batch_size=batch_size, context_slices=k,
+            **(scale if calibrated else {}),
+        )  # fmt: skip
 
 
 def _average(ensemble: Ensemble, image, batch_size, member_labels, calibrated) -> np.ndarray:
