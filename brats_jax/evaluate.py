@@ -37,7 +37,14 @@ wrote) applies that 3D post-processing to each prediction before it is scored.
 ``--overlays=DIR`` draws each scored case (`brats_jax.figures.overlays`: axial, coronal and sagittal
 slices through the predicted tumour's centre, ground truth beside prediction, over FLAIR and
 T1ce read from the ground truth's case folder, labels only when they are not there) into
-``DIR/<ID>.png`` and writes ``DIR/index.html``, worst whole-tumour Dice first.
+``DIR/<ID>.png`` and writes ``DIR/index.html``, worst whole-tumour Dice first. When
+``predict --probabilities`` maps are found for scored cases - in ``--probabilities=DIR``
+(predict's folder: ``<ID>.nii.gz``) or beside the predictions (``<ID>_probs.nii.gz``, any
+4-D map of 3 or 4 channels) - it also draws their reliability diagram over all those cases'
+brain voxels into ``DIR/reliability.png`` (``reliability_classes.png`` and
+``reliability_regions.png`` when both kinds are there) and prints the expected calibration
+error per class or region (:mod:`brats_jax.metrics.calibration`: 15 equal-width bins,
+one-vs-rest).
 
 Cases are matched by ID. A GT case without a prediction is scored as the BraTS challenge
 scores it: Dice 0 and HD95 373.13 mm in every region (sensitivity and specificity 0, the
@@ -50,13 +57,14 @@ median per region for Dice and HD95. Errors end with a one-line message and exit
 from __future__ import annotations
 
 import functools
+import pathlib
 import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
 from brats_jax import cli, runtime
-from brats_jax.figures import overlays
+from brats_jax.figures import overlays, plots
 from brats_jax.inference import postprocess
 from brats_jax.metrics import lesionwise, volumes
 from brats_jax.metrics.folder import (
@@ -64,7 +72,9 @@ from brats_jax.metrics.folder import (
     METRIC_SETS,
     MISSING_MODES,
     REGION_NAMES,
+    FolderReliability,
     evaluate_folder,
+    find_probability_maps,
     summarize,
     write_csv,
 )
@@ -103,6 +113,12 @@ flags.DEFINE_float(
 flags.DEFINE_string(  # predict and evaluate share it (both may be imported: tests)
     "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
 )
+flags.DEFINE_string(
+    "probabilities", None,
+    "With --overlays: folder of predict's probability maps (default: beside --pred's files) "
+    "for a reliability diagram.",
+    allow_override=True,
+)  # fmt: skip
 
 
 def _lesion_options() -> dict | None:
@@ -121,6 +137,47 @@ def _lesion_options() -> dict | None:
 INDEX_COLUMNS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGION_NAMES]
 
 
+def _reliability() -> FolderReliability | None:
+    """The probability maps of --probabilities (else beside --pred), or None without any."""
+    maps = find_probability_maps(pathlib.Path(FLAGS.probabilities or FLAGS.pred))
+    if FLAGS.probabilities and not maps:
+        raise ValueError(f"--probabilities {FLAGS.probabilities}: no (H, W, D, 3 or 4) NIfTI maps")
+    return FolderReliability(maps) if maps else None
+
+
+def _hooks(pictures, reliability):
+    """evaluate_folder's on_case: draw the case and count its probabilities (either may be
+    None)."""
+    hooks = [h for h in (pictures and pictures.add_evaluated, reliability and reliability.add) if h]
+    if not hooks:
+        return None
+
+    def on_case(*case) -> None:
+        for hook in hooks:
+            hook(*case)
+
+    return on_case
+
+
+def _write_reliability(reliability: FolderReliability | None) -> None:
+    """Reliability diagram(s) into --overlays and one ECE line per output kind."""
+    if reliability is None or not reliability.bins:
+        return
+    if reliability.notes:
+        print(f"note: no images beside the ground truth of {_names(reliability.notes)}: all "
+              "their voxels count in the reliability diagram", file=sys.stderr)  # fmt: skip
+    for kind, bins in reliability.bins.items():
+        name = "reliability.png" if len(reliability.bins) == 1 else f"reliability_{kind}.png"
+        path = pathlib.Path(FLAGS.overlays) / name
+        plots.reliability_diagram(bins.to_dict(), path, f"Reliability of {FLAGS.pred}")
+        ece = ", ".join(f"{n} {e:.4f}" for n, e in zip(bins.names, bins.ece(), strict=True))
+        print(f"ECE ({kind}, {bins.num_bins} bins, brain voxels): {ece}; wrote {path}")
+
+
+def _names(ids: Sequence[str]) -> str:
+    return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+
 def main(argv: Sequence[str]) -> None:
     runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     if len(argv) > 1:
@@ -135,6 +192,7 @@ def main(argv: Sequence[str]) -> None:
                 postprocess.apply, config=postprocess.load(FLAGS.apply_postprocessing)
             )
         pictures = overlays.CasePictures(FLAGS.overlays) if FLAGS.overlays else None
+        reliability = _reliability() if pictures else None
         rows = evaluate_folder(
             FLAGS.pred,
             FLAGS.gt,
@@ -144,11 +202,12 @@ def main(argv: Sequence[str]) -> None:
             missing=FLAGS.missing,
             postprocessing=pp,
             lesion_options=_lesion_options(),
-            on_case=pictures.add_evaluated if pictures else None,
+            on_case=_hooks(pictures, reliability),
         )
         write_csv(rows, FLAGS.out)
         if pictures:
             pictures.write_index(rows, INDEX_COLUMNS)
+            _write_reliability(reliability)
     except (ValueError, OSError) as e:  # EvaluationError is a ValueError
         raise SystemExit(f"brats_jax.evaluate: error: {e}") from None
     print(summarize(rows))

@@ -40,6 +40,12 @@ averages logits).
 `--uncertainty=FILE.nii.gz` (a folder for many cases) writes the voxel-wise predictive
 entropy in nats of the averaged probabilities and a summary CSV (`brats_jax.inference.uncertainty`:
 `X.csv` beside `X.nii.gz`, or `uncertainty.csv` in the folder).
+Temperature scaling: a run folder holding `calibration.json` (`python -m brats_jax.calibrate`)
+has its logits divided by its temperature(s) before the softmax / sigmoid of the
+`--probabilities` and `--uncertainty` outputs (an ensemble: each run by its own, 1 for a run
+without the file, then averaged); the labels are decoded from the unscaled probabilities,
+so the segmentation is the same with and without it. `--calibration=false` (or
+`--nocalibration`) writes the unscaled probabilities.
 `--overlays=DIR` draws each case (`brats_jax.figures.overlays`: axial, coronal and sagittal slices
 through the predicted tumour's centre over FLAIR and T1ce, beside the ground truth when the
 case folder has one) into `DIR/<ID>.png` and lists them in `DIR/index.html`.
@@ -65,7 +71,13 @@ from absl import app, flags
 
 from brats_jax import MODALITIES, cli, runtime
 from brats_jax.data import brats, nnunet
-from brats_jax.inference import case_lists, case_prediction, ensembles, work_split
+from brats_jax.inference import (
+    calibration_file,
+    case_lists,
+    case_prediction,
+    ensembles,
+    work_split,
+)
 
 FLAGS = flags.FLAGS
 # Flags shared with other commands are defined alike in each, with allow_override so that
@@ -93,6 +105,11 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "uncertainty", None, "Optional predictive-entropy NIfTI (nats) + summary CSV (folder: many)."
 )
+flags.DEFINE_bool(
+    "calibration", True,
+    "Temperature-scale --probabilities and --uncertainty by each run's calibration.json when "
+    "it has one (brats_jax.calibrate); false: unscaled. Labels never change.",
+)  # fmt: skip
 flags.DEFINE_enum(
     "tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.",
     allow_override=True,
@@ -213,6 +230,15 @@ def _predict_file(files: dict, options: dict) -> None:
     )
 
 
+def _note_calibration() -> None:
+    """Say which runs' temperatures scale the probabilities / uncertainty written."""
+    if not (FLAGS.calibration and (FLAGS.probabilities or FLAGS.uncertainty)):
+        return
+    files = [calibration_file.path_of(w) for w in case_lists.split_list(FLAGS.workdir)]
+    if found := [str(f) for f in files if f.is_file()]:
+        print(f"probabilities temperature-scaled by {', '.join(found)} (--calibration=false: off)")
+
+
 def main(argv) -> None:
     runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
     if len(argv) > 1:
@@ -236,7 +262,9 @@ def main(argv) -> None:
         tta=FLAGS.tta,
         sliding_window={"auto": None, "on": True, "off": False}[FLAGS.sliding_window],
         postprocessing=FLAGS.postprocessing,
+        calibration=FLAGS.calibration,
     )
+    _note_calibration()
     _check_distinct_outputs(("output", "probabilities", "uncertainty"))
     if _is_nifti_name(FLAGS.output):
         _predict_file(files, options)

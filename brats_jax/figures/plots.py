@@ -107,3 +107,61 @@ def overlay_grid(slices: list[tuple], out: str | pathlib.Path) -> None:
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     _save(fig, pathlib.Path(out))
+
+
+def _curve(b: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mean probability, share positive) per bin of one channel's bins (NaN: empty)."""
+    return tuple(np.array([np.nan if v is None else v for v in b[k]], float)
+                 for k in ("confidence", "frequency"))  # fmt: skip
+
+
+def reliability_diagram(
+    calibration: dict, out: str | pathlib.Path, title: str = "", before: dict | None = None
+) -> None:
+    """One panel per class or region: the share of positive voxels against the mean
+    probability of each bin (the diagonal is perfect calibration), the bins' voxel counts
+    (log scale) below, ECE in the panel's title.
+
+    Args:
+      calibration: `metrics.calibration.ReliabilityBins.to_dict()` (the `calibration` block
+        of a run's results.json): `bins` {name: {count, confidence, frequency}}, `ece`,
+        `num_bins`, `voxels`.
+      out: PNG path (written atomically).
+      before: another such dict (e.g. before temperature scaling), drawn as a second curve
+        and its ECE in the titles ("before -> after").
+    """
+    names = list(calibration["bins"])
+    edges = np.linspace(0.0, 1.0, int(calibration["num_bins"]) + 1)
+    fig, axes = plt.subplots(
+        2, len(names), figsize=(2.8 * len(names), 3.8), squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]}, sharex=True,
+    )  # fmt: skip
+    for i, name in enumerate(names):
+        b = calibration["bins"][name]
+        conf, freq = _curve(b)
+        top, bottom = axes[0, i], axes[1, i]
+        top.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        top.bar(edges[:-1], np.nan_to_num(freq), width=np.diff(edges), align="edge",
+                color="tab:blue", alpha=0.35, edgecolor="tab:blue")  # fmt: skip
+        top.plot(conf, freq, marker="o", ms=3, color="tab:blue", label="after" if before else None)
+        ece = calibration["ece"].get(name)
+        label = f"{name}: ECE {ece:.4f}" if ece is not None else name
+        if before is not None:
+            top.plot(*_curve(before["bins"][name]), marker="s", ms=3, color="tab:orange",
+                     label="before")  # fmt: skip
+            top.legend(fontsize=7, loc="upper left")
+            label = f"{name}: ECE {before['ece'][name]:.4f} -> {ece:.4f}"
+        top.set_title(label, fontsize=9)
+        top.set(xlim=(0, 1), ylim=(0, 1))
+        bottom.bar(edges[:-1], np.maximum(b["count"], 0.1), width=np.diff(edges),
+                   align="edge", color="grey", log=True)  # fmt: skip
+        bottom.set_xlabel("predicted probability", fontsize=8)
+        if i == 0:
+            top.set_ylabel("share positive", fontsize=8)
+            bottom.set_ylabel("voxels", fontsize=8)
+        for ax in (top, bottom):
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    fig.suptitle(title or f"Reliability ({calibration.get('voxels', '')} voxels)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, pathlib.Path(out))

@@ -32,7 +32,9 @@ def segment(
     ensemble: ensembles.Ensemble, case, *, batch_size=0, postprocessing=None, member_labels=None
 ):
     """Predict a case (folder or `brats.Case`) -> (CaseData, labels {0..3} int, probabilities);
-    `member_labels`: see `ensembles.predict_probabilities`."""
+    `member_labels`: see `ensembles.predict_probabilities`. For an ensemble loaded with
+    temperatures (`ensembles.is_calibrated`) the probabilities returned are the
+    temperature-scaled ones (`ensembles.predict_calibrated`); the labels never are."""
     data = brats.load_case(
         case,
         require_label=False,
@@ -41,13 +43,14 @@ def segment(
         ignore_bad_label=True,  # only the pictures use it
     )
     _warn_unlike_brats(data)
-    probs = ensembles.predict_probabilities(
-        ensemble, data.image, batch_size=batch_size, member_labels=member_labels
-    )
+    calibrated = ensembles.is_calibrated(ensemble)
+    predict = ensembles.predict_calibrated if calibrated else ensembles.predict_probabilities
+    probs = predict(ensemble, data.image, batch_size=batch_size, member_labels=member_labels)
+    probs, written = probs if calibrated else (probs, probs)
     labels = outputs.labels_from_probabilities(probs, outputs.of_config(ensemble.config.model))
     if postprocessing is not None:
         labels = postprocess.apply(labels, postprocessing, spacing(data))
-    return data, labels, probs
+    return data, labels, written
 
 
 def spacing(data) -> tuple[float, float, float]:
@@ -98,6 +101,7 @@ def predict_case(
     postprocessing="auto",
     uncertainty=None,
     overlays_dir=None,
+    calibration=True,
 ):
     """Predict `case` (a case folder or a `brats.Case`) with the run in `workdir`.
 
@@ -109,6 +113,8 @@ def predict_case(
     `uncertainty` and its `brats_jax.inference.uncertainty` summary row to the CSV beside it,
     `uncertainty.csv_path`); with `overlays_dir`, the case's picture and an `index.html`
     there (`case_pictures`), with the uncertainty row's columns when both are asked for.
+    `calibration`: the probabilities and the entropy use each run's temperature
+    (`calibration_file`) when it has one (the labels never do); False: no temperature.
 
     Returns the written label array, int16 (H, W, D), in the release's label convention and
     the input files' voxel order.
@@ -118,7 +124,10 @@ def predict_case(
         if path:
             fileio.check_writable(path)
     pictures = case_pictures(overlays_dir)
-    ensemble = ensembles.load_ensemble(workdir, step=step, tta=tta, sliding_window=sliding_window)
+    ensemble = ensembles.load_ensemble(
+        workdir, step=step, tta=tta, sliding_window=sliding_window,
+        calibration=calibration and bool(probabilities or uncertainty),
+    )  # fmt: skip
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
     members = [] if uncertainty else None
     data, labels, probs = segment(
@@ -152,6 +161,7 @@ def predict_cases(
     overlays_dir=None,
     extra_columns=None,
     part="",
+    calibration=True,
 ) -> list[pathlib.Path]:
     """Predict many cases into `output_dir/<case ID>.nii.gz`, loading and compiling once.
 
@@ -162,8 +172,8 @@ def predict_cases(
     `index.html` (`overlays.write_index`; its `extra_columns`: case ID -> {column: value}; the
     uncertainty rows are added) there. `part` (e.g. "-part0-of-4") goes into those two
     summaries' names (`uncertainty-part0-of-4.csv`, `index-part0-of-4.html`), so processes
-    that share the folders each keep theirs. Shows a progress bar. Returns the written label
-    files.
+    that share the folders each keep theirs. `calibration`: as in `predict_case`. Shows a
+    progress bar. Returns the written label files.
     """
     ids = [c.case_id if hasattr(c, "case_id") else pathlib.Path(c).name for c in cases]
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
@@ -172,7 +182,10 @@ def predict_cases(
         if folder and ids:
             fileio.check_writable(pathlib.Path(folder) / f"{ids[0]}.nii.gz")
     pictures = case_pictures(overlays_dir)
-    ensemble = ensembles.load_ensemble(workdir, step=step, tta=tta, sliding_window=sliding_window)
+    ensemble = ensembles.load_ensemble(
+        workdir, step=step, tta=tta, sliding_window=sliding_window,
+        calibration=calibration and bool(probabilities_dir or uncertainty_dir),
+    )  # fmt: skip
     pp = resolve_postprocessing(workdir, postprocessing, ensemble.configs or ensemble.config)
     written, rows, picture_rows, labelled = [], [], [], []
     for case, cid in zip(tqdm(cases, desc="cases", unit="case"), ids, strict=True):

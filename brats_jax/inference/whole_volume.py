@@ -84,7 +84,13 @@ def _windowed(probabilities: Callable, x: jax.Array, window: int) -> jax.Array:
 
 
 def make_slice_predictor(
-    model, *, image_size: int, tta: str = "none", output: str = "classes", window: int = 0
+    model,
+    *,
+    image_size: int,
+    tta: str = "none",
+    output: str = "classes",
+    window: int = 0,
+    logits: bool = False,
 ):
     """Jitted `f(variables, images (B,H,W,4) float32) -> probabilities (B,H,W,C) float32`.
 
@@ -105,12 +111,21 @@ def make_slice_predictor(
     `window` > 0 (pixels, at `image_size`; `data.patches.inference_window` of a run): the
     model sees each (resized) slice through sliding windows of that size (`window_starts`,
     `gaussian_weights`: nnU-Net's sliding-window inference), not whole; 0 = whole slices.
+
+    `logits=True` returns the logits instead of probabilities: mirror views and windows
+    averaged, resized back alike (the order nnU-Net uses: it averages and resamples logits).
+    Temperature scaling (`brats_jax.inference.temperature`): `f(variables, images,
+    temperature)` with a (C,) float32 array returns (B,H,W,2C) from the same model calls:
+    channels :C the probabilities as above, channels C: softmax / sigmoid of those logits
+    divided by `temperature` (per channel): exactly the probabilities a temperature fitted on
+    the `logits=True` output describes. (At T = 1 they differ from channels :C only where
+    views, windows or resizing mix neighbouring logits, i.e. at boundaries.)
     """
     flips = tta_flip_axes(tta)
     outputs.check_output(output)
 
     @jax.jit
-    def predict(variables, images: jax.Array) -> jax.Array:
+    def predict(variables, images: jax.Array, temperature=None) -> jax.Array:
         height, width = images.shape[1:3]
         x = images
         if image_size and (height, width) != (image_size, image_size):
@@ -122,7 +137,13 @@ def make_slice_predictor(
             )
 
         def model_probs(images):
-            return outputs.probabilities(model.apply(variables, images, train=False), output)
+            z = model.apply(variables, images, train=False)
+            if logits:
+                return z.astype(jnp.float32)
+            p = outputs.probabilities(z, output)
+            if temperature is None:
+                return p
+            return jnp.concatenate([p, z.astype(jnp.float32)], -1)  # logits: scaled at the end
 
         probs = 0.0
         for axes in flips:  # a mirror image in, its probabilities mirrored back
@@ -137,6 +158,10 @@ def make_slice_predictor(
                 method="linear",
                 antialias=False,
             )
+        if temperature is not None:  # the averaged, resized logits / T -> probabilities
+            c = probs.shape[-1] // 2
+            scaled = outputs.probabilities(probs[..., c:] / temperature, output)
+            probs = jnp.concatenate([probs[..., :c], scaled], -1)
         return probs
 
     return predict
@@ -147,7 +172,13 @@ def _flip(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 
 def predict_volume(
-    predict: SliceFn, variables, volume: np.ndarray, *, batch_size: int, context_slices: int = 0
+    predict: SliceFn,
+    variables,
+    volume: np.ndarray,
+    *,
+    batch_size: int,
+    context_slices: int = 0,
+    temperature=None,
 ) -> np.ndarray:
     """Class probabilities for every axial slice of a volume.
 
@@ -158,9 +189,12 @@ def predict_volume(
       batch_size: slices per call; the last batch is padded to this size.
       context_slices: the run's `data.context_slices` k; each batch's slices are fed with
         their context windows, 4 (2k+1) channels (`data.context`), built per batch.
+      temperature: None, or (C,) temperatures: `predict`'s third argument (then 2C channels
+        come back, see `make_slice_predictor`).
 
     Returns:
-      float32 (H, W, D, C) probabilities.
+      float32 (H, W, D, C) probabilities (2C with a temperature; C logits from a
+      `logits=True` predictor).
     """
     if volume.ndim != 4:
         raise ValueError(f"expected a volume of shape (H, W, D, 4), got {volume.shape}")
@@ -172,5 +206,6 @@ def predict_volume(
         chunk = stack_context(volume, positions[start : start + batch_size])  # (n, H, W, C)
         n = chunk.shape[0]
         chunk, _ = pad_batch(chunk, batch_size)  # padding rows' outputs are dropped
-        out.append(np.asarray(predict(variables, jnp.asarray(chunk)))[:n])
+        args = () if temperature is None else (jnp.asarray(temperature, jnp.float32),)
+        out.append(np.asarray(predict(variables, jnp.asarray(chunk), *args))[:n])
     return np.moveaxis(np.concatenate(out), 0, 2)

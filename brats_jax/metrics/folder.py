@@ -40,7 +40,8 @@ import nibabel as nib
 import numpy as np
 
 from brats_jax import fileio, labels
-from brats_jax.metrics import lesionwise, volumes
+from brats_jax.data import brats
+from brats_jax.metrics import calibration, lesionwise, volumes
 
 CONVENTIONS = tuple(labels.CONVENTION_FLAGS)
 _NIFTI = re.compile(r"^(?P<stem>.+?)(?P<sep>[_-]seg)?\.nii(\.gz)?$", re.IGNORECASE)
@@ -141,6 +142,69 @@ def find_predictions(pred_dir: pathlib.Path, log=None) -> dict[str, pathlib.Path
             f"scored: {_some(skipped, 5)}"
         )
     return out
+
+
+def find_probability_maps(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Case ID -> ``predict --probabilities`` map in `folder`: a NIfTI of shape (H, W, D, C),
+    C = 4 (class softmax) or 3 (WT, TC, ET sigmoids), named ``<ID>.nii[.gz]`` (predict's
+    probability folder) or like a companion of the labels (``<ID>_probs.nii.gz``, ...)."""
+    out: dict[str, pathlib.Path] = {}
+    for p in sorted(pathlib.Path(folder).iterdir()) if pathlib.Path(folder).is_dir() else []:
+        parsed = _case_id(p) if p.is_file() else None
+        if parsed is None:
+            continue
+        try:
+            shape = nib.load(str(p)).shape
+        except Exception:  # not readable as NIfTI: not a probability map
+            continue
+        if len(shape) == 4 and shape[3] in (3, 4):
+            out.setdefault(_COMPANION_NAME.sub("", parsed[0]), p)
+    return out
+
+
+class FolderReliability:
+    """Reliability bins (`metrics.calibration`) of the probability maps of evaluated cases:
+    `add` is an `evaluate_folder` `on_case` hook; `bins` holds one `ReliabilityBins` per
+    output kind met ("classes": 4 channels, "regions": 3). Voxels: the brain (any modality
+    of the ground truth's case folder non-zero), all voxels when the folder has no images
+    (`notes` names those cases)."""
+
+    def __init__(self, maps: dict[str, pathlib.Path]):
+        self.maps = maps
+        self.bins: dict[str, calibration.ReliabilityBins] = {}
+        self.notes: list[str] = []
+
+    def add(self, case_id: str, pred, gt, gt_path) -> None:
+        """Count case `case_id`'s probability map (if any) against `gt` (training classes)."""
+        if case_id not in self.maps:
+            return
+        probs = np.asarray(nib.load(str(self.maps[case_id])).dataobj, np.float32)
+        if probs.shape[:3] != np.shape(gt):
+            raise EvaluationError(
+                f"case {case_id}: probability map {self.maps[case_id]} has shape {probs.shape}; "
+                f"expected {np.shape(gt)} + (3 or 4,)"
+            )
+        kind = "regions" if probs.shape[3] == 3 else "classes"
+        bins = self.bins.setdefault(
+            kind, calibration.ReliabilityBins.empty(calibration.channel_names(kind))
+        )
+        self._shape = np.shape(gt)
+        bins.add(probs, calibration.channel_targets(gt, kind), self._brain(case_id, gt_path))
+
+    def _brain(self, case_id: str, gt_path) -> np.ndarray | None:
+        """Any modality non-zero, from the case folder holding `gt_path`; None: all voxels."""
+        try:
+            (case,) = brats.find_cases(pathlib.Path(gt_path).parent)
+            brain = None
+            for path in case.paths.values():
+                nonzero = brats.read_nifti(path)[0] != 0
+                brain = nonzero if brain is None else brain | nonzero
+        except (brats.DataError, ValueError, TypeError):
+            brain = None
+        if brain is None or brain.shape != self._shape:
+            self.notes.append(case_id)
+            return None
+        return brain
 
 
 def _case_folder_seg(folder: pathlib.Path) -> tuple[pathlib.Path, str | None] | None:

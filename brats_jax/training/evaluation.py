@@ -10,7 +10,7 @@ from brats_jax import NUM_CLASSES, data, fileio, metrics
 from brats_jax.figures import plots
 from brats_jax.inference import postprocess, whole_volume
 from brats_jax.labels import REGIONS
-from brats_jax.metrics import lesionwise
+from brats_jax.metrics import calibration, lesionwise
 from brats_jax.models import outputs
 from brats_jax.training.steps import data_mesh, device_batch
 
@@ -94,6 +94,8 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
     those slices' pixels, `pooled_class_dice`, then their mean). Each case also gets the
     BraTS 2023 lesion-wise scores (`lesionwise.evaluate_volume`, `lesionwise_*` columns;
     the `lesionwise` block of the results holds their case means and summed counts).
+    The `calibration` block holds the probabilities' reliability bins and ECE per class or
+    region over the test cases' brain voxels (`metrics.calibration`).
     Returns `(results, figure_slices)`.
     """
     spacing = getattr(run.source, "spacing", (1.0, 1.0, 1.0))
@@ -101,13 +103,18 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
     kept = set(np.asarray(run.splits.test).tolist())
     per_case, figure_slices = [], []
     readings = {"absent_one": [], "absent_excluded": [], "confusion": 0}
+    kind = outputs.of_config(run.config.model)
+    bins = calibration.ReliabilityBins.empty(calibration.channel_names(kind))
     for case_id in run.splits.cases["test"]:
         image, label = data.load_volume(run.source, case_id)
         probs = whole_volume.predict_volume(
             predict, variables, image, batch_size=run.config.eval.batch_size,
             context_slices=data.context_slices(run.config),
         )  # fmt: skip
-        pred = outputs.labels_from_probabilities(probs, outputs.of_config(run.config.model))
+        bins.add(
+            probs, calibration.channel_targets(label, kind), calibration.brain_of_normalised(image)
+        )
+        pred = outputs.labels_from_probabilities(probs, kind)
         pred = postprocess.apply(pred, pp, spacing).astype(np.int32)  # the config's (identity: off)
         scores = metrics.evaluate_volume(
             pred, label, spacing=spacing, hd95_mode=run.config.eval.hd95_mode
@@ -125,7 +132,8 @@ def evaluate_test_volumes(run, predict, variables) -> tuple[dict, list]:
         readings["confusion"] = readings["confusion"] + r["confusion"]
         z = int(np.argmax((label > 0).sum(axis=(0, 1))))
         figure_slices.append((case_id, z, image[:, :, z, 0], label[:, :, z], pred[:, :, z]))
-    return {**_summarise(per_case, readings), "postprocessing": pp.to_dict()}, figure_slices
+    results = {**_summarise(per_case, readings), "postprocessing": pp.to_dict()}
+    return {**results, "calibration": bins.to_dict()}, figure_slices
 
 
 def _summarise(per_case: list[dict], readings: dict) -> dict:
@@ -188,11 +196,14 @@ def write_per_case_csv(path, rows: list[dict]) -> None:
 
 
 def write_outputs(workdir, config, results: dict, figure_slices: list) -> None:
-    """`per_case.csv`, `learning_curves.png`, `test_slices.png` and, last (it marks the run
-    finished), `results.json` in `workdir`."""
+    """`per_case.csv`, `learning_curves.png`, `test_slices.png`, `reliability.png` and, last
+    (it marks the run finished), `results.json` in `workdir`."""
     write_per_case_csv(workdir / "per_case.csv", results["per_case"])
     plots.learning_curves(workdir / "metrics.jsonl", workdir / "learning_curves.png")
     if figure_slices:
         n = config.eval.num_figure_slices
         plots.overlay_grid(figure_slices[:n], workdir / "test_slices.png")
+    if results.get("calibration", {}).get("num_voxels"):
+        plots.reliability_diagram(results["calibration"], workdir / "reliability.png",
+                                  "Reliability on the test cases (brain voxels)")  # fmt: skip
     fileio.write_json(workdir / "results.json", results)

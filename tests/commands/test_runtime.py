@@ -42,6 +42,8 @@ CLIS = {
     "brats_jax.prepare": ["--src=WORK", "--out=WORK/cache"],
     "experiments.run": ["table1", "--out=WORK", "--dry-run"],
     "brats_jax.tune_postprocessing": ["--workdir=WORK", "--cases=WORK"],
+    "brats_jax.calibrate": ["--workdir=WORK", "--cases=WORK"],
+    "experiments.analyses.calibration_oof": ["--workdir=WORK", "--out=WORK/c.json"],
     "experiments.analyses.segmentation_ablation": ["score", "--data_root=WORK", "--out=WORK/abl"],
     "experiments.analyses.postprocessing_ablation": [
         "--workdir=WORK",
