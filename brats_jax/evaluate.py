@@ -82,7 +82,7 @@ from brats_jax.metrics.folder import (
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pred", None, "Folder of predicted segmentation NIfTIs.")
 flags.DEFINE_string("gt", None, "Ground-truth folder (case folders or flat seg files).")
-flags.DEFINE_string("out", None, "Per-case CSV to write.")
+flags.DEFINE_string("out", None, "Per-case CSV to write.", allow_override=True)
 flags.DEFINE_enum("labels", "auto", ["auto", *CONVENTIONS], "Ground-truth label convention.")
 flags.DEFINE_enum("pred_labels", "same", ["same", *CONVENTIONS], "Prediction convention.")
 flags.DEFINE_enum("hd95_mode", "max", list(volumes.HD95_MODES), "HD95 definition.")

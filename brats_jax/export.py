@@ -34,7 +34,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "workdir", None, "Training run folder (holds config.json, checkpoints/).", allow_override=True
 )
-flags.DEFINE_string("out", None, "ONNX file to write (its metadata goes to OUT.json).")
+flags.DEFINE_string(
+    "out", None, "ONNX file to write (its metadata goes to OUT.json).", allow_override=True
+)
 flags.DEFINE_integer(
     "step", None, "Checkpoint step to use instead of the best one.", allow_override=True
 )

@@ -20,7 +20,7 @@ from brats_jax.data.cache import NiftiCacheSource, prepare
 _SRC = flags.DEFINE_string(
     "src", None, "NIfTI release folder (case folders inside), or an nnU-Net dataset folder."
 )
-_OUT = flags.DEFINE_string("out", None, "Cache folder to create or complete.")
+_OUT = flags.DEFINE_string("out", None, "Cache folder to create or complete.", allow_override=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Stored image dtype.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes converting cases in parallel.")
 

@@ -179,8 +179,7 @@ def test_predict_on_a_trained_run_logs_no_orbax_warning(tiny_trained, tmp_path, 
 
 def test_every_console_script_names_a_function():
     """pyproject.toml's `[project.scripts]` (`brats-train`, ...) point at functions that
-    exist (a missing one fails only when the script is run). Read, not imported: the
-    commands define flags of the same names."""
+    exist (a missing one fails only when the script is run). Read, not imported."""
     import ast
     import importlib.util
     import tomllib
@@ -197,6 +196,26 @@ def test_every_console_script_names_a_function():
         if function not in defined:
             missing.append(f"{name} = {target!r}")
     assert missing == []
+
+
+def test_every_command_imports_beside_every_other_in_one_process():
+    """A notebook, a test worker or a user's script may import several commands: a flag two
+    commands define (`--out` of evaluate, export and prepare; `--workdir`, `--step`, ...)
+    must not raise absl's DuplicateFlagError, in either import order."""
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    modules = sorted({t.partition(":")[0] for t in scripts.values()})
+    assert {"brats_jax.evaluate", "brats_jax.export", "brats_jax.prepare"} <= set(modules)
+    for order in (modules, modules[::-1]):
+        code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in order)
+        proc = subprocess.run(
+            [sys.executable, "-c", code + "print('imported')"],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.stdout.strip() == "imported", proc.stderr[-2000:]
 
 
 def test_a_console_scripts_help_lists_its_flags_as_python_m_does():
