@@ -10,6 +10,13 @@ import secrets
 from collections.abc import Iterator
 
 
+def user_cache_dir() -> pathlib.Path:
+    """The library's folder in the user's cache: `$XDG_CACHE_HOME/brats_jax`, else
+    `~/.cache/brats_jax` (slice caches, Kaggle statistics, predict's compilation cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return pathlib.Path(base) / "brats_jax"
+
+
 def _create_temp_beside(path: pathlib.Path) -> pathlib.Path:
     """Create an empty, uniquely named file beside `path`, keeping its suffixes.
 

@@ -46,6 +46,9 @@ has its logits divided by its temperature(s) before the softmax / sigmoid of the
 without the file, then averaged); the labels are decoded from the unscaled probabilities,
 so the segmentation is the same with and without it. `--calibration=false` (or
 `--nocalibration`) writes the unscaled probabilities.
+JAX's persistent compilation cache is on (`--compile_cache`, default
+~/.cache/brats_jax/jax_compile_cache; empty: off): a later predict with the same run, batch
+size and image shapes loads its compiled functions instead of compiling them again.
 `--overlays=DIR` draws each case (`brats_jax.figures.overlays`: axial, coronal and sagittal slices
 through the predicted tumour's centre over FLAIR and T1ce, beside the ground truth when the
 case folder has one) into `DIR/<ID>.png` and lists them in `DIR/index.html`.
@@ -139,6 +142,11 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "overlays", None, "Folder for a picture per case and an index.html.", allow_override=True
 )
+flags.DEFINE_string(
+    "compile_cache", str(runtime.default_compile_cache_dir()),
+    "Folder of JAX's persistent compilation cache: a second predict of the same run skips "
+    "most compilation. Empty: no cache.",
+)  # fmt: skip
 
 
 def _is_nifti_name(path: str) -> bool:
@@ -240,7 +248,8 @@ def _note_calibration() -> None:
 
 
 def main(argv) -> None:
-    runtime.setup()  # fast XLA:CPU flags etc., before JAX computes (brats_jax.runtime)
+    # fast XLA:CPU flags, the compile cache etc., before JAX computes (brats_jax.runtime)
+    runtime.setup(compile_cache=FLAGS.compile_cache or None)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:

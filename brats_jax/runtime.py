@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+from brats_jax import fileio
 from brats_jax.ops import flags as xla_flags
 
 
@@ -53,6 +54,13 @@ def setup(
         cli.quiet_library_logs()
     if distributed:
         jax.distributed.initialize()
+
+
+def default_compile_cache_dir() -> pathlib.Path:
+    """Where `predict` keeps JAX's persistent compilation cache unless told otherwise:
+    `fileio.user_cache_dir()`/jax_compile_cache (~/.cache/brats_jax/..., beside the slice
+    caches of `data.cache`)."""
+    return fileio.user_cache_dir() / "jax_compile_cache"
 
 
 def enable_compile_cache(directory: str | os.PathLike) -> None:

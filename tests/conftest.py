@@ -10,10 +10,15 @@ import math
 import os
 import pathlib
 import struct
+import tempfile
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The library's user cache (slice caches, Kaggle statistics, predict's compilation cache:
+# `fileio.user_cache_dir`) goes to a folder of this test process, not the user's home; the
+# commands the tests start inherit it.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="brats_jax_test_cache_")
 
 # The set-up every CLI runs first (`brats_jax.runtime.setup`: the fast XLA:CPU flags), so that
 # in-process runs and the CLI runs of the tests compute bit-identical numbers.

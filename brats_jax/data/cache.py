@@ -56,7 +56,7 @@ from absl import logging
 from brats_jax.data import nnunet, slice_store
 from brats_jax.data.brats import Case, find_cases, load_case
 from brats_jax.data.common import DataError, SliceTable
-from brats_jax.fileio import process_alive
+from brats_jax.fileio import process_alive, user_cache_dir
 
 FORMAT = "brats_jax.slice_cache"
 VERSION = 2  # 1: whole z-scored float32 volumes (.npy); 2: the compact cache (slice_store)
@@ -408,8 +408,9 @@ class NiftiCacheSource:
 
 
 def default_cache_dir(root: str | os.PathLike) -> pathlib.Path:
-    """~/.cache/brats_jax/<sha1 of the absolute root>[:12] (where make_source puts a cache)."""
+    """`fileio.user_cache_dir()`/<sha1 of the absolute root>[:12] (~/.cache/brats_jax/...;
+    where make_source puts a cache)."""
     import hashlib
 
     h = hashlib.sha1(os.path.abspath(str(root)).encode()).hexdigest()[:12]
-    return pathlib.Path(os.path.expanduser("~/.cache/brats_jax")) / h
+    return user_cache_dir() / h

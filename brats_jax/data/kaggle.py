@@ -19,8 +19,8 @@ shapes and dtypes; no arrays read), so a bad file is reported before training st
 already checked with the same size and modification time are skipped (`checked.json` in
 `stats_dir`). Reading a slice checks its values: a finite image, a one-hot mask (0/1 values,
 at most one channel per pixel). Measured statistics are cached on disk (`stats_dir`, default
-~/.cache/brats_jax/kaggle-<hash>) so they are read once per machine (again for a file whose
-size or modification time has changed).
+~/.cache/brats_jax/kaggle-<hash>: `fileio.user_cache_dir`) so they are read once per machine
+(again for a file whose size or modification time has changed).
 
 Brain area of a z-scored slice: a pixel is brain if any channel exceeds that channel's minimum
 over the slice (raw BraTS intensities are >= 0 with background 0, and the per-slice z-score is
@@ -59,7 +59,7 @@ def kaggle_brain_mask(image: np.ndarray) -> np.ndarray:
 
 def _default_stats_dir(root: str) -> pathlib.Path:
     h = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:12]
-    return pathlib.Path(os.path.expanduser("~/.cache/brats_jax")) / f"kaggle-{h}"
+    return fileio.user_cache_dir() / f"kaggle-{h}"
 
 
 def _check_datasets(path: str, image, mask) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from brats_jax import cli
@@ -175,6 +177,37 @@ def test_predict_on_a_trained_run_logs_no_orbax_warning(tiny_trained, tmp_path, 
     warnings = [ln for ln in proc.stderr.splitlines() if _ABSL_WARNING.match(ln)]
     assert warnings == [], proc.stderr
     assert "read only" not in proc.stderr and _TPU_LINE not in proc.stderr, proc.stderr
+
+
+def test_predict_keeps_a_compile_cache_in_the_user_cache_unless_told_not_to(
+    tiny_trained, tmp_path, write_nifti_case
+):
+    """predict's default `--compile_cache` is $XDG_CACHE_HOME/brats_jax/jax_compile_cache:
+    after one predict it holds compiled functions, and a second predict loading them writes
+    the same labels; `--compile_cache=` (empty) keeps no cache."""
+    workdir, _ = tiny_trained
+    case = write_nifti_case(tmp_path, "Brats18_A_1", shape=(12, 10, 6))
+    segs = []
+    for name, extra in (("cached", []), ("again", []), ("off", ["--compile_cache="])):
+        cache_home = tmp_path / ("off_home" if extra else "home")
+        segs.append(tmp_path / f"{name}.nii.gz")
+        proc = subprocess.run(
+            [sys.executable, "-m", "brats_jax.predict", f"--workdir={workdir}",
+             f"--input={case}", f"--output={segs[-1]}", *extra],
+            cwd=REPO, env={**_quiet_env(), "XDG_CACHE_HOME": str(cache_home)},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if name == "cached":
+            entries = list((cache_home / "brats_jax" / "jax_compile_cache").iterdir())
+            assert entries, "no compiled function was cached"
+    assert not (tmp_path / "off_home" / "brats_jax").exists()
+    first, again, off = (np.asarray(nib.load(s).dataobj) for s in segs)
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(off, first)
+    assert len(list((tmp_path / "home" / "brats_jax" / "jax_compile_cache").iterdir())) == len(
+        entries
+    )  # the second predict found every function in the cache: nothing new compiled
 
 
 def test_every_console_script_names_a_function():
