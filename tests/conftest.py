@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 import struct
+import sys
 import tempfile
 import types
 
@@ -37,6 +38,23 @@ from brats_jax.models.transunet import per_block_params  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "brats_sample"
+
+
+@pytest.fixture(autouse=True)
+def _process_logging_state_restored():
+    """A command run in-process that ends in an error (`cli.run_app`'s quiet shutdown) turns
+    absl's verbosity to FATAL and replaces the unraisable and thread exception hooks for
+    the rest of the process; restored after each test so no later test depends on the order
+    (a test reading INFO lines with caplog would see none)."""
+    import threading
+
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    hooks = (sys.unraisablehook, threading.excepthook)
+    yield
+    absl_logging.set_verbosity(verbosity)
+    sys.unraisablehook, threading.excepthook = hooks
 
 
 @pytest.fixture(scope="session")
