@@ -1,0 +1,1 @@
+"""Tests added from the mutation run survivors (see TESTING.md)."""

@@ -1,0 +1,45 @@
+"""Lesion-wise summaries and counts (`metrics/lesionwise.py`) on hand-made rows and masks."""
+
+import pytest
+
+from brats_jax.metrics import lesionwise as L
+
+
+def _row(dice, hd, tp, fn, fp):
+    """One case's columns: region r gets dice[r], hd[r], ... (dicts by region)."""
+    out = {}
+    for r in ("WT", "TC", "ET"):
+        for k, v in zip(L._KEYS, (dice[r], hd[r], tp[r], fn[r], fp[r]), strict=True):
+            out[f"lesionwise_{k}_{r}"] = v
+    return out
+
+
+ROWS = [
+    _row({"WT": 1.0, "TC": 0.2, "ET": 0.0}, {"WT": 0.0, "TC": 10.0, "ET": 374.0},
+         {"WT": 2, "TC": 1, "ET": 0}, {"WT": 0, "TC": 1, "ET": 3}, {"WT": 1, "TC": 0, "ET": 2}),
+    _row({"WT": 0.5, "TC": 0.6, "ET": 1.0}, {"WT": 187.0, "TC": 2.0, "ET": 0.0},
+         {"WT": 1, "TC": 4, "ET": 1}, {"WT": 5, "TC": 0, "ET": 0}, {"WT": 0, "TC": 7, "ET": 0}),
+]  # fmt: skip
+
+
+def test_summary_table_lines_by_hand():
+    lines = L.summary_table(ROWS).splitlines()
+    assert lines[0] == "lesion-wise (BraTS 2023)"
+    assert lines[1] == f"{'metric':<20}{'mean':>10}{'std':>10}{'median':>10}"
+    # WT Dice 1.0, 0.5: mean 0.75, population std 0.25, median 0.75
+    assert lines[2] == "lesionwise_dice_WT      0.7500    0.2500    0.7500"
+    assert lines[3] == "lesionwise_dice_TC      0.4000    0.2000    0.4000"
+    assert lines[4] == "lesionwise_dice_ET      0.5000    0.5000    0.5000"
+    assert lines[5] == "lesionwise_hd95_WT     93.5000   93.5000   93.5000"
+    assert lines[7] == "lesionwise_hd95_ET    187.0000  187.0000  187.0000"
+    assert lines[8] == ("lesions WT: TP 3 FN 5 FP 1  TC: TP 5 FN 1 FP 7  ET: TP 1 FN 3 FP 2")
+    assert len(lines) == 9
+
+
+def test_summarise_skips_non_finite_and_missing_values():
+    rows = [*ROWS, {"lesionwise_dice_WT": float("nan"), "lesionwise_tp_WT": None}]
+    got = L.summarise(rows)
+    assert got["dice"]["WT"] == pytest.approx(0.75)
+    assert got["tp"]["WT"] == 3 and isinstance(got["tp"]["WT"], int)
+    assert isinstance(got["dice"]["TC"], float)
+    assert L.summarise([{}])["dice"] == {"WT": None, "TC": None, "ET": None}
