@@ -49,8 +49,16 @@ def test_id_list_errors_name_the_ids():
         "data.val_cases: unknown case id(s) ['x1', 'x2', 'x3', 'x4', 'x5']; "
         "valid ids include ['c0', 'c1', 'c2', 'c3', 'c4'] (7 cases)"
     )
+    assert _message(n=7, test_cases="c0,zz") == (
+        "data.test_cases: unknown case id(s) ['zz']; "
+        "valid ids include ['c0', 'c1', 'c2', 'c3', 'c4'] (7 cases)"
+    )
     assert _message(val_cases="c1,c2", test_cases="c2,c1") == (
         "case id(s) ['c1', 'c2'] are in both data.val_cases and data.test_cases"
+    )
+    six = ",".join(f"c{k}" for k in range(6))
+    assert _message(n=8, val_cases=six, test_cases=six) == (
+        "case id(s) ['c0', 'c1', 'c2', 'c3', 'c4'] are in both data.val_cases and data.test_cases"
     )
     assert _message(val_cases="c1", num_folds=2, fold=0) == (
         "data.num_folds picks the validation cases; leave data.val_cases empty"
@@ -72,6 +80,9 @@ def test_one_case_in_three_for_a_small_fraction_and_the_seed_matters():
     picks = {tuple(build_splits(Table(9), cfg(val_fraction=0.3, split_seed=k)).cases["val"])
              for k in range(4)}  # fmt: skip
     assert len(picks) > 1 and all(len(p) == 3 for p in picks)
+    again = {tuple(build_splits(Table(9), cfg(val_fraction=0.3, split_seed=5)).cases["val"])
+             for _ in range(3)}  # fmt: skip
+    assert len(again) == 1  # one seed, one split
 
 
 def test_pruning_empties_the_train_split():
@@ -98,4 +109,6 @@ def test_prune_keep_fills_unknown_brain_fractions_of_empty_slices_only():
     keep = prune_keep(src, [0, 1, 2])
     assert src.filled == [0, 2]  # the tumour slice needs no brain fraction
     assert keep.tolist() == [True, True, False]
+    src.filled = None  # now known: not measured again
     assert prune_keep(src, [0, 2], 0.05).tolist() == [True, True]
+    assert src.filled is None
