@@ -36,6 +36,11 @@ def test_unknown_convention_and_values_are_one_line_errors():
         "case7 seg: unknown label values [3] for the BraTS 2018 convention "
         "(expected a subset of [0, 1, 2, 4])"
     )
+    with pytest.raises(LabelError) as err:  # no `where`: the message says "label"
+        labels.to_train_labels(np.array([7]), "2023")
+    assert str(err.value).startswith("label: unknown label values [7] for the BraTS 2023")
+    with pytest.raises(LabelError, match="^label: non-finite"):
+        labels.label_map("2018").to_train(np.array([np.inf]))
     many = np.arange(5, 20)  # 15 unknown values: the message lists the first 10
     with pytest.raises(LabelError) as err:
         labels.to_train_labels(many, "2023")
@@ -193,8 +198,38 @@ def test_regions_class_order_must_paint_each_region_with_its_innermost_class():
     assert str(err.value) == "d.json: regions_class_order [1, 2] needs one value per region (3)"
     with pytest.raises(LabelError, match="regions_class_order 3 needs one value"):
         labels.dataset_label_map(REGION_LABELS, regions_class_order=3)
+    with pytest.raises(LabelError) as err:
+        labels.dataset_label_map(REGION_LABELS, regions_class_order=[1, "two", 3], where="d.json")
+    assert str(err.value) == (
+        "d.json labels: 'regions_class_order' has value 'two'; expected an integer"
+    )
     with pytest.raises(LabelError, match="paints the ET region with 7"):
         labels.dataset_label_map(REGION_LABELS, regions_class_order=[1, 2, 7])
     # the integer form ignores regions_class_order
     ints = {"background": 0, "edema": 1, "NCR": 2, "ET": 3}
     assert labels.dataset_label_map(ints, regions_class_order=[9]).release == (0, 2, 1, 3)
+
+
+def test_region_form_errors_name_the_label_and_the_regions():
+    spec = {**REGION_LABELS, "whole tumor": [1, "x", 3]}
+    with pytest.raises(LabelError) as err:
+        labels.dataset_label_map(spec, where="d.json")
+    assert str(err.value) == "d.json labels: 'whole tumor' has value 'x'; expected an integer"
+    with pytest.raises(LabelError) as err:
+        labels.dataset_label_map({**REGION_LABELS, "blob": [4]}, where="d.json")
+    assert str(err.value) == (
+        "d.json labels: cannot tell which region 'blob' is (no known name); " + labels._NAMES_HINT
+    )
+    with pytest.raises(LabelError) as err:  # a name that reads as two regions
+        labels.dataset_label_map({**REGION_LABELS, "whole tumor core": [5]}, where="d.json")
+    assert str(err.value).startswith(
+        "d.json labels: cannot tell which region 'whole tumor core' is (it reads as WT and TC); "
+    )
+    with pytest.raises(LabelError) as err:
+        labels.dataset_label_map({"background": 0, "whole tumor": [1, 2]}, where="d.json")
+    assert str(err.value).startswith("d.json labels: no region TC, ET among ")
+
+
+def test_values_given_as_digit_strings_are_read_as_numbers():
+    spec = {"background": "0", "edema": "1", "NCR": "2", "enhancing": "4"}
+    assert labels.dataset_label_map(spec).pairs() == [[0, 0], [1, 2], [2, 1], [4, 3]]

@@ -112,3 +112,39 @@ def test_prune_keep_fills_unknown_brain_fractions_of_empty_slices_only():
     src.filled = None  # now known: not measured again
     assert prune_keep(src, [0, 2], 0.05).tolist() == [True, True]
     assert src.filled is None
+
+
+def test_folds_follow_the_split_seed():
+    vals = {
+        tuple(
+            build_splits(Table(9), cfg(test_cases="c0", num_folds=3, fold=0, split_seed=k)).cases[
+                "val"
+            ]
+        )
+        for k in range(4)
+    }
+    assert len(vals) > 1  # the seed reaches the folds
+
+
+def test_split_sizes_and_an_empty_test_split_are_logged(caplog):
+    caplog.set_level("INFO")
+    counts = [[16, 0, 0, 0], [15, 1, 0, 0], [16, 0, 0, 0], [16, 0, 0, 0]]
+    src = Table(4)
+    src.table = SliceTable(np.array(["c0", "c0", "c1", "c2"]), np.arange(4), counts,
+                           [0.1, 0.1, 0.5, 0.5])  # fmt: skip
+    build_splits(src, cfg(test_cases="c2"))
+    text = [r.getMessage() for r in caplog.records]
+    assert "split train: 2 cases, 3 slices before pruning, 2 after (prune=True, " \
+        "min_brain_fraction=0.2)" in text  # fmt: skip
+    assert "split test: 1 cases, 1 slices before pruning, 1 after (prune=True, " \
+        "min_brain_fraction=0.2)" in text  # fmt: skip
+    assert not any("no test cases" in t for t in text)
+    caplog.clear()
+    build_splits(src, cfg(prune=False, min_brain_fraction=0.25))
+    text = [r.getMessage() for r in caplog.records]
+    assert "split train: 3 cases, 4 slices before pruning, 4 after (prune=False, " \
+        "min_brain_fraction=0.25)" in text  # fmt: skip
+    assert (
+        "no test cases (data.test_fraction=0, data.test_cases empty): no test pass will run; "
+        "results.json will hold no test scores"
+    ) in text
