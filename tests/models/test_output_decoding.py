@@ -46,6 +46,12 @@ def test_probabilities_are_float32_softmax_or_sigmoid():
     np.testing.assert_allclose(
         outputs.probabilities(logits, "classes"), ex / ex.sum(-1, keepdims=True), rtol=1e-5
     )
+    # (B, H, W, C) logits: the softmax runs over the last axis only
+    cube = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4) % 5 - 2.0
+    e = np.exp(cube)
+    np.testing.assert_allclose(
+        outputs.probabilities(cube, "classes"), e / e.sum(-1, keepdims=True), rtol=1e-5
+    )
     sig = outputs.probabilities(logits[:, :3], "regions")
     assert sig.dtype == jnp.float32
     np.testing.assert_allclose(sig, 1 / (1 + np.exp(-logits[:, :3])), rtol=1e-5)
