@@ -78,5 +78,25 @@ def test_write_case_writes_float32_entropy_on_the_input_grid(tmp_path):
     assert img.get_data_dtype() == np.float32
     np.testing.assert_allclose(img.get_fdata()[:, 0, 0], [math.log(2), 0.0], rtol=1e-6)
     assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == U.DESCRIPTION
+    assert row["case_id"] == "K" and row["uncertain_share_brain"] == 0.5
     assert row["tumour_volume_ml"] == pytest.approx(12 / 1000)  # one 2x2x3 mm voxel
     assert row["mean_entropy_tumour"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_write_nifti_stores_float32_whatever_it_is_given(tmp_path):
+    class Case:
+        affine = np.eye(4)
+        header = nib.Nifti1Header()
+
+    U.write_nifti(np.full((2, 2, 1), 0.25, np.float64), Case, tmp_path / "h.nii.gz")
+    img = nib.load(tmp_path / "h.nii.gz")
+    assert img.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(img.get_fdata(), np.full((2, 2, 1), 0.25))
+
+
+def test_uncertain_bar_is_inclusive_and_an_integer_brain_mask_is_a_mask():
+    bar = U.UNCERTAIN_NATS * (1 - 1e-6)
+    h = np.array([bar, np.nextafter(bar, 0), 1.0, 0.0]).reshape(4, 1, 1)
+    brain = np.array([1, 1, 0, 1]).reshape(4, 1, 1)  # 0/1 integers, as read from a file
+    row = U.case_row("c", h, np.zeros((4, 1, 1)), brain, (1, 1, 1), "classes")
+    assert row["uncertain_share_brain"] == pytest.approx(1 / 3)  # the bar itself counts
