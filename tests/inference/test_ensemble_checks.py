@@ -122,8 +122,21 @@ def test_predict_probabilities_is_the_mean_and_members_decode_alone(
     assert [lab.ravel().tolist() for lab in labels] == [[0, 3], [1, 3], [2, 2]]
     # the first run's eval.batch_size serves every run; each run gets its own context
     assert [c[1:] for c in calls["volumes"]] == [(0, 4, 0), (1, 4, 2), (2, 4, 0)]
+    assert [c[0] for c in calls["volumes"]] == list(ens.predictors)
     calls["volumes"].clear()
     assert len(list(ensembles.member_probabilities(ens, image, batch_size=3))) == 3
     assert {c[2] for c in calls["volumes"]} == {3}
+    calls["volumes"].clear()
+    list(ensembles.member_probabilities(ens, image))  # no batch size: the first run's
+    assert {c[2] for c in calls["volumes"]} == {4}
+    # an Ensemble made without contexts: context 0 for every run
+    calls["volumes"].clear()
+    list(ensembles.member_probabilities(ens._replace(context_slices=()), image))
+    assert [c[3] for c in calls["volumes"]] == [0, 0, 0]
+    with pytest.raises(ValueError):  # as many variables as predictors
+        list(ensembles.member_probabilities(ens._replace(variables=ens.variables[:2]), image))
+    calls["volumes"].clear()
+    ensembles.predict_probabilities(ens, image, batch_size=2)
+    assert {c[2] for c in calls["volumes"]} == {2}
     # no member labels asked for: none collected, the same mean
     np.testing.assert_allclose(ensembles.predict_probabilities(ens, image), mean, rtol=1e-6)
