@@ -20,9 +20,10 @@ def _serve(monkeypatch, stand_in_config, tmp_path, fields_per_run, probs=None):
         folder.mkdir()
         folders.append(str(folder))
         configs[str(folder)] = stand_in_config(**fields)
-    calls = {"predictors": [], "volumes": []}
+    calls = {"predictors": [], "volumes": [], "steps": []}
 
     def load_trained(workdir, step=None):
+        calls["steps"].append(step)
         return configs[str(workdir)], f"model{workdir[-1]}", {"member": int(workdir[-1])}
 
     def make_slice_predictor(model, **kw):
@@ -104,6 +105,25 @@ def test_runs_share_a_predictor_per_model_config_and_keep_their_context(
     assert ens.context_slices == (0, 0, 1, 0)
     assert [v["member"] for v in ens.variables] == [0, 1, 2, 3]
     assert not ens.missing_ok  # only one run trained with modality dropout
+    assert calls["steps"] == [7, 7, 7, 7]
+
+
+def test_equal_model_sections_share_a_predictor_whatever_their_key_order(
+    monkeypatch, stand_in_config, tmp_path
+):
+    runs = [{"model.width": 8, "model.depth": 2}, {"model.depth": 2, "model.width": 8}]
+    folders, calls = _serve(monkeypatch, stand_in_config, tmp_path, runs)
+    assert ensembles.load_ensemble(folders).predictors == ("predictor1", "predictor1")
+    assert len(calls["predictors"]) == 1
+
+
+def test_sliding_window_argument_overrides_the_runs_choice(monkeypatch, stand_in_config, tmp_path):
+    # the run slides windows but has no training patch: only an override of False works
+    folders, calls = _serve(monkeypatch, stand_in_config, tmp_path, [{"eval.sliding_window": True}])
+    ensembles.load_ensemble(folders, sliding_window=False)
+    assert calls["predictors"][0][1]["window"] == 0
+    with pytest.raises(Exception, match="sliding_window=True needs data.patch_size"):
+        ensembles.load_ensemble(folders)
 
 
 def test_predict_probabilities_is_the_mean_and_members_decode_alone(
