@@ -4,6 +4,7 @@
 #   bash tests/mutation.sh                 every module below
 #   bash tests/mutation.sh labels outputs  only these (names of the MODULES table)
 #   bash tests/mutation.sh --summary       only the table of the last results
+#   bash tests/mutation.sh --survivors     the survivors and timeouts again (after new tests)
 # Results stay in mutants/ (ignored by git): `mutmut results`, `mutmut show NAME`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,15 @@ for m, c in rows.items():
 }
 
 if [ "${1:-}" = "--summary" ]; then summary; exit 0; fi
+if [ "${1:-}" = "--survivors" ]; then  # after adding tests: run the survivors and timeouts again
+  names=$("$MUTMUT" results 2>/dev/null | awk -F': ' '$2 == "survived" || $2 == "timeout" {print $1}')
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  nice -n 10 "$MUTMUT" run $names > mutants/run-survivors.log 2>&1
+  echo "survivors: $(( $(date +%s) - start )) s (log: mutants/run-survivors.log)"
+  summary
+  exit 0
+fi
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 for m in "${selected[@]}"; do

@@ -104,7 +104,7 @@ def test_runs_share_a_predictor_per_model_config_and_keep_their_context(
     assert kw0 == {"image_size": 16, "tta": "flips", "output": "classes", "window": 0}
     assert ens.context_slices == (0, 0, 1, 0)
     assert [v["member"] for v in ens.variables] == [0, 1, 2, 3]
-    assert not ens.missing_ok  # only one run trained with modality dropout
+    assert ens.missing_ok is False  # only one run trained with modality dropout
     assert calls["steps"] == [7, 7, 7, 7]
 
 
@@ -160,3 +160,12 @@ def test_predict_probabilities_is_the_mean_and_members_decode_alone(
     assert {c[2] for c in calls["volumes"]} == {2}
     # no member labels asked for: none collected, the same mean
     np.testing.assert_allclose(ensembles.predict_probabilities(ens, image), mean, rtol=1e-6)
+
+
+def test_missing_ok_when_every_run_trained_with_modality_dropout(
+    monkeypatch, stand_in_config, tmp_path
+):
+    on = {"augment.modality_dropout_p": 0.5}
+    folders, _ = _serve(monkeypatch, stand_in_config, tmp_path, [on, on])
+    assert ensembles.load_ensemble(folders).missing_ok is True
+    assert ensembles.load_ensemble(folders[:1]).missing_ok is True
