@@ -165,3 +165,74 @@ def test_mean_region_dice_by_hand():
     assert pp.mean_region_dice(pred, gt) == pytest.approx((6 / 7 + 0.5 + 2 / 3) / 3)
     z = np.zeros((2, 1, 1), np.int32)
     assert pp.mean_region_dice(z, z) == 1.0
+
+
+def test_connectivity_6_splits_an_edge_pair_and_filtering_needs_a_rule():
+    v = np.zeros((4, 4, 3), np.int32)
+    v[1, 1, 1] = v[2, 2, 1] = 2  # the two voxels share an edge only
+    _, six = pp.label_components(v, 6)
+    _, full = pp.label_components(v, 26)
+    assert six.tolist() == [0, 1, 1] and full.tolist() == [0, 2]
+    v[0, 3, 2] = 1  # a third voxel, touching neither
+    np.testing.assert_array_equal(pp.filter_components(v), v)  # no rule: nothing removed
+
+
+def _cube(shape=(7, 7, 7)):
+    v = np.zeros(shape, np.int32)
+    v[1:4, 1:4, 1:4] = 2
+    return v
+
+
+def test_tuning_ties_adopt_the_least_aggressive_option_and_log_it():
+    gt = _cube()
+    lines = []
+    cands = pp.TuningCandidates(min_component_voxels=(2, 5), largest_component=False,
+                                connectivities=(6,), et_min_voxels=(50, 2))  # fmt: skip
+    tuned = pp.tune_postprocessing([gt], [gt], cands, log=lines.append)
+    # nothing to remove, no ET: every option ties with "off" and the smallest is adopted
+    assert tuned.config == pp.PostprocessConfig(min_component_voxels=2, connectivity=6,
+                                                et_min_voxels=2)  # fmt: skip
+    assert lines == [
+        f"components: {pp.PostprocessConfig(min_component_voxels=2, connectivity=6)} -> mean "
+        "Dice 1.0000 -> 1.0000",
+        "ET relabelling below 2 voxels: 1.0000 -> 1.0000",
+    ]
+    configs = [c for c, _ in tuned.trials]
+    assert configs[1:3] == [
+        pp.PostprocessConfig(min_component_voxels=v, connectivity=6).to_dict() for v in (2, 5)
+    ]
+    assert [c["et_min_voxels"] for c in configs[3:]] == [2, 50]
+    assert all(s == 1.0 for _, s in tuned.trials)
+
+
+def test_tuning_tries_every_connectivity_with_its_own_components():
+    gt = _cube()
+    pred = gt.copy()
+    pred[4, 4, 4] = 2  # touches the cube at a corner only: its own component at 6
+    cands = pp.TuningCandidates(min_component_voxels=(2,), largest_component=True,
+                                connectivities=(26, 6), et_min_voxels=())  # fmt: skip
+    tuned = pp.tune_postprocessing([pred], [gt], cands)
+    assert [c for c, _ in tuned.trials[1:]] == [
+        pp.PostprocessConfig(min_component_voxels=2).to_dict(),
+        pp.PostprocessConfig(largest_component_only=True).to_dict(),
+        pp.PostprocessConfig(min_component_voxels=2, connectivity=6).to_dict(),
+        pp.PostprocessConfig(largest_component_only=True, connectivity=6).to_dict(),
+    ]
+    assert [s for _, s in tuned.trials[1:]] == pytest.approx([tuned.score_before] * 2 + [1.0] * 2)
+    assert tuned.config == pp.PostprocessConfig(min_component_voxels=2, connectivity=6)
+
+
+def test_tuning_without_component_options_logs_nan():
+    lines = []
+    cands = pp.TuningCandidates(min_component_voxels=(), largest_component=False,
+                                et_min_voxels=())  # fmt: skip
+    gt = _cube()
+    pp.tune_postprocessing([gt], [gt], cands, log=lines.append)
+    assert lines[0] == "components: off (best option would give nan)"
+
+
+def test_mean_region_dice_of_disjoint_et_voxels_is_zero():
+    gt = np.array([3, 0, 1]).reshape(3, 1, 1)
+    pred = np.array([0, 3, 1]).reshape(3, 1, 1)
+    # WT: tp 1 (voxel 2), fp 1, fn 1 -> 1/2; TC: the same; ET: tp 0, fp 1, fn 1 -> 0
+    assert pp.mean_region_dice(pred, gt) == pytest.approx((0.5 + 0.5 + 0.0) / 3)
