@@ -1,5 +1,6 @@
 """Lesion-wise summaries and counts (`metrics/lesionwise.py`) on hand-made rows and masks."""
 
+import numpy as np
 import pytest
 
 from brats_jax.metrics import lesionwise as L
@@ -43,3 +44,49 @@ def test_summarise_skips_non_finite_and_missing_values():
     assert got["tp"]["WT"] == 3 and isinstance(got["tp"]["WT"], int)
     assert isinstance(got["dice"]["TC"], float)
     assert L.summarise([{}])["dice"] == {"WT": None, "TC": None, "ET": None}
+
+
+def _hollow_cube_with_core():
+    """GT: a 6x6x6 shell (152 voxels); prediction: the 2x2x2 core, one voxel from the shell."""
+    gt = np.zeros((10, 10, 10), bool)
+    gt[2:8, 2:8, 2:8] = True
+    gt[3:7, 3:7, 3:7] = False
+    pred = np.zeros_like(gt)
+    pred[4:6, 4:6, 4:6] = True
+    return pred, gt
+
+
+def test_no_dilation_matches_only_overlapping_components():
+    pred, gt = _hollow_cube_with_core()
+    got = L.region_scores(pred, gt, dilation_iterations=0)
+    assert (got["tp"], got["fn"], got["fp"]) == (0, 1, 1)
+    assert got["dice"] == 0.0 and got["hd95"] == L.HD95_WORST
+    one = L.region_scores(pred, gt, dilation_iterations=1)  # 1 voxel grown: not enough
+    assert (one["tp"], one["fn"], one["fp"]) == (0, 1, 1)
+    two = L.region_scores(pred, gt, dilation_iterations=2)
+    assert (two["tp"], two["fn"], two["fp"]) == (1, 0, 0)
+
+
+def test_one_dilation_matches_a_face_neighbour():
+    gt = np.zeros((8, 8, 8), bool)
+    gt[1:5, 1:5, 1:5] = True  # 64 voxels
+    pred = np.zeros_like(gt)
+    pred[5, 2, 2] = True  # touches the lesion's face
+    got = L.region_scores(pred, gt, dilation_iterations=1)
+    assert (got["tp"], got["fn"], got["fp"]) == (1, 0, 0)
+
+
+def test_evaluate_volume_passes_spacing_and_options_and_names_bad_maps():
+    gt = np.zeros((8, 8, 8), np.int64)
+    gt[1:4, 1:4, 1:5] = 2  # 36 voxels: 72 mm^3 at 2 mm in x (kept), 36 at 1 mm (ignored)
+    pred = gt.copy()
+    fine = L.evaluate_volume(pred, gt)
+    assert fine["lesionwise_tp_WT"] == 0 and fine["lesionwise_dice_WT"] == 1.0
+    coarse = L.evaluate_volume(pred, gt, spacing=(2.0, 1.0, 1.0))
+    assert coarse["lesionwise_tp_WT"] == 1 and coarse["lesionwise_fn_WT"] == 0
+    small = L.evaluate_volume(pred, gt, min_volume=10.0)
+    assert small["lesionwise_tp_WT"] == 1 and list(small) == L.COLUMNS
+    with pytest.raises(ValueError, match="^pred must be an integer class map"):
+        L.evaluate_volume(pred.astype(float), gt)
+    with pytest.raises(ValueError, match=r"^target has values \[7\] outside"):
+        L.evaluate_volume(pred, np.where(gt == 2, 7, gt))
