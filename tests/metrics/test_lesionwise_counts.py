@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from brats_jax import metrics as M
 from brats_jax.metrics import lesionwise as L
 
 
@@ -90,3 +91,33 @@ def test_evaluate_volume_passes_spacing_and_options_and_names_bad_maps():
         L.evaluate_volume(pred.astype(float), gt)
     with pytest.raises(ValueError, match=r"^target has values \[7\] outside"):
         L.evaluate_volume(pred, np.where(gt == 2, 7, gt))
+
+
+def test_region_scores_argument_checks():
+    a = np.zeros((4, 4, 4), bool)
+    with pytest.raises(ValueError) as err:
+        L.region_scores(a, np.zeros((4, 4, 5), bool))
+    assert str(err.value) == "pred and gt masks must be equal (H, W, D); got (4, 4, 4), (4, 4, 5)"
+    with pytest.raises(ValueError) as err:
+        L.region_scores(a, a, component_neighbours=7)
+    assert str(err.value) == "component_neighbours 7: expected one of [6, 18, 26]"
+
+
+def test_float_masks_two_ignored_lesions_and_the_hd95_options():
+    gt = np.zeros((20, 20, 20), bool)
+    gt[0, 0, 0] = gt[19, 19, 19] = True  # two 1-voxel lesions, far apart: both ignored
+    gt[7:13, 7:13, 7:13] = True  # one kept lesion, 216 voxels
+    pred = np.zeros_like(gt)
+    pred[8:12, 8:12, 8:12] = True  # inside the lesion: one match
+    got = L.region_scores(pred, gt)
+    assert got["ignored"] == 2 and (got["tp"], got["fn"], got["fp"]) == (1, 0, 0)
+    assert L.region_scores(pred.astype(float), gt.astype(float)) == got
+    lesion = gt.copy()
+    lesion[0, 0, 0] = lesion[19, 19, 19] = False
+    pooled = L.region_scores(pred, gt, hd95_mode="pooled")["hd95"]
+    assert pooled == pytest.approx(M.hd95(pred, lesion, mode="pooled"))
+    assert got["hd95"] == pytest.approx(M.hd95(pred, lesion)) and pooled != got["hd95"]
+    shifted = np.roll(lesion, 1, axis=0)  # one voxel along x: distances along x only
+    aniso = L.region_scores(shifted, lesion, spacing=(3.0, 1.0, 1.0))["hd95"]
+    assert aniso == pytest.approx(M.hd95(shifted, lesion, (3.0, 1.0, 1.0))) and aniso == 3.0
+    assert L.region_scores(shifted, lesion)["hd95"] == 1.0
