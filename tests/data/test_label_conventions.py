@@ -161,6 +161,10 @@ def test_unreadable_names_list_the_labels_and_the_hint():
         "d.json labels: no value for ET among ['background', 'edema', 'necrosis']; "
         + labels._NAMES_HINT
     )
+    with pytest.raises(
+        LabelError, match=r"^d.json labels: no value for NCR, ET among \['background', 'edema'\]"
+    ):
+        labels.dataset_label_map({"background": 0, "edema": 1}, where="d.json")
     region = {"background": 0, "whole tumor": [1, 2, 3], "enhancing tumor": [3]}
     with pytest.raises(LabelError) as err:
         labels.dataset_label_map(region, where="d.json")
