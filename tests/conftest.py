@@ -27,6 +27,7 @@ from brats_jax import runtime  # noqa: E402
 
 runtime.setup(quiet_logs=False)
 
+import hypothesis  # noqa: E402
 import ml_collections  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,6 +36,13 @@ import scipy.ndimage  # noqa: E402
 
 from brats_jax import MODALITIES  # noqa: E402
 from brats_jax.models.transunet import per_block_params  # noqa: E402
+
+# The mutation runs (TESTING.md) pass `--hypothesis-profile=mutation`: a failing example is
+# not shrunk (shrinking recompiles the jitted losses per shape, and a kill needs no minimal case).
+hypothesis.settings.register_profile(
+    "mutation",
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate],
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "brats_sample"

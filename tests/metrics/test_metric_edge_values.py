@@ -1,0 +1,138 @@
+"""Metric edge values and errors (`metrics/slices.py`, `metrics/volumes.py`) by hand: the
+study's per-slice readings, empty regions, sensitivity at zero counts, and one-line errors."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brats_jax import metrics as M
+from brats_jax.metrics import slices, volumes
+
+
+def _message(fn, *args, **kw):
+    with pytest.raises(ValueError) as err:
+        fn(*args, **kw)
+    return str(err.value)
+
+
+def test_slice_dice_readings_by_hand():
+    # slice 0: target {0, 1}, pred {0, 0}: class 0 Dice 2/3, class 1 Dice 0, classes 2, 3 absent
+    # slice 1: identical maps with classes 0 and 3: Dice 1 for both, 1 and 2 absent
+    target = np.array([[[0, 1]], [[0, 3]]])
+    pred = np.array([[[0, 0]], [[0, 3]]])
+    got = M.slice_dice_readings(pred, target)
+    np.testing.assert_allclose(got["absent_one"], [(2 / 3 + 0 + 1 + 1) / 4, 1.0])
+    np.testing.assert_allclose(got["absent_excluded"], [(2 / 3 + 0) / 2, 1.0])
+    np.testing.assert_array_equal(
+        got["confusion"], [[2, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    )
+    assert got["confusion"].dtype == np.int64
+    assert _message(M.slice_dice_readings, pred[0], target[0]) == (
+        "pred and target must be equal (N, H, W); got (1, 2), (1, 2)"
+    )
+    assert _message(M.slice_dice_readings, pred, target[:1]) == (
+        "pred and target must be equal (N, H, W); got (2, 1, 2), (1, 1, 2)"
+    )
+
+
+def test_class_map_errors():
+    assert _message(M.evaluate_volume, np.zeros((2, 2, 2)), np.zeros((2, 2, 2), int)) == (
+        "pred must be an integer class map; got dtype float64"
+    )
+    assert _message(M.region_confusion, np.zeros((2, 2), int), np.array([[0, 5], [-1, 4]])) == (
+        "target has values [-1, 4, 5] outside {0..3}"
+    )
+    assert _message(M.region_confusion, np.zeros((2, 2), int), np.zeros((2, 3), int)) == (
+        "pred shape (2, 2) != target shape (2, 3)"
+    )
+    empty = np.zeros((0, 2), np.int64)  # no voxel: no range to check
+    assert M.region_confusion(empty, empty)["WT"] == (0, 0, 0, 0)
+
+
+def test_hd95_argument_errors():
+    a = np.ones((2, 2, 2), bool)
+    assert _message(M.hd95, a, a[:1]) == "pred_mask shape (2, 2, 2) != gt_mask shape (1, 2, 2)"
+    assert _message(M.hd95, a, a, mode="mean") == (
+        "mode must be one of ('max', 'pooled'); got 'mean'"
+    )
+    assert _message(M.hd95, a, a, spacing=(1.0, 0.0, 1.0)) == (
+        "spacing must be 3 positive numbers (mm); got (1.0, 0.0, 1.0)"
+    )
+    assert _message(M.hd95, a, a, spacing=(1.0, np.nan, 1.0)).startswith("spacing must be 3")
+    assert M.hd95(a, a, spacing=2.5) == 0.0  # one number serves every axis
+    b = np.zeros((1, 1, 5), bool)
+    c = b.copy()
+    b[0, 0, 0], c[0, 0, 4] = True, True
+    assert M.hd95(b, c, spacing=2.5) == 10.0
+
+
+def test_sensitivity_specificity_without_positives_or_negatives():
+    assert M.sensitivity_specificity(0, 0, 0, 5) == (1.0, 1.0)
+    assert M.sensitivity_specificity(0, 2, 0, 5) == (0.0, 5 / 7)
+    assert M.sensitivity_specificity(3, 0, 1, 0) == (0.75, 1.0)
+    sens, spec = M.sensitivity_specificity(1, 1, 3, 3)
+    assert (sens, spec) == (0.25, 0.75) and isinstance(sens, float)
+
+
+def test_evaluate_volume_empty_regions_and_keys():
+    t = np.zeros((3, 3, 3), np.int64)
+    t[1, 1, 1] = 2  # only ED: TC and ET empty in both
+    got = M.evaluate_volume(t, t, spacing=(1, 1, 2))
+    assert got["dice_TC"] == 1.0 and got["hd95_ET"] == 0.0 and got["dice_WT"] == 1.0
+    assert got["sensitivity_ET"] == 1.0 and got["specificity_ET"] == 1.0
+    assert got["class_dice_1"] == 1.0 and got["volume_dice_4class"] == 1.0
+    excl = M.evaluate_volume(t, t, absent="exclude")
+    assert np.isnan(excl["class_dice_1"]) and excl["volume_dice_4class"] == 1.0
+    missed = M.evaluate_volume(np.zeros_like(t), t, hd95_mode="pooled")
+    assert missed["dice_WT"] == 0.0 and missed["hd95_WT"] == volumes.HD95_EMPTY
+    assert missed["sensitivity_WT"] == 0.0 and missed["specificity_WT"] == 1.0
+    assert missed["class_dice_2"] == 0.0 and missed["volume_dice_4class"] == pytest.approx(
+        (2 * 26 / 53 + 1 + 0 + 1) / 4
+    )
+
+
+def test_slice_metric_errors():
+    x = jnp.zeros((2, 3), jnp.int32)
+    assert _message(M.confusion_matrix, x, jnp.zeros((3, 2), jnp.int32)) == (
+        "pred shape (2, 3) != target shape (3, 2)"
+    )
+    assert _message(M.dice_from_confusion, np.eye(4), absent="zero") == (
+        "absent must be one of ('one', 'exclude'); got 'zero'"
+    )
+    assert _message(M.paper_dice, x, x, absent="nan").startswith("absent must be one of")
+    assert _message(M.paper_dice, jnp.zeros((4,), jnp.int32), jnp.zeros((4,), jnp.int32)) == (
+        "pred must be (B, H, W, ...); got shape (4,)"
+    )
+    assert _message(M.region_dice_from_confusion, np.eye(3)) == "cm must be (4, 4); got (3, 3)"
+    assert _message(M.region_dice, x, jnp.zeros((2, 2), jnp.int32)) == (
+        "pred shape (2, 3) != target shape (2, 2)"
+    )
+    assert _message(slices._model_output, x, None, None) == (
+        "give exactly one of logits (B,H,W,C) or predictions (B,H,W)"
+    )
+    assert _message(slices._model_output, x, jnp.zeros((2, 3, 4)), x).startswith("give exactly")
+
+
+def test_confusion_ignores_out_of_range_values_and_counts_int32():
+    pred = jnp.array([[0, 1, 4, -1, 3]])
+    target = jnp.array([[0, 1, 1, 1, 3]])
+    cm = M.confusion_matrix(pred, target)
+    assert cm.dtype == jnp.int32 and int(cm.sum()) == 3  # 4 and -1 are ignored
+    np.testing.assert_array_equal(np.diag(np.asarray(cm)), [1, 1, 0, 1])
+    cm2 = M.confusion_matrix(jnp.array([0, 1, 2]), jnp.array([2, 1, 0]), num_classes=3)
+    np.testing.assert_array_equal(np.asarray(cm2), [[0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    cm3 = M.confusion_matrix(jnp.array([0, 3]), jnp.array([3, 3]), num_classes=3)
+    assert int(cm3.sum()) == 0  # class 3 is out of range for 3 classes
+
+
+def test_region_dice_from_confusion_numpy_floats_and_jax():
+    cm = np.zeros((4, 4), np.int64)
+    cm[2, 2] = 3  # ED found
+    cm[3, 1] = 1  # ET read as NCR: in TC, not in ET
+    got = M.region_dice_from_confusion(cm)
+    assert got == {"WT": 1.0, "TC": 2 * 1 / 2, "ET": 0.0}
+    assert all(isinstance(v, float) for v in got.values())
+    j = M.region_dice_from_confusion(jnp.asarray(cm))
+    assert float(j["ET"]) == 0.0 and j["WT"].dtype == jnp.float32
+    empty = M.region_dice_from_confusion(np.diag([5, 0, 0, 0]))
+    assert empty == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
