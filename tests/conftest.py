@@ -50,18 +50,20 @@ SAMPLE = REPO.parent / "shared" / "data" / "brats_sample"
 
 @pytest.fixture(autouse=True)
 def _process_logging_state_restored():
-    """A command run in-process that ends in an error (`cli.run_app`'s quiet shutdown) turns
-    absl's verbosity to FATAL and replaces the unraisable and thread exception hooks for
-    the rest of the process; restored after each test so no later test depends on the order
-    (a test reading INFO lines with caplog would see none)."""
+    """Process-wide logging state a test can change for the rest of its process: parsing a
+    command's flags in-process sets the `absl` logger's level from `--verbosity` (WARNING by
+    default), and a command that ends in an error (`cli.run_app`'s quiet shutdown) sets it
+    to FATAL and replaces the unraisable and thread exception hooks. Restored after each
+    test, so no later test depends on the order (a test reading INFO lines with caplog
+    would see none)."""
     import threading
 
     from absl import logging as absl_logging
 
-    verbosity = absl_logging.get_verbosity()
+    level = absl_logging.get_absl_logger().level
     hooks = (sys.unraisablehook, threading.excepthook)
     yield
-    absl_logging.set_verbosity(verbosity)
+    absl_logging.get_absl_logger().setLevel(level)
     sys.unraisablehook, threading.excepthook = hooks
 
 

@@ -48,8 +48,9 @@ def test_from_dict_and_load_errors_name_the_source(tmp_path):
         "w: expected a JSON object of thresholds, got [1]"
     )
     assert _message(pp.PostprocessConfig.from_dict, {"a": 1, "connectivity": 6}, where="w") == (
-        "w: unknown field(s) ['a']; expected ['connectivity', 'et_min_voxels', "
-        "'largest_component_only', 'min_component_voxels']"
+        "w: unknown field(s) ['a']; expected ['connectivity', 'et_action', 'et_min_mm3', "
+        "'et_min_voxels', 'largest_component_only', 'min_component_voxels', 'tc_action', "
+        "'tc_min_mm3']"
     )
     assert _message(pp.PostprocessConfig.from_dict, {"connectivity": 4}) == (
         "post-processing config: connectivity 4: expected 6 or 26"
@@ -151,7 +152,13 @@ def test_tuning_input_errors_and_logs():
     tuned = pp.tune_postprocessing([gt], [gt], cands, log=lines.append)
     assert tuned.config == pp.PostprocessConfig()
     # removing the only (ED) component: WT Dice 0, TC and ET empty in both (1): 2/3
-    assert lines == ["components: off (best option would give 0.6667)", "ET relabelling: off"]
+    # the TC / ET component steps have no candidates (TuningCandidates' defaults): off
+    assert lines == [
+        "components: off (best option: 0.6667)",
+        "TC components: off (best option: none)",
+        "ET components: off (best option: none)",
+        "ET relabelling: off (best option: none)",
+    ]
     assert [c for c, _ in tuned.trials] == [
         pp.PostprocessConfig().to_dict(),
         pp.PostprocessConfig(min_component_voxels=30).to_dict(),
@@ -195,7 +202,9 @@ def test_tuning_ties_adopt_the_least_aggressive_option_and_log_it():
     assert lines == [
         f"components: {pp.PostprocessConfig(min_component_voxels=2, connectivity=6)} -> mean "
         "Dice 1.0000 -> 1.0000",
-        "ET relabelling below 2 voxels: 1.0000 -> 1.0000",
+        "TC components: off (best option: none)",
+        "ET components: off (best option: none)",
+        f"ET relabelling: {tuned.config} -> mean Dice 1.0000 -> 1.0000",
     ]
     configs = [c for c, _ in tuned.trials]
     assert configs[1:3] == [
@@ -222,13 +231,13 @@ def test_tuning_tries_every_connectivity_with_its_own_components():
     assert tuned.config == pp.PostprocessConfig(min_component_voxels=2, connectivity=6)
 
 
-def test_tuning_without_component_options_logs_nan():
+def test_tuning_without_component_options_says_none():
     lines = []
     cands = pp.TuningCandidates(min_component_voxels=(), largest_component=False,
                                 et_min_voxels=())  # fmt: skip
     gt = _cube()
     pp.tune_postprocessing([gt], [gt], cands, log=lines.append)
-    assert lines[0] == "components: off (best option would give nan)"
+    assert lines[0] == "components: off (best option: none)"
 
 
 def test_mean_region_dice_of_disjoint_et_voxels_is_zero():
