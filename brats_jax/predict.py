@@ -85,8 +85,9 @@ from brats_jax.inference import (
 FLAGS = flags.FLAGS
 # Flags shared with other commands are defined alike in each, with allow_override so that
 # one process may import several commands (the tests do; the last definition is kept):
-# --workdir (tune_postprocessing, main, export), --tta, --step (export), --batch_size
-# (tune_postprocessing), --sliding_window (export) and --overlays (evaluate).
+# --workdir (tune_postprocessing, calibrate, main, export), --tta (tune_postprocessing,
+# calibrate), --step (tune_postprocessing, calibrate, export), --batch_size
+# (tune_postprocessing, calibrate), --sliding_window (export) and --overlays (evaluate).
 flags.DEFINE_string(
     "workdir", None, "Training run folder (holds config.json, checkpoints/).", allow_override=True
 )
