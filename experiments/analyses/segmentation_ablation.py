@@ -54,6 +54,7 @@ from brats_jax.data import augment, brats
 from brats_jax.data.folds import fold_cases
 from brats_jax.inference import postprocess
 from brats_jax.labels import to_train_labels
+from configs import default
 from experiments.analyses.postprocessing_ablation import KEYS, REGIONS, predict_all, score_case
 
 # Training variants: fields set on top of `configs/unet.py:cpu`.
@@ -105,6 +106,13 @@ VARIANTS.update(
         "cb_deep_supervision": {**_CONTEXT_REGIONS, "model.deep_supervision": True},
         # inference only (eval.* fields): "x+sliding_window" predicts with x's own runs
         "sliding_window": {"eval.sliding_window": True},
+        # `cpu_best` as the preset defines it today (its fields beyond `cpu`'s): the recipe
+        # whose inference options and post-processing the 41-case folds choose (issue 47)
+        "cpu_best": {
+            k: v
+            for k, v in default.PRESET_FIELDS["cpu_best"].items()
+            if default.PRESET_FIELDS["cpu"].get(k, object()) != v
+        },
     }
 )
 CONFIG = "configs/unet.py:cpu"
@@ -133,6 +141,21 @@ def folds_of(case_ids, num_folds: int, seed: int = 0) -> list[list[str]]:
     """The test cases of each fold (sorted lists that partition `case_ids`); `seed` shuffles
     the cases before they are cut (`data.folds.fold_cases`), 0 = the documented folds."""
     return [fold_cases(case_ids, num_folds, i, seed=seed)[1] for i in range(num_folds)]
+
+
+def declared_folds(path: pathlib.Path, case_ids) -> list[list[str]]:
+    """The folds written in `path` (JSON, "folds": lists of case IDs, e.g.
+    `experiments/folds_41_cases.json`); SystemExit unless they partition `case_ids`."""
+    folds = json.loads(path.read_text())["folds"]
+    listed = [c for f in folds for c in f]
+    if len(set(listed)) != len(listed) or set(listed) != set(case_ids):
+        extra, missing = sorted(set(listed) - set(case_ids)), sorted(set(case_ids) - set(listed))
+        raise SystemExit(
+            f"error: {path}: the folds must list every case under --data_root once "
+            f"(not found there: {extra[:3]}, in no fold: {missing[:3]}, "
+            f"repeated: {len(listed) - len(set(listed))})"
+        )
+    return [sorted(f) for f in folds]
 
 
 def _inference_only(part: str) -> bool:
@@ -608,6 +631,12 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--fold_seed", type=int, default=0, help="shuffles the cases into folds")
     p.add_argument("--test_cases", default="", help="a fixed split instead of folds: IDs")
+    p.add_argument(
+        "--folds_file",
+        type=pathlib.Path,
+        default=None,
+        help='declared folds instead of --folds: a JSON file whose "folds" lists case IDs',
+    )
     p.add_argument("--variants", default=",".join(OPTION_VARIANTS), help=f"of {list(VARIANTS)}")
     p.add_argument("--ttas", default="none,flips", help="TTA settings, comma-separated")
     p.add_argument("--parallel", type=int, default=2, help="processes at a time")
@@ -639,6 +668,8 @@ def main(argv=None) -> int:
         if missing := sorted(set(folds[0]) - set(cases)):
             raise SystemExit(f"error: --test_cases {missing} not under {args.data_root}")
         cases = {c: cases[c] for c in folds[0]}  # only the test cases are scored
+    elif args.folds_file:
+        folds = declared_folds(args.folds_file, cases)
     else:
         folds = folds_of(list(cases), args.folds, args.fold_seed)
     args.out.mkdir(parents=True, exist_ok=True)
