@@ -34,6 +34,7 @@ from brats_jax import cli, fileio, labels, metrics, runtime
 from brats_jax.data import brats
 from brats_jax.inference import ensembles, postprocess
 from brats_jax.inference.case_lists import split_list
+from brats_jax.metrics import lesionwise
 from brats_jax.models import outputs
 
 TTAS = ("none", "flips", "flips_ud")
@@ -47,11 +48,16 @@ STEP_CANDIDATES = {
 }
 
 
-def score_case(pred, gt, spacing, hd95_mode="max") -> dict[str, float]:
+def score_case(pred, gt, spacing, hd95_mode="max", lesion_wise=False) -> dict[str, float]:
     """The tabled scores (`KEYS`: Dice and HD95 mm per region) of a (H, W, D) label map
-    against the ground truth (`metrics.evaluate_volume`)."""
+    against the ground truth (`metrics.evaluate_volume`); with `lesion_wise` also the BraTS
+    2023 lesion-wise scores (`lesionwise.COLUMNS`: Dice, HD95 mm and TP/FN/FP lesion counts
+    per region, `lesionwise.evaluate_volume`)."""
     res = metrics.evaluate_volume(pred, gt, spacing=spacing, hd95_mode=hd95_mode)
-    return {k: float(res[k]) for k in KEYS}
+    out = {k: float(res[k]) for k in KEYS}
+    if lesion_wise:
+        out.update(lesionwise.evaluate_volume(pred, gt, spacing, hd95_mode=hd95_mode))
+    return out
 
 
 def load_scored_case(case, source: str) -> tuple[np.ndarray, np.ndarray, tuple]:

@@ -271,16 +271,36 @@ def predict(args, folds, cases) -> None:
             print(f.result(), flush=True)
 
 
-def _tune(preds, gts) -> postprocess.PostprocessConfig:
-    return postprocess.tune_postprocessing(preds, gts).config
+# The tuned rows' names by objective (`postprocess.OBJECTIVES`), and what each searches: the
+# lesion-wise tuning also tries the TC / ET component rules (`REGION_MM3`), as
+# `python -m brats_jax.tune_postprocessing --objective=lesionwise` does.
+TUNED_ROWS = {"dice": "tuned", "lesionwise": "tuned_lesionwise"}
+_TUNING_CANDIDATES = {
+    "dice": postprocess.TuningCandidates(),
+    "lesionwise": postprocess.TuningCandidates(
+        tc_min_mm3=postprocess.REGION_MM3, et_min_mm3=postprocess.REGION_MM3
+    ),
+}
 
 
-def plan_rows(predictions: dict, gts: dict, folds, pool, log=print, tuned=True) -> list[dict]:
-    """Rows `{variant, tta, pp, configs}` (`configs[i]`: fold i's `PostprocessConfig`), the
-    tuned rows only when `tuned`; a tuned row's config for fold i is chosen on the other
-    folds' cases (`postprocess.tune_postprocessing`), the tunings running in `pool`."""
+def _tune(preds, gts, spacings, objective="dice") -> postprocess.PostprocessConfig:
+    return postprocess.tune_postprocessing(
+        preds, gts, _TUNING_CANDIDATES[objective], objective=objective, spacings=spacings
+    ).config
+
+
+def plan_rows(
+    predictions: dict, gts: dict, folds, pool, log=print, tuned=True, objectives=("dice",),
+    spacings=None,
+) -> list[dict]:  # fmt: skip
+    """Rows `{variant, tta, pp, configs}` (`configs[i]`: fold i's `PostprocessConfig`): no
+    post-processing, the largest whole-tumour component, and with `tuned` one tuned row per
+    objective (`TUNED_ROWS`); a tuned row's config for fold i is chosen on the other folds'
+    cases (`postprocess.tune_postprocessing` at each case's `spacings`, 1 mm by default),
+    the tunings running in `pool`."""
     none = postprocess.PostprocessConfig()
     largest = postprocess.PostprocessConfig(largest_component_only=True)
+    spacings = spacings or {}
     rows = []
     for variant, labels in predictions.items():
         for tta in labels:
@@ -290,16 +310,20 @@ def plan_rows(predictions: dict, gts: dict, folds, pool, log=print, tuned=True) 
             )
             if len(folds) < 2 or not tuned:  # (a fixed split has no other folds to tune on)
                 continue
-            tuned = []
-            for i in range(len(folds)):
-                others = [c for j, f in enumerate(folds) if j != i for c in f]
-                preds = [labels[tta][c] for c in others]
-                tuned.append(pool.submit(_tune, preds, [gts[c] for c in others]))
-            rows.append(dict(variant=variant, tta=tta, pp="tuned", configs=tuned))
+            for objective in objectives:
+                futures = []
+                for i in range(len(folds)):
+                    others = [c for j, f in enumerate(folds) if j != i for c in f]
+                    futures.append(pool.submit(
+                        _tune, [labels[tta][c] for c in others], [gts[c] for c in others],
+                        [spacings.get(c, (1.0, 1.0, 1.0)) for c in others], objective,
+                    ))  # fmt: skip
+                rows.append(dict(variant=variant, tta=tta, pp=TUNED_ROWS[objective],
+                                 configs=futures))  # fmt: skip
     for r in rows:
-        if r["pp"] == "tuned":
+        if r["pp"] in TUNED_ROWS.values():
             r["configs"] = [f.result() for f in r["configs"]]
-            log(f"{r['variant']} tta={r['tta']}: tuned per fold: {r['configs']}")
+            log(f"{r['variant']} tta={r['tta']} {r['pp']}: per fold: {r['configs']}")
     return rows
 
 
@@ -330,7 +354,8 @@ def score(args, folds, cases) -> dict:
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
     jobs, done = {}, {}
     with concurrent.futures.ProcessPoolExecutor(args.parallel) as pool:
-        rows = plan_rows(predictions, gts, folds, pool, tuned=not args.no_tuned)
+        rows = plan_rows(predictions, gts, folds, pool, tuned=not args.no_tuned,
+                         objectives=args.objectives, spacings=spacings)  # fmt: skip
         for r in rows:
             for cid in cases:
                 cfg = r["configs"][fold_of[cid]]
@@ -340,8 +365,9 @@ def score(args, folds, cases) -> dict:
                         predictions[r["variant"]][r["tta"]][cid], cfg, spacings[cid]
                     )
                     jobs[key] = pool.submit(
-                        score_case, pred, gts[cid], spacings[cid], args.hd95_mode
-                    )
+                        score_case, pred, gts[cid], spacings[cid], args.hd95_mode,
+                        args.lesion_wise,
+                    )  # fmt: skip
         done = {k: f.result() for k, f in jobs.items()}
     for r in rows:
         r["per_case"] = [
@@ -353,7 +379,14 @@ def score(args, folds, cases) -> dict:
             for c in cases
         ]
         r["configs"] = [c.to_dict() for c in r["configs"]]
-    return {"folds": folds, "fold_seed": args.fold_seed, "hd95_mode": args.hd95_mode, "rows": rows}
+    return {
+        "folds": folds,
+        "fold_seed": args.fold_seed,
+        "hd95_mode": args.hd95_mode,
+        "lesion_wise": args.lesion_wise,
+        "objectives": list(args.objectives),
+        "rows": rows,
+    }
 
 
 def _summary(per_case: list[dict], key: str, folds) -> tuple[float, float, list[float]]:
@@ -571,6 +604,8 @@ def markdown(record: dict) -> str:
     scored = {c["case_id"] for r in rows for c in r["per_case"]}
     if set(leave_one_out()) <= set(_rule_rows(rows)) and DIAGNOSIS_CASE in scored:
         out += ["", f"Diagnosis rule ({DIAGNOSIS_CASE}): candidate {diagnosis_candidate(rows)}."]
+    if record.get("lesion_wise"):
+        out += lesionwise_markdown(record)
     for r in (rows[0], best):
         out += ["", f"Per case, {r['variant']} / TTA {r['tta']} / {r['pp']}:", ""]
         out += ["| case | " + " | ".join(KEYS) + " |", "|---|" + "---:|" * len(KEYS)]
@@ -578,6 +613,138 @@ def markdown(record: dict) -> str:
             vals = [f"{c[k]:.3f}" if k.startswith("dice") else f"{c[k]:.1f}" for k in KEYS]
             out.append(f"| {c['case_id']} | " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
+
+
+# The declared rule of the 41-case folds (experiments/folds_41_cases.json, "selection_rule")
+# and issue 47's targets (out of fold, case means): lesion-wise Dice at least, lesion-wise
+# HD95 at most, voxel Dice at least, voxel HD95 at most; post-processing may lower a region's
+# voxel Dice by at most PP_DICE_LOSS.
+LESION_TIE = 0.005
+TARGETS = {
+    "lesionwise_dice": {"WT": 0.86, "TC": 0.80, "ET": 0.72},
+    "lesionwise_hd95": {"WT": 30.0, "TC": 30.0, "ET": 30.0},
+    "dice": {"WT": 0.87, "TC": 0.82, "ET": 0.76},
+    "hd95": {"WT": 8.0, "TC": 10.0, "ET": 10.0},
+}
+PP_DICE_LOSS = 0.005
+
+
+def _case_mean(row: dict, key: str) -> float:
+    return float(np.mean([c[key] for c in row["per_case"]]))
+
+
+def lesion_means(row: dict) -> tuple[float, float]:
+    """(mean lesion-wise Dice, mean lesion-wise HD95 in mm) of a row: the mean over WT, TC
+    and ET of the case means."""
+    dice = np.mean([_case_mean(row, f"lesionwise_dice_{g}") for g in REGIONS])
+    hd95 = np.mean([_case_mean(row, f"lesionwise_hd95_{g}") for g in REGIONS])
+    return float(dice), float(hd95)
+
+
+def declared_choice(rows: list[dict], tie: float = LESION_TIE) -> dict:
+    """The declared selection rule: among the rows whose mean lesion-wise Dice is within
+    `tie` of the highest, the lowest mean lesion-wise HD95, then the simpler option (the
+    earlier row: `plan_rows` lists no TTA before flips and none < largest < tuned <
+    tuned_lesionwise). Returns {means: [(dice, hd95) per row], close: [row indices], index}."""
+    means = [lesion_means(r) for r in rows]
+    top = max(d for d, _ in means)
+    close = [i for i, (d, _) in enumerate(means) if d >= top - tie]
+    return dict(means=means, close=close, index=min(close, key=lambda i: (means[i][1], i)))
+
+
+def _unprocessed(rows: list[dict], row: dict) -> dict | None:
+    """The row of the same variant and TTA without post-processing."""
+    same = [
+        r for r in rows if (r["variant"], r["tta"], r["pp"]) == (row["variant"], row["tta"], "none")
+    ]
+    return same[0] if same else None
+
+
+def target_lines(row: dict, baseline: dict | None) -> list[str]:
+    """Issue 47's targets against a row's case means, and what post-processing did to each
+    region's voxel Dice (against `baseline`, the same predictions unprocessed)."""
+    out = []
+    for metric, goals in TARGETS.items():
+        cells = []
+        for g, goal in goals.items():
+            v = _case_mean(row, f"{metric}_{g}")
+            ok = v <= goal if "hd95" in metric else v >= goal
+            sign = "<=" if "hd95" in metric else ">="
+            cells.append(f"{g} {v:.3f} ({sign} {goal}: {'met' if ok else 'NOT met'})")
+        out.append(f"- {metric}: " + ", ".join(cells))
+    if baseline is not None and baseline is not row:
+        deltas = {
+            g: _case_mean(row, f"dice_{g}") - _case_mean(baseline, f"dice_{g}") for g in REGIONS
+        }
+        worst = min(deltas.values())
+        out.append(
+            "- post-processing's change of voxel Dice: "
+            + ", ".join(f"{g} {d:+.4f}" for g, d in deltas.items())
+            + f" (may lose at most {PP_DICE_LOSS}: "
+            + ("met)" if worst >= -PP_DICE_LOSS else "NOT met)")
+        )
+    return out
+
+
+def lesionwise_markdown(record: dict) -> list[str]:
+    """Lines of the lesion-wise table (mean ± SD over cases of lesion-wise Dice and HD95 per
+    region, summed false-positive and missed lesions), the declared rule's choice, the
+    targets and the three worst cases of the chosen row (lowest mean lesion-wise Dice)."""
+    rows = record["rows"]
+    choice = declared_choice(rows)
+    head = ["variant", "TTA", "post-proc."] + [f"lw Dice {g}" for g in REGIONS]
+    head += [f"lw HD95 {g} (mm)" for g in REGIONS] + [f"FP / missed {g}" for g in REGIONS]
+    head += ["mean lw Dice", "mean lw HD95"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for i, r in enumerate(rows):
+        cells = []
+        for k, d in (("lesionwise_dice", 3), ("lesionwise_hd95", 1)):
+            for g in REGIONS:
+                v = np.array([c[f"{k}_{g}"] for c in r["per_case"]], float)
+                cells.append(f"{v.mean():.{d}f} ± {v.std():.{d}f}")
+        for g in REGIONS:
+            fp = sum(int(c[f"lesionwise_fp_{g}"]) for c in r["per_case"])
+            fn = sum(int(c[f"lesionwise_fn_{g}"]) for c in r["per_case"])
+            cells.append(f"{fp} / {fn}")
+        d, h = choice["means"][i]
+        cells += [f"{d:.4f}", f"{h:.1f}"]
+        name = f"**{r['variant']}**" if i == choice["index"] else r["variant"]
+        lines.append(f"| {name} | {r['tta']} | {r['pp']} | " + " | ".join(cells) + " |")
+    best = rows[choice["index"]]
+    close = ", ".join(f"{rows[i]['tta']}/{rows[i]['pp']}" for i in choice["close"])
+    out = [
+        "",
+        "Lesion-wise (BraTS 2023; mean ± SD over cases; FP: predicted lesions touching no true "
+        "lesion, missed: true lesions no prediction touches, summed over cases):",
+        "",
+        *lines,
+        "",
+        f"Declared rule (highest mean lesion-wise Dice; within {LESION_TIE}: {close}; then the "
+        f"lower mean lesion-wise HD95, then the simpler): **{best['variant']} / TTA "
+        f"{best['tta']} / {best['pp']}**. Targets (issue 47):",
+        "",
+        *target_lines(best, _unprocessed(rows, best)),
+        "",
+        "The three worst cases of the chosen row (lowest mean lesion-wise Dice):",
+        "",
+        "| case | fold | lw Dice WT / TC / ET | Dice WT / TC / ET | FP WT / TC / ET | "
+        "missed WT / TC / ET |",
+        "|---|---:|---|---|---|---|",
+    ]
+
+    def cells(c: dict, key: str, fmt: str) -> str:
+        return " / ".join(fmt.format(c[f"{key}_{g}"]) for g in REGIONS)
+
+    worst = sorted(
+        best["per_case"], key=lambda c: np.mean([c[f"lesionwise_dice_{g}"] for g in REGIONS])
+    )
+    for c in worst[:3]:
+        out.append(
+            f"| {c['case_id']} | {c['fold']} | {cells(c, 'lesionwise_dice', '{:.3f}')} | "
+            f"{cells(c, 'dice', '{:.3f}')} | {cells(c, 'lesionwise_fp', '{}')} | "
+            f"{cells(c, 'lesionwise_fn', '{}')} |"
+        )
+    return out
 
 
 def _read_record(path: str) -> dict:
@@ -644,6 +811,13 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="FIELD=VALUE for every run")
     p.add_argument("--hd95_mode", default="max")
     p.add_argument("--no_tuned", action="store_true", help="score without the tuned rows")
+    p.add_argument(
+        "--objectives", default="dice", help="tuned rows: dice and/or lesionwise, comma-separated"
+    )
+    p.add_argument(
+        "--lesion_wise", action="store_true",
+        help="also score lesion-wise (BraTS 2023) and apply the declared rule of --folds_file",
+    )  # fmt: skip
     p.add_argument("--cache_dir", type=pathlib.Path, default=None, help="default: OUT/cache")
     args = p.parse_args(argv)
     if args.stages == "table":  # the rows of scored records, without their run folders
@@ -659,6 +833,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: stages {bad}: expected all, or some of train,predict,score")
     args.variants = [v for v in args.variants.split(",") if v]
     args.ttas = [t for t in args.ttas.split(",") if t]
+    args.objectives = [o for o in args.objectives.split(",") if o]
+    if bad := sorted(set(args.objectives) - set(TUNED_ROWS)):
+        raise SystemExit(f"error: --objectives {bad}: expected some of {list(TUNED_ROWS)}")
     for v in args.variants:
         variant_fields(v)  # a one-line error for an unknown name
     runtime.setup()

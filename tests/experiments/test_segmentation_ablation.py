@@ -43,7 +43,7 @@ def test_train_command_holds_the_fold_and_the_variant(tmp_path):
 def test_tuned_thresholds_of_a_fold_never_see_its_cases(monkeypatch):
     seen = []
 
-    def fake_tune(preds, gts):
+    def fake_tune(preds, gts, spacings, objective):
         seen.append(sorted(int(g[0, 0, 0]) for g in gts))  # case numbers ride in the volumes
         return postprocess.PostprocessConfig(et_min_voxels=len(seen))
 
