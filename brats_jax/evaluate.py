@@ -133,8 +133,19 @@ def _lesion_options() -> dict | None:
     )
 
 
-# The per-case scores the pictures' index.html shows (all are in --out's CSV).
+# The per-case scores the pictures' index.html shows (all are in --out's CSV); with
+# --metrics=lesionwise also the lesion-wise Dice and the false-positive and missed lesions.
 INDEX_COLUMNS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGION_NAMES]
+LESIONWISE_INDEX_COLUMNS = [
+    f"lesionwise_{m}_{r}" for m in ("dice", "fp", "fn") for r in REGION_NAMES
+]
+
+
+def index_columns(rows) -> list[str]:
+    """The index's columns: `INDEX_COLUMNS`, and `LESIONWISE_INDEX_COLUMNS` when the rows
+    hold lesion-wise scores."""
+    lesion = any("lesionwise_dice_WT" in r for r in rows)
+    return INDEX_COLUMNS + (LESIONWISE_INDEX_COLUMNS if lesion else [])
 
 
 def _reliability() -> FolderReliability | None:
@@ -206,7 +217,7 @@ def main(argv: Sequence[str]) -> None:
         )
         write_csv(rows, FLAGS.out)
         if pictures:
-            pictures.write_index(rows, INDEX_COLUMNS)
+            pictures.write_index(rows, index_columns(rows))
             _write_reliability(reliability)
     except (ValueError, OSError) as e:  # EvaluationError is a ValueError
         raise SystemExit(f"brats_jax.evaluate: error: {e}") from None

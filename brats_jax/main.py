@@ -70,6 +70,8 @@ def final_lines(workdir, results: dict) -> list[str]:
                 results.get("tested_step", "?"),
             )
         )
+        if lw_line := lesionwise_line(results.get("lesionwise")):
+            lines.append(lw_line)
     else:
         lines.append(
             "test: none - no test cases (data.test_fraction=0, data.test_cases empty); "
@@ -79,8 +81,24 @@ def final_lines(workdir, results: dict) -> list[str]:
     return lines
 
 
-def _f(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+def lesionwise_line(block: dict | None) -> str | None:
+    """One line of a results.json `lesionwise` block (`metrics.lesionwise.summarise`): the
+    case means of the lesion-wise Dice and HD95 (mm) per region and the summed false-positive
+    and missed lesions; None without the block."""
+    if not block or not block.get("dice"):
+        return None
+    regions = ("WT", "TC", "ET")
+    dice = " ".join(f"{r} {_f(block['dice'].get(r))}" for r in regions)
+    hd95 = " / ".join(_f(block["hd95"].get(r), 1) for r in regions)
+    fp, fn = (" / ".join(str(block[k].get(r, "n/a")) for r in regions) for k in ("fp", "fn"))
+    return (
+        f"test lesion-wise: {dice} | HD95 {hd95} mm | false-positive lesions {fp}, "
+        f"missed {fn} (WT / TC / ET)"
+    )
+
+
+def _f(v, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def run() -> None:

@@ -216,12 +216,45 @@ def test_training_command_prints_each_validation_and_ends_naming_its_results(tmp
             rf"\| loss \d+\.\d{{4}}",
             line,
         ), line
-    last = out[-3:]
+    last = out[-4:]
     assert last[0] == f"workdir: {workdir}"
     assert re.fullmatch(
         rf"test: paper Dice {number} \| WT {number} TC {number} ET {number} "
         r"\(1 case\(s\), weights of step [12]\)",
         last[1],
     ), last[1]
-    assert last[2] == f"results: {workdir / 'results.json'}, per case: {workdir / 'per_case.csv'}"
+    assert re.fullmatch(
+        rf"test lesion-wise: WT {number} TC {number} ET {number} \| HD95 "
+        r"\d+\.\d / \d+\.\d / \d+\.\d mm \| false-positive lesions \d+ / \d+ / \d+, "
+        r"missed \d+ / \d+ / \d+ \(WT / TC / ET\)",
+        last[2],
+    ), last[2]
+    assert last[3] == f"results: {workdir / 'results.json'}, per case: {workdir / 'per_case.csv'}"
     assert (workdir / "results.json").is_file() and (workdir / "per_case.csv").is_file()
+
+
+def test_the_last_lines_give_the_lesion_wise_scores_and_counts_of_the_results(tmp_path):
+    """results.json's `lesionwise` block in one line, each value in its region's place.
+    (Caught: TC and ET swapped, the FN counts printed as FP, Dice printed for HD95.)"""
+    from brats_jax import main
+
+    results = {
+        "per_case": [{}, {}],
+        "paper_dice": 0.8,
+        "dice": {"WT": 0.9, "TC": 0.8, "ET": 0.7},
+        "tested_step": 5,
+        "lesionwise": {
+            "dice": {"WT": 0.91, "TC": 0.72, "ET": 0.55},
+            "hd95": {"WT": 8.04, "TC": 48.0, "ET": 108.25},
+            "tp": {"WT": 2, "TC": 2, "ET": 3},
+            "fn": {"WT": 0, "TC": 1, "ET": 2},
+            "fp": {"WT": 1, "TC": 6, "ET": 24},
+        },
+    }
+    lines = main.final_lines(tmp_path, results)
+    assert lines[2] == (
+        "test lesion-wise: WT 0.9100 TC 0.7200 ET 0.5500 | HD95 8.0 / 48.0 / 108.2 mm | "
+        "false-positive lesions 1 / 6 / 24, missed 0 / 1 / 2 (WT / TC / ET)"
+    )
+    del results["lesionwise"]
+    assert len(main.final_lines(tmp_path, results)) == 3  # older results: no such line

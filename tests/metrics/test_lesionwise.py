@@ -3,6 +3,7 @@
 import csv
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -206,7 +207,12 @@ def test_evaluate_cli_lesionwise_columns_and_table(tmp_path):
     base = [sys.executable, "-m", "brats_jax.evaluate", f"--gt={tmp_path / 'gt'}"]
     base.append(f"--pred={tmp_path / 'pred'}")
     run = subprocess.run(
-        [*base, f"--out={tmp_path / 'm.csv'}", "--metrics=lesionwise"],
+        [
+            *base,
+            f"--out={tmp_path / 'm.csv'}",
+            "--metrics=lesionwise",
+            f"--overlays={tmp_path / 'pics'}",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         env=env,
@@ -223,6 +229,15 @@ def test_evaluate_cli_lesionwise_columns_and_table(tmp_path):
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("lesionwise_dice_WT"))
     assert float(line.split()[1]) == pytest.approx(0.75)  # mean of 0.5 and 1
     assert "WT: TP 3 FN 1 FP 0" in run.stdout
+    # the pictures' index shows the lesion-wise Dice and the FP / missed counts too (caught:
+    # index columns left at the voxel scores)
+    page = (tmp_path / "pics" / "index.html").read_text()
+    for col in ("lesionwise_dice_WT", "lesionwise_fp_ET", "lesionwise_fn_WT"):
+        assert f"<th>{col}</th>" in page
+    head = re.findall(r"<th>([^<]*)</th>", page)
+    row_a = next(r for r in re.findall(r"<tr>(.*?)</tr>", page, re.S) if "<td>A</td>" in r)
+    cells = dict(zip(head, re.findall(r"<td>(.*?)</td>", row_a, re.S), strict=True))
+    assert (cells["lesionwise_dice_WT"], cells["lesionwise_fn_WT"]) == ("0.5000", "1")
     plain = subprocess.run(  # default: today's columns only
         [*base, f"--out={tmp_path / 'n.csv'}"], capture_output=True, text=True, env=env
     )
