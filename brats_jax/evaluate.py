@@ -37,7 +37,8 @@ wrote) applies that 3D post-processing to each prediction before it is scored.
 ``--overlays=DIR`` draws each scored case (`brats_jax.figures.overlays`: axial, coronal and sagittal
 slices through the predicted tumour's centre, ground truth beside prediction, over FLAIR and
 T1ce read from the ground truth's case folder, labels only when they are not there) into
-``DIR/<ID>.png`` and writes ``DIR/index.html``, worst whole-tumour Dice first. When
+``DIR/<ID>.png`` and writes ``DIR/index.html``, worst whole-tumour Dice first (with
+``--metrics=lesionwise`` also the lesion-wise Dice and false-positive / missed lesions). When
 ``predict --probabilities`` maps are found for scored cases - in ``--probabilities=DIR``
 (predict's folder: ``<ID>.nii.gz``) or beside the predictions (``<ID>_probs.nii.gz``, any
 4-D map of 3 or 4 channels) - it also draws their reliability diagram over all those cases'
