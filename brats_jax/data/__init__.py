@@ -31,6 +31,7 @@ from brats_jax.data.pipeline import (
     make_train_iterator,
     prune_keep,
     resolve_cache_dir,
+    source_key,
 )
 from brats_jax.data.synthetic import SyntheticSource
 
@@ -65,5 +66,6 @@ __all__ = [
     "resize_image",
     "resize_label",
     "resolve_cache_dir",
+    "source_key",
     "stack_context",
 ]

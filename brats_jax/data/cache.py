@@ -183,17 +183,34 @@ def _write_case(case: Case, out: pathlib.Path, dtype: str) -> str:
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / _MARKER).write_text("ok\n")
-        if not is_case_current(out, case):
-            if final.exists():  # an invalid or outdated entry: replace it
-                shutil.rmtree(final, ignore_errors=True)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process renamed its finished copy in meanwhile
-                if not is_case_current(out, case):
-                    raise
+        _install(tmp, final, out, case)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return case.case_id
+
+
+def _install(tmp: pathlib.Path, final: pathlib.Path, out: pathlib.Path, case: Case) -> None:
+    """Renames the finished folder `tmp` to `final`. A current entry already there (another
+    process's, finished first) is kept, never removed: hosts that share the cache may be
+    reading it. An invalid or outdated entry is moved aside in one rename, then removed."""
+    try:
+        os.rename(tmp, final)  # fails while `final` holds an entry
+        return
+    except OSError:
+        if is_case_current(out, case):
+            return
+    old = final.parent / f".{case.case_id}.old.tmp{_temp_suffix()}"
+    try:
+        os.rename(final, old)
+    except FileNotFoundError:  # another process moved it aside first
+        pass
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process put its finished copy in place meanwhile
+        if not is_case_current(out, case):
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _convert(todo: list, out: pathlib.Path, dtype: str, workers: int, bar) -> None:

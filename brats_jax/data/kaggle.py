@@ -20,7 +20,8 @@ already checked with the same size and modification time are skipped (`checked.j
 `stats_dir`). Reading a slice checks its values: a finite image, a one-hot mask (0/1 values,
 at most one channel per pixel). Measured statistics are cached on disk (`stats_dir`, default
 ~/.cache/brats_jax/kaggle-<hash>: `fileio.user_cache_dir`) so they are read once per machine
-(again for a file whose size or modification time has changed).
+(again for a file whose size or modification time has changed); a long first pass saves them
+as it goes, so an interrupted one is not read again.
 
 Brain area of a z-scored slice: a pixel is brain if any channel exceeds that channel's minimum
 over the slice (raw BraTS intensities are >= 0 with background 0, and the per-slice z-score is
@@ -43,6 +44,7 @@ from brats_jax import fileio
 from brats_jax.data.common import DataError, SliceTable
 
 _NAME = re.compile(r"^volume_(\d+)_slice_(\d+)\.h5$")
+_SAVE_EVERY = 2000  # slices measured between saves of the statistics
 
 
 def mask_to_label(mask: np.ndarray) -> np.ndarray:
@@ -352,18 +354,24 @@ class KaggleH5Source:
             self._measure(todo)
 
     def _measure(self, indices: np.ndarray) -> None:
+        """Reads the slices `indices` one at a time for their class counts and brain area;
+        saved to `stats_dir` every `_SAVE_EVERY` slices (a release's first pass reads tens of
+        thousands of files: an interrupted one keeps what it read) and at the end."""
         from tqdm.auto import tqdm
 
         t = self._table
-        for i in tqdm(
+        bar = tqdm(
             indices,
             desc=f"reading Kaggle slice stats in {self.root}",
             unit="slice",
             disable=len(indices) < 200,
-        ):
+        )
+        for k, i in enumerate(bar, start=1):
             image, label = read_slice_file(self.path(i))
             t.brain_fraction[i] = kaggle_brain_mask(image).mean()
             t.class_counts[i] = np.bincount(label.ravel(), minlength=4)[:4]
+            if k % _SAVE_EVERY == 0:
+                self._save_stats()
         self._save_stats()
 
     def _stats_file(self) -> pathlib.Path:

@@ -30,6 +30,17 @@ def resolve_cache_dir(data_config) -> pathlib.Path:
 
 
 SOURCES = ("synthetic", "kaggle_h5", "nifti", "nnunet")  # data.source
+# the data.* fields that `make_source` reads: configs equal in these get the same source
+SOURCE_FIELDS = ("source", "root", "cache_dir", "synthetic_num_cases",
+                 "synthetic_slices_per_case", "synthetic_image_size", "synthetic_seed")  # fmt: skip
+
+
+def source_key(data_config) -> str:
+    """The `SOURCE_FIELDS` of a data config as a JSON string: two configs with equal keys
+    read the same source (same records, same cache folder), so runs trained together may
+    share one, whatever their splits, pruning or augmentation."""
+    fields = {f: data_config.get(f) for f in SOURCE_FIELDS}
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def make_source(data_config):

@@ -174,7 +174,8 @@ def _warn_config_changes(path: pathlib.Path, new: dict) -> list[str]:
 
 
 def _build_runs(configs, workdirs) -> list[Run]:
-    """`build_run` of each config, sharing one data source among equal `data` sections."""
+    """`build_run` of each config, sharing one data source among configs that read the same
+    one (equal `data.source_key`: a sweep over splits, folds or pruning opens it once)."""
     if len(configs) != len(workdirs) or not configs:
         raise ValueError("train_runs needs one workdir per config, and at least one config")
     folders = [os.path.abspath(w) for w in workdirs]  # a/../b is b
@@ -186,10 +187,10 @@ def _build_runs(configs, workdirs) -> list[Run]:
             f"runs trained together must share {', '.join(SHARED_FIELDS)}; run {i} differs "
             f"from run 0 in {', '.join(shared_field_diff(configs[0], configs[i]))}"
         )
-    sources: dict[str, Any] = {}
+    sources: dict[str, Any] = {}  # one source (one cache folder) per `data.source_key`
     runs = []
     for config, workdir in zip(configs, workdirs, strict=True):
-        key = config.data.to_json_best_effort(sort_keys=True)
+        key = data.source_key(config.data)
         if key not in sources:
             sources[key] = data.make_source(config.data)
         runs.append(build_run(config, workdir, source=sources[key]))

@@ -94,6 +94,53 @@ def test_case_completed_by_another_process_is_kept(release, tmp_path):
     assert sorted(p.name for p in (out / "cases").iterdir()) == ["A", "B"]  # no temporaries
 
 
+@pytest.mark.parametrize("when", ["after_our_check", "before_our_rename"])
+def test_entry_another_process_finishes_meanwhile_is_never_removed(
+    release, tmp_path, monkeypatch, when
+):
+    """Hosts on a shared disk convert the same new case at once; the other one finishes
+    while this one is still at work (right after this one looked for the entry, or right
+    before it renames its copy into place). The other's entry, which the other host may
+    already be reading, stays in place (its own marker); this copy is discarded."""
+    import brats_jax.data.cache as cache_mod
+
+    ref = prepare(release, tmp_path / "ref", progress=False)  # the other host's finished copy
+    out = tmp_path / "c"
+    (out / "cases").mkdir(parents=True)
+    (case,) = [c for c in find_cases(release) if c.case_id == "A"]
+    final = out / "cases" / "A"
+
+    appeared = []
+
+    def other_finishes():  # once
+        if not appeared:
+            shutil.copytree(ref / "cases" / "A", final)
+            (final / "COMPLETE").write_text("the other host's\n")
+            appeared.append(True)
+
+    real_check, real_rename = cache_mod.is_case_current, os.rename
+
+    def check(o, c):
+        answer = real_check(o, c)  # true when it was asked: the other finishes right after
+        if when == "after_our_check":
+            other_finishes()
+        return answer
+
+    def rename(src, dst):
+        if when == "before_our_rename" and pathlib.Path(src).name.startswith(".A.tmp"):
+            other_finishes()
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(cache_mod, "is_case_current", check)
+    monkeypatch.setattr(cache_mod.os, "rename", rename)
+    assert _write_case(case, out, "float32") == "A"
+    assert cache_mod.is_case_complete(out, "A")
+    if appeared:  # (none after our check when our copy went in without one: nothing to keep)
+        assert final.joinpath("COMPLETE").read_text() == "the other host's\n"
+    assert appeared or when == "after_our_check"
+    assert sorted(p.name for p in (out / "cases").iterdir()) == ["A"]  # no temporaries
+
+
 def test_changed_or_unstamped_case_is_converted_again(release, tmp_path):
     """A seg file rewritten after caching (new labels, new mtime) and an entry from before
     stamps were recorded are converted again; an untouched case is skipped."""

@@ -87,6 +87,38 @@ def test_stats_of_a_rewritten_slice_are_measured_again(tmp_path, monkeypatch):
     assert [os.path.basename(p) for p in read] == ["volume_1_slice_0.h5"]
 
 
+def test_interrupted_first_pass_keeps_the_statistics_it_saved(tmp_path, monkeypatch):
+    """Without the csv the first pass reads every file (57,195 in the release); statistics
+    are saved every `_SAVE_EVERY` slices, so after an interruption at the 4th of 5 files
+    (saves every 2) the next source reads only the 3 slices not yet saved, and its table
+    holds every slice's counts."""
+    import os
+
+    from brats_jax.data import kaggle
+
+    for s in range(5):
+        write_slice(tmp_path, 1, s, _label() if s == 3 else None)
+    monkeypatch.setattr(kaggle, "_SAVE_EVERY", 2)
+    read, real = [], kaggle.read_slice_file
+
+    def interrupted(p):
+        if len(read) == 3:
+            raise KeyboardInterrupt
+        read.append(p)
+        return real(p)
+
+    monkeypatch.setattr(kaggle, "read_slice_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _ = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats").table
+    read.clear()
+    monkeypatch.setattr(kaggle, "read_slice_file", lambda p: read.append(p) or real(p))
+    table = KaggleH5Source(tmp_path, stats_dir=tmp_path / "stats").table
+    assert [os.path.basename(p) for p in read] == [f"volume_1_slice_{s}.h5" for s in (2, 3, 4)]
+    empty = [64, 0, 0, 0]
+    assert table.class_counts.tolist() == [empty, empty, empty, [64 - 6, 1, 2, 3], empty]
+    np.testing.assert_allclose(table.brain_fraction, np.full(5, 4 / 8))
+
+
 def test_csv_rerooted_and_counts(tmp_path):
     lab = _label()
     write_slice(tmp_path, 1, 0)
