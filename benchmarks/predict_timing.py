@@ -269,7 +269,7 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
 
 def _child(mode: str, **kw) -> dict:
     """Run `child_<mode>` in a fresh process; its phases plus the process's `wall`."""
-    args = [f"--{k}={v}" for k, v in kw.items()]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     wall, out = _timed([sys.executable, str(pathlib.Path(__file__)), f"--child={mode}", *args])
     return {**json.loads(out.strip().splitlines()[-1]), "wall": wall}
 
