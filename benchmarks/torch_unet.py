@@ -35,9 +35,11 @@ class DoubleConv(nn.Sequential):
 class TorchUNet(nn.Module):
     """U-Net (Ronneberger 2015) with reflection padding; NCHW float32 in, NCHW logits out."""
 
-    def __init__(self, in_channels: int = 4, num_classes: int = 4, base_features: int = 64):
+    def __init__(
+        self, in_channels: int = 4, num_classes: int = 4, base_features: int = 64, depth: int = 4
+    ):
         super().__init__()
-        f = [base_features * 2**i for i in range(5)]
+        f = [base_features * 2**i for i in range(depth + 1)]  # depth poolings, as brats_jax
         self.down = nn.ModuleList()
         cin = in_channels
         for c in f:
@@ -52,7 +54,7 @@ class TorchUNet(nn.Module):
         self.head = nn.Conv2d(f[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, Cin, H, W) float32, H and W divisible by 16 -> logits (B, classes, H, W)."""
+        """x: (B, Cin, H, W) float32, H and W divisible by 2**depth -> logits (B, classes, H, W)."""
         skips = []
         for i, block in enumerate(self.down):
             if i > 0:

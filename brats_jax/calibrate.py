@@ -30,27 +30,11 @@ from brats_jax.inference.case_lists import split_list
 
 FLAGS = flags.FLAGS
 FIGURE = "calibration.png"  # the fitting voxels' reliability diagram, beside calibration.json
-# --workdir, --tta, --step, --batch_size, --cases and --data_root are defined alike in
-# predict / tune_postprocessing (allow_override: one process may import several commands).
-flags.DEFINE_string(
-    "workdir", None, "Training run folder (holds config.json, checkpoints/).", allow_override=True
-)
-flags.DEFINE_enum(
-    "tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.",
-    allow_override=True,
-)  # fmt: skip
-flags.DEFINE_integer(
-    "step", None, "Checkpoint step to use instead of the best one.", allow_override=True
-)
-flags.DEFINE_integer(
-    "batch_size", 0, "Slices per model call (0: the run's eval.batch_size).", allow_override=True
-)
+# --workdir (one run), --tta, --step, --batch_size and --data_root: brats_jax.cli, shared with
+# predict and tune_postprocessing. --cases is tune_postprocessing's too, with another default.
+cli.define_run_flags("tta", "step", "batch_size", "data_root", workdir="one")
 flags.DEFINE_string(
     "cases", "", "Comma-separated case folders or IDs (default: the run's validation cases).",
-    allow_override=True,
-)  # fmt: skip
-flags.DEFINE_string(
-    "data_root", "", "Where case IDs are looked up (default: the run's data.root).",
     allow_override=True,
 )  # fmt: skip
 flags.DEFINE_integer(

@@ -15,6 +15,81 @@ from brats_jax import config_fields
 
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
 
+# The flags below are defined on behalf of the command that calls define_run_flags: absl
+# then counts them as that command's own (its --help lists them; see _help_of_module).
+flags.disclaim_key_flags()
+
+# --workdir of the commands that use trained runs: `predict` and `tune_postprocessing` take
+# comma-separated run folders (an ensemble), `calibrate` and `export` one run folder.
+# (`main`'s --workdir is the output folder of a training run, defined there.)
+WORKDIR_KINDS = {
+    "one": "Training run folder (holds config.json, checkpoints/).",
+    "ensemble": "Training run folder (holds config.json, checkpoints/); several, "
+    "comma-separated, form an ensemble (their probabilities averaged).",
+}
+SLIDING_WINDOW = {"auto": None, "on": True, "off": False}  # --sliding_window -> its option
+
+
+def _define_tta() -> None:
+    flags.DEFINE_enum(
+        "tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.",
+        allow_override=True,
+    )  # fmt: skip
+
+
+def _define_step() -> None:
+    flags.DEFINE_integer(
+        "step", None, "Checkpoint step to use instead of the best one.", allow_override=True
+    )
+
+
+def _define_batch_size() -> None:
+    flags.DEFINE_integer(
+        "batch_size", 0, "Slices per model call (0: the run's eval.batch_size).",
+        allow_override=True,
+    )  # fmt: skip
+
+
+def _define_sliding_window() -> None:
+    flags.DEFINE_enum(
+        "sliding_window", "auto", list(SLIDING_WINDOW),
+        "Slide a window of the run's data.patch_size over each slice (nnU-Net's "
+        "Gaussian-weighted tiles): on, off, or auto (the run's eval.sliding_window).",
+        allow_override=True,
+    )  # fmt: skip
+
+
+def _define_data_root() -> None:
+    flags.DEFINE_string(
+        "data_root", "", "Where case IDs are looked up (default: the run's data.root).",
+        allow_override=True,
+    )  # fmt: skip
+
+
+_RUN_FLAGS = {
+    "tta": _define_tta,
+    "step": _define_step,
+    "batch_size": _define_batch_size,
+    "sliding_window": _define_sliding_window,
+    "data_root": _define_data_root,
+}
+
+
+def define_run_flags(*names: str, workdir: str) -> None:
+    """Define `--workdir` and the flags `names` (of `tta`, `step`, `batch_size`,
+    `sliding_window`, `data_root`) that the commands using a trained run share,
+    alike in each: one definition here, with `allow_override` so that one process may import
+    several commands. `workdir`: "one" (a single run folder) or "ensemble" (comma-separated
+    run folders); the flags count as the calling module's own (its --help lists them)."""
+    if workdir not in WORKDIR_KINDS:
+        raise ValueError(f"workdir={workdir!r}: expected one of {sorted(WORKDIR_KINDS)}")
+    unknown = [n for n in names if n not in _RUN_FLAGS]
+    if unknown:
+        raise ValueError(f"unknown run flag(s) {unknown}; known: {sorted(_RUN_FLAGS)}")
+    flags.DEFINE_string("workdir", None, WORKDIR_KINDS[workdir], allow_override=True)
+    for name in names:
+        _RUN_FLAGS[name]()
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """`argparse.ArgumentParser` whose options may also be spelt with underscores, as the absl

@@ -29,23 +29,11 @@ from brats_jax import cli, runtime
 from brats_jax.inference import onnx_export
 
 FLAGS = flags.FLAGS
-# --workdir, --step and --sliding_window are defined alike in predict (allow_override: one
-# process may import several commands)
-flags.DEFINE_string(
-    "workdir", None, "Training run folder (holds config.json, checkpoints/).", allow_override=True
-)
+# --workdir (one run), --step and --sliding_window: brats_jax.cli, shared with predict
+cli.define_run_flags("step", "sliding_window", workdir="one")
 flags.DEFINE_string(
     "out", None, "ONNX file to write (its metadata goes to OUT.json).", allow_override=True
 )
-flags.DEFINE_integer(
-    "step", None, "Checkpoint step to use instead of the best one.", allow_override=True
-)
-flags.DEFINE_enum(
-    "sliding_window", "auto", ["auto", "on", "off"],
-    "Slide a window of the run's data.patch_size over each slice (nnU-Net's Gaussian-weighted "
-    "tiles): on, off, or auto (the run's eval.sliding_window).",
-    allow_override=True,
-)  # fmt: skip
 
 
 def main(argv) -> None:
@@ -59,7 +47,7 @@ def main(argv) -> None:
         FLAGS.workdir,
         FLAGS.out,
         step=FLAGS.step,
-        sliding_window={"auto": None, "on": True, "off": False}[FLAGS.sliding_window],
+        sliding_window=cli.SLIDING_WINDOW[FLAGS.sliding_window],
     )
     shape = ", ".join(str(d) for d in meta["input"]["shape"])
     print(

@@ -83,14 +83,10 @@ from brats_jax.inference import (
 )
 
 FLAGS = flags.FLAGS
-# Flags shared with other commands are defined alike in each, with allow_override so that
-# one process may import several commands (the tests do; the last definition is kept):
-# --workdir (tune_postprocessing, calibrate, main, export), --tta (tune_postprocessing,
-# calibrate), --step (tune_postprocessing, calibrate, export), --batch_size
-# (tune_postprocessing, calibrate), --sliding_window (export) and --overlays (evaluate).
-flags.DEFINE_string(
-    "workdir", None, "Training run folder (holds config.json, checkpoints/).", allow_override=True
-)
+# The flags every command using trained runs shares are defined once, in brats_jax.cli
+# (allow_override: one process may import several commands); predict's --workdir takes an
+# ensemble. --overlays is shared with evaluate, defined alike there.
+cli.define_run_flags("tta", "step", "batch_size", "sliding_window", workdir="ensemble")
 flags.DEFINE_string(
     "input",
     None,
@@ -114,27 +110,11 @@ flags.DEFINE_bool(
     "Temperature-scale --probabilities and --uncertainty by each run's calibration.json when "
     "it has one (brats_jax.calibrate); false: unscaled. Labels never change.",
 )  # fmt: skip
-flags.DEFINE_enum(
-    "tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.",
-    allow_override=True,
-)  # fmt: skip
-flags.DEFINE_enum(
-    "sliding_window", "auto", ["auto", "on", "off"],
-    "Slide a window of the run's data.patch_size over each slice (nnU-Net's Gaussian-weighted "
-    "tiles): on, off, or auto (the run's eval.sliding_window).",
-    allow_override=True,
-)  # fmt: skip
 flags.DEFINE_string(
     "postprocessing",
     "auto",
     "auto (each run's postprocessing.json, else its config; an ensemble's runs must agree), "
     "none, or a JSON file.",
-)
-flags.DEFINE_integer(
-    "step", None, "Checkpoint step to use instead of the best one.", allow_override=True
-)
-flags.DEFINE_integer(
-    "batch_size", 0, "Slices per model call (0: the run's eval.batch_size).", allow_override=True
 )
 flags.DEFINE_integer("num_parts", 1, "Split a folder of cases into this many parts (machines).")
 flags.DEFINE_integer(
@@ -270,7 +250,7 @@ def main(argv) -> None:
         step=FLAGS.step,
         batch_size=FLAGS.batch_size,
         tta=FLAGS.tta,
-        sliding_window={"auto": None, "on": True, "off": False}[FLAGS.sliding_window],
+        sliding_window=cli.SLIDING_WINDOW[FLAGS.sliding_window],
         postprocessing=FLAGS.postprocessing,
         calibration=FLAGS.calibration,
     )

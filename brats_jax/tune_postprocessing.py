@@ -33,25 +33,13 @@ from brats_jax.inference.case_lists import split_list
 from brats_jax.inference.postprocess_tuning import tune_run
 
 FLAGS = flags.FLAGS
-# --workdir, --tta, --step and --batch_size are defined alike in brats_jax.predict (and
-# --workdir in brats_jax.main), with allow_override so that one process may import several
-# commands (the tests do; the last definition is kept).
+# --workdir (an ensemble), --tta, --step, --batch_size and --data_root: brats_jax.cli, shared
+# with predict and calibrate. --cases is calibrate's too, with another default.
+cli.define_run_flags("tta", "step", "batch_size", "data_root", workdir="ensemble")
 flags.DEFINE_string(
-    "workdir", None, "Training run folder(s), comma-separated for an ensemble.",
+    "cases", "", "Comma-separated case folders or IDs (default data.val_cases).",
     allow_override=True,
 )  # fmt: skip
-flags.DEFINE_enum(
-    "tta", "none", ["none", "flips", "flips_ud"], "Test-time mirror averaging.",
-    allow_override=True,
-)  # fmt: skip
-flags.DEFINE_integer(
-    "step", None, "Checkpoint step to use instead of the best one.", allow_override=True
-)
-flags.DEFINE_integer(
-    "batch_size", 0, "Slices per model call (0: the run's eval.batch_size).", allow_override=True
-)
-flags.DEFINE_string("cases", "", "Comma-separated case folders or IDs (default data.val_cases).")
-flags.DEFINE_string("data_root", "", "Where case IDs are looked up (default: the run's data.root).")
 flags.DEFINE_string("output_json", "", "JSON to write (default: WORKDIR/postprocessing.json).")
 flags.DEFINE_string("min_component_voxels", "50,100,250,500,1000,2500,5000", "Sizes to try.")
 flags.DEFINE_bool("largest_component", True, "Also try keeping only the largest component.")

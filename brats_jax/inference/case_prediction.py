@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from brats_jax import fileio
 from brats_jax.data import brats
-from brats_jax.figures import overlays
 from brats_jax.inference import ensembles, postprocess
 from brats_jax.inference import uncertainty as unc
 from brats_jax.inference.postprocess_choice import resolve_postprocessing
@@ -216,13 +215,19 @@ def predict_cases(
 
 def case_pictures(overlays_dir):
     """`overlays.CasePictures` of `overlays_dir` (checked writable now), or None."""
-    return overlays.CasePictures(overlays_dir) if overlays_dir else None
+    if not overlays_dir:
+        return None
+    from brats_jax.figures import overlays  # matplotlib: imported only when drawing
+
+    return overlays.CasePictures(overlays_dir)
 
 
 def case_picture(pictures, data, labels) -> dict:
     """Draw a predicted case (`brats.CaseData`, labels {0..3}) over its FLAIR and T1ce,
     beside its ground truth when the case folder has one; returns its index row
     (`overlays.region_summary`: predicted volumes in mL, Dice with a ground truth)."""
+    from brats_jax.figures import overlays  # matplotlib: imported only when drawing
+
     pictures.add(data.case_id, labels, data.label, overlays.modality_images(data.image))
     spacing = tuple(float(z) for z in data.header.get_zooms()[:3])
     return {"case_id": data.case_id, **overlays.region_summary(labels, data.label, spacing)}
