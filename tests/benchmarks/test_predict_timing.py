@@ -14,8 +14,8 @@ from brats_jax.inference import case_prediction, ensembles, whole_volume
 
 
 def test_split_compile_and_summaries_by_hand():
-    # first call 5 s, the others 1, 2, 1.5 (median 1.5): compile 3.5, steady 9.5 - 3.5
-    assert predict_timing.split_compile([5.0, 1.0, 2.0, 1.5]) == (3.5, 6.0)
+    # first call 5 s, the others 1, 2, 4.5 (median 2, mean 2.5): compile 3, steady 12.5 - 3
+    assert predict_timing.split_compile([5.0, 1.0, 2.0, 4.5]) == (3.0, 9.5)
     assert predict_timing.split_compile([4.0]) == (0.0, 4.0)  # one call: nothing to split
     assert predict_timing.split_compile([1.0, 2.0, 2.0]) == (0.0, 5.0)  # never negative
     rows = [{"read": 3.0, "n": 2}, {"read": 1.0}, {"read": 2.0, "write": 0.5}]
