@@ -350,14 +350,23 @@ def mean_region_dice(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(dice))
 
 
+_REGION_SCORES: dict = {}  # lesion-wise region scores by content (see `_Objective`)
+_REGION_SCORES_MAX = 200_000  # entries (~200 bytes each); the memo is emptied when full
+
+
+def _digest(mask: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
+
+
 class _Objective:
     """The tuning objective of candidate outputs against fixed ground truths: called with the
     per-case class maps, returns `(score, hd95)`: "dice": the mean over cases of
     `mean_region_dice`, hd95 None; "lesionwise": the means over cases of the mean over WT, TC
     and ET of the lesion-wise Dice and HD95 (`lesionwise.region_scores`, the challenge's
-    rules, each case at its spacing). Lesion-wise region scores are memoised per case, region
-    and predicted mask (options that leave a region unchanged reuse its score); the ground
-    truths' region masks are made once."""
+    rules, each case at its spacing). Lesion-wise region scores are memoised by content (the
+    predicted and true region masks' digests, their shape and the spacing) in this process,
+    so options that leave a region unchanged, and later tunings over the same cases (e.g.
+    one per fold), reuse them; the ground truths' region masks are made once."""
 
     def __init__(self, objective: str, gts, spacings):
         if objective not in OBJECTIVES:
@@ -365,7 +374,7 @@ class _Objective:
         self.objective, self.gts, self.spacings = objective, gts, spacings
         self.luts = {r: np.isin(np.arange(NUM_CLASSES), c) for r, c in REGIONS.items()}
         self.gt_masks = [{r: lut[g] for r, lut in self.luts.items()} for g in gts]
-        self.memo: dict = {}
+        self.gt_keys: list[dict] = [{} for _ in gts]  # digests, made on first use
 
     def __call__(self, outs) -> tuple[float, float | None]:
         if self.objective == "dice":
@@ -378,13 +387,17 @@ class _Objective:
         dice, hd = [], []
         for r, lut in self.luts.items():
             mask = lut[pred]
-            key = (i, r, hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest())
-            if key not in self.memo:
-                self.memo[key] = lesionwise.region_scores(
+            if r not in self.gt_keys[i]:
+                self.gt_keys[i][r] = _digest(self.gt_masks[i][r])
+            key = (mask.shape, tuple(self.spacings[i]), self.gt_keys[i][r], _digest(mask))
+            if key not in _REGION_SCORES:
+                if len(_REGION_SCORES) >= _REGION_SCORES_MAX:
+                    _REGION_SCORES.clear()
+                _REGION_SCORES[key] = lesionwise.region_scores(
                     mask, self.gt_masks[i][r], self.spacings[i]
                 )
-            dice.append(self.memo[key]["dice"])
-            hd.append(self.memo[key]["hd95"])
+            dice.append(_REGION_SCORES[key]["dice"])
+            hd.append(_REGION_SCORES[key]["hd95"])
         return float(np.mean(dice)), float(np.mean(hd))
 
 

@@ -289,6 +289,20 @@ def _tune(preds, gts, spacings, objective="dice") -> postprocess.PostprocessConf
     ).config
 
 
+def _tune_folds(labels: dict, gts: dict, spacings: dict, folds, objective: str) -> list:
+    """Fold i's tuned `PostprocessConfig` for each fold, chosen on the other folds' cases
+    (`_tune`), one after the other in this process: the lesion-wise objective's memo of
+    region scores then serves all folds (each case is in all but one tuning)."""
+    configs = []
+    for i in range(len(folds)):
+        others = [c for j, f in enumerate(folds) if j != i for c in f]
+        configs.append(_tune(
+            [labels[c] for c in others], [gts[c] for c in others],
+            [spacings.get(c, (1.0, 1.0, 1.0)) for c in others], objective,
+        ))  # fmt: skip
+    return configs
+
+
 def plan_rows(
     predictions: dict, gts: dict, folds, pool, log=print, tuned=True, objectives=("dice",),
     spacings=None,
@@ -310,19 +324,12 @@ def plan_rows(
             )
             if len(folds) < 2 or not tuned:  # (a fixed split has no other folds to tune on)
                 continue
-            for objective in objectives:
-                futures = []
-                for i in range(len(folds)):
-                    others = [c for j, f in enumerate(folds) if j != i for c in f]
-                    futures.append(pool.submit(
-                        _tune, [labels[tta][c] for c in others], [gts[c] for c in others],
-                        [spacings.get(c, (1.0, 1.0, 1.0)) for c in others], objective,
-                    ))  # fmt: skip
-                rows.append(dict(variant=variant, tta=tta, pp=TUNED_ROWS[objective],
-                                 configs=futures))  # fmt: skip
+            for objective in objectives:  # one job tunes every fold (shared memo)
+                job = pool.submit(_tune_folds, labels[tta], gts, spacings, folds, objective)
+                rows.append(dict(variant=variant, tta=tta, pp=TUNED_ROWS[objective], configs=job))
     for r in rows:
         if r["pp"] in TUNED_ROWS.values():
-            r["configs"] = [f.result() for f in r["configs"]]
+            r["configs"] = r["configs"].result()
             log(f"{r['variant']} tta={r['tta']} {r['pp']}: per fold: {r['configs']}")
     return rows
 
