@@ -4,11 +4,13 @@ recipe").
 
     python -m experiments.analyses.segmentation_ablation all|train,predict|score \\
         --data_root=NIFTI_ROOT --out=DIR \\
-        [--folds=3] [--variants=baseline,context,regions,context_regions] [--parallel=4] \\
-        [--set=FIELD=VALUE ...]
+        [--folds=3 | --folds_file=experiments/folds_41_cases.json] \\
+        [--variants=baseline,context,regions,context_regions] [--parallel=4] \\
+        [--objectives=dice,lesionwise] [--lesion_wise] [--set=FIELD=VALUE ...]
 
 The cases under `--data_root` are cut into `--folds` patient-level folds
-(`data.folds.fold_cases`, `--fold_seed`, 0 by default). Each training variant (`VARIANTS`:
+(`data.folds.fold_cases`, `--fold_seed`, 0 by default), or take the folds written in
+`--folds_file` (issue 47's 41 real cases: `experiments/folds_41_cases.json`). Each training variant (`VARIANTS`:
 the `cpu` preset's budget with the variant's fields; "a+b" is variants a and b together) is
 trained once per fold: fold i's cases are that run's test cases, the other folds' cases
 train it (the `cpu` preset has no validation split).
@@ -23,8 +25,12 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   variant a's runs (`training_variant`);
 * `score`: rows per variant and TTA setting: no post-processing, the largest whole-tumour
   component (a fixed rule), and tuned post-processing (`postprocess.tune_postprocessing`,
-  both nnU-Net steps) whose thresholds for fold i are chosen on the other folds' out-of-fold
-  predictions, never on fold i's labels. Dice and HD95 per region per case
+  both nnU-Net steps; one row per `--objectives`: "tuned" for voxel Dice, "tuned_lesionwise"
+  for the lesion-wise score, which also tries the TC / ET component rules) whose thresholds
+  for fold i are chosen on the other folds' out-of-fold predictions, never on fold i's
+  labels. `--lesion_wise` adds the BraTS 2023 lesion-wise scores, a table of them with the
+  false-positive and missed lesions, the declared rule of `experiments/folds_41_cases.json`
+  (`declared_choice`), issue 47's targets and the chosen row's three worst cases. Dice and HD95 per region per case
   (`metrics.evaluate_volume`, HD95 as `eval.hd95_mode`), mean and standard deviation over
   all cases, and each fold's mean. Writes `DIR/ablation.json` and `DIR/ablation.md`; with
   the generalisation recipe's rows (`cb_*`) the table ends with its declared rules' verdicts
