@@ -10,10 +10,10 @@ recipe").
 
 The cases under `--data_root` are cut into `--folds` patient-level folds
 (`data.folds.fold_cases`, `--fold_seed`, 0 by default), or take the folds written in
-`--folds_file` (issue 47's 41 real cases: `experiments/folds_41_cases.json`). Each training variant (`VARIANTS`:
-the `cpu` preset's budget with the variant's fields; "a+b" is variants a and b together) is
-trained once per fold: fold i's cases are that run's test cases, the other folds' cases
-train it (the `cpu` preset has no validation split).
+`--folds_file` (issue 47's 41 real cases: `experiments/folds_41_cases.json`). Each training
+variant (`VARIANTS`: the `cpu` preset's budget with the variant's fields; "a+b" is variants
+a and b together) is trained once per fold: fold i's cases are that run's test cases, the
+other folds' cases train it (the `cpu` preset has no validation split).
 Stages, each resumable (finished parts are skipped), `all` runs them in order:
 
 * `train`: one `python -m brats_jax.main` per (variant, fold) into `DIR/runs/<variant>-fold<i>`,
@@ -30,12 +30,13 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   for fold i are chosen on the other folds' out-of-fold predictions, never on fold i's
   labels. `--lesion_wise` adds the BraTS 2023 lesion-wise scores, a table of them with the
   false-positive and missed lesions, the declared rule of `experiments/folds_41_cases.json`
-  (`declared_choice`), issue 47's targets and the chosen row's three worst cases. Dice and HD95 per region per case
-  (`metrics.evaluate_volume`, HD95 as `eval.hd95_mode`), mean and standard deviation over
-  all cases, and each fold's mean. Writes `DIR/ablation.json` and `DIR/ablation.md`; with
-  the generalisation recipe's rows (`cb_*`) the table ends with its declared rules' verdicts
-  (`recipe_choice`, `replicate_choice` for each combination, and `diagnosis_candidate` when
-  the combination's leave-one-out rows are scored on BraTS2021_00014).
+  (`declared_choice`), issue 47's targets and the chosen row's three worst cases. Dice and
+  HD95 per region per case (`metrics.evaluate_volume`, HD95 as `eval.hd95_mode`), mean and
+  standard deviation over all cases, and each fold's mean. Writes `DIR/ablation.json` and
+  `DIR/ablation.md`; with the generalisation recipe's rows (`cb_*`) the table ends with its
+  declared rules' verdicts (`recipe_choice`, `replicate_choice` for each combination, and
+  `diagnosis_candidate` when the combination's leave-one-out rows are scored on
+  BraTS2021_00014).
 
 `table --records=A.json,B.json` prints the table and verdicts of records already scored
 (rows of the same folds, e.g. those kept in `experiments/results/` and a variant scored
@@ -425,11 +426,15 @@ def best_row(rows: list[dict]) -> dict:
     return min(ok, key=hd)
 
 
-def _means(row: dict) -> tuple[float, float]:
-    """(mean Dice, mean HD95 in mm) of a row: the mean over WT, TC, ET of the case means."""
-    pc = row["per_case"]
-    dice = np.mean([np.mean([c[f"dice_{g}"] for c in pc]) for g in REGIONS])
-    hd95 = np.mean([np.mean([c[f"hd95_{g}"] for c in pc]) for g in REGIONS])
+def _case_mean(row: dict, key: str) -> float:
+    return float(np.mean([c[key] for c in row["per_case"]]))
+
+
+def _means(row: dict, prefix: str = "") -> tuple[float, float]:
+    """(mean Dice, mean HD95 in mm) of a row: the mean over WT, TC, ET of the case means of
+    `{prefix}dice_*` and `{prefix}hd95_*` (prefix "lesionwise_": the lesion-wise scores)."""
+    dice = np.mean([_case_mean(row, f"{prefix}dice_{g}") for g in REGIONS])
+    hd95 = np.mean([_case_mean(row, f"{prefix}hd95_{g}") for g in REGIONS])
     return float(dice), float(hd95)
 
 
@@ -642,24 +647,12 @@ TARGETS = {
 PP_DICE_LOSS = 0.005
 
 
-def _case_mean(row: dict, key: str) -> float:
-    return float(np.mean([c[key] for c in row["per_case"]]))
-
-
-def lesion_means(row: dict) -> tuple[float, float]:
-    """(mean lesion-wise Dice, mean lesion-wise HD95 in mm) of a row: the mean over WT, TC
-    and ET of the case means."""
-    dice = np.mean([_case_mean(row, f"lesionwise_dice_{g}") for g in REGIONS])
-    hd95 = np.mean([_case_mean(row, f"lesionwise_hd95_{g}") for g in REGIONS])
-    return float(dice), float(hd95)
-
-
 def declared_choice(rows: list[dict], tie: float = LESION_TIE) -> dict:
     """The declared selection rule: among the rows whose mean lesion-wise Dice is within
     `tie` of the highest, the lowest mean lesion-wise HD95, then the simpler option (the
     earlier row: `plan_rows` lists no TTA before flips and none < largest < tuned <
     tuned_lesionwise). Returns {means: [(dice, hd95) per row], close: [row indices], index}."""
-    means = [lesion_means(r) for r in rows]
+    means = [_means(r, "lesionwise_") for r in rows]
     top = max(d for d, _ in means)
     close = [i for i, (d, _) in enumerate(means) if d >= top - tie]
     return dict(means=means, close=close, index=min(close, key=lambda i: (means[i][1], i)))
@@ -713,8 +706,8 @@ def lesionwise_markdown(record: dict) -> list[str]:
         cells = []
         for k, d in (("lesionwise_dice", 3), ("lesionwise_hd95", 1)):
             for g in REGIONS:
-                v = np.array([c[f"{k}_{g}"] for c in r["per_case"]], float)
-                cells.append(f"{v.mean():.{d}f} ± {v.std():.{d}f}")
+                m, sd, _ = _summary(r["per_case"], f"{k}_{g}", record["folds"])
+                cells.append(f"{m:.{d}f} ± {sd:.{d}f}")
         for g in REGIONS:
             fp = sum(int(c[f"lesionwise_fp_{g}"]) for c in r["per_case"])
             fn = sum(int(c[f"lesionwise_fn_{g}"]) for c in r["per_case"])

@@ -74,8 +74,12 @@ def test_each_objective_gets_its_tuned_row_with_the_cases_spacings(monkeypatch):
         rows = A.plan_rows(preds, gts, folds, pool, log=lambda *a: None,
                            objectives=("dice", "lesionwise"), spacings=spacings)  # fmt: skip
     assert [r["pp"] for r in rows] == ["none", "largest", "tuned", "tuned_lesionwise"]
-    assert seen == [("dice", [2, 3], [3.5, 4.5]), ("dice", [0, 1], [1.5, 2.5]),
-                    ("lesionwise", [2, 3], [3.5, 4.5]), ("lesionwise", [0, 1], [1.5, 2.5])]  # fmt: skip
+    assert seen == [
+        ("dice", [2, 3], [3.5, 4.5]),
+        ("dice", [0, 1], [1.5, 2.5]),
+        ("lesionwise", [2, 3], [3.5, 4.5]),
+        ("lesionwise", [0, 1], [1.5, 2.5]),
+    ]
     assert [c.et_min_voxels for c in rows[3]["configs"]] == [3, 4]
 
 
@@ -86,9 +90,14 @@ def _row(pp, lw_dice, lw_hd, dice=0.9, fp=0, fn=0, tta="none"):
     for i, sign in enumerate((-1, 1)):
         c = {"case_id": f"case{i}", "fold": i}
         for g in A.REGIONS:
-            c |= {f"lesionwise_dice_{g}": lw_dice + sign * 0.01, f"lesionwise_hd95_{g}": lw_hd + sign,
-                  f"dice_{g}": dice + sign * 0.01, f"hd95_{g}": 5.0,
-                  f"lesionwise_fp_{g}": fp + i, f"lesionwise_fn_{g}": fn}  # fmt: skip
+            c |= {
+                f"lesionwise_dice_{g}": lw_dice + sign * 0.01,
+                f"lesionwise_hd95_{g}": lw_hd + sign,
+                f"dice_{g}": dice + sign * 0.01,
+                f"hd95_{g}": 5.0,
+                f"lesionwise_fp_{g}": fp + i,
+                f"lesionwise_fn_{g}": fn,
+            }
         per_case.append(c)
     return {"variant": "cpu_best", "tta": tta, "pp": pp, "per_case": per_case}
 
