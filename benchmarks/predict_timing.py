@@ -219,7 +219,7 @@ def child_torch(workdir, case, out, *, tta="none", batch_size=16, threads=0) -> 
             probs.permute(3, 0, 1, 2), size=(h, w), mode="bilinear"
         )  # (D, C, H, W)
         probs = probs.permute(2, 3, 0, 1).numpy()
-    labels = _decode(probs, regions)
+    labels = mod.decode(probs, regions)  # the example's numpy decoding (no JAX import)
     timer.add("infer", time.perf_counter() - t)
     t = time.perf_counter()
     header = flair.header.copy()
@@ -229,17 +229,6 @@ def child_torch(workdir, case, out, *, tta="none", batch_size=16, threads=0) -> 
     mod.nib.save(mod.nib.Nifti1Image(labels, flair.affine, header), str(out))
     timer.add("write", time.perf_counter() - t)
     return timer.seconds
-
-
-def _decode(probs, regions: bool):
-    """(H, W, D, C) probabilities -> labels {0..3}: ET in TC in WT for regions, else argmax."""
-    import numpy as np
-
-    if not regions:
-        return probs.argmax(-1)
-    wt = probs[..., 0] > 0.5
-    tc = (probs[..., 1] > 0.5) & wt
-    return np.select([(probs[..., 2] > 0.5) & tc, tc, wt], [3, 1, 2], 0)
 
 
 def summarise(rows: list[dict]) -> dict:

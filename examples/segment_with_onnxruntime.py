@@ -69,6 +69,14 @@ def run(session, x):
     return session.run(None, {"image": np.ascontiguousarray(x)})[0]
 
 
+def decode(p, regions):  # (..., C) probabilities -> labels {0..3}: ET in TC in WT, or argmax
+    if not regions:
+        return p.argmax(-1)
+    wt = p[..., 0] > 0.5
+    tc = (p[..., 1] > 0.5) & wt
+    return np.select([(p[..., 2] > 0.5) & tc, tc, wt], [3, 1, 2], 0)
+
+
 def main(model_path, case_dir, out_path, batch_size=16):
     meta = json.loads(pathlib.Path(f"{model_path}.json").read_text())
     if meta["sliding_window"]:
@@ -85,12 +93,7 @@ def main(model_path, case_dir, out_path, batch_size=16):
         p = sum(np.flip(run(session, np.flip(xb, a)), a) for a in flips) / len(flips)
         probs.append(resize(p, h, w))
     p = np.moveaxis(np.concatenate(probs), 0, 2)  # (H, W, D, C)
-    if meta["output"]["kind"] == "regions":
-        wt = p[..., 0] > 0.5
-        tc = (p[..., 1] > 0.5) & wt
-        labels = np.select([(p[..., 2] > 0.5) & tc, tc, wt], [3, 1, 2], 0)  # ET in TC in WT
-    else:
-        labels = p.argmax(-1)
+    labels = decode(p, meta["output"]["kind"] == "regions")
     labels = postprocess(labels, meta["postprocessing"], voxel_size(flair, to_lps))
     labels = np.asarray(meta["labels"]["release_labels"][naming], np.int16)[labels]
     back = nib.orientations.ornt_transform(LPS, nib.io_orientation(flair.affine))
