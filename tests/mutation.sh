@@ -9,6 +9,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MUTMUT=${MUTMUT:-mutmut}
+# JAX's persistent compilation cache, shared by every mutant's child: a mutant changes one
+# function, so the other functions its tests compile are read back instead of compiled again
+# (tests/losses/test_losses.py: 36 s -> 9.5 s in a fresh process once the cache is warm).
+# A mutated function traces to other HLO, so it gets its own key and is compiled afresh.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/mutants/jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 declare -A MODULES=(
   [losses]="brats_jax.losses.core.* brats_jax.losses.class_balanced.* brats_jax.losses.regions.* brats_jax.losses.deep_supervision.* brats_jax.losses.registry.*"
   [slices]="brats_jax.metrics.slices.*"
