@@ -67,6 +67,25 @@ def _process_logging_state_restored():
     sys.unraisablehook, threading.excepthook = hooks
 
 
+def _run_command(module, *flags):
+    """Runs command `module` (e.g. `brats_jax.predict`) in this process as
+    `python -m <module> *flags` would, and returns what its `main` returns. Its absl flags
+    are reset before and after, so each call starts from the defaults."""
+    name = module.__name__.rpartition(".")[2]
+    module.FLAGS.unparse_flags()
+    try:
+        module.FLAGS([name, *map(str, flags)])
+        return module.main([name])
+    finally:
+        module.FLAGS.unparse_flags()
+
+
+@pytest.fixture
+def run_command():
+    """`run_command(module, *flags)`: a command run in-process (see `_run_command`)."""
+    return _run_command
+
+
 @pytest.fixture(scope="session")
 def brats_sample() -> pathlib.Path:
     """Path of the real BraTS sample (../shared/data/brats_sample); skips when absent."""

@@ -336,7 +336,7 @@ def stand_in_run(tmp_path, monkeypatch):
     ],
 )
 def test_predict_on_images_ts_writes_the_datasets_label_values(
-    label_spec, values, stand_in_run, tmp_path, write_labelled_case
+    label_spec, values, stand_in_run, tmp_path, write_labelled_case, run_command
 ):
     """predict --input=imagesTs --output=DIR writes <ID>.nii.gz with dataset.json's values
     for the classes the same run predicts for the BraTS folder of the same files."""
@@ -344,13 +344,9 @@ def test_predict_on_images_ts_writes_the_datasets_label_values(
     ds = _nnunet_dataset(tmp_path / "Dataset006_U", cases, label_spec=label_spec,
                          values=values, images="imagesTs")  # fmt: skip
     out = tmp_path / "out"
-    predict.FLAGS.unparse_flags()
-    predict.FLAGS(["predict", f"--workdir={stand_in_run}", f"--input={ds / 'imagesTs'}",
-                   f"--output={out}"])  # fmt: skip
-    try:
-        predict.main(["predict"])
-    finally:
-        predict.FLAGS.unparse_flags()
+    run_command(
+        predict, f"--workdir={stand_in_run}", f"--input={ds / 'imagesTs'}", f"--output={out}"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.nii.gz"]
     lut = np.array([values[c] for c in range(4)])
     for cid in cases:

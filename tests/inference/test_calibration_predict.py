@@ -248,7 +248,7 @@ def test_scaled_probabilities_are_of_the_logits_the_fit_sees_with_flips(
 
 
 def test_calibrate_command_writes_the_file_predict_then_uses(
-    runs, tmp_path, write_nifti_case, capsys
+    runs, tmp_path, write_nifti_case, capsys, run_command
 ):
     """`python -m brats_jax.calibrate` (main, in process) on a labelled case writes
     calibration.json, says the temperature, and `predict --probabilities` then writes
@@ -260,24 +260,20 @@ def test_calibrate_command_writes_the_file_predict_then_uses(
     seg = np.zeros((12, 10, 6), np.uint8)
     seg[4:8, 3:7, 2:4] = 2
     case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2, seg=seg)
-    calibrate.FLAGS.unparse_flags()
-    calibrate.FLAGS(["calibrate", f"--workdir={run}", f"--cases={case}"])
-    try:
-        calibrate.main(["calibrate"])
-    finally:
-        calibrate.FLAGS.unparse_flags()
+    run_command(calibrate, f"--workdir={run}", f"--cases={case}")
     t = json.loads(calibration_file.path_of(run).read_text())["temperature"]
     assert f"T = {t:.3f}" in capsys.readouterr().out
     assert (pathlib.Path(run) / "calibration.png").read_bytes()[:4] == b"\x89PNG"
     z = 2.0 * _image(case)
     for flag, temp in (("--calibration=true", t), ("--calibration=false", 1.0)):
         p = tmp_path / f"p{temp}.nii.gz"
-        predict.FLAGS.unparse_flags()
         out = tmp_path / "s.nii.gz"
-        predict.FLAGS(["predict", f"--workdir={run}", f"--input={case}", f"--output={out}",
-                       f"--probabilities={p}", flag])  # fmt: skip
-        try:
-            predict.main(["predict"])
-        finally:
-            predict.FLAGS.unparse_flags()
+        run_command(
+            predict,
+            f"--workdir={run}",
+            f"--input={case}",
+            f"--output={out}",
+            f"--probabilities={p}",
+            flag,
+        )
         np.testing.assert_allclose(_read(p), special.softmax(z / temp, axis=-1), atol=1e-5)

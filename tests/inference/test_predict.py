@@ -118,7 +118,7 @@ def _hand_labels(case, scales=(1.0,)):
 
 
 def test_cli_folder_of_cases_and_a_comma_separated_list(
-    runs, tmp_path, monkeypatch, write_nifti_case
+    runs, tmp_path, monkeypatch, write_nifti_case, run_command
 ):
     """Both spellings of --input write each case's own segmentation: the argmax of the
     stand-in's softmax(x) by hand (native size, so no resizing), not the other case's. The
@@ -150,14 +150,7 @@ def test_cli_folder_of_cases_and_a_comma_separated_list(
         (str(data), tmp_path / "o1", []),
         (f"{a},{b}", tmp_path / "o2", [f"--probabilities={probs}", "--batch_size=3", "--step=7"]),
     ):
-        predict.FLAGS.unparse_flags()
-        predict.FLAGS(
-            ["predict", f"--workdir={run}", f"--input={given}", f"--output={out}", *extra]
-        )
-        try:
-            predict.main(["predict"])
-        finally:
-            predict.FLAGS.unparse_flags()
+        run_command(predict, f"--workdir={run}", f"--input={given}", f"--output={out}", *extra)
         assert sorted(p.name for p in out.iterdir()) == ["Brats18_A_1.nii.gz", "Brats18_B_1.nii.gz"]
         for case_id, (labels, _) in want.items():
             np.testing.assert_array_equal(_read(out / f"{case_id}.nii.gz"), labels)
@@ -272,7 +265,7 @@ def test_postprocessing_json_in_the_run_is_applied_unless_disabled(
 
 
 def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
-    runs, tmp_path, monkeypatch, capsys, write_nifti_case
+    runs, tmp_path, monkeypatch, capsys, write_nifti_case, run_command
 ):
     from brats_jax import tune_postprocessing as tune
 
@@ -285,15 +278,14 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
     gt[10, 8, 5] = 0  # the island is a false positive
     for cid in ("Brats18_A_1", "Brats18_B_1"):
         write_nifti_case(data, cid, background_rows=2, seg=gt)
-    tune.FLAGS.unparse_flags()
-    tune.FLAGS(
-        ["tune", f"--workdir={run}", f"--cases=Brats18_A_1,{data / 'Brats18_B_1'}",
-         f"--data_root={data}", "--min_component_voxels=2,100", "--et_min_voxels=5"]
-    )  # fmt: skip
-    try:
-        tune.main(["tune"])
-    finally:
-        tune.FLAGS.unparse_flags()
+    run_command(
+        tune,
+        f"--workdir={run}",
+        f"--cases=Brats18_A_1,{data / 'Brats18_B_1'}",
+        f"--data_root={data}",
+        "--min_component_voxels=2,100",
+        "--et_min_voxels=5",
+    )
     stored = json.loads((tmp_path / "run" / postprocess.POSTPROCESSING_FILE).read_text())
     # 2 voxels removes the 1-voxel island (100 would remove the 27-voxel tumour too; keeping
     # the largest ties and comes later); no ET anywhere: the ET step ties "off" and is kept
@@ -315,13 +307,7 @@ def test_tune_postprocessing_cli_stores_the_choice_that_predict_applies(
     (tmp_path / "run" / "results.json").write_text(
         json.dumps({"per_case": [{"case_id": "Brats18_B_1"}]})
     )
-    tune.FLAGS(
-        ["tune", f"--workdir={run}", "--cases=Brats18_A_1,Brats18_B_1", f"--data_root={data}"]
-    )
-    try:
-        tune.main(["tune"])
-    finally:
-        tune.FLAGS.unparse_flags()
+    run_command(tune, f"--workdir={run}", "--cases=Brats18_A_1,Brats18_B_1", f"--data_root={data}")
     assert "warning: tuning on the run's test case(s) ['Brats18_B_1']" in capsys.readouterr().out
 
 
@@ -505,7 +491,7 @@ def test_a_label_file_of_another_convention_does_not_stop_prediction(
 
 
 def test_parts_sharing_a_folder_keep_every_case_in_their_summaries(
-    runs, tmp_path, write_nifti_case
+    runs, tmp_path, write_nifti_case, run_command
 ):
     """`--num_parts=2` on one `--uncertainty` and `--overlays` folder: each part's summary
     has its own name, so together they hold both cases (one file each would keep one)."""
@@ -518,14 +504,16 @@ def test_parts_sharing_a_folder_keep_every_case_in_their_summaries(
         write_nifti_case(data, cid, seed=i, background_rows=2)
     unc, pics = tmp_path / "unc", tmp_path / "pics"
     for part in (0, 1):
-        predict.FLAGS.unparse_flags()
-        predict.FLAGS(["predict", f"--workdir={run}", f"--input={data}", "--num_parts=2",
-                       f"--part_id={part}", f"--output={tmp_path / 'out'}",
-                       f"--uncertainty={unc}", f"--overlays={pics}"])  # fmt: skip
-        try:
-            predict.main(["predict"])
-        finally:
-            predict.FLAGS.unparse_flags()
+        run_command(
+            predict,
+            f"--workdir={run}",
+            f"--input={data}",
+            "--num_parts=2",
+            f"--part_id={part}",
+            f"--output={tmp_path / 'out'}",
+            f"--uncertainty={unc}",
+            f"--overlays={pics}",
+        )
     rows = [r["case_id"] for f in sorted(unc.glob("*.csv")) for r in csv.DictReader(open(f))]
     assert rows == ["Brats18_A_1", "Brats18_B_1"]
     pages = sorted(p.name for p in pics.glob("*.html"))

@@ -381,7 +381,7 @@ def test_predict_uses_the_cases_voxel_size(
     assert (out[b] == 4).all()
 
 
-def test_evaluate_apply_postprocessing_uses_the_ground_truths_voxel_size(tmp_path):
+def test_evaluate_apply_postprocessing_uses_the_ground_truths_voxel_size(tmp_path, run_command):
     """Bug caught: evaluate's --apply_postprocessing at 1 mm. GT: the block with only B as
     ET; prediction: A and B. With ET_RULE at the files' 2.5 mm slices A goes and B stays:
     ET Dice 1 (at 1 mm both go: 0); A's 4 voxels leave WT: 2 x 176 / (180 + 176)."""
@@ -398,13 +398,13 @@ def test_evaluate_apply_postprocessing_uses_the_ground_truths_voxel_size(tmp_pat
         nib.save(nib.Nifti1Image(np.where(arr == 3, 4, arr).astype(np.int16), ANISO_AFFINE), path)
     cfg, out = tmp_path / "postprocessing.json", tmp_path / "m.csv"
     pp.save(cfg, pp.PostprocessConfig(**ET_RULE))
-    evaluate.FLAGS.unparse_flags()
-    evaluate.FLAGS(["evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}", f"--out={out}",
-                    f"--apply_postprocessing={cfg}"])  # fmt: skip
-    try:
-        evaluate.main(["evaluate"])
-    finally:
-        evaluate.FLAGS.unparse_flags()
+    run_command(
+        evaluate,
+        f"--pred={pred_dir}",
+        f"--gt={gt_dir}",
+        f"--out={out}",
+        f"--apply_postprocessing={cfg}",
+    )
     (row,) = csv.DictReader(out.open())
     assert float(row["dice_ET"]) == pytest.approx(1.0)
     assert float(row["dice_WT"]) == pytest.approx(2 * 176 / (180 + 176))
@@ -481,7 +481,7 @@ def test_example_script_reads_the_voxel_size_in_the_arrays_axis_order():
 
 @pytest.mark.parametrize("objective", ["dice", "lesionwise"])
 def test_tune_command_objective_flag_and_auto_thresholds(
-    tmp_path, monkeypatch, stand_in_config, write_nifti_case, objective
+    tmp_path, monkeypatch, stand_in_config, write_nifti_case, objective, run_command
 ):
     """Bug caught: --objective not passed on, "auto" region thresholds wrong (lesionwise:
     REGION_MM3 x both actions for TC and ET; dice: none, as before), or the record without
@@ -501,14 +501,16 @@ def test_tune_command_objective_flag_and_auto_thresholds(
     gt[a] = 2
     case = write_nifti_case(tmp_path, "Brats18_A_1", background_rows=1, seg=gt)
     (tmp_path / "run").mkdir()
-    tune.FLAGS.unparse_flags()
-    tune.FLAGS(["tune", f"--workdir={tmp_path / 'run'}", f"--cases={case}",
-                "--min_component_voxels=2", "--nolargest_component", "--connectivity=26",
-                "--et_min_voxels=5", f"--objective={objective}"])  # fmt: skip
-    try:
-        tune.main(["tune"])
-    finally:
-        tune.FLAGS.unparse_flags()
+    run_command(
+        tune,
+        f"--workdir={tmp_path / 'run'}",
+        f"--cases={case}",
+        "--min_component_voxels=2",
+        "--nolargest_component",
+        "--connectivity=26",
+        "--et_min_voxels=5",
+        f"--objective={objective}",
+    )
     stored = json.loads((tmp_path / "run" / pp.POSTPROCESSING_FILE).read_text())["tuning"]
     trials = stored["trials"]
     region = [tuple(t["config"].get(k) for k in ("tc_min_mm3", "tc_action", "et_min_mm3",

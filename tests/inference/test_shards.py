@@ -46,16 +46,7 @@ def _case_folders(root: pathlib.Path, ids) -> None:
             (root / cid / f"{cid}_{m}.nii.gz").touch()
 
 
-def _predict_main(argv) -> None:
-    predict.FLAGS.unparse_flags()
-    predict.FLAGS(["predict", *argv])
-    try:
-        predict.main(["predict"])
-    finally:
-        predict.FLAGS.unparse_flags()
-
-
-def test_predict_parts_cover_every_case_once(tmp_path, monkeypatch):
+def test_predict_parts_cover_every_case_once(tmp_path, monkeypatch, run_command):
     ids = ["Brats18_C_1", "Brats18_A_1", "Brats18_E_1", "Brats18_B_1", "Brats18_D_1"]
     _case_folders(tmp_path / "HGG", ids[:3])  # a list of two folders: found folder by folder,
     _case_folders(tmp_path / "LGG", ids[3:])  # parts are taken of the sorted case IDs
@@ -73,7 +64,7 @@ def test_predict_parts_cover_every_case_once(tmp_path, monkeypatch):
             got.clear()
             args = [f"--input={given}", f"--output={tmp_path / 'out'}", "--workdir=RUN",
                     f"--num_parts={num_parts}", f"--part_id={part_id}"]  # fmt: skip
-            _predict_main(args)
+            run_command(predict, *args)
             assert got == sorted(ids)[part_id::num_parts]  # round-robin over sorted IDs
             seen += got
         assert sorted(seen) == sorted(ids) and len(seen) == len(ids)
@@ -90,11 +81,11 @@ def test_predict_parts_cover_every_case_once(tmp_path, monkeypatch):
      (["--output=o", "--probabilities=p", "--uncertainty=p/"],
       "--probabilities and --uncertainty are both p/")],
 )  # fmt: skip
-def test_predict_bad_parts_are_usage_errors(tmp_path, args, match):
+def test_predict_bad_parts_are_usage_errors(tmp_path, args, match, run_command):
     _case_folders(tmp_path, ["Brats18_A_1"])
     base = [f"--input={tmp_path / 'Brats18_A_1'}", f"--output={tmp_path / 'out'}", "--workdir=R"]
     with pytest.raises(app.UsageError, match=match) as e:
-        _predict_main(base + args)
+        run_command(predict, *base + args)
     assert "\n" not in str(e.value)
 
 

@@ -236,39 +236,35 @@ def test_a_coin_flip_is_uncertain_for_both_output_kinds():
         assert row["uncertain_share_brain"] == 0.5, output
 
 
-def test_cli_uncertainty_must_match_the_output_kind(runs, tmp_path, write_nifti_case):
+def test_cli_uncertainty_must_match_the_output_kind(runs, tmp_path, write_nifti_case, run_command):
     run = runs("r")
     case = write_nifti_case(tmp_path, "Brats18_A_1", **CASE)
     for output, unc, message in (
         (tmp_path / "s.nii.gz", tmp_path / "udir", "give a .nii or .nii.gz file"),
         (tmp_path / "segs", tmp_path / "u.nii.gz", "give a folder when --output is a folder"),
     ):
-        predict.FLAGS.unparse_flags()
-        predict.FLAGS(
-            ["predict", f"--workdir={run}", f"--input={case}", f"--output={output}",
-             f"--uncertainty={unc}"]
-        )  # fmt: skip
-        try:
-            with pytest.raises(Exception, match=message):
-                predict.main(["predict"])
-        finally:
-            predict.FLAGS.unparse_flags()
+        with pytest.raises(Exception, match=message):
+            run_command(
+                predict,
+                f"--workdir={run}",
+                f"--input={case}",
+                f"--output={output}",
+                f"--uncertainty={unc}",
+            )
 
 
-def test_cli_writes_the_uncertainty_folder(runs, tmp_path, write_nifti_case):
+def test_cli_writes_the_uncertainty_folder(runs, tmp_path, write_nifti_case, run_command):
     run = runs("r")
     data = tmp_path / "data"
     write_nifti_case(data, "Brats18_A_1", **CASE)
     udir = tmp_path / "udir"
-    predict.FLAGS.unparse_flags()
-    predict.FLAGS(
-        ["predict", f"--workdir={run}", f"--input={data}", f"--output={tmp_path / 'segs'}",
-         f"--uncertainty={udir}"]
-    )  # fmt: skip
-    try:
-        predict.main(["predict"])
-    finally:
-        predict.FLAGS.unparse_flags()
+    run_command(
+        predict,
+        f"--workdir={run}",
+        f"--input={data}",
+        f"--output={tmp_path / 'segs'}",
+        f"--uncertainty={udir}",
+    )
     assert sorted(p.name for p in udir.iterdir()) == ["Brats18_A_1.nii.gz", U.CSV_FILE]
     assert [r["case_id"] for r in _rows(udir / U.CSV_FILE)] == ["Brats18_A_1"]
 

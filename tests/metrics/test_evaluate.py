@@ -278,7 +278,7 @@ def test_postprocessing_file_applied_before_scoring(tmp_path):
     assert bad.returncode != 0 and "nope.json does not exist" in bad.stderr.strip().splitlines()[-1]
 
 
-def test_et_relabel_rule_finds_et_in_the_2018_convention(tmp_path):
+def test_et_relabel_rule_finds_et_in_the_2018_convention(tmp_path, run_command):
     """An `et_min_voxels` rule on a BraTS 2018 prediction (ET = 4) with 1 ET voxel: that
     voxel becomes NCR (1) before scoring. By hand (`_volumes`): WT unchanged 2/3; TC
     {NCR, ET} of GT is {(2,1,1), (2,2,1)}, the prediction's TC still {(2,2,1)}: 2/3; ET:
@@ -301,13 +301,13 @@ def test_et_relabel_rule_finds_et_in_the_2018_convention(tmp_path):
     cfg = tmp_path / "postprocessing.json"
     postprocess.save(cfg, rule)
     out = tmp_path / "m.csv"
-    evaluate.FLAGS.unparse_flags()
-    evaluate.FLAGS(["evaluate", f"--pred={pred_dir}", f"--gt={gt_dir}", f"--out={out}",
-                    f"--apply_postprocessing={cfg}"])  # fmt: skip
-    try:
-        evaluate.main(["evaluate"])
-    finally:
-        evaluate.FLAGS.unparse_flags()
+    run_command(
+        evaluate,
+        f"--pred={pred_dir}",
+        f"--gt={gt_dir}",
+        f"--out={out}",
+        f"--apply_postprocessing={cfg}",
+    )
     written = _rows(out)["Brats18_A"]
     assert float(written["dice_ET"]) == pytest.approx(0.0)
     assert float(written["dice_TC"]) == pytest.approx(2 / 3)

@@ -238,7 +238,9 @@ def test_predict_cli_takes_modality_files_of_any_name(tiny_run, tmp_path, case_2
     assert both.returncode != 0 and "either --input or the modality files" in both.stderr
 
 
-def test_predict_cli_label_convention_follows_naming(tiny_run, tmp_path, monkeypatch, case_2018):
+def test_predict_cli_label_convention_follows_naming(
+    tiny_run, tmp_path, monkeypatch, case_2018, run_command
+):
     """The written labels are the release's: a folder named the 2018 way gets ET = 4, files
     given with --naming=2023 get ET = 3 (model output replaced by known probabilities)."""
     from brats_jax import predict
@@ -257,12 +259,7 @@ def test_predict_cli_label_convention_follows_naming(tiny_run, tmp_path, monkeyp
     }
     for name, (args, expected) in runs.items():
         out = tmp_path / f"{name}.nii.gz"
-        predict.FLAGS.unparse_flags()
-        predict.FLAGS(["predict", f"--workdir={workdir}", f"--output={out}", *args])
-        try:
-            predict.main(["predict"])
-        finally:
-            predict.FLAGS.unparse_flags()
+        run_command(predict, f"--workdir={workdir}", f"--output={out}", *args)
         np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), expected, name)
 
 
