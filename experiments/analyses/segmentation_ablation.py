@@ -37,6 +37,11 @@ Stages, each resumable (finished parts are skipped), `all` runs them in order:
   declared rules' verdicts (`recipe_choice`, `replicate_choice` for each combination, and
   `diagnosis_candidate` when the combination's leave-one-out rows are scored on
   BraTS2021_00014).
+* `final` (after `score --lesion_wise`, not part of `all`): the declared rule's row as a
+  model's settings, written to `DIR/final.json` and printed as config fields (`eval.tta`,
+  `postprocess.*`): a tuned row's thresholds are tuned again on all cases' out-of-fold
+  predictions (as nnU-Net fixes its post-processing on the cross-validation's predictions);
+  the fields of issue 47's `cpu_best` come from it.
 
 `table --records=A.json,B.json` prints the table and verdicts of records already scored
 (rows of the same folds, e.g. those kept in `experiments/results/` and a variant scored
@@ -341,8 +346,9 @@ def plan_rows(
     return rows
 
 
-def score(args, folds, cases) -> dict:
-    """Scores every row on every case (`args.parallel` processes); returns the record."""
+def load_predictions(args, folds) -> dict:
+    """{variant: {tta: {case: uint8 labels}}}: the `predict` stage's out-of-fold labels of
+    every case; a one-line SystemExit when a TTA setting was not predicted."""
     predictions = {}
     for v in args.variants:
         by_tta: dict = {t: {} for t in args.ttas}
@@ -358,13 +364,26 @@ def score(args, folds, cases) -> dict:
                 for t in args.ttas:
                     by_tta[t].update({c: z[f"{t}__{c}"] for c in folds[i]})
         predictions[v] = by_tta
+    return predictions
+
+
+def load_truths(cases) -> tuple[dict, dict]:
+    """({case: uint8 training labels}, {case: voxel size in mm}) from the label files alone
+    (scoring needs no modality), oriented as the predictions."""
     gts, spacings = {}, {}
-    for cid, case in cases.items():  # the label file alone: scoring needs no modality
+    for cid, case in cases.items():
         if case.seg is None:
             raise SystemExit(f"error: case {cid} ({case.directory}) has no label file")
         label, _, header, _ = brats.read_volume(case.seg)  # as the predictions: ORIENTATION
         gts[cid] = to_train_labels(label, case.naming, where=str(case.seg)).astype(np.uint8)
         spacings[cid] = tuple(float(z) for z in header.get_zooms()[:3])
+    return gts, spacings
+
+
+def score(args, folds, cases) -> dict:
+    """Scores every row on every case (`args.parallel` processes); returns the record."""
+    predictions = load_predictions(args, folds)
+    gts, spacings = load_truths(cases)
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
     jobs, done = {}, {}
     with concurrent.futures.ProcessPoolExecutor(args.parallel) as pool:
@@ -401,6 +420,36 @@ def score(args, folds, cases) -> dict:
         "objectives": list(args.objectives),
         "rows": rows,
     }
+
+
+def final(args, folds, cases) -> dict:
+    """The declared rule's row of `DIR/ablation.json` as a model's settings: its TTA and its
+    post-processing, a tuned row's thresholds now chosen on all cases' out-of-fold predictions
+    (nnU-Net's way of fixing post-processing for the final model, which then serves cases
+    outside all folds). Returns {row, config, fields}: `fields` are the config fields
+    (`eval.tta`, `postprocess.*`) to put in the preset."""
+    record = _read_record(str(args.out / "ablation.json"))
+    if not record.get("lesion_wise"):
+        raise SystemExit(
+            f"error: {args.out / 'ablation.json'} has no lesion-wise scores, which the declared "
+            "rule needs; run the score stage with --lesion_wise"
+        )
+    row = record["rows"][declared_choice(record["rows"])["index"]]
+    objective = {v: k for k, v in TUNED_ROWS.items()}.get(row["pp"])
+    if objective is None:  # a fixed rule: every fold's config is the same
+        config = postprocess.PostprocessConfig(**row["configs"][0])
+    else:
+        args.variants, args.ttas = [row["variant"]], [row["tta"]]
+        labels = load_predictions(args, folds)[row["variant"]][row["tta"]]
+        gts, spacings = load_truths(cases)
+        ids = sorted(cases)
+        config = _tune(
+            [labels[c] for c in ids], [gts[c] for c in ids], [spacings[c] for c in ids], objective
+        )
+    fields = {"eval.tta": row["tta"]}
+    fields.update({f"postprocess.{k}": v for k, v in config.to_dict().items()})
+    return dict(row={k: row[k] for k in ("variant", "tta", "pp")}, config=config.to_dict(),
+                fields=fields)  # fmt: skip
 
 
 def _summary(per_case: list[dict], key: str, folds) -> tuple[float, float, list[float]]:
@@ -797,7 +846,9 @@ def _check_same_folds(path: pathlib.Path, folds) -> None:
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("stages", help="all, or some of train,predict,score (comma-separated), or table")
+    p.add_argument(
+        "stages", help="all, or some of train,predict,score,final (comma-separated), or table"
+    )
     p.add_argument("--data_root", help="folder of the NIfTI case folders")
     p.add_argument("--out", type=pathlib.Path)
     p.add_argument("--records", default="", help="table: ablation.json files, comma-separated")
@@ -835,8 +886,8 @@ def main(argv=None) -> int:
     if not (args.data_root and args.out):
         raise SystemExit(f"error: {args.stages} needs --data_root and --out")
     stages = ["train", "predict", "score"] if args.stages == "all" else args.stages.split(",")
-    if bad := sorted(set(stages) - {"train", "predict", "score"}):
-        raise SystemExit(f"error: stages {bad}: expected all, or some of train,predict,score")
+    if bad := sorted(set(stages) - {"train", "predict", "score", "final"}):
+        raise SystemExit(f"error: stages {bad}: expected all, or some of train,predict,score,final")
     args.variants = [v for v in args.variants.split(",") if v]
     args.ttas = [t for t in args.ttas.split(",") if t]
     args.objectives = [o for o in args.objectives.split(",") if o]
@@ -872,6 +923,12 @@ def main(argv=None) -> int:
         fileio.write_text(args.out / "ablation.md", table)
         print(table)
         print(f"score: {time.perf_counter() - start:.0f} s", flush=True)
+    if "final" in stages:
+        chosen = final(args, folds, cases)
+        fileio.write_json(args.out / "final.json", chosen)
+        print(f"final: the declared rule's row {chosen['row']}; its fields:")
+        for k, v in chosen["fields"].items():
+            print(f"  {k}: {v!r}")
     return 0
 
 

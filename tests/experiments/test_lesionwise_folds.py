@@ -136,3 +136,90 @@ def test_lesion_wise_table_counts_lesions_marks_the_choice_and_checks_the_target
     assert worst[1].startswith("| case1 | 1 | 0.860 / 0.860 / 0.860 | 0.886")
     record["rows"][1] = _row("tuned_lesionwise", 0.85, 20, dice=0.874)
     assert "(may lose at most 0.005: NOT met)" in "\n".join(A.lesionwise_markdown(record))
+
+
+def _final_folder(tmp_path, write_nifti_case, chosen_pp, chosen_tta):
+    """An --out folder for the final stage: cases a, b (fold 0), c, d (fold 1) on disk; their
+    out-of-fold labels under TTA "none" equal the truth, under "flips" fold 0's cases also
+    hold an 8-voxel ET island far from the tumour; ablation.json's rows make (`chosen_pp`,
+    `chosen_tta`) the declared rule's choice."""
+    seg = np.zeros((40, 40, 16), np.int16)  # a tumour above every tuned size threshold:
+    seg[2:30, 2:30, 2:14] = 2  # ED (9,408 voxels of WT)
+    seg[6:26, 6:26, 4:12] = 1  # NCR
+    seg[8:24, 8:24, 5:11] = 4  # ET (BraTS 2018 label 4; 1,536 voxels)
+    data, out = tmp_path / "data", tmp_path / "out"
+    for i, cid in enumerate("abcd"):
+        write_nifti_case(data, cid, shape=seg.shape, seed=i, seg=seg)
+    cases = {c.case_id: c for c in A.brats.find_cases(str(data))}
+    gts, _ = A.load_truths(cases)
+    folds = [["a", "b"], ["c", "d"]]
+    (out / "predictions").mkdir(parents=True)
+    for i, fold in enumerate(folds):
+        arrays = {}
+        for c in fold:
+            island = gts[c].copy()
+            if i == 0:
+                island[34:36, 34:36, 3:5] = 3
+            arrays |= {f"none__{c}": gts[c], f"flips__{c}": island}
+        np.savez(A.predictions_path(out, "cpu_best", i), **arrays)
+    rows = []
+    for tta in ("none", "flips"):
+        for pp in ("none", "largest", "tuned", "tuned_lesionwise"):
+            best = (pp, tta) == (chosen_pp, chosen_tta)
+            row = _row(pp, 0.9 if best else 0.5, 10.0, tta=tta)
+            fixed = {"largest": {"largest_component_only": True}}.get(pp, {})
+            row["configs"] = [A.postprocess.PostprocessConfig(**fixed).to_dict()] * 2
+            rows.append(row)
+    (out / "ablation.json").write_text(json.dumps({"lesion_wise": True, "rows": rows}))
+    args = A.cli.ArgumentParser().parse_args([])
+    args.out, args.variants, args.ttas = out, ["cpu_best"], ["none", "flips"]
+    return args, folds, cases, gts
+
+
+def test_final_tunes_the_chosen_row_again_on_every_cases_predictions(
+    tmp_path, write_nifti_case, monkeypatch
+):
+    """The chosen row is (tuned_lesionwise, flips): its thresholds, tuned on all four cases'
+    out-of-fold "flips" labels, must remove fold 0's ET islands and change nothing else
+    (every processed label equals the truth). (Caught: the "none" TTA's labels tuned (no
+    island: no rule), only the last fold's cases tuned, the other objective, eval.tta not
+    the row's.)"""
+    args, folds, cases, gts = _final_folder(tmp_path, write_nifti_case, "tuned_lesionwise", "flips")
+    tuned_on = []
+
+    def spy(preds, truths, spacings, objective):
+        tuned_on.append(([int((p == 3).sum()) for p in preds], len(truths), objective))
+        return tune(preds, truths, spacings, objective)
+
+    tune = A._tune
+    monkeypatch.setattr(A, "_tune", spy)
+    chosen = A.final(args, folds, cases)
+    # one tuning, lesion-wise, on the four cases (a, b with their 8-voxel island)
+    assert tuned_on == [([1536 + 8, 1536 + 8, 1536, 1536], 4, "lesionwise")]
+    assert chosen["row"] == {"variant": "cpu_best", "tta": "flips", "pp": "tuned_lesionwise"}
+    assert chosen["fields"]["eval.tta"] == "flips"
+    config = A.postprocess.PostprocessConfig(**chosen["config"])
+    assert config != A.postprocess.PostprocessConfig()
+    labels = A.load_predictions(args, folds)["cpu_best"]["flips"]
+    for c in "abcd":
+        np.testing.assert_array_equal(A.postprocess.apply(labels[c], config), gts[c], err_msg=c)
+    assert {k: v for k, v in chosen["fields"].items() if k.startswith("postprocess.")} == {
+        f"postprocess.{k}": v for k, v in chosen["config"].items()
+    }
+
+
+def test_final_takes_a_fixed_rule_as_it_is_and_needs_lesion_wise_scores(tmp_path, write_nifti_case):
+    """(Caught: a fixed row tuned anyway, its config read from another row; the missing
+    lesion-wise scores failing later with a KeyError.)"""
+    args, folds, cases, _ = _final_folder(tmp_path, write_nifti_case, "largest", "none")
+    chosen = A.final(args, folds, cases)
+    assert chosen["row"]["pp"] == "largest"
+    assert (
+        chosen["config"] == A.postprocess.PostprocessConfig(largest_component_only=True).to_dict()
+    )
+    assert chosen["fields"]["eval.tta"] == "none"
+    assert chosen["fields"]["postprocess.largest_component_only"] is True
+    record = json.loads((args.out / "ablation.json").read_text())
+    (args.out / "ablation.json").write_text(json.dumps({**record, "lesion_wise": False}))
+    with pytest.raises(SystemExit, match="no lesion-wise scores.*--lesion_wise"):
+        A.final(args, folds, cases)
