@@ -120,10 +120,10 @@ def postprocess(labels, pp, spacing=(1.0, 1.0, 1.0)):  # pp["rule"]; spacing: vo
         cc, n = ndimage.label(labels > 0, structure=structure)
         sizes, keep = np.bincount(cc.ravel()), np.zeros(n + 1, bool)
         sizes[0] = 0
-        if n and pp["largest_component_only"]:
+        if n:  # the largest always stays; the others only with min_component_voxels or more
             keep[np.argmax(sizes)] = True
-        elif n:
-            keep[1:] = sizes[1:] >= pp["min_component_voxels"]
+            if not pp["largest_component_only"]:
+                keep[1:] |= sizes[1:] >= pp["min_component_voxels"]
         labels = np.where(keep[cc], labels, 0)
     for r, classes, relabelled in regions:  # components below {r}_min_mm3 (voxels x mm^3)
         if pp.get(f"{r}_min_mm3"):

@@ -182,8 +182,9 @@ def filter_components(
     """Whole-tumour components removed from an (H, W, D) class map (a copy; removed -> 0).
 
     `largest_only` keeps the largest component (ties: the first in scan order); otherwise
-    components with fewer than `min_voxels` voxels are removed (all of them when every
-    component is that small). With neither, the map is returned unchanged (a copy).
+    components with fewer than `min_voxels` voxels are removed, except the largest, which
+    always stays (nnU-Net's rule: a threshold tuned on large tumours never erases a case's
+    only, small tumour). With neither, the map is returned unchanged (a copy).
     """
     labels = np.array(labels, copy=True)
     if labels.ndim != 3:
@@ -191,7 +192,9 @@ def filter_components(
     if not largest_only and min_voxels is None:
         return labels
     components, sizes = label_components(labels, connectivity)
-    labels[~_kept(sizes, min_voxels, largest_only)[components]] = 0
+    keep = _kept(sizes, min_voxels, largest_only)
+    keep[int(np.argmax(sizes))] |= len(sizes) > 1  # the largest stays
+    labels[~keep[components]] = 0
     return labels
 
 

@@ -47,8 +47,12 @@ def test_size_threshold_keeps_components_at_the_threshold():
     expected = tumour.copy()
     expected[10, 0, 0] = expected[10, 1, 0] = 1  # the 2-voxel island stays, the 1-voxel goes
     np.testing.assert_array_equal(out, expected)
-    # a threshold above every component's size empties the volume
-    assert not pp.apply(v, pp.PostprocessConfig(min_component_voxels=28)).any()
+    # a threshold above every component's size keeps the largest (the 27-voxel tumour), as
+    # nnU-Net does: a threshold tuned on large tumours never erases a small one
+    # (bug caught: every component below the threshold removed, the volume emptied)
+    np.testing.assert_array_equal(
+        pp.apply(v, pp.PostprocessConfig(min_component_voxels=28)), tumour
+    )
 
 
 def test_connectivity_6_and_26_differ_on_a_diagonal_pair():
@@ -57,8 +61,11 @@ def test_connectivity_6_and_26_differ_on_a_diagonal_pair():
     v[2, 2, 2] = 1  # touches (1,1,1) at a corner only
     keep = pp.apply(v, pp.PostprocessConfig(min_component_voxels=2, connectivity=26))
     np.testing.assert_array_equal(keep, v)  # one component of 2 voxels
-    gone = pp.apply(v, pp.PostprocessConfig(min_component_voxels=2, connectivity=6))
-    assert not gone.any()  # two components of 1 voxel each
+    # two components of 1 voxel each: the largest stays (a tie: the first in scan order)
+    first = np.zeros_like(v)
+    first[1, 1, 1] = 2
+    out = pp.apply(v, pp.PostprocessConfig(min_component_voxels=2, connectivity=6))
+    np.testing.assert_array_equal(out, first)
     face = np.zeros((5, 5, 5), np.int32)
     face[1, 1, 1] = face[1, 1, 2] = 3  # face neighbours: one component either way
     for conn in (6, 26):

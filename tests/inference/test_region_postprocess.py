@@ -465,6 +465,28 @@ def test_example_script_applies_the_region_rules_like_the_library(config):
     assert (want != pp.apply(labels, pp.PostprocessConfig(**config))).any()  # spacing matters
 
 
+@pytest.mark.parametrize("min_voxels", [2, 10**6])
+def test_example_script_keeps_the_largest_component_like_the_library(min_voxels):
+    """Whole-tumour components below min_component_voxels go, except the largest, in both
+    (bug caught: the example or the library empties a volume whose components are all below
+    the threshold)."""
+    pytest.importorskip("onnxruntime", reason="the example imports onnxruntime")
+    example = runpy.run_path(str(SCRIPT))
+    v = np.zeros((12, 12, 10), np.int32)
+    v[2:5, 2:5, 2:5] = 2  # 27 voxels
+    v[8:10, 8, 8] = 3  # 2 voxels
+    v[10, 1, 1] = 1  # 1 voxel
+    want = v.copy()
+    want[10, 1, 1] = 0
+    if min_voxels > 27:  # above every component: the 27-voxel one alone stays
+        want[8:10, 8, 8] = 0
+    meta = {**pp.PostprocessConfig().to_dict(), "min_component_voxels": min_voxels}
+    got = example["postprocess"](v, meta, np.array((1.0, 1.0, 1.0)))
+    np.testing.assert_array_equal(got, want)
+    cfg = pp.PostprocessConfig(min_component_voxels=min_voxels)
+    np.testing.assert_array_equal(pp.apply(v, cfg), want)
+
+
 def test_example_script_reads_the_voxel_size_in_the_arrays_axis_order():
     """Bug caught: the header's zooms used in the file's axis order after reorienting to LPS.
     A RAS file with axes swapped (x: 2 mm along y, y: 1 mm, z 3 mm): LPS arrays are
