@@ -1,10 +1,11 @@
 """The study's U-Net (31,032,516 parameters at the defaults).
 
 Presets: `configs/unet.py:paper` (LR 1e-4, the study's baseline), `:demo`, `:tiny`, `:cpu`,
-`:cpu_best` (`:cpu` with the options chosen by cross-validation on the real sample: 2.5D
-input, region outputs, the largest component, deep supervision, intensity augmentation;
-EXPERIMENTS.md), `:cpu_recipe` (`:cpu_best` with nnU-Net's native-resolution patches: the
-combination of nnU-Net's parts in EXPERIMENTS.md, "Generalisation recipe"), `:smoke`.
+`:cpu_best` (`:cpu` with the options chosen by cross-validation on the real cases: 2.5D
+input, region outputs, deep supervision, intensity augmentation, the post-processing tuned
+for the lesion-wise score; EXPERIMENTS.md), `:cpu_recipe` (`:cpu_best` with nnU-Net's
+native-resolution patches: the combination of nnU-Net's parts in EXPERIMENTS.md,
+"Generalisation recipe"), `:smoke`.
 """
 
 import ml_collections

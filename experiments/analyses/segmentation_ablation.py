@@ -118,12 +118,14 @@ VARIANTS.update(
         "cb_deep_supervision": {**_CONTEXT_REGIONS, "model.deep_supervision": True},
         # inference only (eval.* fields): "x+sliding_window" predicts with x's own runs
         "sliding_window": {"eval.sliding_window": True},
-        # `cpu_best` as the preset defines it today (its fields beyond `cpu`'s): the recipe
-        # whose inference options and post-processing the 41-case folds choose (issue 47)
+        # `cpu_best`'s training as the preset defines it (its fields beyond `cpu`'s, less its
+        # eval.* and postprocess.* choice): the recipe whose inference options and
+        # post-processing the 41-case folds choose (issue 47)
         "cpu_best": {
             k: v
             for k, v in default.PRESET_FIELDS["cpu_best"].items()
             if default.PRESET_FIELDS["cpu"].get(k, object()) != v
+            and not k.startswith(("eval.", "postprocess."))
         },
     }
 )

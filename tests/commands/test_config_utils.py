@@ -1,10 +1,15 @@
 """`brats_jax.config_fields` and the configs' presets: dotted fields, diffs, locked presets."""
 
+import json
+import pathlib
+
 import ml_collections
 import pytest
 
 from brats_jax import config_fields
 from configs import default, transunet, unet
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config():
@@ -52,8 +57,9 @@ def test_presets_are_field_dicts_on_a_locked_config():
 
 def test_cpu_best_is_the_cpu_budget_plus_the_segmentation_options():
     """`cpu_best` trains on the `cpu` preset's budget (same steps, batch, size, schedule,
-    network): it differs from it only in the segmentation options and the generalisation
-    recipe's choice (deep supervision, nnU-Net's 2D intensity augmentation probabilities)."""
+    network): it differs from it only in the segmentation options, the generalisation
+    recipe's choice (deep supervision, nnU-Net's 2D intensity augmentation probabilities) and
+    the post-processing chosen for the lesion-wise score (issue 47)."""
     diff = config_fields.config_diff(
         unet.get_config("cpu").to_dict(), unet.get_config("cpu_best").to_dict()
     )
@@ -69,5 +75,23 @@ def test_cpu_best_is_the_cpu_budget_plus_the_segmentation_options():
         ("model.deep_supervision", False, True),
         ("model.output", "classes", "regions"),
         ("name", "unet-cpu", "unet-cpu_best"),
-        ("postprocess.largest_component_only", False, True),
+        ("postprocess.connectivity", 26, 6),
+        ("postprocess.et_min_mm3", 0.0, 200.0),
+        ("postprocess.et_min_voxels", 0, 50),
+        ("postprocess.min_component_voxels", 0, 5000),
+        ("postprocess.tc_min_mm3", 0.0, 200.0),
     ]
+
+
+def test_cpu_best_inference_is_the_recorded_choice_of_the_41_case_experiment():
+    """cpu_best's TTA and post-processing are the fields the declared rule chose, as written
+    by `segmentation_ablation final` into experiments/results/ (bug caught: the preset edited
+    by hand away from the recorded choice, or the record replaced without the preset)."""
+    record = json.loads(
+        (REPO / "experiments" / "results" / "lesionwise_41_cases_final_choice.json").read_text()
+    )
+    assert record["row"] == {"variant": "cpu_best", "tta": "none", "pp": "tuned_lesionwise"}
+    config = unet.get_config("cpu_best")
+    for field, value in record["fields"].items():
+        section, name = field.split(".")
+        assert config[section][name] == value, field

@@ -202,6 +202,16 @@ def test_train_stage_trains_a_shared_run_once(tmp_path, monkeypatch):
     assert workdirs == [f"--workdir={tmp_path}/runs/cb_patches-fold{i}" for i in (0, 1)]
 
 
+# cpu_best's post-processing against the defaults (issue 47's choice), by hand
+CPU_BEST_POSTPROCESS = [
+    ("postprocess.connectivity", 26, 6),
+    ("postprocess.et_min_mm3", 0.0, 200.0),
+    ("postprocess.et_min_voxels", 0, 50),
+    ("postprocess.min_component_voxels", 0, 5000),
+    ("postprocess.tc_min_mm3", 0.0, 200.0),
+]
+
+
 @pytest.mark.parametrize(
     "preset, row",
     [
@@ -211,17 +221,14 @@ def test_train_stage_trains_a_shared_run_once(tmp_path, monkeypatch):
 )
 def test_preset_trains_the_measured_row(preset, row):
     """`configs/unet.py:<preset>` trains exactly what its ablation row measured
-    (EXPERIMENTS.md), with the largest-component rule of the `largest` row on."""
+    (EXPERIMENTS.md), with the post-processing chosen on the 41 cases' folds (issue 47)."""
     from brats_jax import config_fields
     from configs import unet
 
     measured = unet.get_config("cpu")
     config_fields.apply_overrides(measured, A.variant_fields(row))
     diff = config_fields.config_diff(measured.to_dict(), unet.get_config(preset).to_dict())
-    assert sorted(diff) == [
-        ("name", "unet-cpu", f"unet-{preset}"),
-        ("postprocess.largest_component_only", False, True),
-    ]
+    assert sorted(diff) == [("name", "unet-cpu", f"unet-{preset}"), *CPU_BEST_POSTPROCESS]
 
 
 def test_folds_of_another_seed_are_another_partition():
@@ -332,7 +339,7 @@ def test_a_candidate_on_cpu_best_changes_only_its_fields(part, changed):
         changed
         + [
             ("name", "unet-cpu_best", "unet-cpu"),
-            ("postprocess.largest_component_only", True, False),  # the `largest` row's rule
+            *[(k, new, old) for k, old, new in CPU_BEST_POSTPROCESS],  # the preset's own
         ]
     )
     assert A.replicate_baselines(candidate, {A.CPU_BEST_VARIANT})[-1] == A.CPU_BEST_VARIANT
