@@ -35,6 +35,9 @@ def test_downsample_labels_reads_the_centre_pixel_of_each_block():
         assert str(err.value) == f"labels (6, 6) cannot be down-sampled by {bad}"
     with pytest.raises(ValueError, match=r"labels \(6, 4\) cannot be down-sampled by 3"):
         DS.downsample_labels(jnp.zeros((1, 6, 4)), 3)
+    # the height alone not divisible (bug caught: the width checked twice)
+    with pytest.raises(ValueError, match=r"labels \(4, 6\) cannot be down-sampled by 3"):
+        DS.downsample_labels(jnp.zeros((1, 4, 6)), 3)
 
 
 def _stand_in_loss(logits, labels, params):
@@ -99,3 +102,14 @@ def test_region_loss_shape_error_and_fully_masked_batch():
     combined = R.region_combined_loss(logits, labels, p)
     want_c = 0.75 * np.log1p(np.exp(3.0)) + 0.25 * (1 - s / (4 * sig + s))
     assert float(combined) == pytest.approx(want_c, rel=1e-5)
+
+
+def test_deep_supervision_loss_on_non_square_slices():
+    """(B, 4, 8) labels: each level's factor is the height's ratio (bug caught: the factor
+    taken from the width, or the width of the labels over the height of the logits; square
+    slices cannot tell). Level 0: sum(0..31) = 496, + 4; level 1: labels[1::2, 1::2] = rows
+    1 and 3, columns 1, 3, 5, 7: 9 + 11 + 13 + 15 + 25 + 27 + 29 + 31 = 160, + 2."""
+    labels = jnp.arange(32).reshape(1, 4, 8)
+    outputs = (jnp.zeros((1, 4, 8, 2)), jnp.zeros((1, 2, 4, 2)))
+    got = DS.deep_supervision_loss(_stand_in_loss, outputs, labels, 1.0, weights=[1.0, 10.0])
+    assert float(got) == pytest.approx(500 + 10 * 162, rel=1e-6)
