@@ -66,13 +66,14 @@ def merge_context(x: np.ndarray) -> np.ndarray:
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 
-def stack_context(volume: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Input slices of a volume: (H, W, D, 4) and rows of `context_positions` (n, 2k+1)
-    -> float32 (n, H, W, 4 (2k+1)) (only these n slices are materialised)."""
+def stack_context(slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Input slices of a volume: its axial slices first, (D, H, W, 4) (`np.moveaxis(volume,
+    2, 0)`, made contiguous once: each slice is then one block of memory), and rows of
+    `context_positions` (n, 2k+1) -> float32 (n, H, W, 4 (2k+1)) (only these n slices are
+    materialised)."""
     positions = np.asarray(positions, np.int64)
-    h, w = volume.shape[:2]
-    x = volume[:, :, positions.reshape(-1)].reshape(h, w, *positions.shape, volume.shape[-1])
-    return np.ascontiguousarray(np.moveaxis(merge_context(x), 2, 0), np.float32)
+    x = np.moveaxis(slices[positions], 1, -2)  # (n, H, W, 2k+1, 4)
+    return np.ascontiguousarray(merge_context(np.ascontiguousarray(x, np.float32)))
 
 
 def stack_records(records: list[dict]) -> dict:

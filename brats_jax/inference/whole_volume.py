@@ -201,11 +201,14 @@ def predict_volume(
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: expected at least 1 slice per call")
     positions = context_positions(volume.shape[2], context_slices)  # (D, 2k+1)
-    out = []
+    slices = np.ascontiguousarray(np.moveaxis(volume, 2, 0), np.float32)  # (D, H, W, 4)
+    args = () if temperature is None else (jnp.asarray(temperature, jnp.float32),)
+    pending = []  # each batch is dispatched without waiting for the one before (JAX runs
+    # calls asynchronously), so the next batch is stacked while the model computes
     for start in range(0, len(positions), batch_size):
-        chunk = stack_context(volume, positions[start : start + batch_size])  # (n, H, W, C)
+        chunk = stack_context(slices, positions[start : start + batch_size])  # (n, H, W, C)
         n = chunk.shape[0]
         chunk, _ = pad_batch(chunk, batch_size)  # padding rows' outputs are dropped
-        args = () if temperature is None else (jnp.asarray(temperature, jnp.float32),)
-        out.append(np.asarray(predict(variables, jnp.asarray(chunk), *args))[:n])
-    return np.moveaxis(np.concatenate(out), 0, 2)
+        pending.append((predict(variables, jnp.asarray(chunk), *args), n))
+    out = np.concatenate([np.asarray(probs)[:n] for probs, n in pending])
+    return np.moveaxis(out, 0, 2)

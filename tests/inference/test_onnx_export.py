@@ -80,7 +80,7 @@ def _case_slices(config, case):
     """The model inputs predict makes of `case` (every slice; `whole_volume`'s resize)."""
     volume = brats.load_case(case).image
     k, size = data.context_slices(config), train_state.input_size(config)
-    x = stack_context(volume, context_positions(volume.shape[2], k))
+    x = stack_context(np.moveaxis(volume, 2, 0), context_positions(volume.shape[2], k))
     return np.asarray(jax.image.resize(x, (len(x), size, size, x.shape[-1]), "linear"))
 
 

@@ -53,7 +53,8 @@ def test_stack_context_is_slice_major_with_edges_repeated():
     z = np.arange(d, dtype=np.float32)[None, None, :, None]
     m = np.arange(4, dtype=np.float32)[None, None, None, :]
     volume = np.broadcast_to(10 * z + m, (h, w, d, 4))
-    got = stack_context(volume, context_positions(d, 1))  # (D, H, W, 12)
+    slices = np.moveaxis(volume, 2, 0)  # (D, H, W, 4)
+    got = stack_context(slices, context_positions(d, 1))  # (D, H, W, 12)
     assert got.shape == (d, h, w, 12) and got.dtype == np.float32
     want = {
         0: [0, 1, 2, 3, 0, 1, 2, 3, 10, 11, 12, 13],
@@ -63,8 +64,10 @@ def test_stack_context_is_slice_major_with_edges_repeated():
     for zz, channels in want.items():
         np.testing.assert_array_equal(got[zz], np.broadcast_to(channels, (h, w, 12)))
     # k = 0: the plain slices
+    np.testing.assert_array_equal(stack_context(slices, context_positions(d, 0)), slices)
+    # a batch of rows: only those slices, in the rows' order
     np.testing.assert_array_equal(
-        stack_context(volume, context_positions(d, 0)), np.moveaxis(volume, 2, 0)
+        stack_context(slices, context_positions(d, 1)[[4, 0]]), got[[4, 0]]
     )
 
 
