@@ -28,6 +28,7 @@ decoded to class maps before any of this (`outputs.regions_to_labels`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -436,26 +437,24 @@ def _component_step(chosen, preds, candidates, spacings):
         yield option, outs
 
 
-def _region_step(region: str):
-    """The TC or ET component search: thresholds ascending, each with its actions in the
-    candidates' order; each case's region components are labelled once."""
-
-    def step(chosen, preds, candidates, spacings):
-        thresholds = sorted(getattr(candidates, f"{region}_min_mm3"))
-        classes = REGION_RULES[region][0]
-        labelled = (
-            [label_components(p, chosen.connectivity, classes) for p in preds] if thresholds else []
-        )
-        for v in thresholds:
-            for action in getattr(candidates, f"{region}_actions"):
-                option = dataclasses.replace(
-                    chosen, **{f"{region}_min_mm3": float(v), f"{region}_action": action}
-                )
-                outs = [_region_rule(p, *cs, region, float(v), action, s)
-                        for p, cs, s in zip(preds, labelled, spacings, strict=True)]  # fmt: skip
-                yield option, outs
-
-    return step
+def _region_step(region: str, chosen, preds, candidates, spacings):
+    """The TC or ET component search (`region`), (option, outputs) per option: thresholds
+    ascending, each with its actions in the candidates' order; each case's region components
+    are labelled once. (A plain function that `STEPS` binds with `functools.partial`, not a
+    closure built at import, so a mutation test reaches its body.)"""
+    thresholds = sorted(getattr(candidates, f"{region}_min_mm3"))
+    classes = REGION_RULES[region][0]
+    labelled = (
+        [label_components(p, chosen.connectivity, classes) for p in preds] if thresholds else []
+    )
+    for v in thresholds:
+        for action in getattr(candidates, f"{region}_actions"):
+            option = dataclasses.replace(
+                chosen, **{f"{region}_min_mm3": float(v), f"{region}_action": action}
+            )
+            outs = [_region_rule(p, *cs, region, float(v), action, s)
+                    for p, cs, s in zip(preds, labelled, spacings, strict=True)]  # fmt: skip
+            yield option, outs
 
 
 def _et_total_step(chosen, preds, candidates, spacings):
@@ -469,8 +468,8 @@ def _et_total_step(chosen, preds, candidates, spacings):
 
 STEPS = (
     ("components", _component_step, False),
-    ("TC components", _region_step("tc"), True),
-    ("ET components", _region_step("et"), True),
+    ("TC components", functools.partial(_region_step, "tc"), True),
+    ("ET components", functools.partial(_region_step, "et"), True),
     ("ET relabelling", _et_total_step, False),
 )
 """The tuning's steps in order: (name, generator of (option, outputs) from the choice so far,

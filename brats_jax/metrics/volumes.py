@@ -208,10 +208,8 @@ def slice_dice_readings(pred: np.ndarray, target: np.ndarray) -> dict[str, np.nd
     n = pred.shape[0]
     idx = target.astype(np.int64) * c + pred + (c * c) * np.arange(n)[:, None, None]
     cms = np.bincount(idx.ravel(), minlength=n * c * c).reshape(n, c, c)
-    with np.errstate(invalid="ignore"):
-        excluded = np.nanmean(dice_from_confusion(cms, "exclude"), axis=-1)
     return {
         "absent_one": np.mean(dice_from_confusion(cms, "one"), axis=-1),
-        "absent_excluded": excluded,
+        "absent_excluded": np.nanmean(dice_from_confusion(cms, "exclude"), axis=-1),
         "confusion": cms.sum(0),
     }

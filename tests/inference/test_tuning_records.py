@@ -89,3 +89,26 @@ def test_a_spacing_per_case_is_required():
     with pytest.raises(ValueError) as err:
         pp.tune_postprocessing([pred], [gt], spacings=[(1, 1, 1), (1, 1, 2)])
     assert str(err.value) == "2 spacings for 1 cases: expected one per case"
+
+
+def test_the_region_score_memo_never_holds_more_than_its_cap(monkeypatch):
+    """Cap 2: scoring one case's three regions (3 new entries) empties the memo when it is
+    full, so it holds at most 2 entries at any time (bug caught: the cap exceeded by one)."""
+    monkeypatch.setattr(pp, "_REGION_SCORES", {})
+    monkeypatch.setattr(pp, "_REGION_SCORES_MAX", 2)
+    pred, gt = _case()
+    pp.tune_postprocessing([pred], [gt], objective="lesionwise")
+    assert 0 < len(pp._REGION_SCORES) <= 2
+
+
+def test_bad_objective_region_or_action_are_one_line_errors():
+    pred, gt = _case()
+    with pytest.raises(ValueError) as err:
+        pp.tune_postprocessing([pred], [gt], objective="hd95")
+    assert str(err.value) == "objective 'hd95': expected one of ['dice', 'lesionwise']"
+    for region, action in (("wt", "relabel"), ("tc", "drop")):
+        with pytest.raises(ValueError) as err:
+            pp.filter_region_components(pred, region, 10.0, action)
+        assert str(err.value) == (
+            f"region {region!r}, action {action!r}: expected tc|et, relabel|remove"
+        )

@@ -136,3 +136,66 @@ def test_region_dice_from_confusion_numpy_floats_and_jax():
     assert float(j["ET"]) == 0.0 and j["WT"].dtype == jnp.float32
     empty = M.region_dice_from_confusion(np.diag([5, 0, 0, 0]))
     assert empty == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
+
+
+def test_class_map_errors_name_the_argument_at_fault():
+    """(Bug caught: the message names the other array, or none.)"""
+    ok = np.zeros((2, 3, 4), np.int64)
+    bad = ok.copy()
+    bad[0, 0, 0] = 5
+    for fn in (volumes.evaluate_volume, volumes.region_confusion, volumes.slice_dice_readings):
+        with pytest.raises(ValueError) as err:
+            fn(bad, ok)
+        assert str(err.value) == "pred has values [5] outside {0..3}", fn.__name__
+        with pytest.raises(ValueError) as err:
+            fn(ok, bad)
+        assert str(err.value) == "target has values [5] outside {0..3}", fn.__name__
+    with pytest.raises(ValueError, match="^target must be an integer class map; got dtype float"):
+        volumes.evaluate_volume(ok, ok.astype(np.float32))
+
+
+def test_specificity_with_a_single_negative_voxel():
+    """tn + fp = 1: the one negative predicted positive gives specificity 0 (bug caught:
+    "no negatives" read as fewer than two)."""
+    assert volumes.sensitivity_specificity(1, 1, 0, 0) == (1.0, 0.0)
+    assert volumes.sensitivity_specificity(1, 0, 0, 1) == (1.0, 1.0)
+    assert volumes.sensitivity_specificity(1, 0, 0, 0) == (1.0, 1.0)  # no negatives at all
+
+
+def test_evaluate_volume_passes_its_hd95_mode_and_absent_convention():
+    """Non-default options reach the metrics (bug caught: either left at its default).
+    WT: target a 1-voxel column, prediction that column plus 3 voxels at 1, 2 and 3 mm from
+    it. "max": max(P95 of pred->gt {0, 1, 2, 3}, P95 of gt->pred {0}) = 2.85 mm; "pooled":
+    P95 of {0, 1, 2, 3, 0} = 2.8 mm. NCR and ET are absent from both maps: the 4-class
+    volume Dice scores them 1 with "one" and leaves them out with "exclude"."""
+    target = np.zeros((1, 1, 8), np.int64)
+    target[0, 0, 0] = 2
+    pred = target.copy()
+    pred[0, 0, 1:4] = 2
+    got = volumes.evaluate_volume(pred, target, hd95_mode="pooled", absent="exclude")
+    assert got["hd95_WT"] == pytest.approx(volumes.hd95(pred > 0, target > 0, mode="pooled"))
+    assert got["hd95_WT"] == pytest.approx(np.percentile([0, 1, 2, 3, 0], 95))
+    assert volumes.evaluate_volume(pred, target)["hd95_WT"] == pytest.approx(
+        np.percentile([0, 1, 2, 3], 95)
+    )
+    # classes: background Dice 2*4/(7+4) = 8/11, ED 2*1/(1+4) = 2/5, NCR and ET absent
+    assert got["volume_dice_4class"] == pytest.approx((8 / 11 + 2 / 5) / 2)
+    one = volumes.evaluate_volume(pred, target)["volume_dice_4class"]
+    assert one == pytest.approx((8 / 11 + 2 / 5 + 1 + 1) / 4)
+
+
+def test_slice_readings_when_the_last_slice_lacks_the_last_class_pair():
+    """The per-slice confusion counts keep their shape when the highest index (last slice,
+    ET predicted on ET) never occurs (bug caught: bincount without minlength), without a
+    warning for the classes absent from a slice."""
+    import warnings
+
+    target = np.zeros((2, 2, 2), np.int64)
+    target[0, 0, 0] = 3  # ET on slice 0 only
+    pred = target.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = volumes.slice_dice_readings(pred, target)
+    np.testing.assert_allclose(got["absent_one"], [1.0, 1.0])
+    np.testing.assert_allclose(got["absent_excluded"], [1.0, 1.0])
+    assert got["confusion"].tolist() == [[7, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
