@@ -142,14 +142,14 @@ def test_class_map_errors_name_the_argument_at_fault():
     """(Bug caught: the message names the other array, or none.)"""
     ok = np.zeros((2, 3, 4), np.int64)
     bad = ok.copy()
-    bad[0, 0, 0] = 5
+    bad[0, 0, 0] = 4  # BraTS's own ET label, not a training class (bug caught: 4 let in)
     for fn in (volumes.evaluate_volume, volumes.region_confusion, volumes.slice_dice_readings):
         with pytest.raises(ValueError) as err:
             fn(bad, ok)
-        assert str(err.value) == "pred has values [5] outside {0..3}", fn.__name__
+        assert str(err.value) == "pred has values [4] outside {0..3}", fn.__name__
         with pytest.raises(ValueError) as err:
             fn(ok, bad)
-        assert str(err.value) == "target has values [5] outside {0..3}", fn.__name__
+        assert str(err.value) == "target has values [4] outside {0..3}", fn.__name__
     with pytest.raises(ValueError, match="^target must be an integer class map; got dtype float"):
         volumes.evaluate_volume(ok, ok.astype(np.float32))
 
@@ -199,3 +199,18 @@ def test_slice_readings_when_the_last_slice_lacks_the_last_class_pair():
     np.testing.assert_allclose(got["absent_one"], [1.0, 1.0])
     np.testing.assert_allclose(got["absent_excluded"], [1.0, 1.0])
     assert got["confusion"].tolist() == [[7, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+
+
+def test_hd95_surfaces_include_the_volume_border_and_any_nonzero_is_in_the_mask():
+    """A (1, 1, 8) volume: every voxel touches the border on the first two axes, so every
+    mask voxel is a surface voxel. Prediction voxels 0..3, truth 0..5: pred -> truth
+    distances all 0, truth -> pred {0, 0, 0, 0, 1, 2}: HD95 = P95 of those (were the border
+    inside the masks, only voxels 3 and 5 would be surfaces: HD95 2). A mask given as label
+    values (2) is the same mask (bug caught: masks not read as booleans)."""
+    pred = np.zeros((1, 1, 8), bool)
+    pred[..., :4] = True
+    gt = np.zeros((1, 1, 8), bool)
+    gt[..., :6] = True
+    want = np.percentile([0, 0, 0, 0, 1, 2], 95)
+    assert volumes.hd95(pred, gt) == pytest.approx(want)
+    assert volumes.hd95(2 * pred.astype(np.int64), 2 * gt.astype(np.int64)) == pytest.approx(want)
