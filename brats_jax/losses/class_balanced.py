@@ -61,10 +61,9 @@ def class_balanced_weights(counts: Sequence[float] | np.ndarray, beta: float) ->
     if beta == 0.0:
         raw = np.where(present, 1.0, 0.0)  # (1 - 0) / (1 - 0**n) = 1 for n > 0
     else:
-        log_beta = math.log1p(-one_minus_beta) if beta > 0.5 else math.log(beta)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            denom = -np.expm1(np.where(present, n, 1.0) * log_beta)  # 1 - beta**n > 0
-            raw = np.where(present, one_minus_beta / denom, 0.0)
+        # beta is given exactly, so log(beta) is as exact as log1p(-(1 - beta)) near 1
+        denom = -np.expm1(np.where(present, n, 1.0) * math.log(beta))  # 1 - beta**n > 0
+        raw = np.where(present, one_minus_beta / denom, 0.0)
     return raw * (present.sum() / raw.sum())
 
 

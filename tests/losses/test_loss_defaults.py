@@ -61,3 +61,57 @@ def test_region_combined_loss_passes_the_params_smoothing():
         assert float(got) == pytest.approx(float(want), rel=1e-6), (nr, dr)
         default = R.region_bce_dice_loss(z, LABELS, bce_weight=0.0, dice_weight=1.0)
         assert float(got) != pytest.approx(float(default), rel=1e-6), (nr, dr)
+
+
+# three classes on 4 x 5 slices: no axis of the logits has the size of another
+X3 = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 5, 3))
+Y3 = jax.random.randint(jax.random.PRNGKey(2), (2, 4, 5), 0, 3)
+MASK = jnp.ones((2, 4, 5)).at[0, :2].set(0.0)  # 10 of the 40 pixels left out
+W3 = np.array([0.5, 1.0, 2.0], np.float32)
+
+
+def test_registry_passes_normalize_weights_mask_and_class_count():
+    """get_loss's class-weighted losses equal the functions called with the same options
+    (bugs caught: `normalize` dropped, the batch weights computed without the mask or for the
+    default 4 classes, the class count read from the height or width of the logits)."""
+    from brats_jax import losses as L
+
+    for normalize in ("weights", "pixels"):
+        got = L.get_loss("cb_ce", class_weights=W3, normalize=normalize)(X3, Y3, MASK)
+        want = C.cross_entropy(X3, Y3, W3, mask=MASK, normalize=normalize)
+        assert float(got) == pytest.approx(float(want), rel=1e-6), normalize
+        got = L.get_loss("cb_focal", class_weights=W3, gamma=2.0, normalize=normalize)(X3, Y3)
+        want = C.focal_loss(X3, Y3, 2.0, W3, normalize=normalize)
+        assert float(got) == pytest.approx(float(want), rel=1e-6), normalize
+    weights = L.batch_class_balanced_weights(Y3, 0.9, MASK, 3)
+    assert weights.shape == (3,)
+    assert not np.allclose(weights, L.batch_class_balanced_weights(Y3, 0.9, None, 3))
+    cb_ce = L.get_loss("cb_ce", beta=0.9, class_counts="batch_pixels")(X3, Y3, MASK)
+    assert float(cb_ce) == pytest.approx(
+        float(C.cross_entropy(X3, Y3, weights, mask=MASK)), rel=1e-6
+    )
+    cb_focal = L.get_loss("cb_focal", beta=0.9, class_counts="batch_pixels")(X3, Y3, MASK)
+    assert float(cb_focal) == pytest.approx(
+        float(C.focal_loss(X3, Y3, 1.0, weights, mask=MASK)), rel=1e-6
+    )
+
+
+def test_combined_loss_divides_by_the_weights_when_asked():
+    """combined_loss with ce_by_weights = 1 (normalize="weights") equals get_loss's (bug
+    caught: the flag read as "> 1", so the sum is divided by the pixel count)."""
+    from brats_jax import losses as L
+
+    kw = dict(class_weights=W3, gamma=2.0, normalize="weights")
+    got = L.combined_loss(X3, Y3, L.loss_params("cb_focal", num_classes=3, **kw), MASK)
+    want = L.get_loss("cb_focal", **kw)(X3, Y3, MASK)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    pixels = L.get_loss("cb_focal", **{**kw, "normalize": "pixels"})(X3, Y3, MASK)
+    assert float(got) != pytest.approx(float(pixels), rel=1e-6)
+
+
+def test_class_balanced_weights_at_beta_zero_leave_absent_classes_at_zero():
+    """beta 0: equal weights over the present classes, 0 for the absent one, mean 1 over the
+    present (bug caught: the absent class weighted 1, giving 0.75 each)."""
+    from brats_jax import losses as L
+
+    np.testing.assert_allclose(L.class_balanced_weights([5, 0, 3, 2], 0.0), [1, 0, 1, 1])
