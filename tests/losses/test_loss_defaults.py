@@ -115,3 +115,34 @@ def test_class_balanced_weights_at_beta_zero_leave_absent_classes_at_zero():
     from brats_jax import losses as L
 
     np.testing.assert_allclose(L.class_balanced_weights([5, 0, 3, 2], 0.0), [1, 0, 1, 1])
+
+
+def test_class_weights_with_a_beta_are_refused():
+    """class_weights and a beta without class_counts is still "both" (bug caught: only beta
+    AND counts counted as counts, so the beta was silently ignored)."""
+    from brats_jax import losses as L
+
+    with pytest.raises(ValueError) as err:
+        L.get_loss("cb_ce", class_weights=W3, beta=0.9)
+    assert str(err.value) == (
+        "loss 'cb_ce': give either class_weights or (beta and class_counts), not both"
+    )
+
+
+def test_logits_of_two_axes_are_pixels_by_classes():
+    """(N, C) logits: -log softmax of each row's label, averaged (bug caught: two axes
+    refused)."""
+    z = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    y = jnp.array([0, 2])
+    want = np.mean([np.log(np.exp(2) + 2) - 2, np.log(2 + np.e)])
+    assert float(C.cross_entropy(z, y)) == pytest.approx(want, rel=1e-6)
+
+
+def test_a_sample_with_one_counted_pixel_is_in_the_per_sample_mean():
+    """Per-sample Dice over a masked batch: sample 0 keeps one pixel, sample 1 all; the loss
+    is the mean of each sample's own loss (bug caught: a sample needs two counted pixels)."""
+    mask = jnp.zeros((2, 4, 5)).at[0, 0, 0].set(1.0).at[1].set(1.0)
+    got = C.dice_loss(X3, Y3, mask=mask)
+    each = [C.dice_loss(X3[i : i + 1], Y3[i : i + 1], mask=mask[i : i + 1]) for i in (0, 1)]
+    assert float(got) == pytest.approx(float(np.mean(each)), rel=1e-5)
+    assert float(each[0]) != pytest.approx(float(each[1]), rel=1e-3)
