@@ -214,3 +214,17 @@ def test_hd95_surfaces_include_the_volume_border_and_any_nonzero_is_in_the_mask(
     want = np.percentile([0, 0, 0, 0, 1, 2], 95)
     assert volumes.hd95(pred, gt) == pytest.approx(want)
     assert volumes.hd95(2 * pred.astype(np.int64), 2 * gt.astype(np.int64)) == pytest.approx(want)
+
+
+def test_paper_dice_scores_only_the_masked_pixels():
+    """pred [[0, 1], [1, 1]], target [[0, 1], [0, 1]], the bottom-left pixel masked out: the
+    three pixels left agree, so every class scores 1 (absent ones too); unmasked, class 0 is
+    2/3 and class 1 is 4/5 (bug caught: the mask dropped on its way to the confusion
+    matrices)."""
+    pred = jnp.array([[[0, 1], [1, 1]]])
+    target = jnp.array([[[0, 1], [0, 1]]])
+    mask = jnp.array([[[1, 1], [0, 1]]], bool)
+    np.testing.assert_allclose(slices.paper_dice(pred, target, mask=mask), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        slices.paper_dice(pred, target), [(2 / 3 + 4 / 5 + 1 + 1) / 4], rtol=1e-6
+    )
