@@ -73,7 +73,7 @@ def stack_context(slices: np.ndarray, positions: np.ndarray) -> np.ndarray:
     materialised)."""
     positions = np.asarray(positions, np.int64)
     x = np.moveaxis(slices[positions], 1, -2)  # (n, H, W, 2k+1, 4)
-    return np.ascontiguousarray(merge_context(np.ascontiguousarray(x, np.float32)))
+    return merge_context(np.ascontiguousarray(x, np.float32))  # a view: contiguous already
 
 
 def stack_records(records: list[dict]) -> dict:

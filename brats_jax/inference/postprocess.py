@@ -194,7 +194,8 @@ def filter_components(
         return labels
     components, sizes = label_components(labels, connectivity)
     keep = _kept(sizes, min_voxels, largest_only)
-    keep[int(np.argmax(sizes))] |= len(sizes) > 1  # the largest stays
+    if len(sizes) > 1:
+        keep[int(np.argmax(sizes))] = True  # the largest stays
     labels[~keep[components]] = 0
     return labels
 

@@ -348,22 +348,22 @@ def plan_rows(
     return rows
 
 
-def load_predictions(args, folds) -> dict:
+def load_predictions(out: pathlib.Path, variants, ttas, folds) -> dict:
     """{variant: {tta: {case: uint8 labels}}}: the `predict` stage's out-of-fold labels of
-    every case; a one-line SystemExit when a TTA setting was not predicted."""
+    every case under `out`; a one-line SystemExit when a TTA setting was not predicted."""
     predictions = {}
-    for v in args.variants:
-        by_tta: dict = {t: {} for t in args.ttas}
+    for v in variants:
+        by_tta: dict = {t: {} for t in ttas}
         for i in range(len(folds)):
-            path = predictions_path(args.out, v, i)
+            path = predictions_path(out, v, i)
             with np.load(path) as z:
-                wanted = {f"{t}__{c}" for t in args.ttas for c in folds[i]}
+                wanted = {f"{t}__{c}" for t in ttas for c in folds[i]}
                 if missing := sorted(wanted - set(z.files)):
                     raise SystemExit(
                         f"error: {path} lacks {missing[0]} (and {len(missing) - 1} more); "
                         "run the predict stage with these --ttas"
                     )
-                for t in args.ttas:
+                for t in ttas:
                     by_tta[t].update({c: z[f"{t}__{c}"] for c in folds[i]})
         predictions[v] = by_tta
     return predictions
@@ -384,7 +384,7 @@ def load_truths(cases) -> tuple[dict, dict]:
 
 def score(args, folds, cases) -> dict:
     """Scores every row on every case (`args.parallel` processes); returns the record."""
-    predictions = load_predictions(args, folds)
+    predictions = load_predictions(args.out, args.variants, args.ttas, folds)
     gts, spacings = load_truths(cases)
     fold_of = {c: i for i, f in enumerate(folds) for c in f}
     jobs, done = {}, {}
@@ -441,8 +441,8 @@ def final(args, folds, cases) -> dict:
     if objective is None:  # a fixed rule: every fold's config is the same
         config = postprocess.PostprocessConfig(**row["configs"][0])
     else:
-        args.variants, args.ttas = [row["variant"]], [row["tta"]]
-        labels = load_predictions(args, folds)[row["variant"]][row["tta"]]
+        by_tta = load_predictions(args.out, [row["variant"]], [row["tta"]], folds)
+        labels = by_tta[row["variant"]][row["tta"]]
         gts, spacings = load_truths(cases)
         ids = sorted(cases)
         config = _tune(

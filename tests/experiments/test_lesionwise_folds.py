@@ -200,7 +200,7 @@ def test_final_tunes_the_chosen_row_again_on_every_cases_predictions(
     assert chosen["fields"]["eval.tta"] == "flips"
     config = A.postprocess.PostprocessConfig(**chosen["config"])
     assert config != A.postprocess.PostprocessConfig()
-    labels = A.load_predictions(args, folds)["cpu_best"]["flips"]
+    labels = A.load_predictions(args.out, args.variants, args.ttas, folds)["cpu_best"]["flips"]
     for c in "abcd":
         np.testing.assert_array_equal(A.postprocess.apply(labels[c], config), gts[c], err_msg=c)
     assert {k: v for k, v in chosen["fields"].items() if k.startswith("postprocess.")} == {
