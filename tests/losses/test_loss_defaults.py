@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from brats_jax import losses as L
 from brats_jax.losses import core as C
 from brats_jax.losses import regions as R
 
@@ -74,8 +75,6 @@ def test_registry_passes_normalize_weights_mask_and_class_count():
     """get_loss's class-weighted losses equal the functions called with the same options
     (bugs caught: `normalize` dropped, the batch weights computed without the mask or for the
     default 4 classes, the class count read from the height or width of the logits)."""
-    from brats_jax import losses as L
-
     for normalize in ("weights", "pixels"):
         got = L.get_loss("cb_ce", class_weights=W3, normalize=normalize)(X3, Y3, MASK)
         want = C.cross_entropy(X3, Y3, W3, mask=MASK, normalize=normalize)
@@ -99,8 +98,6 @@ def test_registry_passes_normalize_weights_mask_and_class_count():
 def test_combined_loss_divides_by_the_weights_when_asked():
     """combined_loss with ce_by_weights = 1 (normalize="weights") equals get_loss's (bug
     caught: the flag read as "> 1", so the sum is divided by the pixel count)."""
-    from brats_jax import losses as L
-
     kw = dict(class_weights=W3, gamma=2.0, normalize="weights")
     got = L.combined_loss(X3, Y3, L.loss_params("cb_focal", num_classes=3, **kw), MASK)
     want = L.get_loss("cb_focal", **kw)(X3, Y3, MASK)
@@ -112,16 +109,12 @@ def test_combined_loss_divides_by_the_weights_when_asked():
 def test_class_balanced_weights_at_beta_zero_leave_absent_classes_at_zero():
     """beta 0: equal weights over the present classes, 0 for the absent one, mean 1 over the
     present (bug caught: the absent class weighted 1, giving 0.75 each)."""
-    from brats_jax import losses as L
-
     np.testing.assert_allclose(L.class_balanced_weights([5, 0, 3, 2], 0.0), [1, 0, 1, 1])
 
 
 def test_class_weights_with_a_beta_are_refused():
     """class_weights and a beta without class_counts is still "both" (bug caught: only beta
     AND counts counted as counts, so the beta was silently ignored)."""
-    from brats_jax import losses as L
-
     with pytest.raises(ValueError) as err:
         L.get_loss("cb_ce", class_weights=W3, beta=0.9)
     assert str(err.value) == (
@@ -139,10 +132,13 @@ def test_logits_of_two_axes_are_pixels_by_classes():
 
 
 def test_a_sample_with_one_counted_pixel_is_in_the_per_sample_mean():
-    """Per-sample Dice over a masked batch: sample 0 keeps one pixel, sample 1 all; the loss
-    is the mean of each sample's own loss (bug caught: a sample needs two counted pixels)."""
-    mask = jnp.zeros((2, 4, 5)).at[0, 0, 0].set(1.0).at[1].set(1.0)
-    got = C.dice_loss(X3, Y3, mask=mask)
-    each = [C.dice_loss(X3[i : i + 1], Y3[i : i + 1], mask=mask[i : i + 1]) for i in (0, 1)]
+    """Per-sample Dice over a masked batch of 3: sample 0 keeps one pixel, sample 1 all,
+    sample 2 none; the loss is the mean of the two counted samples' own losses (bugs caught:
+    a sample needs two counted pixels; the uncounted sample averaged in)."""
+    x = jnp.concatenate([X3, X3[:1]])
+    y = jnp.concatenate([Y3, Y3[:1]])
+    mask = jnp.zeros((3, 4, 5)).at[0, 0, 0].set(1.0).at[1].set(1.0)
+    got = C.dice_loss(x, y, mask=mask)
+    each = [C.dice_loss(x[i : i + 1], y[i : i + 1], mask=mask[i : i + 1]) for i in (0, 1)]
     assert float(got) == pytest.approx(float(np.mean(each)), rel=1e-5)
     assert float(each[0]) != pytest.approx(float(each[1]), rel=1e-3)
