@@ -27,8 +27,9 @@ def confusion_matrix(
         values in {0..num_classes-1}; pixels with a value outside that range are ignored
         (values cannot be checked inside ``jit``).
       num_classes: C.
-      mask: optional bool array broadcastable to ``pred.shape`` (e.g. (B, 1, 1) for the
-        ``valid`` flags of a padded eval batch); False pixels are ignored.
+      mask: optional array broadcastable to ``pred.shape`` (e.g. (B, 1, 1) for the
+        ``valid`` flags of a padded eval batch), cast to bool: zero pixels are ignored, any
+        nonzero value (a label map used as the mask) counts.
 
     Returns:
       (C, C) int32 counts ``cm[t, p]`` = number of pixels with target t predicted as p. Sum over
@@ -96,7 +97,8 @@ def paper_dice(
       num_classes: C (all classes, background included, enter the mean).
       absent: rule for a class absent from both an image's target and prediction:
         ``"one"`` (default, counts as Dice 1) or ``"exclude"`` (left out of that image's mean).
-      mask: optional bool array broadcastable to ``pred.shape``; False pixels are ignored.
+      mask: optional array broadcastable to ``pred.shape``, cast to bool; zero pixels are
+        ignored.
 
     Returns:
       (B,) float32 per-image Dice. The study's per-slice-averaged number is the mean over all
@@ -109,8 +111,9 @@ def paper_dice(
         raise ValueError(f"pred must be (B, H, W, ...); got shape {pred.shape}")
     if mask is not None:
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), pred.shape)
+    # mask None is an empty pytree: vmap passes None through to each image's matrix
     cms = jax.vmap(lambda p, t, m: confusion_matrix(p, t, num_classes, m))(
-        pred, jnp.asarray(target), jnp.ones(pred.shape, bool) if mask is None else mask
+        pred, jnp.asarray(target), mask
     )
     return paper_dice_pooled(cms, absent)
 

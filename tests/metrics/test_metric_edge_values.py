@@ -1,6 +1,7 @@
 """Metric edge values and errors (`metrics/slices.py`, `metrics/volumes.py`) by hand: the
 study's per-slice readings, empty regions, sensitivity at zero counts, and one-line errors."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -228,3 +229,125 @@ def test_paper_dice_scores_only_the_masked_pixels():
     np.testing.assert_allclose(
         slices.paper_dice(pred, target), [(2 / 3 + 4 / 5 + 1 + 1) / 4], rtol=1e-6
     )
+
+
+def test_confusion_matrix_counts_every_nonzero_mask_value():
+    """A label map used as the mask (values 0, 1, 2, 4): every nonzero pixel counts (bug caught:
+    the mask combined with the in-range flags as integers, where 1 & 2 == 0 drops a pixel)."""
+    pred = jnp.array([0, 1, 2, 3, 3])
+    target = jnp.array([0, 1, 2, 3, 0])
+    mask = jnp.array([4, 1, 2, 2, 0], jnp.int32)
+    np.testing.assert_array_equal(M.confusion_matrix(pred, target, mask=mask), np.eye(4))
+
+
+def test_paper_dice_pooled_per_matrix_in_float64_for_numpy_and_under_jit():
+    """cm_a: class 0 2*2/(3+2) = 0.8, class 1 2*1/(1+2) = 2/3, classes 2 and 3 absent; cm_b: the
+    classes present all exact. Bugs caught: the excluded mean taken over the whole stack
+    (one number for two matrices), numpy input averaged in float32, numpy used on a tracer."""
+    cm_a = np.array([[2, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    stack = np.stack([cm_a, np.diag([3, 0, 0, 1])])
+    got = M.paper_dice_pooled(stack, "exclude")
+    assert got.shape == (2,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, [(0.8 + 2 / 3) / 2, 1.0], rtol=1e-14)
+    one = M.paper_dice_pooled(cm_a)
+    assert isinstance(one, np.floating) and one == pytest.approx((0.8 + 2 / 3 + 2) / 4, rel=1e-14)
+    jitted = jax.jit(M.paper_dice_pooled, static_argnums=1)(jnp.asarray(cm_a), "exclude")
+    assert float(jitted) == pytest.approx((0.8 + 2 / 3) / 2, rel=1e-6)
+
+
+def test_paper_dice_of_one_dimensional_images():
+    """(B, N) maps are B images of N pixels. Image 0: class 0 2*1/(2+1), class 1 2*1/(1+2),
+    2 and 3 absent; image 1 exact (bug caught: a shape check that asks for (B, H, W))."""
+    pred = jnp.array([[0, 1, 1], [2, 2, 0]])
+    target = jnp.array([[0, 1, 0], [2, 2, 0]])
+    np.testing.assert_allclose(
+        slices.paper_dice(pred, target), [(2 / 3 + 2 / 3 + 2) / 4, 1.0], rtol=1e-6
+    )
+
+
+def test_region_dice_from_confusion_counts_past_float32_and_under_jit():
+    """NCR found in 2**24 + 1 voxels, one NCR voxel read as background: WT, TC Dice
+    2(2**24 + 1) / (2(2**24 + 1) + 1) exactly in float64 (float32 counts round 2**24 + 1 to
+    2**24); under jit the JAX branch runs (bugs caught: numpy input cast to float32 or sent to
+    jnp, JAX input sent to numpy)."""
+    n = 2**24 + 1
+    cm = np.zeros((4, 4), np.int64)
+    cm[1, 1], cm[1, 0] = n, 1
+    got = M.region_dice_from_confusion(cm)
+    assert got["WT"] == got["TC"] == 2 * n / (2 * n + 1) and got["ET"] == 1.0
+    assert got["WT"] != float(np.float32(2 * n) / np.float32(2 * n + 1))
+    small = np.diag([5, 2, 0, 1])
+    small[3, 1] = 1  # ET read as NCR: TC 2*4/8 = 1, ET 2*1/(2+1)
+    jitted = jax.jit(M.region_dice_from_confusion)(jnp.asarray(small))
+    np.testing.assert_allclose([float(jitted[k]) for k in ("WT", "TC", "ET")], [1, 1, 2 / 3])
+
+
+def test_confusion_metric_predictions_masks_valid_flags_classes_and_reduce():
+    """Sample 0 (valid): labels [0, 1, 3], pred [0, 1, 1], mask [2, 1, 0] (label-valued): counts
+    (0, 0) and (1, 1), the ET pixel read as NCR is masked out. Sample 1 (padding) is not counted
+    even where its mask is set. Bugs caught: `predictions=` ignored, the mask dropped or dropped
+    when `valid` is given, mask and valid joined by `|` or bitwise on integers, the number of
+    classes taken as 4 for 2-class logits, `reduce` over the wrong axis, `absent` ignored."""
+    labels = np.array([[[0, 1, 3]], [[2, 2, 2]]])
+    pred = np.array([[[0, 1, 1]], [[0, 0, 0]]])
+    mask = np.array([[[2, 1, 0]], [[1, 1, 1]]])
+    cm = M.ConfusionMatrix.from_model_output(
+        labels=labels, predictions=pred, mask=mask, valid=np.array([True, False])
+    )
+    np.testing.assert_array_equal(cm.compute(), np.diag([1, 1, 0, 0]))
+    two = M.ConfusionMatrix.from_model_output(
+        labels=np.array([[[0, 1]]]), logits=jax.nn.one_hot(np.array([[[0, 0]]]), 2)
+    )
+    np.testing.assert_array_equal(two.compute(), [[1, 0], [1, 0]])
+    stacked = M.ConfusionMatrix(matrix=jnp.stack([jnp.eye(4, dtype=jnp.int32), 2 * cm.matrix]))
+    np.testing.assert_array_equal(stacked.reduce().compute(), np.diag([3, 3, 1, 1]))
+    off = M.ConfusionMatrix(matrix=jnp.asarray([[2, 1, 0, 0]] + [[0] * 4] * 3, jnp.int32))
+    np.testing.assert_allclose(off.dice("exclude"), [0.8, 0.0, np.nan, np.nan], rtol=1e-6)
+    assert float(off.paper_dice("exclude")) == pytest.approx(0.4, rel=1e-6)
+    assert float(off.paper_dice()) == pytest.approx(0.7, rel=1e-6)
+
+
+def test_mean_paper_dice_masks_pixels():
+    """One slice, labels [0, 1], pred [0, 0]: unmasked (2/3 + 0 + 1 + 1) / 4; with the NCR
+    pixel masked out only background is left, scored 1 (bug caught: the mask dropped)."""
+    labels, pred = np.array([[[0, 1]]]), np.array([[[0, 0]]])
+    d = M.MeanPaperDice.from_model_output(labels=labels, predictions=pred, mask=[[[2, 0]]])
+    assert float(d.compute()) == pytest.approx(1.0)
+    d = M.MeanPaperDice.from_model_output(labels=labels, predictions=pred)
+    assert float(d.compute()) == pytest.approx((2 / 3 + 2) / 4, rel=1e-6)
+
+
+def test_metrics_merge_and_compute_inside_jit():
+    """The traced branches: slice 0 of labels [0, 1] / pred [0, 0] scores (2/3 + 0 + 2) / 4,
+    slice 1 scores 1; merging a batch with itself keeps the mean and doubles the count; one
+    slice divides by 1; no counted slice is NaN; a confusion matrix merged with a concrete one
+    from outside, in either order, adds, and counts stay integers past 2**24 (bugs caught:
+    subtraction, the count clamped at 2, NaN at count 1 or a zero at count 0, a float32 empty
+    matrix, numpy used on a tracer)."""
+    labels = jnp.array([[[0, 1]], [[2, 2]]])
+    pred = jnp.array([[[0, 0]], [[2, 2]]])
+    outside = M.ConfusionMatrix(matrix=jnp.zeros((4, 4), jnp.int32).at[0, 0].set(2**24))
+
+    @jax.jit
+    def run(labels, pred):
+        d = M.MeanPaperDice.from_model_output(labels=labels, predictions=pred)
+        first = M.MeanPaperDice.from_model_output(labels=labels[:1], predictions=pred[:1])
+        none = M.MeanPaperDice.from_model_output(
+            labels=labels, predictions=pred, valid=jnp.zeros(2, bool)
+        )
+        cm = M.ConfusionMatrix.from_model_output(labels=labels, predictions=pred)
+        from_empty = M.ConfusionMatrix.empty().merge(outside).merge(cm)
+        merged = cm.merge(outside), outside.merge(cm), from_empty
+        twice = d.merge(d)
+        return twice.count, twice.compute(), first.compute(), none.compute(), merged
+
+    count, mean, first, none, (a, b, from_empty) = run(labels, pred)
+    slice0 = (2 / 3 + 2) / 4
+    assert int(count) == 4 and float(mean) == pytest.approx((slice0 + 1) / 2, rel=1e-6)
+    assert float(first) == pytest.approx(slice0, rel=1e-6) and np.isnan(float(none))
+    want = np.zeros((4, 4), np.int64)
+    want[0, 0], want[1, 0], want[2, 2] = 2**24 + 1, 1, 2
+    np.testing.assert_array_equal(a.compute(), want)
+    np.testing.assert_array_equal(b.compute(), want)
+    np.testing.assert_array_equal(from_empty.compute(), want)
+    assert from_empty.compute().dtype == jnp.int32
