@@ -115,3 +115,75 @@ def test_resample_fills_outside_with_the_background_or_the_minimum():
     img_bg, _ = augment.resample(image, label, (rows, cols), background=bg)
     np.testing.assert_allclose(np.asarray(img_bg[1, 1]), [-9.0, -8.0])
     assert lab.dtype == jnp.int32
+
+
+def test_elastic_offsets_are_noise_smoothed_by_a_gaussian_of_sigma_times_size():
+    """Peer: scipy's periodic Gaussian filter (std elastic_sigma x H along rows, x W along
+    columns) of the same white noise, each field scaled so its largest |offset| is the drawn
+    magnitude x its axis' size. H != W and W odd catch swapped axes and a lost `s=(h, w)`;
+    sigma and magnitude away from their defaults (bugs caught: any change to the Gaussian's
+    formula, a peak over both fields, the magnitude's range ignored, a field returned twice)."""
+    from scipy import ndimage as sp_ndimage
+
+    h, w = 24, 31
+    cfg = AugmentConfig(elastic_p=1, elastic_sigma=0.15, elastic_magnitude=0.2)
+    key = jax.random.PRNGKey(7)
+    du, dv = (np.asarray(d, np.float64) for d in augment._elastic_offsets(key, (h, w), cfg))
+    k_noise, k_mag = jax.random.split(key)  # the function's two draws, taken again
+    noise = np.asarray(jax.random.normal(k_noise, (2, h, w)), np.float64)
+    magnitude = float(jax.random.uniform(k_mag, maxval=0.2))
+    assert 0 < magnitude < 0.2
+    for got, field, size in ((du, noise[0], h), (dv, noise[1], w)):
+        smooth = sp_ndimage.gaussian_filter(field, (0.15 * h, 0.15 * w), mode="wrap", truncate=6)
+        want = smooth / np.abs(smooth).max() * magnitude * size
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+        assert np.abs(got).max() == pytest.approx(magnitude * size, rel=1e-5)
+
+
+def test_gaussian_blur_equals_scipy_per_modality_sigma():
+    """Peer: scipy's gaussian_filter1d along rows, then columns, edges repeated ('nearest'),
+    truncated at the same radius, with each modality's own sigma; the context axis is not
+    blurred (bugs caught: the kernel's formula, the context axis blurred instead of columns,
+    a product for a weighted sum)."""
+    from scipy import ndimage as sp_ndimage
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 11, 3, 4)).astype(np.float32)
+    sigma = np.array([0.6, 0.8, 1.0, 0.5], np.float32)
+    got = np.asarray(augment.gaussian_blur(jnp.asarray(x), jnp.asarray(sigma), 3))
+    for m in range(4):
+        want = x[..., m].astype(np.float64)
+        for axis in (0, 1):
+            want = sp_ndimage.gaussian_filter1d(
+                want, float(sigma[m]), axis=axis, mode="nearest", truncate=3 / float(sigma[m])
+            )
+        np.testing.assert_allclose(got[..., m], want, atol=1e-5)
+
+
+def test_contrast_and_gamma_use_each_modality_own_statistics():
+    """Four modalities with different means and ranges: contrast's mean and clipping range
+    and gamma's statistics are each modality's own (numpy per modality; bugs caught: the
+    statistics taken over all modalities; `gamma` inverting by default)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 5, 3, 4)) * [1.0, 0.2, 3.0, 0.5] + [0.0, 10.0, -5.0, 3.0]
+    factor = np.array([0.5, 1.5, 1.2, 0.8])
+    got = np.asarray(augment.contrast(jnp.asarray(x, jnp.float32), jnp.asarray(factor)))
+    axes = (0, 1, 2)
+    mean, lo, hi = x.mean(axes), x.min(axes), x.max(axes)
+    want = np.clip((x - mean) * factor + mean, lo, hi)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.any(got[..., 1] == np.float32(hi[1]))  # factor 1.5 reached the modality's max
+    g = np.array([1.4, 0.7, 1.0, 1.2])
+    got = np.asarray(augment.gamma(jnp.asarray(x, jnp.float32), jnp.asarray(g)))
+    a = (x - lo) / (hi - lo)
+    y = a**g
+    want = (y - y.mean(axes)) / y.std(axes) * x.std(axes) + mean
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_elastic_deformation_is_switched_on_from_the_config():
+    """`elastic_p` > 0 with the default sigma 0.1 is a valid config (bug caught: a sigma
+    check that refused every sigma up to 1); a config object without `get` is all off."""
+    cfg = augment.from_config({"augment": {"elastic_p": 0.5}})
+    assert cfg.elastic_p == 0.5 and cfg.elastic_sigma == 0.1
+    assert augment.from_config(object()) == AugmentConfig()
