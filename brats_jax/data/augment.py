@@ -176,15 +176,13 @@ def augment_batch(key, image, label, cfg: AugmentConfig, background=None):
     """
     if not cfg.enabled:
         return image, label
-    if background is None:
-        background = image.min(axis=(1, 2))
     keys = jax.random.split(key, image.shape[0])
     return jax.vmap(functools.partial(augment_sample, cfg=cfg))(keys, image, label, background)
 
 
 def augment_sample(key, image, label, background, cfg: AugmentConfig):
-    """One sample: image (H, W, 4(2k+1)), label (H, W), background (4(2k+1),) -> image and
-    label augmented."""
+    """One sample: image (H, W, 4(2k+1)), label (H, W), background (4(2k+1),) or None (the
+    sample's minimum, see `resample`) -> image and label augmented."""
     k_spatial, k_intensity, k_drop = jax.random.split(key, 3)
     image, label = spatial_transform(k_spatial, image, label, cfg, background)
     image = intensity_transform(k_intensity, image, cfg)

@@ -187,3 +187,180 @@ def test_elastic_deformation_is_switched_on_from_the_config():
     cfg = augment.from_config({"augment": {"elastic_p": 0.5}})
     assert cfg.elastic_p == 0.5 and cfg.elastic_sigma == 0.1
     assert augment.from_config(object()) == AugmentConfig()
+
+
+def test_factor_draws_per_element_on_both_sides_and_plain_ranges_with_1_at_an_end():
+    """BGContrast (0.5, 2): each element picks its own side (about half below 1, though the
+    plain uniform would put a third there), below uniform on [0.5, 1) (mean 0.75), above on
+    [1, 2] (mean 1.5); with 1 at an end of the range it is a plain uniform (no mass at exactly
+    1.0). Bugs caught: one side for all elements, the upper bound or lower bound of a side
+    lost, the side rule applied when 1 is an end, one value for all elements."""
+    f = np.asarray(augment._factor(jax.random.key(5), 0.5, 2.0, (4000,)))
+    below = f < 1
+    assert 0.46 < below.mean() < 0.54 and 0.5 <= f.min() and f.max() <= 2.0
+    assert f[below].mean() == pytest.approx(0.75, abs=0.02)
+    assert f[~below].mean() == pytest.approx(1.5, abs=0.03)
+    for lo, hi in ((1.0, 1.5), (0.5, 1.0)):
+        g = np.asarray(augment._factor(jax.random.key(6), lo, hi, (4000,)))
+        assert not np.any(g == 1.0) and g.mean() == pytest.approx((lo + hi) / 2, abs=0.02)
+    assert len(set(np.asarray(augment._factor(jax.random.key(7), 1.2, 1.4, (4,))))) == 4
+
+
+def _identity_grid(h, w):
+    return np.meshgrid(
+        np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij"
+    )
+
+
+def test_spatial_draws_off_by_their_coin_leave_the_grid_and_on_stay_in_range():
+    """Rotation, scale and elastic on with a probability that never fires: the identity grid
+    exactly (bugs caught: 1 rad, scale 2 or 1-px offsets when the coin is off). Always on:
+    the angle, read back from the 9 x 9 grid, covers both signs within +-30 degrees; the scale
+    covers [0.7, 1.4] above 1 too; the elastic field moves pixels (bugs caught: angles drawn
+    from [0, limit], scales from [0.7, 1], the offsets dropped or never drawn at p = 1)."""
+    never = AugmentConfig(rotation_p=1e-12, scale_p=1e-12, elastic_p=1e-12)
+    rows, cols = augment.sampling_coordinates(jax.random.key(0), (9, 9), never)
+    ident = _identity_grid(9, 9)
+    np.testing.assert_array_equal(rows, ident[0])
+    np.testing.assert_array_equal(cols, ident[1])
+    keys = jax.random.split(jax.random.key(1), 300)
+    rot = AugmentConfig(rotation_p=1, rotation_degrees=30)
+    r, c = jax.vmap(lambda k: augment.sampling_coordinates(k, (9, 9), rot))(keys)
+    angle = np.degrees(np.arctan2(-(np.asarray(c)[:, 5, 4] - 4), np.asarray(r)[:, 5, 4] - 4))
+    assert -30.01 <= angle.min() < -20 and 20 < angle.max() <= 30.01
+    sc = AugmentConfig(scale_p=1, scale_min=0.7, scale_max=1.4)
+    r, c = jax.vmap(lambda k: augment.sampling_coordinates(k, (9, 9), sc))(keys)
+    scale = np.hypot(np.asarray(r)[:, 5, 4] - 4, np.asarray(c)[:, 5, 4] - 4)
+    assert 0.7 - 1e-6 <= scale.min() < 0.8 and 1.3 < scale.max() <= 1.4 + 1e-6
+    el = AugmentConfig(elastic_p=1, elastic_sigma=0.2, elastic_magnitude=0.2)
+    r, c = augment.sampling_coordinates(jax.random.key(2), (9, 9), el)
+    moved = np.hypot(np.asarray(r) - ident[0], np.asarray(c) - ident[1])
+    assert 0 < moved.max() <= 0.2 * 9 * np.sqrt(2) + 1e-5
+    image, label = np.arange(81.0).reshape(9, 9, 1), np.ones((9, 9), np.int32)
+    out, _ = augment.spatial_transform(jax.random.key(2), jnp.asarray(image), label, el)
+    assert not np.allclose(out, image)  # elastic alone is a spatial transform
+
+
+def test_resample_keeps_coordinates_exactly_on_the_half_pixel_border():
+    """-0.5 and size - 0.5 on either axis are inside (label kept, edge value); beyond is
+    outside (bugs caught: strict comparisons at the border)."""
+    image = jnp.arange(4.0).reshape(2, 2, 1)
+    label = jnp.array([[1, 2], [3, 1]], jnp.int32)
+    rows = jnp.array([[-0.5, 0.0], [1.5, 0.0]])
+    cols = jnp.array([[0.0, -0.5], [1.0, 1.5]])
+    img, lab = augment.resample(image, label, (rows, cols))
+    np.testing.assert_array_equal(np.asarray(lab), [[1, 1], [1, 2]])
+    np.testing.assert_allclose(np.asarray(img)[..., 0], [[0.0, 0.0], [3.0, 1.0]])
+
+
+def test_intensity_draws_are_per_modality_and_exact_at_a_fixed_value():
+    """Four identical modalities: blur sigma, brightness, contrast and gamma factors are drawn
+    per modality, so the outputs differ between modalities; the per-modality coins of blur
+    and low resolution mix on and off within one sample; a range of one value below 1 gives
+    exactly that transform (JAX clamps a draw to its minimum, so a lost upper bound shows
+    only below 1); a sample-level coin that never fires leaves the image alone (bugs caught:
+    one draw for all modalities, a lost bound of a range, `|` for `&` between the coins)."""
+    rng = np.random.default_rng(2)
+    one = rng.normal(size=(12, 12, 1)).astype(np.float32)
+    x = jnp.asarray(np.repeat(one, 4, axis=-1))  # (H, W, 4S) with S = 1
+    key = jax.random.key(3)
+    for cfg in (
+        AugmentConfig(blur_p=1, blur_p_per_modality=1, blur_sigma_min=0.5, blur_sigma_max=2.0),
+        AugmentConfig(brightness_p=1, brightness_min=0.5, brightness_max=2.0),
+        AugmentConfig(contrast_p=1, contrast_min=0.5, contrast_max=2.0),
+        AugmentConfig(gamma_p=1, gamma_min=0.5, gamma_max=2.0),
+    ):
+        out = np.asarray(augment.intensity_transform(key, x, cfg))
+        assert (
+            min(np.abs(out[..., a] - out[..., b]).max() for a, b in [(0, 1), (1, 2), (2, 3)]) > 1e-3
+        )
+    for field in ("blur", "lowres"):
+        # lowres scales kept below 1, where every drawn scale changes the image
+        cfg = AugmentConfig(
+            **{f"{field}_p": 1, f"{field}_p_per_modality": 0.5}, lowres_scale_max=0.6
+        )
+        mixed = []
+        for k in jax.random.split(jax.random.key(4), 8):
+            out = np.asarray(augment.intensity_transform(k, x, cfg))
+            mixed.append(len({bool(np.array_equal(out[..., m], one[..., 0])) for m in range(4)}))
+        assert max(mixed) == 2, field  # some sample has modalities on and off
+        never = AugmentConfig(**{f"{field}_p": 1e-12, f"{field}_p_per_modality": 1})
+        assert np.array_equal(augment.intensity_transform(key, x, never), x)
+    xm = augment._by_modality(x)
+    fixed = AugmentConfig(blur_p=1, blur_p_per_modality=1, blur_sigma_min=0.7, blur_sigma_max=0.7)
+    want = augment.gaussian_blur(xm, jnp.full((4,), 0.7), augment._blur_radius(0.7))
+    np.testing.assert_allclose(
+        augment.intensity_transform(key, x, fixed), want.reshape(x.shape), atol=1e-6
+    )
+    fixed = AugmentConfig(
+        lowres_p=1, lowres_p_per_modality=1, lowres_scale_min=0.5, lowres_scale_max=0.5
+    )
+    want = augment.low_resolution(xm, jnp.full((4,), 0.5))
+    np.testing.assert_allclose(
+        augment.intensity_transform(key, x, fixed), want.reshape(x.shape), atol=1e-6
+    )
+
+
+def _torch_lowres_1d(x, n):
+    """Nearest-exact down to n samples, then linear (half-pixel centres) back: torch's
+    interpolate formulas, written out with loops, numpy float64."""
+    size = len(x)
+    down = [x[min(int(np.floor((i + 0.5) * size / n)), size - 1)] for i in range(n)]
+    out = []
+    for j in range(size):
+        u = min(max((j + 0.5) * n / size - 0.5, 0.0), n - 1)
+        i0 = int(np.floor(u))
+        i1 = min(i0 + 1, n - 1)
+        out.append((1 - (u - i0)) * down[i0] + (u - i0) * down[i1])
+    return np.array(out)
+
+
+def test_low_resolution_equals_torch_formulas_on_both_axes():
+    """(10, 7) slices, per-modality scales 0.5, 0.35, 0.05 (down to one sample) and 0.8,
+    against the loop reference along rows then columns (bugs caught: the neighbour index off by
+    one or two, a minimum length of 2, the second pass on the context axis)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 7, 1, 4))
+    scales = [0.5, 0.35, 0.05, 0.8]
+    got = np.asarray(augment.low_resolution(jnp.asarray(x, jnp.float32), jnp.asarray(scales)))
+    for m, s in enumerate(scales):
+        want = x[:, :, 0, m]
+        want = np.stack([_torch_lowres_1d(want[:, c], max(round(s * 10), 1)) for c in range(7)], 1)
+        want = np.stack([_torch_lowres_1d(want[r], max(round(s * 7), 1)) for r in range(10)], 0)
+        np.testing.assert_allclose(got[:, :, 0, m], want, atol=1e-5)
+
+
+def test_modality_dropout_reaches_every_modality():
+    """Over 64 keys each of the four modalities is the dropped one at least once (bug caught:
+    modality 0 never drawn)."""
+    image = jnp.ones((1, 1, 4))
+    dropped = set()
+    for k in jax.random.split(jax.random.key(8), 64):
+        out = np.asarray(augment.modality_dropout(k, image, 1.0))[0, 0]
+        dropped.add(int(np.flatnonzero(out == 0)[0]))
+    assert dropped == {0, 1, 2, 3}
+
+
+def test_transforms_switched_off_draw_nothing():
+    """A transform at probability 0 is left out of the traced program (the module's promise):
+    no random bits drawn for the intensity part of an all-off config, only the two mirror
+    coins for a mirror-only spatial map (bugs caught: `p >= 0` switching every transform on)."""
+    from jax.extend.core import jaxprs_in_params
+
+    x = jnp.zeros((8, 8, 4))
+
+    def count(jaxpr):  # random_bits equations, inside nested jitted functions too
+        return sum(
+            (e.primitive.name == "random_bits") + sum(map(count, jaxprs_in_params(e.params)))
+            for e in jaxpr.eqns
+        )
+
+    def draws(fn):
+        return count(jax.make_jaxpr(fn)(jax.random.key(0)).jaxpr)
+
+    assert draws(lambda k: augment.intensity_transform(k, x, AugmentConfig(mirror_p=0.5))) == 0
+    mirror_only = AugmentConfig(mirror_p=0.5)
+    assert draws(lambda k: augment.sampling_coordinates(k, (8, 8), mirror_only)) == 2
+    assert (
+        draws(lambda k: augment.sampling_coordinates(k, (8, 8), AugmentConfig(rotation_p=0.5))) == 4
+    )
