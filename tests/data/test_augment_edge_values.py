@@ -343,8 +343,9 @@ def test_modality_dropout_reaches_every_modality():
 
 def test_transforms_switched_off_draw_nothing():
     """A transform at probability 0 is left out of the traced program (the module's promise):
-    no random bits drawn for the intensity part of an all-off config, only the two mirror
-    coins for a mirror-only spatial map (bugs caught: `p >= 0` switching every transform on)."""
+    no random bits drawn for the intensity part of a spatial-only config nor for the spatial
+    part of an intensity-only one, only the two mirror coins for a mirror-only spatial map
+    (bugs caught: `p >= 0` switching every transform on)."""
     from jax.extend.core import jaxprs_in_params
 
     x = jnp.zeros((8, 8, 4))
@@ -359,6 +360,9 @@ def test_transforms_switched_off_draw_nothing():
         return count(jax.make_jaxpr(fn)(jax.random.key(0)).jaxpr)
 
     assert draws(lambda k: augment.intensity_transform(k, x, AugmentConfig(mirror_p=0.5))) == 0
+    label = jnp.zeros((8, 8), jnp.int32)
+    noise_only = AugmentConfig(noise_p=0.5)
+    assert draws(lambda k: augment.spatial_transform(k, x, label, noise_only)[0]) == 0
     mirror_only = AugmentConfig(mirror_p=0.5)
     assert draws(lambda k: augment.sampling_coordinates(k, (8, 8), mirror_only)) == 2
     assert (
