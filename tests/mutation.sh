@@ -71,7 +71,10 @@ if [ "${1:-}" = "--sample" ]; then
   digits=${SAMPLE_DIGITS:-3}
   patterns=()
   for m in "${ORDER[@]}"; do
-    for g in ${MODULES[$m]}; do patterns+=("${g}__mutmut_*[$digits]"); done
+    for g in ${MODULES[$m]}; do  # "a.b.*" -> "a.b.*__mutmut_*3", "a.x_f_*" -> "a.x_f*__mutmut_*3"
+      g=${g%\*}
+      patterns+=("${g%_}*__mutmut_*[$digits]")
+    done
   done
   mkdir -p mutants
   start=$(date +%s)

@@ -16,7 +16,7 @@ import pytest
 from scipy import special
 
 from brats_jax.data import brats
-from brats_jax.inference import calibration_file, case_prediction, temperature
+from brats_jax.inference import calibration_file, case_prediction, ensembles, temperature
 from brats_jax.runs import train_state
 
 
@@ -277,3 +277,27 @@ def test_calibrate_command_writes_the_file_predict_then_uses(
             flag,
         )
         np.testing.assert_allclose(_read(p), special.softmax(z / temp, axis=-1), atol=1e-5)
+
+
+def test_temperatures_are_read_only_when_asked_and_member_labels_stay_unscaled(
+    runs, tmp_path, write_nifti_case
+):
+    """Member 1 has T = 0.5 (sharpening), member 2 no file. Loaded without asking, no run is
+    calibrated; with `calibration=True` member 1 gets T = 0.5 per class. `predict_calibrated`'s
+    member labels are each member's argmax of its own logits (bugs caught: calibration read by
+    default; the labels decoded from all 2C channels, where T < 1 puts the maximum among the
+    scaled ones, giving labels 4..7)."""
+    r1 = runs("r1", model=_Scale(), scale=2.0, temp=0.5)
+    r2 = runs("r2", model=_Reversed(), scale=1.5)
+    assert not ensembles.is_calibrated(ensembles.load_ensemble([r1, r2]))
+    ens = ensembles.load_ensemble([r1, r2], calibration=True)
+    np.testing.assert_array_equal(ens.temperatures[0], [0.5] * 4)
+    assert ens.temperatures[1] is None
+    x = _image(write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2))
+    member_labels = []
+    plain, scaled = ensembles.predict_calibrated(ens, x, member_labels=member_labels)
+    z1, z2 = 2.0 * x, 1.5 * x[..., ::-1]
+    np.testing.assert_array_equal(member_labels[0], z1.argmax(-1))
+    np.testing.assert_array_equal(member_labels[1], z2.argmax(-1))
+    want = (special.softmax(z1 / 0.5, axis=-1) + special.softmax(z2, axis=-1)) / 2
+    np.testing.assert_allclose(scaled, want, atol=1e-5)
