@@ -169,3 +169,24 @@ def test_missing_ok_when_every_run_trained_with_modality_dropout(
     folders, _ = _serve(monkeypatch, stand_in_config, tmp_path, [on, on])
     assert ensembles.load_ensemble(folders).missing_ok is True
     assert ensembles.load_ensemble(folders[:1]).missing_ok is True
+
+
+def test_an_ensemble_built_without_temperatures_averages_its_runs(stand_in_config, monkeypatch):
+    """`Ensemble(...)` written by hand leaves `temperatures` at its default (): each run is
+    then uncalibrated, calibrated or not (bug caught: the fallback for a missing temperature
+    tuple broken, an error before any run predicts). Two runs of constant probabilities:
+    the mean, and the same again as the calibrated half at T = 1."""
+    probs = {0: np.full((2, 2, 3, 4), 0.1, np.float32), 1: np.full((2, 2, 3, 4), 0.4, np.float32)}
+
+    def predict_volume(predict, variables, image, *, batch_size, context_slices, temperature=None):
+        p = probs[variables["member"]]
+        return p if temperature is None else np.concatenate([p, p / temperature], -1)
+
+    monkeypatch.setattr(whole_volume, "predict_volume", predict_volume)
+    config = stand_in_config()
+    ensemble = ensembles.Ensemble(("a", "b"), config, ("p", "p"), ({"member": 0}, {"member": 1}))
+    image = np.zeros((2, 2, 3, 4), np.float32)
+    np.testing.assert_allclose(ensembles.predict_probabilities(ensemble, image), 0.25)
+    plain, calibrated = ensembles.predict_calibrated(ensemble, image)
+    np.testing.assert_allclose(plain, 0.25)
+    np.testing.assert_allclose(calibrated, 0.25)
