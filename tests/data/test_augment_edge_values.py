@@ -368,3 +368,57 @@ def test_transforms_switched_off_draw_nothing():
     assert (
         draws(lambda k: augment.sampling_coordinates(k, (8, 8), AugmentConfig(rotation_p=0.5))) == 4
     )
+
+
+def _draws(cfg, x, n=64, seed=9):
+    """intensity_transform of `x` (H, W, 4) under n keys -> (n, H, W, 4) numpy float64."""
+    keys = jax.random.split(jax.random.key(seed), n)
+    out = jax.vmap(lambda k: augment.intensity_transform(k, jnp.asarray(x, jnp.float32), cfg))
+    return np.asarray(out(keys), np.float64)
+
+
+def test_a_transform_draws_its_coin_and_its_values_independently():
+    """A sample's coin, its per-modality coins and its values come from separate keys: over
+    64 keys at p = 0.5, the samples a transform acts on show values from both halves of its
+    range, and modality 0 is left alone in some samples whose other modalities changed. (JAX
+    draws a key's first scalar and the first element of an array from the same bits, so a key
+    shared by two draws ties them: bugs caught: the noise drawn from its coin's key, always
+    negative where applied; the noise's std from the noise's key; blur sigma, brightness or
+    contrast factors from their coin's key, always in the lower half where applied; blur's or
+    low resolution's sample coin from the per-modality key, so modality 0 follows it.)"""
+    zeros = np.zeros((8, 8, 4))
+    out = _draws(AugmentConfig(noise_p=0.5, noise_std_min=0.2, noise_std_max=0.2), zeros)
+    first = out[np.abs(out).max(axis=(1, 2, 3)) > 0][:, 0, 0, 0]
+    assert 10 < len(first) < 54 and (first > 0).any() and (first < 0).any()
+    big = np.zeros((32, 32, 4))
+    out = _draws(AugmentConfig(noise_p=1, noise_std_min=0.1, noise_std_max=1.0), big, n=100)
+    std = out.reshape(100, -1).std(axis=1)
+    assert abs(np.corrcoef(std, out[:, 0, 0, 0] / std)[0, 1]) < 0.5
+    ones = np.ones((4, 4, 4))
+    out = _draws(AugmentConfig(brightness_p=0.5, brightness_min=1.1, brightness_max=1.5), ones)
+    factor = out[:, 0, 0, 0][out[:, 0, 0, 0] != 1]
+    assert (factor < 1.3).any() and (factor > 1.3).any()
+    ramp = np.repeat(np.linspace(-1, 1, 16).reshape(4, 4, 1), 4, axis=-1)  # mean 0, in [-1, 1]
+    out = _draws(AugmentConfig(contrast_p=0.5, contrast_min=1.1, contrast_max=1.5), ramp)
+    factor = out[:, 2, 0, 0] / ramp[2, 0, 0]  # a pixel near the mean: never clipped
+    factor = factor[np.abs(factor - 1) > 1e-6]
+    assert (factor < 1.3).any() and (factor > 1.3).any()
+    delta = np.zeros((9, 9, 4))
+    delta[4, 4] = 1.0
+    blur = AugmentConfig(
+        blur_p=0.5, blur_p_per_modality=0.5, blur_sigma_min=0.5, blur_sigma_max=1.0
+    )
+    out = _draws(blur, delta)
+    changed = np.abs(out - delta).max(axis=(1, 2)) > 1e-6  # (n, 4)
+    assert (changed.any(axis=1) & ~changed[:, 0]).any()
+    # the centre of a blurred delta is k(0)^2, k the normalised kernel: falls as sigma grows
+    t = np.arange(-3, 4)
+    centre = lambda s: 1 / np.exp(-(t**2) / (2 * s**2)).sum() ** 2  # noqa: E731
+    assert centre(0.75) > out[changed[:, 0], 4, 4, 0].min()  # some sigma above the middle
+    assert centre(0.75) < out[changed[:, 0], 4, 4, 0].max()  # and some below
+    noise = np.random.default_rng(4).normal(size=(8, 8, 4))
+    low = AugmentConfig(
+        lowres_p=0.5, lowres_p_per_modality=0.5, lowres_scale_min=0.3, lowres_scale_max=0.6
+    )
+    changed = np.abs(_draws(low, noise) - noise).max(axis=(1, 2)) > 1e-6
+    assert (changed.any(axis=1) & ~changed[:, 0]).any()
