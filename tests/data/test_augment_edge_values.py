@@ -383,9 +383,10 @@ def test_a_transform_draws_its_coin_and_its_values_independently():
     range, and modality 0 is left alone in some samples whose other modalities changed. (JAX
     draws a key's first scalar and the first element of an array from the same bits, so a key
     shared by two draws ties them: bugs caught: the noise drawn from its coin's key, always
-    negative where applied; the noise's std from the noise's key; blur sigma, brightness or
-    contrast factors from their coin's key, always in the lower half where applied; blur's or
-    low resolution's sample coin from the per-modality key, so modality 0 follows it.)"""
+    negative where applied; the noise's std from the noise's key; blur sigma, brightness,
+    contrast or gamma factors from their coin's key, always in the lower half where applied;
+    blur's or low resolution's sample coin from the per-modality key, so modality 0 follows
+    it.)"""
     zeros = np.zeros((8, 8, 4))
     out = _draws(AugmentConfig(noise_p=0.5, noise_std_min=0.2, noise_std_max=0.2), zeros)
     first = out[np.abs(out).max(axis=(1, 2, 3)) > 0][:, 0, 0, 0]
@@ -416,6 +417,13 @@ def test_a_transform_draws_its_coin_and_its_values_independently():
     centre = lambda s: 1 / np.exp(-(t**2) / (2 * s**2)).sum() ** 2  # noqa: E731
     assert centre(0.75) > out[changed[:, 0], 4, 4, 0].min()  # some sigma above the middle
     assert centre(0.75) < out[changed[:, 0], 4, 4, 0].max()  # and some below
+    # gamma read back: on values {0, 0.5, 1} the ratio (mid - low) / (high - low) is 0.5 ** g,
+    # whatever shift and scale the retained statistics apply
+    three = np.repeat(np.array([0.0, 0.5, 1.0, 0.0]).reshape(2, 2, 1), 4, axis=-1)
+    out = _draws(AugmentConfig(gamma_p=0.5, gamma_min=1.1, gamma_max=1.5), three)
+    ratio = (out[:, 0, 1, 0] - out[:, 0, 0, 0]) / (out[:, 1, 0, 0] - out[:, 0, 0, 0])
+    g = np.log(ratio[np.abs(ratio - 0.5) > 1e-4]) / np.log(0.5)
+    assert 1.1 - 1e-3 <= g.min() < 1.3 < g.max() <= 1.5 + 1e-3
     noise = np.random.default_rng(4).normal(size=(8, 8, 4))
     low = AugmentConfig(
         lowres_p=0.5, lowres_p_per_modality=0.5, lowres_scale_min=0.3, lowres_scale_max=0.6
