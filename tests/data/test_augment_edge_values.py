@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
+from jax.extend.core import jaxprs_in_params
 
 from brats_jax.data import augment
 from brats_jax.data.augment import AugmentConfig
@@ -123,8 +125,6 @@ def test_elastic_offsets_are_noise_smoothed_by_a_gaussian_of_sigma_times_size():
     magnitude x its axis' size. H != W and W odd catch swapped axes and a lost `s=(h, w)`;
     sigma and magnitude away from their defaults (bugs caught: any change to the Gaussian's
     formula, a peak over both fields, the magnitude's range ignored, a field returned twice)."""
-    from scipy import ndimage as sp_ndimage
-
     h, w = 24, 31
     cfg = AugmentConfig(elastic_p=1, elastic_sigma=0.15, elastic_magnitude=0.2)
     key = jax.random.PRNGKey(7)
@@ -134,7 +134,7 @@ def test_elastic_offsets_are_noise_smoothed_by_a_gaussian_of_sigma_times_size():
     magnitude = float(jax.random.uniform(k_mag, maxval=0.2))
     assert 0 < magnitude < 0.2
     for got, field, size in ((du, noise[0], h), (dv, noise[1], w)):
-        smooth = sp_ndimage.gaussian_filter(field, (0.15 * h, 0.15 * w), mode="wrap", truncate=6)
+        smooth = scipy.ndimage.gaussian_filter(field, (0.15 * h, 0.15 * w), mode="wrap", truncate=6)
         want = smooth / np.abs(smooth).max() * magnitude * size
         np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
         assert np.abs(got).max() == pytest.approx(magnitude * size, rel=1e-5)
@@ -145,8 +145,6 @@ def test_gaussian_blur_equals_scipy_per_modality_sigma():
     truncated at the same radius, with each modality's own sigma; the context axis is not
     blurred (bugs caught: the kernel's formula, the context axis blurred instead of columns,
     a product for a weighted sum)."""
-    from scipy import ndimage as sp_ndimage
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(9, 11, 3, 4)).astype(np.float32)
     sigma = np.array([0.6, 0.8, 1.0, 0.5], np.float32)
@@ -154,7 +152,7 @@ def test_gaussian_blur_equals_scipy_per_modality_sigma():
     for m in range(4):
         want = x[..., m].astype(np.float64)
         for axis in (0, 1):
-            want = sp_ndimage.gaussian_filter1d(
+            want = scipy.ndimage.gaussian_filter1d(
                 want, float(sigma[m]), axis=axis, mode="nearest", truncate=3 / float(sigma[m])
             )
         np.testing.assert_allclose(got[..., m], want, atol=1e-5)
@@ -206,12 +204,6 @@ def test_factor_draws_per_element_on_both_sides_and_plain_ranges_with_1_at_an_en
     assert len(set(np.asarray(augment._factor(jax.random.key(7), 1.2, 1.4, (4,))))) == 4
 
 
-def _identity_grid(h, w):
-    return np.meshgrid(
-        np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij"
-    )
-
-
 def test_spatial_draws_off_by_their_coin_leave_the_grid_and_on_stay_in_range():
     """Rotation, scale and elastic on with a probability that never fires: the identity grid
     exactly (bugs caught: 1 rad, scale 2 or 1-px offsets when the coin is off). Always on:
@@ -220,7 +212,7 @@ def test_spatial_draws_off_by_their_coin_leave_the_grid_and_on_stay_in_range():
     from [0, limit], scales from [0.7, 1], the offsets dropped or never drawn at p = 1)."""
     never = AugmentConfig(rotation_p=1e-12, scale_p=1e-12, elastic_p=1e-12)
     rows, cols = augment.sampling_coordinates(jax.random.key(0), (9, 9), never)
-    ident = _identity_grid(9, 9)
+    ident = np.meshgrid(np.arange(9.0), np.arange(9.0), indexing="ij")
     np.testing.assert_array_equal(rows, ident[0])
     np.testing.assert_array_equal(cols, ident[1])
     keys = jax.random.split(jax.random.key(1), 300)
@@ -346,8 +338,6 @@ def test_transforms_switched_off_draw_nothing():
     no random bits drawn for the intensity part of a spatial-only config nor for the spatial
     part of an intensity-only one, only the two mirror coins for a mirror-only spatial map
     (bugs caught: `p >= 0` switching every transform on)."""
-    from jax.extend.core import jaxprs_in_params
-
     x = jnp.zeros((8, 8, 4))
 
     def count(jaxpr):  # random_bits equations, inside nested jitted functions too
