@@ -114,6 +114,9 @@ VARIANTS.update(
         # trains 1,000 x 250 steps, `cpu_best` ~20 passes over a fold's 981 slices; adds to
         # `cpu_best`'s parts without conflict
         "cb_long": {**_CONTEXT_REGIONS, "train.num_steps": 5000},
+        # the steps that fill issue 47's 60 minutes on 2 idle cores with some margin (~0.84
+        # s/step alone: 3,500 steps ~49 min); "cpu_best+cb_3500_steps" on the 41 cases' folds
+        "cb_3500_steps": {"train.num_steps": 3500},
         "cb_instance_norm": {**_CONTEXT_REGIONS, "model.norm": "instance"},
         "cb_deep_supervision": {**_CONTEXT_REGIONS, "model.deep_supervision": True},
         # inference only (eval.* fields): "x+sliding_window" predicts with x's own runs
