@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from brats_jax.data import nnunet
+from brats_jax.data import buffer_pool, nnunet
 from brats_jax.data.cache import NiftiCacheSource, default_cache_dir, prepare
 from brats_jax.data.common import DataError, resize_image, resize_label
 from brats_jax.data.context import check_context_slices, neighbour_records, stack_records
@@ -328,12 +328,13 @@ def _prepare_record(rec: dict, image_size: int, flip: bool, crop=None) -> dict:
         h, w, c = image.shape  # min over rows first: long inner loops, ~4x faster
         extra["background"] = image.reshape(h, w * c).min(0).reshape(w, c).min(0)
         extra["background"] = np.asarray(extra["background"], np.float32)
-        image, label = crop(image, label)
+        # copied: the whole slice is then freed at once (a view would hold it until batched)
+        image, label = (np.ascontiguousarray(a) for a in crop(image, label))
     if flip:  # left-right: NIfTI voxel axis 0 (x) is the first array axis of a slice
         image, label = image[::-1], label[::-1]
-    return dict(
-        image=np.ascontiguousarray(image, np.float32),
-        label=np.ascontiguousarray(label, np.int32),
+    return dict(  # a flip stays a view: the batch's stack is its one copy (`buffer_pool`)
+        image=np.asarray(image, np.float32),
+        label=np.asarray(label, np.int32),
         case_id=np.str_(rec["case_id"]),
         slice_index=np.int32(rec["slice_index"]),
         **extra,
@@ -434,7 +435,9 @@ class TrainIterator:
             if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (e.g. in pytest)
                 flags.FLAGS.mark_as_parsed()
             ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        ids = ids.batch(self.per_host_batch, drop_remainder=True)
+        ids = ids.batch(
+            self.per_host_batch, drop_remainder=True, batch_fn=buffer_pool.batch_records
+        )
         self._ds = ids
         self._it = iter(ids)
 
