@@ -282,22 +282,28 @@ def test_calibrate_command_writes_the_file_predict_then_uses(
 def test_temperatures_are_read_only_when_asked_and_member_labels_stay_unscaled(
     runs, tmp_path, write_nifti_case
 ):
-    """Member 1 has T = 0.5 (sharpening), member 2 no file. Loaded without asking, no run is
-    calibrated; with `calibration=True` member 1 gets T = 0.5 per class. `predict_calibrated`'s
-    member labels are each member's argmax of its own logits (bugs caught: calibration read by
-    default; the labels decoded from all 2C channels, where T < 1 puts the maximum among the
-    scaled ones, giving labels 4..7)."""
+    """Member 1 has T = 0.5 (sharpening), member 2 no file, member 3 T = 3. Loaded without
+    asking, no run is calibrated; with `calibration=True` member 1 gets T = 0.5 per class.
+    `predict_calibrated`'s member labels are each member's argmax of its own logits, its
+    scaled probabilities the mean of the three (bugs caught: calibration read by default; the
+    labels decoded from all 2C channels, where T < 1 puts the maximum among the scaled ones,
+    giving labels 4..7; the mean taken over two members)."""
     r1 = runs("r1", model=_Scale(), scale=2.0, temp=0.5)
     r2 = runs("r2", model=_Reversed(), scale=1.5)
-    assert not ensembles.is_calibrated(ensembles.load_ensemble([r1, r2]))
-    ens = ensembles.load_ensemble([r1, r2], calibration=True)
+    r3 = runs("r3", model=_Scale(), scale=0.7, temp=3.0)
+    assert not ensembles.is_calibrated(ensembles.load_ensemble([r1, r2, r3]))
+    ens = ensembles.load_ensemble([r1, r2, r3], calibration=True)
     np.testing.assert_array_equal(ens.temperatures[0], [0.5] * 4)
     assert ens.temperatures[1] is None
     x = _image(write_nifti_case(tmp_path, "Brats18_A_1", background_rows=2))
     member_labels = []
     plain, scaled = ensembles.predict_calibrated(ens, x, member_labels=member_labels)
-    z1, z2 = 2.0 * x, 1.5 * x[..., ::-1]
-    np.testing.assert_array_equal(member_labels[0], z1.argmax(-1))
-    np.testing.assert_array_equal(member_labels[1], z2.argmax(-1))
-    want = (special.softmax(z1 / 0.5, axis=-1) + special.softmax(z2, axis=-1)) / 2
+    z1, z2, z3 = 2.0 * x, 1.5 * x[..., ::-1], 0.7 * x
+    for got, z in zip(member_labels, (z1, z2, z3), strict=True):
+        np.testing.assert_array_equal(got, z.argmax(-1))
+    want = (
+        special.softmax(z1 / 0.5, axis=-1)
+        + special.softmax(z2, axis=-1)
+        + special.softmax(z3 / 3.0, axis=-1)
+    ) / 3
     np.testing.assert_allclose(scaled, want, atol=1e-5)

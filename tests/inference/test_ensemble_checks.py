@@ -174,9 +174,9 @@ def test_missing_ok_when_every_run_trained_with_modality_dropout(
 def test_an_ensemble_built_without_temperatures_averages_its_runs(stand_in_config, monkeypatch):
     """`Ensemble(...)` written by hand leaves `temperatures` at its default (): each run is
     then uncalibrated, calibrated or not (bug caught: the fallback for a missing temperature
-    tuple broken, an error before any run predicts). Two runs of constant probabilities:
-    the mean, and the same again as the calibrated half at T = 1."""
-    probs = {0: np.full((2, 2, 3, 4), 0.1, np.float32), 1: np.full((2, 2, 3, 4), 0.4, np.float32)}
+    tuple broken, an error before any run predicts; the mean taken over two runs). Three runs
+    of constant probabilities: the mean, and the same again as the calibrated half at T = 1."""
+    probs = {m: np.full((2, 2, 3, 4), v, np.float32) for m, v in enumerate((0.1, 0.4, 0.7))}
 
     def predict_volume(predict, variables, image, *, batch_size, context_slices, temperature=None):
         p = probs[variables["member"]]
@@ -184,9 +184,10 @@ def test_an_ensemble_built_without_temperatures_averages_its_runs(stand_in_confi
 
     monkeypatch.setattr(whole_volume, "predict_volume", predict_volume)
     config = stand_in_config()
-    ensemble = ensembles.Ensemble(("a", "b"), config, ("p", "p"), ({"member": 0}, {"member": 1}))
+    members = tuple({"member": m} for m in range(3))
+    ensemble = ensembles.Ensemble(("a", "b", "c"), config, ("p",) * 3, members)
     image = np.zeros((2, 2, 3, 4), np.float32)
-    np.testing.assert_allclose(ensembles.predict_probabilities(ensemble, image), 0.25)
+    np.testing.assert_allclose(ensembles.predict_probabilities(ensemble, image), 0.4, rtol=1e-6)
     plain, calibrated = ensembles.predict_calibrated(ensemble, image)
-    np.testing.assert_allclose(plain, 0.25)
-    np.testing.assert_allclose(calibrated, 0.25)
+    np.testing.assert_allclose(plain, 0.4, rtol=1e-6)
+    np.testing.assert_allclose(calibrated, 0.4, rtol=1e-6)
