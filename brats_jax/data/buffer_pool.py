@@ -20,6 +20,7 @@ buffer only when it is garbage (`weakref.finalize`).
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import weakref
 
@@ -34,12 +35,17 @@ ALIGN = 64
 _FREE: dict[int, collections.deque] = collections.defaultdict(collections.deque)
 _FREE_BYTES = [0]
 _LOCK = threading.Lock()
-# glibc raises its mmap threshold (and its trim threshold, to twice that) to the size of a
-# freed block served by mmap (mallopt(3), "dynamic mmap threshold"). Batches kept here are
-# never freed, so glibc no longer sees them go; one freed 8 MiB block sets the thresholds
-# so that the records (2.8 MB) and their temporaries are reused from the heap instead of
-# fresh pages: measured ~1.07x the whole-slice rate over the pool alone (BENCHMARKS.md).
-np.empty(8 * 2**20, np.uint8)
+
+
+@functools.cache
+def _raise_glibc_thresholds() -> None:
+    """Once, in a process that pools buffers: glibc raises its mmap threshold (and its trim
+    threshold, to twice that) to the size of a freed block served by mmap (mallopt(3),
+    "dynamic mmap threshold"). Batches kept here are never freed, so glibc no longer sees
+    them go; one freed 8 MiB block sets the thresholds so that the records (2.8 MB) and
+    their temporaries are reused from the heap instead of fresh pages: measured ~1.07x the
+    whole-slice rate over the pool alone (BENCHMARKS.md)."""
+    np.empty(8 * 2**20, np.uint8)
 
 
 def _release(raw: np.ndarray) -> None:
@@ -57,6 +63,7 @@ def _take(nbytes: int) -> np.ndarray:
         if free:
             _FREE_BYTES[0] -= nbytes
             return free.pop()
+    _raise_glibc_thresholds()
     raw = np.empty(nbytes + ALIGN, np.uint8)
     start = -raw.__array_interface__["data"][0] % ALIGN
     return raw[start : start + nbytes]
